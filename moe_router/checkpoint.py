@@ -1,0 +1,238 @@
+"""Checkpoint directory: manifest, gate weights (safetensors), expert vectors (.npy), SQLite store.
+
+Layout:
+    manifest.json         format version, dim, metric, embedder spec, experts, gate config,
+                          sha256 of every file but the store, resolved config, metrics, stats
+    gate.safetensors      gate weights (no pickle)
+    experts/NNNN.npy      float32 (n, d) vectors of expert NNNN
+    experts/NNNN.ids.npy  int64 (n,) their global ids
+    store.sqlite          per-vector text/metadata and feedback (checked with PRAGMA quick_check)
+
+Written to a temporary sibling directory and renamed into place, so a crash leaves either the
+old checkpoint or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from moe_router.embedders import embedder_from_spec
+from moe_router.experts import Expert, MetadataStore
+from moe_router.gate import Gate
+
+FORMAT = "moe_router.checkpoint"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+STORE = "store.sqlite"
+GATE_FILE = "gate.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete, corrupted or of an unsupported version."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_npy(path: Path, arr: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, arr, allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_router(router, path: Path, config: dict | None = None, metrics: dict | None = None) -> Path:
+    """Write `router` to the directory `path` atomically; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        (tmp / "experts").mkdir()
+        files: dict[str, str] = {}
+        experts = []
+        for i, e in enumerate(router.experts):
+            vec_rel, ids_rel = f"experts/{i:04d}.npy", f"experts/{i:04d}.ids.npy"
+            _write_npy(tmp / vec_rel, e.vectors())
+            _write_npy(tmp / ids_rel, e.ids)
+            experts.append(
+                {"name": e.name, "specialization": e.specialization, "parent": e.parent, "size": e.ntotal,
+                 "vectors": vec_rel, "ids": ids_rel}
+            )
+        gate_info = None
+        if router.gate is not None:
+            state = {k: v.detach().cpu().contiguous() for k, v in router.gate.state_dict().items()}
+            save_file(state, str(tmp / GATE_FILE))
+            gate_info = {"config": router.gate.config(), "file": GATE_FILE}
+        for rel in [*(x["vectors"] for x in experts), *(x["ids"] for x in experts), *([GATE_FILE] if gate_info else [])]:
+            files[rel] = _sha256(tmp / rel)
+        router.store.backup_to(tmp / STORE)
+        stats = {s.name: {"queries": s.queries, "confidence_sum": s.mean_confidence * s.queries} for s in router.stats()}
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "dim": router.dim,
+            "metric": router.metric,
+            "embedder": router.embedder.spec() if router.embedder is not None else None,
+            "embedder_name": router.embedder.name if router.embedder is not None else None,
+            "gate": gate_info,
+            "experts": experts,
+            "files": files,
+            "stats": stats,
+            "metrics": metrics or {},
+            "config": config or {},
+        }
+        with open(tmp / MANIFEST, "w") as f:
+            json.dump(manifest, f, indent=2, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        _swap_into_place(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if router.store.path is not None and router.store.path.resolve() == (path / STORE).resolve():
+        # The old store file was replaced by the new copy: reopen it.
+        router.store.close()
+        router.store = MetadataStore(path / STORE)
+    return path
+
+
+def _swap_into_place(tmp: Path, path: Path) -> None:
+    if not path.exists():
+        os.rename(tmp, path)
+    else:
+        if not (path / MANIFEST).exists() and any(path.iterdir()):
+            raise CheckpointError(f"refusing to replace {path}: it exists, is not empty and is not a moe_router checkpoint")
+        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(path.parent)
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"no checkpoint at {path}: expected a directory written by Router.save or scripts/train.py")
+    mf = path / MANIFEST
+    if not mf.is_file():
+        raise CheckpointError(f"{path} is not a moe_router checkpoint: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(mf.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{mf} is corrupted: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{mf} is not a moe_router manifest (expected format {FORMAT!r})")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{mf} has format_version {manifest.get('format_version')!r}; this moe_router reads version {FORMAT_VERSION}"
+        )
+    for key in ("dim", "metric", "experts", "files"):
+        if key not in manifest:
+            raise CheckpointError(f"{mf} is incomplete: missing {key!r}")
+    return manifest
+
+
+def _load_array(path: Path, rel: str, dtype: type, shape: tuple) -> np.ndarray:
+    try:
+        arr = np.load(path / rel, allow_pickle=False, mmap_mode="r")
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} is incomplete: {rel} is missing") from None
+    except (ValueError, OSError, EOFError) as exc:
+        raise CheckpointError(f"checkpoint {path}: {rel} is corrupted ({exc})") from None
+    if arr.dtype != dtype or arr.shape != shape:
+        raise CheckpointError(
+            f"checkpoint {path}: {rel} has dtype {arr.dtype} and shape {arr.shape}, expected {np.dtype(dtype)} {shape}"
+        )
+    return arr
+
+
+def load_router(path: Path, verify: bool = True, cache_dir: str | Path | None = None):
+    """Rebuild a Router from a checkpoint directory. `verify` checks every file's sha256 first."""
+    from moe_router.router import Router
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    try:
+        dim, metric = int(manifest["dim"]), str(manifest["metric"])
+        if verify:
+            for rel, digest in manifest["files"].items():
+                f = path / rel
+                if not f.is_file():
+                    raise CheckpointError(f"checkpoint {path} is incomplete: {rel} is missing")
+                if _sha256(f) != digest:
+                    raise CheckpointError(f"checkpoint {path}: {rel} is corrupted (sha256 does not match the manifest)")
+        embedder = embedder_from_spec(manifest.get("embedder"), cache_dir=cache_dir)
+        if not (path / STORE).is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete: {STORE} is missing")
+        try:
+            store = MetadataStore(path / STORE)
+        except ValueError as exc:
+            raise CheckpointError(f"checkpoint {path}: {exc}") from None
+        router = Router(dim, metric, embedder=embedder, store=store)
+        stats = manifest.get("stats", {})
+        for info in manifest["experts"]:
+            n = int(info["size"])
+            xb = _load_array(path, info["vectors"], np.float32, (n, dim))
+            ids = _load_array(path, info["ids"], np.int64, (n,))
+            expert = Expert(str(info["name"]), dim, metric, str(info.get("specialization", "")), info.get("parent"))
+            expert.add(np.ascontiguousarray(xb), np.array(ids))
+            router.experts.append(expert)
+            s = stats.get(expert.name, {})
+            router._query_counts = np.append(router._query_counts, int(s.get("queries", 0)))
+            router._confidence_sums = np.append(router._confidence_sums, float(s.get("confidence_sum", 0.0)))
+        router._next_id = max([router._next_id, *(int(e.ids.max()) + 1 for e in router.experts if e.ntotal)])
+        if manifest.get("gate"):
+            router.gate = _load_gate(path, manifest["gate"], dim, len(router.experts))
+        router.manifest = manifest
+        return router
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} has an invalid manifest or files: {exc}") from None
+
+
+def _load_gate(path: Path, info: dict, dim: int, num_experts: int) -> Gate:
+    config = dict(info["config"])
+    if int(config.get("dim", -1)) != dim or int(config.get("num_experts", -1)) != num_experts:
+        raise CheckpointError(
+            f"checkpoint {path}: gate config (dim={config.get('dim')}, num_experts={config.get('num_experts')}) "
+            f"does not match the checkpoint (dim={dim}, {num_experts} experts)"
+        )
+    try:
+        state = load_file(str(path / info["file"]))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"checkpoint {path}: {info['file']} is corrupted ({exc})") from None
+    gate = Gate(**config)
+    try:
+        gate.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {path}: gate weights do not fit the gate config ({exc})") from None
+    return gate.eval()

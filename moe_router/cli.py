@@ -1,0 +1,73 @@
+"""`moe-router`: route and search with a trained checkpoint from the terminal.
+
+    moe-router route  --ckpt checkpoints/demo "How do I fix an auth bug?" "Flexbox centering"
+    moe-router search --ckpt checkpoints/demo -k 3 --top-experts 2 "How do I fix an auth bug?"
+    moe-router stats  --ckpt checkpoints/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from moe_router.checkpoint import CheckpointError
+from moe_router.router import Router
+
+
+def _print_routes(router: Router, queries: list[str], top_experts: int) -> None:
+    for query, routes in zip(queries, router.route(queries, top_k=top_experts)):
+        print(f'\nQuery: "{query}"')
+        for r in routes:
+            print(f"  {r.expert:<24} confidence {r.probability:.3f}")
+
+
+def _print_hits(router: Router, queries: list[str], k: int, top_experts: int) -> None:
+    for query, hits in zip(queries, router.search(queries, k=k, top_experts=top_experts)):
+        print(f'\nQuery: "{query}"')
+        by_expert: dict[str, list] = {}
+        for h in hits:
+            by_expert.setdefault(h.expert, []).append(h)
+        for expert, group in by_expert.items():
+            print(f"  {expert} (confidence {group[0].routing_score:.3f}):")
+            for i, h in enumerate(group, 1):
+                text = (h.text or f"id {h.id}")[:70]
+                print(f"    {i}. {text}\n       score {h.score:.4f}")
+
+
+def _print_stats(router: Router) -> None:
+    stats = router.stats()
+    width = max(len(s.name) for s in stats)
+    for s in stats:
+        bar = "█" * int(round(s.load_share * 50))
+        print(f"{s.name:<{width}} {bar} {100 * s.load_share:5.1f}%  queries {s.queries}, "
+              f"mean confidence {s.mean_confidence:.3f}, vectors {s.vectors}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moe-router", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("route", "search", "stats"):
+        p = sub.add_parser(name)
+        p.add_argument("--ckpt", required=True, help="checkpoint directory written by scripts/train.py")
+        if name != "stats":
+            p.add_argument("queries", nargs="+", help="query texts")
+            p.add_argument("--top-experts", type=int, default=2, help="experts searched per query")
+        if name == "search":
+            p.add_argument("-k", type=int, default=3, help="hits per query")
+    args = parser.parse_args(argv)
+    try:
+        router = Router.load(args.ckpt)
+        if args.command == "route":
+            _print_routes(router, args.queries, args.top_experts)
+        elif args.command == "search":
+            _print_hits(router, args.queries, args.k, args.top_experts)
+        else:
+            _print_stats(router)
+    except (CheckpointError, ValueError, KeyError) as exc:
+        print(f"moe-router: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""JSONL datasets and routing targets.
+
+Dataset format, one JSON object a line: {"text": str, "domain": str, "label": str,
+"split": "train" | "val" | "test"}. Any field may serve as the expert key (`domain` by
+default, `label` for fine-grained experts); another may name each expert's parent.
+
+Dimension legend: n queries, nb stored vectors, d dim, E experts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+REQUIRED_FIELDS = ("text", "domain", "label", "split")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Record:
+    text: str
+    domain: str
+    label: str
+    split: str
+
+
+@dataclass
+class TextDataset:
+    """Records grouped by split, with the expert of each record decided by `expert_key`."""
+
+    name: str
+    records: list[Record]
+    expert_key: str = "domain"
+    parent_key: str | None = None
+    oos_texts: list[str] = field(default_factory=list)  # out-of-scope queries, when the data has them
+
+    def __post_init__(self) -> None:
+        for key in (self.expert_key, self.parent_key):
+            if key is not None and key not in ("domain", "label"):
+                raise ValueError(f"expert_key/parent_key must be 'domain' or 'label', got {key!r}")
+        if not self.split("train"):
+            raise ValueError(f"dataset {self.name!r} has no training rows (split 'train'); expected at least one")
+        self.experts = sorted({getattr(r, self.expert_key) for r in self.split("train")})
+        self.parents: dict[str, str | None] = {e: None for e in self.experts}
+        if self.parent_key:
+            for r in self.split("train"):
+                self.parents[getattr(r, self.expert_key)] = getattr(r, self.parent_key)
+
+    def split(self, name: str) -> list[Record]:
+        return [r for r in self.records if r.split == name]
+
+    def texts(self, split: str) -> list[str]:
+        return [r.text for r in self.split(split)]
+
+    def expert_ids(self, split: str, unknown: int = -1) -> np.ndarray:
+        """(n,) index of each record's expert; `unknown` for experts absent from train."""
+        index = {e: i for i, e in enumerate(self.experts)}
+        return np.array([index.get(getattr(r, self.expert_key), unknown) for r in self.split(split)], dtype=np.int64)
+
+
+def load_jsonl(path: str | Path) -> list[Record]:
+    """Read and validate a dataset file; errors name the line and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset file not found: {path} (resolved: {path.resolve()})")
+    records: list[Record] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object with fields {REQUIRED_FIELDS}")
+            missing = [k for k in REQUIRED_FIELDS if k not in obj]
+            if missing:
+                raise ValueError(f"{path}:{lineno}: missing field(s) {missing}; every line needs {REQUIRED_FIELDS}")
+            for k in REQUIRED_FIELDS:
+                if not isinstance(obj[k], str) or not obj[k].strip():
+                    raise ValueError(f"{path}:{lineno}: field {k!r} must be a non-empty string, got {obj[k]!r}")
+            if obj["split"] not in SPLITS:
+                raise ValueError(f"{path}:{lineno}: split must be one of {SPLITS}, got {obj['split']!r}")
+            records.append(Record(obj["text"], obj["domain"], obj["label"], obj["split"]))
+    if not records:
+        raise ValueError(f"{path}: no records; expected JSON lines with fields {REQUIRED_FIELDS}")
+    return records
+
+
+def demo_path() -> Path:
+    """The built-in demo corpus shipped inside the package."""
+    return Path(str(resources.files("moe_router") / "demo" / "demo.jsonl"))
+
+
+def carve_validation(records: list[Record], fraction: float, seed: int) -> list[Record]:
+    """Move a seeded `fraction` of train rows to 'val' (for data with no validation split)."""
+    if any(r.split == "val" for r in records) or fraction <= 0:
+        return records
+    train = [i for i, r in enumerate(records) if r.split == "train"]
+    rng = np.random.default_rng(seed)
+    moved = set(rng.choice(train, size=int(round(len(train) * fraction)), replace=False).tolist())
+    return [Record(r.text, r.domain, r.label, "val") if i in moved else r for i, r in enumerate(records)]
+
+
+def load_dataset(
+    path: str | None = None,
+    name: str | None = None,
+    expert_key: str = "domain",
+    parent_key: str | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    oos_path: str | None = None,
+) -> TextDataset:
+    """Load a JSONL dataset (`path=None`: the built-in demo corpus)."""
+    file = Path(path) if path else demo_path()
+    records = carve_validation(load_jsonl(file), val_fraction, seed)
+    oos = [r.text for r in load_jsonl(oos_path)] if oos_path and Path(oos_path).is_file() else []
+    return TextDataset(name or file.stem, records, expert_key, parent_key, oos)
+
+
+# ---------------------------------------------------------------- routing targets
+
+
+def exact_neighbours(xq: np.ndarray, xb: np.ndarray, k: int, metric: str = "ip", exclude_self: bool = False) -> np.ndarray:
+    """(n, k) row indices into xb of each query's exact top-k (a query that is itself row i of xb skips i)."""
+    index = faiss.IndexFlatIP(xb.shape[1]) if metric == "ip" else faiss.IndexFlatL2(xb.shape[1])
+    index.add(np.ascontiguousarray(xb, dtype=np.float32))
+    kk = min(k + int(exclude_self), xb.shape[0])
+    _, I = index.search(np.ascontiguousarray(xq, dtype=np.float32), kk)
+    if exclude_self:
+        own = np.arange(xq.shape[0])[:, None]
+        # Drop the query's own row (or, on exact duplicates, the last column), keeping k.
+        is_self = I == own
+        drop = np.where(is_self.any(axis=1), is_self.argmax(axis=1), kk - 1)
+        keep = np.ones_like(I, dtype=bool)
+        keep[np.arange(len(I)), drop] = False
+        I = I[keep].reshape(len(I), kk - 1)
+    return I[:, :k]
+
+
+def neighbour_counts(neighbours: np.ndarray, owner: np.ndarray, num_experts: int) -> np.ndarray:
+    """(n, E): how many of each query's neighbours live in each expert (owner: expert of each xb row)."""
+    experts = owner[neighbours]  # (n, k)
+    counts = np.zeros((neighbours.shape[0], num_experts), dtype=np.float32)
+    np.add.at(counts, (np.repeat(np.arange(len(experts)), experts.shape[1]), experts.ravel()), 1.0)
+    return counts
+
+
+def make_targets(
+    kind: str, labels: np.ndarray, counts: np.ndarray | None, num_experts: int, label_weight: float = 0.5
+) -> np.ndarray:
+    """(n, E) target distributions: 'label' one-hot, 'neighbours' share of exact neighbours, or their 'mix'."""
+    one_hot = np.eye(num_experts, dtype=np.float32)[labels]
+    if kind == "label":
+        return one_hot
+    if counts is None:
+        raise ValueError(f"targets {kind!r} need neighbour counts")
+    shares = counts / counts.sum(axis=1, keepdims=True)
+    if kind == "neighbours":
+        return shares.astype(np.float32)
+    if kind == "mix":
+        if not 0.0 <= label_weight <= 1.0:
+            raise ValueError(f"label_weight must be in [0, 1], got {label_weight}")
+        return (label_weight * one_hot + (1.0 - label_weight) * shares).astype(np.float32)
+    raise ValueError(f"targets must be 'label', 'neighbours' or 'mix', got {kind!r}")

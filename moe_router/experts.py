@@ -1,0 +1,208 @@
+"""One expert = a FAISS flat index over its vectors + their ids; metadata lives in SQLite.
+
+FAISS vocabulary: xb stored vectors (n, d), xq queries (nq, d), results (D, I) of shape (nq, k).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import faiss
+import numpy as np
+
+from moe_router.vectors import check_metric
+
+# FAISS only takes its BLAS path at >= 128000 / d queries per call (334 at d = 384). A routed
+# search sends each expert a slice of the batch, so we lower the threshold: measured here,
+# 20 turned a 0.65x slowdown into a 6x speed-up for 2-of-16 shards (DESIGN.md).
+BLAS_THRESHOLD = 20
+
+
+def lower_blas_threshold(threshold: int = BLAS_THRESHOLD) -> None:
+    """Lower FAISS's process-wide BLAS threshold to `threshold` (never raises it)."""
+    if faiss.cvar.distance_compute_blas_threshold > threshold:
+        faiss.cvar.distance_compute_blas_threshold = threshold
+
+
+def worst_score(metric: str) -> float:
+    """The padding score that sorts after every real hit."""
+    return -np.inf if metric == "ip" else np.inf
+
+
+@dataclass
+class Expert:
+    """A named FAISS flat index. Vectors are expected already checked (and normalised for 'ip')."""
+
+    name: str
+    dim: int
+    metric: str = "ip"
+    specialization: str = ""
+    parent: str | None = None
+
+    def __post_init__(self) -> None:
+        check_metric(self.metric)
+        self.index = faiss.IndexFlatIP(self.dim) if self.metric == "ip" else faiss.IndexFlatL2(self.dim)
+        self.ids = np.empty(0, dtype=np.int64)  # (n,) global id of each stored row
+
+    @property
+    def ntotal(self) -> int:
+        return self.index.ntotal
+
+    def add(self, xb: np.ndarray, ids: np.ndarray) -> None:
+        if xb.shape[0] != len(ids):
+            raise ValueError(f"expert {self.name!r}: {xb.shape[0]} vectors but {len(ids)} ids")
+        self.index.add(np.ascontiguousarray(xb, dtype=np.float32))
+        self.ids = np.concatenate([self.ids, np.asarray(ids, dtype=np.int64)])
+
+    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k over this expert: (D, I) of shape (nq, k) with global ids, -1 padded."""
+        nq = xq.shape[0]
+        D = np.full((nq, k), worst_score(self.metric), dtype=np.float32)
+        I = np.full((nq, k), -1, dtype=np.int64)
+        kk = min(k, self.ntotal)
+        if kk == 0:
+            return D, I
+        Dk, rows = self.index.search(np.ascontiguousarray(xq, dtype=np.float32), kk)
+        D[:, :kk] = Dk
+        I[:, :kk] = np.where(rows >= 0, self.ids[np.maximum(rows, 0)], -1)
+        return D, I
+
+    def vectors(self) -> np.ndarray:
+        """A copy of the stored vectors (n, d), in insertion order."""
+        if self.ntotal == 0:
+            return np.empty((0, self.dim), dtype=np.float32)
+        return faiss.rev_swig_ptr(self.index.get_xb(), self.ntotal * self.dim).reshape(self.ntotal, self.dim).copy()
+
+    def centroid(self) -> np.ndarray:
+        """Mean vector (d,); for 'ip' re-normalised so it compares like a query."""
+        c = self.vectors().mean(axis=0)
+        if self.metric == "ip":
+            c = c / max(float(np.linalg.norm(c)), 1e-12)
+        return c.astype(np.float32)
+
+    def remove_ids(self, ids: Iterable[int]) -> int:
+        """Delete the rows with these global ids; returns how many were removed."""
+        drop = np.isin(self.ids, np.fromiter(ids, dtype=np.int64))
+        if not drop.any():
+            return 0
+        keep_vectors = self.vectors()[~drop]
+        self.index.reset()
+        self.index.add(keep_vectors)
+        removed = int(drop.sum())
+        self.ids = self.ids[~drop]
+        return removed
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    id INTEGER PRIMARY KEY,
+    expert TEXT NOT NULL,
+    text TEXT,
+    payload TEXT
+);
+CREATE INDEX IF NOT EXISTS items_expert ON items(expert);
+CREATE TABLE IF NOT EXISTS feedback (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    query TEXT,
+    vector BLOB,
+    expert TEXT NOT NULL,
+    positive INTEGER NOT NULL,
+    created REAL NOT NULL
+);
+"""
+
+
+class MetadataStore:
+    """Per-vector metadata (text, JSON payload) keyed by global id, in SQLite.
+
+    `path=None` keeps it in memory until the router is saved; a loaded checkpoint's store is
+    the file inside the checkpoint, opened in WAL mode so writes are durable.
+    """
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = Path(path) if path is not None else None
+        self._lock = threading.RLock()
+        try:
+            self.conn = sqlite3.connect(str(self.path) if self.path else ":memory:", check_same_thread=False)
+            if self.path:
+                self.conn.execute("PRAGMA journal_mode=WAL")
+                self.conn.execute("PRAGMA synchronous=FULL")
+                status = self.conn.execute("PRAGMA quick_check").fetchone()[0]
+                if status != "ok":
+                    raise sqlite3.DatabaseError(status)
+            self.conn.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise ValueError(f"metadata store {self.path} is not a valid SQLite database: {exc}") from None
+
+    def add(self, ids: Sequence[int], expert: str, texts: Sequence[str | None], payloads: Sequence[dict | None]) -> None:
+        rows = [
+            (int(i), expert, t, json.dumps(p) if p is not None else None)
+            for i, t, p in zip(ids, texts, payloads, strict=True)
+        ]
+        with self._lock, self.conn:
+            self.conn.executemany("INSERT INTO items (id, expert, text, payload) VALUES (?, ?, ?, ?)", rows)
+
+    def get(self, ids: Iterable[int]) -> dict[int, tuple[str | None, dict]]:
+        """id -> (text, payload) for the ids that exist."""
+        wanted = sorted({int(i) for i in ids if i >= 0})
+        out: dict[int, tuple[str | None, dict]] = {}
+        with self._lock:
+            for start in range(0, len(wanted), 900):  # SQLite's default limit on bound parameters is 999
+                chunk = wanted[start : start + 900]
+                marks = ",".join("?" * len(chunk))
+                for i, text, payload in self.conn.execute(
+                    f"SELECT id, text, payload FROM items WHERE id IN ({marks})", chunk
+                ):
+                    out[i] = (text, json.loads(payload) if payload else {})
+        return out
+
+    def max_id(self) -> int:
+        with self._lock:
+            row = self.conn.execute("SELECT MAX(id) FROM items").fetchone()
+        return -1 if row[0] is None else int(row[0])
+
+    def rename_expert(self, old: str, new: str) -> None:
+        with self._lock, self.conn:
+            self.conn.execute("UPDATE items SET expert = ? WHERE expert = ?", (new, old))
+
+    def delete_expert(self, name: str) -> None:
+        with self._lock, self.conn:
+            self.conn.execute("DELETE FROM items WHERE expert = ?", (name,))
+
+    def set_expert(self, ids: Sequence[int], expert: str) -> None:
+        with self._lock, self.conn:
+            self.conn.executemany("UPDATE items SET expert = ? WHERE id = ?", [(expert, int(i)) for i in ids])
+
+    def backup_to(self, path: Path) -> None:
+        """Copy the whole store into a new SQLite file at `path` (consistent even while in use)."""
+        with self._lock:
+            dest = sqlite3.connect(str(path))
+            try:
+                self.conn.backup(dest)
+            finally:
+                dest.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self.conn.close()
+
+
+def ensure_unique(names: Sequence[str]) -> None:
+    seen: set[str] = set()
+    for n in names:
+        if n in seen:
+            raise ValueError(f"duplicate expert name {n!r}; expert names must be unique")
+        seen.add(n)
+
+
+def payloads_or_none(payloads: Sequence[dict[str, Any]] | None, n: int) -> list[dict | None]:
+    if payloads is None:
+        return [None] * n
+    if len(payloads) != n:
+        raise ValueError(f"got {len(payloads)} metadata entries for {n} vectors; expected one per vector")
+    return list(payloads)

@@ -1,0 +1,83 @@
+"""Routing and retrieval metrics shared by training, evaluation and the benchmarks (plain numpy).
+
+Dimension legend: n queries, E experts, t experts searched, k hits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def top_experts(probs: np.ndarray, t: int) -> np.ndarray:
+    """(n, t) expert indices by decreasing probability (ties broken by lower index)."""
+    return np.argsort(-probs, axis=1, kind="stable")[:, :t]
+
+
+def accuracy_at_k(probs: np.ndarray, gold: np.ndarray, k: int) -> float:
+    """Share of queries whose gold expert is among the top k (gold -1 = no such expert: a miss)."""
+    top = top_experts(probs, k)
+    return float((top == gold[:, None]).any(axis=1).mean())
+
+
+def recall_from_counts(top: np.ndarray, counts: np.ndarray, k: int = 10) -> float:
+    """recall@k of a routed search from neighbour counts (n, E) of the exhaustive top-k.
+
+    Exact: a true top-k neighbour inside a searched expert is always in the routed top-k
+    (at most k-1 vectors anywhere outrank it), and nothing outside the searched experts is.
+    """
+    reached = np.take_along_axis(counts, top, axis=1).sum(axis=1)  # (n,)
+    return float((reached / k).mean())
+
+
+def recall_at_k(routed_ids: np.ndarray, exact_ids: np.ndarray) -> float:
+    """Mean |routed ∩ exact| / k over queries, from two (n, k) id arrays (-1 = no hit)."""
+    k = exact_ids.shape[1]
+    hits = [len(set(r[r >= 0].tolist()) & set(e[e >= 0].tolist())) for r, e in zip(routed_ids, exact_ids)]
+    return float(np.mean(hits) / k)
+
+
+def load_stats(top: np.ndarray, num_experts: int) -> dict[str, float | list[float]]:
+    """Load over experts from (n, t) assignments: shares, max/mean, coefficient of variation, dead experts.
+
+    An expert is dead when its share is below 1 / (4E).
+    """
+    counts = np.bincount(top.ravel(), minlength=num_experts).astype(np.float64)
+    shares = counts / counts.sum()
+    mean = 1.0 / num_experts
+    return {
+        "shares": shares.tolist(),
+        "max_over_mean": float(shares.max() / mean),
+        "cv": float(shares.std() / mean),
+        "dead": int((shares < 1.0 / (4 * num_experts)).sum()),
+    }
+
+
+def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """Area under the ROC curve: P(score of a positive > score of a negative), ties count half."""
+    pos, neg = np.asarray(positive, dtype=np.float64), np.asarray(negative, dtype=np.float64)
+    if len(pos) == 0 or len(neg) == 0:
+        raise ValueError("auroc needs at least one positive and one negative score")
+    scores = np.concatenate([pos, neg])
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    sorted_scores = scores[order]
+    # average ranks over ties
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    avg = first + (counts - 1) / 2.0 + 1.0
+    ranks[order] = np.repeat(avg, counts)
+    rank_sum = ranks[: len(pos)].sum()
+    return float((rank_sum - len(pos) * (len(pos) + 1) / 2.0) / (len(pos) * len(neg)))
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
+    """ECE: sum over equal-width confidence bins of |accuracy - mean confidence| weighted by bin size."""
+    confidence = np.asarray(confidence, dtype=np.float64)
+    correct = np.asarray(correct, dtype=np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        sel = which == b
+        if sel.any():
+            ece += sel.mean() * abs(correct[sel].mean() - confidence[sel].mean())
+    return float(ece)

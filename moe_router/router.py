@@ -1,0 +1,339 @@
+"""The router: a gate over named experts; routes queries and searches only the chosen experts.
+
+Dimension legend: nq queries, d vector dim, E experts, t experts searched per query, k hits.
+Plain PyTorch + FAISS + numpy: no Lightning, no Hydra.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from moe_router.embedders import Embedder
+from moe_router.experts import Expert, MetadataStore, lower_blas_threshold, payloads_or_none, worst_score
+from moe_router.gate import Gate
+from moe_router.vectors import check_metric, prepare
+
+
+@dataclass(frozen=True)
+class ExpertScore:
+    """One expert chosen for a query."""
+
+    expert: str
+    probability: float  # gate softmax probability over all experts: the routing confidence
+    weight: float  # probability renormalised over the experts chosen for this query
+    specialization: str = ""
+    parent: str | None = None
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result."""
+
+    id: int
+    score: float  # inner product (metric 'ip', higher is closer) or squared L2 distance ('l2', lower is closer)
+    expert: str
+    specialization: str
+    parent: str | None
+    routing_score: float  # the gate's probability for this hit's expert
+    text: str | None = None
+    metadata: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RoutedSearch:
+    """Array form of a routed search; -1 in I and E where fewer than k vectors were reachable."""
+
+    D: np.ndarray  # (nq, k) scores, best first
+    I: np.ndarray  # (nq, k) global ids
+    E: np.ndarray  # (nq, k) index of the expert holding each hit
+    scanned: np.ndarray  # (nq,) vectors compared per query
+
+
+@dataclass(frozen=True)
+class ExpertStats:
+    name: str
+    specialization: str
+    parent: str | None
+    vectors: int
+    queries: int  # queries routed to this expert (among each query's chosen experts)
+    load_share: float  # share of all (query, expert) assignments
+    mean_confidence: float  # mean gate probability when chosen (0.0 if never chosen)
+
+
+class Router:
+    """Experts (FAISS flat indexes) + a gate that picks which of them to search.
+
+    Vectors are L2-normalised on the way in when the metric is 'ip' (cosine similarity).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        metric: str = "ip",
+        embedder: Embedder | None = None,
+        gate: Gate | None = None,
+        store: MetadataStore | None = None,
+    ) -> None:
+        if int(dim) <= 0:
+            raise ValueError(f"dim must be > 0, got {dim}")
+        self.dim = int(dim)
+        self.metric = check_metric(metric)
+        if embedder is not None and embedder.dim != self.dim:
+            raise ValueError(f"embedder {embedder.name!r} gives {embedder.dim}-d vectors, but the router's dim is {self.dim}")
+        self.embedder = embedder
+        self.gate = gate
+        self.store = store if store is not None else MetadataStore()
+        self.experts: list[Expert] = []
+        self.manifest: dict[str, Any] = {}  # set by Router.load
+        self._next_id = self.store.max_id() + 1
+        self._lock = threading.RLock()
+        self._query_counts = np.zeros(0, dtype=np.int64)  # (E,)
+        self._confidence_sums = np.zeros(0, dtype=np.float64)  # (E,)
+
+    # ---------------------------------------------------------------- experts
+
+    @property
+    def expert_names(self) -> list[str]:
+        return [e.name for e in self.experts]
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    @property
+    def ntotal(self) -> int:
+        return sum(e.ntotal for e in self.experts)
+
+    def expert_index(self, name: str) -> int:
+        for i, e in enumerate(self.experts):
+            if e.name == name:
+                return i
+        raise KeyError(f"unknown expert {name!r}; known experts: {self.expert_names}")
+
+    def expert(self, name: str) -> Expert:
+        return self.experts[self.expert_index(name)]
+
+    def add_expert(
+        self,
+        name: str,
+        vectors: Any = None,
+        texts: Sequence[str] | None = None,
+        specialization: str = "",
+        parent: str | None = None,
+        metadata: Sequence[dict] | None = None,
+    ) -> Expert:
+        """Add an expert from vectors and/or texts (texts are embedded when no vectors are given).
+
+        With a gate present, the gate grows an output for it at once (see Gate.add_expert).
+        """
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"expert name must be a non-empty string, got {name!r}")
+        if name in self.expert_names:
+            raise ValueError(f"an expert named {name!r} already exists; expert names must be unique")
+        if vectors is None:
+            if texts is None:
+                raise ValueError(f"expert {name!r}: give vectors or texts; it has no vectors")
+            if self.embedder is None:
+                raise ValueError(f"expert {name!r}: texts given but the router has no embedder; pass vectors instead")
+            vectors = self.embedder.encode(list(texts))
+        xb = prepare(vectors, self.dim, self.metric, what=f"vectors for expert {name!r}")
+        if texts is not None and len(texts) != xb.shape[0]:
+            raise ValueError(f"expert {name!r}: {xb.shape[0]} vectors but {len(texts)} texts; expected one text per vector")
+        payloads = payloads_or_none(metadata, xb.shape[0])
+        with self._lock:
+            ids = np.arange(self._next_id, self._next_id + xb.shape[0], dtype=np.int64)
+            expert = Expert(name, self.dim, self.metric, specialization or name, parent)
+            expert.add(xb, ids)
+            self.store.add(ids, name, list(texts) if texts is not None else [None] * len(ids), payloads)
+            self._next_id += len(ids)
+            self.experts.append(expert)
+            self._query_counts = np.append(self._query_counts, 0)
+            self._confidence_sums = np.append(self._confidence_sums, 0.0)
+            if self.gate is not None:
+                self.gate.add_expert(torch.from_numpy(xb))
+        return expert
+
+    # ---------------------------------------------------------------- gate
+
+    def init_gate(self, **gate_kwargs: Any) -> Gate:
+        """A fresh gate for the current experts, its head pointed at their centroids (trainable)."""
+        if not self.experts:
+            raise ValueError("the router has no experts yet; add experts before building a gate")
+        gate = Gate(self.dim, self.num_experts, **gate_kwargs)
+        gate.init_head_from_centroids(torch.from_numpy(np.stack([e.centroid() for e in self.experts])))
+        self.gate = gate.eval()
+        return gate
+
+    def _require_gate(self) -> Gate:
+        if self.gate is None:
+            raise RuntimeError("the router has no gate; call router.init_gate() or train one (moe_router.training)")
+        if self.gate.num_experts != self.num_experts:
+            raise RuntimeError(f"the gate has {self.gate.num_experts} outputs but the router has {self.num_experts} experts")
+        return self.gate
+
+    def gate_probs(self, xq: np.ndarray, batch_size: int = 8192) -> np.ndarray:
+        """Gate probabilities (nq, E) for prepared query vectors."""
+        gate = self._require_gate()
+        gate.eval()
+        device = gate.head.weight.device
+        out = []
+        with torch.inference_mode():
+            for start in range(0, xq.shape[0], batch_size):
+                x = torch.from_numpy(xq[start : start + batch_size]).to(device)
+                out.append(gate(x, top_k=1).probs.float().cpu().numpy())
+        return np.concatenate(out)
+
+    # ---------------------------------------------------------------- queries
+
+    def prepare_queries(self, queries: Any) -> tuple[np.ndarray, bool]:
+        """Texts or vectors, one or a batch -> (xq (nq, d) prepared, whether a single query was given)."""
+        if isinstance(queries, str) or (
+            isinstance(queries, (list, tuple)) and queries and all(isinstance(q, str) for q in queries)
+        ):
+            single = isinstance(queries, str)
+            texts = [queries] if single else list(queries)
+            if self.embedder is None:
+                raise ValueError("text queries need an embedder, and this router has none; pass query vectors instead")
+            vectors = self.embedder.encode(texts)
+        else:
+            if isinstance(queries, (list, tuple)) and len(queries) == 0:
+                raise ValueError("queries: empty batch (0 queries); expected at least one")
+            vectors = queries
+            single = np.ndim(queries) == 1
+        return prepare(vectors, self.dim, self.metric, what="query vectors"), single
+
+    def _check_top(self, top: int, what: str) -> int:
+        if isinstance(top, bool) or not isinstance(top, (int, np.integer)):
+            raise ValueError(f"{what} must be an integer, got {top!r}")
+        if not 1 <= top <= self.num_experts:
+            raise ValueError(f"{what} must be between 1 and {self.num_experts} (the number of experts), got {top}")
+        return int(top)
+
+    def decide(self, xq: np.ndarray, top_k: int, record: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(probs (nq, E), top (nq, t) expert indices best first); counts them in stats when `record`."""
+        top_k = self._check_top(top_k, "top_k")
+        probs = self.gate_probs(xq)
+        top = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]  # (nq, t)
+        if record:
+            chosen = np.take_along_axis(probs, top, axis=1)
+            with self._lock:
+                np.add.at(self._query_counts, top.ravel(), 1)
+                np.add.at(self._confidence_sums, top.ravel(), chosen.ravel())
+        return probs, top
+
+    def route(self, queries: Any, top_k: int = 2) -> list[ExpertScore] | list[list[ExpertScore]]:
+        """The top_k experts for each query with their probabilities (a list per query; one list for one query)."""
+        xq, single = self.prepare_queries(queries)
+        probs, top = self.decide(xq, top_k)
+        out = []
+        for p, row in zip(probs, top):
+            chosen = p[row]
+            total = float(chosen.sum())
+            out.append(
+                [
+                    ExpertScore(
+                        self.experts[e].name, float(p[e]), float(p[e]) / total if total > 0 else 0.0,
+                        self.experts[e].specialization, self.experts[e].parent,
+                    )
+                    for e in row
+                ]
+            )
+        return out[0] if single else out
+
+    # ---------------------------------------------------------------- search
+
+    def search_experts(self, xq: np.ndarray, k: int, experts: np.ndarray) -> RoutedSearch:
+        """Search, for each query, only the experts in its row of `experts` (nq, t); merge by score.
+
+        Queries are grouped by expert: one FAISS call per expert per batch.
+        """
+        nq, t = experts.shape
+        D = np.full((nq, t * k), worst_score(self.metric), dtype=np.float32)
+        I = np.full((nq, t * k), -1, dtype=np.int64)
+        E = np.full((nq, t * k), -1, dtype=np.int64)
+        scanned = np.zeros(nq, dtype=np.int64)
+        lower_blas_threshold()
+        for e in np.unique(experts):
+            rows, slot = np.nonzero(experts == e)  # queries that chose e, and in which position
+            De, Ie = self.experts[e].search(xq[rows], k)  # (m, k)
+            cols = slot[:, None] * k + np.arange(k)[None, :]  # (m, k)
+            D[rows[:, None], cols] = De
+            I[rows[:, None], cols] = Ie
+            E[rows[:, None], cols] = np.where(Ie >= 0, e, -1)
+            scanned[rows] += self.experts[e].ntotal
+        order = np.argsort(-D if self.metric == "ip" else D, axis=1, kind="stable")[:, :k]  # (nq, k)
+        return RoutedSearch(
+            np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1), np.take_along_axis(E, order, 1), scanned
+        )
+
+    def _check_k(self, k: int) -> int:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise ValueError(f"k must be an integer, got {k!r}")
+        if not 1 <= k <= self.ntotal:
+            raise ValueError(f"k must be between 1 and {self.ntotal} (the number of stored vectors), got {k}")
+        return int(k)
+
+    def search(
+        self, queries: Any, k: int = 10, top_experts: int = 2, with_text: bool = True
+    ) -> list[Hit] | list[list[Hit]]:
+        """Route each query, search only its top_experts experts, return its k best hits merged by score."""
+        k = self._check_k(k)
+        xq, single = self.prepare_queries(queries)
+        probs, top = self.decide(xq, top_experts)
+        res = self.search_experts(xq, k, top)
+        meta = self.store.get(res.I[res.I >= 0].tolist()) if with_text else {}
+        out = []
+        for q in range(xq.shape[0]):
+            hits = []
+            for score, i, e in zip(res.D[q], res.I[q], res.E[q]):
+                if i < 0:
+                    continue
+                ex = self.experts[e]
+                text, payload = meta.get(int(i), (None, {}))
+                hits.append(Hit(int(i), float(score), ex.name, ex.specialization, ex.parent, float(probs[q, e]), text, payload))
+            out.append(hits)
+        return out[0] if single else out
+
+    # ---------------------------------------------------------------- stats
+
+    def stats(self) -> list[ExpertStats]:
+        """Per expert: vectors stored, queries routed to it, load share and mean confidence."""
+        with self._lock:
+            counts = self._query_counts.copy()
+            sums = self._confidence_sums.copy()
+        total = max(int(counts.sum()), 1)
+        return [
+            ExpertStats(
+                e.name, e.specialization, e.parent, e.ntotal, int(c), c / total, float(s / c) if c else 0.0
+            )
+            for e, c, s in zip(self.experts, counts, sums)
+        ]
+
+    def reset_stats(self) -> None:
+        with self._lock:
+            self._query_counts[:] = 0
+            self._confidence_sums[:] = 0.0
+
+    # ---------------------------------------------------------------- persistence
+
+    def save(self, path: str | Path, config: dict | None = None, metrics: dict | None = None) -> Path:
+        """Write the router as a checkpoint directory, atomically (see moe_router.checkpoint)."""
+        from moe_router.checkpoint import save_router
+
+        return save_router(self, Path(path), config=config, metrics=metrics)
+
+    @classmethod
+    def load(cls, path: str | Path, verify: bool = True, cache_dir: str | Path | None = None) -> "Router":
+        """Load a checkpoint directory; never unpickles or imports code from it."""
+        from moe_router.checkpoint import load_router
+
+        return load_router(Path(path), verify=verify, cache_dir=cache_dir)
+
+    def __repr__(self) -> str:
+        return f"Router(dim={self.dim}, metric={self.metric!r}, experts={self.num_experts}, vectors={self.ntotal})"

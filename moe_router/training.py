@@ -1,0 +1,285 @@
+"""Training the gate with PyTorch Lightning: LightningModule, DataModule, fit_router, train(cfg).
+
+Dimension legend: b batch, d dim, E experts, t experts searched.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, TensorDataset
+
+from moe_router.data import TextDataset, exact_neighbours, make_targets, neighbour_counts
+from moe_router.embedders import CachedEmbedder, Embedder, default_cache_dir
+from moe_router.gate import Gate
+from moe_router.router import Router
+from moe_router.vectors import prepare
+
+log = logging.getLogger(__name__)
+
+
+class GateModule(L.LightningModule):
+    """Wraps a Gate: soft cross-entropy to the routing targets + the gate's auxiliary losses."""
+
+    def __init__(
+        self,
+        gate: Gate,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        top_k: int = 2,
+        recall_k: int = 10,
+        input_noise: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.gate = gate
+        self.optimizer_factory = optimizer
+        self.top_k = min(top_k, gate.num_experts)
+        self.recall_k = recall_k
+        self.input_noise = input_noise  # std of Gaussian noise added to query vectors while training
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, target = batch  # (b, d), (b, E)
+        if self.input_noise > 0:
+            x = F.normalize(x + self.input_noise * torch.randn_like(x), dim=-1)
+        out = self.gate(x, top_k=self.top_k)
+        task = -(target * F.log_softmax(out.logits, dim=-1)).sum(dim=-1).mean()
+        loss = task + out.aux_loss
+        self.log("train/loss", loss, prog_bar=True)
+        self.log_dict(
+            {"train/task_loss": task, "train/balance_loss": out.balance_loss, "train/z_loss": out.z_loss}
+        )
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        x, gold, counts = batch  # (b, d), (b,), (b, E) neighbour counts in each expert
+        probs = self.gate(x, top_k=1).probs
+        top = probs.topk(self.top_k, dim=-1).indices  # (b, t)
+        acc1 = (top[:, 0] == gold).float().mean()
+        recall = (counts.gather(1, top).sum(dim=1) / self.recall_k).mean()
+        self.log_dict(
+            {"val/acc@1": acc1, "val/recall@10": recall},
+            prog_bar=True, on_epoch=True, batch_size=x.shape[0], sync_dist=True,
+        )
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optimizer_factory(self.gate.parameters())
+
+
+class RoutingDataModule(L.LightningDataModule):
+    """(query vector, target) pairs for training; (query, gold expert, neighbour counts) for validation."""
+
+    def __init__(
+        self,
+        train_x: np.ndarray,
+        train_targets: np.ndarray,
+        val_x: np.ndarray,
+        val_gold: np.ndarray,
+        val_counts: np.ndarray,
+        batch_size: int = 256,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.train_set = TensorDataset(torch.from_numpy(train_x), torch.from_numpy(train_targets))
+        self.val_set = TensorDataset(torch.from_numpy(val_x), torch.from_numpy(val_gold), torch.from_numpy(val_counts))
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=4096, num_workers=self.num_workers)
+
+
+@dataclass
+class FitResult:
+    metrics: dict[str, float]  # best validation metrics
+    seconds: float  # wall time of trainer.fit
+    epochs: int
+
+
+def routing_pairs(router: Router, max_queries: int | None, neighbours: int, seed: int) -> tuple[np.ndarray, ...]:
+    """Stored vectors as pseudo-queries: (xq, expert of each, neighbour counts per expert excluding itself).
+
+    With max_queries, a seeded uniform sample of the stored vectors is used (for large collections).
+    """
+    xb = np.concatenate([e.vectors() for e in router.experts])
+    owner = np.concatenate([np.full(e.ntotal, i) for i, e in enumerate(router.experts)])
+    rows = np.arange(len(xb))
+    if max_queries is not None and max_queries < len(xb):
+        rows = np.sort(np.random.default_rng(seed).choice(len(xb), size=max_queries, replace=False))
+    nbrs = _neighbours_excluding_rows(xb[rows], xb, rows, neighbours, router.metric)
+    return xb[rows], owner[rows], neighbour_counts(nbrs, owner, router.num_experts)
+
+
+def _neighbours_excluding_rows(xq: np.ndarray, xb: np.ndarray, rows: np.ndarray, k: int, metric: str) -> np.ndarray:
+    if len(rows) == len(xb):
+        return exact_neighbours(xq, xb, k, metric, exclude_self=True)
+    full = exact_neighbours(xq, xb, k + 1, metric)  # (n, k+1)
+    is_self = full == rows[:, None]
+    drop = np.where(is_self.any(axis=1), is_self.argmax(axis=1), k)
+    keep = np.ones_like(full, dtype=bool)
+    keep[np.arange(len(full)), drop] = False
+    return full[keep].reshape(len(full), k)
+
+
+def query_counts(router: Router, xq: np.ndarray, neighbours: int = 10) -> np.ndarray:
+    """(n, E) counts of each query's exhaustive top-`neighbours` in each expert of the router."""
+    xb = np.concatenate([e.vectors() for e in router.experts])
+    owner = np.concatenate([np.full(e.ntotal, i) for i, e in enumerate(router.experts)])
+    return neighbour_counts(exact_neighbours(xq, xb, neighbours, router.metric), owner, router.num_experts)
+
+
+def fit_router(
+    router: Router,
+    val_queries: Any = None,
+    val_experts: list[str] | None = None,
+    targets: str = "mix",
+    label_weight: float = 0.5,
+    neighbours: int = 10,
+    max_queries: int | None = None,
+    module: GateModule | None = None,
+    trainer: L.Trainer | None = None,
+    batch_size: int = 256,
+    monitor: str = "val/recall@10",
+    seed: int = 0,
+) -> FitResult:
+    """Train the router's gate on its own stored vectors and install the best one (by `monitor`).
+
+    `module` wraps the gate to train (default: a fresh Gate with AdamW, lr 1e-3).
+    Each stored vector is a pseudo-query whose target is its expert ('label'), the share of
+    its exact neighbours in each expert ('neighbours'), or a mix. Validation uses
+    `val_queries` with their gold `val_experts`, or else a seeded 10% of the stored vectors.
+    """
+    L.seed_everything(seed, workers=True, verbose=False)
+    if router.num_experts < 2:
+        raise ValueError(f"training a gate needs at least 2 experts, the router has {router.num_experts}")
+    train_x, train_gold, train_counts = routing_pairs(router, max_queries, neighbours, seed)
+    if val_queries is None:
+        pick = np.random.default_rng(seed).choice(len(train_x), size=max(1, len(train_x) // 10), replace=False)
+        val_x, val_gold, val_counts = train_x[pick], train_gold[pick], train_counts[pick]
+    else:
+        val_x, _ = router.prepare_queries(val_queries)
+        if val_experts is None or len(val_experts) != len(val_x):
+            raise ValueError("val_experts must name the gold expert of each validation query")
+        val_gold = np.array([router.expert_index(e) for e in val_experts], dtype=np.int64)
+        val_counts = query_counts(router, val_x, neighbours)
+    target = make_targets(targets, train_gold, train_counts, router.num_experts, label_weight)
+    if module is None:
+        module = GateModule(Gate(router.dim, router.num_experts), optimizer=_default_optimizer)
+    if module.gate.num_experts != router.num_experts or module.gate.dim != router.dim:
+        raise ValueError(
+            f"the gate has dim {module.gate.dim} and {module.gate.num_experts} outputs; "
+            f"the router needs dim {router.dim} and {router.num_experts}"
+        )
+    data = RoutingDataModule(train_x, target, val_x, val_gold, val_counts.astype(np.float32), batch_size=batch_size)
+    if trainer is None:
+        trainer = L.Trainer(max_epochs=20, accelerator="auto", devices=1, deterministic=True, logger=False,
+                            callbacks=[ModelCheckpoint(monitor=monitor, mode="max")], enable_model_summary=False)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*number of training batches.*")
+        trainer.fit(module, datamodule=data)
+    seconds = time.perf_counter() - start
+    best = _restore_best(trainer, module, monitor)
+    router.gate = module.gate.cpu().eval()
+    return FitResult(best, seconds, trainer.current_epoch)
+
+
+def _default_optimizer(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+
+
+def _restore_best(trainer: L.Trainer, module: GateModule, monitor: str) -> dict[str, float]:
+    """Load the best checkpoint's gate weights into `module`; return its validation metrics."""
+    ckpt = trainer.checkpoint_callback
+    path = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
+    if path and Path(path).is_file():
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        module.load_state_dict(state)
+    # Re-run validation on the restored weights so the reported numbers are the best model's.
+    results = trainer.validate(module, datamodule=trainer.datamodule, verbose=False)
+    return {k: float(v) for k, v in (results[0] if results else {}).items()}
+
+
+def router_from_dataset(dataset: TextDataset, embedder: Embedder, metric: str = "ip") -> Router:
+    """One expert per distinct expert key in the train split, holding that split's texts."""
+    router = Router(embedder.dim, metric, embedder=embedder)
+    train = dataset.split("train")
+    vectors = embedder.encode([r.text for r in train])
+    keys = np.array([getattr(r, dataset.expert_key) for r in train])
+    for name in dataset.experts:
+        rows = np.flatnonzero(keys == name)
+        router.add_expert(
+            name, vectors[rows], texts=[train[i].text for i in rows], parent=dataset.parents.get(name),
+            metadata=[{"label": train[i].label, "domain": train[i].domain} for i in rows],
+        )
+    return router
+
+
+@dataclass
+class TrainSummary:
+    out: Path
+    experts: int
+    vectors: int
+    metrics: dict[str, float]
+    fit_seconds: float
+    total_seconds: float
+    epochs: int
+
+
+def train(cfg: DictConfig) -> TrainSummary:
+    """Build experts from cfg.data's train split, train the gate with Lightning, save the checkpoint."""
+    start = time.perf_counter()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    dataset: TextDataset = instantiate(cfg.data)
+    embedder = CachedEmbedder(instantiate(cfg.embedder), cfg.cache_dir or default_cache_dir())
+    router = router_from_dataset(dataset, embedder, cfg.metric)
+    val = [(r.text, getattr(r, dataset.expert_key)) for r in dataset.split("val")
+           if getattr(r, dataset.expert_key) in set(dataset.experts)]
+    if not val:
+        raise ValueError(f"dataset {dataset.name!r} has no validation rows for its experts; add split 'val' rows "
+                         "or set data.val_fraction > 0 to carve them from train")
+    log_dir = Path(cfg.log_dir) if cfg.log_dir else _run_dir()
+    gate = instantiate(cfg.model, dim=router.dim, num_experts=router.num_experts)
+    module = instantiate(cfg.module)(gate=gate)
+    trainer = instantiate(
+        cfg.trainer,
+        callbacks=[ModelCheckpoint(dirpath=log_dir / "lightning", monitor=cfg.monitor, mode="max", save_top_k=1)],
+        logger=CSVLogger(str(log_dir), name="logs"),
+    )
+    fit = fit_router(
+        router, val_queries=[t for t, _ in val], val_experts=[e for _, e in val],
+        targets=cfg.targets.kind, label_weight=cfg.targets.label_weight, neighbours=cfg.targets.neighbours,
+        max_queries=cfg.targets.max_queries, module=module, trainer=trainer, batch_size=cfg.batch_size,
+        monitor=cfg.monitor, seed=cfg.seed,
+    )
+    metrics = {**fit.metrics, "fit_seconds": fit.seconds}
+    if trainer.is_global_zero:
+        router.save(cfg.out, config=OmegaConf.to_container(cfg, resolve=True), metrics=metrics)
+    return TrainSummary(Path(cfg.out), router.num_experts, router.ntotal, fit.metrics, fit.seconds,
+                        time.perf_counter() - start, fit.epochs)
+
+
+def _run_dir() -> Path:
+    """Hydra's output directory when running under @hydra.main, else a fresh temporary one."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:
+        return Path(tempfile.mkdtemp(prefix="moe_router-"))

@@ -1,0 +1,27 @@
+"""Evaluate a checkpoint: python scripts/evaluate.py ckpt=checkpoints/clinc150 data=clinc150 report=/tmp/r.json"""
+
+import hydra
+from omegaconf import DictConfig
+
+from moe_router.evaluation import evaluate
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    r = evaluate(cfg)
+    print(f"\n{r['dataset']} {r['split']}: {r['queries']} queries, {r['experts']} experts, {r['vectors']} vectors")
+    for key in ("acc@1", "acc@2", *(f"recall@{cfg.k}@{t}" for t in cfg.experts_searched),
+                *(f"scanned@{t}" for t in cfg.experts_searched)):
+        if key in r:
+            print(f"  {key:<14} {r[key]:.4f}")
+    load = r["load@1"]
+    print(f"  load@1         max/mean {load['max_over_mean']:.2f}, cv {load['cv']:.2f}, dead {load['dead']}")
+    s = r["speed"]
+    print(f"  speed          routed {s['routed_qps']:.0f} q/s vs exhaustive {s['exhaustive_qps']:.0f} q/s "
+          f"({s['speedup']:.2f}x, same run)")
+    if cfg.report:
+        print(f"Report: {cfg.report}")
+
+
+if __name__ == "__main__":
+    main()
