@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -177,6 +178,24 @@ class MetadataStore:
     def set_expert(self, ids: Sequence[int], expert: str) -> None:
         with self._lock, self.conn:
             self.conn.executemany("UPDATE items SET expert = ? WHERE id = ?", [(expert, int(i)) for i in ids])
+
+    def add_feedback(self, query: str | None, vector: np.ndarray, expert: str, positive: bool) -> int:
+        with self._lock, self.conn:
+            cur = self.conn.execute(
+                "INSERT INTO feedback (query, vector, expert, positive, created) VALUES (?, ?, ?, ?, ?)",
+                (query, np.asarray(vector, dtype=np.float32).tobytes(), expert, int(positive), time.time()),
+            )
+        return int(cur.lastrowid)
+
+    def feedback(self, expert: str | None = None) -> list[tuple[int, str | None, np.ndarray, str, bool, float]]:
+        """(seq, query text, query vector, expert, positive, unix time) rows, oldest first."""
+        sql = "SELECT seq, query, vector, expert, positive, created FROM feedback"
+        args: tuple = ()
+        if expert is not None:
+            sql, args = sql + " WHERE expert = ?", (expert,)
+        with self._lock:
+            rows = self.conn.execute(sql + " ORDER BY seq", args).fetchall()
+        return [(s, q, np.frombuffer(v, dtype=np.float32), e, bool(p), c) for s, q, v, e, p, c in rows]
 
     def backup_to(self, path: Path) -> None:
         """Copy the whole store into a new SQLite file at `path` (consistent even while in use)."""

@@ -159,6 +159,26 @@ class Router:
                 self.gate.add_expert(torch.from_numpy(xb))
         return expert
 
+    def remove_expert(self, name: str) -> None:
+        """Remove an expert: its index, its gate output and its metadata; routing renormalises over the rest."""
+        with self._lock:
+            i = self.expert_index(name)
+            if self.gate is not None:
+                self.gate.remove_expert(i)
+            del self.experts[i]
+            self._query_counts = np.delete(self._query_counts, i)
+            self._confidence_sums = np.delete(self._confidence_sums, i)
+            self.store.delete_expert(name)
+
+    def record_feedback(self, query: Any, expert: str, positive: bool) -> int:
+        """Durably record whether `expert` served `query` (text or vector) well; returns the record's id."""
+        self.expert_index(expert)  # unknown expert -> KeyError naming the known ones
+        text = query if isinstance(query, str) else None
+        xq, single = self.prepare_queries(query)
+        if not single:
+            raise ValueError("record_feedback takes one query, got a batch")
+        return self.store.add_feedback(text, xq[0], expert, bool(positive))
+
     # ---------------------------------------------------------------- gate
 
     def init_gate(self, **gate_kwargs: Any) -> Gate:
@@ -310,7 +330,7 @@ class Router:
         total = max(int(counts.sum()), 1)
         return [
             ExpertStats(
-                e.name, e.specialization, e.parent, e.ntotal, int(c), c / total, float(s / c) if c else 0.0
+                e.name, e.specialization, e.parent, e.ntotal, int(c), float(c / total), float(s / c) if c else 0.0
             )
             for e, c, s in zip(self.experts, counts, sums)
         ]
