@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from moe_router.embedders import embedder_from_spec
-from moe_router.experts import Expert, MetadataStore
+from moe_router.experts import Expert, MetadataStore, ensure_unique
 from moe_router.gate import Gate
 
 FORMAT = "moe_router.checkpoint"
@@ -105,6 +105,7 @@ def save_router(router, path: Path, config: dict | None = None, metrics: dict | 
             "experts": experts,
             "files": files,
             "stats": stats,
+            "abstain_threshold": router.abstain_threshold,
             "metrics": metrics or {},
             "config": config or {},
         }
@@ -157,6 +158,18 @@ def read_manifest(path: Path) -> dict[str, Any]:
     for key in ("dim", "metric", "experts", "files"):
         if key not in manifest:
             raise CheckpointError(f"{mf} is incomplete: missing {key!r}")
+    kinds = {"experts": list, "files": dict, "stats": dict}
+    for key, kind in kinds.items():
+        if key in manifest and not isinstance(manifest[key], kind):
+            raise CheckpointError(f"{mf} is corrupted: {key!r} must be a {kind.__name__}")
+    if not all(isinstance(e, dict) for e in manifest["experts"]):
+        raise CheckpointError(f"{mf} is corrupted: each entry of 'experts' must be an object")
+    if not all(isinstance(v, dict) for v in manifest.get("stats", {}).values()):
+        raise CheckpointError(f"{mf} is corrupted: each entry of 'stats' must be an object")
+    try:
+        ensure_unique([str(e.get("name")) for e in manifest["experts"]])
+    except ValueError as exc:
+        raise CheckpointError(f"{mf} is corrupted: {exc}") from None
     return manifest
 
 
@@ -211,11 +224,13 @@ def load_router(path: Path, verify: bool = True, cache_dir: str | Path | None = 
         router._next_id = max([router._next_id, *(int(e.ids.max()) + 1 for e in router.experts if e.ntotal)])
         if manifest.get("gate"):
             router.gate = _load_gate(path, manifest["gate"], dim, len(router.experts))
+        threshold = manifest.get("abstain_threshold")
+        router.abstain_threshold = float(threshold) if threshold is not None else None
         router.manifest = manifest
         return router
     except CheckpointError:
         raise
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"checkpoint {path} has an invalid manifest or files: {exc}") from None
 
 

@@ -37,7 +37,7 @@ class TextDataset:
     records: list[Record]
     expert_key: str = "domain"
     parent_key: str | None = None
-    oos_texts: list[str] = field(default_factory=list)  # out-of-scope queries, when the data has them
+    oos: list[Record] = field(default_factory=list)  # out-of-scope queries, when the data has them
 
     def __post_init__(self) -> None:
         for key in (self.expert_key, self.parent_key):
@@ -56,6 +56,9 @@ class TextDataset:
 
     def texts(self, split: str) -> list[str]:
         return [r.text for r in self.split(split)]
+
+    def oos_texts(self, split: str) -> list[str]:
+        return [r.text for r in self.oos if r.split == split]
 
     def expert_ids(self, split: str, unknown: int = -1) -> np.ndarray:
         """(n,) index of each record's expert; `unknown` for experts absent from train."""
@@ -120,7 +123,7 @@ def load_dataset(
     """Load a JSONL dataset (`path=None`: the built-in demo corpus)."""
     file = Path(path) if path else demo_path()
     records = carve_validation(load_jsonl(file), val_fraction, seed)
-    oos = [r.text for r in load_jsonl(oos_path)] if oos_path and Path(oos_path).is_file() else []
+    oos = load_jsonl(oos_path) if oos_path and Path(oos_path).is_file() else []
     return TextDataset(name or file.stem, records, expert_key, parent_key, oos)
 
 

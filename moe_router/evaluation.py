@@ -8,17 +8,26 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import faiss
 import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from tqdm.auto import tqdm
+
+from moe_router.baselines import (
+    CentroidRouter, KnnVoteRouter, MultiPrototypeRouter, RandomRouter, SemanticRouterStyle, ivf_recall,
+)
+from moe_router.calibration import reliability_bins, softmax
 from moe_router.data import TextDataset
 from moe_router.experts import lower_blas_threshold
-from moe_router.metrics import accuracy_at_k, load_stats, recall_at_k, top_experts
+from moe_router.metrics import (
+    accuracy_at_k, auroc, expected_calibration_error, load_stats, recall_at_k, top_experts,
+)
 from moe_router.router import Router
+from moe_router.training import gold_by_centroid
 
 
 def exhaustive_index(router: Router) -> tuple[faiss.Index, np.ndarray]:
@@ -53,49 +62,189 @@ def routing_metrics(
     return out
 
 
-def time_search(router: Router, xq: np.ndarray, flat: faiss.Index, k: int, top: int, repeats: int = 3) -> dict[str, float]:
-    """Queries/s of gate + routed search vs one exhaustive flat search, same queries, same run (best of repeats)."""
+def latency(router: Router, xq: np.ndarray, flat: faiss.Index, k: int, top: int, batch: int,
+            repeats: int = 3, max_batches: int = 200) -> dict[str, float]:
+    """Per-batch latency (p50/p99, ms) and queries/s of gate + routed search vs exhaustive flat search.
+
+    Both run on the same batches in the same loop (interleaved), so machine noise hits both alike.
+    Also reports the gate's share of the routed time.
+    """
     lower_blas_threshold()
-
-    def best(fn) -> float:
-        times = []
-        for _ in range(repeats):
+    batches = [xq[i : i + batch] for i in range(0, len(xq) - batch + 1, batch)][:max_batches] or [xq]
+    gate_t, routed_t, flat_t = [], [], []
+    for _ in range(repeats):
+        for b in batches:
             t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
+            probs = router.gate_probs(b)
+            t1 = time.perf_counter()
+            router.search_experts(b, k, top_experts(probs, top))
+            t2 = time.perf_counter()
+            flat.search(b, k)
+            t3 = time.perf_counter()
+            gate_t.append(t1 - t0)
+            routed_t.append(t2 - t0)
+            flat_t.append(t3 - t2)
+    routed, exhaustive = np.array(routed_t), np.array(flat_t)
+    n = len(batches[0])
+    return {
+        "batch": n,
+        "routed_qps": n / float(np.median(routed)),
+        "exhaustive_qps": n / float(np.median(exhaustive)),
+        "speedup": float(np.median(exhaustive) / np.median(routed)),
+        "routed_p50_ms": 1e3 * float(np.percentile(routed, 50)),
+        "routed_p99_ms": 1e3 * float(np.percentile(routed, 99)),
+        "exhaustive_p50_ms": 1e3 * float(np.percentile(exhaustive, 50)),
+        "exhaustive_p99_ms": 1e3 * float(np.percentile(exhaustive, 99)),
+        "gate_share": float(np.sum(gate_t) / np.sum(routed_t)),
+    }
 
-    routed = best(lambda: router.search_experts(xq, k, top_experts(router.gate_probs(xq), top)))
-    exhaustive = best(lambda: flat.search(xq, k))
-    n = xq.shape[0]
-    return {"routed_qps": n / routed, "exhaustive_qps": n / exhaustive, "speedup": exhaustive / routed}
+
+BASELINES = {
+    "random": RandomRouter,
+    "centroid": CentroidRouter,
+    "multi_prototype": MultiPrototypeRouter,
+    "semantic_router": SemanticRouterStyle,
+    "knn_vote": KnnVoteRouter,
+}
+GATE = "gate (ours)"
+IVF = "FAISS IVF-Flat (own k-means, nprobe = experts)"
+FLAT = "exhaustive flat"
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Evaluate the checkpoint cfg.ckpt on cfg.data's `cfg.split` split; write cfg.report (JSON) if set."""
+    """Evaluate cfg.ckpt on cfg.data's cfg.split against the baselines; write JSON, Markdown and plots.
+
+    The top-level keys acc@1, acc@2, recall@10@t, scanned@t are the gate's; `routers` holds every row.
+    """
     router = Router.load(cfg.ckpt, cache_dir=cfg.cache_dir)
     dataset: TextDataset = instantiate(cfg.data)
     records = dataset.split(cfg.split)
     if not records:
         raise ValueError(f"dataset {dataset.name!r} has no {cfg.split!r} rows to evaluate on")
-    gold = gold_experts(router, dataset, cfg.split)
     xq, _ = router.prepare_queries([r.text for r in records])
-    probs = router.gate_probs(xq)
+    if router.manifest.get("config", {}).get("partition"):
+        gold = gold_by_centroid(router, xq)  # k-means experts: the shard of the nearest centroid
+    else:
+        gold = gold_experts(router, dataset, cfg.split)
+    k = int(cfg.k)
+    if not 1 <= k <= router.ntotal:
+        raise ValueError(f"k must be between 1 and {router.ntotal} (the number of stored vectors), got {k}")
+    searched = [t for t in cfg.experts_searched if t <= router.num_experts]
     flat, ids = exhaustive_index(router)
-    _, rows = flat.search(xq, cfg.k)
+    _, rows = flat.search(xq, k)
     exact_ids = ids[rows]
+
+    scorers: dict[str, Callable[[np.ndarray], np.ndarray]] = {GATE: router.gate_probs}
+    routers: dict[str, dict[str, Any]] = {GATE: {"scans_everything": False}}
+    for key in tqdm(cfg.baselines, desc="baselines", disable=len(xq) < 2000):
+        if key not in BASELINES:
+            raise ValueError(f"unknown baseline {key!r}; expected some of {sorted(BASELINES)}")
+        baseline = BASELINES[key](router)
+        scorers[baseline.name] = baseline.scores
+        routers[baseline.name] = {"scans_everything": baseline.scans_everything}
+    scores = {name: fn(xq) for name, fn in scorers.items()}
+    probs = scores[GATE]
+    for name, s in scores.items():
+        routers[name].update(routing_metrics(router, xq, s, gold, exact_ids, searched, k))
+    routers[IVF] = {"scans_everything": False}
+    for t, (rec, scanned) in ivf_recall(router, xq, exact_ids, searched, k, seed=cfg.seed).items():
+        routers[IVF][f"recall@{k}@{t}"], routers[IVF][f"scanned@{t}"] = rec, scanned
+    routers[FLAT] = {"scans_everything": True, **{f"recall@{k}@{t}": 1.0 for t in searched},
+                     **{f"scanned@{t}": 1.0 for t in searched}}
+
     report: dict[str, Any] = {
-        "checkpoint": str(cfg.ckpt),
-        "dataset": dataset.name,
-        "split": cfg.split,
-        "queries": len(records),
-        "experts": router.num_experts,
-        "vectors": router.ntotal,
-        "unknown_gold": int((gold < 0).sum()),
+        "checkpoint": str(cfg.ckpt), "dataset": dataset.name, "split": cfg.split, "queries": len(records),
+        "experts": router.num_experts, "vectors": router.ntotal, "unknown_gold": int((gold < 0).sum()),
+        **{key: v for key, v in routers[GATE].items() if key != "scans_everything"},
+        "routers": routers,
     }
-    report.update(routing_metrics(router, xq, probs, gold, exact_ids, list(cfg.experts_searched), cfg.k))
-    report["speed"] = time_search(router, xq, flat, cfg.k, min(2, router.num_experts))
+    report["calibration"] = calibration_report(router, xq, probs, gold)
+    oos = dataset.oos_texts(cfg.split)
+    if oos:
+        report["out_of_scope"] = oos_report(router, oos, scorers, scores, routers)
+    top = min(2, router.num_experts)
+    report["speed"] = {f"batch_{b}": latency(router, xq, flat, k, top, b) for b in cfg.speed_batches if b <= len(xq)}
+    if cfg.out_dir:
+        write_outputs(report, Path(cfg.out_dir), searched, k, router, scores)
     if cfg.report:
         Path(cfg.report).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.report).write_text(json.dumps(report, indent=2))
     return report
+
+
+def calibration_report(router: Router, xq: np.ndarray, probs: np.ndarray, gold: np.ndarray) -> dict[str, Any]:
+    """ECE and reliability bins of the top-1 probability, at the checkpoint's temperature and at T = 1."""
+    known = gold >= 0
+    raw = softmax(router.gate_logits(xq))
+    out: dict[str, Any] = {"temperature": float(router.gate.temperature)}
+    for name, p in (("calibrated", probs), ("uncalibrated (T=1)", raw)):
+        conf, correct = p.max(axis=1)[known], (p.argmax(axis=1) == gold)[known]
+        out[name] = {"ece": expected_calibration_error(conf, correct), "bins": reliability_bins(conf, correct)}
+    return out
+
+
+def oos_report(router: Router, oos_texts: list[str], scorers: dict[str, Callable], scores: dict[str, np.ndarray],
+               routers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """AUROC of each router's top-1 score, in-scope (positive) vs out-of-scope; the gate's abstention at its threshold."""
+    xo, _ = router.prepare_queries(oos_texts)
+    out: dict[str, Any] = {"queries": len(oos_texts)}
+    for name, fn in scorers.items():
+        if name != "random":
+            routers[name]["oos_auroc"] = auroc(scores[name].max(axis=1), fn(xo).max(axis=1))
+    if router.abstain_threshold is not None:
+        th = router.abstain_threshold
+        out["threshold"] = th
+        out["in_scope_kept"] = float((scores[GATE].max(axis=1) >= th).mean())
+        out["oos_refused"] = float((router.gate_probs(xo).max(axis=1) < th).mean())
+    return out
+
+
+def markdown_table(report: dict[str, Any], searched: list[int], k: int) -> str:
+    """One row per router: acc@1, acc@2, recall@k at each experts-searched, scanned, load, OOS AUROC."""
+    cols = ["acc@1", "acc@2", *(f"recall@{k}@{t}" for t in searched), f"scanned@{searched[min(1, len(searched) - 1)]}",
+            "load max/mean", "dead", "OOS AUROC"]
+    lines = ["| router | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, row in report["routers"].items():
+        cells = []
+        for c in cols:
+            if c == "load max/mean":
+                v = row.get("load@1", {}).get("max_over_mean")
+            elif c == "dead":
+                v = row.get("load@1", {}).get("dead")
+            elif c == "OOS AUROC":
+                v = row.get("oos_auroc")
+            else:
+                v = row.get(c)
+            cells.append("–" if v is None else (str(v) if isinstance(v, int) else f"{v:.3f}"))
+        label = f"{name} *(scans everything)*" if row.get("scans_everything") and name != FLAT else name
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_outputs(report: dict[str, Any], out_dir: Path, searched: list[int], k: int, router: Router,
+                  scores: dict[str, np.ndarray]) -> None:
+    """report.json, table.md and PNG plots (recall curve, load per expert, reliability diagram) in out_dir."""
+    from moe_router import plots
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    title = f"{report['dataset']} ({report['experts']} experts, {report['queries']} {report['split']} queries)"
+    table = markdown_table(report, searched, k)
+    speed = "\n".join(
+        f"- batch {s['batch']}: routed {s['routed_qps']:.0f} q/s vs exhaustive {s['exhaustive_qps']:.0f} q/s "
+        f"({s['speedup']:.2f}x); p50/p99 {s['routed_p50_ms']:.2f}/{s['routed_p99_ms']:.2f} ms vs "
+        f"{s['exhaustive_p50_ms']:.2f}/{s['exhaustive_p99_ms']:.2f} ms; gate share {100 * s['gate_share']:.1f}%"
+        for s in report["speed"].values()
+    )
+    cal = report["calibration"]
+    (out_dir / "table.md").write_text(
+        f"### {title}\n\n{table}\n\nECE of the top-1 probability: {cal['calibrated']['ece']:.4f} at T = "
+        f"{cal['temperature']:.3f} ({cal['uncalibrated (T=1)']['ece']:.4f} at T = 1).\n\nSpeed (same run):\n{speed}\n"
+    )
+    curves = {n: r for n, r in report["routers"].items() if not n.startswith("random")}
+    plots.recall_curve(curves, searched, k, out_dir / "recall.png", title)
+    shares = {n: load_stats(top_experts(s, 1), router.num_experts)["shares"]
+              for n, s in scores.items() if n in (GATE, "centroid")}
+    plots.load_bars(shares, router.expert_names, out_dir / "load.png", f"top-1 load: {title}")
+    plots.reliability_diagram({n: cal[n]["bins"] for n in ("calibrated", "uncalibrated (T=1)")},
+                              out_dir / "reliability.png", f"reliability: {report['dataset']}")

@@ -15,7 +15,9 @@ import numpy as np
 import torch
 
 from moe_router.embedders import Embedder
-from moe_router.experts import Expert, MetadataStore, lower_blas_threshold, payloads_or_none, worst_score
+from moe_router.experts import (
+    Expert, MetadataStore, lower_blas_threshold, payloads_or_none, search_each, worst_score,
+)
 from moe_router.gate import Gate
 from moe_router.vectors import check_metric, prepare
 
@@ -91,6 +93,8 @@ class Router:
         self.store = store if store is not None else MetadataStore()
         self.experts: list[Expert] = []
         self.manifest: dict[str, Any] = {}  # set by Router.load
+        # Top-1 probability under which route/search(abstain=True) answer "no expert is confident".
+        self.abstain_threshold: float | None = None
         self._next_id = self.store.max_id() + 1
         self._lock = threading.RLock()
         self._query_counts = np.zeros(0, dtype=np.int64)  # (E,)
@@ -198,7 +202,14 @@ class Router:
         return self.gate
 
     def gate_probs(self, xq: np.ndarray, batch_size: int = 8192) -> np.ndarray:
-        """Gate probabilities (nq, E) for prepared query vectors."""
+        """Gate probabilities (nq, E) for prepared query vectors (at the gate's temperature)."""
+        return self._gate_pass(xq, batch_size, "probs")
+
+    def gate_logits(self, xq: np.ndarray, batch_size: int = 8192) -> np.ndarray:
+        """Raw gate logits (nq, E) for prepared query vectors."""
+        return self._gate_pass(xq, batch_size, "logits")
+
+    def _gate_pass(self, xq: np.ndarray, batch_size: int, field: str) -> np.ndarray:
         gate = self._require_gate()
         gate.eval()
         device = gate.head.weight.device
@@ -206,7 +217,7 @@ class Router:
         with torch.inference_mode():
             for start in range(0, xq.shape[0], batch_size):
                 x = torch.from_numpy(xq[start : start + batch_size]).to(device)
-                out.append(gate(x, top_k=1).probs.float().cpu().numpy())
+                out.append(getattr(gate(x, top_k=1), field).float().cpu().numpy())
         return np.concatenate(out)
 
     # ---------------------------------------------------------------- queries
@@ -247,12 +258,22 @@ class Router:
                 np.add.at(self._confidence_sums, top.ravel(), chosen.ravel())
         return probs, top
 
-    def route(self, queries: Any, top_k: int = 2) -> list[ExpertScore] | list[list[ExpertScore]]:
-        """The top_k experts for each query with their probabilities (a list per query; one list for one query)."""
+    def route(
+        self, queries: Any, top_k: int = 2, abstain: bool = False
+    ) -> list[ExpertScore] | list[list[ExpertScore]]:
+        """The top_k experts for each query with their probabilities (a list per query; one list for one query).
+
+        With `abstain=True` and a calibrated `abstain_threshold`, a query whose best expert is less
+        confident than the threshold gets an empty list.
+        """
         xq, single = self.prepare_queries(queries)
         probs, top = self.decide(xq, top_k)
+        refused = self._refused(probs, abstain)
         out = []
-        for p, row in zip(probs, top):
+        for p, row, no in zip(probs, top, refused):
+            if no:
+                out.append([])
+                continue
             chosen = p[row]
             total = float(chosen.sum())
             out.append(
@@ -271,7 +292,8 @@ class Router:
     def search_experts(self, xq: np.ndarray, k: int, experts: np.ndarray) -> RoutedSearch:
         """Search, for each query, only the experts in its row of `experts` (nq, t); merge by score.
 
-        Queries are grouped by expert: one FAISS call per expert per batch.
+        Queries are grouped by expert: one FAISS call per expert per batch, the calls side by side
+        on the cores (experts.search_each).
         """
         nq, t = experts.shape
         D = np.full((nq, t * k), worst_score(self.metric), dtype=np.float32)
@@ -279,9 +301,9 @@ class Router:
         E = np.full((nq, t * k), -1, dtype=np.int64)
         scanned = np.zeros(nq, dtype=np.int64)
         lower_blas_threshold()
-        for e in np.unique(experts):
-            rows, slot = np.nonzero(experts == e)  # queries that chose e, and in which position
-            De, Ie = self.experts[e].search(xq[rows], k)  # (m, k)
+        groups = [(e, *np.nonzero(experts == e)) for e in np.unique(experts)]  # (expert, rows, slot)
+        found = search_each([(self.experts[e], xq[rows]) for e, rows, _ in groups], k)
+        for (e, rows, slot), (De, Ie) in zip(groups, found):  # rows: queries that chose e; slot: in which position
             cols = slot[:, None] * k + np.arange(k)[None, :]  # (m, k)
             D[rows[:, None], cols] = De
             I[rows[:, None], cols] = Ie
@@ -299,20 +321,34 @@ class Router:
             raise ValueError(f"k must be between 1 and {self.ntotal} (the number of stored vectors), got {k}")
         return int(k)
 
+    def _refused(self, probs: np.ndarray, abstain: bool) -> np.ndarray:
+        """(nq,) True where the router abstains."""
+        if not abstain:
+            return np.zeros(len(probs), dtype=bool)
+        if self.abstain_threshold is None:
+            raise ValueError("abstain=True needs a calibrated abstain_threshold (set by training on data with "
+                             "out-of-scope validation queries, or assign router.abstain_threshold)")
+        return probs.max(axis=1) < self.abstain_threshold
+
     def search(
-        self, queries: Any, k: int = 10, top_experts: int = 2, with_text: bool = True
+        self, queries: Any, k: int = 10, top_experts: int = 2, with_text: bool = True, abstain: bool = False
     ) -> list[Hit] | list[list[Hit]]:
-        """Route each query, search only its top_experts experts, return its k best hits merged by score."""
+        """Route each query, search only its top_experts experts, return its k best hits merged by score.
+
+        With `abstain=True`, queries the router is not confident about get no hits (see route).
+        """
         k = self._check_k(k)
+        top_experts = self._check_top(top_experts, "top_experts")
         xq, single = self.prepare_queries(queries)
         probs, top = self.decide(xq, top_experts)
+        refused = self._refused(probs, abstain)
         res = self.search_experts(xq, k, top)
         meta = self.store.get(res.I[res.I >= 0].tolist()) if with_text else {}
         out = []
         for q in range(xq.shape[0]):
             hits = []
             for score, i, e in zip(res.D[q], res.I[q], res.E[q]):
-                if i < 0:
+                if i < 0 or refused[q]:
                     continue
                 ex = self.experts[e]
                 text, payload = meta.get(int(i), (None, {}))
@@ -357,3 +393,70 @@ class Router:
 
     def __repr__(self) -> str:
         return f"Router(dim={self.dim}, metric={self.metric!r}, experts={self.num_experts}, vectors={self.ntotal})"
+
+    # ---------------------------------------------------------------- lifecycle (moe_router.lifecycle)
+
+    def merge_experts(self, a: str, b: str, name: str | None = None, specialization: str | None = None,
+                      parent: Any = ...) -> Expert:
+        """Merge experts a and b into one (see lifecycle.merge_experts); follow with adaptation.fine_tune."""
+        from moe_router import lifecycle
+
+        return lifecycle.merge_experts(self, a, b, name, specialization, parent)
+
+    def split_expert(self, name: str, parts: int = 2, names: Sequence[str] | None = None, seed: int = 0,
+                     max_imbalance: float | None = None) -> list[Expert]:
+        """Split an expert into `parts` by k-means over its vectors (see lifecycle.split_expert)."""
+        from moe_router import lifecycle
+
+        return lifecycle.split_expert(self, name, parts, names, seed, max_imbalance)
+
+    def auto_create_experts(self, texts: Sequence[str] | None = None, vectors: Any = None,
+                            categories: Sequence[str] | None = None, n: int | None = None, min_docs: int = 5,
+                            max_imbalance: float = 1.5, seed: int = 0, **kwargs: Any):
+        """Experts from a corpus: one per category (>= min_docs documents), or `n` by balanced k-means."""
+        from moe_router import lifecycle
+
+        if (categories is None) == (n is None):
+            raise ValueError("auto_create_experts: give either categories (one per document) or n (clusters), not both")
+        if categories is not None:
+            return lifecycle.auto_create_by_category(self, categories, texts, vectors, min_docs=min_docs, **kwargs)
+        return lifecycle.auto_create_by_clustering(self, n, texts, vectors, max_imbalance=max_imbalance, seed=seed, **kwargs)
+
+    def set_parent(self, expert: str, parent: str | None) -> None:
+        from moe_router import lifecycle
+
+        lifecycle.set_parent(self, expert, parent)
+
+    def route_two_level(self, queries: Any, top_parents: int = 1, top_children: int = 2):
+        """Route to parent groups first, then to their children (see lifecycle.route_two_level)."""
+        from moe_router import lifecycle
+
+        return lifecycle.route_two_level(self, queries, top_parents, top_children)
+
+    def search_two_level(self, queries: Any, k: int = 10, top_parents: int = 1, top_children: int = 2,
+                         with_text: bool = True) -> list[Hit] | list[list[Hit]]:
+        from moe_router import lifecycle
+
+        return lifecycle.search_two_level(self, queries, k, top_parents, top_children, with_text)
+
+    def feedback_stats(self):
+        from moe_router import lifecycle
+
+        return lifecycle.feedback_stats(self)
+
+    def recommendations(self, rules: Any = None):
+        """Retrain/merge/split recommendations from feedback (see lifecycle.RecommendationRules)."""
+        from moe_router import lifecycle
+
+        return lifecycle.recommendations(self, rules or lifecycle.RecommendationRules())
+
+    def load_report(self, queries: Any = None, top_k: int = 2, over: float = 1.5, under: float = 0.5):
+        from moe_router import lifecycle
+
+        return lifecycle.load_report(self, queries, top_k, over, under)
+
+    def optimize_routing(self, val_queries: Any, **kwargs: Any):
+        """Measured, keep-only-if-better rebalance / merge / split (see lifecycle.optimize_routing)."""
+        from moe_router import lifecycle
+
+        return lifecycle.optimize_routing(self, val_queries, **kwargs)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import faiss
 import lightning as L
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
+from moe_router.calibration import choose_threshold, fit_temperature
 from moe_router.data import TextDataset, exact_neighbours, make_targets, neighbour_counts
 from moe_router.embedders import CachedEmbedder, Embedder, default_cache_dir
 from moe_router.gate import Gate
@@ -133,7 +135,7 @@ def _neighbours_excluding_rows(xq: np.ndarray, xb: np.ndarray, rows: np.ndarray,
     drop = np.where(is_self.any(axis=1), is_self.argmax(axis=1), k)
     keep = np.ones_like(full, dtype=bool)
     keep[np.arange(len(full)), drop] = False
-    return full[keep].reshape(len(full), k)
+    return full[keep].reshape(len(full), full.shape[1] - 1)[:, :k]
 
 
 def query_counts(router: Router, xq: np.ndarray, neighbours: int = 10) -> np.ndarray:
@@ -180,6 +182,7 @@ def fit_router(
     target = make_targets(targets, train_gold, train_counts, router.num_experts, label_weight)
     if module is None:
         module = GateModule(Gate(router.dim, router.num_experts), optimizer=_default_optimizer)
+    module.recall_k = neighbours
     if module.gate.num_experts != router.num_experts or module.gate.dim != router.dim:
         raise ValueError(
             f"the gate has dim {module.gate.dim} and {module.gate.num_experts} outputs; "
@@ -187,8 +190,11 @@ def fit_router(
         )
     data = RoutingDataModule(train_x, target, val_x, val_gold, val_counts.astype(np.float32), batch_size=batch_size)
     if trainer is None:
-        trainer = L.Trainer(max_epochs=20, accelerator="auto", devices=1, deterministic=True, logger=False,
-                            callbacks=[ModelCheckpoint(monitor=monitor, mode="max")], enable_model_summary=False)
+        # Keeps the last epoch (no ModelCheckpoint): on tiny corpora the validation metrics tie across
+        # epochs and "best" would be the first, barely trained one. Files go to a temporary directory.
+        trainer = L.Trainer(max_epochs=max(20, min(200, 20_000 // max(len(train_x), 1))), accelerator="auto",
+                            devices=1, deterministic=True, logger=False, enable_checkpointing=False,
+                            enable_model_summary=False, default_root_dir=tempfile.mkdtemp(prefix="moe_router-"))
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -216,19 +222,40 @@ def _restore_best(trainer: L.Trainer, module: GateModule, monitor: str) -> dict[
     return {k: float(v) for k, v in (results[0] if results else {}).items()}
 
 
-def router_from_dataset(dataset: TextDataset, embedder: Embedder, metric: str = "ip") -> Router:
-    """One expert per distinct expert key in the train split, holding that split's texts."""
+def router_from_dataset(dataset: TextDataset, embedder: Embedder, metric: str = "ip",
+                        kmeans_experts: int | None = None, seed: int = 0) -> Router:
+    """One expert per distinct expert key in the train split, holding that split's texts.
+
+    With `kmeans_experts=n`, labels are ignored and the train vectors are cut into n experts by
+    FAISS k-means (learned sharding): experts shard_00 .. shard_{n-1}.
+    """
     router = Router(embedder.dim, metric, embedder=embedder)
     train = dataset.split("train")
     vectors = embedder.encode([r.text for r in train])
-    keys = np.array([getattr(r, dataset.expert_key) for r in train])
-    for name in dataset.experts:
+    if kmeans_experts:
+        keys = np.array([f"shard_{i:02d}" for i in kmeans_assign(vectors, kmeans_experts, metric, seed)])
+        names = sorted(set(keys))
+    else:
+        keys = np.array([getattr(r, dataset.expert_key) for r in train])
+        names = dataset.experts
+    for name in names:
         rows = np.flatnonzero(keys == name)
         router.add_expert(
-            name, vectors[rows], texts=[train[i].text for i in rows], parent=dataset.parents.get(name),
+            name, vectors[rows], texts=[train[i].text for i in rows],
+            parent=None if kmeans_experts else dataset.parents.get(name),
             metadata=[{"label": train[i].label, "domain": train[i].domain} for i in rows],
         )
     return router
+
+
+def kmeans_assign(xb: np.ndarray, n: int, metric: str = "ip", seed: int = 0) -> np.ndarray:
+    """(nb,) cluster of each vector under FAISS k-means with n centroids."""
+    if not 1 <= n <= len(xb):
+        raise ValueError(f"cannot cut {len(xb)} vectors into {n} k-means experts")
+    km = faiss.Kmeans(xb.shape[1], n, niter=25, seed=seed, spherical=metric == "ip", max_points_per_centroid=100_000)
+    km.train(np.ascontiguousarray(xb, dtype=np.float32))
+    _, assign = km.index.search(np.ascontiguousarray(xb, dtype=np.float32), 1)
+    return assign[:, 0]
 
 
 @dataclass
@@ -248,9 +275,14 @@ def train(cfg: DictConfig) -> TrainSummary:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     dataset: TextDataset = instantiate(cfg.data)
     embedder = CachedEmbedder(instantiate(cfg.embedder), cfg.cache_dir or default_cache_dir())
-    router = router_from_dataset(dataset, embedder, cfg.metric)
-    val = [(r.text, getattr(r, dataset.expert_key)) for r in dataset.split("val")
-           if getattr(r, dataset.expert_key) in set(dataset.experts)]
+    router = router_from_dataset(dataset, embedder, cfg.metric, cfg.partition, cfg.seed)
+    if cfg.partition:  # learned sharding: a query's gold expert is the shard of its nearest centroid
+        texts = dataset.texts("val")
+        gold = gold_by_centroid(router, router.prepare_queries(texts)[0]) if texts else []
+        val = [(t, router.expert_names[g]) for t, g in zip(texts, gold)]
+    else:
+        val = [(r.text, getattr(r, dataset.expert_key)) for r in dataset.split("val")
+               if getattr(r, dataset.expert_key) in set(dataset.experts)]
     if not val:
         raise ValueError(f"dataset {dataset.name!r} has no validation rows for its experts; add split 'val' rows "
                          "or set data.val_fraction > 0 to carve them from train")
@@ -269,10 +301,34 @@ def train(cfg: DictConfig) -> TrainSummary:
         monitor=cfg.monitor, seed=cfg.seed,
     )
     metrics = {**fit.metrics, "fit_seconds": fit.seconds}
+    if cfg.calibrate:
+        metrics.update(calibrate(router, [t for t, _ in val], [e for _, e in val], dataset.oos_texts("val")))
     if trainer.is_global_zero:
         router.save(cfg.out, config=OmegaConf.to_container(cfg, resolve=True), metrics=metrics)
     return TrainSummary(Path(cfg.out), router.num_experts, router.ntotal, fit.metrics, fit.seconds,
                         time.perf_counter() - start, fit.epochs)
+
+
+def gold_by_centroid(router: Router, xq: np.ndarray) -> np.ndarray:
+    """(n,) expert whose centroid is closest to each query (the gold expert of a k-means partition)."""
+    centroids = np.stack([e.centroid() for e in router.experts])
+    if router.metric == "ip":
+        return np.argmax(xq @ centroids.T, axis=1)
+    return np.argmin(((xq[:, None, :] - centroids[None]) ** 2).sum(-1), axis=1)
+
+
+def calibrate(router: Router, texts: list[str], experts: list[str], oos_texts: list[str]) -> dict[str, float]:
+    """Temperature-scale the gate on validation queries; with out-of-scope ones, set the abstain threshold."""
+    xv, _ = router.prepare_queries(texts)
+    gold = np.array([router.expert_index(e) for e in experts])
+    temperature = fit_temperature(router.gate_logits(xv), gold)
+    router.gate.temperature.fill_(temperature)
+    out = {"temperature": temperature}
+    if oos_texts:
+        xo, _ = router.prepare_queries(oos_texts)
+        router.abstain_threshold = choose_threshold(router.gate_probs(xv).max(axis=1), router.gate_probs(xo).max(axis=1))
+        out["abstain_threshold"] = router.abstain_threshold
+    return out
 
 
 def _run_dir() -> Path:

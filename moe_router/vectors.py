@@ -26,6 +26,8 @@ def as_matrix(x: Any, dim: int | None, what: str = "vectors") -> np.ndarray:
         arr = np.asarray(x, dtype=np.float32)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{what} must be numeric arrays of shape (n, d); could not convert: {exc}") from None
+    if arr.size == 0:
+        raise ValueError(f"{what}: empty batch (0 rows); expected at least one vector")
     if arr.ndim == 1:
         arr = arr[None, :]
     if arr.ndim != 2:

@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint: python scripts/evaluate.py ckpt=checkpoints/clinc150 data=clinc150 report=/tmp/r.json"""
+"""Evaluate a checkpoint against the baselines: python scripts/evaluate.py ckpt=checkpoints/clinc150 data=clinc150 report=/tmp/r.json"""
 
 import hydra
 from omegaconf import DictConfig
@@ -16,9 +16,14 @@ def main(cfg: DictConfig) -> None:
             print(f"  {key:<14} {r[key]:.4f}")
     load = r["load@1"]
     print(f"  load@1         max/mean {load['max_over_mean']:.2f}, cv {load['cv']:.2f}, dead {load['dead']}")
-    s = r["speed"]
-    print(f"  speed          routed {s['routed_qps']:.0f} q/s vs exhaustive {s['exhaustive_qps']:.0f} q/s "
-          f"({s['speedup']:.2f}x, same run)")
+    print(f"  ECE            {r['calibration']['calibrated']['ece']:.4f} (T = {r['calibration']['temperature']:.3f})")
+    if "out_of_scope" in r:
+        print(f"  OOS AUROC      {r['routers']['gate (ours)']['oos_auroc']:.4f}")
+    for s in r["speed"].values():
+        print(f"  batch {s['batch']:<8} routed {s['routed_qps']:.0f} q/s vs exhaustive {s['exhaustive_qps']:.0f} q/s "
+              f"({s['speedup']:.2f}x, same run); gate {100 * s['gate_share']:.1f}% of routed time")
+    if cfg.out_dir:
+        print(f"Tables and plots: {cfg.out_dir}/ (table.md, report.json, recall.png, load.png, reliability.png)")
     if cfg.report:
         print(f"Report: {cfg.report}")
 

@@ -1,0 +1,66 @@
+"""Confidence calibration: temperature scaling on validation data and an abstention threshold.
+
+Dimension legend: n queries, E experts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    return np.exp(_log_softmax(logits / temperature))
+
+
+def fit_temperature(logits: np.ndarray, gold: np.ndarray, low: float = 0.05, high: float = 20.0) -> float:
+    """The temperature T minimising the NLL of the gold experts under softmax(logits / T) (Guo et al. 2017).
+
+    NLL is convex in 1/T, so a golden-section search over log T finds the minimum.
+    """
+    keep = gold >= 0
+    logits, gold = logits[keep], gold[keep]
+    if len(gold) == 0:
+        raise ValueError("fit_temperature needs at least one query with a known gold expert")
+
+    def nll(log_t: float) -> float:
+        return float(-_log_softmax(logits / np.exp(log_t))[np.arange(len(gold)), gold].mean())
+
+    a, b = np.log(low), np.log(high)
+    ratio = (np.sqrt(5) - 1) / 2
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    for _ in range(60):
+        if nll(c) < nll(d):
+            b, d = d, c
+            c = b - ratio * (b - a)
+        else:
+            a, c = c, d
+            d = a + ratio * (b - a)
+    return float(np.exp((a + b) / 2))
+
+
+def choose_threshold(in_scope: np.ndarray, out_of_scope: np.ndarray) -> float:
+    """Confidence threshold maximising balanced accuracy (in-scope kept, out-of-scope refused) on validation."""
+    if len(in_scope) == 0 or len(out_of_scope) == 0:
+        raise ValueError("choose_threshold needs in-scope and out-of-scope validation scores")
+    candidates = np.unique(np.concatenate([in_scope, out_of_scope]))
+    kept = (in_scope[None, :] >= candidates[:, None]).mean(axis=1)
+    refused = (out_of_scope[None, :] < candidates[:, None]).mean(axis=1)
+    return float(candidates[np.argmax(kept + refused)])
+
+
+def reliability_bins(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> dict[str, list[float]]:
+    """Per equal-width confidence bin: mean confidence, accuracy and count (for a reliability diagram)."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    out: dict[str, list[float]] = {"confidence": [], "accuracy": [], "count": []}
+    for b in range(bins):
+        sel = which == b
+        out["count"].append(int(sel.sum()))
+        out["confidence"].append(float(confidence[sel].mean()) if sel.any() else float((edges[b] + edges[b + 1]) / 2))
+        out["accuracy"].append(float(correct[sel].mean()) if sel.any() else 0.0)
+    return out

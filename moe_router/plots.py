@@ -1,0 +1,75 @@
+"""PNG plots for evaluation reports (matplotlib, imported lazily, Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def recall_curve(rows: dict[str, dict[str, Any]], experts_searched: list[int], k: int, path: Path, title: str) -> Path:
+    """recall@k vs experts searched, one line per router."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, row in rows.items():
+        pts = [(t, row[f"recall@{k}@{t}"]) for t in experts_searched if f"recall@{k}@{t}" in row]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xlabel("experts searched per query")
+    ax.set_ylabel(f"recall@{k} vs exhaustive search")
+    ax.set_xticks(experts_searched)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def load_bars(shares: dict[str, list[float]], names: list[str], path: Path, title: str) -> Path:
+    """Share of top-1 assignments per expert, grouped bars per router."""
+    plt = _plt()
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(max(7, 0.25 * len(names) * len(shares)), 4.5))
+    width = 0.8 / max(len(shares), 1)
+    x = np.arange(len(names))
+    for i, (router, s) in enumerate(shares.items()):
+        ax.bar(x + i * width, s, width, label=router)
+    ax.axhline(1 / len(names), color="k", lw=0.8, ls="--", label="uniform")
+    ax.set_xticks(x + width * (len(shares) - 1) / 2)
+    ax.set_xticklabels(names if len(names) <= 32 else [""] * len(names), rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("share of queries (top-1)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def reliability_diagram(curves: dict[str, dict[str, list[float]]], path: Path, title: str) -> Path:
+    """Accuracy vs confidence per bin, one curve per calibration state."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfect calibration")
+    for name, b in curves.items():
+        pts = [(c, a) for c, a, n in zip(b["confidence"], b["accuracy"], b["count"]) if n > 0]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xlabel("top-1 confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
