@@ -24,7 +24,7 @@ from moe_router.calibration import reliability_bins, softmax
 from moe_router.data import TextDataset
 from moe_router.experts import lower_blas_threshold
 from moe_router.metrics import (
-    accuracy_at_k, auroc, expected_calibration_error, load_stats, recall_at_k, top_experts,
+    accuracy_at_k, assign_with_capacity, auroc, expected_calibration_error, load_stats, recall_at_k, top_experts,
 )
 from moe_router.router import Router
 from moe_router.training import gold_by_centroid
@@ -146,6 +146,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     probs = scores[GATE]
     for name, s in scores.items():
         routers[name].update(routing_metrics(router, xq, s, gold, exact_ids, searched, k))
+    if cfg.capacity_factor:
+        report_capacity = capacity_report(router, xq, probs, exact_ids, min(2, router.num_experts), k,
+                                          float(cfg.capacity_factor))
     routers[IVF] = {"scans_everything": False}
     for t, (rec, scanned) in ivf_recall(router, xq, exact_ids, searched, k, seed=cfg.seed).items():
         routers[IVF][f"recall@{k}@{t}"], routers[IVF][f"scanned@{t}"] = rec, scanned
@@ -158,6 +161,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         **{key: v for key, v in routers[GATE].items() if key != "scans_everything"},
         "routers": routers,
     }
+    if cfg.capacity_factor:
+        report["capacity"] = report_capacity
     report["calibration"] = calibration_report(router, xq, probs, gold)
     oos = dataset.oos_texts(cfg.split)
     if oos:
@@ -170,6 +175,20 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         Path(cfg.report).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.report).write_text(json.dumps(report, indent=2))
     return report
+
+
+def capacity_report(router: Router, xq: np.ndarray, probs: np.ndarray, exact_ids: np.ndarray, t: int, k: int,
+                    factor: float) -> dict[str, float]:
+    """Serving-time capacity: load and recall@k with each expert capped at factor x the mean load (this batch)."""
+    capped = assign_with_capacity(probs, t, factor)
+    free = top_experts(probs, t)
+    return {
+        "factor": factor, "experts_searched": t,
+        "max_over_mean": load_stats(capped, router.num_experts)["max_over_mean"],
+        "max_over_mean_uncapped": load_stats(free, router.num_experts)["max_over_mean"],
+        f"recall@{k}": recall_at_k(router.search_experts(xq, k, capped).I, exact_ids),
+        f"recall@{k}_uncapped": recall_at_k(router.search_experts(xq, k, free).I, exact_ids),
+    }
 
 
 def calibration_report(router: Router, xq: np.ndarray, probs: np.ndarray, gold: np.ndarray) -> dict[str, Any]:
@@ -237,9 +256,19 @@ def write_outputs(report: dict[str, Any], out_dir: Path, searched: list[int], k:
         for s in report["speed"].values()
     )
     cal = report["calibration"]
+    extra = ""
+    if "capacity" in report:
+        c = report["capacity"]
+        extra += (f"\nCapacity factor {c['factor']} at {c['experts_searched']} experts: max/mean load "
+                  f"{c['max_over_mean']:.3f} (uncapped {c['max_over_mean_uncapped']:.3f}), recall@{k} "
+                  f"{c[f'recall@{k}']:.4f} (uncapped {c[f'recall@{k}_uncapped']:.4f}).\n")
+    if "out_of_scope" in report and "threshold" in report["out_of_scope"]:
+        o = report["out_of_scope"]
+        extra += (f"\nAbstention at the validation-chosen threshold {o['threshold']:.3f}: {100 * o['in_scope_kept']:.1f}% "
+                  f"of in-scope test queries kept, {100 * o['oos_refused']:.1f}% of out-of-scope refused.\n")
     (out_dir / "table.md").write_text(
         f"### {title}\n\n{table}\n\nECE of the top-1 probability: {cal['calibrated']['ece']:.4f} at T = "
-        f"{cal['temperature']:.3f} ({cal['uncalibrated (T=1)']['ece']:.4f} at T = 1).\n\nSpeed (same run):\n{speed}\n"
+        f"{cal['temperature']:.3f} ({cal['uncalibrated (T=1)']['ece']:.4f} at T = 1).\n{extra}\nSpeed (same run):\n{speed}\n"
     )
     curves = {n: r for n, r in report["routers"].items() if not n.startswith("random")}
     plots.recall_curve(curves, searched, k, out_dir / "recall.png", title)

@@ -1,13 +1,16 @@
 """The gating network: an MLP that scores experts for a query embedding.
 
-Dimension legend: b batch, d embedding dim, h hidden width, e experts, k experts kept.
+Dimension legend: b batch, d embedding dim, h hidden width, e experts, k experts kept,
+p prototypes (over all experts).
 
 Plain PyTorch: nothing here knows about Lightning, Hydra or FAISS.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Sequence
+
 
 import torch
 import torch.nn.functional as F
@@ -45,11 +48,17 @@ def z_loss(logits: Tensor) -> Tensor:
 
 
 class Gate(nn.Module):
-    """Softmax top-k gate: MLP body -> one linear output per expert.
+    """Softmax top-k gate: MLP body -> one linear output per expert, plus optional prototypes.
 
     The body maps a query to features (b, h); the head holds one row per expert, so an
     expert can be added (a row appended, initialised from its vectors) or removed (a row
     dropped) without touching the other experts' parameters.
+
+    With `prototypes_per_expert = m > 0` each expert also owns up to m learned prototype
+    vectors, and its logit gains the soft maximum of their similarities to the query,
+    logsumexp_j(s * <x, p_j>) with a learned sharpness s. This is a differentiable
+    multi-prototype router (k-means-initialised by the caller) that the MLP corrects; its cost
+    is fixed (e * m dot products), not growing with the stored vectors.
     """
 
     def __init__(
@@ -62,6 +71,8 @@ class Gate(nn.Module):
         noise_std: float = 0.0,
         balance_coef: float = 0.01,
         z_coef: float = 0.001,
+        prototypes_per_expert: int = 0,
+        prototype_scale: float = 20.0,
     ) -> None:
         super().__init__()
         if dim <= 0 or num_experts <= 0:
@@ -83,6 +94,16 @@ class Gate(nn.Module):
         self.head = nn.Linear(width, num_experts)  # (b, h) -> (b, e)
         # A buffer, not a parameter: set by calibration, saved with the weights.
         self.register_buffer("temperature", torch.tensor(float(temperature)))
+        self.prototypes_per_expert = int(prototypes_per_expert)
+        if self.prototypes_per_expert > 0:
+            m = self.prototypes_per_expert
+            # Placeholder prototypes until init_prototypes: all experts tie, the MLP alone decides.
+            self.prototypes = nn.Parameter(torch.zeros(num_experts * m, self.dim))  # (p, d)
+            self.register_buffer("prototype_owner", torch.arange(num_experts).repeat_interleave(m))  # (p,)
+            self.log_prototype_scale = nn.Parameter(torch.tensor(math.log(prototype_scale)))
+            with torch.no_grad():  # the head starts as a zero correction on top of the prototypes
+                self.head.weight.zero_()
+                self.head.bias.zero_()
 
     @property
     def num_experts(self) -> int:
@@ -103,17 +124,42 @@ class Gate(nn.Module):
             "noise_std": self.noise_std,
             "balance_coef": self.balance_coef,
             "z_coef": self.z_coef,
+            "prototypes_per_expert": self.prototypes_per_expert,
+            "prototype_scale": float(self.log_prototype_scale.detach().exp()) if self.prototypes_per_expert else 20.0,
         }
 
     def features(self, x: Tensor) -> Tensor:
         return self.body(x)  # (b, h)
+
+    def prototype_logits(self, x: Tensor) -> Tensor:
+        """(b, e) soft maximum over each expert's prototypes of scale * similarity; zeros without prototypes."""
+        if not self.prototypes_per_expert:
+            return x.new_zeros(x.shape[0], self.num_experts)
+        sim = (x @ self.prototypes.T) * self.log_prototype_scale.exp()  # (b, p)
+        top = sim.max(dim=1, keepdim=True).values.detach()  # (b, 1) for a stable exp
+        mass = x.new_zeros(x.shape[0], self.num_experts).index_add_(1, self.prototype_owner, (sim - top).exp())
+        return mass.clamp_min(1e-30).log() + top  # (b, e)
+
+    @torch.no_grad()
+    def init_prototypes(self, prototypes: list[Tensor]) -> None:
+        """Set each expert's prototypes (a list of e tensors (m_i, d), 1 <= m_i); e.g. k-means centroids."""
+        if not self.prototypes_per_expert:
+            raise ValueError("this gate was built with prototypes_per_expert=0")
+        if len(prototypes) != self.num_experts or any(p.ndim != 2 or p.shape[1] != self.dim or len(p) == 0
+                                                      for p in prototypes):
+            raise ValueError(f"init_prototypes needs {self.num_experts} tensors of shape (m >= 1, {self.dim})")
+        device = self.head.weight.device
+        self.prototypes = nn.Parameter(torch.cat(prototypes).to(device, torch.float32))
+        self.prototype_owner = torch.cat(
+            [torch.full((len(p),), i, dtype=torch.long) for i, p in enumerate(prototypes)]
+        ).to(device)
 
     def forward(self, x: Tensor, top_k: int = 1) -> GateOutput:
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"Gate expects input of shape (batch, {self.dim}), got {tuple(x.shape)}")
         if not 1 <= top_k <= self.num_experts:
             raise ValueError(f"top_k must be between 1 and {self.num_experts} (the number of experts), got {top_k}")
-        logits = self.head(self.body(x))  # (b, e)
+        logits = self.head(self.body(x)) + self.prototype_logits(x)  # (b, e)
         if self.training and self.noise_std > 0:
             logits = logits + torch.randn_like(logits) * self.noise_std
         probs = F.softmax(logits / self.temperature, dim=-1)  # (b, e)
@@ -128,12 +174,13 @@ class Gate(nn.Module):
         return GateOutput(logits, probs, top_weights, top_indices, aux, bal, zl)
 
     @torch.no_grad()
-    def add_expert(self, xb: Tensor, margin: float = 1.0) -> int:
+    def add_expert(self, xb: Tensor, margin: float = 1.0, prototypes: Tensor | None = None) -> int:
         """Append an output for a new expert, initialised from its vectors xb (n, d).
 
         The new row points at the mean feature of xb and its bias is set so that the new
         expert outscores the current best expert on about half of its own vectors (plus
-        `margin`): routable at once, sharpened later by a short fine-tune.
+        `margin`): routable at once, sharpened later by a short fine-tune. A prototype gate
+        also takes the expert's prototypes (default: up to m evenly spaced rows of xb).
         Returns the new expert's index.
         """
         if xb.ndim != 2 or xb.shape[1] != self.dim or xb.shape[0] == 0:
@@ -142,27 +189,58 @@ class Gate(nn.Module):
         self.eval()
         xb = xb.to(self.head.weight.device, self.head.weight.dtype)
         feats = self.features(xb)  # (n, h)
-        old_logits = self.head(feats)  # (n, e)
+        old_logits = self.head(feats) + self.prototype_logits(xb)  # (n, e)
+        new_index = self.num_experts
+        if self.prototypes_per_expert:
+            if prototypes is None:
+                rows = torch.linspace(0, len(xb) - 1, min(self.prototypes_per_expert, len(xb))).round().long()
+                prototypes = xb[rows]
+            self.prototypes = nn.Parameter(torch.cat([self.prototypes, prototypes.to(self.prototypes)]))
+            self.prototype_owner = torch.cat(
+                [self.prototype_owner, torch.full((len(prototypes),), new_index, device=self.prototype_owner.device)]
+            )
         direction = F.normalize(feats.mean(dim=0), dim=0)  # (h,)
         row = direction * self.head.weight.norm(dim=1).mean()
-        raw = feats @ row  # (n,)
+        raw = feats @ row + self._own_prototype_logit(xb, new_index)  # (n,)
         bias = (old_logits.max(dim=1).values - raw).median() + margin
         self._resize_head(
             torch.cat([self.head.weight, row[None]], dim=0),
             torch.cat([self.head.bias, bias[None]], dim=0),
         )
         self.train(was_training)
-        return self.num_experts - 1
+        return new_index
+
+    def _own_prototype_logit(self, x: Tensor, index: int) -> Tensor:
+        """(b,) prototype logit of expert `index` alone (zeros without prototypes)."""
+        if not self.prototypes_per_expert:
+            return x.new_zeros(x.shape[0])
+        mine = self.prototype_owner == index
+        sim = (x @ self.prototypes[mine].T) * self.log_prototype_scale.exp()  # (b, m)
+        return torch.logsumexp(sim, dim=1)
 
     @torch.no_grad()
     def remove_expert(self, index: int) -> None:
-        """Drop expert `index`; the softmax renormalises over the rest."""
+        """Drop expert `index` (its head row and prototypes); the softmax renormalises over the rest."""
         if self.num_experts <= 1:
             raise ValueError("cannot remove the gate's last expert")
         if not 0 <= index < self.num_experts:
             raise IndexError(f"expert index {index} out of range 0..{self.num_experts - 1}")
         keep = [i for i in range(self.num_experts) if i != index]
-        self._resize_head(self.head.weight[keep], self.head.bias[keep])
+        owner_map = torch.tensor([keep.index(i) if i in keep else -1 for i in range(self.num_experts)])
+        self.set_head(self.head.weight[keep], self.head.bias[keep], owner_map)
+
+    def _remap_prototypes(self, owner_map: Tensor) -> None:
+        """Give prototypes of old expert i to new expert owner_map[i] (-1 drops them)."""
+        new_owner = owner_map.to(self.prototype_owner.device)[self.prototype_owner]
+        keep = new_owner >= 0
+        self.prototypes = nn.Parameter(self.prototypes.detach()[keep].clone())
+        self.prototype_owner = new_owner[keep].clone()
+
+    def resize_prototypes(self, count: int) -> None:
+        """Make room for `count` prototypes (before loading a state dict saved after experts changed)."""
+        if self.prototypes_per_expert:
+            self.prototypes = nn.Parameter(self.prototypes.new_zeros(count, self.dim))
+            self.prototype_owner = self.prototype_owner.new_zeros(count)
 
     @torch.no_grad()
     def init_head_from_centroids(self, centroids: Tensor) -> None:
@@ -182,3 +260,26 @@ class Gate(nn.Module):
         head.weight.copy_(weight)
         head.bias.copy_(bias)
         self.head = head
+
+    @torch.no_grad()
+    def set_head(self, weight: Tensor, bias: Tensor, prototype_owner_map: Tensor | None = None) -> None:
+        """Replace the head with rows `weight` (e, h) and `bias` (e,): the gate then has e outputs.
+
+        A prototype gate whose number of experts changes needs `prototype_owner_map` (old e,):
+        the new expert that inherits each old expert's prototypes (-1 drops them).
+        """
+        if weight.ndim != 2 or weight.shape[1] != self.feature_dim or weight.shape[0] == 0:
+            raise ValueError(f"head weight must have shape (e >= 1, {self.feature_dim}), got {tuple(weight.shape)}")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"head bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if self.prototypes_per_expert:
+            if prototype_owner_map is None:
+                if weight.shape[0] != self.num_experts:
+                    raise ValueError("this gate has prototypes: changing its number of experts needs prototype_owner_map")
+            else:
+                if prototype_owner_map.shape != (self.num_experts,) or int(prototype_owner_map.max()) >= weight.shape[0]:
+                    raise ValueError(f"prototype_owner_map must map the {self.num_experts} old experts to new ones")
+                self._remap_prototypes(prototype_owner_map)
+                if not bool(torch.isin(torch.arange(weight.shape[0]), self.prototype_owner.cpu()).all()):
+                    raise ValueError("every new expert needs at least one prototype")
+        self._resize_head(weight.to(self.head.weight), bias.to(self.head.bias))

@@ -81,3 +81,32 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
         if sel.any():
             ece += sel.mean() * abs(correct[sel].mean() - confidence[sel].mean())
     return float(ece)
+
+
+def assign_with_capacity(probs: np.ndarray, t: int, capacity_factor: float) -> np.ndarray:
+    """(n, t) experts per query such that no expert takes more than capacity_factor x the mean load.
+
+    Each expert may take ceil(capacity_factor * n * t / E) (query, expert) assignments. The most
+    confident choices are placed first; a query whose preferred expert is full overflows to its
+    next-best expert that still has room (Switch Transformer capacity, with overflow re-routed
+    rather than dropped).
+    """
+    n, num_experts = probs.shape
+    if capacity_factor < 1.0:
+        raise ValueError(f"capacity_factor must be >= 1 (1 = perfectly even load), got {capacity_factor}")
+    if not 1 <= t <= num_experts:
+        raise ValueError(f"t must be between 1 and {num_experts}, got {t}")
+    # floor keeps max/mean <= capacity_factor; the bound keeps room for every assignment.
+    capacity = max(int(np.floor(capacity_factor * n * t / num_experts)), int(np.ceil(n * t / num_experts)))
+    room = np.full(num_experts, capacity)
+    order = np.argsort(-probs, axis=1, kind="stable")  # (n, E) each query's experts, best first
+    out = np.full((n, t), -1, dtype=np.int64)
+    for slot in range(t):
+        # Queries place their slot-th choice in order of confidence in their best remaining expert.
+        for q in np.argsort(-probs[np.arange(n), order[:, slot]], kind="stable"):
+            for e in order[q]:
+                if room[e] > 0 and e not in out[q, :slot]:
+                    out[q, slot] = e
+                    room[e] -= 1
+                    break
+    return out

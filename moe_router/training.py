@@ -195,6 +195,7 @@ def fit_router(
         trainer = L.Trainer(max_epochs=max(20, min(200, 20_000 // max(len(train_x), 1))), accelerator="auto",
                             devices=1, deterministic=True, logger=False, enable_checkpointing=False,
                             enable_model_summary=False, default_root_dir=tempfile.mkdtemp(prefix="moe_router-"))
+    module.train()  # Lightning keeps the mode a module arrives in; a router's gate sits in eval mode
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -287,7 +288,7 @@ def train(cfg: DictConfig) -> TrainSummary:
         raise ValueError(f"dataset {dataset.name!r} has no validation rows for its experts; add split 'val' rows "
                          "or set data.val_fraction > 0 to carve them from train")
     log_dir = Path(cfg.log_dir) if cfg.log_dir else _run_dir()
-    gate = instantiate(cfg.model, dim=router.dim, num_experts=router.num_experts)
+    gate = router.install_gate(instantiate(cfg.model, dim=router.dim, num_experts=router.num_experts), cfg.seed)
     module = instantiate(cfg.module)(gate=gate)
     trainer = instantiate(
         cfg.trainer,

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Train and evaluate the gate on every benchmark setting of issue 3; tables and plots land in reports/<run>/.
+# Usage: bash benchmarks/quality.sh [extra Hydra overrides for training...]
+# Needs ../shared/datasets (datasets_dir) and the MiniLM package; embeddings are cached after the first run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+export HF_HUB_OFFLINE=1
+
+run() {  # run NAME TRAIN_OVERRIDES... -- EVAL_OVERRIDES...
+  local name=$1; shift
+  local train=() evalo=()
+  while [[ $# -gt 0 && $1 != "--" ]]; do train+=("$1"); shift; done
+  [[ $# -gt 0 ]] && shift
+  evalo=("$@")
+  echo "=== $name"
+  "$PY" scripts/train.py "${train[@]}" out="checkpoints/$name" "${EXTRA[@]}"
+  "$PY" scripts/evaluate.py ckpt="checkpoints/$name" out_dir="reports/$name" "${evalo[@]}"
+}
+EXTRA=("$@")
+
+run clinc150 data=clinc150 -- data=clinc150
+run stackoverflow20 data=stackoverflow20 -- data=stackoverflow20
+run banking77 data=banking77 -- data=banking77
+run clinc150_intents data=clinc150 data.expert_key=label data.parent_key=domain \
+  -- data=clinc150 data.expert_key=label data.parent_key=domain
+run stackoverflow20_kmeans16 data=stackoverflow20 partition=16 -- data=stackoverflow20
+run stackoverflow20_kmeans64 data=stackoverflow20 partition=64 -- data=stackoverflow20

@@ -1,0 +1,99 @@
+"""Seeded synthetic data and exact (brute-force) oracles shared by the tests.
+
+Dimension legend: n vectors, nq queries, d dim, E experts, k hits.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moe_router import Router
+
+DIM = 32  # small vectors keep every FAISS and gate call in the microseconds
+SIZES = (3, 40, 57, 80)  # expert sizes; the 3-vector expert exercises -1 padding in the merge
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+# Three domains with disjoint vocabularies, so a hashing embedder separates them.
+VOCAB = {
+    "astronomy": "star galaxy orbit telescope planet nebula comet lunar solar cosmic".split(),
+    "cooking": "recipe oven flour simmer garlic butter bake sauce onion spice".split(),
+    "finance": "loan interest stock bond dividend budget credit invest market tax".split(),
+}
+
+
+def clusters(num: int, per: int, dim: int, seed: int, noise: float = 0.3) -> list[np.ndarray]:
+    """`num` well-separated Gaussian clusters of `per` float32 vectors each (unit-norm centres)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(num, dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    return [(c + noise * rng.normal(size=(per, dim)) / np.sqrt(dim)).astype(np.float32) for c in centres]
+
+
+def sentence(domain: str, rng: np.random.Generator, words: int = 5) -> str:
+    return "a question about " + " ".join(rng.choice(VOCAB[domain], size=words))
+
+
+def write_jsonl(path: Path, seed: int = 0, train: int = 12, val: int = 4, test: int = 4) -> Path:
+    """A dataset file in the project's format: every domain has train, val and test rows."""
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for split, n in (("train", train), ("val", val), ("test", test)):
+            for domain in VOCAB:
+                for i in range(n):
+                    row = {"text": sentence(domain, rng), "domain": domain, "label": f"{domain}_{i % 2}", "split": split}
+                    f.write(json.dumps(row) + "\n")
+    return path
+
+
+def brute_force(xq: np.ndarray, xb: np.ndarray, ids: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k in float64 numpy: (D, I) of shape (nq, k), -1 / worst score past len(xb)."""
+    xq, xb = xq.astype(np.float64), xb.astype(np.float64)
+    if metric == "ip":
+        scores = xq @ xb.T  # (nq, n), higher is closer
+        order = np.argsort(-scores, axis=1, kind="stable")
+        worst = -np.inf
+    else:
+        scores = ((xq[:, None, :] - xb[None, :, :]) ** 2).sum(-1)  # (nq, n) squared L2, lower is closer
+        order = np.argsort(scores, axis=1, kind="stable")
+        worst = np.inf
+    kk = min(k, xb.shape[0])
+    D = np.full((xq.shape[0], k), worst)
+    I = np.full((xq.shape[0], k), -1, dtype=np.int64)
+    D[:, :kk] = np.take_along_axis(scores, order[:, :kk], axis=1)
+    I[:, :kk] = ids[order[:, :kk]]
+    return D, I
+
+
+def assert_same_topk(D: np.ndarray, I: np.ndarray, D_ref: np.ndarray, I_ref: np.ndarray, atol: float = 1e-5) -> None:
+    """Scores match the reference; ids match wherever the reference's order is not a near-tie.
+
+    Float32 FAISS and a float64 oracle may order two hits whose scores differ by ~1e-7 either
+    way; such swapped pairs are still a correct top-k, so only near-tied positions may differ.
+    """
+    np.testing.assert_allclose(D, D_ref, rtol=0, atol=atol)
+    gap_prev = np.abs(np.diff(D_ref, axis=1, prepend=np.nan))
+    gap_next = np.abs(np.diff(D_ref, axis=1, append=np.nan))
+    clear = ~((gap_prev <= atol) | (gap_next <= atol))  # nan comparisons are False: edges count as clear
+    clear |= ~np.isfinite(D_ref)  # padding positions must match exactly (-1)
+    np.testing.assert_array_equal(np.where(clear, I, 0), np.where(clear, I_ref, 0))
+    assert clear.mean() > 0.9, "seeded data should have almost no near-ties; the oracle compared too little"
+
+
+def make_router(metric: str = "ip", seed: int = 0, gate: bool = True) -> Router:
+    """Four experts of uneven size over clustered vectors, texts and payloads; gate at the centroids."""
+    router = Router(DIM, metric)
+    for i, (n, xb) in enumerate(zip(SIZES, clusters(len(SIZES), max(SIZES), DIM, seed))):
+        router.add_expert(
+            f"expert{i}", xb[:n], texts=[f"doc {i}-{j}" for j in range(n)],
+            specialization=f"topic {i}", metadata=[{"expert": i, "row": j} for j in range(n)],
+        )
+    if gate:
+        torch.manual_seed(seed)  # the gate's MLP body starts from torch's (seeded) random init
+        router.init_gate(hidden_dims=[64], dropout=0.0)
+    return router

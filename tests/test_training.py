@@ -1,0 +1,214 @@
+"""Training: the LightningModule's loss, routing pairs, fit_router, and train/evaluate through the real Hydra configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig
+
+from moe_router import Gate, Router
+from moe_router.evaluation import evaluate
+from moe_router.metrics import accuracy_at_k, recall_from_counts, top_experts
+from moe_router.training import GateModule, fit_router, query_counts, routing_pairs, train
+from tests.helpers import CONFIGS, VOCAB, clusters, write_jsonl
+
+E = 4
+
+
+def compose_config(name: str, overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(name, overrides=overrides)
+
+
+def _train_overrides(root: Path) -> list[str]:
+    """The real train.yaml, shrunk for a CPU test: hashing embedder, one batch, files under root."""
+    return [
+        "embedder=hashing", "+trainer.fast_dev_run=true", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+        f"out={root}/ckpt", f"log_dir={root}/logs", f"cache_dir={root}/cache",
+    ]
+
+
+def _clustered_router(noise: float, per: int = 60, seed: int = 0) -> tuple[Router, list[np.ndarray]]:
+    """E experts over noisy clusters, and held-out queries drawn from the same clusters."""
+    xs = clusters(E, per + 20, 32, seed=seed, noise=noise)
+    router = Router(32, "ip")
+    for i, x in enumerate(xs):
+        router.add_expert(f"c{i}", x[:per])
+    return router, [x[per:] for x in xs]
+
+
+def _cpu_trainer(root: Path, epochs: int) -> L.Trainer:
+    return L.Trainer(
+        max_epochs=epochs, accelerator="cpu", devices=1, deterministic=True, logger=False, default_root_dir=root,
+        enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[ModelCheckpoint(dirpath=root / "best", monitor="val/recall@10", mode="max")],
+    )
+
+
+# ---------------------------------------------------------------- module and pairs
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+def test_gate_module_training_step__is_soft_cross_entropy_plus_aux_loss() -> None:
+    torch.manual_seed(0)
+    gate = Gate(8, 3, hidden_dims=[16], dropout=0.0)
+    module = GateModule(gate, optimizer=torch.optim.SGD, top_k=5)
+    assert module.top_k == 3  # clipped to the number of experts
+    x = torch.randn(10, 8)
+    target = torch.softmax(torch.randn(10, 3), dim=-1)
+    loss = module.training_step((x, target), 0)
+    torch.manual_seed(0)
+    out = gate.train()(x, top_k=3)
+    expected = -(target * F.log_softmax(out.logits, dim=-1)).sum(-1).mean() + out.aux_loss
+    torch.testing.assert_close(loss, expected)
+
+
+def test_routing_pairs__are_stored_vectors_with_their_expert_and_neighbour_counts() -> None:
+    router, _ = _clustered_router(noise=1.5, per=30)
+    x, owner, counts = routing_pairs(router, None, neighbours=10, seed=0)
+    np.testing.assert_array_equal(x, np.concatenate([e.vectors() for e in router.experts]))
+    np.testing.assert_array_equal(owner, np.repeat(np.arange(E), 30))
+    assert counts.shape == (120, E) and (counts.sum(1) == 10).all()
+    np.testing.assert_array_equal(counts, query_counts(router, x, 11) - np.eye(E)[owner])  # itself excluded
+
+
+@pytest.mark.parametrize("per", [30, 2])  # 2 per expert: fewer stored vectors than neighbours
+def test_routing_pairs_with_max_queries__equal_the_full_pairs_on_the_sampled_rows(per: int) -> None:
+    router, _ = _clustered_router(noise=1.5, per=per)
+    x_all, owner_all, counts_all = routing_pairs(router, None, neighbours=10, seed=0)
+    sample = len(x_all) // 2
+    x, owner, counts = routing_pairs(router, sample, neighbours=10, seed=3)
+    rows = [int(np.flatnonzero((x_all == v).all(1))[0]) for v in x]
+    assert len(set(rows)) == sample
+    np.testing.assert_array_equal(owner, owner_all[rows])
+    np.testing.assert_array_equal(counts, counts_all[rows])
+
+
+# ---------------------------------------------------------------- fit_router
+
+
+def test_fit_router__learns_to_route_held_out_queries_far_above_chance(tmp_path: Path) -> None:
+    router, held_out = _clustered_router(noise=1.2)
+    xq = np.concatenate(held_out)
+    gold = np.repeat(np.arange(E), 20)
+    result = fit_router(
+        router, val_queries=xq, val_experts=[f"c{g}" for g in gold], targets="mix",
+        trainer=_cpu_trainer(tmp_path, epochs=12), seed=0,
+    )
+    probs = router.gate_probs(router.prepare_queries(xq)[0])
+    acc = accuracy_at_k(probs, gold, 1)
+    assert acc >= 0.8  # chance is 1/4
+    # The reported metrics are the installed gate's, computed the way evaluation computes them.
+    assert result.metrics["val/acc@1"] == pytest.approx(acc, abs=1e-6)
+    counts = query_counts(router, router.prepare_queries(xq)[0], 10)
+    assert result.metrics["val/recall@10"] == pytest.approx(recall_from_counts(top_experts(probs, 2), counts), abs=1e-6)
+    assert result.epochs == 12 and result.seconds > 0
+    assert not router.gate.training and router.gate.num_experts == E
+
+
+def test_fit_router_default_trainer__leaves_working_directory_clean() -> None:
+    router, _ = _clustered_router(noise=0.5, per=250)  # 1000 vectors: few epochs under the default trainer
+    fit_router(router, seed=0)
+    assert sorted(p.name for p in Path.cwd().iterdir()) == []  # the cwd is tmp_path/cwd (conftest)
+
+
+def test_fit_router__rejects_bad_setups() -> None:
+    one = Router(8, "ip")
+    one.add_expert("only", np.eye(8))
+    with pytest.raises(ValueError, match="at least 2 experts"):
+        fit_router(one)
+    router, held_out = _clustered_router(noise=0.5, per=10)
+    with pytest.raises(ValueError, match="val_experts must name the gold expert"):
+        fit_router(router, val_queries=held_out[0], val_experts=["c0"])
+    wrong = GateModule(Gate(32, E + 1), optimizer=torch.optim.SGD)
+    with pytest.raises(ValueError, match="the router needs dim 32 and 4"):
+        fit_router(router, module=wrong)
+
+
+# ---------------------------------------------------------------- train(cfg) and evaluate(cfg) via the real configs
+
+
+@pytest.fixture(scope="module")
+def jsonl_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """One fast_dev_run of train.yaml on a synthetic three-domain file: (dataset file, run dir)."""
+    root = tmp_path_factory.mktemp("jsonl_run")
+    data = write_jsonl(root / "three_domains.jsonl", seed=1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MOE_ROUTER_CACHE", str(root / "env_cache"))
+        cfg = compose_config("train", [*_train_overrides(root), "data=jsonl", f"data.path={data}"])
+        summary = train(cfg)
+    assert summary.out == root / "ckpt" and summary.experts == 3 and summary.vectors == 36
+    return data, root
+
+
+def test_train_fast_dev_run_on_jsonl__writes_a_checkpoint_that_loads_and_routes(jsonl_run: tuple[Path, Path]) -> None:
+    data, root = jsonl_run
+    router = Router.load(root / "ckpt")
+    assert router.expert_names == sorted(VOCAB) and router.ntotal == 36
+    assert router.embedder.spec() == {"type": "hashing", "dim": 256, "seed": 0}
+    routes = router.route(["a question about comet orbit", "a question about flour"], top_k=2)
+    assert all(len(r) == 2 and {s.expert for s in r} <= set(VOCAB) for r in routes)
+    hits = router.search("a question about loan and tax", k=3, top_experts=3)
+    assert hits[0].text is not None and hits[0].metadata["domain"] == hits[0].expert
+    manifest = router.manifest
+    assert manifest["config"]["data"]["path"] == str(data)
+    assert {"val/acc@1", "val/recall@10"} <= set(manifest["metrics"])
+    assert (root / "cache" / "embeddings.sqlite").is_file() and not (root / "env_cache").exists()
+
+
+def test_evaluate_on_trained_checkpoint__reports_metrics_consistent_with_the_router(jsonl_run: tuple[Path, Path]) -> None:
+    data, root = jsonl_run
+    cfg = compose_config("eval", [
+        "data=jsonl", f"data.path={data}", f"ckpt={root}/ckpt", f"cache_dir={root}/cache",
+        f"report={root}/report.json", "experts_searched=[1,2,3]", "++out_dir=null",
+    ])
+    report = evaluate(cfg)
+    assert json.loads((root / "report.json").read_text()) == report
+    for key in ("acc@1", "acc@2", "recall@10@1", "recall@10@2", "scanned@2"):
+        assert isinstance(report[key], float) and 0.0 <= report[key] <= 1.0, key
+    assert report["queries"] == 12 and report["experts"] == 3 and report["unknown_gold"] == 0
+
+    router = Router.load(root / "ckpt")
+    test_rows = [json.loads(line) for line in data.read_text().splitlines() if json.loads(line)["split"] == "test"]
+    probs = router.gate_probs(router.prepare_queries([r["text"] for r in test_rows])[0])
+    gold = np.array([router.expert_index(r["domain"]) for r in test_rows])
+    assert report["acc@1"] == pytest.approx(accuracy_at_k(probs, gold, 1))
+    assert report["acc@2"] == pytest.approx(accuracy_at_k(probs, gold, 2))
+    sizes = np.array([e.ntotal for e in router.experts])
+    assert report["scanned@2"] == pytest.approx(sizes[top_experts(probs, 2)].sum(1).mean() / sizes.sum())
+    assert report["recall@10@3"] == 1.0 and report["scanned@3"] == 1.0  # every expert searched = exhaustive
+    assert report["recall@10@1"] <= report["recall@10@2"] <= 1.0
+
+
+def test_evaluate_k_above_stored_vectors__raises_clear_error(jsonl_run: tuple[Path, Path]) -> None:
+    data, root = jsonl_run
+    cfg = compose_config("eval", ["data=jsonl", f"data.path={data}", f"ckpt={root}/ckpt", "k=50", "++out_dir=null"])
+    with pytest.raises(ValueError, match=r"k must be between 1 and 36"):
+        evaluate(cfg)
+
+
+def test_train_fast_dev_run_on_default_demo_data__checkpoint_loads_and_routes(tmp_path: Path) -> None:
+    cfg = compose_config("train", _train_overrides(tmp_path))
+    assert cfg.data.name == "demo" and cfg.model.hidden_dims == [512]
+    summary = train(cfg)
+    router = Router.load(summary.out)
+    assert router.num_experts == summary.experts == 10 and router.ntotal == summary.vectors == 400
+    route = router.route("How do I fix an auth bug?", top_k=2)
+    assert len(route) == 2 and route[0].probability >= route[1].probability
+    assert router.manifest["config"]["embedder"]["_target_"] == "moe_router.embedders.HashingEmbedder"
+
+
+def test_train_without_validation_rows__raises_clear_error(tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "no_val.jsonl", val=0)
+    cfg = compose_config("train", [*_train_overrides(tmp_path), "data=jsonl", f"data.path={data}", "data.val_fraction=0"])
+    with pytest.raises(ValueError, match="no validation rows"):
+        train(cfg)
