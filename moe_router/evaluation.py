@@ -22,6 +22,7 @@ from moe_router.baselines import (
 )
 from moe_router.calibration import reliability_bins, softmax
 from moe_router.data import TextDataset
+from moe_router.embedders import default_cache_dir
 from moe_router.experts import lower_blas_threshold
 from moe_router.metrics import (
     accuracy_at_k, assign_with_capacity, auroc, expected_calibration_error, load_stats, recall_at_k, top_experts,
@@ -116,7 +117,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     The top-level keys acc@1, acc@2, recall@10@t, scanned@t are the gate's; `routers` holds every row.
     """
-    router = Router.load(cfg.ckpt, cache_dir=cfg.cache_dir)
+    router = Router.load(cfg.ckpt, cache_dir=cfg.cache_dir or default_cache_dir())
     dataset: TextDataset = instantiate(cfg.data)
     records = dataset.split(cfg.split)
     if not records:
@@ -166,7 +167,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     report["calibration"] = calibration_report(router, xq, probs, gold)
     oos = dataset.oos_texts(cfg.split)
     if oos:
-        report["out_of_scope"] = oos_report(router, oos, scorers, scores, routers)
+        report["out_of_scope"] = oos_report(router, oos, xq, scorers, scores, routers)
     top = min(2, router.num_experts)
     report["speed"] = {f"batch_{b}": latency(router, xq, flat, k, top, b) for b in cfg.speed_batches if b <= len(xq)}
     if cfg.out_dir:
@@ -202,19 +203,23 @@ def calibration_report(router: Router, xq: np.ndarray, probs: np.ndarray, gold: 
     return out
 
 
-def oos_report(router: Router, oos_texts: list[str], scorers: dict[str, Callable], scores: dict[str, np.ndarray],
+def oos_report(router: Router, oos_texts: list[str], xq: np.ndarray, scorers: dict[str, Callable], scores: dict[str, np.ndarray],
                routers: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """AUROC of each router's top-1 score, in-scope (positive) vs out-of-scope; the gate's abstention at its threshold."""
     xo, _ = router.prepare_queries(oos_texts)
     out: dict[str, Any] = {"queries": len(oos_texts)}
     for name, fn in scorers.items():
-        if name != "random":
+        if name == GATE:  # the gate's own in-scope score (prototype similarity, or top-1 probability)
+            gi, go = router.in_scope_scores(xq), router.in_scope_scores(xo)
+            routers[name]["oos_auroc"] = auroc(gi, go)
+            routers[name]["oos_auroc_top1_prob"] = auroc(scores[name].max(axis=1), fn(xo).max(axis=1))
+        elif name != "random":
             routers[name]["oos_auroc"] = auroc(scores[name].max(axis=1), fn(xo).max(axis=1))
     if router.abstain_threshold is not None:
         th = router.abstain_threshold
         out["threshold"] = th
-        out["in_scope_kept"] = float((scores[GATE].max(axis=1) >= th).mean())
-        out["oos_refused"] = float((router.gate_probs(xo).max(axis=1) < th).mean())
+        out["in_scope_kept"] = float((gi >= th).mean())
+        out["oos_refused"] = float((go < th).mean())
     return out
 
 

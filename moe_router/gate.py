@@ -140,6 +140,13 @@ class Gate(nn.Module):
         mass = x.new_zeros(x.shape[0], self.num_experts).index_add_(1, self.prototype_owner, (sim - top).exp())
         return mass.clamp_min(1e-30).log() + top  # (b, e)
 
+    def in_scope_score(self, x: Tensor) -> Tensor:
+        """(b,) how in-distribution each query looks: the soft maximum similarity to any prototype
+        (a prototype gate), else the top-1 probability. Higher = more confidently in scope."""
+        if self.prototypes_per_expert:
+            return self.prototype_logits(x).max(dim=1).values / self.log_prototype_scale.exp()
+        return self(x, top_k=1).probs.max(dim=1).values
+
     @torch.no_grad()
     def init_prototypes(self, prototypes: list[Tensor]) -> None:
         """Set each expert's prototypes (a list of e tensors (m_i, d), 1 <= m_i); e.g. k-means centroids."""

@@ -160,7 +160,9 @@ class Router:
             self._query_counts = np.append(self._query_counts, 0)
             self._confidence_sums = np.append(self._confidence_sums, 0.0)
             if self.gate is not None:
-                self.gate.add_expert(torch.from_numpy(xb))
+                m = self.gate.prototypes_per_expert
+                protos = torch.from_numpy(expert.prototypes(m)) if m else None
+                self.gate.add_expert(torch.from_numpy(xb), prototypes=protos)
         return expert
 
     def remove_expert(self, name: str) -> None:
@@ -190,7 +192,19 @@ class Router:
         if not self.experts:
             raise ValueError("the router has no experts yet; add experts before building a gate")
         gate = Gate(self.dim, self.num_experts, **gate_kwargs)
-        gate.init_head_from_centroids(torch.from_numpy(np.stack([e.centroid() for e in self.experts])))
+        if not gate.prototypes_per_expert:
+            gate.init_head_from_centroids(torch.from_numpy(np.stack([e.centroid() for e in self.experts])))
+        self.install_gate(gate)
+        return gate
+
+    def install_gate(self, gate: Gate, seed: int = 0) -> Gate:
+        """Use `gate` for routing; a prototype gate gets k-means prototypes of each expert's vectors first."""
+        if gate.dim != self.dim or gate.num_experts != self.num_experts:
+            raise ValueError(f"the gate has dim {gate.dim} and {gate.num_experts} outputs; "
+                             f"the router needs dim {self.dim} and {self.num_experts}")
+        if gate.prototypes_per_expert:
+            m = gate.prototypes_per_expert
+            gate.init_prototypes([torch.from_numpy(e.prototypes(m, seed + i)) for i, e in enumerate(self.experts)])
         self.gate = gate.eval()
         return gate
 
@@ -208,6 +222,13 @@ class Router:
     def gate_logits(self, xq: np.ndarray, batch_size: int = 8192) -> np.ndarray:
         """Raw gate logits (nq, E) for prepared query vectors."""
         return self._gate_pass(xq, batch_size, "logits")
+
+    def in_scope_scores(self, xq: np.ndarray) -> np.ndarray:
+        """(nq,) the gate's in-scope score per prepared query (see Gate.in_scope_score); abstention thresholds it."""
+        gate = self._require_gate()
+        gate.eval()
+        with torch.inference_mode():
+            return gate.in_scope_score(torch.from_numpy(xq).to(gate.head.weight.device)).float().cpu().numpy()
 
     def _gate_pass(self, xq: np.ndarray, batch_size: int, field: str) -> np.ndarray:
         gate = self._require_gate()
@@ -263,12 +284,12 @@ class Router:
     ) -> list[ExpertScore] | list[list[ExpertScore]]:
         """The top_k experts for each query with their probabilities (a list per query; one list for one query).
 
-        With `abstain=True` and a calibrated `abstain_threshold`, a query whose best expert is less
-        confident than the threshold gets an empty list.
+        With `abstain=True` and a calibrated `abstain_threshold`, a query whose in-scope score
+        (Gate.in_scope_score) is under the threshold gets an empty list: "no expert is confident".
         """
         xq, single = self.prepare_queries(queries)
         probs, top = self.decide(xq, top_k)
-        refused = self._refused(probs, abstain)
+        refused = self._refused(xq, abstain)
         out = []
         for p, row, no in zip(probs, top, refused):
             if no:
@@ -321,14 +342,14 @@ class Router:
             raise ValueError(f"k must be between 1 and {self.ntotal} (the number of stored vectors), got {k}")
         return int(k)
 
-    def _refused(self, probs: np.ndarray, abstain: bool) -> np.ndarray:
-        """(nq,) True where the router abstains."""
+    def _refused(self, xq: np.ndarray, abstain: bool) -> np.ndarray:
+        """(nq,) True where the router abstains (in-scope score under the threshold)."""
         if not abstain:
-            return np.zeros(len(probs), dtype=bool)
+            return np.zeros(len(xq), dtype=bool)
         if self.abstain_threshold is None:
             raise ValueError("abstain=True needs a calibrated abstain_threshold (set by training on data with "
                              "out-of-scope validation queries, or assign router.abstain_threshold)")
-        return probs.max(axis=1) < self.abstain_threshold
+        return self.in_scope_scores(xq) < self.abstain_threshold
 
     def search(
         self, queries: Any, k: int = 10, top_experts: int = 2, with_text: bool = True, abstain: bool = False
@@ -341,7 +362,7 @@ class Router:
         top_experts = self._check_top(top_experts, "top_experts")
         xq, single = self.prepare_queries(queries)
         probs, top = self.decide(xq, top_experts)
-        refused = self._refused(probs, abstain)
+        refused = self._refused(xq, abstain)
         res = self.search_experts(xq, k, top)
         meta = self.store.get(res.I[res.I >= 0].tolist()) if with_text else {}
         out = []

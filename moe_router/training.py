@@ -327,7 +327,7 @@ def calibrate(router: Router, texts: list[str], experts: list[str], oos_texts: l
     out = {"temperature": temperature}
     if oos_texts:
         xo, _ = router.prepare_queries(oos_texts)
-        router.abstain_threshold = choose_threshold(router.gate_probs(xv).max(axis=1), router.gate_probs(xo).max(axis=1))
+        router.abstain_threshold = choose_threshold(router.in_scope_scores(xv), router.in_scope_scores(xo))
         out["abstain_threshold"] = router.abstain_threshold
     return out
 

@@ -153,3 +153,22 @@ def test_recall_from_counts__matches_a_routed_search(clustered) -> None:
     top = top_experts(router.gate_probs(xq), 2)
     counts = neighbour_counts(nbrs, np.repeat(np.arange(4), 50), 4)
     assert recall_from_counts(top, counts) == pytest.approx(recall_at_k(router.search_experts(xq, 10, top).I, ids[nbrs]))
+
+
+def test_abstain__refuses_queries_far_from_every_prototype(clustered) -> None:
+    router, xq, _ = clustered
+    router.init_gate(hidden_dims=[8], prototypes_per_expert=4)
+    far = -np.concatenate([e.vectors() for e in router.experts]).mean(0)  # opposite to every cluster
+    scores_in = router.in_scope_scores(xq)
+    router.abstain_threshold = float(np.min(scores_in))
+    assert router.route(far, top_k=1, abstain=True) == []
+    assert router.search(far, k=3, top_experts=1, abstain=True) == []
+    assert all(len(r) == 1 for r in router.route(xq, top_k=1, abstain=True))
+    assert len(router.search(far, k=3, top_experts=1)) == 3  # abstention is opt-in
+
+
+def test_abstain_without_threshold__is_a_clear_error(clustered) -> None:
+    router, xq, _ = clustered
+    router.init_gate(hidden_dims=[8])
+    with pytest.raises(ValueError, match="abstain_threshold"):
+        router.route(xq, abstain=True)
