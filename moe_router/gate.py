@@ -233,15 +233,19 @@ class Gate(nn.Module):
         if not 0 <= index < self.num_experts:
             raise IndexError(f"expert index {index} out of range 0..{self.num_experts - 1}")
         keep = [i for i in range(self.num_experts) if i != index]
-        owner_map = torch.tensor([keep.index(i) if i in keep else -1 for i in range(self.num_experts)])
-        self.set_head(self.head.weight[keep], self.head.bias[keep], owner_map)
+        self.set_head(self.head.weight[keep], self.head.bias[keep], self.remap_owners({i: n for n, i in enumerate(keep)}))
 
-    def _remap_prototypes(self, owner_map: Tensor) -> None:
-        """Give prototypes of old expert i to new expert owner_map[i] (-1 drops them)."""
-        new_owner = owner_map.to(self.prototype_owner.device)[self.prototype_owner]
-        keep = new_owner >= 0
-        self.prototypes = nn.Parameter(self.prototypes.detach()[keep].clone())
-        self.prototype_owner = new_owner[keep].clone()
+    def remap_owners(self, mapping: dict[int, int]) -> Tensor | None:
+        """Per-prototype new owners (p,) when old expert i becomes new expert mapping[i] (absent: dropped).
+
+        None for a gate without prototypes. Pass the result to set_head.
+        """
+        if not self.prototypes_per_expert:
+            return None
+        table = torch.full((self.num_experts,), -1, dtype=torch.long)
+        for old, new in mapping.items():
+            table[old] = new
+        return table.to(self.prototype_owner.device)[self.prototype_owner]
 
     def resize_prototypes(self, count: int) -> None:
         """Make room for `count` prototypes (before loading a state dict saved after experts changed)."""
@@ -269,24 +273,28 @@ class Gate(nn.Module):
         self.head = head
 
     @torch.no_grad()
-    def set_head(self, weight: Tensor, bias: Tensor, prototype_owner_map: Tensor | None = None) -> None:
+    def set_head(self, weight: Tensor, bias: Tensor, prototype_owner: Tensor | None = None) -> None:
         """Replace the head with rows `weight` (e, h) and `bias` (e,): the gate then has e outputs.
 
-        A prototype gate whose number of experts changes needs `prototype_owner_map` (old e,):
-        the new expert that inherits each old expert's prototypes (-1 drops them).
+        A prototype gate whose experts change needs `prototype_owner` (p,): the new expert of each
+        current prototype (-1 drops it); see remap_owners. Every new expert needs a prototype.
         """
         if weight.ndim != 2 or weight.shape[1] != self.feature_dim or weight.shape[0] == 0:
             raise ValueError(f"head weight must have shape (e >= 1, {self.feature_dim}), got {tuple(weight.shape)}")
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"head bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
         if self.prototypes_per_expert:
-            if prototype_owner_map is None:
+            if prototype_owner is None:
                 if weight.shape[0] != self.num_experts:
-                    raise ValueError("this gate has prototypes: changing its number of experts needs prototype_owner_map")
+                    raise ValueError("this gate has prototypes: changing its number of experts needs prototype_owner")
             else:
-                if prototype_owner_map.shape != (self.num_experts,) or int(prototype_owner_map.max()) >= weight.shape[0]:
-                    raise ValueError(f"prototype_owner_map must map the {self.num_experts} old experts to new ones")
-                self._remap_prototypes(prototype_owner_map)
-                if not bool(torch.isin(torch.arange(weight.shape[0]), self.prototype_owner.cpu()).all()):
+                owner = prototype_owner.to(self.prototype_owner.device).long()
+                if owner.shape != self.prototype_owner.shape or int(owner.max()) >= weight.shape[0]:
+                    raise ValueError(f"prototype_owner must give each of the {len(self.prototype_owner)} prototypes "
+                                     f"a new expert in 0..{weight.shape[0] - 1} (or -1 to drop it)")
+                if not bool(torch.isin(torch.arange(weight.shape[0], device=owner.device), owner).all()):
                     raise ValueError("every new expert needs at least one prototype")
+                keep = owner >= 0
+                self.prototypes = nn.Parameter(self.prototypes.detach()[keep].clone())
+                self.prototype_owner = owner[keep].clone()
         self._resize_head(weight.to(self.head.weight), bias.to(self.head.bias))

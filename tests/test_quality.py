@@ -66,7 +66,7 @@ def test_prototype_gate__add_remove_and_round_trip(clustered, tmp_path) -> None:
 
 def test_set_head__refuses_to_change_expert_count_of_a_prototype_gate_without_a_map() -> None:
     gate = Gate(DIM, 3, hidden_dims=[8], prototypes_per_expert=2)
-    with pytest.raises(ValueError, match="prototype_owner_map"):
+    with pytest.raises(ValueError, match="prototype_owner"):
         gate.set_head(gate.head.weight[:2], gate.head.bias[:2])
 
 
