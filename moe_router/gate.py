@@ -73,6 +73,7 @@ class Gate(nn.Module):
         z_coef: float = 0.001,
         prototypes_per_expert: int = 0,
         prototype_scale: float = 20.0,
+        max_prototypes: int = 4096,
     ) -> None:
         super().__init__()
         if dim <= 0 or num_experts <= 0:
@@ -94,7 +95,10 @@ class Gate(nn.Module):
         self.head = nn.Linear(width, num_experts)  # (b, h) -> (b, e)
         # A buffer, not a parameter: set by calibration, saved with the weights.
         self.register_buffer("temperature", torch.tensor(float(temperature)))
-        self.prototypes_per_expert = int(prototypes_per_expert)
+        self.max_prototypes = int(max_prototypes)
+        # Fixed cost: at most max_prototypes in all (fewer per expert when there are many experts).
+        self.prototypes_per_expert = min(int(prototypes_per_expert), max(1, self.max_prototypes // num_experts)) \
+            if prototypes_per_expert > 0 else 0
         if self.prototypes_per_expert > 0:
             m = self.prototypes_per_expert
             # Placeholder prototypes until init_prototypes: all experts tie, the MLP alone decides.
@@ -126,6 +130,7 @@ class Gate(nn.Module):
             "z_coef": self.z_coef,
             "prototypes_per_expert": self.prototypes_per_expert,
             "prototype_scale": float(self.log_prototype_scale.detach().exp()) if self.prototypes_per_expert else 20.0,
+            "max_prototypes": self.max_prototypes,
         }
 
     def features(self, x: Tensor) -> Tensor:
