@@ -177,13 +177,20 @@ def read_manifest(path: Path) -> dict[str, Any]:
 _BLOCK = 1 << 22  # bytes read, and hashed, at a time
 
 
+def _inside(path: Path, rel: Any) -> Path:
+    """path / rel, refusing names that would leave the checkpoint directory (absolute or with '..')."""
+    if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
+        raise CheckpointError(f"checkpoint {path}: file name {rel!r} in the manifest points outside the checkpoint")
+    return path / rel
+
+
 def _read_npy_into(path: Path, rel: str, out: np.ndarray, digest: str | None) -> None:
     """Fill `out` from the .npy file `rel` in one pass, checking the file's sha256 on the way when `digest` is set.
 
     One read serves both the check and the load (reading twice cost more than the 3 s budget at 1M
     x 384). Only `out`'s dtype and shape are accepted, so object arrays are refused, never unpickled.
     """
-    file = path / rel
+    file = _inside(path, rel)
     sha = hashlib.sha256() if digest is not None else None
     try:
         with open(file, "rb") as f:
@@ -215,8 +222,8 @@ def _read_npy_data(f, out: np.ndarray, sha) -> str | None:
         if version not in read_header:
             return f"is corrupted (unsupported .npy format version {version})"
         shape, fortran_order, dtype = read_header[version](f)
-    except (ValueError, EOFError) as exc:
-        return f"is corrupted ({exc})"
+    except Exception as exc:  # numpy parses the header text: hostile bytes raise many kinds of error
+        return f"is corrupted (unreadable .npy header: {type(exc).__name__})"
     if dtype != out.dtype or tuple(shape) != out.shape:
         return f"has dtype {dtype} and shape {tuple(shape)}, expected {out.dtype} {out.shape}"
     if fortran_order and out.ndim > 1:
@@ -259,7 +266,7 @@ def load_router(path: Path, verify: bool = True, cache_dir: str | Path | None = 
         for rel, digest in files.items():  # the gate and any other file; expert files are checked as they are read
             if rel in read_with_experts:
                 continue
-            f = path / rel
+            f = _inside(path, rel)
             if not f.is_file():
                 raise CheckpointError(f"checkpoint {path} is incomplete: {rel} is missing")
             if _sha256(f) != digest:
@@ -302,7 +309,7 @@ def _load_gate(path: Path, info: dict, dim: int, num_experts: int) -> Gate:
             f"does not match the checkpoint (dim={dim}, {num_experts} experts)"
         )
     try:
-        state = load_file(str(path / info["file"]))
+        state = load_file(str(_inside(path, info["file"])))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"checkpoint {path}: {info['file']} is corrupted ({exc})") from None
     try:

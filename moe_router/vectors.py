@@ -45,11 +45,13 @@ def as_matrix(x: Any, dim: int | None, what: str = "vectors") -> np.ndarray:
 
 def normalize_rows(x: np.ndarray, what: str = "vectors") -> np.ndarray:
     """L2-normalise each row (for inner-product search); a zero row is an error, not a NaN."""
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    if (norms == 0).any():
-        row = int(np.flatnonzero(norms[:, 0] == 0)[0])
+    # Scale by each row's largest entry first, so huge or tiny (subnormal) values neither overflow nor vanish.
+    peak = np.abs(x).max(axis=1, keepdims=True).astype(np.float64)
+    if (peak == 0).any():
+        row = int(np.flatnonzero(peak[:, 0] == 0)[0])
         raise ValueError(f"{what}: row {row} is the zero vector, which has no direction to normalise (metric 'ip')")
-    return np.ascontiguousarray(x / norms, dtype=np.float32)
+    scaled = x.astype(np.float64) / peak
+    return np.ascontiguousarray(scaled / np.linalg.norm(scaled, axis=1, keepdims=True), dtype=np.float32)
 
 
 def prepare(x: Any, dim: int | None, metric: str, what: str = "vectors") -> np.ndarray:

@@ -1,0 +1,259 @@
+"""Fuzz Router.load with corrupted checkpoints: each load must end in a clear error or a usable router.
+
+    python benchmarks/fuzz_checkpoint.py                       # a small synthetic checkpoint
+    python benchmarks/fuzz_checkpoint.py --ckpt /tmp/serve_demo --per-file 300 --out /tmp/fuzz.json
+
+For every file of the checkpoint (experts: the first expert's two files) it makes --per-file seeded
+byte-level mutations (bit flips, overwritten / inserted / deleted runs, truncation, appended junk,
+zeroed blocks) and, for manifest.json, value mutations of every JSON leaf (negative, huge, wrong
+type, absolute and parent paths). Each corrupted copy is loaded twice, with verify=True (sha256
+check) and verify=False (so the parsers themselves meet the corruption), in a worker process
+under a memory cap (RLIMIT_AS) with a per-load timeout. A loaded router must also answer a search.
+
+Outcomes: checkpoint_error and value_error (clear errors) and loaded are fine; unexpected (any
+other exception), crash (the worker died) and hang (timeout) are failures. Exit status 1 on any.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import random
+import resource
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections import Counter, defaultdict
+from pathlib import Path
+
+GOOD = ("checkpoint_error", "value_error", "loaded")
+MEMORY_CAP = 6 << 30  # bytes of address space per worker: a forged huge shape fails to allocate, never OOMs the host
+ADVERSARIAL = [-1, 0, 2**31, 2**63, 10**12, 1e308, -1e308, 0.5, "x", "", None, True, [], {}, [1, 2], {"a": 1},
+               "/etc/passwd", "../../outside.npy", "/dev/zero"]
+
+
+# ---------------------------------------------------------------- mutations (parent side)
+
+
+def byte_mutation(data: bytes, rng: random.Random) -> tuple[str, bytes]:
+    """One seeded byte-level corruption of `data`; returns (kind, new bytes)."""
+    n = len(data)
+    kind = rng.choice(["bitflip", "overwrite", "insert", "delete", "truncate", "append", "zero"])
+    b = bytearray(data)
+    if n == 0:
+        return "append", bytes(rng.randbytes(rng.randint(1, 64)))
+    if kind == "bitflip":
+        for _ in range(rng.randint(1, 8)):
+            i = rng.randrange(n)
+            b[i] ^= 1 << rng.randrange(8)
+    elif kind == "overwrite":
+        i = rng.randrange(n)
+        run = rng.randbytes(rng.randint(1, 32))
+        b[i : i + len(run)] = run
+    elif kind == "insert":
+        i = rng.randrange(n + 1)
+        b[i:i] = rng.randbytes(rng.randint(1, 64))
+    elif kind == "delete":
+        i = rng.randrange(n)
+        del b[i : i + rng.randint(1, 64)]
+    elif kind == "truncate":
+        del b[rng.randrange(n) :]
+    elif kind == "append":
+        b += rng.randbytes(rng.randint(1, 256))
+    else:
+        i = rng.randrange(n)
+        b[i : i + rng.randint(1, 512)] = bytes(min(512, n - i))
+    return kind, bytes(b)
+
+
+def json_leaves(obj, path=()):
+    if isinstance(obj, dict) and obj:
+        for k, v in obj.items():
+            yield from json_leaves(v, (*path, k))
+    elif isinstance(obj, list) and obj:
+        for i, v in enumerate(obj):
+            yield from json_leaves(v, (*path, i))
+    else:
+        yield path
+
+
+def json_mutations(text: str, limit: int, rng: random.Random):
+    """(name, new text) for leaf x adversarial value, plus removed keys; seeded sample of at most `limit`."""
+    manifest = json.loads(text)
+    cases = []
+    for path in json_leaves(manifest):
+        for value in ADVERSARIAL:
+            cases.append((path, "set", value))
+        cases.append((path, "drop", None))
+    rng.shuffle(cases)
+    for path, op, value in cases[:limit]:
+        m = copy.deepcopy(manifest)
+        parent = m
+        for p in path[:-1]:
+            parent = parent[p]
+        if not path:
+            continue
+        if op == "drop" and isinstance(parent, dict):
+            del parent[path[-1]]
+        else:
+            parent[path[-1]] = value
+        yield f"json {op} {'.'.join(map(str, path))}={value!r}"[:120], json.dumps(m).encode()
+
+
+# ---------------------------------------------------------------- worker (child side)
+
+
+def worker() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
+    import numpy as np
+
+    from moe_router import CheckpointError, Router
+
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        job = json.loads(line)
+        out = {}
+        for verify in (True, False):
+            try:
+                router = Router.load(job["path"], verify=verify)
+                try:
+                    xq = np.random.default_rng(0).standard_normal(router.dim).astype(np.float32)
+                    router.search(xq, k=1, top_experts=1, with_text=True)
+                    outcome = "loaded"
+                except Exception as exc:  # loaded, but not usable: only acceptable as a clear ValueError
+                    outcome = "value_error" if isinstance(exc, ValueError) else f"unexpected:{type(exc).__name__}: {exc}"
+                router.store.close()
+            except CheckpointError:
+                outcome = "checkpoint_error"
+            except ValueError:
+                outcome = "value_error"
+            except BaseException as exc:
+                where = traceback.extract_tb(exc.__traceback__)[-1]
+                outcome = f"unexpected:{type(exc).__name__}: {str(exc)[:200]} (at {Path(where.filename).name}:{where.lineno})"
+            out["verify" if verify else "no_verify"] = outcome
+        print(json.dumps(out), flush=True)
+
+
+class Worker:
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, __file__, "--worker"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
+        assert self._read(120) == {"ready": True}, "fuzz worker did not start"
+
+    def _read(self, timeout: float):
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            return "hang"
+        line = self.proc.stdout.readline()
+        return json.loads(line) if line else "crash"
+
+    def load(self, path: Path, timeout: float) -> dict:
+        self.proc.stdin.write(json.dumps({"path": str(path)}) + "\n")
+        self.proc.stdin.flush()
+        res = self._read(timeout)
+        if isinstance(res, dict):
+            return res
+        self.proc.kill()
+        code = self.proc.wait()
+        outcome = "hang" if res == "hang" else f"crash:{code}"
+        return {"verify": outcome, "no_verify": outcome}
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(30)
+
+
+# ---------------------------------------------------------------- driver
+
+
+def synthetic_checkpoint(path: Path) -> Path:
+    import numpy as np
+
+    from moe_router import HashingEmbedder, Router
+
+    router = Router(32, "ip", embedder=HashingEmbedder(32))
+    rng = np.random.default_rng(0)
+    for name in ("alpha", "beta", "gamma", "delta"):
+        router.add_expert(name, texts=[f"{name} {w} {i}" for i, w in enumerate(rng.choice(list("abcdefgh"), 16))],
+                          metadata=[{"i": i} for i in range(16)])
+    router.init_gate(hidden_dims=[16])
+    return router.save(path)
+
+
+def targets(ckpt: Path, all_files: bool) -> list[str]:
+    files = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file())
+    if all_files:
+        return files
+    return [f for f in files if not f.startswith("experts/") or f.startswith("experts/0000.")]
+
+
+def fuzz(ckpt: Path, per_file: int, json_cases: int, seed: int, timeout: float, all_files: bool) -> dict:
+    rng = random.Random(seed)
+    work = Path(tempfile.mkdtemp(prefix="moe_fuzz_"))
+    w = Worker()
+    results: dict[str, Counter] = defaultdict(Counter)
+    failures = []
+    cases = 0
+    t0 = time.perf_counter()
+    try:
+        for rel in targets(ckpt, all_files):
+            data = (ckpt / rel).read_bytes()
+            muts = [(f"bytes {kind}", new) for kind, new in (byte_mutation(data, rng) for _ in range(per_file))]
+            if rel == "manifest.json":
+                muts += list(json_mutations(data.decode(), json_cases, rng))
+            for name, new in muts:
+                case = work / f"case{cases}"
+                shutil.copytree(ckpt, case)
+                (case / rel).write_bytes(new)
+                res = w.load(case, timeout)
+                if res["verify"].startswith(("crash", "hang")):
+                    w = Worker()
+                for mode, outcome in res.items():
+                    results[f"{rel} [{mode}]"][outcome.split(":")[0]] += 1
+                    if not outcome.startswith(GOOD):
+                        failures.append({"file": rel, "mutation": name, "mode": mode, "outcome": outcome})
+                shutil.rmtree(case, ignore_errors=True)
+                cases += 1
+    finally:
+        w.close()
+        shutil.rmtree(work, ignore_errors=True)
+    return {"checkpoint": str(ckpt), "cases": cases, "loads": 2 * cases, "seconds": time.perf_counter() - t0,
+            "outcomes": {k: dict(v) for k, v in results.items()}, "failures": failures}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", type=Path, help="checkpoint to corrupt (copies only); default: a small synthetic one")
+    p.add_argument("--per-file", type=int, default=300, help="byte-level mutations per file")
+    p.add_argument("--json-cases", type=int, default=300, help="value mutations of manifest.json")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds one case (two loads) may take")
+    p.add_argument("--all-files", action="store_true", help="every expert's files, not only the first expert's")
+    p.add_argument("--out", type=Path, help="write the JSON report here")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker()
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = args.ckpt or synthetic_checkpoint(Path(tmp) / "ckpt")
+        report = fuzz(ckpt, args.per_file, args.json_cases, args.seed, args.timeout, args.all_files)
+    for target, counts in report["outcomes"].items():
+        print(f"{target:<40} " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    print(f"{report['cases']} corrupted checkpoints, {report['loads']} loads in {report['seconds']:.0f} s; "
+          f"{len(report['failures'])} failures")
+    for f in report["failures"][:20]:
+        print(f"  FAIL {f['file']} [{f['mode']}] {f['mutation']}: {f['outcome']}")
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+    return 1 if report["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""The served router: copy-on-write snapshots, durable mutations, recovery of an interrupted save.
+
+Readers take a lease on the current snapshot and use it to the end of their request. A change
+to the expert set (add, remove) forks the router, changes the fork, saves it atomically over the
+checkpoint, and only then swaps it in. A reader therefore sees the old set of experts or the new
+one, never a mix, and nothing a client was told succeeded can be lost by a crash:
+
+- feedback is committed to the checkpoint's SQLite store (WAL, synchronous=FULL) before the reply;
+- an expert change is acknowledged only after Router.save has renamed the new checkpoint into place.
+
+Writes are serialised by one lock, so a save never races a feedback commit (the save copies the
+store; a commit landing between that copy and the swap would be lost with the old file).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import faiss
+import numpy as np
+import torch
+
+from moe_router.checkpoint import MANIFEST, STORE, read_manifest
+from moe_router.experts import Expert, MetadataStore
+from moe_router.router import Router
+
+log = logging.getLogger(__name__)
+
+
+class ExpertConflict(ValueError):
+    """The change contradicts the current expert set (duplicate name, removing the last expert)."""
+
+
+class PersistError(RuntimeError):
+    """The change was valid but could not be written to disk; nothing was changed."""
+
+
+@dataclass
+class Snapshot:
+    """One immutable-by-convention router and its generation (bumped by every expert change)."""
+
+    router: Router
+    generation: int
+    leases: int = 0
+    retired: bool = False
+
+
+def fork_router(router: Router) -> Router:
+    """A copy of `router` that can be changed while `router` keeps serving.
+
+    Shares what add/remove never change in place (each Expert's FAISS index, the embedder);
+    copies the containers they do change (expert list, stats arrays, manifest), deep-copies the
+    gate, and copies the metadata store into memory so that deleting an expert's rows cannot
+    reach readers of the original. Works through `copy.copy` so attributes a later Router grows
+    come along. Expert lifecycle methods that change an Expert in place (merge, split) need the
+    affected experts deep-copied here first.
+    """
+    fork = copy.copy(router)
+    for name, value in vars(router).items():
+        if isinstance(value, (list, dict, set, np.ndarray)):
+            setattr(fork, name, copy.copy(value))
+    fork.gate = copy.deepcopy(router.gate)
+    store = MetadataStore()  # in memory until the fork is saved
+    router.store.conn.backup(store.conn)  # SQLite's online backup: a consistent copy while readers continue
+    fork.store = store
+    return fork
+
+
+def recover_checkpoint(path: Path) -> Path | None:
+    """Undo a save that was killed between its two renames; returns the directory restored, if any.
+
+    checkpoint._swap_into_place renames the live checkpoint to `.NAME.old-XXXX` and then the new
+    one into place. A kill between the two leaves no checkpoint at `path`; the `.old` one holds
+    every acknowledged write (the new one was never acknowledged), so it goes back.
+    """
+    path = Path(path)
+    if path.exists():
+        return None
+    olds = [p for p in path.parent.glob(f".{path.name}.old-*") if (p / MANIFEST).is_file()]
+    if not olds:
+        return None
+    newest = max(olds, key=lambda p: p.stat().st_mtime_ns)
+    os.rename(newest, path)
+    log.warning("restored %s from %s (a save was interrupted between its renames)", path, newest.name)
+    return newest
+
+
+class RouterState:
+    """The checkpoint being served: leases for readers, serialised durable writes for mutations."""
+
+    def __init__(self, ckpt: str | Path, cache_dir: str | Path | None = None, threads: int | None = None) -> None:
+        self.ckpt = Path(ckpt)
+        self.threads = threads  # torch + FAISS threads per pass (None: the libraries' defaults)
+        if threads is not None:
+            torch.set_num_threads(int(threads))
+        recover_checkpoint(self.ckpt)
+        router = Router.load(self.ckpt, cache_dir=cache_dir)
+        if router.gate is None:
+            raise ValueError(f"checkpoint {self.ckpt} has no gate; train one first (scripts/train.py)")
+        self._current = Snapshot(router, 0)
+        self._swap_lock = threading.Lock()  # guards _current and the lease counts
+        self._write_lock = threading.Lock()  # one durable write at a time
+        self.failed: str | None = None  # set when a save could not be followed through; writes then refuse
+        self.dim = router.dim
+        self.metric = router.metric
+
+    def pin_threads(self) -> None:
+        """Apply `threads` to the calling thread: FAISS's OpenMP setting is per thread, so each
+        thread that runs passes (the batch worker, the pool threads of the unbatched path) calls this."""
+        if self.threads is not None and faiss.omp_get_max_threads() != self.threads:
+            faiss.omp_set_num_threads(int(self.threads))
+
+    @property
+    def generation(self) -> int:
+        return self._current.generation
+
+    @contextmanager
+    def lease(self) -> Iterator[Snapshot]:
+        """The current snapshot, kept open (its store not closed) until the block ends."""
+        with self._swap_lock:
+            snap = self._current
+            snap.leases += 1
+        try:
+            yield snap
+        finally:
+            with self._swap_lock:
+                snap.leases -= 1
+                close = snap.retired and snap.leases == 0
+            if close:
+                snap.router.store.close()
+
+    def record_feedback(self, query: str | np.ndarray, expert: str, positive: bool) -> int:
+        """Commit one feedback row to the checkpoint's store; returns its id. KeyError: unknown expert."""
+        with self._write_lock, self.lease() as snap:
+            self._check_writable()
+            return snap.router.record_feedback(query, expert, positive)
+
+    def add_expert(
+        self,
+        name: str,
+        vectors: np.ndarray | None = None,
+        texts: Sequence[str] | None = None,
+        specialization: str = "",
+        parent: str | None = None,
+        metadata: Sequence[dict] | None = None,
+    ) -> tuple[Expert, int]:
+        """Add an expert, save the checkpoint, swap it in; returns the expert and the new generation."""
+        with self._write_lock:
+            self._check_writable()
+            with self.lease() as snap:
+                if name in snap.router.expert_names:
+                    raise ExpertConflict(f"an expert named {name!r} already exists; expert names must be unique")
+                fork = fork_router(snap.router)
+            try:
+                expert = fork.add_expert(name, vectors, texts, specialization, parent, metadata)
+                self._persist(fork)
+            except BaseException:
+                fork.store.close()
+                raise
+            return expert, self._swap(fork)
+
+    def remove_expert(self, name: str) -> int:
+        """Remove an expert, save the checkpoint, swap it in; returns the new generation."""
+        with self._write_lock:
+            self._check_writable()
+            with self.lease() as snap:
+                snap.router.expert_index(name)  # KeyError naming the known experts
+                if snap.router.num_experts == 1:
+                    raise ExpertConflict(f"{name!r} is the only expert; a router needs at least one")
+                fork = fork_router(snap.router)
+            try:
+                fork.remove_expert(name)
+                self._persist(fork)
+            except BaseException:
+                fork.store.close()
+                raise
+            return self._swap(fork)
+
+    def _check_writable(self) -> None:
+        if self.failed is not None:
+            raise PersistError(f"writes are off until a restart: {self.failed}")
+
+    def _persist(self, fork: Router) -> None:
+        manifest: dict[str, Any] = fork.manifest or {}
+        try:
+            fork.save(self.ckpt, config=manifest.get("config"), metrics=manifest.get("metrics"))
+        except OSError as exc:  # the save is atomic: the checkpoint on disk is still the served one
+            raise PersistError(f"could not save the checkpoint {self.ckpt}: {exc}") from exc
+        try:  # the checkpoint on disk is now the fork's; its in-memory store moves to the file
+            store = MetadataStore(self.ckpt / STORE)
+            fork.store.close()
+            fork.store = store
+            fork.manifest = read_manifest(self.ckpt)
+        except Exception as exc:
+            # Memory and disk disagree now; a write to the old store would go to a replaced file.
+            self.failed = f"the checkpoint was saved but could not be reopened ({exc})"
+            log.error("%s; restart the server to serve the saved checkpoint", self.failed)
+            raise PersistError(self.failed) from exc
+
+    def _swap(self, fork: Router) -> int:
+        with self._swap_lock:
+            old = self._current
+            self._current = Snapshot(fork, old.generation + 1)
+            old.retired = True
+            close = old.leases == 0
+        if close:
+            old.router.store.close()  # else the last lease closes it
+        return old.generation + 1
+
+    def close(self) -> None:
+        with self._write_lock, self._swap_lock:
+            self._current.retired = True
+            if self._current.leases == 0:
+                self._current.router.store.close()

@@ -1,0 +1,348 @@
+"""The HTTP server: batching matches direct calls, bad input is a 4xx, expert changes are atomic to readers."""
+
+import json
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+
+from moe_router import HashingEmbedder, Router
+from moe_router.serving import AuthConfig, BatchConfig, Limits, Query, RouterState, create_app, run_queries
+
+DIM = 64
+TOPICS = {
+    "security": "password token auth login session secret hash cookie",
+    "frontend": "css flexbox layout button html grid font color",
+    "databases": "sql index query join table postgres transaction schema",
+    "devops": "docker deploy kubernetes pipeline build container helm ci",
+}
+CHURN_WORDS = "rust borrow cargo lifetime trait crate ownership macro"
+
+
+def topic_texts(words: str, n: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    vocab = words.split()
+    return [" ".join(rng.choice(vocab, size=4)) + f" note {i}" for i in range(n)]
+
+
+def build_checkpoint(path: Path, per_expert: int = 30) -> Path:
+    """4 topic experts of hashed texts and an untrained centroid gate: a real checkpoint in ~0.1 s."""
+    router = Router(DIM, "ip", embedder=HashingEmbedder(DIM, seed=0))
+    for j, (name, words) in enumerate(TOPICS.items()):
+        texts = topic_texts(words, per_expert, seed=j)
+        router.add_expert(name, texts=texts, metadata=[{"topic": name, "i": i} for i in range(len(texts))])
+    router.init_gate(hidden_dims=[], dropout=0.0)
+    return router.save(path)
+
+
+@contextmanager
+def live_server(app):
+    """uvicorn serving `app` on a free loopback port, in a thread of this process."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(20)
+        sock.close()
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    return build_checkpoint(tmp_path / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    state = RouterState(build_checkpoint(tmp_path_factory.mktemp("serve") / "ckpt"))
+    with TestClient(create_app(state, limits=Limits(max_body_bytes=200_000, max_queries=8, max_k=50))) as c:
+        yield c
+    state.close()
+
+
+# ---------------------------------------------------------------- answers
+
+
+def test_run_queries__batched_pass_equals_one_call_per_request(ckpt):
+    router = Router.load(ckpt)
+    rng = np.random.default_rng(0)
+    xq = router.prepare_queries(rng.standard_normal((6, DIM)).astype(np.float32))[0]
+    queries = [
+        Query("search", xq=xq[:2], k=3, top_experts=2),
+        Query("search", texts=["sql join index", "docker helm build"], k=7, top_experts=2),
+        Query("search", xq=xq[2:3], k=5, top_experts=1),
+        Query("route", xq=xq[3:6], top_experts=3),
+        Query("search", xq=xq[:1], k=10_000, top_experts=2),  # k over the stored vectors: fails alone
+    ]
+    got = run_queries(router, queries)
+    assert [h.id for h in got[0][1]] == [h.id for h in router.search(xq[1], k=3, top_experts=2)]
+    for q, res in zip(queries[:4], got[:4]):
+        want = router.search(q.xq if q.xq is not None else q.texts, k=q.k, top_experts=q.top_experts) \
+            if q.op == "search" else router.route(q.xq, top_k=q.top_experts)
+        if q.op == "search":
+            assert [[(h.id, h.expert) for h in row] for row in res] == [[(h.id, h.expert) for h in row] for row in want]
+            np.testing.assert_allclose([[h.score for h in row] for row in res], [[h.score for h in row] for row in want],
+                                       rtol=1e-5)
+        else:
+            assert [[s.expert for s in row] for row in res] == [[s.expert for s in row] for row in want]
+    assert isinstance(got[4], ValueError) and "k must be between" in str(got[4])
+
+
+def test_search_over_http__equals_router_search(client, ckpt):
+    router = Router.load(ckpt)
+    body = {"texts": ["password token login", "css grid layout"], "k": 4, "top_experts": 2}
+    r = client.post("/search", json=body)
+    assert r.status_code == 200, r.text
+    want = router.search(body["texts"], k=4, top_experts=2)
+    got = r.json()["results"]
+    assert [[h["id"] for h in row["hits"]] for row in got] == [[h.id for h in row] for row in want]
+    assert [[h["text"] for h in row["hits"]] for row in got] == [[h.text for h in row] for row in want]
+    assert got[0]["hits"][0]["metadata"]["topic"] == want[0][0].metadata["topic"]
+    route = client.post("/route", json={"text": "password token login", "top_experts": 2}).json()
+    assert route["results"][0]["experts"][0]["expert"] == "security"
+
+
+def test_stats_and_experts__list_the_checkpoint(client):
+    experts = client.get("/experts").json()["experts"]
+    assert [e["name"] for e in experts] == list(TOPICS)
+    assert all(e["vectors"] == 30 for e in experts)
+    client.post("/route", json={"texts": ["sql query join", "sql index"], "top_experts": 1})
+    stats = client.get("/stats").json()
+    assert {s["name"]: s["queries"] for s in stats["experts"]}["databases"] >= 2
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/ready").json()["experts"] == 4
+
+
+# ---------------------------------------------------------------- bad input
+
+NAN_VECTOR = "[" + ",".join(["NaN"] + ["1"] * (DIM - 1)) + "]"
+BAD = [
+    ("malformed json", "POST", "/search", '{"text": "a",', 400),
+    ("not an object", "POST", "/search", "[1, 2]", 422),
+    ("missing query", "POST", "/search", {"k": 3}, 422),
+    ("two query fields", "POST", "/search", {"text": "a", "texts": ["b"]}, 422),
+    ("unknown field", "POST", "/search", {"text": "a", "kk": 3}, 422),
+    ("wrong type text", "POST", "/search", {"text": 5}, 422),
+    ("wrong type k", "POST", "/search", {"text": "a", "k": "3"}, 422),
+    ("bool as k", "POST", "/search", {"text": "a", "k": True}, 422),
+    ("float k", "POST", "/search", {"text": "a", "k": 2.5}, 422),
+    ("integral float k", "POST", "/search", {"text": "a", "k": 3.0}, 200),
+    ("null text", "POST", "/search", {"text": None}, 422),
+    ("tiny vector", "POST", "/search", {"vector": [5e-324] + [0.0] * (DIM - 1)}, 200),
+    ("huge vector", "POST", "/search", {"vector": [3e38] * DIM}, 200),
+    ("empty text", "POST", "/search", {"text": ""}, 422),
+    ("blank text", "POST", "/route", {"texts": ["ok", "   "]}, 422),
+    ("text too long", "POST", "/search", {"text": "a" * 5000}, 422),
+    ("empty batch", "POST", "/search", {"texts": []}, 422),
+    ("batch over limit", "POST", "/search", {"texts": ["a"] * 9}, 422),
+    ("wrong dim", "POST", "/search", {"vector": [1.0] * (DIM - 1)}, 422),
+    ("ragged batch", "POST", "/search", {"vectors": [[1.0] * DIM, [1.0] * 3]}, 422),
+    ("NaN", "POST", "/search", '{"vector": ' + NAN_VECTOR + "}", 422),
+    ("inf by overflow", "POST", "/search", '{"vector": [1e400' + ",0" * (DIM - 1) + "]}", 422),
+    ("float32 overflow", "POST", "/search", {"vector": [1e39] + [0.0] * (DIM - 1)}, 422),
+    ("zero vector", "POST", "/search", {"vector": [0.0] * DIM}, 422),
+    ("k zero", "POST", "/search", {"text": "a", "k": 0}, 422),
+    ("k over limit", "POST", "/search", {"text": "a", "k": 51}, 422),
+    ("k over stored vectors", "POST", "/search", {"text": "a", "k": 50, "with_text": False}, 200),
+    ("top_experts zero", "POST", "/search", {"text": "a", "top_experts": 0}, 422),
+    ("top_experts over experts", "POST", "/route", {"text": "a", "top_experts": 5}, 422),
+    ("unknown expert feedback", "POST", "/feedback", {"text": "a", "expert": "nope", "positive": True}, 404),
+    ("feedback without query", "POST", "/feedback", {"expert": "devops", "positive": True}, 422),
+    ("remove unknown expert", "DELETE", "/experts/nope", None, 404),
+    ("add duplicate expert", "POST", "/experts", {"name": "devops", "texts": ["x y"]}, 409),
+    ("add expert without vectors", "POST", "/experts", {"name": "new"}, 422),
+    ("add expert bad name", "POST", "/experts", {"name": " padded ", "texts": ["x"]}, 422),
+    ("add expert metadata count", "POST", "/experts", {"name": "m", "texts": ["x y"], "metadata": [{}, {}]}, 422),
+    ("add expert texts and vectors differ", "POST", "/experts", {"name": "m", "texts": ["x"], "vectors": [[1.0] * DIM] * 2},
+     422),
+    ("over-long body", "POST", "/search", {"text": "a" * 300_000}, 413),
+    ("unknown path", "GET", "/nope", None, 404),
+    ("wrong method", "GET", "/search", None, 405),
+]
+
+
+@pytest.mark.parametrize("method, path, body, status", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_input__is_a_4xx_json_error_and_the_server_keeps_serving(client, method, path, body, status):
+    content = body if isinstance(body, str) or body is None else json.dumps(body)
+    r = client.request(method, path, content=content, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    if status >= 400:
+        assert isinstance(r.json()["error"], str) and r.json()["error"]
+    assert client.post("/search", json={"text": "sql join", "k": 2}).status_code == 200
+
+
+def test_k_over_stored_vectors__is_422(tmp_path):
+    state = RouterState(build_checkpoint(tmp_path / "small", per_expert=2))  # 8 vectors
+    with TestClient(create_app(state)) as c:
+        r = c.post("/search", json={"text": "a", "k": 9})
+        assert r.status_code == 422 and "k must be between 1 and 8" in r.json()["error"]
+    state.close()
+
+
+def test_chunked_body_over_limit__is_413(client):
+    def chunks():
+        for _ in range(30):
+            yield b" " * 10_000
+
+    r = client.post("/search", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_api_key__guards_changes_and_optionally_reads(ckpt):
+    state = RouterState(ckpt)
+    fb = {"text": "docker build", "expert": "devops", "positive": True}
+    with TestClient(create_app(state, auth=AuthConfig(api_key="s3cret"))) as c:
+        assert c.post("/feedback", json=fb).status_code == 401
+        assert c.post("/feedback", json=fb, headers={"X-API-Key": "wrong"}).status_code == 401
+        assert c.delete("/experts/devops").status_code == 401
+        assert c.post("/feedback", json=fb, headers={"X-API-Key": "s3cret"}).status_code == 200
+        assert c.post("/search", json={"text": "a"}).status_code == 200
+    with TestClient(create_app(state, auth=AuthConfig(api_key="s3cret", protect_reads=True))) as c:
+        assert c.post("/search", json={"text": "a"}).status_code == 401
+        assert c.get("/stats").status_code == 401
+        assert c.get("/stats", headers={"X-API-Key": "s3cret"}).status_code == 200
+        assert c.get("/health").status_code == 200 and c.get("/ready").status_code == 200
+    state.close()
+
+
+# ---------------------------------------------------------------- mutations
+
+
+def test_add_and_remove_expert__persist_and_route(ckpt):
+    state = RouterState(ckpt)
+    texts = topic_texts(CHURN_WORDS, 12, seed=9)
+    with TestClient(create_app(state)) as c:
+        r = c.post("/experts", json={"name": "rust", "texts": texts, "specialization": "Rust"})
+        assert r.status_code == 201, r.text
+        assert r.json()["generation"] == 1 and r.json()["expert"]["vectors"] == 12
+        assert Router.load(ckpt).expert_names == [*TOPICS, "rust"]  # saved before the reply
+        hits = c.post("/search", json={"text": texts[0], "k": 1, "top_experts": 1}).json()["results"][0]["hits"]
+        assert hits[0]["expert"] == "rust" and hits[0]["text"] == texts[0]
+        fid = c.post("/feedback", json={"text": texts[0], "expert": "rust", "positive": False}).json()["id"]
+        assert c.delete("/experts/rust").json()["generation"] == 2
+    state.close()
+    router = Router.load(ckpt)
+    assert router.expert_names == list(TOPICS)
+    assert [(s, q, e, p) for s, q, _, e, p, _ in router.store.feedback()] == [(fid, texts[0], "rust", False)]
+
+
+def test_failed_save__is_503_and_changes_nothing(ckpt, monkeypatch):
+    state = RouterState(ckpt)
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Router, "save", disk_full)
+    with TestClient(create_app(state)) as c:
+        r = c.post("/experts", json={"name": "rust", "texts": ["borrow checker"]})
+        assert r.status_code == 503 and "No space left" in r.json()["error"]
+        assert c.delete("/experts/devops").status_code == 503
+        assert [e["name"] for e in c.get("/experts").json()["experts"]] == list(TOPICS)
+        assert c.post("/search", json={"text": "sql join"}).json()["generation"] == 0
+        assert c.post("/feedback", json={"text": "sql", "expert": "databases", "positive": True}).status_code == 200
+    monkeypatch.undo()
+    state.close()
+    assert Router.load(ckpt).expert_names == list(TOPICS)
+
+
+def test_expert_changes__searches_see_old_or_new_set_never_a_mix(ckpt):
+    """Readers run while 'rust' is added and removed over and over: every answer is whole and consistent.
+
+    Generation g has 'rust' exactly when g is odd (add, remove, add, ...), so an answer naming
+    'rust' at an even generation, a hit whose text is not its own, or any error would be a mix.
+    """
+    base = Router.load(ckpt)
+    text_of = base.store.get(range(base.ntotal))
+    churn = topic_texts(CHURN_WORDS, 20, seed=7)
+    probes = [text for text, _ in list(text_of.values())[::7]] + churn[:5]
+    state = RouterState(ckpt)
+    errors, answers, stop = [], [], threading.Event()
+
+    def reader(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        with httpx.Client(base_url=url, timeout=30) as http:
+            while not stop.is_set():
+                batch = list(rng.choice(probes, size=3))
+                r = http.post("/search", json={"texts": batch, "k": 3, "top_experts": 2})
+                if r.status_code != 200:
+                    errors.append(r.text)
+                    continue
+                answers.append(r.json())
+
+    with live_server(create_app(state, batching=BatchConfig(max_wait_ms=0.5))) as url:
+        threads = [threading.Thread(target=reader, args=(s,)) for s in range(3)]
+        for t in threads:
+            t.start()
+        with httpx.Client(base_url=url, timeout=30) as http:
+            for cycle in range(6):
+                r = http.post("/experts", json={"name": "rust", "texts": churn})
+                assert r.status_code == 201 and r.json()["generation"] == 2 * cycle + 1, r.text
+                time.sleep(0.05)
+                r = http.delete("/experts/rust")
+                assert r.status_code == 200 and r.json()["generation"] == 2 * cycle + 2, r.text
+                time.sleep(0.05)
+        stop.set()
+        for t in threads:
+            t.join(30)
+    state.close()
+    assert not errors, errors[:3]
+    assert len(answers) > 20
+    seen_rust = 0
+    for a in answers:
+        for row in a["results"]:
+            for h in row["hits"]:
+                if h["expert"] == "rust":
+                    seen_rust += 1
+                    assert a["generation"] % 2 == 1, "'rust' answered from a generation without it"
+                    assert h["text"] in churn
+                else:
+                    assert h["text"] == text_of[h["id"]][0], "a hit's text is not its own"
+    assert seen_rust > 0, "the churned expert was never routed to: the test would not see a mix"
+    assert {a["generation"] % 2 for a in answers} == {0, 1}
+
+
+# ---------------------------------------------------------------- load (short; benchmarks/serve_load.py is the real one)
+
+
+def test_short_load__all_answered_and_batched(ckpt):
+    state = RouterState(ckpt)
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((64, DIM)).round(4).tolist()
+    codes: list[int] = []
+
+    def client_loop(seed: int) -> None:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            for i in range(25):
+                r = http.post("/search", json={"vector": vectors[(seed * 25 + i) % 64], "k": 5, "with_text": False})
+                codes.append(r.status_code)
+
+    with live_server(create_app(state, batching=BatchConfig(max_wait_ms=2.0))) as url:
+        threads = [threading.Thread(target=client_loop, args=(s,)) for s in range(16)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        seconds = time.perf_counter() - t0
+        server = httpx.get(f"{url}/stats").json()["server"]
+    state.close()
+    assert codes.count(200) == 16 * 25, set(codes)
+    assert server["queries"] == 16 * 25
+    assert server["mean_pass"] > 1.5, server  # 16 concurrent clients really share passes
+    print(f"\nshort load: {len(codes) / seconds:.0f} req/s, mean pass {server['mean_pass']:.1f} queries")
