@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # Train and evaluate the gate on every benchmark setting of issue 3; tables and plots land in reports/<run>/.
 # Usage: bash benchmarks/quality.sh [extra Hydra overrides for training...]
+#        RUNS="clinc150 banking77" bash benchmarks/quality.sh     # only some of the settings
 # Needs ../shared/datasets (datasets_dir) and the MiniLM package; embeddings are cached after the first run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 export HF_HUB_OFFLINE=1
 
+RUNS=${RUNS:-clinc150 stackoverflow20 banking77 clinc150_intents stackoverflow20_kmeans16 stackoverflow20_kmeans64}
+
 run() {  # run NAME TRAIN_OVERRIDES... -- EVAL_OVERRIDES...
   local name=$1; shift
+  [[ " $RUNS " == *" $name "* ]] || return 0
   local train=() evalo=()
   while [[ $# -gt 0 && $1 != "--" ]]; do train+=("$1"); shift; done
   [[ $# -gt 0 ]] && shift

@@ -17,6 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+# Cosine above which a prototype counts as the query itself (only used while training).
+SELF_MATCH = 0.9999
+
+
 class GateOutput(NamedTuple):
     """What one gate pass returns; the auxiliary losses are zero outside training."""
 
@@ -137,10 +141,18 @@ class Gate(nn.Module):
         return self.body(x)  # (b, h)
 
     def prototype_logits(self, x: Tensor) -> Tensor:
-        """(b, e) soft maximum over each expert's prototypes of scale * similarity; zeros without prototypes."""
+        """(b, e) soft maximum over each expert's prototypes of scale * similarity; zeros without prototypes.
+
+        While training, a prototype identical to the query (similarity > SELF_MATCH, e.g. a stored
+        vector that is its own prototype in a small expert) is left out: the gate must learn from
+        how a query routes when it is not already stored, as it will be at inference.
+        """
         if not self.prototypes_per_expert:
             return x.new_zeros(x.shape[0], self.num_experts)
-        sim = (x @ self.prototypes.T) * self.log_prototype_scale.exp()  # (b, p)
+        cos = x @ self.prototypes.T  # (b, p)
+        if self.training:
+            cos = cos.masked_fill(cos.detach() > SELF_MATCH, -1.0)
+        sim = cos * self.log_prototype_scale.exp()  # (b, p)
         top = sim.max(dim=1, keepdim=True).values.detach()  # (b, 1) for a stable exp
         mass = x.new_zeros(x.shape[0], self.num_experts).index_add_(1, self.prototype_owner, (sim - top).exp())
         return mass.clamp_min(1e-30).log() + top  # (b, e)
@@ -303,3 +315,14 @@ class Gate(nn.Module):
                 self.prototypes = nn.Parameter(self.prototypes.detach()[keep].clone())
                 self.prototype_owner = owner[keep].clone()
         self._resize_head(weight.to(self.head.weight), bias.to(self.head.bias))
+
+    @torch.no_grad()
+    def add_prototypes(self, prototypes: Tensor, expert: int) -> None:
+        """Append prototypes (m, d) owned by expert `expert` (a prototype gate only; e.g. when an expert is split)."""
+        if not self.prototypes_per_expert:
+            raise ValueError("this gate was built with prototypes_per_expert=0")
+        if prototypes.ndim != 2 or prototypes.shape[1] != self.dim or not 0 <= expert < self.num_experts:
+            raise ValueError(f"add_prototypes needs (m, {self.dim}) prototypes and an expert in 0..{self.num_experts - 1}")
+        self.prototypes = nn.Parameter(torch.cat([self.prototypes.detach(), prototypes.to(self.prototypes)]))
+        self.prototype_owner = torch.cat([self.prototype_owner,
+                                          torch.full((len(prototypes),), expert, device=self.prototype_owner.device)])

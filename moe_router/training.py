@@ -161,7 +161,7 @@ def fit_router(
 ) -> FitResult:
     """Train the router's gate on its own stored vectors and install the best one (by `monitor`).
 
-    `module` wraps the gate to train (default: a fresh Gate with AdamW, lr 1e-3).
+    `module` wraps the gate to train (default: a fresh prototype Gate, 64 per expert, AdamW lr 1e-3).
     Each stored vector is a pseudo-query whose target is its expert ('label'), the share of
     its exact neighbours in each expert ('neighbours'), or a mix. Validation uses
     `val_queries` with their gold `val_experts`, or else a seeded 10% of the stored vectors.
@@ -180,8 +180,9 @@ def fit_router(
         val_gold = np.array([router.expert_index(e) for e in val_experts], dtype=np.int64)
         val_counts = query_counts(router, val_x, neighbours)
     target = make_targets(targets, train_gold, train_counts, router.num_experts, label_weight)
-    if module is None:
-        module = GateModule(Gate(router.dim, router.num_experts), optimizer=_default_optimizer)
+    if module is None:  # the default gate of configs/model/hybrid.yaml, prototypes from k-means
+        gate = router.install_gate(Gate(router.dim, router.num_experts, prototypes_per_expert=64), seed)
+        module = GateModule(gate, optimizer=_default_optimizer)
     module.recall_k = neighbours
     if module.gate.num_experts != router.num_experts or module.gate.dim != router.dim:
         raise ValueError(
@@ -191,7 +192,8 @@ def fit_router(
     data = RoutingDataModule(train_x, target, val_x, val_gold, val_counts.astype(np.float32), batch_size=batch_size)
     if trainer is None:
         # Keeps the last epoch (no ModelCheckpoint): on tiny corpora the validation metrics tie across
-        # epochs and "best" would be the first, barely trained one. Files go to a temporary directory.
+        # epochs and "best" would be the first, barely trained one. Epochs: enough for ~20k training
+        # examples (20 to 200 passes). Files go to a temporary directory.
         trainer = L.Trainer(max_epochs=max(20, min(200, 20_000 // max(len(train_x), 1))), accelerator="auto",
                             devices=1, deterministic=True, logger=False, enable_checkpointing=False,
                             enable_model_summary=False, default_root_dir=tempfile.mkdtemp(prefix="moe_router-"))
