@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -175,6 +176,10 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 
 _BLOCK = 1 << 22  # bytes read, and hashed, at a time
+# numpy parses a .npy header with ast.literal_eval, and CPython 3.11 can raise a spurious
+# SystemError ("AST constructor recursion depth mismatch", python/cpython#106905) when two
+# threads build ASTs at once: experts are read side by side, their headers one at a time.
+_HEADER_LOCK = threading.Lock()
 
 
 def _inside(path: Path, rel: Any) -> Path:
@@ -217,11 +222,12 @@ def _read_npy_into(path: Path, rel: str, out: np.ndarray, digest: str | None) ->
 def _read_npy_data(f, out: np.ndarray, sha) -> str | None:
     """Read an open .npy file's array into `out` (hashing header and data into `sha`); what is wrong, or None."""
     try:
-        version = np.lib.format.read_magic(f)
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-        if version not in read_header:
-            return f"is corrupted (unsupported .npy format version {version})"
-        shape, fortran_order, dtype = read_header[version](f)
+        with _HEADER_LOCK:
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            if version not in read_header:
+                return f"is corrupted (unsupported .npy format version {version})"
+            shape, fortran_order, dtype = read_header[version](f)
     except Exception as exc:  # numpy parses the header text: hostile bytes raise many kinds of error
         return f"is corrupted (unreadable .npy header: {type(exc).__name__})"
     if dtype != out.dtype or tuple(shape) != out.shape:

@@ -149,10 +149,13 @@ class Gate(nn.Module):
         """
         if not self.prototypes_per_expert:
             return x.new_zeros(x.shape[0], self.num_experts)
-        cos = x @ self.prototypes.T  # (b, p)
+        dot = x @ self.prototypes.T  # (b, p); cosine for the normalised vectors of metric 'ip'
         if self.training:
-            cos = cos.masked_fill(cos.detach() > SELF_MATCH, -1.0)
-        sim = cos * self.log_prototype_scale.exp()  # (b, p)
+            with torch.no_grad():
+                norms = x.norm(dim=1, keepdim=True) * self.prototypes.norm(dim=1)[None, :]  # (b, p)
+                same = dot > SELF_MATCH * norms.clamp_min(1e-12)
+            dot = dot.masked_fill(same, -1.0)
+        sim = dot * self.log_prototype_scale.exp()  # (b, p)
         top = sim.max(dim=1, keepdim=True).values.detach()  # (b, 1) for a stable exp
         mass = x.new_zeros(x.shape[0], self.num_experts).index_add_(1, self.prototype_owner, (sim - top).exp())
         return mass.clamp_min(1e-30).log() + top  # (b, e)
