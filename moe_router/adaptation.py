@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 
 from moe_router.data import make_targets, neighbour_counts
 from moe_router.router import Router
-from moe_router.training import GateModule, RoutingDataModule, _neighbours_excluding_rows
+from moe_router.training import GateModule, RoutingDataModule, _neighbours_excluding_rows, fit_quietly
 
 
 @dataclass(frozen=True)
@@ -107,12 +106,7 @@ def _fit_pairs(router: Router, x: np.ndarray, target: np.ndarray, cfg: FineTuneC
     trainer = L.Trainer(max_steps=cfg.steps, max_epochs=-1, accelerator="auto", devices=1, deterministic=True, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0)
-    start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*number of training batches.*")
-        trainer.fit(module, datamodule=data)
-    seconds = time.perf_counter() - start
+    seconds = fit_quietly(trainer, module, data)
     for p in gate.parameters():
         p.requires_grad_(True)
     router.gate = module.gate.cpu().eval()

@@ -197,16 +197,21 @@ def fit_router(
         trainer = L.Trainer(max_epochs=max(20, min(200, 20_000 // max(len(train_x), 1))), accelerator="auto",
                             devices=1, deterministic=True, logger=False, enable_checkpointing=False,
                             enable_model_summary=False, default_root_dir=tempfile.mkdtemp(prefix="moe_router-"))
+    seconds = fit_quietly(trainer, module, data)
+    best = _restore_best(trainer, module, monitor)
+    router.gate = module.gate.cpu().eval()
+    return FitResult(best, seconds, trainer.current_epoch)
+
+
+def fit_quietly(trainer: L.Trainer, module: GateModule, data: RoutingDataModule) -> float:
+    """trainer.fit in train mode, without the warnings that do not apply to in-memory tensors; wall seconds."""
     module.train()  # Lightning keeps the mode a module arrives in; a router's gate sits in eval mode
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*number of training batches.*")
         trainer.fit(module, datamodule=data)
-    seconds = time.perf_counter() - start
-    best = _restore_best(trainer, module, monitor)
-    router.gate = module.gate.cpu().eval()
-    return FitResult(best, seconds, trainer.current_epoch)
+    return time.perf_counter() - start
 
 
 def _default_optimizer(params) -> torch.optim.Optimizer:
