@@ -28,7 +28,6 @@ from moe_router.experts import Expert, MetadataStore
 from moe_router.gate import Gate
 from moe_router.metrics import load_stats, top_experts
 from moe_router.router import Hit, Router
-from moe_router.vectors import prepare
 
 FineTune = Callable[[Router, Sequence[str]], Any]  # (router, names of new experts) -> anything; updates router.gate
 
@@ -482,19 +481,6 @@ class AutoCreateReport:
     skipped: list[tuple[str, int]]  # (category, documents) below the minimum
 
 
-def _vectors_for(router: Router, texts: Sequence[str] | None, vectors: Any, what: str) -> np.ndarray:
-    if vectors is None:
-        if texts is None:
-            raise ValueError(f"{what}: give texts or vectors; got neither")
-        if router.embedder is None:
-            raise ValueError(f"{what}: texts given but the router has no embedder; pass vectors instead")
-        vectors = router.embedder.encode(list(texts))
-    xb = prepare(vectors, router.dim, router.metric, what=f"{what} vectors")
-    if texts is not None and len(texts) != xb.shape[0]:
-        raise ValueError(f"{what}: {xb.shape[0]} vectors but {len(texts)} texts; expected one text per vector")
-    return xb
-
-
 def _add_all(router: Router, groups: list[tuple[str, np.ndarray, str]], xb: np.ndarray, texts: Sequence[str] | None,
              metadata: Sequence[dict] | None, parent: str | None, fit_rows: bool) -> list[tuple[str, int]]:
     """Add one expert per (name, rows, specialization), then fit their gate rows; on any failure remove them again."""
@@ -530,7 +516,7 @@ def auto_create_by_category(
     With a gate, the new rows are fitted (fit_expert_rows; `fit_rows`). All names are checked
     before anything is added; a failure part-way removes what was added.
     """
-    xb = _vectors_for(router, texts, vectors, "auto-create by category")
+    xb = router.vectors_from(texts, vectors, "auto-create by category")
     if len(categories) != xb.shape[0]:
         raise ValueError(f"auto-create by category: {xb.shape[0]} documents but {len(categories)} categories")
     if metadata is not None and len(metadata) != xb.shape[0]:
@@ -555,7 +541,7 @@ def auto_create_by_clustering(
     fit_rows: bool = True,
 ) -> AutoCreateReport:
     """`n` experts from unlabelled documents by FAISS k-means, no expert above max_imbalance x the mean size."""
-    xb = _vectors_for(router, texts, vectors, "auto-create by clustering")
+    xb = router.vectors_from(texts, vectors, "auto-create by clustering")
     if metadata is not None and len(metadata) != xb.shape[0]:
         raise ValueError(f"auto-create by clustering: {len(metadata)} metadata entries for {xb.shape[0]} documents")
     labels = balanced_kmeans(xb, n, metric=router.metric, seed=seed, max_imbalance=max_imbalance)

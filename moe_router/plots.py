@@ -15,6 +15,17 @@ def _plt():
     return plt
 
 
+def _save(fig, ax, path: Path, title: str) -> Path:
+    """Title, legend, layout, write the PNG and free the figure."""
+    plt = _plt()
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def recall_curve(rows: dict[str, dict[str, Any]], experts_searched: list[int], k: int, path: Path, title: str) -> Path:
     """recall@k vs experts searched, one line per router."""
     plt = _plt()
@@ -26,13 +37,8 @@ def recall_curve(rows: dict[str, dict[str, Any]], experts_searched: list[int], k
     ax.set_xlabel("experts searched per query")
     ax.set_ylabel(f"recall@{k} vs exhaustive search")
     ax.set_xticks(experts_searched)
-    ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, title)
 
 
 def load_bars(shares: dict[str, list[float]], names: list[str], path: Path, title: str) -> Path:
@@ -49,12 +55,7 @@ def load_bars(shares: dict[str, list[float]], names: list[str], path: Path, titl
     ax.set_xticks(x + width * (len(shares) - 1) / 2)
     ax.set_xticklabels(names if len(names) <= 32 else [""] * len(names), rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("share of queries (top-1)")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, title)
 
 
 def reliability_diagram(curves: dict[str, dict[str, list[float]]], path: Path, title: str) -> Path:
@@ -67,9 +68,4 @@ def reliability_diagram(curves: dict[str, dict[str, list[float]]], path: Path, t
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
     ax.set_xlabel("top-1 confidence")
     ax.set_ylabel("accuracy")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, title)

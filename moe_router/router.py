@@ -140,15 +140,7 @@ class Router:
             raise ValueError(f"expert name must be a non-empty string, got {name!r}")
         if name in self.expert_names:
             raise ValueError(f"an expert named {name!r} already exists; expert names must be unique")
-        if vectors is None:
-            if texts is None:
-                raise ValueError(f"expert {name!r}: give vectors or texts; it has no vectors")
-            if self.embedder is None:
-                raise ValueError(f"expert {name!r}: texts given but the router has no embedder; pass vectors instead")
-            vectors = self.embedder.encode(list(texts))
-        xb = prepare(vectors, self.dim, self.metric, what=f"vectors for expert {name!r}")
-        if texts is not None and len(texts) != xb.shape[0]:
-            raise ValueError(f"expert {name!r}: {xb.shape[0]} vectors but {len(texts)} texts; expected one text per vector")
+        xb = self.vectors_from(texts, vectors, f"expert {name!r}")
         payloads = payloads_or_none(metadata, xb.shape[0])
         with self._lock:
             ids = np.arange(self._next_id, self._next_id + xb.shape[0], dtype=np.int64)
@@ -164,6 +156,19 @@ class Router:
                 protos = torch.from_numpy(expert.prototypes(m)) if m else None
                 self.gate.add_expert(torch.from_numpy(xb), prototypes=protos)
         return expert
+
+    def vectors_from(self, texts: Sequence[str] | None, vectors: Any, what: str) -> np.ndarray:
+        """Prepared (n, d) vectors: `vectors` if given, else `texts` embedded; one text per vector when both."""
+        if vectors is None:
+            if texts is None:
+                raise ValueError(f"{what}: give vectors or texts; it has no vectors")
+            if self.embedder is None:
+                raise ValueError(f"{what}: texts given but the router has no embedder; pass vectors instead")
+            vectors = self.embedder.encode(list(texts))
+        xb = prepare(vectors, self.dim, self.metric, what=f"vectors for {what}")
+        if texts is not None and len(texts) != xb.shape[0]:
+            raise ValueError(f"{what}: {xb.shape[0]} vectors but {len(texts)} texts; expected one text per vector")
+        return xb
 
     def remove_expert(self, name: str) -> None:
         """Remove an expert: its index, its gate output and its metadata; routing renormalises over the rest."""
