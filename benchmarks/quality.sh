@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 export HF_HUB_OFFLINE=1
 
-RUNS=${RUNS:-clinc150 stackoverflow20 banking77 clinc150_intents stackoverflow20_kmeans16 stackoverflow20_kmeans64}
+RUNS=${RUNS:-clinc150 stackoverflow20 banking77 clinc150_intents stackoverflow20_kmeans16 stackoverflow20_kmeans64 synthetic_kmeans16 synthetic_kmeans64}
 
 run() {  # run NAME TRAIN_OVERRIDES... -- EVAL_OVERRIDES...
   local name=$1; shift
@@ -30,3 +30,6 @@ run clinc150_intents data=clinc150 data.expert_key=label data.parent_key=domain 
   -- data=clinc150 data.expert_key=label data.parent_key=domain
 run stackoverflow20_kmeans16 data=stackoverflow20 partition=16 -- data=stackoverflow20
 run stackoverflow20_kmeans64 data=stackoverflow20 partition=64 -- data=stackoverflow20
+# Learned sharding on vectors without labels (configs/data/synthetic.yaml); 30k sampled pseudo-queries keep training short.
+run synthetic_kmeans16 data=synthetic partition=16 targets.max_queries=30000 -- data=synthetic
+run synthetic_kmeans64 data=synthetic partition=64 targets.max_queries=30000 -- data=synthetic

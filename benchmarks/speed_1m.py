@@ -31,7 +31,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -44,9 +43,8 @@ from moe_router.evaluation import exhaustive_index
 from moe_router.experts import lower_blas_threshold
 from moe_router.gate import Gate
 from moe_router.metrics import load_stats, recall_at_k
-from moe_router.router import Router
+from moe_router.synthetic import cluster_layout, clustered_router, held_out_queries
 from moe_router.training import GateModule, fit_router
-from moe_router.vectors import normalize_rows
 
 # How the exhaustive baseline is run; the fastest of them in each round is the baseline. FAISS
 # parallelises one search with OpenMP barriers per block of stored vectors, and on a busy CPU a
@@ -64,95 +62,6 @@ GOALS = {  # issue 3, "Speed goals"
     "load_seconds": 3.0,  # Router.load
     "load_memory_ratio": 1.3,  # peak resident memory of a load / raw vector bytes
 }
-
-# ---------------------------------------------------------------- synthetic collection
-#
-# Each expert owns S sub-clusters ("slots") around its own direction. Most are private to it;
-# `shared` of them sit between two experts' directions and hold points of both, so a query near one
-# has its exact neighbours split across two experts: searching 1 expert misses some of them and
-# searching the right 2 finds them all (the case top-2 routing is for).
-
-
-@dataclass(frozen=True)
-class ClusterLayout:
-    """Where each expert's sub-clusters sit."""
-
-    centres: np.ndarray  # (C, d) unit sub-cluster centres
-    slots: np.ndarray  # (E, S) centre index of each expert's slots
-
-
-def cluster_layout(d: int, experts: int, seed: int, slots: int = 64, shared: int = 16,
-                   centre_noise: float = 1.0) -> ClusterLayout:
-    """Sub-cluster centres: `slots - shared` private per expert, `shared` shared with other experts.
-
-    centre_noise: norm of the random offset of a centre from its expert direction (1.0 = 45 degrees).
-    """
-    if shared % 2 or not 0 <= shared <= slots:
-        raise ValueError(f"shared must be even and between 0 and slots={slots}, got {shared}")
-    if shared and experts < 2:
-        raise ValueError("shared sub-clusters need at least 2 experts")
-    rng = np.random.default_rng([seed, 0])
-    directions = normalize_rows(rng.standard_normal((experts, d), dtype=np.float32))  # (E, d)
-
-    def around(v: np.ndarray) -> np.ndarray:  # (m, d) unit directions -> (m, d) unit centres near them
-        offset = rng.standard_normal(v.shape, dtype=np.float32) * (centre_noise / np.sqrt(d))
-        return normalize_rows(v + offset)
-
-    private = slots - shared
-    own = around(np.repeat(directions, private, axis=0))  # (E * private, d)
-    # Expert e is the first member of shared/2 shared clusters (partners e+1, e+2, ...) and the
-    # second member of shared/2 others, so every expert has exactly `slots` slots.
-    half = shared // 2
-    first = np.repeat(np.arange(experts), half)  # (E * half,)
-    second = (first + 1 + np.tile(np.arange(half), experts) % max(experts - 1, 1)) % experts
-    both = around(normalize_rows(directions[first] + directions[second])) if half else np.empty((0, d), np.float32)
-    centres = np.concatenate([own, both])  # (C, d)
-    table = np.empty((experts, slots), dtype=np.int64)
-    for e in range(experts):
-        mine = np.flatnonzero(first == e) + len(own)
-        theirs = np.flatnonzero(second == e) + len(own)
-        table[e] = np.concatenate([np.arange(e * private, (e + 1) * private), mine, theirs])
-    return ClusterLayout(centres, table)
-
-
-def sample_points(layout: ClusterLayout, expert: int, slot: np.ndarray, rng: np.random.Generator,
-                  point_noise: float = 1.0) -> np.ndarray:
-    """(n, d) unit vectors of one expert, one around each given slot (n,) of that expert.
-
-    point_noise: norm of a point's random offset from its centre (1.0 = 45 degrees).
-    """
-    centre = layout.centres[layout.slots[expert, slot]]  # (n, d)
-    d = layout.centres.shape[1]
-    return normalize_rows(centre + rng.standard_normal(centre.shape, dtype=np.float32) * (point_noise / np.sqrt(d)))
-
-
-def clustered_router(n: int, d: int, experts: int, seed: int, layout: ClusterLayout | None = None) -> Router:
-    """A Router ('ip') with `experts` equal experts of synthetic clustered vectors (n // experts each)."""
-    if n % experts:
-        raise ValueError(f"n={n} must be a multiple of experts={experts} (equal experts)")
-    layout = layout if layout is not None else cluster_layout(d, experts, seed)
-    router = Router(d, "ip")
-    for e in range(experts):
-        size = n // experts
-        slots = np.arange(size) % layout.slots.shape[1]  # spread evenly over the expert's slots
-        xb = sample_points(layout, e, slots, np.random.default_rng([seed, 1, e]))  # (n/E, d)
-        router.add_expert(f"shard-{e:02d}", xb)
-        del xb
-    return router
-
-
-def held_out_queries(layout: ClusterLayout, nq: int, seed: int, perturb: float = 0.3) -> np.ndarray:
-    """(nq, d) new points from the same clusters (never stored), each moved by a random offset of norm `perturb`."""
-    rng = np.random.default_rng([seed, 2])
-    experts, slots = layout.slots.shape
-    which, slot = rng.integers(0, experts, size=nq), rng.integers(0, slots, size=nq)
-    xq = np.empty((nq, layout.centres.shape[1]), dtype=np.float32)
-    for e in np.unique(which):
-        rows = np.flatnonzero(which == e)
-        xq[rows] = sample_points(layout, e, slot[rows], rng)
-    d = xq.shape[1]
-    return normalize_rows(xq + rng.standard_normal(xq.shape, dtype=np.float32) * (perturb / np.sqrt(d)))
-
 
 # ---------------------------------------------------------------- measurements
 

@@ -57,6 +57,10 @@ class TextDataset:
     def texts(self, split: str) -> list[str]:
         return [r.text for r in self.split(split)]
 
+    def queries(self, split: str) -> list[str]:
+        """What a router is asked with, for a split: here, its texts."""
+        return self.texts(split)
+
     def oos_texts(self, split: str) -> list[str]:
         return [r.text for r in self.oos if r.split == split]
 
@@ -64,6 +68,41 @@ class TextDataset:
         """(n,) index of each record's expert; `unknown` for experts absent from train."""
         index = {e: i for i, e in enumerate(self.experts)}
         return np.array([index.get(getattr(r, self.expert_key), unknown) for r in self.split(split)], dtype=np.int64)
+
+
+@dataclass
+class VectorDataset:
+    """Vectors without texts or labels (e.g. the synthetic set): experts come from k-means (`partition=N`).
+
+    `vectors` maps a split name to its (n, d) array; 'train' holds what the experts store.
+    """
+
+    name: str
+    vectors: dict[str, np.ndarray]
+    experts: list[str] = field(default_factory=list)  # none: there are no labels to group by
+
+    def __post_init__(self) -> None:
+        unknown = set(self.vectors) - set(SPLITS)
+        if unknown:
+            raise ValueError(f"dataset {self.name!r}: unknown split(s) {sorted(unknown)}; expected some of {SPLITS}")
+        train = self.vectors.get("train")
+        if train is None or len(train) == 0:
+            raise ValueError(f"dataset {self.name!r} has no training vectors (split 'train'); expected at least one")
+        for split, x in self.vectors.items():
+            if x.ndim != 2 or x.shape[1] != train.shape[1]:
+                raise ValueError(f"dataset {self.name!r}: split {split!r} has shape {x.shape}; "
+                                 f"expected (n, {train.shape[1]}) like 'train'")
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors["train"].shape[1])
+
+    def queries(self, split: str) -> np.ndarray:
+        """(n, d) query vectors of a split (0 rows when the split is absent)."""
+        return self.vectors.get(split, np.empty((0, self.dim), dtype=np.float32))
+
+    def oos_texts(self, split: str) -> list[str]:
+        return []
 
 
 def load_jsonl(path: str | Path) -> list[Record]:

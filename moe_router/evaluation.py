@@ -21,7 +21,7 @@ from moe_router.baselines import (
     CentroidRouter, KnnVoteRouter, MultiPrototypeRouter, RandomRouter, SemanticRouterStyle, ivf_recall,
 )
 from moe_router.calibration import reliability_bins, softmax
-from moe_router.data import TextDataset
+from moe_router.data import TextDataset, VectorDataset
 from moe_router.embedders import default_cache_dir
 from moe_router.experts import lower_blas_threshold
 from moe_router.metrics import (
@@ -118,13 +118,16 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     The top-level keys acc@1, acc@2, recall@10@t, scanned@t are the gate's; `routers` holds every row.
     """
     router = Router.load(cfg.ckpt, cache_dir=cfg.cache_dir or default_cache_dir())
-    dataset: TextDataset = instantiate(cfg.data)
-    records = dataset.split(cfg.split)
-    if not records:
+    dataset: TextDataset | VectorDataset = instantiate(cfg.data)
+    queries = dataset.queries(cfg.split)
+    if not len(queries):
         raise ValueError(f"dataset {dataset.name!r} has no {cfg.split!r} rows to evaluate on")
-    xq, _ = router.prepare_queries([r.text for r in records])
+    xq, _ = router.prepare_queries(queries)
     if router.manifest.get("config", {}).get("partition"):
         gold = gold_by_centroid(router, xq)  # k-means experts: the shard of the nearest centroid
+    elif isinstance(dataset, VectorDataset):
+        raise ValueError(f"dataset {dataset.name!r} has no labels, so it can only evaluate a checkpoint whose "
+                         f"experts are a k-means partition (trained with partition=N); {cfg.ckpt} is not")
     else:
         gold = gold_experts(router, dataset, cfg.split)
     k = int(cfg.k)
@@ -157,7 +160,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                      **{f"scanned@{t}": 1.0 for t in searched}}
 
     report: dict[str, Any] = {
-        "checkpoint": str(cfg.ckpt), "dataset": dataset.name, "split": cfg.split, "queries": len(records),
+        "checkpoint": str(cfg.ckpt), "dataset": dataset.name, "split": cfg.split, "queries": len(queries),
         "experts": router.num_experts, "vectors": router.ntotal, "unknown_gold": int((gold < 0).sum()),
         **{key: v for key, v in routers[GATE].items() if key != "scans_everything"},
         "routers": routers,

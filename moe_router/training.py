@@ -24,8 +24,8 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
-from moe_router.calibration import choose_threshold, fit_temperature
-from moe_router.data import TextDataset, exact_neighbours, make_targets, neighbour_counts
+from moe_router.calibration import choose_threshold, fit_temperature, load_floor_bias
+from moe_router.data import TextDataset, VectorDataset, exact_neighbours, make_targets, neighbour_counts
 from moe_router.embedders import CachedEmbedder, Embedder, default_cache_dir
 from moe_router.gate import Gate
 from moe_router.router import Router
@@ -230,16 +230,28 @@ def _restore_best(trainer: L.Trainer, module: GateModule, monitor: str) -> dict[
     return {k: float(v) for k, v in (results[0] if results else {}).items()}
 
 
-def router_from_dataset(dataset: TextDataset, embedder: Embedder, metric: str = "ip",
+def router_from_dataset(dataset: TextDataset | VectorDataset, embedder: Embedder | None, metric: str = "ip",
                         kmeans_experts: int | None = None, seed: int = 0) -> Router:
     """One expert per distinct expert key in the train split, holding that split's texts.
 
     With `kmeans_experts=n`, labels are ignored and the train vectors are cut into n experts by
-    FAISS k-means (learned sharding): experts shard_00 .. shard_{n-1}.
+    FAISS k-means (learned sharding): experts shard_00 .. shard_{n-1}. A VectorDataset has no
+    labels, so it needs `kmeans_experts`; its router has no embedder and is queried with vectors.
     """
-    router = Router(embedder.dim, metric, embedder=embedder)
-    train = dataset.split("train")
-    vectors = embedder.encode([r.text for r in train])
+    if isinstance(dataset, VectorDataset):
+        if not kmeans_experts:
+            raise ValueError(f"dataset {dataset.name!r} is vectors without labels: set partition=N "
+                             "to cut it into N k-means experts")
+        router = Router(dataset.dim, metric)
+        vectors = router.prepare_queries(dataset.vectors["train"])[0]
+        train, texts = None, None
+    else:
+        if embedder is None:
+            raise ValueError(f"dataset {dataset.name!r} is texts: it needs an embedder")
+        router = Router(embedder.dim, metric, embedder=embedder)
+        train = dataset.split("train")
+        texts = [r.text for r in train]
+        vectors = embedder.encode(texts)
     if kmeans_experts:
         keys = np.array([f"shard_{i:02d}" for i in kmeans_assign(vectors, kmeans_experts, metric, seed)])
         names = sorted(set(keys))
@@ -249,9 +261,9 @@ def router_from_dataset(dataset: TextDataset, embedder: Embedder, metric: str = 
     for name in names:
         rows = np.flatnonzero(keys == name)
         router.add_expert(
-            name, vectors[rows], texts=[train[i].text for i in rows],
+            name, vectors[rows], texts=None if texts is None else [texts[i] for i in rows],
             parent=None if kmeans_experts else dataset.parents.get(name),
-            metadata=[{"label": train[i].label, "domain": train[i].domain} for i in rows],
+            metadata=None if train is None else [{"label": train[i].label, "domain": train[i].domain} for i in rows],
         )
     return router
 
@@ -281,17 +293,18 @@ def train(cfg: DictConfig) -> TrainSummary:
     """Build experts from cfg.data's train split, train the gate with Lightning, save the checkpoint."""
     start = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    dataset: TextDataset = instantiate(cfg.data)
-    embedder = CachedEmbedder(instantiate(cfg.embedder), cfg.cache_dir or default_cache_dir())
+    dataset: TextDataset | VectorDataset = instantiate(cfg.data)
+    embedder = None if isinstance(dataset, VectorDataset) else CachedEmbedder(
+        instantiate(cfg.embedder), cfg.cache_dir or default_cache_dir())
     router = router_from_dataset(dataset, embedder, cfg.metric, cfg.partition, cfg.seed)
     if cfg.partition:  # learned sharding: a query's gold expert is the shard of its nearest centroid
-        texts = dataset.texts("val")
-        gold = gold_by_centroid(router, router.prepare_queries(texts)[0]) if texts else []
-        val = [(t, router.expert_names[g]) for t, g in zip(texts, gold)]
+        val_queries = dataset.queries("val")
+        gold = gold_by_centroid(router, router.prepare_queries(val_queries)[0]) if len(val_queries) else []
+        val_experts = [router.expert_names[g] for g in gold]
     else:
-        val = [(r.text, getattr(r, dataset.expert_key)) for r in dataset.split("val")
-               if getattr(r, dataset.expert_key) in set(dataset.experts)]
-    if not val:
+        rows = [r for r in dataset.split("val") if getattr(r, dataset.expert_key) in set(dataset.experts)]
+        val_queries, val_experts = [r.text for r in rows], [getattr(r, dataset.expert_key) for r in rows]
+    if not len(val_queries):
         raise ValueError(f"dataset {dataset.name!r} has no validation rows for its experts; add split 'val' rows "
                          "or set data.val_fraction > 0 to carve them from train")
     log_dir = Path(cfg.log_dir) if cfg.log_dir else _run_dir()
@@ -303,14 +316,14 @@ def train(cfg: DictConfig) -> TrainSummary:
         logger=CSVLogger(str(log_dir), name="logs"),
     )
     fit = fit_router(
-        router, val_queries=[t for t, _ in val], val_experts=[e for _, e in val],
+        router, val_queries=val_queries, val_experts=val_experts,
         targets=cfg.targets.kind, label_weight=cfg.targets.label_weight, neighbours=cfg.targets.neighbours,
         max_queries=cfg.targets.max_queries, module=module, trainer=trainer, batch_size=cfg.batch_size,
         monitor=cfg.monitor, seed=cfg.seed,
     )
     metrics = {**fit.metrics, "fit_seconds": fit.seconds}
     if cfg.calibrate:
-        metrics.update(calibrate(router, [t for t, _ in val], [e for _, e in val], dataset.oos_texts("val")))
+        metrics.update(calibrate(router, val_queries, val_experts, dataset.oos_texts("val"), cfg.load_floor))
     if trainer.is_global_zero:
         router.save(cfg.out, config=OmegaConf.to_container(cfg, resolve=True), metrics=metrics)
     return TrainSummary(Path(cfg.out), router.num_experts, router.ntotal, fit.metrics, fit.seconds,
@@ -325,13 +338,26 @@ def gold_by_centroid(router: Router, xq: np.ndarray) -> np.ndarray:
     return np.argmin(((xq[:, None, :] - centroids[None]) ** 2).sum(-1), axis=1)
 
 
-def calibrate(router: Router, texts: list[str], experts: list[str], oos_texts: list[str]) -> dict[str, float]:
-    """Temperature-scale the gate on validation queries; with out-of-scope ones, set the abstain threshold."""
-    xv, _ = router.prepare_queries(texts)
+def calibrate(router: Router, queries: Any, experts: list[str], oos_texts: list[str],
+              load_floor: float | None = None) -> dict[str, float]:
+    """Fit the gate to validation queries (texts or vectors) after training.
+
+    With `load_floor`, experts whose top-1 share of the queries is below load_floor / E (and below
+    their share of the gold experts) get their logit raised just enough to reach it (see
+    calibration.load_floor_bias); then the temperature
+    is fitted; with out-of-scope queries, the abstain threshold is set.
+    """
+    xv, _ = router.prepare_queries(queries)
     gold = np.array([router.expert_index(e) for e in experts])
+    out: dict[str, float] = {}
+    if load_floor:
+        bias = load_floor_bias(router.gate_logits(xv), float(load_floor), gold)
+        with torch.no_grad():
+            router.gate.head.bias += torch.from_numpy(bias).to(router.gate.head.bias)
+        out["load_floor_experts_raised"] = int((bias > 0).sum())
     temperature = fit_temperature(router.gate_logits(xv), gold)
     router.gate.temperature.fill_(temperature)
-    out = {"temperature": temperature}
+    out["temperature"] = temperature
     if oos_texts:
         xo, _ = router.prepare_queries(oos_texts)
         router.abstain_threshold = choose_threshold(router.in_scope_scores(xv), router.in_scope_scores(xo))

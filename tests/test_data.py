@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from moe_router.data import (
-    Record, carve_validation, demo_path, exact_neighbours, load_dataset, load_jsonl, make_targets,
+    Record, VectorDataset, carve_validation, demo_path, exact_neighbours, load_dataset, load_jsonl, make_targets,
     neighbour_counts,
 )
+from moe_router.synthetic import synthetic_dataset
 from tests.helpers import REPO, VOCAB, brute_force, clusters
 
 ROW = {"text": "a question about stars", "domain": "astronomy", "label": "stars", "split": "train"}
@@ -147,3 +148,37 @@ def test_make_targets__label_neighbours_and_mix() -> None:
 def test_make_targets_bad_arguments__raise(kind: str, counts: np.ndarray | None, weight: float, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         make_targets(kind, np.array([0]), counts, 2, weight)
+
+
+# ---------------------------------------------------------------- vector datasets and the synthetic set
+
+
+def test_synthetic_dataset__is_seeded_unit_vectors_in_three_splits() -> None:
+    a = synthetic_dataset(vectors=1000, dim=16, sources=4, seed=3, val=50, test=70)
+    b = synthetic_dataset(vectors=1000, dim=16, sources=4, seed=3, val=50, test=70)
+    c = synthetic_dataset(vectors=1000, dim=16, sources=4, seed=4, val=50, test=70)
+    assert {k: v.shape for k, v in a.vectors.items()} == {"train": (1000, 16), "val": (50, 16), "test": (70, 16)}
+    assert all(np.array_equal(a.vectors[k], b.vectors[k]) for k in a.vectors)
+    assert not np.array_equal(a.vectors["train"], c.vectors["train"])
+    assert np.allclose(np.linalg.norm(a.vectors["train"], axis=1), 1.0, atol=1e-5)
+    assert a.queries("test") is a.vectors["test"] and a.queries("missing").shape == (0, 16) and a.oos_texts("val") == []
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"vectors": 1}, r"vectors must be an integer >= 2, got 1"),
+    ({"sources": True}, r"sources must be an integer >= 2, got True"),
+    ({"test": 0}, r"test must be an integer >= 1, got 0"),
+])
+def test_synthetic_dataset__rejects_bad_sizes(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        synthetic_dataset(**{"vectors": 100, "dim": 8, "sources": 2, "val": 5, "test": 5, **kwargs})
+
+
+def test_vector_dataset__rejects_missing_train_unknown_splits_and_mismatched_dims() -> None:
+    x = np.ones((3, 4), dtype=np.float32)
+    with pytest.raises(ValueError, match=r"no training vectors"):
+        VectorDataset("v", {"val": x})
+    with pytest.raises(ValueError, match=r"unknown split\(s\) \['dev'\]"):
+        VectorDataset("v", {"train": x, "dev": x})
+    with pytest.raises(ValueError, match=r"split 'test' has shape \(3, 5\); expected \(n, 4\)"):
+        VectorDataset("v", {"train": x, "test": np.ones((3, 5), dtype=np.float32)})

@@ -212,3 +212,35 @@ def test_train_without_validation_rows__raises_clear_error(tmp_path: Path) -> No
     cfg = compose_config("train", [*_train_overrides(tmp_path), "data=jsonl", f"data.path={data}", "data.val_fraction=0"])
     with pytest.raises(ValueError, match="no validation rows"):
         train(cfg)
+
+
+# ---------------------------------------------------------------- learned sharding on the synthetic vector set
+
+SYNTHETIC = ["data=synthetic", "data.vectors=3000", "data.dim=32", "data.sources=4", "data.val=200", "data.test=300"]
+
+
+def test_train_and_evaluate_on_synthetic_vectors__kmeans_experts_and_a_full_report(tmp_path: Path) -> None:
+    cfg = compose_config("train", [*_train_overrides(tmp_path), *SYNTHETIC, "partition=6"])
+    summary = train(cfg)
+    router = Router.load(summary.out)
+    assert router.embedder is None and router.num_experts == 6 and router.ntotal == 3000
+    assert router.expert_names == [f"shard_{i:02d}" for i in range(6)]
+    ecfg = compose_config("eval", [*SYNTHETIC, f"ckpt={summary.out}", f"out_dir={tmp_path}/report",
+                                   "speed_batches=[100]"])
+    report = evaluate(ecfg)
+    assert report["dataset"] == "synthetic" and report["queries"] == 300 and report["experts"] == 6
+    assert report["unknown_gold"] == 0 and report["recall@10@1"] <= report["recall@10@2"] <= report["recall@10@4"]
+    # gold of a k-means expert is the shard of the nearest centroid, so centroid routing is always right
+    assert report["routers"]["centroid"]["acc@1"] == 1.0
+    assert {"report.json", "table.md", "recall.png", "load.png", "reliability.png"} <= {
+        p.name for p in (tmp_path / "report").iterdir()}
+
+
+def test_synthetic_vectors_without_partition__raise_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"vectors without labels: set partition=N"):
+        train(compose_config("train", [*_train_overrides(tmp_path), *SYNTHETIC]))
+    train_cfg = compose_config("train", [*_train_overrides(tmp_path), "data=jsonl",
+                                         f"data.path={write_jsonl(tmp_path / 'd.jsonl')}"])
+    out = train(train_cfg).out
+    with pytest.raises(ValueError, match=r"has no labels, so it can only evaluate a checkpoint whose experts are a k-means"):
+        evaluate(compose_config("eval", [*SYNTHETIC, "data.dim=256", f"ckpt={out}", "++out_dir=null"]))
