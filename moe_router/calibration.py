@@ -64,3 +64,33 @@ def reliability_bins(confidence: np.ndarray, correct: np.ndarray, bins: int = 15
         out["confidence"].append(float(confidence[sel].mean()) if sel.any() else float((edges[b] + edges[b + 1]) / 2))
         out["accuracy"].append(float(correct[sel].mean()) if sel.any() else 0.0)
     return out
+
+
+def load_floor_bias(logits: np.ndarray, floor: float, gold: np.ndarray | None = None, step: float = 0.02,
+                    max_steps: int = 500) -> np.ndarray:
+    """(E,) smallest logit offsets (on a `step` grid) that lift starving experts' top-1 share to a floor.
+
+    logits: (n, E) gate logits of held-out queries. Expert i's target share is floor / E, or, with
+    `gold` (n,) (each query's gold expert), the smaller of that and i's share of the gold: an
+    expert few queries belong to is not pushed past them. Only experts under their target are
+    raised, a step at a time, so well-used experts and the ranking among them are left alone.
+    floor = 0.25 is the dead-expert line of the load metrics.
+    """
+    n, E = logits.shape
+    if not 0.0 <= floor <= 1.0:
+        raise ValueError(f"floor is a share of the even load 1/E, so it must be in [0, 1], got {floor}")
+    if n == 0:
+        raise ValueError("load_floor_bias needs at least one query")
+    target = np.full(E, float(floor))
+    if gold is not None:
+        if len(gold) != n:
+            raise ValueError(f"gold names {len(gold)} experts for {n} queries; expected one per query")
+        target = np.minimum(target, np.bincount(gold[gold >= 0], minlength=E)[:E] * (E / n))
+    bias = np.zeros(E)
+    for _ in range(max_steps):
+        shares = np.bincount((logits + bias).argmax(axis=1), minlength=E) * (E / n)
+        low = shares < target - 1e-12
+        if not low.any():
+            break
+        bias[low] += step
+    return bias

@@ -8,7 +8,7 @@ import torch
 
 from moe_router import Gate, Router
 from moe_router.baselines import CentroidRouter, KnnVoteRouter, MultiPrototypeRouter, SemanticRouterStyle, ivf_recall
-from moe_router.calibration import choose_threshold, fit_temperature, reliability_bins, softmax
+from moe_router.calibration import choose_threshold, fit_temperature, load_floor_bias, reliability_bins, softmax
 from moe_router.data import exact_neighbours, neighbour_counts
 from moe_router.metrics import assign_with_capacity, load_stats, recall_at_k, recall_from_counts, top_experts
 from tests.helpers import clusters
@@ -172,3 +172,25 @@ def test_abstain_without_threshold__is_a_clear_error(clustered) -> None:
     router.init_gate(hidden_dims=[8])
     with pytest.raises(ValueError, match="abstain_threshold"):
         router.route(xq, abstain=True)
+
+
+def test_load_floor_bias__raises_only_starving_experts_until_each_meets_the_floor() -> None:
+    # 100 queries over 4 experts: expert 3 never wins (it is 0.09 behind expert 0 on queries 0-9);
+    # expert 2 wins 10 queries (share x E = 0.4), the others 45 each.
+    logits = np.zeros((100, 4))
+    logits[:45, 0], logits[45:90, 1], logits[90:, 2] = 1.0, 1.0, 1.0
+    logits[:10, 3] = 0.91
+    bias = load_floor_bias(logits, floor=0.4, step=0.02)
+    shares = np.bincount((logits + bias).argmax(1), minlength=4) * 4 / 100
+    assert shares.min() >= 0.4 and bias[0] == bias[1] == bias[2] == 0.0
+    assert bias[3] == pytest.approx(0.10)  # the first grid step above the 0.09 gap: takes queries 0-9
+    assert np.array_equal(load_floor_bias(logits, floor=0.0), np.zeros(4))
+    # with gold experts, expert 3's target is its gold share: 5 queries (share x E = 0.2) belong to it
+    gold = np.r_[np.full(5, 3), np.zeros(95, dtype=int)]
+    lifted = load_floor_bias(logits, floor=0.4, gold=gold, step=0.02)
+    assert lifted[3] == pytest.approx(0.10) and (lifted[:3] == 0).all()
+    assert np.array_equal(load_floor_bias(logits, floor=0.4, gold=np.zeros(100, dtype=int)), np.zeros(4))
+    with pytest.raises(ValueError, match=r"gold names 3 experts for 100 queries"):
+        load_floor_bias(logits, floor=0.4, gold=np.zeros(3, dtype=int))
+    with pytest.raises(ValueError, match=r"floor is a share of the even load 1/E, so it must be in \[0, 1\], got 1.5"):
+        load_floor_bias(logits, floor=1.5)
