@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 export HF_HUB_OFFLINE=1
 
-RUNS=${RUNS:-clinc150 stackoverflow20 banking77 clinc150_intents stackoverflow20_kmeans16 stackoverflow20_kmeans64 synthetic_kmeans16 synthetic_kmeans64}
+RUNS=${RUNS:-clinc150 stackoverflow20 banking77 clinc150_intents stackoverflow20_kmeans16 stackoverflow20_kmeans64 synthetic_kmeans16 synthetic_kmeans64 stackoverflow20_balanced64 synthetic_balanced64}
 
 run() {  # run NAME TRAIN_OVERRIDES... -- EVAL_OVERRIDES...
   local name=$1; shift
@@ -33,3 +33,6 @@ run stackoverflow20_kmeans64 data=stackoverflow20 partition=64 -- data=stackover
 # Learned sharding on vectors without labels (configs/data/synthetic.yaml); 30k sampled pseudo-queries keep training short.
 run synthetic_kmeans16 data=synthetic partition=16 targets.max_queries=30000 -- data=synthetic
 run synthetic_kmeans64 data=synthetic partition=64 targets.max_queries=30000 -- data=synthetic
+# The same 64 shards with a size cap (k-means, no shard above 1.5x the mean size).
+run stackoverflow20_balanced64 data=stackoverflow20 partition=64 partition_max_imbalance=1.5 -- data=stackoverflow20
+run synthetic_balanced64 data=synthetic partition=64 partition_max_imbalance=1.5 targets.max_queries=30000 -- data=synthetic

@@ -162,6 +162,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     report: dict[str, Any] = {
         "checkpoint": str(cfg.ckpt), "dataset": dataset.name, "split": cfg.split, "queries": len(queries),
         "experts": router.num_experts, "vectors": router.ntotal, "unknown_gold": int((gold < 0).sum()),
+        "partition": router.manifest.get("config", {}).get("partition"),  # k-means experts: gold = nearest centroid
         **{key: v for key, v in routers[GATE].items() if key != "scans_everything"},
         "routers": routers,
     }

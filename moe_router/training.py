@@ -28,6 +28,7 @@ from moe_router.calibration import choose_threshold, fit_temperature, load_floor
 from moe_router.data import TextDataset, VectorDataset, exact_neighbours, make_targets, neighbour_counts
 from moe_router.embedders import CachedEmbedder, Embedder, default_cache_dir
 from moe_router.gate import Gate
+from moe_router.lifecycle import balanced_kmeans
 from moe_router.router import Router
 from moe_router.vectors import prepare
 
@@ -231,11 +232,13 @@ def _restore_best(trainer: L.Trainer, module: GateModule, monitor: str) -> dict[
 
 
 def router_from_dataset(dataset: TextDataset | VectorDataset, embedder: Embedder | None, metric: str = "ip",
-                        kmeans_experts: int | None = None, seed: int = 0) -> Router:
+                        kmeans_experts: int | None = None, seed: int = 0,
+                        max_imbalance: float | None = None) -> Router:
     """One expert per distinct expert key in the train split, holding that split's texts.
 
     With `kmeans_experts=n`, labels are ignored and the train vectors are cut into n experts by
-    FAISS k-means (learned sharding): experts shard_00 .. shard_{n-1}. A VectorDataset has no
+    FAISS k-means (learned sharding): experts shard_00 .. shard_{n-1}; with `max_imbalance`, by
+    k-means with a size cap (no shard above max_imbalance x the mean size). A VectorDataset has no
     labels, so it needs `kmeans_experts`; its router has no embedder and is queried with vectors.
     """
     if isinstance(dataset, VectorDataset):
@@ -253,7 +256,11 @@ def router_from_dataset(dataset: TextDataset | VectorDataset, embedder: Embedder
         texts = [r.text for r in train]
         vectors = embedder.encode(texts)
     if kmeans_experts:
-        keys = np.array([f"shard_{i:02d}" for i in kmeans_assign(vectors, kmeans_experts, metric, seed)])
+        if max_imbalance is None:
+            shards = kmeans_assign(vectors, kmeans_experts, metric, seed)
+        else:
+            shards = balanced_kmeans(vectors, kmeans_experts, metric, seed, max_imbalance=max_imbalance)
+        keys = np.array([f"shard_{i:02d}" for i in shards])
         names = sorted(set(keys))
     else:
         keys = np.array([getattr(r, dataset.expert_key) for r in train])
@@ -296,7 +303,7 @@ def train(cfg: DictConfig) -> TrainSummary:
     dataset: TextDataset | VectorDataset = instantiate(cfg.data)
     embedder = None if isinstance(dataset, VectorDataset) else CachedEmbedder(
         instantiate(cfg.embedder), cfg.cache_dir or default_cache_dir())
-    router = router_from_dataset(dataset, embedder, cfg.metric, cfg.partition, cfg.seed)
+    router = router_from_dataset(dataset, embedder, cfg.metric, cfg.partition, cfg.seed, cfg.partition_max_imbalance)
     if cfg.partition:  # learned sharding: a query's gold expert is the shard of its nearest centroid
         val_queries = dataset.queries("val")
         gold = gold_by_centroid(router, router.prepare_queries(val_queries)[0]) if len(val_queries) else []

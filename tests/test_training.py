@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from moe_router import Gate, Router
 from moe_router.evaluation import evaluate
 from moe_router.metrics import accuracy_at_k, recall_from_counts, top_experts
-from moe_router.training import GateModule, fit_router, query_counts, routing_pairs, train
+from moe_router.training import GateModule, fit_router, query_counts, router_from_dataset, routing_pairs, train
 from tests.helpers import CONFIGS, VOCAB, clusters, write_jsonl
 
 E = 4
@@ -229,6 +229,7 @@ def test_train_and_evaluate_on_synthetic_vectors__kmeans_experts_and_a_full_repo
                                    "speed_batches=[100]"])
     report = evaluate(ecfg)
     assert report["dataset"] == "synthetic" and report["queries"] == 300 and report["experts"] == 6
+    assert report["partition"] == 6
     assert report["unknown_gold"] == 0 and report["recall@10@1"] <= report["recall@10@2"] <= report["recall@10@4"]
     # gold of a k-means expert is the shard of the nearest centroid, so centroid routing is always right
     assert report["routers"]["centroid"]["acc@1"] == 1.0
@@ -244,3 +245,17 @@ def test_synthetic_vectors_without_partition__raise_clear_errors(tmp_path: Path)
     out = train(train_cfg).out
     with pytest.raises(ValueError, match=r"has no labels, so it can only evaluate a checkpoint whose experts are a k-means"):
         evaluate(compose_config("eval", [*SYNTHETIC, "data.dim=256", f"ckpt={out}", "++out_dir=null"]))
+
+
+def test_router_from_dataset_with_max_imbalance__caps_every_shard_and_keeps_every_vector() -> None:
+    from moe_router.synthetic import synthetic_dataset
+
+    data = synthetic_dataset(vectors=3000, dim=32, sources=4, val=10, test=10)
+    plain = router_from_dataset(data, None, "ip", kmeans_experts=6)
+    capped = router_from_dataset(data, None, "ip", kmeans_experts=6, max_imbalance=1.2)
+    assert capped.ntotal == plain.ntotal == 3000 and capped.num_experts == 6
+    assert max(e.ntotal for e in capped.experts) <= 600  # 1.2 x the mean of 500
+    stored = np.concatenate([e.vectors() for e in capped.experts])
+    assert np.allclose(np.sort(stored, axis=0), np.sort(data.vectors["train"], axis=0), atol=1e-6)
+    with pytest.raises(ValueError, match=r"set partition=N"):
+        router_from_dataset(data, None, "ip")
