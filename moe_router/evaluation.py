@@ -140,16 +140,19 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     scorers: dict[str, Callable[[np.ndarray], np.ndarray]] = {GATE: router.gate_probs}
     routers: dict[str, dict[str, Any]] = {GATE: {"scans_everything": False}}
-    for key in tqdm(cfg.baselines, desc="baselines", disable=len(xq) < 2000):
-        if key not in BASELINES:
-            raise ValueError(f"unknown baseline {key!r}; expected some of {sorted(BASELINES)}")
+    unknown = [key for key in cfg.baselines if key not in BASELINES]
+    if unknown:
+        raise ValueError(f"unknown baseline(s) {unknown}; expected some of {sorted(BASELINES)}")
+    quiet = len(xq) * router.ntotal < 10**8  # progress bars only for runs that take more than a few seconds
+    for key in tqdm(cfg.baselines, desc="building baselines", disable=quiet):
         baseline = BASELINES[key](router)
         scorers[baseline.name] = baseline.scores
         routers[baseline.name] = {"scans_everything": baseline.scans_everything}
-    scores = {name: fn(xq) for name, fn in scorers.items()}
+    scores: dict[str, np.ndarray] = {}
+    for name, fn in tqdm(scorers.items(), desc="routing and searching", disable=quiet):
+        scores[name] = fn(xq)
+        routers[name].update(routing_metrics(router, xq, scores[name], gold, exact_ids, searched, k))
     probs = scores[GATE]
-    for name, s in scores.items():
-        routers[name].update(routing_metrics(router, xq, s, gold, exact_ids, searched, k))
     if cfg.capacity_factor:
         report_capacity = capacity_report(router, xq, probs, exact_ids, min(2, router.num_experts), k,
                                           float(cfg.capacity_factor))
@@ -173,7 +176,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if oos:
         report["out_of_scope"] = oos_report(router, oos, xq, scorers, scores, routers)
     top = min(2, router.num_experts)
-    report["speed"] = {f"batch_{b}": latency(router, xq, flat, k, top, b) for b in cfg.speed_batches if b <= len(xq)}
+    batches = [b for b in cfg.speed_batches if b <= len(xq)]
+    report["speed"] = {f"batch_{b}": latency(router, xq, flat, k, top, b)
+                       for b in tqdm(batches, desc="timing routed vs exhaustive", disable=quiet)}
     if cfg.out_dir:
         write_outputs(report, Path(cfg.out_dir), searched, k, router, scores)
     if cfg.report:

@@ -259,3 +259,11 @@ def test_router_from_dataset_with_max_imbalance__caps_every_shard_and_keeps_ever
     assert np.allclose(np.sort(stored, axis=0), np.sort(data.vectors["train"], axis=0), atol=1e-6)
     with pytest.raises(ValueError, match=r"set partition=N"):
         router_from_dataset(data, None, "ip")
+
+
+def test_evaluate_unknown_baseline__raises_clear_error_naming_it(jsonl_run: tuple[Path, Path]) -> None:
+    data, root = jsonl_run
+    cfg = compose_config("eval", ["data=jsonl", f"data.path={data}", f"ckpt={root}/ckpt", f"cache_dir={root}/cache",
+                                  "baselines=[centroid,bogus]", "++out_dir=null"])
+    with pytest.raises(ValueError, match=r"unknown baseline\(s\) \['bogus'\]; expected some of \['centroid'"):
+        evaluate(cfg)
