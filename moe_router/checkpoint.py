@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import threading
@@ -33,6 +34,8 @@ from safetensors.torch import load_file, save_file
 from moe_router.embedders import embedder_from_spec
 from moe_router.experts import Expert, MetadataStore, ensure_unique
 from moe_router.gate import Gate
+
+log = logging.getLogger(__name__)
 
 FORMAT = "moe_router.checkpoint"
 FORMAT_VERSION = 1
@@ -138,6 +141,26 @@ def _swap_into_place(tmp: Path, path: Path) -> None:
         os.rename(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
     _fsync_dir(path.parent)
+
+
+def recover_checkpoint(path: Path) -> Path | None:
+    """Undo a save that was killed between its two renames; returns the directory restored, if any.
+
+    _swap_into_place renames the live checkpoint to `.NAME.old-XXXX` and then the new
+    one into place. A kill between the two leaves no checkpoint at `path`; the `.old` one holds
+    every acknowledged write (the new one was never acknowledged), so it goes back. Router.load
+    calls this first, so a library user gets the same recovery as the server.
+    """
+    path = Path(path)
+    if path.exists():
+        return None
+    olds = [p for p in path.parent.glob(f".{path.name}.old-*") if (p / MANIFEST).is_file()]
+    if not olds:
+        return None
+    newest = max(olds, key=lambda p: p.stat().st_mtime_ns)
+    os.rename(newest, path)
+    log.warning("restored %s from %s (a save was interrupted between its renames)", path, newest.name)
+    return newest
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
@@ -263,6 +286,7 @@ def load_router(path: Path, verify: bool = True, cache_dir: str | Path | None = 
     from moe_router.router import Router
 
     path = Path(path)
+    recover_checkpoint(path)
     manifest = read_manifest(path)
     try:
         dim, metric = int(manifest["dim"]), str(manifest["metric"])

@@ -91,6 +91,19 @@ def test_checkpoint_in_process__round_trips_everything(text_router: Router, save
     assert _hits_as_dicts(loaded.search(TEXT_QUERIES, k=6)) == _hits_as_dicts(text_router.search(TEXT_QUERIES, k=6))
 
 
+def test_load_after_a_save_killed_between_its_renames__restores_the_last_checkpoint(
+    text_router: Router, saved: Path
+) -> None:
+    # What a save leaves when killed between its two renames: the live checkpoint moved aside,
+    # the new one (never acknowledged) still under its temporary name, nothing at `saved`.
+    aside = saved.parent / f".{saved.name}.old-deadbeef"
+    saved.rename(aside)
+    (saved.parent / f".{saved.name}.tmp-0badf00d").mkdir()
+    loaded = Router.load(saved)
+    assert saved.is_dir() and not aside.exists()
+    assert _hits_as_dicts(loaded.search(TEXT_QUERIES, k=6)) == _hits_as_dicts(text_router.search(TEXT_QUERIES, k=6))
+
+
 def test_checkpoint__preserves_stats(text_router: Router, tmp_path: Path) -> None:
     text_router.route(TEXT_QUERIES * 4, top_k=2)
     before = text_router.stats()

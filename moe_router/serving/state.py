@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import faiss
 import numpy as np
 import torch
 
-from moe_router.checkpoint import MANIFEST, STORE, read_manifest
+from moe_router.checkpoint import STORE, read_manifest, recover_checkpoint
 from moe_router.experts import Expert, MetadataStore
 from moe_router.router import Router
 
@@ -71,25 +70,6 @@ def fork_router(router: Router) -> Router:
     router.store.conn.backup(store.conn)  # SQLite's online backup: a consistent copy while readers continue
     fork.store = store
     return fork
-
-
-def recover_checkpoint(path: Path) -> Path | None:
-    """Undo a save that was killed between its two renames; returns the directory restored, if any.
-
-    checkpoint._swap_into_place renames the live checkpoint to `.NAME.old-XXXX` and then the new
-    one into place. A kill between the two leaves no checkpoint at `path`; the `.old` one holds
-    every acknowledged write (the new one was never acknowledged), so it goes back.
-    """
-    path = Path(path)
-    if path.exists():
-        return None
-    olds = [p for p in path.parent.glob(f".{path.name}.old-*") if (p / MANIFEST).is_file()]
-    if not olds:
-        return None
-    newest = max(olds, key=lambda p: p.stat().st_mtime_ns)
-    os.rename(newest, path)
-    log.warning("restored %s from %s (a save was interrupted between its renames)", path, newest.name)
-    return newest
 
 
 class RouterState:
