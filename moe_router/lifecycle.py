@@ -280,19 +280,12 @@ def add_expert(
     router: Router, name: str, vectors: Any = None, texts: Sequence[str] | None = None, specialization: str = "",
     parent: str | None = None, metadata: Sequence[dict] | None = None, fit_row: bool = True,
 ) -> Expert:
-    """Router.add_expert, then (with a gate and `fit_row`) fit_expert_rows for it: routable at once.
+    """Router.add_expert: with a gate and `fit_row`, its row is fitted (fit_expert_rows), routable at once.
 
     The inputs are checked by Router.add_expert before anything changes; if the fit fails the
     expert is removed again, so the router ends as it was.
     """
-    expert = router.add_expert(name, vectors, texts, specialization, parent, metadata)
-    if fit_row and router.gate is not None and router.num_experts > 1:
-        try:
-            fit_expert_rows(router, [name])
-        except BaseException:
-            router.remove_expert(name)
-            raise
-    return expert
+    return router.add_expert(name, vectors, texts, specialization, parent, metadata, fit_row=fit_row)
 
 
 # ---------------------------------------------------------------- merge and split
@@ -490,6 +483,7 @@ def _add_all(router: Router, groups: list[tuple[str, np.ndarray, str]], xb: np.n
             router.add_expert(
                 name, xb[rows], texts=[texts[r] for r in rows] if texts is not None else None, specialization=spec,
                 parent=parent, metadata=[metadata[r] for r in rows] if metadata is not None else None,
+                fit_row=False,  # all new rows are fitted together below
             )
             added.append(name)
         if fit_rows and added and router.gate is not None and router.num_experts > len(added):

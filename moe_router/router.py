@@ -131,10 +131,15 @@ class Router:
         specialization: str = "",
         parent: str | None = None,
         metadata: Sequence[dict] | None = None,
+        fit_row: bool = True,
     ) -> Expert:
         """Add an expert from vectors and/or texts (texts are embedded when no vectors are given).
 
-        With a gate present, the gate grows an output for it at once (see Gate.add_expert).
+        With a gate present, the gate grows an output for it at once. With `fit_row` (default) that
+        output is fitted against the other experts (lifecycle.fit_expert_rows): the new expert takes
+        its own queries without drawing the others'; if the fit fails the expert is removed again.
+        `fit_row=False` only points the new row at its vectors' mean feature (Gate.add_expert), which
+        can draw many of the other experts' queries until the gate is fine-tuned.
         """
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"expert name must be a non-empty string, got {name!r}")
@@ -155,6 +160,14 @@ class Router:
                 m = self.gate.prototypes_per_expert
                 protos = torch.from_numpy(expert.prototypes(m)) if m else None
                 self.gate.add_expert(torch.from_numpy(xb), prototypes=protos)
+        if fit_row and self.gate is not None and self.num_experts > 1:
+            from moe_router import lifecycle
+
+            try:
+                lifecycle.fit_expert_rows(self, [name])
+            except BaseException:
+                self.remove_expert(name)
+                raise
         return expert
 
     def vectors_from(self, texts: Sequence[str] | None, vectors: Any, what: str) -> np.ndarray:

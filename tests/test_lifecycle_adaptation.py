@@ -42,13 +42,22 @@ def test_fitted_row__new_expert_routable_at_once_without_taking_the_others(proto
     router, xs = five_clusters(prototypes)
     plain, _ = five_clusters(prototypes)
     old_before = [acc(router, xs[i][80:], f"e{i}") for i in range(4)]
-    plain.add_expert("new", xs[4][:80])  # Gate.add_expert's row alone
+    plain.add_expert("new", xs[4][:80], fit_row=False)  # Gate.add_expert's row alone
     lc.add_expert(router, "new", xs[4][:80])  # ... refitted against the other experts
     assert acc(router, xs[4][80:], "new") >= 0.9
     old_after = [acc(router, xs[i][80:], f"e{i}") for i in range(4)]
     assert min(np.subtract(old_after, old_before)) >= -0.05
     if not prototypes:  # an MLP row at the mean feature takes the other experts' queries; the fitted one does not
         assert np.mean(old_after) > np.mean([acc(plain, xs[i][80:], f"e{i}") for i in range(4)]) + 0.2
+
+
+def test_router_add_expert__fits_the_row_by_default_like_lifecycle_add_expert() -> None:
+    a, xs = five_clusters(prototypes=4)
+    b, _ = five_clusters(prototypes=4)
+    a.add_expert("new", xs[4][:80])
+    lc.add_expert(b, "new", xs[4][:80])
+    queries = np.concatenate([x[80:] for x in xs])
+    np.testing.assert_allclose(a.gate_logits(queries), b.gate_logits(queries), rtol=1e-5, atol=1e-5)
 
 
 def test_fitted_row__failure_removes_the_new_expert_again(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -67,7 +76,7 @@ def test_fitted_row__failure_removes_the_new_expert_again(monkeypatch: pytest.Mo
 
 def test_fine_tune__sharpens_the_new_expert_and_keeps_the_others() -> None:
     router, xs = five_clusters()
-    router.add_expert("new", xs[4][:80])  # the gate's plain row takes queries from the others
+    router.add_expert("new", xs[4][:80], fit_row=False)  # the gate's plain row takes queries from the others
     before = [acc(router, xs[i][80:], f"e{i}") for i in range(4)]
     res = fine_tune(router, ["new"], FineTuneConfig(steps=30, replay=1.0, min_replay=0))
     after = [acc(router, xs[i][80:], f"e{i}") for i in range(4)]
