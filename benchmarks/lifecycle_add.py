@@ -3,7 +3,7 @@
     python benchmarks/lifecycle_add.py [--new-domain travel] [--cache-dir reports/tmp/lifecycle_hybrid]
 
 Prints, on the test split: the new expert's acc@1 and recall@10 (at 1 and 2 experts searched)
-right after Router.add_expert and after adaptation.fine_tune, the other experts' acc@1 and
+right after adding it (with and without the fitted row) and after adaptation.fine_tune, the other experts' acc@1 and
 recall@10 before the add, after it, after the fine-tune and with a full retrain on all 10
 domains; and the fine-tune's time as a share of the full training's (wall and CPU time).
 The fully trained routers are cached in --cache-dir (their training time is stored with them).
@@ -78,9 +78,9 @@ def main() -> None:
     meta = [{"label": r.label, "domain": r.domain} for r in train_new]
     cfg = FineTuneConfig(steps=args.steps, replay=args.replay, train_body=not args.head_only, seed=args.seed)
     tunes = {}
-    # Two ways to grow the gate, each followed by the same fine-tune: Router.add_expert (Gate.add_expert's
-    # row at the new vectors' mean feature) and lifecycle.add_expert (that row refitted against the others).
-    for label, fit_row in (("Router.add_expert", False), ("lifecycle.add_expert", True)):
+    # Two ways to grow the gate, each followed by the same fine-tune: fit_row=False (Gate.add_expert's row
+    # at the new vectors' mean feature) and the default, lifecycle.add_expert (that row fitted against the others).
+    for label, fit_row in (("add_expert(fit_row=False)", False), ("lifecycle.add_expert", True)):
         router = Router.load(cache / f"clinc150-without-{new}", cache_dir=default_cache_dir())
         start = time.perf_counter()
         lifecycle.add_expert(router, new, texts=texts, metadata=meta, fit_row=fit_row)
