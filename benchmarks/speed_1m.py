@@ -43,6 +43,7 @@ from moe_router.evaluation import exhaustive_index
 from moe_router.experts import lower_blas_threshold
 from moe_router.gate import Gate
 from moe_router.metrics import load_stats, recall_at_k
+from moe_router.router import Router
 from moe_router.synthetic import cluster_layout, clustered_router, held_out_queries
 from moe_router.training import GateModule, fit_router
 
@@ -220,7 +221,22 @@ def save_and_load(router, ckpt: Path, rounds: int, raw_bytes: int) -> dict[str, 
                 "load_only_gb": (peak - base) / 1e9, "load_only_over_raw": (peak - base) / raw_bytes,
             }
     return {"save_seconds": save_seconds, "disk_gb": disk / 1e9, "raw_vectors_gb": raw_bytes / 1e9,
-            "summary": summary, "runs": runs}
+            "summary": summary, "runs": runs, "save_after_add": save_after_add(ckpt)}
+
+
+def save_after_add(ckpt: Path) -> dict[str, float]:
+    """Load, add one expert as large as the others, then save: over the checkpoint (unchanged experts'
+    files linked) and, side by side, to a new directory with every file written (the previous way)."""
+    router = Router.load(ckpt)
+    xb = router.experts[0].vectors()  # (n/E, d) a copy, stored again under a new name
+    router.add_expert("added", xb, fit_row=False)
+    linked, _ = timed(lambda: router.save(ckpt))
+    for e in router.experts:
+        e.saved = None  # forget the files: every expert is written
+    full_dir = ckpt.parent / f"{ckpt.name}-full"
+    written, _ = timed(lambda: router.save(full_dir))
+    shutil.rmtree(full_dir, ignore_errors=True)
+    return {"linked_seconds": linked, "written_seconds": written, "speedup": written / linked}
 
 
 def goals(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -270,6 +286,9 @@ def print_table(report: dict[str, Any]) -> None:
           + ", ".join(f"{key} {v:.4f}" for key, v in t["val"].items()))
     print(f"Checkpoint: saved in {c['save_seconds']:.1f} s, {c['disk_gb']:.2f} GB on disk "
           f"(raw vectors {c['raw_vectors_gb']:.3f} GB)")
+    a = c["save_after_add"]
+    print(f"Save after adding one expert: {a['linked_seconds']:.2f} s with unchanged experts linked vs "
+          f"{a['written_seconds']:.2f} s writing every file ({a['speedup']:.1f}x)")
     print("| load (fresh process) | seconds | peak RSS | peak / raw | load-only RSS / raw |")
     print("|---|---|---|---|---|")
     for name, s in c["summary"].items():

@@ -9,7 +9,8 @@ Layout:
     store.sqlite          per-vector text/metadata and feedback (checked with PRAGMA quick_check)
 
 Written to a temporary sibling directory and renamed into place, so a crash leaves either the
-old checkpoint or the new one, never half of one.
+old checkpoint or the new one, never half of one. Files are never changed in place: a save
+hard-links the files of experts that did not change (checked by sha256) instead of writing them.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from moe_router.embedders import embedder_from_spec
-from moe_router.experts import Expert, MetadataStore, ensure_unique
+from moe_router.experts import Expert, MetadataStore, SavedCopy, ensure_unique
 from moe_router.gate import Gate
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,34 @@ def _write_npy(path: Path, arr: np.ndarray) -> None:
         os.fsync(f.fileno())
 
 
+def _link_saved(saved: SavedCopy | None, vectors: Path, ids: Path) -> bool:
+    """Hard-link an expert's saved files to `vectors` and `ids` if they still hold what was saved.
+
+    Each file is re-hashed first (cheaper than writing it again, and a file damaged on disk since
+    is never carried into a new checkpoint). False, with nothing left behind, when a file is
+    missing, changed or cannot be linked (e.g. another filesystem); the caller then writes it.
+    """
+    if saved is None:
+        return False
+    try:
+        if _sha256(saved.vectors) != saved.vectors_sha256 or _sha256(saved.ids) != saved.ids_sha256:
+            return False
+        os.link(saved.vectors, vectors)
+        os.link(saved.ids, ids)
+        return True
+    except OSError:
+        vectors.unlink(missing_ok=True)
+        ids.unlink(missing_ok=True)
+        return False
+
+
 def save_router(router, path: Path, config: dict | None = None, metrics: dict | None = None) -> Path:
-    """Write `router` to the directory `path` atomically; returns the path."""
+    """Write `router` to the directory `path` atomically; returns the path.
+
+    An expert whose rows have not changed since it was last loaded or saved has its files
+    hard-linked from there (after a sha256 check) instead of written again, so saving after
+    adding or removing one expert costs little more than writing that expert.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -83,8 +110,11 @@ def save_router(router, path: Path, config: dict | None = None, metrics: dict | 
         experts = []
         for i, e in enumerate(router.experts):
             vec_rel, ids_rel = f"experts/{i:04d}.npy", f"experts/{i:04d}.ids.npy"
-            _write_npy(tmp / vec_rel, e.vectors())
-            _write_npy(tmp / ids_rel, e.ids)
+            if _link_saved(e.saved, tmp / vec_rel, tmp / ids_rel):
+                files[vec_rel], files[ids_rel] = e.saved.vectors_sha256, e.saved.ids_sha256
+            else:
+                _write_npy(tmp / vec_rel, e.vectors())
+                _write_npy(tmp / ids_rel, e.ids)
             experts.append(
                 {"name": e.name, "specialization": e.specialization, "parent": e.parent, "size": e.ntotal,
                  "vectors": vec_rel, "ids": ids_rel}
@@ -95,7 +125,8 @@ def save_router(router, path: Path, config: dict | None = None, metrics: dict | 
             save_file(state, str(tmp / GATE_FILE))
             gate_info = {"config": router.gate.config(), "file": GATE_FILE}
         for rel in [*(x["vectors"] for x in experts), *(x["ids"] for x in experts), *([GATE_FILE] if gate_info else [])]:
-            files[rel] = _sha256(tmp / rel)
+            if rel not in files:
+                files[rel] = _sha256(tmp / rel)
         router.store.backup_to(tmp / STORE)
         stats = {s.name: {"queries": s.queries, "confidence_sum": s.mean_confidence * s.queries} for s in router.stats()}
         manifest = {
@@ -123,6 +154,9 @@ def save_router(router, path: Path, config: dict | None = None, metrics: dict | 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    where = path.absolute()  # a later save may run from another working directory
+    for e, info in zip(router.experts, experts):
+        e.saved = SavedCopy(where / info["vectors"], where / info["ids"], files[info["vectors"]], files[info["ids"]])
     if router.store.path is not None and router.store.path.resolve() == (path / STORE).resolve():
         # The old store file was replaced by the new copy: reopen it.
         router.store.close()
@@ -271,13 +305,19 @@ def _read_npy_data(f, out: np.ndarray, sha) -> str | None:
     return None
 
 
-def _read_expert(path: Path, info: dict, dim: int, metric: str, files: dict[str, str]) -> Expert:
-    """One expert's ids, then its vectors read straight into its index (sha256-checked when listed in `files`)."""
+def _read_expert(path: Path, info: dict, dim: int, metric: str, files: dict[str, str], digests: dict) -> Expert:
+    """One expert's ids, then its vectors read straight into its index (sha256-checked when listed in `files`).
+
+    `digests` is the manifest's sha256 of every file, recorded with the expert (Expert.saved).
+    """
     n = int(info["size"])
     expert = Expert(str(info["name"]), dim, metric, str(info.get("specialization", "")), info.get("parent"))
     ids = np.empty(n, dtype=np.int64)
     _read_npy_into(path, info["ids"], ids, files.get(info["ids"]))
     _read_npy_into(path, info["vectors"], expert.add_in_place(ids), files.get(info["vectors"]))
+    pair = digests.get(info["vectors"]), digests.get(info["ids"])
+    if all(isinstance(d, str) for d in pair):  # the files a later save may link instead of rewriting
+        expert.saved = SavedCopy(_inside(path.absolute(), info["vectors"]), _inside(path.absolute(), info["ids"]), *pair)
     return expert
 
 
@@ -303,7 +343,7 @@ def load_router(path: Path, verify: bool = True, cache_dir: str | Path | None = 
                 raise CheckpointError(f"checkpoint {path}: {rel} is corrupted (sha256 does not match the manifest)")
         # Experts are read side by side: sha256 and copying run on every core (reads release the GIL).
         with ThreadPoolExecutor(max(1, min(len(infos), os.cpu_count() or 1))) as pool:
-            experts = list(pool.map(lambda info: _read_expert(path, info, dim, metric, files), infos))
+            experts = list(pool.map(lambda info: _read_expert(path, info, dim, metric, files, manifest["files"]), infos))
         embedder = embedder_from_spec(manifest.get("embedder"), cache_dir=cache_dir)
         if not (path / STORE).is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: {STORE} is missing")

@@ -11,7 +11,7 @@ import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -92,6 +92,20 @@ def worst_score(metric: str) -> float:
     return -np.inf if metric == "ip" else np.inf
 
 
+@dataclass(frozen=True)
+class SavedCopy:
+    """Files that hold exactly an expert's current vectors and ids, with their sha256 (set by save/load).
+
+    A later save links these files into the new checkpoint (after checking them) instead of
+    writing them again; any change to the expert's rows clears it.
+    """
+
+    vectors: Path
+    ids: Path
+    vectors_sha256: str
+    ids_sha256: str
+
+
 @dataclass
 class Expert:
     """A named FAISS flat index. Vectors are expected already checked (and normalised for 'ip')."""
@@ -101,6 +115,7 @@ class Expert:
     metric: str = "ip"
     specialization: str = ""
     parent: str | None = None
+    saved: SavedCopy | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_metric(self.metric)
@@ -116,6 +131,7 @@ class Expert:
             raise ValueError(f"expert {self.name!r}: {xb.shape[0]} vectors but {len(ids)} ids")
         self.index.add(np.ascontiguousarray(xb, dtype=np.float32))
         self.ids = np.concatenate([self.ids, np.asarray(ids, dtype=np.int64)])
+        self.saved = None
 
     def add_in_place(self, ids: np.ndarray) -> np.ndarray:
         """Append len(ids) zero rows with these ids; return them as a writable (n, d) float32 view to fill.
@@ -127,6 +143,7 @@ class Expert:
         self.index.codes.resize((start + n) * self.index.code_size)
         self.index.ntotal = start + n
         self.ids = np.concatenate([self.ids, np.asarray(ids, dtype=np.int64)])
+        self.saved = None
         xb = faiss.rev_swig_ptr(self.index.get_xb(), (start + n) * self.dim)  # a view of the index's memory
         return xb.reshape(start + n, self.dim)[start:]
 
@@ -176,6 +193,7 @@ class Expert:
         self.index.add(keep_vectors)
         removed = int(drop.sum())
         self.ids = self.ids[~drop]
+        self.saved = None
         return removed
 
 

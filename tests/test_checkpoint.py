@@ -136,6 +136,45 @@ def test_save_over_existing_checkpoint__replaces_it_atomically(text_router: Rout
     assert leftovers == []  # no temporary or old copy left beside it
 
 
+def _expert_files(ckpt: Path) -> dict[str, tuple[int, int]]:
+    """Expert name -> (inode of its vectors file, inode of its ids file)."""
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    return {e["name"]: ((ckpt / e["vectors"]).stat().st_ino, (ckpt / e["ids"]).stat().st_ino)
+            for e in manifest["experts"]}
+
+
+def test_save_after_adding_an_expert__links_unchanged_experts_and_round_trips(saved: Path, tmp_path: Path) -> None:
+    loaded = Router.load(saved)
+    before = _expert_files(saved)
+    loaded.add_expert("gardening", texts=["a question about roses", "a question about tulips"])
+    loaded.save(saved)  # over itself
+    after = _expert_files(saved)
+    assert {n: after[n] for n in before} == before  # the same files, linked into the new checkpoint
+    copy = loaded.save(tmp_path / "elsewhere")  # and into another directory
+    assert {n: _expert_files(copy)[n] for n in before} == before
+    for ckpt in (saved, copy):
+        again = Router.load(ckpt)  # sha256-verified
+        assert _hits_as_dicts(again.search(TEXT_QUERIES, k=6)) == _hits_as_dicts(loaded.search(TEXT_QUERIES, k=6))
+
+
+def test_save__rewrites_an_expert_whose_rows_or_files_changed(saved: Path, tmp_path: Path) -> None:
+    loaded = Router.load(saved)
+    files = _expert_files(saved)
+    loaded.expert("cooking").remove_ids(loaded.expert("cooking").ids[:2])  # rows changed in memory
+    manifest = json.loads((saved / MANIFEST).read_text())
+    finance = next(e for e in manifest["experts"] if e["name"] == "finance")
+    _flip_bytes(saved / finance["vectors"])  # damaged on disk after the load
+    out = loaded.save(tmp_path / "next")
+    now = _expert_files(out)
+    assert now["astronomy"] == files["astronomy"]
+    assert now["cooking"] != files["cooking"] and now["finance"][0] != files["finance"][0]
+    again = Router.load(out)  # verified: the damaged file was written again from memory, not linked
+    assert again.expert("cooking").ntotal == loaded.expert("cooking").ntotal
+    for a, b in zip(again.experts, loaded.experts):
+        np.testing.assert_array_equal(a.vectors(), b.vectors())
+        np.testing.assert_array_equal(a.ids, b.ids)
+
+
 def test_loaded_router_saved_over_itself__stays_usable(saved: Path) -> None:
     loaded = Router.load(saved)
     loaded.add_expert("gardening", texts=["a question about roses", "a question about tulips"])
