@@ -9,8 +9,9 @@ Layout:
     store.sqlite          per-vector text/metadata and feedback (checked with PRAGMA quick_check)
 
 Written to a temporary sibling directory and renamed into place, so a crash leaves either the
-old checkpoint or the new one, never half of one. Files are never changed in place: a save
-hard-links the files of experts that did not change (checked by sha256) instead of writing them.
+old checkpoint or the new one, never half of one. Expert files (.npy) are never changed in
+place, so a save hard-links those of experts that did not change (checked by sha256) instead of
+writing them; only store.sqlite takes writes in place (feedback, durably, in WAL mode).
 """
 
 from __future__ import annotations

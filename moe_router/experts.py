@@ -211,7 +211,8 @@ CREATE TABLE IF NOT EXISTS feedback (
     vector BLOB,
     expert TEXT NOT NULL,
     positive INTEGER NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    removed REAL  -- when its expert was removed (kept as an audit log); NULL while the expert exists
 );
 """
 
@@ -235,6 +236,10 @@ class MetadataStore:
                 if status != "ok":
                     raise sqlite3.DatabaseError(status)
             self.conn.executescript(_SCHEMA)
+            columns = {row[1] for row in self.conn.execute("PRAGMA table_info(feedback)")}
+            if "removed" not in columns:  # a store written before feedback of removed experts was set apart
+                with self.conn:
+                    self.conn.execute("ALTER TABLE feedback ADD COLUMN removed REAL")
         except sqlite3.DatabaseError as exc:
             raise ValueError(f"metadata store {self.path} is not a valid SQLite database: {exc}") from None
 
@@ -270,8 +275,10 @@ class MetadataStore:
             self.conn.execute("UPDATE items SET expert = ? WHERE expert = ?", (new, old))
 
     def delete_expert(self, name: str) -> None:
+        """Delete the expert's items; its feedback stays as an audit log, set apart from any later expert of that name."""
         with self._lock, self.conn:
             self.conn.execute("DELETE FROM items WHERE expert = ?", (name,))
+            self.conn.execute("UPDATE feedback SET removed = ? WHERE expert = ? AND removed IS NULL", (time.time(), name))
 
     def set_expert(self, ids: Sequence[int], expert: str) -> None:
         with self._lock, self.conn:
@@ -285,12 +292,20 @@ class MetadataStore:
             )
         return int(cur.lastrowid)
 
-    def feedback(self, expert: str | None = None) -> list[tuple[int, str | None, np.ndarray, str, bool, float]]:
-        """(seq, query text, query vector, expert, positive, unix time) rows, oldest first."""
-        sql = "SELECT seq, query, vector, expert, positive, created FROM feedback"
+    def feedback(
+        self, expert: str | None = None, include_removed: bool = False,
+    ) -> list[tuple[int, str | None, np.ndarray, str, bool, float]]:
+        """(seq, query text, query vector, expert, positive, unix time) rows, oldest first.
+
+        Rows of removed experts are left out unless `include_removed` (the full audit log).
+        """
+        where = [] if include_removed else ["removed IS NULL"]
         args: tuple = ()
         if expert is not None:
-            sql, args = sql + " WHERE expert = ?", (expert,)
+            where.append("expert = ?")
+            args = (expert,)
+        sql = "SELECT seq, query, vector, expert, positive, created FROM feedback"
+        sql += " WHERE " + " AND ".join(where) if where else ""
         with self._lock:
             rows = self.conn.execute(sql + " ORDER BY seq", args).fetchall()
         return [(s, q, np.frombuffer(v, dtype=np.float32), e, bool(p), c) for s, q, v, e, p, c in rows]
@@ -326,7 +341,8 @@ class MetadataStore:
     def feedback_counts(self) -> dict[str, tuple[int, int]]:
         """expert -> (feedback rows, positive rows)."""
         with self._lock:
-            rows = self.conn.execute("SELECT expert, COUNT(*), SUM(positive) FROM feedback GROUP BY expert").fetchall()
+            rows = self.conn.execute(
+                "SELECT expert, COUNT(*), SUM(positive) FROM feedback WHERE removed IS NULL GROUP BY expert").fetchall()
         return {e: (int(n), int(p or 0)) for e, n, p in rows}
 
     def experts_of(self, ids: Iterable[int]) -> dict[int, str]:

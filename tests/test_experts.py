@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sqlite3
+from pathlib import Path
+
 import faiss
 import numpy as np
 import pytest
@@ -97,3 +100,22 @@ def test_metadata_store_get__returns_text_and_payload_beyond_sqlite_parameter_li
     assert got[2001] == ("t2001", {"i": 2001})
     assert got[2000] == ("t2000", {})
     assert store.max_id() == n - 1
+
+
+def test_metadata_store_of_an_older_checkpoint__gains_the_removed_column_and_keeps_its_feedback(tmp_path: Path) -> None:
+    path = tmp_path / "store.sqlite"
+    conn = sqlite3.connect(str(path))
+    conn.executescript("""
+        CREATE TABLE items (id INTEGER PRIMARY KEY, expert TEXT NOT NULL, text TEXT, payload TEXT);
+        CREATE TABLE feedback (seq INTEGER PRIMARY KEY AUTOINCREMENT, query TEXT, vector BLOB,
+                               expert TEXT NOT NULL, positive INTEGER NOT NULL, created REAL NOT NULL);
+    """)
+    conn.execute("INSERT INTO feedback (query, vector, expert, positive, created) VALUES (?, ?, ?, ?, ?)",
+                 ("q", np.ones(4, dtype=np.float32).tobytes(), "a", 1, 1.0))
+    conn.commit()
+    conn.close()
+    store = MetadataStore(path)
+    assert [(s, q, e, p) for s, q, _, e, p, _ in store.feedback()] == [(1, "q", "a", True)]
+    store.delete_expert("a")
+    assert store.feedback() == [] and len(store.feedback(include_removed=True)) == 1
+    store.close()

@@ -393,6 +393,21 @@ def test_feedback_stats__counts_and_success_rates(router_ip: Router) -> None:
     assert_unchanged(router_ip, before)
 
 
+def test_feedback_of_a_removed_expert__is_kept_apart_from_a_new_expert_of_that_name(
+    router_ip: Router, tmp_path: Path
+) -> None:
+    give(router_ip, "expert0", 3, 1)
+    vectors = router_ip.expert("expert0").vectors()
+    router_ip.remove_expert("expert0")
+    router_ip.add_expert("expert0", vectors)  # same name, a new expert: no feedback of its own yet
+    give(router_ip, "expert0", 1, 0)
+    stats = {s.expert: s for s in router_ip.feedback_stats()}
+    assert (stats["expert0"].total, stats["expert0"].positive) == (1, 1)
+    loaded = Router.load(router_ip.save(tmp_path / "ckpt"))
+    assert len(loaded.store.feedback("expert0")) == 1
+    assert len(loaded.store.feedback("expert0", include_removed=True)) == 5  # the audit log keeps all
+
+
 def test_recommendations__follow_the_tutorial_rules_at_their_boundaries(router_ip: Router) -> None:
     give(router_ip, "expert0", 5, 6)  # 45% over 11 > 10 -> retrain or merge
     give(router_ip, "expert1", 4, 6)  # 40% but only 10 records: no rule

@@ -239,7 +239,9 @@ def test_add_and_remove_expert__persist_and_route(ckpt):
     state.close()
     router = Router.load(ckpt)
     assert router.expert_names == list(TOPICS)
-    assert [(s, q, e, p) for s, q, _, e, p, _ in router.store.feedback()] == [(fid, texts[0], "rust", False)]
+    # the removed expert's feedback stays as an audit log, set apart from the live experts' feedback
+    assert [(s, q, e, p) for s, q, _, e, p, _ in router.store.feedback(include_removed=True)] == [(fid, texts[0], "rust", False)]
+    assert router.store.feedback() == [] and router.store.feedback_counts() == {}
 
 
 def test_failed_save__is_503_and_changes_nothing(ckpt, monkeypatch):
