@@ -2,6 +2,7 @@
 
     moe-router route  --ckpt checkpoints/demo "How do I fix an auth bug?" "Flexbox centering"
     moe-router search --ckpt checkpoints/demo -k 3 --top-experts 2 "How do I fix an auth bug?"
+    moe-router search --ckpt checkpoints/demo -k 3 --top-experts 2 --per-expert "How do I fix an auth bug?"
     moe-router stats  --ckpt checkpoints/demo
 """
 
@@ -21,8 +22,8 @@ def _print_routes(router: Router, queries: list[str], top_experts: int) -> None:
             print(f"  {r.expert:<24} confidence {r.probability:.3f}")
 
 
-def _print_hits(router: Router, queries: list[str], k: int, top_experts: int) -> None:
-    for query, hits in zip(queries, router.search(queries, k=k, top_experts=top_experts)):
+def _print_hits(router: Router, queries: list[str], k: int, top_experts: int, per_expert: bool) -> None:
+    for query, hits in zip(queries, router.search(queries, k=k, top_experts=top_experts, per_expert=per_expert)):
         print(f'\nQuery: "{query}"')
         by_expert: dict[str, list] = {}
         for h in hits:
@@ -53,14 +54,15 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("queries", nargs="+", help="query texts")
             p.add_argument("--top-experts", type=int, default=2, help="experts searched per query")
         if name == "search":
-            p.add_argument("-k", type=int, default=3, help="hits per query")
+            p.add_argument("-k", type=int, default=3, help="hits per query (per expert with --per-expert)")
+            p.add_argument("--per-expert", action="store_true", help="k hits from each searched expert, not k in all")
     args = parser.parse_args(argv)
     try:
         router = Router.load(args.ckpt)
         if args.command == "route":
             _print_routes(router, args.queries, args.top_experts)
         elif args.command == "search":
-            _print_hits(router, args.queries, args.k, args.top_experts)
+            _print_hits(router, args.queries, args.k, args.top_experts, args.per_expert)
         else:
             _print_stats(router)
     except (CheckpointError, ValueError, KeyError) as exc:

@@ -328,11 +328,12 @@ class Router:
 
     # ---------------------------------------------------------------- search
 
-    def search_experts(self, xq: np.ndarray, k: int, experts: np.ndarray) -> RoutedSearch:
+    def search_experts(self, xq: np.ndarray, k: int, experts: np.ndarray, merge: bool = True) -> RoutedSearch:
         """Search, for each query, only the experts in its row of `experts` (nq, t); merge by score.
 
         Queries are grouped by expert: one FAISS call per expert per batch, the calls side by side
-        on the cores (experts.search_each).
+        on the cores (experts.search_each). With `merge=False` the result keeps every expert's own
+        top k: (nq, t * k) arrays, expert by expert in the order of `experts`, each best first.
         """
         nq, t = experts.shape
         D = np.full((nq, t * k), worst_score(self.metric), dtype=np.float32)
@@ -348,6 +349,8 @@ class Router:
             I[rows[:, None], cols] = Ie
             E[rows[:, None], cols] = np.where(Ie >= 0, e, -1)
             scanned[rows] += self.experts[e].ntotal
+        if not merge:
+            return RoutedSearch(D, I, E, scanned)
         order = np.argsort(-D if self.metric == "ip" else D, axis=1, kind="stable")[:, :k]  # (nq, k)
         return RoutedSearch(
             np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1), np.take_along_axis(E, order, 1), scanned
@@ -370,18 +373,22 @@ class Router:
         return self.in_scope_scores(xq) < self.abstain_threshold
 
     def search(
-        self, queries: Any, k: int = 10, top_experts: int = 2, with_text: bool = True, abstain: bool = False
+        self, queries: Any, k: int = 10, top_experts: int = 2, with_text: bool = True, abstain: bool = False,
+        per_expert: bool = False,
     ) -> list[Hit] | list[list[Hit]]:
         """Route each query, search only its top_experts experts, return its k best hits merged by score.
 
-        With `abstain=True`, queries the router is not confident about get no hits (see route).
+        With `per_expert=True`, each searched expert contributes its own k best instead (up to
+        k x top_experts hits, grouped by expert, the most probable expert first; the tutorial's
+        routeQuery(query, kPerExpert, topExperts)). With `abstain=True`, queries the router is not
+        confident about get no hits (see route).
         """
         k = self._check_k(k)
         top_experts = self._check_top(top_experts, "top_experts")
         xq, single = self.prepare_queries(queries)
         probs, top = self.decide(xq, top_experts)
         refused = self._refused(xq, abstain)
-        res = self.search_experts(xq, k, top)
+        res = self.search_experts(xq, k, top, merge=not per_expert)
         meta = self.store.get(res.I[res.I >= 0].tolist()) if with_text else {}
         out = []
         for q in range(xq.shape[0]):

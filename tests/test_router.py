@@ -80,6 +80,19 @@ def test_search__searches_only_the_routed_experts(router: Router, queries: np.nd
         assert scores == sorted(scores, reverse=router.metric == "ip")  # best first for either metric
 
 
+def test_search_per_expert__each_routed_expert_gives_its_own_exact_top_k(router: Router, queries: np.ndarray) -> None:
+    xq, _ = router.prepare_queries(queries)
+    chosen = top_experts(router.gate_probs(xq), 2)
+    k = 4
+    for q, row in enumerate(router.search(queries, k=k, top_experts=2, per_expert=True)):
+        expected = []  # expert by expert, most probable first, each expert's exact top k (fewer if it holds fewer)
+        for e in chosen[q]:
+            ex = router.experts[e]
+            _, I_ref = brute_force(xq[q : q + 1], ex.vectors(), ex.ids, min(k, ex.ntotal), router.metric)
+            expected += [(ex.name, int(i)) for i in I_ref[0]]
+        assert [(h.expert, h.id) for h in row] == expected
+
+
 def test_search__hits_carry_text_metadata_and_routing_probability(router_ip: Router, queries: np.ndarray) -> None:
     xq, _ = router_ip.prepare_queries(queries[:5])
     probs = router_ip.gate_probs(xq)

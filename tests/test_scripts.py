@@ -81,6 +81,13 @@ def test_cli_search__prints_hits_grouped_by_expert(saved_ckpt: Path, capsys: pyt
     assert "finance (confidence" in out and out.count("score ") == 2 and "a question about" in out
 
 
+def test_cli_search_per_expert__prints_k_hits_for_each_expert(saved_ckpt: Path, capsys: pytest.CaptureFixture) -> None:
+    argv = ["search", "--ckpt", str(saved_ckpt), "-k", "2", "--top-experts", "2", "--per-expert", "a question about bond"]
+    assert cli_main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("(confidence") == 2 and out.count("score ") == 4
+
+
 def test_cli_stats__lists_every_expert(saved_ckpt: Path, capsys: pytest.CaptureFixture) -> None:
     assert cli_main(["stats", "--ckpt", str(saved_ckpt)]) == 0
     out = capsys.readouterr().out

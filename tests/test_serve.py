@@ -88,12 +88,13 @@ def test_run_queries__batched_pass_equals_one_call_per_request(ckpt):
         Query("search", xq=xq[2:3], k=5, top_experts=1),
         Query("route", xq=xq[3:6], top_experts=3),
         Query("search", xq=xq[:1], k=10_000, top_experts=2),  # k over the stored vectors: fails alone
+        Query("search", xq=xq[:2], k=2, top_experts=2, per_expert=True),  # beside k=3 and k=7 of the same kind
     ]
     got = run_queries(router, queries)
     assert [h.id for h in got[0][1]] == [h.id for h in router.search(xq[1], k=3, top_experts=2)]
-    for q, res in zip(queries[:4], got[:4]):
-        want = router.search(q.xq if q.xq is not None else q.texts, k=q.k, top_experts=q.top_experts) \
-            if q.op == "search" else router.route(q.xq, top_k=q.top_experts)
+    for q, res in [*zip(queries[:4], got[:4]), (queries[5], got[5])]:
+        want = router.search(q.xq if q.xq is not None else q.texts, k=q.k, top_experts=q.top_experts,
+                             per_expert=q.per_expert) if q.op == "search" else router.route(q.xq, top_k=q.top_experts)
         if q.op == "search":
             assert [[(h.id, h.expert) for h in row] for row in res] == [[(h.id, h.expert) for h in row] for row in want]
             np.testing.assert_allclose([[h.score for h in row] for row in res], [[h.score for h in row] for row in want],
@@ -113,6 +114,10 @@ def test_search_over_http__equals_router_search(client, ckpt):
     assert [[h["id"] for h in row["hits"]] for row in got] == [[h.id for h in row] for row in want]
     assert [[h["text"] for h in row["hits"]] for row in got] == [[h.text for h in row] for row in want]
     assert got[0]["hits"][0]["metadata"]["topic"] == want[0][0].metadata["topic"]
+    per = client.post("/search", json={**body, "k": 2, "per_expert": True}).json()["results"]
+    want = router.search(body["texts"], k=2, top_experts=2, per_expert=True)
+    assert [[(h["id"], h["expert"]) for h in row["hits"]] for row in per] == [[(h.id, h.expert) for h in row] for row in want]
+    assert all(len(row["hits"]) == 4 for row in per)  # 2 from each of the 2 experts
     route = client.post("/route", json={"text": "password token login", "top_experts": 2}).json()
     assert route["results"][0]["experts"][0]["expert"] == "security"
 

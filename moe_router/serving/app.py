@@ -207,7 +207,8 @@ def create_app(
     # ------------------------------------------------------------------ queries
 
     def to_query(op: str, body: Any) -> Query:
-        q = Query(op, k=getattr(body, "k", 1), top_experts=body.top_experts, with_text=getattr(body, "with_text", False))
+        q = Query(op, k=getattr(body, "k", 1), top_experts=body.top_experts, with_text=getattr(body, "with_text", False),
+                  per_expert=getattr(body, "per_expert", False))
         if body.text is not None or body.texts is not None:
             q.texts = [body.text] if body.text is not None else list(body.texts)
         else:

@@ -37,6 +37,7 @@ class Query:
     k: int = 10  # hits per query (search only)
     top_experts: int = 2  # experts routed to / searched per query
     with_text: bool = True  # search only: fetch each hit's text and metadata from the store
+    per_expert: bool = False  # search only: k hits from each searched expert instead of k in all
     submitted: float = field(default_factory=time.monotonic)
 
     @property
@@ -57,9 +58,10 @@ def run_queries(router: Router, queries: list[Query]) -> list[list[Any] | Except
     """Answer every query against one router: per request, a list (one entry per query) or its error.
 
     A bad request fails alone; the rest of the pass goes on. Requests are grouped by
-    (op, top_experts, with_text) - one group in the common case - and each group is one
-    Router.route or Router.search call over the stacked queries, searched with the group's
-    largest k and cut back to each request's k (exact search: the top k of the top K).
+    (op, top_experts, with_text, per_expert) - one group in the common case - and each group is
+    one Router.route or Router.search call over the stacked queries, searched with the group's
+    largest k and cut back to each request's k (exact search: the top k of the top K). Per-expert
+    searches are grouped by their k too, so nothing needs cutting.
     """
     out: list[list[Any] | Exception | None] = [None] * len(queries)
     xqs: dict[int, np.ndarray] = {}
@@ -84,15 +86,15 @@ def run_queries(router: Router, queries: list[Query]) -> list[list[Any] | Except
     for i in xqs:
         if out[i] is None:
             q = queries[i]
-            groups[(q.op, q.top_experts, q.with_text)].append(i)
-    for (op, top_experts, with_text), idx in groups.items():
+            groups[(q.op, q.top_experts, q.with_text, q.per_expert, q.k if q.per_expert else None)].append(i)
+    for (op, top_experts, with_text, per_expert, _), idx in groups.items():
         xq = np.concatenate([xqs[i] for i in idx])  # (N, d)
         try:
             if op == "route":
                 rows = router.route(xq, top_k=top_experts)
             else:
                 k = max(queries[i].k for i in idx)
-                rows = router.search(xq, k=k, top_experts=top_experts, with_text=with_text)
+                rows = router.search(xq, k=k, top_experts=top_experts, with_text=with_text, per_expert=per_expert)
         except ValueError as exc:
             for i in idx:
                 out[i] = exc
@@ -101,7 +103,7 @@ def run_queries(router: Router, queries: list[Query]) -> list[list[Any] | Except
         for i in idx:
             q = queries[i]
             part = rows[start : start + q.n]
-            out[i] = [hits[: q.k] for hits in part] if op == "search" else part
+            out[i] = [hits[: q.k] for hits in part] if op == "search" and not per_expert else part
             start += q.n
     return out  # type: ignore[return-value]
 

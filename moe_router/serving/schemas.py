@@ -175,6 +175,7 @@ def build_models(dim: int, limits: Limits, nonzero: bool = True) -> SimpleNamesp
         k: Annotated[Int, Field(ge=1, le=limits.max_k, description="hits per query; at most the stored vectors")] = 10
         top_experts: TopExperts = 2
         with_text: bool = True  # fetch each hit's text and metadata
+        per_expert: bool = False  # k hits from each searched expert (grouped, most probable first), not k in all
 
     class FeedbackRequest(BaseModel):
         model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra=_schema("oneOf", ("text", "vector")))
