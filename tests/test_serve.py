@@ -249,6 +249,40 @@ def test_add_and_remove_expert__persist_and_route(ckpt):
     assert router.store.feedback() == [] and router.store.feedback_counts() == {}
 
 
+def test_merge_and_split_over_http__persist_and_equal_the_library(ckpt, tmp_path):
+    lib = Router.load(ckpt)  # the same changes made in the library, for comparison
+    lib.merge_experts("security", "devops", name="ops")
+    lib.split_expert("ops", parts=2, names=["ops-a", "ops-b"])
+    state = RouterState(ckpt)
+    with TestClient(create_app(state)) as c:
+        r = c.post("/merge", json={"a": "security", "b": "devops", "name": "ops"})
+        assert r.status_code == 200, r.text
+        merged = r.json()["experts"][0]
+        assert r.json()["generation"] == 1 and (merged["name"], merged["vectors"]) == ("ops", 60)
+        r = c.post("/split", json={"name": "ops", "parts": 2, "names": ["ops-a", "ops-b"]})
+        assert r.status_code == 200, r.text
+        assert [e["name"] for e in r.json()["experts"]] == ["ops-a", "ops-b"] and r.json()["generation"] == 2
+        bad = [
+            ("/merge", {"a": "ops-a", "b": "nope"}, 404),
+            ("/merge", {"a": "ops-a", "b": "ops-a"}, 422),
+            ("/merge", {"a": "ops-a", "b": "ops-b", "name": "frontend"}, 409),
+            ("/split", {"name": "nope"}, 404),
+            ("/split", {"name": "frontend", "names": ["databases", "x"]}, 409),
+            ("/split", {"name": "frontend", "parts": 3, "names": ["x", "y"]}, 422),
+            ("/split", {"name": "frontend", "parts": 1}, 422),
+        ]
+        for path, body, status in bad:
+            r = c.post(path, json=body)
+            assert r.status_code == status, (path, body, r.text)
+            assert r.json()["error"]
+        assert c.get("/experts").json()["generation"] == 2  # failed changes changed nothing
+    state.close()
+    served = Router.load(ckpt)
+    assert served.expert_names == lib.expert_names
+    q = ["password token login", "docker deploy helm", "css grid layout"]
+    assert [[h.id for h in row] for row in served.search(q, k=5)] == [[h.id for h in row] for row in lib.search(q, k=5)]
+
+
 def test_failed_save__is_503_and_changes_nothing(ckpt, monkeypatch):
     state = RouterState(ckpt)
 

@@ -8,7 +8,7 @@ import asyncio
 import logging
 import secrets
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request, Security
@@ -26,8 +26,8 @@ from moe_router.router import ExpertScore, Hit
 from moe_router.serving.batcher import MicroBatcher, Overloaded, Query, run_now
 from moe_router.serving.config import AuthConfig, BatchConfig, Limits
 from moe_router.serving.schemas import (
-    ErrorResponse, ExpertChangeResponse, ExpertOut, ExpertsResponse, FeedbackResponse, HealthResponse, ReadyResponse,
-    RouteResponse, SearchResponse, StatsResponse, build_models,
+    ErrorResponse, ExpertChangeResponse, ExpertOut, ExpertsChangeResponse, ExpertsResponse, FeedbackResponse,
+    HealthResponse, ReadyResponse, RouteResponse, SearchResponse, StatsResponse, build_models,
 )
 from moe_router.serving.state import ExpertConflict, PersistError, RouterState
 from moe_router.vectors import prepare
@@ -233,6 +233,8 @@ def create_app(
     search_body, search_schema = json_body(models.SearchRequest)
     feedback_body, feedback_schema = json_body(models.FeedbackRequest)
     expert_body, expert_schema = json_body(models.AddExpertRequest)
+    merge_body, merge_schema = json_body(models.MergeExpertsRequest)
+    split_body, split_schema = json_body(models.SplitExpertRequest)
 
     @app.post("/route", response_model=RouteResponse, dependencies=read_deps, openapi_extra=route_schema,
               responses=_responses(400, *auth_codes, 413, 422, 503))
@@ -266,19 +268,25 @@ def create_app(
                           mean_pass=batcher.queries / max(batcher.passes, 1))
         return {"generation": snap.generation, "experts": experts, "server": server}
 
-    @app.post("/feedback", response_model=FeedbackResponse, dependencies=write_deps, openapi_extra=feedback_schema,
-              responses=_responses(400, *auth_codes, 404, 413, 422, 503))
-    async def feedback(body: Any = feedback_body) -> dict:
-        """Record whether an expert served a query well; committed to the checkpoint before the reply."""
-        query: Any = body.text if body.text is not None else _as_float32(body.vector, state.metric)[0]
+    async def write(fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a durable write (feedback, an expert change) in the thread pool; its errors become 4xx/503 answers."""
         try:
-            return {"id": await run_in_threadpool(state.record_feedback, query, body.expert, body.positive)}
+            return await run_in_threadpool(fn, *args)
+        except ExpertConflict as exc:
+            raise HTTPException(409, str(exc)) from None
         except KeyError as exc:
             raise HTTPException(404, str(exc.args[0])) from None
         except PersistError as exc:
             raise HTTPException(503, str(exc)) from None
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
+
+    @app.post("/feedback", response_model=FeedbackResponse, dependencies=write_deps, openapi_extra=feedback_schema,
+              responses=_responses(400, *auth_codes, 404, 413, 422, 503))
+    async def feedback(body: Any = feedback_body) -> dict:
+        """Record whether an expert served a query well; committed to the checkpoint before the reply."""
+        query: Any = body.text if body.text is not None else _as_float32(body.vector, state.metric)[0]
+        return {"id": await write(state.record_feedback, query, body.expert, body.positive)}
 
     @app.post("/experts", response_model=ExpertChangeResponse, status_code=201, dependencies=write_deps,
               openapi_extra=expert_schema, responses=_responses(400, *auth_codes, 409, 413, 422, 503))
@@ -288,31 +296,35 @@ def create_app(
         Saved to the checkpoint (atomically) before the reply; searches see the old or the new expert set.
         """
         vectors = _as_float32(body.vectors, state.metric) if body.vectors is not None else None
-        try:
-            expert, generation = await run_in_threadpool(
-                state.add_expert, body.name, vectors, body.texts, body.specialization, body.parent, body.metadata
-            )
-        except ExpertConflict as exc:
-            raise HTTPException(409, str(exc)) from None
-        except PersistError as exc:
-            raise HTTPException(503, str(exc)) from None
-        except ValueError as exc:
-            raise HTTPException(422, str(exc)) from None
+        expert, generation = await write(
+            state.add_expert, body.name, vectors, body.texts, body.specialization, body.parent, body.metadata)
         return {"generation": generation, "expert": _expert(expert)}
+
+    @app.post("/merge", response_model=ExpertsChangeResponse, dependencies=write_deps,
+              openapi_extra=merge_schema, responses=_responses(400, *auth_codes, 404, 409, 413, 422, 503))
+    async def merge_experts(body: Any = merge_body) -> dict:
+        """Merge two experts into one (vectors, metadata and feedback combined; the gate's two rows fitted into one).
+
+        Saved to the checkpoint before the reply. No fine-tune runs here: use scripts/experts.py for one.
+        """
+        expert, generation = await write(state.merge_experts, body.a, body.b, body.name, body.specialization)
+        return {"generation": generation, "experts": [_expert(expert)]}
+
+    @app.post("/split", response_model=ExpertsChangeResponse, dependencies=write_deps,
+              openapi_extra=split_schema, responses=_responses(400, *auth_codes, 404, 409, 413, 422, 503))
+    async def split_expert(body: Any = split_body) -> dict:
+        """Split an expert into `parts` by k-means over its vectors (the gate's row fitted into one per part).
+
+        Saved to the checkpoint before the reply.
+        """
+        parts, generation = await write(state.split_expert, body.name, body.parts, body.names)
+        return {"generation": generation, "experts": [_expert(e) for e in parts]}
 
     @app.delete("/experts/{name:path}", response_model=ExpertChangeResponse, dependencies=write_deps,
                 responses=_responses(*auth_codes, 404, 409, 422, 503))
     async def remove_expert(name: str) -> dict:
         """Remove an expert (its index, gate output and metadata); saved to the checkpoint before the reply."""
-        try:
-            generation = await run_in_threadpool(state.remove_expert, name)
-        except KeyError as exc:
-            raise HTTPException(404, str(exc.args[0])) from None
-        except ExpertConflict as exc:
-            raise HTTPException(409, str(exc)) from None
-        except PersistError as exc:
-            raise HTTPException(503, str(exc)) from None
-        return {"generation": generation, "expert": None}
+        return {"generation": await write(state.remove_expert, name), "expert": None}
 
     # ------------------------------------------------------------------ health
 

@@ -75,6 +75,11 @@ class ExpertChangeResponse(BaseModel):
     expert: ExpertOut | None = None  # the expert added (None for a removal)
 
 
+class ExpertsChangeResponse(BaseModel):
+    generation: int  # the expert set's new version, already saved to the checkpoint
+    experts: list[ExpertOut]  # the experts the change made (the merged one, or the parts of a split)
+
+
 class ExpertStatsOut(BaseModel):
     name: str
     specialization: str
@@ -190,13 +195,16 @@ def build_models(dim: int, limits: Limits, nonzero: bool = True) -> SimpleNamesp
             _exactly_one(self, ("text", "vector"))
             return self
 
+    ExpertName = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^\S(.*\S)?$")]
+    Specialization = Annotated[str, StringConstraints(max_length=1024)]
+
     class AddExpertRequest(BaseModel):
         model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra=_schema("anyOf", ("texts", "vectors")))
 
-        name: Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^\S(.*\S)?$")]
+        name: ExpertName
         texts: Annotated[list[Text], Field(min_length=1, max_length=limits.max_expert_vectors)] = None
         vectors: Annotated[list[Vector], Field(min_length=1, max_length=limits.max_expert_vectors)] = None
-        specialization: Annotated[str, StringConstraints(max_length=1024)] = ""
+        specialization: Specialization = ""
         parent: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
         metadata: Annotated[list[dict[str, Any]], Field(max_length=limits.max_expert_vectors)] = None
 
@@ -206,7 +214,22 @@ def build_models(dim: int, limits: Limits, nonzero: bool = True) -> SimpleNamesp
                 raise ValueError("give texts (embedded by the checkpoint's embedder) or vectors, or both")
             return self
 
+    class MergeExpertsRequest(BaseModel):
+        model_config = ConfigDict(strict=True, extra="forbid")
+
+        a: ExpertName  # the two experts to merge; the merged one takes a's place
+        b: ExpertName
+        name: ExpertName | None = None  # the merged expert's name (default "a+b"; may be a or b)
+        specialization: Specialization | None = None  # default: the two's, joined when they differ
+
+    class SplitExpertRequest(BaseModel):
+        model_config = ConfigDict(strict=True, extra="forbid")
+
+        name: ExpertName  # the expert to split by k-means over its vectors
+        parts: Annotated[Int, Field(ge=2, le=64)] = 2
+        names: Annotated[list[ExpertName], Field(min_length=2, max_length=64)] | None = None  # default name/0, name/1, ...
+
     return SimpleNamespace(
         RouteRequest=RouteRequest, SearchRequest=SearchRequest, FeedbackRequest=FeedbackRequest,
-        AddExpertRequest=AddExpertRequest,
+        AddExpertRequest=AddExpertRequest, MergeExpertsRequest=MergeExpertsRequest, SplitExpertRequest=SplitExpertRequest,
     )

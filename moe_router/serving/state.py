@@ -20,7 +20,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import faiss
 import numpy as np
@@ -31,6 +31,7 @@ from moe_router.experts import Expert, MetadataStore
 from moe_router.router import Router
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class ExpertConflict(ValueError):
@@ -70,6 +71,13 @@ def fork_router(router: Router) -> Router:
     router.store.conn.backup(store.conn)  # SQLite's online backup: a consistent copy while readers continue
     fork.store = store
     return fork
+
+
+def _free_names(router: Router, names: Sequence[str]) -> None:
+    """ExpertConflict when one of `names` is already an expert's."""
+    taken = [n for n in names if n in router.expert_names]
+    if taken:
+        raise ExpertConflict(f"an expert named {taken[0]!r} already exists; expert names must be unique")
 
 
 class RouterState:
@@ -132,36 +140,59 @@ class RouterState:
         metadata: Sequence[dict] | None = None,
     ) -> tuple[Expert, int]:
         """Add an expert, save the checkpoint, swap it in; returns the expert and the new generation."""
-        with self._write_lock:
-            self._check_writable()
-            with self.lease() as snap:
-                if name in snap.router.expert_names:
-                    raise ExpertConflict(f"an expert named {name!r} already exists; expert names must be unique")
-                fork = fork_router(snap.router)
-            try:
-                expert = fork.add_expert(name, vectors, texts, specialization, parent, metadata)
-                self._persist(fork)
-            except BaseException:
-                fork.store.close()
-                raise
-            return expert, self._swap(fork)
+
+        def check(router: Router) -> None:
+            _free_names(router, [name])
+
+        return self._change(check, lambda fork: fork.add_expert(name, vectors, texts, specialization, parent, metadata))
 
     def remove_expert(self, name: str) -> int:
         """Remove an expert, save the checkpoint, swap it in; returns the new generation."""
+
+        def check(router: Router) -> None:
+            router.expert_index(name)  # KeyError naming the known experts
+            if router.num_experts == 1:
+                raise ExpertConflict(f"{name!r} is the only expert; a router needs at least one")
+
+        return self._change(check, lambda fork: fork.remove_expert(name))[1]
+
+    def merge_experts(self, a: str, b: str, name: str | None = None,
+                      specialization: str | None = None) -> tuple[Expert, int]:
+        """Merge two experts into one (lifecycle.merge_experts), save, swap in; the merged expert and the generation."""
+
+        def check(router: Router) -> None:
+            router.expert_index(a), router.expert_index(b)  # KeyError naming the known experts
+            if name is not None and name not in (a, b):
+                _free_names(router, [name])
+
+        return self._change(check, lambda fork: fork.merge_experts(a, b, name, specialization))
+
+    def split_expert(self, name: str, parts: int = 2, names: Sequence[str] | None = None) -> tuple[list[Expert], int]:
+        """Split an expert by k-means (lifecycle.split_expert), save, swap in; the parts and the generation."""
+
+        def check(router: Router) -> None:
+            router.expert_index(name)
+            _free_names(router, [n for n in (names or []) if n != name])
+
+        return self._change(check, lambda fork: fork.split_expert(name, parts, names))
+
+    def _change(self, check: Callable[[Router], None], change: Callable[[Router], T]) -> tuple[T, int]:
+        """One durable expert change: check it against the served router, make it on a copy, save, swap.
+
+        A failed check, change or save leaves the served router and the checkpoint as they were.
+        """
         with self._write_lock:
             self._check_writable()
             with self.lease() as snap:
-                snap.router.expert_index(name)  # KeyError naming the known experts
-                if snap.router.num_experts == 1:
-                    raise ExpertConflict(f"{name!r} is the only expert; a router needs at least one")
+                check(snap.router)
                 fork = fork_router(snap.router)
             try:
-                fork.remove_expert(name)
+                result = change(fork)
                 self._persist(fork)
             except BaseException:
                 fork.store.close()
                 raise
-            return self._swap(fork)
+            return result, self._swap(fork)
 
     def _check_writable(self) -> None:
         if self.failed is not None:
