@@ -312,6 +312,13 @@ def _read_expert(path: Path, info: dict, dim: int, metric: str, files: dict[str,
     `digests` is the manifest's sha256 of every file, recorded with the expert (Expert.saved).
     """
     n = int(info["size"])
+    if n < 0:
+        raise CheckpointError(f"checkpoint {path}: expert {info.get('name')!r} has size {n}; expected a count >= 0")
+    for rel, row_bytes in ((info["ids"], 8), (info["vectors"], 4 * dim)):
+        file = _inside(path, rel)  # a hostile size must not become a huge allocation: the files bound it
+        if file.is_file() and file.stat().st_size < n * row_bytes:
+            raise CheckpointError(f"checkpoint {path}: {rel} is corrupted (the manifest says {n} rows; "
+                                  f"the file is too small to hold them)")
     expert = Expert(str(info["name"]), dim, metric, str(info.get("specialization", "")), info.get("parent"))
     ids = np.empty(n, dtype=np.int64)
     _read_npy_into(path, info["ids"], ids, files.get(info["ids"]))

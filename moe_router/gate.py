@@ -51,6 +51,17 @@ def z_loss(logits: Tensor) -> Tensor:
     return torch.logsumexp(logits, dim=-1).square().mean()
 
 
+class Parallel(nn.Module):
+    """Modules applied to the same input, outputs concatenated on the last dimension."""
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([m(x) for m in self.members], dim=-1)
+
+
 class Gate(nn.Module):
     """Softmax top-k gate: MLP body -> one linear output per expert, plus optional prototypes.
 
@@ -78,8 +89,11 @@ class Gate(nn.Module):
         prototypes_per_expert: int = 0,
         prototype_scale: float = 20.0,
         max_prototypes: int = 4096,
+        members: int = 1,
     ) -> None:
         super().__init__()
+        if isinstance(members, bool) or not isinstance(members, int) or members < 1:
+            raise ValueError(f"members must be an integer >= 1, got {members!r}")
         if dim <= 0 or num_experts <= 0:
             raise ValueError(f"Gate needs dim > 0 and num_experts > 0, got dim={dim}, num_experts={num_experts}")
         if temperature <= 0:
@@ -90,12 +104,21 @@ class Gate(nn.Module):
         self.noise_std = float(noise_std)
         self.balance_coef = float(balance_coef)
         self.z_coef = float(z_coef)
-        layers: list[nn.Module] = []
-        width = self.dim
-        for h in self.hidden_dims:
-            layers += [nn.Linear(width, h), nn.GELU(), nn.Dropout(self.dropout)]
-            width = h
-        self.body = nn.Sequential(*layers)  # (b, d) -> (b, h); identity when hidden_dims is empty
+        self.members = members
+
+        def mlp() -> tuple[nn.Sequential, int]:
+            layers: list[nn.Module] = []
+            width = self.dim
+            for h in self.hidden_dims:
+                layers += [nn.Linear(width, h), nn.GELU(), nn.Dropout(self.dropout)]
+                width = h
+            return nn.Sequential(*layers), width  # (b, d) -> (b, h); identity when hidden_dims is empty
+
+        if members == 1:
+            self.body, width = mlp()
+        else:  # an ensemble's bodies side by side (see Gate.assemble): features are their concatenation
+            bodies = [mlp() for _ in range(members)]
+            self.body, width = Parallel([b for b, _ in bodies]), sum(w for _, w in bodies)
         self.head = nn.Linear(width, num_experts)  # (b, h) -> (b, e)
         # A buffer, not a parameter: set by calibration, saved with the weights.
         self.register_buffer("temperature", torch.tensor(float(temperature)))
@@ -135,7 +158,38 @@ class Gate(nn.Module):
             "prototypes_per_expert": self.prototypes_per_expert,
             "prototype_scale": float(self.log_prototype_scale.detach().exp()) if self.prototypes_per_expert else 20.0,
             "max_prototypes": self.max_prototypes,
+            "members": self.members,
         }
+
+    @classmethod
+    @torch.no_grad()
+    def assemble(cls, gates: Sequence["Gate"]) -> "Gate":
+        """One gate from M independently trained gates over the same experts (an ensemble in one module).
+
+        Its MLP logits are the mean of theirs (bodies side by side, heads concatenated and divided
+        by M); each expert's prototypes are the union of theirs, at the mean sharpness, so the
+        prototype term is a soft maximum over all of them. Lifecycle operations treat it as any gate.
+        """
+        first = gates[0]
+        if any(g.members != 1 for g in gates):
+            raise ValueError("assemble takes single gates (members=1)")
+        shape = (first.dim, first.num_experts, first.hidden_dims, bool(first.prototypes_per_expert))
+        if any((g.dim, g.num_experts, g.hidden_dims, bool(g.prototypes_per_expert)) != shape for g in gates):
+            raise ValueError("assemble needs gates of the same dim, experts, hidden layers and prototype use")
+        config = {**first.config(), "members": len(gates), "temperature": 1.0,
+                  "prototypes_per_expert": sum(g.prototypes_per_expert for g in gates)}
+        if first.prototypes_per_expert:
+            config["prototype_scale"] = sum(float(g.log_prototype_scale.exp()) for g in gates) / len(gates)
+            config["max_prototypes"] = sum(g.max_prototypes for g in gates)  # members split one budget
+        out = cls(**config)
+        for member, g in zip(out.body.members, gates):
+            member.load_state_dict(g.body.state_dict())
+        out.head.weight.copy_(torch.cat([g.head.weight for g in gates], dim=1) / len(gates))
+        out.head.bias.copy_(torch.stack([g.head.bias for g in gates]).mean(0))
+        if first.prototypes_per_expert:
+            out.prototypes = nn.Parameter(torch.cat([g.prototypes.detach() for g in gates]).clone())
+            out.prototype_owner = torch.cat([g.prototype_owner for g in gates]).clone()
+        return out.to(first.head.weight.device)
 
     def features(self, x: Tensor) -> Tensor:
         return self.body(x)  # (b, h)

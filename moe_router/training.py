@@ -28,6 +28,7 @@ from moe_router.calibration import choose_threshold, fit_temperature, load_floor
 from moe_router.data import TextDataset, VectorDataset, exact_neighbours, make_targets, neighbour_counts
 from moe_router.embedders import CachedEmbedder, Embedder, default_cache_dir
 from moe_router.gate import Gate
+from moe_router.metrics import accuracy_at_k, recall_from_counts, top_experts
 from moe_router.lifecycle import balanced_kmeans
 from moe_router.router import Router
 from moe_router.vectors import prepare
@@ -315,26 +316,48 @@ def train(cfg: DictConfig) -> TrainSummary:
         raise ValueError(f"dataset {dataset.name!r} has no validation rows for its experts; add split 'val' rows "
                          "or set data.val_fraction > 0 to carve them from train")
     log_dir = Path(cfg.log_dir) if cfg.log_dir else _run_dir()
-    gate = router.install_gate(instantiate(cfg.model, dim=router.dim, num_experts=router.num_experts), cfg.seed)
-    module = instantiate(cfg.module)(gate=gate)
-    trainer = instantiate(
-        cfg.trainer,
-        callbacks=[ModelCheckpoint(dirpath=log_dir / "lightning", monitor=cfg.monitor, mode="max", save_top_k=1)],
-        logger=CSVLogger(str(log_dir), name="logs"),
-    )
-    fit = fit_router(
-        router, val_queries=val_queries, val_experts=val_experts,
-        targets=cfg.targets.kind, label_weight=cfg.targets.label_weight, neighbours=cfg.targets.neighbours,
-        max_queries=cfg.targets.max_queries, module=module, trainer=trainer, batch_size=cfg.batch_size,
-        monitor=cfg.monitor, seed=cfg.seed,
-    )
-    metrics = {**fit.metrics, "fit_seconds": fit.seconds}
+    members = int(cfg.model.get("members", 1))
+    fits, gates = [], []
+    for i in range(members):  # an ensemble: members trained independently (own seed), then assembled
+        sub = log_dir / f"member{i}" if members > 1 else log_dir
+        model = instantiate(cfg.model, dim=router.dim, num_experts=router.num_experts, members=1,
+                            max_prototypes=cfg.model.get("max_prototypes", 4096) // members)
+        gate = router.install_gate(model, cfg.seed + i)
+        trainer = instantiate(
+            cfg.trainer,
+            callbacks=[ModelCheckpoint(dirpath=sub / "lightning", monitor=cfg.monitor, mode="max", save_top_k=1)],
+            logger=CSVLogger(str(sub), name="logs"),
+        )
+        fits.append(fit_router(
+            router, val_queries=val_queries, val_experts=val_experts,
+            targets=cfg.targets.kind, label_weight=cfg.targets.label_weight, neighbours=cfg.targets.neighbours,
+            max_queries=cfg.targets.max_queries, module=instantiate(cfg.module)(gate=gate), trainer=trainer,
+            batch_size=cfg.batch_size, monitor=cfg.monitor, seed=cfg.seed + i,
+        ))
+        gates.append(router.gate)
+    fit = fits[0]
+    metrics = {**fit.metrics, "fit_seconds": sum(f.seconds for f in fits)}
+    if members > 1:
+        router.gate = Gate.assemble(gates).eval()
+        metrics.update(validation_metrics(router, val_queries, val_experts, cfg.targets.neighbours, cfg.module.top_k))
+        metrics["members"] = members
     if cfg.calibrate:
         metrics.update(calibrate(router, val_queries, val_experts, dataset.oos_texts("val"), cfg.load_floor))
     if trainer.is_global_zero:
         router.save(cfg.out, config=OmegaConf.to_container(cfg, resolve=True), metrics=metrics)
-    return TrainSummary(Path(cfg.out), router.num_experts, router.ntotal, fit.metrics, fit.seconds,
+    return TrainSummary(Path(cfg.out), router.num_experts, router.ntotal,
+                        {k: v for k, v in metrics.items() if k.startswith("val/")}, metrics["fit_seconds"],
                         time.perf_counter() - start, fit.epochs)
+
+
+def validation_metrics(router: Router, queries: Any, experts: list[str], neighbours: int, top_k: int) -> dict[str, float]:
+    """val/acc@1 and val/recall@10 (at top_k experts) of the router's current gate, as the training loop logs them."""
+    xv, _ = router.prepare_queries(queries)
+    gold = np.array([router.expert_index(e) for e in experts])
+    probs = router.gate_probs(xv)
+    counts = query_counts(router, xv, neighbours)
+    return {"val/acc@1": accuracy_at_k(probs, gold, 1),
+            "val/recall@10": recall_from_counts(top_experts(probs, min(top_k, router.num_experts)), counts, neighbours)}
 
 
 def gold_by_centroid(router: Router, xq: np.ndarray) -> np.ndarray:

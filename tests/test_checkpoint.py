@@ -306,8 +306,20 @@ def test_load_missing_npy__raises_checkpoint_error(saved: Path) -> None:
 
 
 def test_load_npy_of_wrong_shape__raises_checkpoint_error(saved: Path) -> None:
+    np.save(saved / "experts/0000.npy", np.zeros((20, 64), dtype=np.float32))
+    with pytest.raises(CheckpointError, match=r"has dtype float32 and shape \(20, 64\), expected float32 \(15, 64\)"):
+        Router.load(saved, verify=False)
     np.save(saved / "experts/0000.npy", np.zeros((3, 64), dtype=np.float32))
-    with pytest.raises(CheckpointError, match=r"has dtype float32 and shape \(3, 64\), expected float32 \(15, 64\)"):
+    with pytest.raises(CheckpointError, match=r"0000.npy is corrupted \(the manifest says 15 rows; the file is too small"):
+        Router.load(saved, verify=False)
+
+
+@pytest.mark.parametrize("size, message", [(10**12, "the file is too small to hold them"), (-1, "expected a count >= 0")])
+def test_load_hostile_expert_size__raises_checkpoint_error_without_allocating(saved: Path, size: int, message: str) -> None:
+    manifest = json.loads((saved / MANIFEST).read_text())
+    manifest["experts"][0]["size"] = size
+    (saved / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=message):
         Router.load(saved, verify=False)
 
 

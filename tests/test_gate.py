@@ -168,3 +168,55 @@ def test_gate_config__rebuilds_an_identical_gate(gate: Gate, x: torch.Tensor) ->
 def test_gate__rejects_invalid_construction(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Gate(**kwargs)
+
+
+# ---------------------------------------------------------------- ensembles assembled into one gate
+
+
+def _members(prototypes: int) -> list[Gate]:
+    out = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        g = Gate(D, E, hidden_dims=[32], dropout=0.0, prototypes_per_expert=prototypes, max_prototypes=4096 // 3)
+        if prototypes:
+            g.init_prototypes([F.normalize(torch.randn(prototypes, D), dim=1) for _ in range(E)])
+            with torch.no_grad():
+                g.log_prototype_scale.fill_(math.log(10.0 + seed))
+                g.head.weight.normal_()
+        out.append(g.eval())
+    return out
+
+
+@pytest.mark.parametrize("prototypes", [0, 4])
+def test_assemble__mlp_logits_are_the_mean_and_prototypes_their_union(prototypes: int, x: torch.Tensor) -> None:
+    members = _members(prototypes)
+    ens = Gate.assemble(members).eval()
+    assert ens.members == 3 and ens.num_experts == E and ens.prototypes_per_expert == 3 * prototypes
+    mean_mlp = torch.stack([g.head(g.body(x)) for g in members]).mean(0)
+    torch.testing.assert_close(ens.head(ens.body(x)), mean_mlp, rtol=1e-5, atol=1e-5)
+    if prototypes:
+        union = torch.cat([g.prototypes for g in members])
+        owner = torch.cat([g.prototype_owner for g in members])
+        sim = (x @ union.T) * 11.0  # the mean of the scales 10, 11, 12
+        expected = torch.stack([torch.logsumexp(sim[:, owner == e], dim=1) for e in range(E)], dim=1)
+        torch.testing.assert_close(ens.prototype_logits(x), expected, rtol=1e-5, atol=1e-4)
+    clone = Gate(**ens.config())  # rebuilt from its config, as a checkpoint load does
+    clone.load_state_dict(ens.state_dict())
+    torch.testing.assert_close(clone.eval()(x, top_k=2).probs, ens(x, top_k=2).probs, rtol=0, atol=0)
+
+
+def test_assemble__an_ensemble_gate_grows_and_shrinks_like_any_gate(x: torch.Tensor) -> None:
+    ens = Gate.assemble(_members(4)).eval()
+    before = ens(x, top_k=1).logits
+    ens.add_expert(torch.from_numpy(clusters(1, 20, D, seed=9)[0]))
+    assert ens.num_experts == E + 1
+    ens.remove_expert(E)
+    torch.testing.assert_close(ens(x, top_k=1).logits, before, rtol=1e-5, atol=1e-5)
+
+
+def test_assemble__refuses_mismatched_members() -> None:
+    a, b = Gate(D, E, hidden_dims=[32]), Gate(D, E + 1, hidden_dims=[32])
+    with pytest.raises(ValueError, match="same dim, experts, hidden layers"):
+        Gate.assemble([a, b])
+    with pytest.raises(ValueError, match="members must be an integer >= 1, got 0"):
+        Gate(D, E, members=0)

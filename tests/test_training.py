@@ -267,3 +267,14 @@ def test_evaluate_unknown_baseline__raises_clear_error_naming_it(jsonl_run: tupl
                                   "baselines=[centroid,bogus]", "++out_dir=null"])
     with pytest.raises(ValueError, match=r"unknown baseline\(s\) \['bogus'\]; expected some of \['centroid'"):
         evaluate(cfg)
+
+
+def test_train_ensemble__assembles_members_into_one_gate_that_saves_loads_and_grows(tmp_path: Path) -> None:
+    cfg = compose_config("train", [*_train_overrides(tmp_path), "model=ensemble", "model.members=2"])
+    summary = train(cfg)
+    router = Router.load(summary.out)
+    assert router.gate.members == 2 and router.manifest["metrics"]["members"] == 2
+    assert router.gate.prototypes_per_expert * router.num_experts <= 4096  # the members share one budget
+    assert {"val/acc@1", "val/recall@10"} <= set(summary.metrics)
+    router.add_expert("extra", texts=["a question about gardening roses", "a question about tulips"])
+    assert router.route("a question about tulips", top_k=1)[0].expert == "extra"
