@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 export HF_HUB_OFFLINE=1
 
-RUNS=${RUNS:-clinc150 stackoverflow20 banking77 clinc150_intents stackoverflow20_kmeans16 stackoverflow20_kmeans64 synthetic_kmeans16 synthetic_kmeans64 stackoverflow20_balanced64 synthetic_balanced64}
+RUNS=${RUNS:-clinc150 stackoverflow20 banking77 clinc150_intents stackoverflow20_kmeans16 stackoverflow20_kmeans64 synthetic_kmeans16 synthetic_kmeans64 stackoverflow20_balanced64 synthetic_balanced64 clinc150_ensemble stackoverflow20_ensemble banking77_ensemble clinc150_intents_ensemble stackoverflow20_kmeans16_ensemble}
 
 run() {  # run NAME TRAIN_OVERRIDES... -- EVAL_OVERRIDES...
   local name=$1; shift
@@ -36,3 +36,10 @@ run synthetic_kmeans64 data=synthetic partition=64 targets.max_queries=30000 -- 
 # The same 64 shards with a size cap (k-means, no shard above 1.5x the mean size).
 run stackoverflow20_balanced64 data=stackoverflow20 partition=64 partition_max_imbalance=1.5 -- data=stackoverflow20
 run synthetic_balanced64 data=synthetic partition=64 partition_max_imbalance=1.5 targets.max_queries=30000 -- data=synthetic
+# The ensemble gate (model=ensemble: 3 hybrid gates assembled into one) on the label settings and one learned sharding.
+run clinc150_ensemble data=clinc150 model=ensemble -- data=clinc150
+run stackoverflow20_ensemble data=stackoverflow20 model=ensemble -- data=stackoverflow20
+run banking77_ensemble data=banking77 model=ensemble -- data=banking77
+run clinc150_intents_ensemble data=clinc150 data.expert_key=label data.parent_key=domain model=ensemble \
+  -- data=clinc150 data.expert_key=label data.parent_key=domain
+run stackoverflow20_kmeans16_ensemble data=stackoverflow20 partition=16 model=ensemble -- data=stackoverflow20
