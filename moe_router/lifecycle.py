@@ -633,19 +633,7 @@ def search_two_level(
     k = router._check_k(k)
     xq, single = router.prepare_queries(queries)
     routing = route_two_level(router, xq, top_parents, top_children)
-    probs = routing.probs
-    res = router.search_experts(xq, k, routing.top)
-    meta = router.store.get(res.I[res.I >= 0].tolist()) if with_text else {}
-    out = []
-    for q in range(xq.shape[0]):
-        hits = []
-        for score, i, e in zip(res.D[q], res.I[q], res.E[q]):
-            if i < 0:
-                continue
-            ex = router.experts[e]
-            text, payload = meta.get(int(i), (None, {}))
-            hits.append(Hit(int(i), float(score), ex.name, ex.specialization, ex.parent, float(probs[q, e]), text, payload))
-        out.append(hits)
+    out = router.hits(router.search_experts(xq, k, routing.top), routing.probs, with_text)
     return out[0] if single else out
 
 

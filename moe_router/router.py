@@ -389,18 +389,24 @@ class Router:
         probs, top = self.decide(xq, top_experts)
         refused = self._refused(xq, abstain)
         res = self.search_experts(xq, k, top, merge=not per_expert)
+        out = self.hits(res, probs, with_text, refused)
+        return out[0] if single else out
+
+    def hits(self, res: RoutedSearch, probs: np.ndarray, with_text: bool = True,
+             refused: np.ndarray | None = None) -> list[list[Hit]]:
+        """Per query, the Hit of each found row of a routed search (skipping padding and refused queries)."""
         meta = self.store.get(res.I[res.I >= 0].tolist()) if with_text else {}
         out = []
-        for q in range(xq.shape[0]):
-            hits = []
+        for q in range(res.I.shape[0]):
+            row = []
             for score, i, e in zip(res.D[q], res.I[q], res.E[q]):
-                if i < 0 or refused[q]:
+                if i < 0 or (refused is not None and refused[q]):
                     continue
                 ex = self.experts[e]
                 text, payload = meta.get(int(i), (None, {}))
-                hits.append(Hit(int(i), float(score), ex.name, ex.specialization, ex.parent, float(probs[q, e]), text, payload))
-            out.append(hits)
-        return out[0] if single else out
+                row.append(Hit(int(i), float(score), ex.name, ex.specialization, ex.parent, float(probs[q, e]), text, payload))
+            out.append(row)
+        return out
 
     # ---------------------------------------------------------------- stats
 

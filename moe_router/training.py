@@ -28,8 +28,8 @@ from moe_router.calibration import choose_threshold, fit_temperature, load_floor
 from moe_router.data import TextDataset, VectorDataset, exact_neighbours, make_targets, neighbour_counts
 from moe_router.embedders import CachedEmbedder, Embedder, default_cache_dir
 from moe_router.gate import Gate
-from moe_router.metrics import accuracy_at_k, recall_from_counts, top_experts
 from moe_router.lifecycle import balanced_kmeans
+from moe_router.metrics import accuracy_at_k, recall_from_counts, top_experts
 from moe_router.router import Router
 from moe_router.vectors import prepare
 
