@@ -17,8 +17,8 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from moe_router.evaluation import evaluate
-from moe_router.training import train
+from moe_router.apps.evaluate import evaluate
+from moe_router.apps.train import train
 
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 SETTINGS = {

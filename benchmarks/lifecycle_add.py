@@ -21,11 +21,11 @@ import numpy as np
 
 from lifecycle_common import CLINC, clinc, embedder, exact_top10, full_train, routing_report, trained
 from moe_router import lifecycle
-from moe_router.adaptation import FineTuneConfig, fine_tune
-from moe_router.embedders import default_cache_dir
-from moe_router.data import TextDataset
-from moe_router.router import Router
-from moe_router.training import router_from_dataset
+from moe_router.train.finetune import FineTuneConfig, fine_tune
+from moe_router.embed.cache import default_cache_dir
+from moe_router.data.datasets import TextDataset
+from moe_router.routing.router import Router
+from moe_router.data.build import router_from_dataset
 
 
 def main() -> None:
@@ -79,11 +79,11 @@ def main() -> None:
     cfg = FineTuneConfig(steps=args.steps, replay=args.replay, train_body=not args.head_only, seed=args.seed)
     tunes = {}
     # Two ways to grow the gate, each followed by the same fine-tune: fit_row=False (Gate.add_expert's row
-    # at the new vectors' mean feature) and the default, lifecycle.add_expert (that row fitted against the others).
-    for label, fit_row in (("add_expert(fit_row=False)", False), ("lifecycle.add_expert", True)):
+    # at the new vectors' mean feature) and the default add_expert (that row fitted against the others).
+    for label, fit_row in (("add_expert(fit_row=False)", False), ("add_expert", True)):
         router = Router.load(cache / f"clinc150-without-{new}", cache_dir=default_cache_dir())
         start = time.perf_counter()
-        lifecycle.add_expert(router, new, texts=texts, metadata=meta, fit_row=fit_row)
+        router.add_expert(new, texts=texts, metadata=meta, fit_row=fit_row)
         add_seconds = time.perf_counter() - start
         ex = exact_top10(router, xq)
         gold = gold_of(router)
@@ -92,7 +92,7 @@ def main() -> None:
         tunes[label] = fine_tune(router, [new], cfg)
         results[f"{label} + fine-tune"] = {
             "new": routing_report(router, xq, gold, ex, is_new), "old": routing_report(router, xq, gold, ex, is_old)}
-    ft = tunes["lifecycle.add_expert"]
+    ft = tunes["add_expert"]
 
     ex10 = exact_top10(r10, xq)
     g10 = gold_of(r10)
@@ -108,14 +108,14 @@ def main() -> None:
         o = r["old"]
         cells += [f"{o['acc@1']:.4f}", f"{o['recall@10@1']:.4f}", f"{o['recall@10@2']:.4f}"]
         print(f"{name:<38}" + "".join(f"{c:>{w}}" for c, w in zip(cells, (10, 11, 11, 10, 11, 11))))
-    fn, rn = results["lifecycle.add_expert + fine-tune"]["new"], results["full retrain, 10 experts"]["new"]
-    fo, bo = results["lifecycle.add_expert + fine-tune"]["old"], results["9 experts (before)"]["old"]
+    fn, rn = results["add_expert + fine-tune"]["new"], results["full retrain, 10 experts"]["new"]
+    fo, bo = results["add_expert + fine-tune"]["old"], results["9 experts (before)"]["old"]
     ro = results["full retrain, 10 experts"]["old"]
-    print(f"\nnew expert after lifecycle.add_expert + fine-tune vs full retrain: acc@1 {100 * (fn['acc@1'] - rn['acc@1']):+.2f} points, "
+    print(f"\nnew expert after add_expert + fine-tune vs full retrain: acc@1 {100 * (fn['acc@1'] - rn['acc@1']):+.2f} points, "
           f"recall@10@2 {100 * (fn['recall@10@2'] - rn['recall@10@2']):+.2f} (goal: within 2 points)")
     print(f"other experts' acc@1 after fine-tune: {100 * (fo['acc@1'] - bo['acc@1']):+.2f} points vs before the add "
           f"(goal: >= -0.5), {100 * (fo['acc@1'] - ro['acc@1']):+.2f} vs the full retrain")
-    print(f"lifecycle.add_expert: {results['after lifecycle.add_expert']['seconds']:.2f} s ({len(train_new)} texts, "
+    print(f"add_expert: {results['after add_expert']['seconds']:.2f} s ({len(train_new)} texts, "
           f"embeddings cached); fine-tune: {ft.pairs} pairs "
           f"({ft.focus} new + {ft.replayed} replayed), {ft.steps} steps, {ft.seconds:.2f} s wall / {ft.cpu_seconds:.2f} s CPU")
     print(f"full training of the 10-expert router: {t10.seconds:.1f} s wall / {t10.cpu_seconds:.1f} s CPU"

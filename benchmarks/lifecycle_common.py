@@ -20,12 +20,13 @@ import numpy as np  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
-from moe_router.data import TextDataset, load_dataset  # noqa: E402
-from moe_router.embedders import CachedEmbedder, MiniLMEmbedder, default_cache_dir  # noqa: E402
-from moe_router.evaluation import exhaustive_index  # noqa: E402
-from moe_router.metrics import accuracy_at_k, recall_at_k, top_experts  # noqa: E402
-from moe_router.router import Router  # noqa: E402
-from moe_router.training import fit_router  # noqa: E402
+from moe_router.data.datasets import TextDataset, load_dataset
+from moe_router.embed.cache import CachedEmbedder, default_cache_dir
+from moe_router.embed.minilm import MiniLMEmbedder
+from moe_router.index.exact import exhaustive_index
+from moe_router.metrics import accuracy_at_k, recall_at_k, top_experts
+from moe_router.routing.router import Router
+from moe_router.train.fit import fit_router
 
 REPO = Path(__file__).resolve().parents[1]
 CLINC = REPO.parent / "shared" / "datasets" / "clinc150" / "clinc150.jsonl"

@@ -24,10 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from lifecycle_common import CLINC, clinc, embedder, trained
-from moe_router.adaptation import FineTuneConfig, fine_tune_from_feedback, fine_tune_pairs
-from moe_router.embedders import default_cache_dir
-from moe_router.router import Router
-from moe_router.training import router_from_dataset
+from moe_router import lifecycle
+from moe_router.train.finetune import FineTuneConfig, fine_tune_from_feedback, fine_tune_pairs
+from moe_router.embed.cache import default_cache_dir
+from moe_router.routing.router import Router
+from moe_router.data.build import router_from_dataset
 
 
 def acc1(router: Router, xq: np.ndarray, gold: np.ndarray) -> float:
@@ -56,8 +57,8 @@ def scenario(name: str, router: Router, region_test: np.ndarray, xq_test: np.nda
     out["rest acc@1 before feedback"] = acc1(router, xq_test[rest], gold_test[rest])
     records, positive = stream_feedback(router, xq_val, gold_val)
     out["feedback records"], out["feedback positive"] = records, positive
-    out["stats"] = [(s.expert, s.total, round(s.success_rate, 3)) for s in router.feedback_stats() if s.total]
-    out["recommendations"] = [(r.expert, r.action, r.reason) for r in router.recommendations()]
+    out["stats"] = [(s.expert, s.total, round(s.success_rate, 3)) for s in lifecycle.feedback_stats(router) if s.total]
+    out["recommendations"] = [(r.expert, r.action, r.reason) for r in lifecycle.recommendations(router)]
     res = fine_tune_from_feedback(router, cfg)
     out["fine-tune"] = {"pairs": res.pairs, "steps": res.steps, "seconds": round(res.seconds, 2)}
     out["region acc@1 after feedback"] = acc1(router, xq_test[region_test], gold_test[region_test])

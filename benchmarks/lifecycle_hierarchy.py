@@ -25,7 +25,7 @@ import numpy as np
 from lifecycle_common import CLINC, clinc, embedder, exact_top10, trained
 from moe_router import lifecycle
 from moe_router.metrics import recall_at_k, top_experts
-from moe_router.training import router_from_dataset
+from moe_router.data.build import router_from_dataset
 
 
 def main() -> None:

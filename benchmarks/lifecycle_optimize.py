@@ -19,11 +19,12 @@ import numpy as np
 import torch
 
 from lifecycle_common import CLINC, clinc, embedder, exact_top10, trained
-from moe_router.adaptation import FineTuneConfig, fine_tuner
-from moe_router.embedders import default_cache_dir
+from moe_router import lifecycle
+from moe_router.train.finetune import FineTuneConfig, fine_tuner
+from moe_router.embed.cache import default_cache_dir
 from moe_router.metrics import load_stats, recall_at_k, top_experts
-from moe_router.router import Router
-from moe_router.training import router_from_dataset
+from moe_router.routing.router import Router
+from moe_router.data.build import router_from_dataset
 
 
 def test_recall(router: Router, xq: np.ndarray) -> tuple[float, float]:
@@ -55,7 +56,7 @@ def main() -> None:
             with torch.no_grad():
                 router.gate.head.bias[router.expert_index(args.skew_expert)] += 2.0
         before = test_recall(router, xt)
-        rep = router.optimize_routing(xv, top_experts_searched=2, fine_tune=fine_tuner(FineTuneConfig(seed=args.seed)),
+        rep = lifecycle.optimize_routing(router, xv, top_experts_searched=2, fine_tune=fine_tuner(FineTuneConfig(seed=args.seed)),
                                       seed=args.seed)
         after = test_recall(router, xt)
         print(f"\n{name}: {len(xv)} validation queries, top-2 experts searched")

@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--no-verify", dest="verify", action="store_false", help="skip the sha256 check of every file")
     args = parser.parse_args()
 
-    from moe_router.router import Router  # torch and faiss: imported before the clock and the baseline
+    from moe_router.routing.router import Router
 
     before = memory_kb()
     start = time.perf_counter()

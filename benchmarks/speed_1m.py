@@ -39,13 +39,15 @@ import lightning as L
 import numpy as np
 import torch
 
-from moe_router.evaluation import exhaustive_index
-from moe_router.experts import lower_blas_threshold
-from moe_router.gate import Gate
+from moe_router.index.exact import exhaustive_index
+from moe_router.index.parallel import lower_blas_threshold
+from moe_router.gate.model import Gate
 from moe_router.metrics import load_stats, recall_at_k
-from moe_router.router import Router
-from moe_router.synthetic import cluster_layout, clustered_router, held_out_queries
-from moe_router.training import GateModule, fit_router
+from moe_router.routing.router import Router
+from moe_router.data.synthetic import cluster_layout, held_out_queries
+from moe_router.data.synthetic import clustered_router
+from moe_router.train.fit import fit_router
+from moe_router.train.module import GateModule
 
 # How the exhaustive baseline is run; the fastest of them in each round is the baseline. FAISS
 # parallelises one search with OpenMP barriers per block of stored vectors, and on a busy CPU a

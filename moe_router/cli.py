@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moe_router.checkpoint import CheckpointError
-from moe_router.router import Router
+from moe_router.checkpoint.format import CheckpointError
+from moe_router.routing.router import Router
 
 
 def _print_routes(router: Router, queries: list[str], top_experts: int) -> None:

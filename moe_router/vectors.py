@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import faiss
 import numpy as np
 
 METRICS = ("ip", "l2")
@@ -58,3 +59,20 @@ def prepare(x: Any, dim: int | None, metric: str, what: str = "vectors") -> np.n
     """as_matrix, then normalise when the metric is inner product."""
     arr = as_matrix(x, dim, what)
     return normalize_rows(arr, what) if metric == "ip" else arr
+
+
+def worst_score(metric: str) -> float:
+    """The padding score that sorts after every real hit."""
+    return -np.inf if metric == "ip" else np.inf
+
+
+def flat_index(d: int, metric: str) -> faiss.Index:
+    """An exact FAISS index for `metric`: IndexFlatIP ('ip') or IndexFlatL2 ('l2')."""
+    return faiss.IndexFlatIP(d) if check_metric(metric) == "ip" else faiss.IndexFlatL2(d)
+
+
+def similarity(xq: np.ndarray, xb: np.ndarray, metric: str) -> np.ndarray:
+    """(nq, nb) similarity, higher is closer: inner product ('ip') or negative squared L2 distance ('l2')."""
+    if check_metric(metric) == "ip":
+        return xq @ xb.T
+    return -(((xq[:, None, :] - xb[None]) ** 2).sum(-1))

@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from moe_router.evaluation import evaluate
+from moe_router.apps.evaluate import evaluate
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval")

@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from moe_router.adaptation import run
+from moe_router.apps.experts import run
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="experts")

@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from moe_router.serving.server import serve
+from moe_router.apps.serve import serve
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="serve")

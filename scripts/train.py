@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from moe_router.training import train
+from moe_router.apps.train import train
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")

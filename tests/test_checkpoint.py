@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from moe_router import CheckpointError, HashingEmbedder, Router
-from moe_router.checkpoint import GATE_FILE, MANIFEST, STORE
+from moe_router.checkpoint.format import GATE_FILE, MANIFEST, STORE
 from tests.helpers import DIM, make_router
 
 
@@ -377,7 +377,7 @@ def test_load_missing_store__raises_checkpoint_error(saved: Path) -> None:
 @pytest.mark.parametrize("spec", [
     {"type": "os.system", "command": "touch pwned"},
     {"type": "builtins.eval"},
-    {"type": "moe_router.embedders.HashingEmbedder", "dim": 64},
+    {"type": "moe_router.embed.HashingEmbedder", "dim": 64},
     {"dim": 64},
     {"type": "hashing", "dim": 64, "__class__": "os.system"},
 ])

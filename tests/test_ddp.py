@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from moe_router import Router
-from moe_router.data import load_dataset
+from moe_router.data.datasets import load_dataset
 from moe_router.metrics import accuracy_at_k
 from tests.helpers import REPO
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from moe_router import CachedEmbedder, Embedder, HashingEmbedder, MiniLMEmbedder
-from moe_router.embedders import default_cache_dir, embedder_from_spec
+from moe_router.embed.cache import default_cache_dir
+from moe_router.embed.registry import embedder_from_spec
 
 TEXTS = ["How do I fix an auth bug?", "Centre a div with flexbox", "SQL index on two columns"]
 

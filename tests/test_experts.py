@@ -9,7 +9,9 @@ import faiss
 import numpy as np
 import pytest
 
-from moe_router.experts import Expert, MetadataStore, worst_score
+from moe_router.index.expert import Expert
+from moe_router.store import MetadataStore
+from moe_router.vectors import worst_score
 from moe_router.vectors import prepare
 from tests.helpers import DIM, clusters
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_router.gate import Gate, balance_loss, z_loss
+from moe_router.gate.model import Gate, balance_loss, z_loss
 from tests.helpers import clusters
 
 D, E = 16, 5

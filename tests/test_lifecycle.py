@@ -17,6 +17,9 @@ import torch
 
 from moe_router import HashingEmbedder, Router
 from moe_router import lifecycle as lc
+from moe_router.eval.plots import plot_load
+from moe_router.index.clustering import balanced_kmeans
+from moe_router.routing.stats import RoutingStats
 from moe_router.metrics import recall_at_k, top_experts
 from tests.helpers import DIM, REPO, assert_same_topk, brute_force, clusters, make_router
 
@@ -70,7 +73,7 @@ def test_merge__searching_merged_expert_equals_searching_both(router: Router) ->
     xq = probe()
     Da, Ia = a.search(xq, 10)
     Db, Ib = b.search(xq, 10)
-    merged = router.merge_experts("expert1", "expert2")
+    merged = lc.merge_experts(router, "expert1", "expert2")
     D, I = merged.search(xq, 10)
     # Oracle: exact top-10 over the union of the two experts' vectors.
     xb = np.concatenate([a.vectors(), b.vectors()])
@@ -89,7 +92,7 @@ def test_merge__keeps_ids_metadata_and_feedback_and_sums_probability(router: Rou
     fid = router.record_feedback(a.vectors()[0], "expert1", True)
     xb = np.concatenate([a.vectors(), b.vectors()])
     p_before = router.gate_probs(xb)
-    merged = router.merge_experts("expert1", "expert2", name="merged")
+    merged = lc.merge_experts(router, "expert1", "expert2", name="merged")
     assert router.expert_names == ["expert0", "merged", "expert3"] and router.gate.num_experts == 3
     assert sorted(merged.ids.tolist()) == sorted(ids.tolist())
     assert router.store.get(ids.tolist()) == meta
@@ -114,7 +117,7 @@ def test_merge__keeps_ids_metadata_and_feedback_and_sums_probability(router: Rou
 def test_merge__bad_input_is_a_clear_error_and_changes_nothing(router_ip: Router, args, error, match) -> None:
     before = snapshot(router_ip)
     with pytest.raises(error, match=match):
-        router_ip.merge_experts(*args)
+        lc.merge_experts(router_ip, *args)
     assert_unchanged(router_ip, before)
 
 
@@ -125,7 +128,7 @@ def test_split__preserves_every_id_and_vector(router: Router) -> None:
     old = router.expert("expert3")
     ids, xb = old.ids.copy(), old.vectors()
     meta = router.store.get(ids.tolist())
-    parts = router.split_expert("expert3", 3, seed=1)
+    parts = lc.split_expert(router, "expert3", 3, seed=1)
     assert [p.name for p in parts] == ["expert3/0", "expert3/1", "expert3/2"]
     assert router.expert_names == ["expert0", "expert1", "expert2", "expert3/0", "expert3/1", "expert3/2"]
     got = np.concatenate([p.ids for p in parts])
@@ -143,7 +146,7 @@ def test_split__parts_share_the_old_experts_probability(router: Router) -> None:
     ids = np.concatenate([e.ids for e in router.experts])
     own = np.isin(ids, router.expert("expert3").ids)
     p_before = router.gate_probs(xb)
-    router.split_expert("expert3", 2)
+    lc.split_expert(router, "expert3", 2)
     p_after = router.gate_probs(xb)
     diff = np.abs(p_after[:, 3:5].sum(1) - p_before[:, 3])  # a fitted approximation, not exact
     assert diff.mean() < 0.03 and diff.max() < 0.1
@@ -155,7 +158,7 @@ def test_split__parts_share_the_old_experts_probability(router: Router) -> None:
 def test_split__gives_every_part_prototypes_even_when_the_expert_has_too_few() -> None:
     router = hybrid_router()
     owner_before = router.gate.prototype_owner.clone()
-    parts = router.split_expert("expert1", 6)  # expert1 has 4 prototypes: 2 parts get their centroid
+    parts = lc.split_expert(router, "expert1", 6)  # expert1 has 4 prototypes: 2 parts get their centroid
     owner = router.gate.prototype_owner
     assert sorted(set(owner.tolist())) == list(range(router.num_experts))
     assert int((owner_before == 1).sum()) == 4 and int(((owner >= 1) & (owner <= 6)).sum()) == 6
@@ -166,7 +169,7 @@ def test_split__gives_every_part_prototypes_even_when_the_expert_has_too_few() -
 def test_split__moves_feedback_to_the_nearest_part(router_ip: Router) -> None:
     xb = router_ip.expert("expert3").vectors()
     seqs = [router_ip.record_feedback(x, "expert3", True) for x in xb[:6]]
-    parts = router_ip.split_expert("expert3", 2)
+    parts = lc.split_expert(router_ip, "expert3", 2)
     moved = {r[0]: r[3] for r in router_ip.store.feedback()}
     for s, x in zip(seqs, xb[:6]):
         nearest = max(parts, key=lambda p: float(p.centroid() @ x))
@@ -179,7 +182,7 @@ def test_split__duplicate_vectors_still_give_non_empty_parts() -> None:
     router.add_expert("dup", v)
     router.add_expert("other", -v)
     router.init_gate(hidden_dims=[], dropout=0.0)
-    parts = router.split_expert("dup", 3)
+    parts = lc.split_expert(router, "dup", 3)
     assert [p.ntotal for p in parts] == [1, 1, 1]
 
 
@@ -197,7 +200,7 @@ def test_split__duplicate_vectors_still_give_non_empty_parts() -> None:
 def test_split__bad_input_is_a_clear_error_and_changes_nothing(router_ip: Router, kwargs, error, match) -> None:
     before = snapshot(router_ip)
     with pytest.raises(error, match=match):
-        router_ip.split_expert(**kwargs)
+        lc.split_expert(router_ip, **kwargs)
     assert_unchanged(router_ip, before)
 
 
@@ -209,9 +212,9 @@ def test_failed_store_write__leaves_router_unchanged(router_ip: Router, monkeypa
 
     monkeypatch.setattr(router_ip.store, "apply_changes", broken)
     with pytest.raises(RuntimeError, match="disk full"):
-        router_ip.merge_experts("expert1", "expert2")
+        lc.merge_experts(router_ip, "expert1", "expert2")
     with pytest.raises(RuntimeError, match="disk full"):
-        router_ip.split_expert("expert3", 2)
+        lc.split_expert(router_ip, "expert3", 2)
     assert_unchanged(router_ip, before)
 
 
@@ -223,7 +226,7 @@ def test_balanced_kmeans__respects_the_size_bound(n: int, bound: float | None, s
     # Skewed data: one dense cluster holds most vectors, so plain k-means would be far from balanced.
     xs = clusters(3, 300, DIM, seed=seed)
     x = np.concatenate([xs[0], xs[1][:40], xs[2][:20]])
-    labels = lc.balanced_kmeans(x, n, seed=seed, max_imbalance=bound)
+    labels = balanced_kmeans(x, n, seed=seed, max_imbalance=bound)
     sizes = np.bincount(labels, minlength=n)
     assert sizes.min() >= 1 and sizes.sum() == len(x) and labels.max() == n - 1
     if bound is not None:
@@ -233,9 +236,9 @@ def test_balanced_kmeans__respects_the_size_bound(n: int, bound: float | None, s
 def test_balanced_kmeans__bad_input() -> None:
     x = np.zeros((5, 4), np.float32)
     with pytest.raises(ValueError, match="cannot make 6 clusters from 5 vectors"):
-        lc.balanced_kmeans(x, 6)
+        balanced_kmeans(x, 6)
     with pytest.raises(ValueError, match="must be >= 1"):
-        lc.balanced_kmeans(x, 2, max_imbalance=0.8)
+        balanced_kmeans(x, 2, max_imbalance=0.8)
 
 
 # ---------------------------------------------------------------- auto-create
@@ -245,7 +248,7 @@ def test_auto_create_by_category__skips_small_categories() -> None:
     router = Router(64, "ip", embedder=HashingEmbedder(64))
     texts = [f"react hooks {i}" for i in range(6)] + [f"django views {i}" for i in range(5)] + ["go channels", "go maps"]
     cats = ["Frontend"] * 6 + ["Backend"] * 5 + ["Go"] * 2
-    report = router.auto_create_experts(texts=texts, categories=cats, min_docs=5, name_format="{category} Expert")
+    report = lc.auto_create_experts(router, texts=texts, categories=cats, min_docs=5, name_format="{category} Expert")
     assert report.created == [("Frontend Expert", 6), ("Backend Expert", 5)]
     assert report.skipped == [("Go", 2)]
     assert router.expert("Backend Expert").specialization == "backend"
@@ -257,12 +260,12 @@ def test_auto_create_by_category__name_clash_adds_nothing(router_ip: Router) -> 
     before = snapshot(router_ip)
     xs = clusters(2, 6, DIM, seed=3)
     with pytest.raises(ValueError, match="'expert1' already exists"):
-        router_ip.auto_create_experts(vectors=np.concatenate(xs), categories=["new"] * 6 + ["expert1"] * 6)
+        lc.auto_create_experts(router_ip, vectors=np.concatenate(xs), categories=["new"] * 6 + ["expert1"] * 6)
     assert_unchanged(router_ip, before)
     with pytest.raises(ValueError, match="dimension 7, expected 32"):
-        router_ip.auto_create_experts(vectors=np.ones((4, 7)), categories=["a"] * 4)
+        lc.auto_create_experts(router_ip, vectors=np.ones((4, 7)), categories=["a"] * 4)
     with pytest.raises(ValueError, match="4 documents but 3 categories"):
-        router_ip.auto_create_experts(vectors=np.ones((4, DIM)), categories=["a"] * 3)
+        lc.auto_create_experts(router_ip, vectors=np.ones((4, DIM)), categories=["a"] * 3)
     assert_unchanged(router_ip, before)
 
 
@@ -270,7 +273,7 @@ def test_auto_create_by_clustering__bounded_sizes_cover_every_vector() -> None:
     router = Router(DIM, "ip")
     xs = clusters(3, 200, DIM, seed=7)
     x = np.concatenate([xs[0], xs[1][:50], xs[2][:30]])  # 280 vectors, skewed
-    report = router.auto_create_experts(vectors=x, n=5, max_imbalance=1.25, seed=0)
+    report = lc.auto_create_experts(router, vectors=x, n=5, max_imbalance=1.25, seed=0)
     sizes = [n for _, n in report.created]
     assert sum(sizes) == len(x) and max(sizes) <= int(1.25 * len(x) / 5) and min(sizes) >= 1
     assert router.expert_names == [f"cluster{i}" for i in range(5)]
@@ -327,17 +330,17 @@ def test_remove__unknown_expert_is_a_clear_error(router_ip: Router) -> None:
 
 
 def parented(router: Router) -> Router:
-    router.set_parent("expert0", "left")
-    router.set_parent("expert1", "left")
-    router.set_parent("expert2", "right")
-    router.set_parent("expert3", "right")
+    lc.set_parent(router, "expert0", "left")
+    lc.set_parent(router, "expert1", "left")
+    lc.set_parent(router, "expert2", "right")
+    lc.set_parent(router, "expert3", "right")
     return router
 
 
 def test_two_level__parent_probability_is_the_sum_and_leaves_stay_inside(router: Router) -> None:
     parented(router)
     xq, _ = router.prepare_queries(probe())
-    r = router.route_two_level(xq, top_parents=1, top_children=2)
+    r = lc.route_two_level(router, xq, top_parents=1, top_children=2)
     assert r.parents == ["left", "right"]
     probs = router.gate_probs(xq)
     np.testing.assert_allclose(r.parent_probs, np.stack([probs[:, :2].sum(1), probs[:, 2:].sum(1)], 1), atol=1e-6)
@@ -349,24 +352,24 @@ def test_two_level__parent_probability_is_the_sum_and_leaves_stay_inside(router:
 
 
 def test_two_level__fills_rows_when_the_parent_has_too_few_children(router_ip: Router) -> None:
-    router_ip.set_parent("expert0", "solo")  # 'solo' has one child; the others are their own groups
-    r = router_ip.route_two_level(probe(), top_parents=1, top_children=3)
+    lc.set_parent(router_ip, "expert0", "solo")  # 'solo' has one child; the others are their own groups
+    r = lc.route_two_level(router_ip, probe(), top_parents=1, top_children=3)
     assert r.top.shape == (100, 3) and (np.sort(r.top, 1)[:, 1:] != np.sort(r.top, 1)[:, :-1]).all()
 
 
 def test_two_level__search_hits_come_only_from_chosen_children_and_group_by_parent(router_ip: Router) -> None:
     parented(router_ip)
     xq = probe()
-    r = router_ip.route_two_level(xq, 1, 1)
-    results = router_ip.search_two_level(xq, k=5, top_parents=1, top_children=1)
+    r = lc.route_two_level(router_ip, xq, 1, 1)
+    results = lc.search_two_level(router_ip, xq, k=5, top_parents=1, top_children=1)
     for row, hits in zip(r.top, results):
         assert {h.expert for h in hits} == {router_ip.experts[row[0]].name}
         grouped = lc.group_by_parent(hits)
         assert list(grouped) == [router_ip.experts[row[0]].parent]
     with pytest.raises(ValueError, match="top_parents must be between 1 and 2"):
-        router_ip.route_two_level(xq, top_parents=3)
+        lc.route_two_level(router_ip, xq, top_parents=3)
     with pytest.raises(ValueError, match="cannot be its own parent"):
-        router_ip.set_parent("expert0", "expert0")
+        lc.set_parent(router_ip, "expert0", "expert0")
 
 
 # ---------------------------------------------------------------- feedback and recommendations
@@ -383,7 +386,7 @@ def give(router: Router, expert: str, positive: int, negative: int) -> None:
 def test_feedback_stats__counts_and_success_rates(router_ip: Router) -> None:
     give(router_ip, "expert0", 3, 1)
     give(router_ip, "expert2", 0, 2)
-    stats = {s.expert: s for s in router_ip.feedback_stats()}
+    stats = {s.expert: s for s in lc.feedback_stats(router_ip)}
     assert (stats["expert0"].total, stats["expert0"].positive, stats["expert0"].success_rate) == (4, 3, 0.75)
     assert (stats["expert2"].total, stats["expert2"].success_rate) == (2, 0.0)
     assert (stats["expert1"].total, stats["expert1"].success_rate) == (0, None)
@@ -401,7 +404,7 @@ def test_feedback_of_a_removed_expert__is_kept_apart_from_a_new_expert_of_that_n
     router_ip.remove_expert("expert0")
     router_ip.add_expert("expert0", vectors)  # same name, a new expert: no feedback of its own yet
     give(router_ip, "expert0", 1, 0)
-    stats = {s.expert: s for s in router_ip.feedback_stats()}
+    stats = {s.expert: s for s in lc.feedback_stats(router_ip)}
     assert (stats["expert0"].total, stats["expert0"].positive) == (1, 1)
     loaded = Router.load(router_ip.save(tmp_path / "ckpt"))
     assert len(loaded.store.feedback("expert0")) == 1
@@ -413,21 +416,21 @@ def test_recommendations__follow_the_tutorial_rules_at_their_boundaries(router_i
     give(router_ip, "expert1", 4, 6)  # 40% but only 10 records: no rule
     give(router_ip, "expert2", 20, 1)  # 95% over 21 > 20 -> split
     give(router_ip, "expert3", 19, 1)  # 95% but only 20 records: no rule
-    recs = router_ip.recommendations()
+    recs = lc.recommendations(router_ip)
     assert [(r.expert, r.action) for r in recs] == [("expert0", "retrain_or_merge"), ("expert2", "split")]
     assert recs[0].merge_with == lc.nearest_expert(router_ip, "expert0") and recs[0].merge_with != "expert0"
     strict = lc.RecommendationRules(low_success=0.5, low_min_queries=9)
-    assert [r.expert for r in router_ip.recommendations(strict)] == ["expert0", "expert1", "expert2"]
+    assert [r.expert for r in lc.recommendations(router_ip, strict)] == ["expert0", "expert1", "expert2"]
 
 
 # ---------------------------------------------------------------- load analysis
 
 
 def test_load_report__flags_experts_over_and_under_the_average(router_ip: Router, tmp_path: Path) -> None:
-    router_ip._query_counts[:] = [50, 30, 10, 10]  # average 25: 2.0x over, 1.2x fine, 0.4x under
-    router_ip._confidence_sums[:] = [25.0, 15.0, 9.0, 1.0]
+    router_ip.routing_stats = RoutingStats(np.array([50, 30, 10, 10]), np.array([25.0, 15.0, 9.0, 1.0]))  # average 25:
+    # 2.0x over, 1.2x fine, 0.4x under
     give(router_ip, "expert0", 1, 1)
-    rep = router_ip.load_report()
+    rep = lc.load_report(router_ip)
     assert [(r.expert, r.flag) for r in rep.rows] == [("expert0", "over"), ("expert1", ""), ("expert2", "under"),
                                                       ("expert3", "under")]
     assert [r.ratio for r in rep.rows] == pytest.approx([2.0, 1.2, 0.4, 0.4])
@@ -435,13 +438,13 @@ def test_load_report__flags_experts_over_and_under_the_average(router_ip: Router
     chart = lc.load_chart(rep)
     assert chart.count("\n") == 4 and "2.00x average (> 1.5x)" in chart and "0.40x average (< 0.5x)" in chart
     assert chart.splitlines()[0].count("█") == 40 and chart.splitlines()[1].count("█") == 24
-    png = lc.plot_load(rep, tmp_path / "load.png")
+    png = plot_load(rep, tmp_path / "load.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_load_report__from_queries_does_not_touch_live_stats(router_ip: Router) -> None:
     xq = probe()
-    rep = router_ip.load_report(xq, top_k=2)
+    rep = lc.load_report(router_ip, xq, top_k=2)
     assert rep.total == 2 * len(xq) and sum(r.queries for r in rep.rows) == rep.total
     _, top = router_ip.decide(xq, 2, record=False)
     assert [r.queries for r in rep.rows] == np.bincount(top.ravel(), minlength=4).tolist()
@@ -479,7 +482,7 @@ def test_optimize__merges_confused_twins_and_reports_the_measured_gain() -> None
     router = duplicated_router()
     xq = np.concatenate(clusters(3, 40, DIM, seed=21, noise=0.5))
     before = measured_recall(router, xq, 1)
-    rep = router.optimize_routing(xq, top_experts_searched=1, rebalance=False, split=False, max_scan_increase=1.0)
+    rep = lc.optimize_routing(router, xq, top_experts_searched=1, rebalance=False, split=False, max_scan_increase=1.0)
     assert rep.count("merge") == 1 and router.expert_names == ["twinA+twinB", "solo1", "solo2"]
     assert rep.before.recall == pytest.approx(before)
     assert rep.after.recall == pytest.approx(measured_recall(router, xq, 1))
@@ -495,7 +498,7 @@ def test_optimize__keeps_the_old_router_when_every_change_is_worse() -> None:
         with torch.no_grad():
             v.gate.head.weight.mul_(-1.0)
 
-    rep = router.optimize_routing(xq, top_experts_searched=1, rebalance=False, fine_tune=sabotage, max_scan_increase=1.0)
+    rep = lc.optimize_routing(router, xq, top_experts_searched=1, rebalance=False, fine_tune=sabotage, max_scan_increase=1.0)
     assert rep.actions and not any(a.kept for a in rep.actions)
     assert all(a.after.recall < a.before.recall for a in rep.actions)
     assert rep.improvement == 0.0 and rep.after == rep.before
@@ -507,7 +510,7 @@ def test_optimize__rebalances_a_biased_gate_only_as_far_as_recall_allows(router_
         router_ip.gate.head.bias[3] += 4.0  # expert3 swallows traffic
     xq = probe()
     before = measured_recall(router_ip, xq, 1)
-    rep = router_ip.optimize_routing(xq, top_experts_searched=1, merge=False, split=False)
+    rep = lc.optimize_routing(router_ip, xq, top_experts_searched=1, merge=False, split=False)
     assert rep.count("rebalance") == 1
     assert rep.after.max_over_mean < rep.before.max_over_mean
     assert rep.after.recall >= rep.before.recall == pytest.approx(before)
@@ -517,7 +520,7 @@ def test_optimize__rebalances_a_biased_gate_only_as_far_as_recall_allows(router_
 def test_optimize__nothing_to_do_reports_zero(router_ip: Router) -> None:
     xq = probe()
     before = snapshot(router_ip)
-    rep = router_ip.optimize_routing(xq, top_experts_searched=2, merge=False, split=False, rebalance=False)
+    rep = lc.optimize_routing(router_ip, xq, top_experts_searched=2, merge=False, split=False, rebalance=False)
     assert rep.actions == [] and rep.improvement == 0.0
     assert_unchanged(router_ip, before)
 
@@ -526,23 +529,23 @@ def test_optimize__nothing_to_do_reports_zero(router_ip: Router) -> None:
 
 
 def lifecycle_chain(router: Router) -> Router:
-    router.merge_experts("expert1", "expert2", name="merged")
-    router.split_expert("expert3", 2, names=["left3", "right3"])
-    router.set_parent("left3", "three")
-    router.set_parent("right3", "three")
+    lc.merge_experts(router, "expert1", "expert2", name="merged")
+    lc.split_expert(router, "expert3", 2, names=["left3", "right3"])
+    lc.set_parent(router, "left3", "three")
+    lc.set_parent(router, "right3", "three")
     give(router, "merged", 2, 1)
     return router
 
 
 def answers(router: Router, xq: np.ndarray) -> dict:
     hits = router.search(xq, k=5, top_experts=2)
-    two = router.route_two_level(xq, 1, 2)
+    two = lc.route_two_level(router, xq, 1, 2)
     return {
         "experts": [(e.name, e.specialization, e.parent, e.ntotal) for e in router.experts],
         "probs": router.gate_probs(xq).round(5).tolist(),
         "hits": [[(h.id, h.expert, round(h.score, 5), h.text) for h in row] for row in hits],
         "two_level": two.top.tolist(),
-        "feedback": [(s.expert, s.total, s.positive) for s in router.feedback_stats()],
+        "feedback": [(s.expert, s.total, s.positive) for s in lc.feedback_stats(router)],
     }
 
 

@@ -16,7 +16,8 @@ from hydra import compose, initialize_config_dir
 
 from moe_router import Router
 from moe_router import lifecycle as lc
-from moe_router.adaptation import FineTuneConfig, feedback_pairs, fine_tune, fine_tune_from_feedback, run
+from moe_router.apps.experts import run
+from moe_router.train.finetune import FineTuneConfig, feedback_pairs, fine_tune, fine_tune_from_feedback
 from tests.helpers import CONFIGS, DIM, clusters
 
 FAST = FineTuneConfig(steps=5, replay=1.0, min_replay=0)
@@ -43,21 +44,12 @@ def test_fitted_row__new_expert_routable_at_once_without_taking_the_others(proto
     plain, _ = five_clusters(prototypes)
     old_before = [acc(router, xs[i][80:], f"e{i}") for i in range(4)]
     plain.add_expert("new", xs[4][:80], fit_row=False)  # Gate.add_expert's row alone
-    lc.add_expert(router, "new", xs[4][:80])  # ... refitted against the other experts
+    router.add_expert("new", xs[4][:80])  # ... refitted against the other experts (the default)
     assert acc(router, xs[4][80:], "new") >= 0.9
     old_after = [acc(router, xs[i][80:], f"e{i}") for i in range(4)]
     assert min(np.subtract(old_after, old_before)) >= -0.05
     if not prototypes:  # an MLP row at the mean feature takes the other experts' queries; the fitted one does not
         assert np.mean(old_after) > np.mean([acc(plain, xs[i][80:], f"e{i}") for i in range(4)]) + 0.2
-
-
-def test_router_add_expert__fits_the_row_by_default_like_lifecycle_add_expert() -> None:
-    a, xs = five_clusters(prototypes=4)
-    b, _ = five_clusters(prototypes=4)
-    a.add_expert("new", xs[4][:80])
-    lc.add_expert(b, "new", xs[4][:80])
-    queries = np.concatenate([x[80:] for x in xs])
-    np.testing.assert_allclose(a.gate_logits(queries), b.gate_logits(queries), rtol=1e-5, atol=1e-5)
 
 
 def test_fitted_row__failure_removes_the_new_expert_again(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -67,9 +59,9 @@ def test_fitted_row__failure_removes_the_new_expert_again(monkeypatch: pytest.Mo
     def broken(*args, **kwargs):
         raise RuntimeError("no memory")
 
-    monkeypatch.setattr(lc, "fit_expert_rows", broken)
+    monkeypatch.setattr(Router, "fit_expert_rows", broken)
     with pytest.raises(RuntimeError, match="no memory"):
-        lc.add_expert(router, "new", xs[4][:80])
+        router.add_expert("new", xs[4][:80])
     assert router.expert_names == names and router.store.max_id() == 4 * 80 - 1
     assert all(torch.equal(v, gate[k]) for k, v in router.gate.state_dict().items())
 
@@ -160,7 +152,7 @@ def test_experts_script__operations_on_a_checkpoint(text_router: Router, tmp_pat
     assert Router.load(ckpt).num_experts == 4  # out= leaves the input checkpoint alone
 
     run(experts_cfg(ckpt, "op=feedback", "feedback.query='a question about stock'", "feedback.expert=finance"))
-    assert [(s.expert, s.total) for s in Router.load(ckpt).feedback_stats() if s.total] == [("finance", 1)]
+    assert [(s.expert, s.total) for s in lc.feedback_stats(Router.load(ckpt)) if s.total] == [("finance", 1)]
 
 
 @pytest.mark.parametrize(

@@ -8,10 +8,8 @@ import numpy as np
 import pytest
 
 from moe_router import Router
-from moe_router.data import exact_neighbours, neighbour_counts
-from moe_router.metrics import (
-    accuracy_at_k, auroc, expected_calibration_error, load_stats, recall_at_k, recall_from_counts, top_experts,
-)
+from moe_router.index.exact import exact_neighbours, neighbour_counts
+from moe_router.metrics import accuracy_at_k, auroc, expected_calibration_error, load_stats, recall_at_k, recall_from_counts, top_experts
 
 PROBS = np.array([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2], [0.2, 0.3, 0.5], [0.4, 0.4, 0.2]])
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from moe_router import Gate, Router
-from moe_router.baselines import CentroidRouter, KnnVoteRouter, MultiPrototypeRouter, SemanticRouterStyle, ivf_recall
-from moe_router.calibration import choose_threshold, fit_temperature, load_floor_bias, reliability_bins, softmax
-from moe_router.data import exact_neighbours, neighbour_counts
+from moe_router.eval.baselines import CentroidRouter, KnnVoteRouter, MultiPrototypeRouter, SemanticRouterStyle, ivf_recall
+from moe_router.gate.calibrate import choose_threshold, fit_temperature, load_floor_bias, reliability_bins, softmax
+from moe_router.index.exact import exact_neighbours, neighbour_counts
 from moe_router.metrics import assign_with_capacity, load_stats, recall_at_k, recall_from_counts, top_experts
 from tests.helpers import clusters
 

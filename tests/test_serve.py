@@ -13,6 +13,7 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
+from moe_router import lifecycle
 from moe_router import HashingEmbedder, Router
 from moe_router.serving import AuthConfig, BatchConfig, Limits, Query, RouterState, create_app, run_queries
 
@@ -251,8 +252,8 @@ def test_add_and_remove_expert__persist_and_route(ckpt):
 
 def test_merge_and_split_over_http__persist_and_equal_the_library(ckpt, tmp_path):
     lib = Router.load(ckpt)  # the same changes made in the library, for comparison
-    lib.merge_experts("security", "devops", name="ops")
-    lib.split_expert("ops", parts=2, names=["ops-a", "ops-b"])
+    lifecycle.merge_experts(lib, "security", "devops", name="ops")
+    lifecycle.split_expert(lib, "ops", parts=2, names=["ops-a", "ops-b"])
     state = RouterState(ckpt)
     with TestClient(create_app(state)) as c:
         r = c.post("/merge", json={"a": "security", "b": "devops", "name": "ops"})

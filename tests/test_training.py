@@ -15,9 +15,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from moe_router import Gate, Router
-from moe_router.evaluation import evaluate
+from moe_router.apps.evaluate import evaluate
 from moe_router.metrics import accuracy_at_k, recall_from_counts, top_experts
-from moe_router.training import GateModule, fit_router, query_counts, router_from_dataset, routing_pairs, train
+from moe_router.apps.train import train
+from moe_router.data.build import router_from_dataset
+from moe_router.data.targets import routing_pairs
+from moe_router.index.exact import exact_counts
+from moe_router.train.fit import fit_router
+from moe_router.train.module import GateModule
 from tests.helpers import CONFIGS, VOCAB, clusters, write_jsonl
 
 E = 4
@@ -77,7 +82,7 @@ def test_routing_pairs__are_stored_vectors_with_their_expert_and_neighbour_count
     np.testing.assert_array_equal(x, np.concatenate([e.vectors() for e in router.experts]))
     np.testing.assert_array_equal(owner, np.repeat(np.arange(E), 30))
     assert counts.shape == (120, E) and (counts.sum(1) == 10).all()
-    np.testing.assert_array_equal(counts, query_counts(router, x, 11) - np.eye(E)[owner])  # itself excluded
+    np.testing.assert_array_equal(counts, exact_counts(router.experts, x, 11) - np.eye(E)[owner])  # itself excluded
 
 
 @pytest.mark.parametrize("per", [30, 2])  # 2 per expert: fewer stored vectors than neighbours
@@ -108,7 +113,7 @@ def test_fit_router__learns_to_route_held_out_queries_far_above_chance(tmp_path:
     assert acc >= 0.8  # chance is 1/4
     # The reported metrics are the installed gate's, computed the way evaluation computes them.
     assert result.metrics["val/acc@1"] == pytest.approx(acc, abs=1e-6)
-    counts = query_counts(router, router.prepare_queries(xq)[0], 10)
+    counts = exact_counts(router.experts, router.prepare_queries(xq)[0], 10)
     assert result.metrics["val/recall@10"] == pytest.approx(recall_from_counts(top_experts(probs, 2), counts), abs=1e-6)
     assert result.epochs == 12 and result.seconds > 0
     assert not router.gate.training and router.gate.num_experts == E
@@ -204,7 +209,7 @@ def test_train_fast_dev_run_on_default_demo_data__checkpoint_loads_and_routes(tm
     assert router.num_experts == summary.experts == 10 and router.ntotal == summary.vectors == 400
     route = router.route("How do I fix an auth bug?", top_k=2)
     assert len(route) == 2 and route[0].probability >= route[1].probability
-    assert router.manifest["config"]["embedder"]["_target_"] == "moe_router.embedders.HashingEmbedder"
+    assert router.manifest["config"]["embedder"]["_target_"] == "moe_router.embed.HashingEmbedder"
 
 
 def test_train_without_validation_rows__raises_clear_error(tmp_path: Path) -> None:
@@ -248,7 +253,7 @@ def test_synthetic_vectors_without_partition__raise_clear_errors(tmp_path: Path)
 
 
 def test_router_from_dataset_with_max_imbalance__caps_every_shard_and_keeps_every_vector() -> None:
-    from moe_router.synthetic import synthetic_dataset
+    from moe_router.data.synthetic import synthetic_dataset
 
     data = synthetic_dataset(vectors=3000, dim=32, sources=4, val=10, test=10)
     plain = router_from_dataset(data, None, "ip", kmeans_experts=6)

@@ -3,7 +3,7 @@
 from moe_router.serving.app import create_app
 from moe_router.serving.batcher import MicroBatcher, Query, run_queries
 from moe_router.serving.config import AuthConfig, BatchConfig, Limits
-from moe_router.serving.state import RouterState, fork_router, recover_checkpoint
+from moe_router.serving.state import RouterState
 
 __all__ = [
     "AuthConfig", "BatchConfig", "Limits", "MicroBatcher", "Query", "RouterState", "create_app", "fork_router",

@@ -21,12 +21,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from moe_router import __version__
-from moe_router.experts import Expert
-from moe_router.router import ExpertScore, Hit
+from moe_router.index.expert import Expert
+from moe_router.types import ExpertScore, Hit
 from moe_router.serving.batcher import MicroBatcher, Overloaded, Query, run_now
 from moe_router.serving.config import AuthConfig, BatchConfig, Limits
 from moe_router.serving.schemas import (
-    ErrorResponse, ExpertChangeResponse, ExpertOut, ExpertsChangeResponse, ExpertsResponse, FeedbackResponse,
+    ErrorResponse, ExpertChangeResponse, ExpertsChangeResponse, ExpertsResponse, FeedbackResponse,
     HealthResponse, ReadyResponse, RouteResponse, SearchResponse, StatsResponse, build_models,
 )
 from moe_router.serving.state import ExpertConflict, PersistError, RouterState

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from moe_router.router import Router
+from moe_router.routing.router import Router
 from moe_router.serving.config import BatchConfig
 from moe_router.serving.state import RouterState
 

@@ -14,7 +14,6 @@ store; a commit landing between that copy and the swap would be lost with the ol
 
 from __future__ import annotations
 
-import copy
 import logging
 import threading
 from contextlib import contextmanager
@@ -26,9 +25,12 @@ import faiss
 import numpy as np
 import torch
 
-from moe_router.checkpoint import STORE, read_manifest, recover_checkpoint
-from moe_router.experts import Expert, MetadataStore
-from moe_router.router import Router
+from moe_router.checkpoint.format import STORE, read_manifest
+from moe_router.checkpoint.io import recover_checkpoint
+from moe_router.index.expert import Expert
+from moe_router.lifecycle.merge_split import merge_experts, split_expert
+from moe_router.routing.router import Router
+from moe_router.store import MetadataStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -50,27 +52,6 @@ class Snapshot:
     generation: int
     leases: int = 0
     retired: bool = False
-
-
-def fork_router(router: Router) -> Router:
-    """A copy of `router` that can be changed while `router` keeps serving.
-
-    Shares what add/remove never change in place (each Expert's FAISS index, the embedder);
-    copies the containers they do change (expert list, stats arrays, manifest), deep-copies the
-    gate, and copies the metadata store into memory so that deleting an expert's rows cannot
-    reach readers of the original. Works through `copy.copy` so attributes a later Router grows
-    come along. Expert lifecycle methods that change an Expert in place (merge, split) need the
-    affected experts deep-copied here first.
-    """
-    fork = copy.copy(router)
-    for name, value in vars(router).items():
-        if isinstance(value, (list, dict, set, np.ndarray)):
-            setattr(fork, name, copy.copy(value))
-    fork.gate = copy.deepcopy(router.gate)
-    store = MetadataStore()  # in memory until the fork is saved
-    router.store.conn.backup(store.conn)  # SQLite's online backup: a consistent copy while readers continue
-    fork.store = store
-    return fork
 
 
 def _free_names(router: Router, names: Sequence[str]) -> None:
@@ -165,7 +146,7 @@ class RouterState:
             if name is not None and name not in (a, b):
                 _free_names(router, [name])
 
-        return self._change(check, lambda fork: fork.merge_experts(a, b, name, specialization))
+        return self._change(check, lambda fork: merge_experts(fork, a, b, name, specialization))
 
     def split_expert(self, name: str, parts: int = 2, names: Sequence[str] | None = None) -> tuple[list[Expert], int]:
         """Split an expert by k-means (lifecycle.split_expert), save, swap in; the parts and the generation."""
@@ -174,7 +155,7 @@ class RouterState:
             router.expert_index(name)
             _free_names(router, [n for n in (names or []) if n != name])
 
-        return self._change(check, lambda fork: fork.split_expert(name, parts, names))
+        return self._change(check, lambda fork: split_expert(fork, name, parts, names))
 
     def _change(self, check: Callable[[Router], None], change: Callable[[Router], T]) -> tuple[T, int]:
         """One durable expert change: check it against the served router, make it on a copy, save, swap.
@@ -185,7 +166,7 @@ class RouterState:
             self._check_writable()
             with self.lease() as snap:
                 check(snap.router)
-                fork = fork_router(snap.router)
+                fork = snap.router.fork(private_store=True)
             try:
                 result = change(fork)
                 self._persist(fork)

@@ -1,42 +1,26 @@
-"""Offline evaluation of a checkpoint: routing accuracy, recall@10 vs exhaustive search, cost, speed.
+"""Offline evaluation of a router: routing accuracy, recall@10 vs exhaustive search, cost, speed.
 
 Dimension legend: n test queries, E experts, t experts searched.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import faiss
 import numpy as np
-from hydra.utils import instantiate
-from omegaconf import DictConfig
-
 from tqdm.auto import tqdm
 
-from moe_router.baselines import (
-    CentroidRouter, KnnVoteRouter, MultiPrototypeRouter, RandomRouter, SemanticRouterStyle, ivf_recall,
-)
-from moe_router.calibration import reliability_bins, softmax
-from moe_router.data import TextDataset, VectorDataset
-from moe_router.embedders import default_cache_dir
-from moe_router.experts import lower_blas_threshold
-from moe_router.metrics import (
-    accuracy_at_k, assign_with_capacity, auroc, expected_calibration_error, load_stats, recall_at_k, top_experts,
-)
-from moe_router.router import Router
-from moe_router.training import gold_by_centroid
-
-
-def exhaustive_index(router: Router) -> tuple[faiss.Index, np.ndarray]:
-    """One flat index over every expert's vectors, and the global id of each of its rows."""
-    index = faiss.IndexFlatIP(router.dim) if router.metric == "ip" else faiss.IndexFlatL2(router.dim)
-    for e in router.experts:
-        index.add(e.vectors())
-    return index, np.concatenate([e.ids for e in router.experts])
+from moe_router.data.datasets import TextDataset, VectorDataset
+from moe_router.eval.baselines import CentroidRouter, KnnVoteRouter, MultiPrototypeRouter, RandomRouter, SemanticRouterStyle, ivf_recall
+from moe_router.gate.calibrate import reliability_bins, softmax
+from moe_router.index.clustering import nearest_centroid
+from moe_router.index.expert import centroids
+from moe_router.index.exact import exhaustive_index
+from moe_router.index.parallel import lower_blas_threshold
+from moe_router.metrics import accuracy_at_k, assign_with_capacity, auroc, expected_calibration_error, load_stats, recall_at_k, top_experts
+from moe_router.routing.router import Router
 
 
 def gold_experts(router: Router, dataset: TextDataset, split: str) -> np.ndarray:
@@ -107,84 +91,87 @@ BASELINES = {
     "semantic_router": SemanticRouterStyle,
     "knn_vote": KnnVoteRouter,
 }
+
+
 GATE = "gate (ours)"
+
+
 IVF = "FAISS IVF-Flat (own k-means, nprobe = experts)"
+
+
 FLAT = "exhaustive flat"
 
 
-def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Evaluate cfg.ckpt on cfg.data's cfg.split against the baselines; write JSON, Markdown and plots.
+def evaluate(
+    router: Router, dataset: TextDataset | VectorDataset, split: str = "test", k: int = 10,
+    experts_searched: Sequence[int] = (1, 2, 4), baselines: Sequence[str] = tuple(BASELINES),
+    capacity_factor: float | None = 1.25, speed_batches: Sequence[int] = (1, 100, 1000), seed: int = 0,
+    checkpoint: str = "",
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Evaluate `router` on `dataset`'s `split` against the baselines: (report, each router's scores (n, E)).
 
-    The top-level keys acc@1, acc@2, recall@10@t, scanned@t are the gate's; `routers` holds every row.
+    The report's top-level keys acc@1, acc@2, recall@10@t, scanned@t are the gate's; `routers` holds every row.
     """
-    router = Router.load(cfg.ckpt, cache_dir=cfg.cache_dir or default_cache_dir())
-    dataset: TextDataset | VectorDataset = instantiate(cfg.data)
-    queries = dataset.queries(cfg.split)
+    queries = dataset.queries(split)
     if not len(queries):
-        raise ValueError(f"dataset {dataset.name!r} has no {cfg.split!r} rows to evaluate on")
+        raise ValueError(f"dataset {dataset.name!r} has no {split!r} rows to evaluate on")
     xq, _ = router.prepare_queries(queries)
-    if router.manifest.get("config", {}).get("partition"):
-        gold = gold_by_centroid(router, xq)  # k-means experts: the shard of the nearest centroid
+    partition = router.manifest.get("config", {}).get("partition")
+    if partition:
+        gold = nearest_centroid(xq, centroids(router.experts), router.metric)  # k-means experts: the shard of the nearest centroid
     elif isinstance(dataset, VectorDataset):
         raise ValueError(f"dataset {dataset.name!r} has no labels, so it can only evaluate a checkpoint whose "
-                         f"experts are a k-means partition (trained with partition=N); {cfg.ckpt} is not")
+                         f"experts are a k-means partition (trained with partition=N); {checkpoint or 'this one'} is not")
     else:
-        gold = gold_experts(router, dataset, cfg.split)
-    k = int(cfg.k)
-    if not 1 <= k <= router.ntotal:
-        raise ValueError(f"k must be between 1 and {router.ntotal} (the number of stored vectors), got {k}")
-    searched = [t for t in cfg.experts_searched if t <= router.num_experts]
-    flat, ids = exhaustive_index(router)
+        gold = gold_experts(router, dataset, split)
+    k = router.check_k(int(k))
+    searched = [t for t in experts_searched if t <= router.num_experts]
+    flat, ids = exhaustive_index(router.experts)
     _, rows = flat.search(xq, k)
-    exact_ids = ids[rows]
+    exact = ids[rows]
 
     scorers: dict[str, Callable[[np.ndarray], np.ndarray]] = {GATE: router.gate_probs}
     routers: dict[str, dict[str, Any]] = {GATE: {"scans_everything": False}}
-    unknown = [key for key in cfg.baselines if key not in BASELINES]
+    unknown = [key for key in baselines if key not in BASELINES]
     if unknown:
         raise ValueError(f"unknown baseline(s) {unknown}; expected some of {sorted(BASELINES)}")
     quiet = len(xq) * router.ntotal < 10**8  # progress bars only for runs that take more than a few seconds
-    for key in tqdm(cfg.baselines, desc="building baselines", disable=quiet):
+    for key in tqdm(baselines, desc="building baselines", disable=quiet):
         baseline = BASELINES[key](router)
         scorers[baseline.name] = baseline.scores
         routers[baseline.name] = {"scans_everything": baseline.scans_everything}
     scores: dict[str, np.ndarray] = {}
     for name, fn in tqdm(scorers.items(), desc="routing and searching", disable=quiet):
         scores[name] = fn(xq)
-        routers[name].update(routing_metrics(router, xq, scores[name], gold, exact_ids, searched, k))
+        routers[name].update(routing_metrics(router, xq, scores[name], gold, exact, searched, k))
     probs = scores[GATE]
-    if cfg.capacity_factor:
-        report_capacity = capacity_report(router, xq, probs, exact_ids, min(2, router.num_experts), k,
-                                          float(cfg.capacity_factor))
     routers[IVF] = {"scans_everything": False}
-    for t, (rec, scanned) in ivf_recall(router, xq, exact_ids, searched, k, seed=cfg.seed).items():
+    for t, (rec, scanned) in ivf_recall(router, xq, exact, searched, k, seed=seed).items():
         routers[IVF][f"recall@{k}@{t}"], routers[IVF][f"scanned@{t}"] = rec, scanned
     routers[FLAT] = {"scans_everything": True, **{f"recall@{k}@{t}": 1.0 for t in searched},
                      **{f"scanned@{t}": 1.0 for t in searched}}
 
     report: dict[str, Any] = {
-        "checkpoint": str(cfg.ckpt), "dataset": dataset.name, "split": cfg.split, "queries": len(queries),
+        "checkpoint": checkpoint, "dataset": dataset.name, "split": split, "queries": len(queries),
         "experts": router.num_experts, "vectors": router.ntotal, "unknown_gold": int((gold < 0).sum()),
-        "partition": router.manifest.get("config", {}).get("partition"),  # k-means experts: gold = nearest centroid
+        "partition": partition,  # k-means experts: gold = nearest centroid
         **{key: v for key, v in routers[GATE].items() if key != "scans_everything"},
         "routers": routers,
     }
-    if cfg.capacity_factor:
-        report["capacity"] = report_capacity
+    if capacity_factor:
+        report["capacity"] = capacity_report(router, xq, probs, exact, min(2, router.num_experts), k,
+                                             float(capacity_factor))
     report["calibration"] = calibration_report(router, xq, probs, gold)
-    oos = dataset.oos_texts(cfg.split)
+    oos = dataset.oos_texts(split)
     if oos:
         report["out_of_scope"] = oos_report(router, oos, xq, scorers, scores, routers)
     top = min(2, router.num_experts)
-    batches = [b for b in cfg.speed_batches if b <= len(xq)]
+    batches = [b for b in speed_batches if b <= len(xq)]
     report["speed"] = {f"batch_{b}": latency(router, xq, flat, k, top, b)
                        for b in tqdm(batches, desc="timing routed vs exhaustive", disable=quiet)}
-    if cfg.out_dir:
-        write_outputs(report, Path(cfg.out_dir), searched, k, router, scores)
-    if cfg.report:
-        Path(cfg.report).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.report).write_text(json.dumps(report, indent=2))
-    return report
+    report["experts_searched"] = searched
+    report["k"] = k
+    return report, scores
 
 
 def capacity_report(router: Router, xq: np.ndarray, probs: np.ndarray, exact_ids: np.ndarray, t: int, k: int,
@@ -231,63 +218,3 @@ def oos_report(router: Router, oos_texts: list[str], xq: np.ndarray, scorers: di
         out["oos_refused"] = float((go < th).mean())
     return out
 
-
-def markdown_table(report: dict[str, Any], searched: list[int], k: int) -> str:
-    """One row per router: acc@1, acc@2, recall@k at each experts-searched, scanned, load, OOS AUROC."""
-    cols = ["acc@1", "acc@2", *(f"recall@{k}@{t}" for t in searched), f"scanned@{searched[min(1, len(searched) - 1)]}",
-            "load max/mean", "dead", "OOS AUROC"]
-    lines = ["| router | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for name, row in report["routers"].items():
-        cells = []
-        for c in cols:
-            if c == "load max/mean":
-                v = row.get("load@1", {}).get("max_over_mean")
-            elif c == "dead":
-                v = row.get("load@1", {}).get("dead")
-            elif c == "OOS AUROC":
-                v = row.get("oos_auroc")
-            else:
-                v = row.get(c)
-            cells.append("–" if v is None else (str(v) if isinstance(v, int) else f"{v:.3f}"))
-        label = f"{name} *(scans everything)*" if row.get("scans_everything") and name != FLAT else name
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def write_outputs(report: dict[str, Any], out_dir: Path, searched: list[int], k: int, router: Router,
-                  scores: dict[str, np.ndarray]) -> None:
-    """report.json, table.md and PNG plots (recall curve, load per expert, reliability diagram) in out_dir."""
-    from moe_router import plots
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
-    title = f"{report['dataset']} ({report['experts']} experts, {report['queries']} {report['split']} queries)"
-    table = markdown_table(report, searched, k)
-    speed = "\n".join(
-        f"- batch {s['batch']}: routed {s['routed_qps']:.0f} q/s vs exhaustive {s['exhaustive_qps']:.0f} q/s "
-        f"({s['speedup']:.2f}x); p50/p99 {s['routed_p50_ms']:.2f}/{s['routed_p99_ms']:.2f} ms vs "
-        f"{s['exhaustive_p50_ms']:.2f}/{s['exhaustive_p99_ms']:.2f} ms; gate share {100 * s['gate_share']:.1f}%"
-        for s in report["speed"].values()
-    )
-    cal = report["calibration"]
-    extra = ""
-    if "capacity" in report:
-        c = report["capacity"]
-        extra += (f"\nCapacity factor {c['factor']} at {c['experts_searched']} experts: max/mean load "
-                  f"{c['max_over_mean']:.3f} (uncapped {c['max_over_mean_uncapped']:.3f}), recall@{k} "
-                  f"{c[f'recall@{k}']:.4f} (uncapped {c[f'recall@{k}_uncapped']:.4f}).\n")
-    if "out_of_scope" in report and "threshold" in report["out_of_scope"]:
-        o = report["out_of_scope"]
-        extra += (f"\nAbstention at the validation-chosen threshold {o['threshold']:.3f}: {100 * o['in_scope_kept']:.1f}% "
-                  f"of in-scope test queries kept, {100 * o['oos_refused']:.1f}% of out-of-scope refused.\n")
-    (out_dir / "table.md").write_text(
-        f"### {title}\n\n{table}\n\nECE of the top-1 probability: {cal['calibrated']['ece']:.4f} at T = "
-        f"{cal['temperature']:.3f} ({cal['uncalibrated (T=1)']['ece']:.4f} at T = 1).\n{extra}\nSpeed (same run):\n{speed}\n"
-    )
-    curves = {n: r for n, r in report["routers"].items() if not n.startswith("random")}
-    plots.recall_curve(curves, searched, k, out_dir / "recall.png", title)
-    shares = {n: load_stats(top_experts(s, 1), router.num_experts)["shares"]
-              for n, s in scores.items() if n in (GATE, "centroid")}
-    plots.load_bars(shares, router.expert_names, out_dir / "load.png", f"top-1 load: {title}")
-    plots.reliability_diagram({n: cal[n]["bins"] for n in ("calibrated", "uncalibrated (T=1)")},
-                              out_dir / "reliability.png", f"reliability: {report['dataset']}")

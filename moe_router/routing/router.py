@@ -6,66 +6,26 @@ Plain PyTorch + FAISS + numpy: no Lightning, no Hydra.
 
 from __future__ import annotations
 
+import copy
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from moe_router.embedders import Embedder
-from moe_router.experts import (
-    Expert, MetadataStore, lower_blas_threshold, payloads_or_none, search_each, worst_score,
-)
-from moe_router.gate import Gate
-from moe_router.vectors import check_metric, prepare
-
-
-@dataclass(frozen=True)
-class ExpertScore:
-    """One expert chosen for a query."""
-
-    expert: str
-    probability: float  # gate softmax probability over all experts: the routing confidence
-    weight: float  # probability renormalised over the experts chosen for this query
-    specialization: str = ""
-    parent: str | None = None
-
-
-@dataclass(frozen=True)
-class Hit:
-    """One search result."""
-
-    id: int
-    score: float  # inner product (metric 'ip', higher is closer) or squared L2 distance ('l2', lower is closer)
-    expert: str
-    specialization: str
-    parent: str | None
-    routing_score: float  # the gate's probability for this hit's expert
-    text: str | None = None
-    metadata: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class RoutedSearch:
-    """Array form of a routed search; -1 in I and E where fewer than k vectors were reachable."""
-
-    D: np.ndarray  # (nq, k) scores, best first
-    I: np.ndarray  # (nq, k) global ids
-    E: np.ndarray  # (nq, k) index of the expert holding each hit
-    scanned: np.ndarray  # (nq,) vectors compared per query
-
-
-@dataclass(frozen=True)
-class ExpertStats:
-    name: str
-    specialization: str
-    parent: str | None
-    vectors: int
-    queries: int  # queries routed to this expert (among each query's chosen experts)
-    load_share: float  # share of all (query, expert) assignments
-    mean_confidence: float  # mean gate probability when chosen (0.0 if never chosen)
+from moe_router.checkpoint.format import STORE, CheckpointError, CheckpointParts
+from moe_router.checkpoint.io import read_checkpoint, write_checkpoint
+from moe_router.checks import check_int, check_new_name
+from moe_router.embed.base import Embedder
+from moe_router.gate.model import Gate, infer
+from moe_router.gate.surgery import fitted_new_rows
+from moe_router.index.expert import Expert, centroids, sample_vectors
+from moe_router.index.parallel import lower_blas_threshold, search_each
+from moe_router.routing.stats import RoutingStats
+from moe_router.store import MetadataStore, payloads_or_none
+from moe_router.types import ExpertScore, ExpertStats, Hit, RoutedSearch
+from moe_router.vectors import check_metric, prepare, worst_score
 
 
 class Router:
@@ -96,9 +56,9 @@ class Router:
         # Top-1 probability under which route/search(abstain=True) answer "no expert is confident".
         self.abstain_threshold: float | None = None
         self._next_id = self.store.max_id() + 1
-        self._lock = threading.RLock()
-        self._query_counts = np.zeros(0, dtype=np.int64)  # (E,)
-        self._confidence_sums = np.zeros(0, dtype=np.float64)  # (E,)
+        # Held for any change to the expert set or the gate (lifecycle operations hold it while they plan).
+        self.lock = threading.RLock()
+        self.routing_stats = RoutingStats.zeros(0)  # what route/search chose, per expert
 
     # ---------------------------------------------------------------- experts
 
@@ -136,39 +96,55 @@ class Router:
         """Add an expert from vectors and/or texts (texts are embedded when no vectors are given).
 
         With a gate present, the gate grows an output for it at once. With `fit_row` (default) that
-        output is fitted against the other experts (lifecycle.fit_expert_rows): the new expert takes
+        output is fitted against the other experts (fit_expert_rows): the new expert takes
         its own queries without drawing the others'; if the fit fails the expert is removed again.
         `fit_row=False` only points the new row at its vectors' mean feature (Gate.add_expert), which
         can draw many of the other experts' queries until the gate is fine-tuned.
         """
-        if not isinstance(name, str) or not name.strip():
-            raise ValueError(f"expert name must be a non-empty string, got {name!r}")
-        if name in self.expert_names:
-            raise ValueError(f"an expert named {name!r} already exists; expert names must be unique")
+        check_new_name(name, self.expert_names, "add_expert")
         xb = self.vectors_from(texts, vectors, f"expert {name!r}")
         payloads = payloads_or_none(metadata, xb.shape[0])
-        with self._lock:
+        with self.lock:
             ids = np.arange(self._next_id, self._next_id + xb.shape[0], dtype=np.int64)
             expert = Expert(name, self.dim, self.metric, specialization or name, parent)
             expert.add(xb, ids)
             self.store.add(ids, name, list(texts) if texts is not None else [None] * len(ids), payloads)
             self._next_id += len(ids)
             self.experts.append(expert)
-            self._query_counts = np.append(self._query_counts, 0)
-            self._confidence_sums = np.append(self._confidence_sums, 0.0)
+            self.routing_stats = self.routing_stats.appended(1)
             if self.gate is not None:
                 m = self.gate.prototypes_per_expert
                 protos = torch.from_numpy(expert.prototypes(m)) if m else None
                 self.gate.add_expert(torch.from_numpy(xb), prototypes=protos)
         if fit_row and self.gate is not None and self.num_experts > 1:
-            from moe_router import lifecycle
-
             try:
-                lifecycle.fit_expert_rows(self, [name])
+                self.fit_expert_rows([name])
             except BaseException:
                 self.remove_expert(name)
                 raise
         return expert
+
+    def fit_expert_rows(self, names: Sequence[str], own_share: float = 0.9, other_share: float = 0.01,
+                        seed: int = 0) -> None:
+        """Refit the gate rows of experts `names` (e.g. just added) from their vectors and a sample of the others'.
+
+        Each row is fitted so that its expert gets `own_share` of the probability on its own vectors
+        and `other_share` on a sample of the other experts' vectors (gate.surgery.fitted_new_rows):
+        routable at once without taking over everyone else's queries.
+        """
+        with self.lock:
+            gate = self._require_gate()
+            idx = [self.expert_index(n) for n in names]
+            if len(set(idx)) != len(idx):
+                raise ValueError(f"expert names must be distinct, got {list(names)}")
+            if len(idx) == self.num_experts:
+                raise ValueError("fitting rows needs at least one other expert to compare with")
+            own = [self.experts[i].vectors() for i in idx]
+            protos = None
+            if gate.prototypes_per_expert:  # k-means prototypes, as a trained gate's experts have
+                protos = [self.experts[i].prototypes(gate.prototypes_per_expert, seed + i) for i in idx]
+            context = sample_vectors(self.experts, idx, seed=seed)
+            self.gate = fitted_new_rows(gate, idx, own, context, protos, own_share, other_share).eval()
 
     def vectors_from(self, texts: Sequence[str] | None, vectors: Any, what: str) -> np.ndarray:
         """Prepared (n, d) vectors: `vectors` if given, else `texts` embedded; one text per vector when both."""
@@ -185,13 +161,12 @@ class Router:
 
     def remove_expert(self, name: str) -> None:
         """Remove an expert: its index, its gate output and its metadata; routing renormalises over the rest."""
-        with self._lock:
+        with self.lock:
             i = self.expert_index(name)
             if self.gate is not None:
                 self.gate.remove_expert(i)
             del self.experts[i]
-            self._query_counts = np.delete(self._query_counts, i)
-            self._confidence_sums = np.delete(self._confidence_sums, i)
+            self.routing_stats = self.routing_stats.without(i)
             self.store.delete_expert(name)
 
     def record_feedback(self, query: Any, expert: str, positive: bool) -> int:
@@ -211,7 +186,7 @@ class Router:
             raise ValueError("the router has no experts yet; add experts before building a gate")
         gate = Gate(self.dim, self.num_experts, **gate_kwargs)
         if not gate.prototypes_per_expert:
-            gate.init_head_from_centroids(torch.from_numpy(np.stack([e.centroid() for e in self.experts])))
+            gate.init_head_from_centroids(torch.from_numpy(centroids(self.experts)))
         self.install_gate(gate)
         return gate
 
@@ -249,15 +224,7 @@ class Router:
             return gate.in_scope_score(torch.from_numpy(xq).to(gate.head.weight.device)).float().cpu().numpy()
 
     def _gate_pass(self, xq: np.ndarray, batch_size: int, field: str) -> np.ndarray:
-        gate = self._require_gate()
-        gate.eval()
-        device = gate.head.weight.device
-        out = []
-        with torch.inference_mode():
-            for start in range(0, xq.shape[0], batch_size):
-                x = torch.from_numpy(xq[start : start + batch_size]).to(device)
-                out.append(getattr(gate(x, top_k=1), field).float().cpu().numpy())
-        return np.concatenate(out)
+        return infer(self._require_gate(), xq, field, batch_size)
 
     # ---------------------------------------------------------------- queries
 
@@ -278,23 +245,21 @@ class Router:
             single = np.ndim(queries) == 1
         return prepare(vectors, self.dim, self.metric, what="query vectors"), single
 
-    def _check_top(self, top: int, what: str) -> int:
-        if isinstance(top, bool) or not isinstance(top, (int, np.integer)):
-            raise ValueError(f"{what} must be an integer, got {top!r}")
-        if not 1 <= top <= self.num_experts:
-            raise ValueError(f"{what} must be between 1 and {self.num_experts} (the number of experts), got {top}")
-        return int(top)
+    def check_top(self, top: int, what: str) -> int:
+        """A number of experts in 1..E, else a ValueError naming `what`."""
+        return check_int(top, 1, self.num_experts, what, "the number of experts")
+
+    def check_k(self, k: int) -> int:
+        """A number of hits in 1..ntotal, else a ValueError."""
+        return check_int(k, 1, self.ntotal, "k", "the number of stored vectors")
 
     def decide(self, xq: np.ndarray, top_k: int, record: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """(probs (nq, E), top (nq, t) expert indices best first); counts them in stats when `record`."""
-        top_k = self._check_top(top_k, "top_k")
+        top_k = self.check_top(top_k, "top_k")
         probs = self.gate_probs(xq)
         top = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]  # (nq, t)
         if record:
-            chosen = np.take_along_axis(probs, top, axis=1)
-            with self._lock:
-                np.add.at(self._query_counts, top.ravel(), 1)
-                np.add.at(self._confidence_sums, top.ravel(), chosen.ravel())
+            self.routing_stats.record(top, probs)
         return probs, top
 
     def route(
@@ -356,13 +321,6 @@ class Router:
             np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1), np.take_along_axis(E, order, 1), scanned
         )
 
-    def _check_k(self, k: int) -> int:
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-            raise ValueError(f"k must be an integer, got {k!r}")
-        if not 1 <= k <= self.ntotal:
-            raise ValueError(f"k must be between 1 and {self.ntotal} (the number of stored vectors), got {k}")
-        return int(k)
-
     def _refused(self, xq: np.ndarray, abstain: bool) -> np.ndarray:
         """(nq,) True where the router abstains (in-scope score under the threshold)."""
         if not abstain:
@@ -383,8 +341,8 @@ class Router:
         routeQuery(query, kPerExpert, topExperts)). With `abstain=True`, queries the router is not
         confident about get no hits (see route).
         """
-        k = self._check_k(k)
-        top_experts = self._check_top(top_experts, "top_experts")
+        k = self.check_k(k)
+        top_experts = self.check_top(top_experts, "top_experts")
         xq, single = self.prepare_queries(queries)
         probs, top = self.decide(xq, top_experts)
         refused = self._refused(xq, abstain)
@@ -412,103 +370,85 @@ class Router:
 
     def stats(self) -> list[ExpertStats]:
         """Per expert: vectors stored, queries routed to it, load share and mean confidence."""
-        with self._lock:
-            counts = self._query_counts.copy()
-            sums = self._confidence_sums.copy()
-        total = max(int(counts.sum()), 1)
-        return [
-            ExpertStats(
-                e.name, e.specialization, e.parent, e.ntotal, int(c), float(c / total), float(s / c) if c else 0.0
-            )
-            for e, c, s in zip(self.experts, counts, sums)
-        ]
+        return self.routing_stats.table(self.expert_names, [e.specialization for e in self.experts],
+                                        [e.parent for e in self.experts], [e.ntotal for e in self.experts])
 
     def reset_stats(self) -> None:
-        with self._lock:
-            self._query_counts[:] = 0
-            self._confidence_sums[:] = 0.0
+        self.routing_stats.reset()
+
+    # ---------------------------------------------------------------- copies and swaps
+
+    def fork(self, private_store: bool = False) -> "Router":
+        """A router that can be changed while this one keeps serving.
+
+        Shares what changes never modify in place (each Expert's index, the embedder, the store
+        unless `private_store`); copies the expert list and the stats, deep-copies the gate. With
+        `private_store` the metadata store is copied into memory, so deleting an expert's rows in the
+        fork cannot reach readers of this router. Lifecycle operations that change an Expert in
+        place must replace it in the fork instead.
+        """
+        with self.lock:
+            out = Router(self.dim, self.metric, embedder=self.embedder,
+                         store=self.store.in_memory_copy() if private_store else self.store)
+            out.experts = list(self.experts)
+            out.gate = copy.deepcopy(self.gate)
+            out.routing_stats = self.routing_stats.copy()
+            out.abstain_threshold = self.abstain_threshold
+            out.manifest = copy.deepcopy(self.manifest)
+            out._next_id = max(out._next_id, self._next_id)
+        return out
+
+    def replace_parts(self, experts: Sequence[Expert], gate: Gate | None, stats: RoutingStats,
+                      item_moves: Sequence[tuple[Sequence[int], str]] = (),
+                      feedback_moves: Sequence[tuple[Sequence[int], str]] = ()) -> None:
+        """Swap in a new expert list, gate and stats, with the store changes that go with them.
+
+        The store changes run first, in one transaction: if they fail nothing has changed.
+        """
+        if gate is not None and gate.num_experts != len(experts):
+            raise ValueError(f"the gate has {gate.num_experts} outputs for {len(experts)} experts")
+        if len(stats.counts) != len(experts):
+            raise ValueError(f"stats for {len(stats.counts)} experts, but {len(experts)} experts given")
+        with self.lock:
+            self.store.apply_changes(item_moves, feedback_moves)
+            self.experts = list(experts)
+            self.gate = gate
+            self.routing_stats = stats.copy()
 
     # ---------------------------------------------------------------- persistence
 
     def save(self, path: str | Path, config: dict | None = None, metrics: dict | None = None) -> Path:
         """Write the router as a checkpoint directory, atomically (see moe_router.checkpoint)."""
-        from moe_router.checkpoint import save_router
-
-        return save_router(self, Path(path), config=config, metrics=metrics)
+        path = Path(path)
+        with self.lock:
+            parts = CheckpointParts(
+                dim=self.dim, metric=self.metric, embedder=self.embedder, gate=self.gate, experts=list(self.experts),
+                store=self.store, counts=self.routing_stats.counts.copy(),
+                confidence_sums=self.routing_stats.confidence_sums.copy(), abstain_threshold=self.abstain_threshold,
+                config=config or {}, metrics=metrics or {},
+            )
+            write_checkpoint(path, parts)
+            if self.store.path is not None and self.store.path.resolve() == (path / STORE).resolve():
+                # The old store file was replaced by the new copy: reopen it.
+                self.store.close()
+                self.store = MetadataStore(path / STORE)
+        return path
 
     @classmethod
     def load(cls, path: str | Path, verify: bool = True, cache_dir: str | Path | None = None) -> "Router":
         """Load a checkpoint directory; never unpickles or imports code from it."""
-        from moe_router.checkpoint import load_router
-
-        return load_router(Path(path), verify=verify, cache_dir=cache_dir)
+        parts = read_checkpoint(Path(path), verify=verify, cache_dir=cache_dir)
+        try:
+            router = cls(parts.dim, parts.metric, embedder=parts.embedder, store=parts.store)
+        except ValueError as exc:
+            raise CheckpointError(f"checkpoint {path} has an invalid manifest or files: {exc}") from None
+        router.experts = list(parts.experts)
+        router.gate = parts.gate
+        router.routing_stats = RoutingStats(parts.counts, parts.confidence_sums)
+        router._next_id = max([router._next_id, *(int(e.ids.max()) + 1 for e in router.experts if e.ntotal)])
+        router.abstain_threshold = parts.abstain_threshold
+        router.manifest = parts.manifest
+        return router
 
     def __repr__(self) -> str:
         return f"Router(dim={self.dim}, metric={self.metric!r}, experts={self.num_experts}, vectors={self.ntotal})"
-
-    # ---------------------------------------------------------------- lifecycle (moe_router.lifecycle)
-
-    def merge_experts(self, a: str, b: str, name: str | None = None, specialization: str | None = None,
-                      parent: Any = ...) -> Expert:
-        """Merge experts a and b into one (see lifecycle.merge_experts); follow with adaptation.fine_tune."""
-        from moe_router import lifecycle
-
-        return lifecycle.merge_experts(self, a, b, name, specialization, parent)
-
-    def split_expert(self, name: str, parts: int = 2, names: Sequence[str] | None = None, seed: int = 0,
-                     max_imbalance: float | None = None) -> list[Expert]:
-        """Split an expert into `parts` by k-means over its vectors (see lifecycle.split_expert)."""
-        from moe_router import lifecycle
-
-        return lifecycle.split_expert(self, name, parts, names, seed, max_imbalance)
-
-    def auto_create_experts(self, texts: Sequence[str] | None = None, vectors: Any = None,
-                            categories: Sequence[str] | None = None, n: int | None = None, min_docs: int = 5,
-                            max_imbalance: float = 1.5, seed: int = 0, **kwargs: Any):
-        """Experts from a corpus: one per category (>= min_docs documents), or `n` by balanced k-means."""
-        from moe_router import lifecycle
-
-        if (categories is None) == (n is None):
-            raise ValueError("auto_create_experts: give either categories (one per document) or n (clusters), not both")
-        if categories is not None:
-            return lifecycle.auto_create_by_category(self, categories, texts, vectors, min_docs=min_docs, **kwargs)
-        return lifecycle.auto_create_by_clustering(self, n, texts, vectors, max_imbalance=max_imbalance, seed=seed, **kwargs)
-
-    def set_parent(self, expert: str, parent: str | None) -> None:
-        from moe_router import lifecycle
-
-        lifecycle.set_parent(self, expert, parent)
-
-    def route_two_level(self, queries: Any, top_parents: int = 1, top_children: int = 2):
-        """Route to parent groups first, then to their children (see lifecycle.route_two_level)."""
-        from moe_router import lifecycle
-
-        return lifecycle.route_two_level(self, queries, top_parents, top_children)
-
-    def search_two_level(self, queries: Any, k: int = 10, top_parents: int = 1, top_children: int = 2,
-                         with_text: bool = True) -> list[Hit] | list[list[Hit]]:
-        from moe_router import lifecycle
-
-        return lifecycle.search_two_level(self, queries, k, top_parents, top_children, with_text)
-
-    def feedback_stats(self):
-        from moe_router import lifecycle
-
-        return lifecycle.feedback_stats(self)
-
-    def recommendations(self, rules: Any = None):
-        """Retrain/merge/split recommendations from feedback (see lifecycle.RecommendationRules)."""
-        from moe_router import lifecycle
-
-        return lifecycle.recommendations(self, rules or lifecycle.RecommendationRules())
-
-    def load_report(self, queries: Any = None, top_k: int = 2, over: float = 1.5, under: float = 0.5):
-        from moe_router import lifecycle
-
-        return lifecycle.load_report(self, queries, top_k, over, under)
-
-    def optimize_routing(self, val_queries: Any, **kwargs: Any):
-        """Measured, keep-only-if-better rebalance / merge / split (see lifecycle.optimize_routing)."""
-        from moe_router import lifecycle
-
-        return lifecycle.optimize_routing(self, val_queries, **kwargs)

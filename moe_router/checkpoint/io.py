@@ -1,24 +1,10 @@
-"""Checkpoint directory: manifest, gate weights (safetensors), expert vectors (.npy), SQLite store.
-
-Layout:
-    manifest.json         format version, dim, metric, embedder spec, experts, gate config,
-                          sha256 of every file but the store, resolved config, metrics, stats
-    gate.safetensors      gate weights (no pickle)
-    experts/NNNN.npy      float32 (n, d) vectors of expert NNNN
-    experts/NNNN.ids.npy  int64 (n,) their global ids
-    store.sqlite          per-vector text/metadata and feedback (checked with PRAGMA quick_check)
-
-Written to a temporary sibling directory and renamed into place, so a crash leaves either the
-old checkpoint or the new one, never half of one. Expert files (.npy) are never changed in
-place, so a save hard-links those of experts that did not change (checked by sha256) instead of
-writing them; only store.sqlite takes writes in place (feedback, durably, in WAL mode).
-"""
+"""Writing and reading checkpoint directories (atomic save, verified load)."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
+import json
 import os
 import shutil
 import threading
@@ -26,36 +12,20 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from moe_router.embedders import embedder_from_spec
-from moe_router.experts import Expert, MetadataStore, SavedCopy, ensure_unique
-from moe_router.gate import Gate
+from moe_router.checkpoint.format import (
+    FORMAT, FORMAT_VERSION, GATE_FILE, MANIFEST, STORE, CheckpointError, CheckpointParts, inside, read_manifest, sha256_file,
+)
+from moe_router.embed.registry import embedder_from_spec
+from moe_router.gate.model import Gate
+from moe_router.index.expert import Expert, SavedCopy
+from moe_router.store import MetadataStore
 
 log = logging.getLogger(__name__)
-
-FORMAT = "moe_router.checkpoint"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-STORE = "store.sqlite"
-GATE_FILE = "gate.safetensors"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete, corrupted or of an unsupported version."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -83,7 +53,7 @@ def _link_saved(saved: SavedCopy | None, vectors: Path, ids: Path) -> bool:
     if saved is None:
         return False
     try:
-        if _sha256(saved.vectors) != saved.vectors_sha256 or _sha256(saved.ids) != saved.ids_sha256:
+        if sha256_file(saved.vectors) != saved.vectors_sha256 or sha256_file(saved.ids) != saved.ids_sha256:
             return False
         os.link(saved.vectors, vectors)
         os.link(saved.ids, ids)
@@ -94,8 +64,8 @@ def _link_saved(saved: SavedCopy | None, vectors: Path, ids: Path) -> bool:
         return False
 
 
-def save_router(router, path: Path, config: dict | None = None, metrics: dict | None = None) -> Path:
-    """Write `router` to the directory `path` atomically; returns the path.
+def write_checkpoint(path: Path, router: CheckpointParts) -> Path:
+    """Write the parts of a router to the directory `path` atomically; returns the path.
 
     An expert whose rows have not changed since it was last loaded or saved has its files
     hard-linked from there (after a sha256 check) instead of written again, so saving after
@@ -127,9 +97,10 @@ def save_router(router, path: Path, config: dict | None = None, metrics: dict | 
             gate_info = {"config": router.gate.config(), "file": GATE_FILE}
         for rel in [*(x["vectors"] for x in experts), *(x["ids"] for x in experts), *([GATE_FILE] if gate_info else [])]:
             if rel not in files:
-                files[rel] = _sha256(tmp / rel)
+                files[rel] = sha256_file(tmp / rel)
         router.store.backup_to(tmp / STORE)
-        stats = {s.name: {"queries": s.queries, "confidence_sum": s.mean_confidence * s.queries} for s in router.stats()}
+        stats = {e.name: {"queries": int(c), "confidence_sum": float(m)}
+                 for e, c, m in zip(router.experts, router.counts, router.confidence_sums)}
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -143,8 +114,8 @@ def save_router(router, path: Path, config: dict | None = None, metrics: dict | 
             "files": files,
             "stats": stats,
             "abstain_threshold": router.abstain_threshold,
-            "metrics": metrics or {},
-            "config": config or {},
+            "metrics": router.metrics,
+            "config": router.config,
         }
         with open(tmp / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=2, default=str)
@@ -158,10 +129,6 @@ def save_router(router, path: Path, config: dict | None = None, metrics: dict | 
     where = path.absolute()  # a later save may run from another working directory
     for e, info in zip(router.experts, experts):
         e.saved = SavedCopy(where / info["vectors"], where / info["ids"], files[info["vectors"]], files[info["ids"]])
-    if router.store.path is not None and router.store.path.resolve() == (path / STORE).resolve():
-        # The old store file was replaced by the new copy: reopen it.
-        router.store.close()
-        router.store = MetadataStore(path / STORE)
     return path
 
 
@@ -198,53 +165,13 @@ def recover_checkpoint(path: Path) -> Path | None:
     return newest
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"no checkpoint at {path}: expected a directory written by Router.save or scripts/train.py")
-    mf = path / MANIFEST
-    if not mf.is_file():
-        raise CheckpointError(f"{path} is not a moe_router checkpoint: {MANIFEST} is missing")
-    try:
-        manifest = json.loads(mf.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{mf} is corrupted: not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{mf} is not a moe_router manifest (expected format {FORMAT!r})")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{mf} has format_version {manifest.get('format_version')!r}; this moe_router reads version {FORMAT_VERSION}"
-        )
-    for key in ("dim", "metric", "experts", "files"):
-        if key not in manifest:
-            raise CheckpointError(f"{mf} is incomplete: missing {key!r}")
-    kinds = {"experts": list, "files": dict, "stats": dict}
-    for key, kind in kinds.items():
-        if key in manifest and not isinstance(manifest[key], kind):
-            raise CheckpointError(f"{mf} is corrupted: {key!r} must be a {kind.__name__}")
-    if not all(isinstance(e, dict) for e in manifest["experts"]):
-        raise CheckpointError(f"{mf} is corrupted: each entry of 'experts' must be an object")
-    if not all(isinstance(v, dict) for v in manifest.get("stats", {}).values()):
-        raise CheckpointError(f"{mf} is corrupted: each entry of 'stats' must be an object")
-    try:
-        ensure_unique([str(e.get("name")) for e in manifest["experts"]])
-    except ValueError as exc:
-        raise CheckpointError(f"{mf} is corrupted: {exc}") from None
-    return manifest
-
-
 _BLOCK = 1 << 22  # bytes read, and hashed, at a time
+
+
 # numpy parses a .npy header with ast.literal_eval, and CPython 3.11 can raise a spurious
 # SystemError ("AST constructor recursion depth mismatch", python/cpython#106905) when two
 # threads build ASTs at once: experts are read side by side, their headers one at a time.
 _HEADER_LOCK = threading.Lock()
-
-
-def _inside(path: Path, rel: Any) -> Path:
-    """path / rel, refusing names that would leave the checkpoint directory (absolute or with '..')."""
-    if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
-        raise CheckpointError(f"checkpoint {path}: file name {rel!r} in the manifest points outside the checkpoint")
-    return path / rel
 
 
 def _read_npy_into(path: Path, rel: str, out: np.ndarray, digest: str | None) -> None:
@@ -253,7 +180,7 @@ def _read_npy_into(path: Path, rel: str, out: np.ndarray, digest: str | None) ->
     One read serves both the check and the load (reading twice cost more than the 3 s budget at 1M
     x 384). Only `out`'s dtype and shape are accepted, so object arrays are refused, never unpickled.
     """
-    file = _inside(path, rel)
+    file = inside(path, rel)
     sha = hashlib.sha256() if digest is not None else None
     try:
         with open(file, "rb") as f:
@@ -268,7 +195,7 @@ def _read_npy_into(path: Path, rel: str, out: np.ndarray, digest: str | None) ->
         problem = f"is corrupted ({exc})"
     if digest is not None:
         try:
-            actual = _sha256(file) if problem else sha.hexdigest()  # a damaged file: hash all of it, as before
+            actual = sha256_file(file) if problem else sha.hexdigest()  # a damaged file: hash all of it, as before
         except OSError:
             actual = None
         if actual != digest:
@@ -315,7 +242,7 @@ def _read_expert(path: Path, info: dict, dim: int, metric: str, files: dict[str,
     if n < 0:
         raise CheckpointError(f"checkpoint {path}: expert {info.get('name')!r} has size {n}; expected a count >= 0")
     for rel, row_bytes in ((info["ids"], 8), (info["vectors"], 4 * dim)):
-        file = _inside(path, rel)  # a hostile size must not become a huge allocation: the files bound it
+        file = inside(path, rel)  # a hostile size must not become a huge allocation: the files bound it
         if file.is_file() and file.stat().st_size < n * row_bytes:
             raise CheckpointError(f"checkpoint {path}: {rel} is corrupted (the manifest says {n} rows; "
                                   f"the file is too small to hold them)")
@@ -325,14 +252,12 @@ def _read_expert(path: Path, info: dict, dim: int, metric: str, files: dict[str,
     _read_npy_into(path, info["vectors"], expert.add_in_place(ids), files.get(info["vectors"]))
     pair = digests.get(info["vectors"]), digests.get(info["ids"])
     if all(isinstance(d, str) for d in pair):  # the files a later save may link instead of rewriting
-        expert.saved = SavedCopy(_inside(path.absolute(), info["vectors"]), _inside(path.absolute(), info["ids"]), *pair)
+        expert.saved = SavedCopy(inside(path.absolute(), info["vectors"]), inside(path.absolute(), info["ids"]), *pair)
     return expert
 
 
-def load_router(path: Path, verify: bool = True, cache_dir: str | Path | None = None):
-    """Rebuild a Router from a checkpoint directory. `verify` checks every file's sha256 (experts' while reading)."""
-    from moe_router.router import Router
-
+def read_checkpoint(path: Path, verify: bool = True, cache_dir: str | Path | None = None) -> CheckpointParts:
+    """The parts of a router from a checkpoint directory. `verify` checks every file's sha256 (experts' while reading)."""
     path = Path(path)
     recover_checkpoint(path)
     manifest = read_manifest(path)
@@ -344,10 +269,10 @@ def load_router(path: Path, verify: bool = True, cache_dir: str | Path | None = 
         for rel, digest in files.items():  # the gate and any other file; expert files are checked as they are read
             if rel in read_with_experts:
                 continue
-            f = _inside(path, rel)
+            f = inside(path, rel)
             if not f.is_file():
                 raise CheckpointError(f"checkpoint {path} is incomplete: {rel} is missing")
-            if _sha256(f) != digest:
+            if sha256_file(f) != digest:
                 raise CheckpointError(f"checkpoint {path}: {rel} is corrupted (sha256 does not match the manifest)")
         # Experts are read side by side: sha256 and copying run on every core (reads release the GIL).
         with ThreadPoolExecutor(max(1, min(len(infos), os.cpu_count() or 1))) as pool:
@@ -359,23 +284,19 @@ def load_router(path: Path, verify: bool = True, cache_dir: str | Path | None = 
             store = MetadataStore(path / STORE)
         except ValueError as exc:
             raise CheckpointError(f"checkpoint {path}: {exc}") from None
-        router = Router(dim, metric, embedder=embedder, store=store)
         stats = manifest.get("stats", {})
-        for expert in experts:
-            router.experts.append(expert)
-            s = stats.get(expert.name, {})
-            router._query_counts = np.append(router._query_counts, int(s.get("queries", 0)))
-            router._confidence_sums = np.append(router._confidence_sums, float(s.get("confidence_sum", 0.0)))
-        router._next_id = max([router._next_id, *(int(e.ids.max()) + 1 for e in router.experts if e.ntotal)])
-        if manifest.get("gate"):
-            router.gate = _load_gate(path, manifest["gate"], dim, len(router.experts))
+        counts = np.array([int(stats.get(e.name, {}).get("queries", 0)) for e in experts], dtype=np.int64)
+        sums = np.array([float(stats.get(e.name, {}).get("confidence_sum", 0.0)) for e in experts], dtype=np.float64)
+        gate = _load_gate(path, manifest["gate"], dim, len(experts)) if manifest.get("gate") else None
         threshold = manifest.get("abstain_threshold")
-        router.abstain_threshold = float(threshold) if threshold is not None else None
-        router.manifest = manifest
-        return router
+        return CheckpointParts(
+            dim=dim, metric=metric, embedder=embedder, gate=gate, experts=experts, store=store, counts=counts,
+            confidence_sums=sums, abstain_threshold=float(threshold) if threshold is not None else None,
+            config=manifest.get("config") or {}, metrics=manifest.get("metrics") or {}, manifest=manifest,
+        )
     except CheckpointError:
         raise
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise CheckpointError(f"checkpoint {path} has an invalid manifest or files: {exc}") from None
 
 
@@ -387,7 +308,7 @@ def _load_gate(path: Path, info: dict, dim: int, num_experts: int) -> Gate:
             f"does not match the checkpoint (dim={dim}, {num_experts} experts)"
         )
     try:
-        state = load_file(str(_inside(path, info["file"])))
+        state = load_file(str(inside(path, info["file"])))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"checkpoint {path}: {info['file']} is corrupted ({exc})") from None
     try:
@@ -398,3 +319,4 @@ def _load_gate(path: Path, info: dict, dim: int, num_experts: int) -> Gate:
     except (RuntimeError, TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path}: gate weights do not fit the gate config ({exc})") from None
     return gate.eval()
+

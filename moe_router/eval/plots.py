@@ -1,9 +1,12 @@
-"""PNG plots for evaluation reports (matplotlib, imported lazily, Agg backend)."""
+"""The plots of the reports (matplotlib, no display needed)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+
+from moe_router.lifecycle.load_report import LoadReport
 
 
 def _plt():
@@ -69,3 +72,32 @@ def reliability_diagram(curves: dict[str, dict[str, list[float]]], path: Path, t
     ax.set_xlabel("top-1 confidence")
     ax.set_ylabel("accuracy")
     return _save(fig, ax, path, title)
+
+
+def plot_load(report: LoadReport, path: str | Path) -> Path:
+    """Write the load report as a PNG bar chart (average and the over/under limits drawn as lines)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)  # no display needed
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = [r.expert for r in report.rows]
+    shares = [100 * r.load_share for r in report.rows]
+    colours = ["#d62728" if r.flag == "over" else "#ff7f0e" if r.flag == "under" else "#1f77b4" for r in report.rows]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(names) + 2), 4.5))
+    try:
+        ax.bar(range(len(names)), shares, color=colours)
+        avg = 100 / max(len(names), 1)
+        for level, style in ((1.0, "-"), (report.over, "--"), (report.under, ":")):
+            ax.axhline(avg * level, color="grey", linestyle=style, linewidth=1)
+        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
+        ax.set_ylabel("load share (%)")
+        ax.set_title(f"Expert load ({report.total} assignments; lines: average, {report.over}x, {report.under}x)")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+    return path
+

@@ -1,16 +1,17 @@
-"""Routers to compare the learned gate against, on the same experts (plain numpy + FAISS).
-
-Each baseline maps prepared query vectors xq (n, d) to expert scores (n, E), higher is better.
-`scans_everything` marks those whose cost grows with the corpus (they compare every vector).
-Dimension legend: n queries, d dim, E experts, m prototypes per expert.
-"""
+"""The routers the gate is compared with (none trained): random, centroid, multi-prototype, ..."""
 
 from __future__ import annotations
+
 
 import faiss
 import numpy as np
 
-from moe_router.router import Router
+from moe_router.index.clustering import kmeans_centroids
+from moe_router.index.exact import exact_neighbours, stacked
+from moe_router.index.expert import centroids
+from moe_router.metrics import recall_at_k
+from moe_router.routing.router import Router
+from moe_router.vectors import flat_index, similarity
 
 
 class RandomRouter:
@@ -33,12 +34,10 @@ class CentroidRouter:
 
     def __init__(self, router: Router) -> None:
         self.metric = router.metric
-        self.centroids = np.stack([e.centroid() for e in router.experts])  # (E, d)
+        self.centroids = centroids(router.experts)  # (E, d)
 
     def scores(self, xq: np.ndarray) -> np.ndarray:
-        if self.metric == "ip":
-            return xq @ self.centroids.T
-        return -((xq[:, None, :] - self.centroids[None]) ** 2).sum(-1)
+        return similarity(xq, self.centroids, self.metric)
 
 
 class MultiPrototypeRouter:
@@ -49,28 +48,15 @@ class MultiPrototypeRouter:
     def __init__(self, router: Router, per_expert: int = 64, seed: int = 0) -> None:
         self.name = f"multi-prototype ({per_expert}/expert)"
         self.metric = router.metric
-        protos, owner = [], []
-        for i, e in enumerate(router.experts):
-            xb = e.vectors()
-            m = min(per_expert, len(xb))
-            if m == len(xb):
-                c = xb
-            else:
-                km = faiss.Kmeans(router.dim, m, niter=20, seed=seed + i, spherical=router.metric == "ip",
-                                  min_points_per_centroid=1, max_points_per_centroid=100_000)
-                km.train(xb)
-                c = km.centroids
-            protos.append(c)
-            owner.append(np.full(len(c), i))
+        protos = [kmeans_centroids(e.vectors(), per_expert, router.metric, seed + i, max_points_per_centroid=100_000)
+                  for i, e in enumerate(router.experts)]
+        owner = [np.full(len(c), i) for i, c in enumerate(protos)]
         self.prototypes = np.concatenate(protos).astype(np.float32)  # (E * m, d)
         self.owner = np.concatenate(owner)
         self.num_experts = router.num_experts
 
     def scores(self, xq: np.ndarray) -> np.ndarray:
-        if self.metric == "ip":
-            sim = xq @ self.prototypes.T
-        else:
-            sim = -((xq[:, None, :] - self.prototypes[None]) ** 2).sum(-1)
+        sim = similarity(xq, self.prototypes, self.metric)
         out = np.full((xq.shape[0], self.num_experts), -np.inf, dtype=np.float32)
         np.maximum.at(out.T, self.owner, sim.T)
         return out
@@ -104,15 +90,10 @@ class KnnVoteRouter:
         self.router = router
         self.k = k
         self.tiebreak = CentroidRouter(router)
-        self.index = faiss.IndexFlatIP(router.dim) if router.metric == "ip" else faiss.IndexFlatL2(router.dim)
-        owner = []
-        for i, e in enumerate(router.experts):
-            self.index.add(e.vectors())
-            owner.append(np.full(e.ntotal, i))
-        self.owner = np.concatenate(owner)
+        self.xb, _, self.owner = stacked(router.experts)
 
     def scores(self, xq: np.ndarray) -> np.ndarray:
-        _, rows = self.index.search(xq, self.k)
+        rows = exact_neighbours(xq, self.xb, self.k, self.router.metric)
         votes = np.zeros((xq.shape[0], self.router.num_experts), dtype=np.float32)
         np.add.at(votes, (np.repeat(np.arange(len(rows)), rows.shape[1]), self.owner[rows].ravel()), 1.0)
         c = self.tiebreak.scores(xq)
@@ -125,13 +106,10 @@ def ivf_recall(router: Router, xq: np.ndarray, exact_ids: np.ndarray, probes: li
 
     The standard learning-free sharding: same number of shards as experts, same number searched.
     """
-    from moe_router.metrics import recall_at_k
-
-    xb = np.concatenate([e.vectors() for e in router.experts])
-    ids = np.concatenate([e.ids for e in router.experts])
+    xb, ids, _ = stacked(router.experts)
     E = router.num_experts
     metric = faiss.METRIC_INNER_PRODUCT if router.metric == "ip" else faiss.METRIC_L2
-    quantizer = faiss.IndexFlatIP(router.dim) if router.metric == "ip" else faiss.IndexFlatL2(router.dim)
+    quantizer = flat_index(router.dim, router.metric)
     ivf = faiss.IndexIVFFlat(quantizer, router.dim, E, metric)
     ivf.cp.seed = seed
     ivf.train(xb)
@@ -147,3 +125,4 @@ def ivf_recall(router: Router, xq: np.ndarray, exact_ids: np.ndarray, probes: li
         out[t] = (recall_at_k(np.where(rows >= 0, ids[np.maximum(rows, 0)], -1), exact_ids),
                   float(sizes[lists].sum(axis=1).mean() / len(xb)))
     return out
+

@@ -1,11 +1,13 @@
-"""Confidence calibration: temperature scaling on validation data and an abstention threshold.
+"""Confidence calibration: temperature scaling, abstention threshold, load floor, reliability bins.
 
 Dimension legend: n queries, E experts.
 """
 
 from __future__ import annotations
 
+
 import numpy as np
+
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:
@@ -94,3 +96,4 @@ def load_floor_bias(logits: np.ndarray, floor: float, gold: np.ndarray | None = 
             break
         bias[low] += step
     return bias
+

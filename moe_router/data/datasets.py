@@ -1,10 +1,8 @@
-"""JSONL datasets and routing targets.
+"""JSONL datasets.
 
-Dataset format, one JSON object a line: {"text": str, "domain": str, "label": str,
+Format, one JSON object a line: {"text": str, "domain": str, "label": str,
 "split": "train" | "val" | "test"}. Any field may serve as the expert key (`domain` by
 default, `label` for fine-grained experts); another may name each expert's parent.
-
-Dimension legend: n queries, nb stored vectors, d dim, E experts.
 """
 
 from __future__ import annotations
@@ -14,10 +12,13 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-import faiss
 import numpy as np
 
+
+
 REQUIRED_FIELDS = ("text", "domain", "label", "split")
+
+
 SPLITS = ("train", "val", "test")
 
 
@@ -165,49 +166,3 @@ def load_dataset(
     oos = load_jsonl(oos_path) if oos_path and Path(oos_path).is_file() else []
     return TextDataset(name or file.stem, records, expert_key, parent_key, oos)
 
-
-# ---------------------------------------------------------------- routing targets
-
-
-def exact_neighbours(xq: np.ndarray, xb: np.ndarray, k: int, metric: str = "ip", exclude_self: bool = False) -> np.ndarray:
-    """(n, k) row indices into xb of each query's exact top-k (a query that is itself row i of xb skips i)."""
-    index = faiss.IndexFlatIP(xb.shape[1]) if metric == "ip" else faiss.IndexFlatL2(xb.shape[1])
-    index.add(np.ascontiguousarray(xb, dtype=np.float32))
-    kk = min(k + int(exclude_self), xb.shape[0])
-    _, I = index.search(np.ascontiguousarray(xq, dtype=np.float32), kk)
-    if exclude_self:
-        own = np.arange(xq.shape[0])[:, None]
-        # Drop the query's own row (or, on exact duplicates, the last column), keeping k.
-        is_self = I == own
-        drop = np.where(is_self.any(axis=1), is_self.argmax(axis=1), kk - 1)
-        keep = np.ones_like(I, dtype=bool)
-        keep[np.arange(len(I)), drop] = False
-        I = I[keep].reshape(len(I), kk - 1)
-    return I[:, :k]
-
-
-def neighbour_counts(neighbours: np.ndarray, owner: np.ndarray, num_experts: int) -> np.ndarray:
-    """(n, E): how many of each query's neighbours live in each expert (owner: expert of each xb row)."""
-    experts = owner[neighbours]  # (n, k)
-    counts = np.zeros((neighbours.shape[0], num_experts), dtype=np.float32)
-    np.add.at(counts, (np.repeat(np.arange(len(experts)), experts.shape[1]), experts.ravel()), 1.0)
-    return counts
-
-
-def make_targets(
-    kind: str, labels: np.ndarray, counts: np.ndarray | None, num_experts: int, label_weight: float = 0.5
-) -> np.ndarray:
-    """(n, E) target distributions: 'label' one-hot, 'neighbours' share of exact neighbours, or their 'mix'."""
-    one_hot = np.eye(num_experts, dtype=np.float32)[labels]
-    if kind == "label":
-        return one_hot
-    if counts is None:
-        raise ValueError(f"targets {kind!r} need neighbour counts")
-    shares = counts / counts.sum(axis=1, keepdims=True)
-    if kind == "neighbours":
-        return shares.astype(np.float32)
-    if kind == "mix":
-        if not 0.0 <= label_weight <= 1.0:
-            raise ValueError(f"label_weight must be in [0, 1], got {label_weight}")
-        return (label_weight * one_hot + (1.0 - label_weight) * shares).astype(np.float32)
-    raise ValueError(f"targets must be 'label', 'neighbours' or 'mix', got {kind!r}")

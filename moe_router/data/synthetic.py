@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moe_router.data import VectorDataset
-from moe_router.router import Router
+from moe_router.data.datasets import VectorDataset
+from moe_router.routing.router import Router
 from moe_router.vectors import normalize_rows
 
 @dataclass(frozen=True)

@@ -1,20 +1,16 @@
-"""The gating network: an MLP that scores experts for a query embedding.
-
-Dimension legend: b batch, d embedding dim, h hidden width, e experts, k experts kept,
-p prototypes (over all experts).
-
-Plain PyTorch: nothing here knows about Lightning, Hydra or FAISS.
-"""
+"""The gating network: an MLP (+ optional per-expert prototypes) with softmax top-k gating and its auxiliary losses."""
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
+from typing import Sequence
 
-
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
 
 
 # Cosine above which a prototype counts as the query itself (only used while training).
@@ -374,6 +370,26 @@ class Gate(nn.Module):
         self._resize_head(weight.to(self.head.weight), bias.to(self.head.bias))
 
     @torch.no_grad()
+    def shift_bias(self, delta: np.ndarray | Tensor) -> None:
+        """Add `delta` (E,) to the head's biases: moves each expert's logit (load floor, rebalancing)."""
+        delta = torch.as_tensor(np.asarray(delta), dtype=self.head.bias.dtype, device=self.head.bias.device)
+        if delta.shape != self.head.bias.shape:
+            raise ValueError(f"bias shift must have shape ({self.num_experts},), got {tuple(delta.shape)}")
+        self.head.bias += delta
+
+    @torch.no_grad()
+    def set_temperature(self, temperature: float) -> None:
+        """The softmax temperature (calibration); > 0."""
+        if not float(temperature) > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature.fill_(float(temperature))
+
+    def freeze_body(self, frozen: bool = True) -> None:
+        """Stop (or restart) gradient updates of the MLP body; the head and prototypes still train."""
+        for p in self.body.parameters():
+            p.requires_grad_(not frozen)
+
+    @torch.no_grad()
     def add_prototypes(self, prototypes: Tensor, expert: int) -> None:
         """Append prototypes (m, d) owned by expert `expert` (a prototype gate only; e.g. when an expert is split)."""
         if not self.prototypes_per_expert:
@@ -383,3 +399,15 @@ class Gate(nn.Module):
         self.prototypes = nn.Parameter(torch.cat([self.prototypes.detach(), prototypes.to(self.prototypes)]))
         self.prototype_owner = torch.cat([self.prototype_owner,
                                           torch.full((len(prototypes),), expert, device=self.prototype_owner.device)])
+
+
+@torch.inference_mode()
+def infer(gate: Gate, xq: np.ndarray, field: str = "probs", batch_size: int = 8192) -> np.ndarray:
+    """The gate's `field` ('probs' or 'logits'), (nq, E) float32, for prepared query vectors xq (nq, d), in eval mode."""
+    gate.eval()
+    device = gate.head.weight.device
+    out = []
+    for start in range(0, xq.shape[0], batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(xq[start : start + batch_size])).to(device)
+        out.append(getattr(gate(x, top_k=1), field).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, gate.num_experts), np.float32)

@@ -1,0 +1,1 @@
+"""The Hydra-aware entry points behind scripts/: train, evaluate, experts, serve."""

@@ -1,0 +1,38 @@
+"""scripts/evaluate.py: evaluate a checkpoint on a dataset split; write the report where the config says."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from moe_router.apps.train import run_dir
+from moe_router.embed.cache import default_cache_dir
+from moe_router.eval.evaluate import evaluate as evaluate_router
+from moe_router.eval.report import write_outputs
+from moe_router.routing.router import Router
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate cfg.ckpt on cfg.data's cfg.split against the baselines.
+
+    Tables and plots go to cfg.out_dir (default: Hydra's run directory, never the published
+    reports/), the JSON report also to cfg.report when set.
+    """
+    router = Router.load(cfg.ckpt, cache_dir=cfg.cache_dir or default_cache_dir())
+    dataset = instantiate(cfg.data)
+    report, scores = evaluate_router(
+        router, dataset, split=cfg.split, k=int(cfg.k), experts_searched=list(cfg.experts_searched),
+        baselines=list(cfg.baselines), capacity_factor=cfg.capacity_factor, speed_batches=list(cfg.speed_batches),
+        seed=cfg.seed, checkpoint=str(cfg.ckpt),
+    )
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else run_dir()
+    write_outputs(report, out_dir, report["experts_searched"], report["k"], router, scores)
+    report["out_dir"] = str(out_dir)
+    if cfg.report:
+        Path(cfg.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.report).write_text(json.dumps(report, indent=2))
+    return report

@@ -1,0 +1,215 @@
+"""optimize_routing: rebalance / merge / split candidates, each measured; kept only if it helps.
+
+Dimension legend: nq queries, E experts, t experts searched per query, k hits.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from moe_router.gate.calibrate import softmax
+from moe_router.gate.model import Gate, infer
+from moe_router.index.exact import exact_ids, stacked
+from moe_router.lifecycle.merge_split import plan_merge, plan_split
+from moe_router.lifecycle.plan import FineTune, Plan, State, apply_plan, position, state_of, view
+from moe_router.metrics import load_stats, recall_from_counts, top_experts
+from moe_router.routing.router import Router
+
+
+@dataclass(frozen=True)
+class RoutingQuality:
+    """Measured on validation queries."""
+
+    recall: float  # recall@k when searching the gate's top experts, vs exhaustive search
+    scanned: float  # share of stored vectors compared per query
+    max_over_mean: float  # load of the busiest expert over the average
+    cv: float  # coefficient of variation of the load
+
+
+@dataclass(frozen=True)
+class OptimizeAction:
+    kind: str  # 'rebalance' | 'merge' | 'split'
+    experts: tuple[str, ...]
+    kept: bool
+    before: RoutingQuality
+    after: RoutingQuality
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class OptimizeReport:
+    actions: list[OptimizeAction]
+    before: RoutingQuality
+    after: RoutingQuality
+
+    @property
+    def improvement(self) -> float:
+        """Measured recall@k gain on the validation queries (0.0 when nothing was kept)."""
+        return self.after.recall - self.before.recall
+
+    def count(self, kind: str) -> int:
+        return sum(a.kept for a in self.actions if a.kind == kind)
+
+
+def _quality(state: State, xq: np.ndarray, exact: np.ndarray, t: int, probs: np.ndarray | None = None) -> RoutingQuality:
+    """recall@k of searching each query's top-t experts (from which expert holds each exact neighbour), cost and load."""
+    if probs is None:
+        probs = _probs(state.gate, xq)
+    _, ids, owner = stacked(state.experts)
+    owner_of = dict(zip(ids.tolist(), owner.tolist()))
+    holder = np.array([[owner_of.get(int(i), -1) for i in row] for row in exact])  # (nq, k)
+    counts = np.zeros((len(xq), len(state.experts) + 1))  # last column: neighbours no expert holds any more
+    np.add.at(counts, (np.repeat(np.arange(len(xq)), holder.shape[1]), holder.ravel()), 1.0)
+    top = top_experts(probs, t)  # (nq, t)
+    sizes = np.array([e.ntotal for e in state.experts])
+    load = load_stats(top, len(state.experts))
+    return RoutingQuality(recall_from_counts(top, counts[:, :-1], exact.shape[1]),
+                          float(sizes[top].sum(1).mean() / sizes.sum()), float(load["max_over_mean"]), float(load["cv"]))
+
+
+def _probs(gate: Gate, xq: np.ndarray, bias_shift: np.ndarray | None = None) -> np.ndarray:
+    """Gate probabilities (nq, E), with `bias_shift` (E,) added to the logits first."""
+    logits = infer(gate, xq, "logits").astype(np.float64)
+    return softmax(logits + (0.0 if bias_shift is None else bias_shift[None]), float(gate.temperature))
+
+
+def _better(new: RoutingQuality, cur: RoutingQuality, tolerance: float, max_scan_increase: float) -> bool:
+    """Kept only if recall is no worse (within tolerance), cost stays in budget, and something improves."""
+    if new.recall < cur.recall - tolerance or new.scanned > cur.scanned * (1 + max_scan_increase) + 1e-12:
+        return False
+    return new.recall > cur.recall + 1e-12 or new.scanned < cur.scanned - 1e-12 or new.max_over_mean < cur.max_over_mean - 1e-9
+
+
+def _rebalanced_gate(state: State, xq: np.ndarray, exact: np.ndarray, t: int, cur: RoutingQuality,
+                     tolerance: float, max_scan_increase: float, over: float, under: float) -> tuple[Gate, tuple[str, ...]] | None:
+    """Shift head biases against the load (log of each expert's load over the average); best accepted strength."""
+    gate = state.gate
+    probs = _probs(gate, xq)
+    E = len(state.experts)
+    shares = np.bincount(top_experts(probs, t).ravel(), minlength=E) / (len(xq) * t)
+    ratio = shares * E
+    flagged = (ratio > over) | (ratio < under)
+    if not flagged.any():
+        return None
+    shift = -float(gate.temperature) * np.log(np.clip(ratio, 0.25, 4.0))  # (E,) pushes load towards the average
+    best = None
+    for strength in (0.25, 0.5, 1.0):
+        q = _quality(state, xq, exact, t, _probs(gate, xq, strength * shift))
+        if _better(q, cur, tolerance, max_scan_increase) and (best is None or q.max_over_mean < best[1].max_over_mean):
+            best = (strength, q)
+    if best is None:
+        return None
+    g = copy.deepcopy(gate)
+    g.shift_bias(best[0] * shift)
+    return g, tuple(e.name for e, f in zip(state.experts, flagged) if f)
+
+
+def _co_routing(probs: np.ndarray, E: int) -> list[tuple[float, int, int]]:
+    """(share, a, b) for expert pairs: queries whose top-2 is {a, b} over queries whose top-1 is a or b, highest first."""
+    top = top_experts(probs, 2)
+    pair = np.zeros((E, E))
+    np.add.at(pair, (top[:, 0], top[:, 1]), 1)
+    first = np.bincount(top[:, 0], minlength=E)
+    out = []
+    for a in range(E):
+        for b in range(a + 1, E):
+            denom = first[a] + first[b]
+            if denom:
+                out.append(((pair[a, b] + pair[b, a]) / denom, a, b))
+    return sorted(out, reverse=True)
+
+
+def optimize_routing(
+    router: Router,
+    val_queries: Any,
+    top_experts_searched: int = 2,
+    k: int = 10,
+    fine_tune: FineTune | None = None,
+    rebalance: bool = True,
+    merge: bool = True,
+    split: bool = True,
+    merge_overlap: float = 0.5,
+    overload: float = 1.5,
+    underload: float = 0.5,
+    max_candidates: int = 3,
+    tolerance: float = 0.0,
+    max_scan_increase: float = 0.1,
+    seed: int = 0,
+) -> OptimizeReport:
+    """Try to improve routing on validation queries; keep only changes that measurably help.
+
+    Candidates, each measured on `val_queries` (recall@k of searching the top experts against an
+    exhaustive search, the scanned share and the load): shifting gate biases against the load
+    when experts are over `overload` or under `underload` x the average; merging pairs of experts
+    that the gate confuses (for more than `merge_overlap` of the queries routed to either, the
+    other is second); splitting experts loaded over `overload` x the average into 2. Merges and
+    splits are fine-tuned with `fine_tune` before they are measured, when given. A candidate is
+    kept only if recall drops by at most `tolerance` (default: not at all), the scanned share
+    grows by at most `max_scan_increase`, and recall, cost or balance improves. The router is
+    changed once, at the end, and only if something was kept.
+    """
+    if router.gate is None:
+        raise RuntimeError("optimize_routing needs a trained gate; the router has none")
+    t = router.check_top(top_experts_searched, "top_experts_searched")
+    k = router.check_k(k)
+    xq, _ = router.prepare_queries(val_queries)
+    exact = exact_ids(router.experts, xq, k)  # (nq, k)
+
+    with router.lock:
+        plan = Plan(state_of(router))
+        start = cur = _quality(plan.state, xq, exact, t)
+        actions: list[OptimizeAction] = []
+        touched: set[str] = set()
+
+        def consider(kind: str, names: tuple[str, ...], candidate: Plan, note: str) -> None:
+            nonlocal plan, cur
+            if fine_tune is not None and candidate.created:
+                v = view(router, candidate.state)
+                fine_tune(v, candidate.created)
+                candidate.state.gate = v.gate
+            q = _quality(candidate.state, xq, exact, t)
+            kept = _better(q, cur, tolerance, max_scan_increase)
+            actions.append(OptimizeAction(kind, names, kept, cur, q, note))
+            if kept:
+                plan = Plan(candidate.state, plan.item_moves + candidate.item_moves,
+                             plan.feedback_moves + candidate.feedback_moves, plan.created + candidate.created)
+                cur = q
+                if kind != "rebalance":  # a bias shift does not stop experts from being merged or split
+                    touched.update(names, candidate.created)
+
+        def current_names() -> list[str]:
+            return [e.name for e in plan.state.experts]
+
+        if rebalance:
+            found = _rebalanced_gate(plan.state, xq, exact, t, cur, tolerance, max_scan_increase, overload, underload)
+            if found is not None:
+                gate, flagged = found
+                consider("rebalance", flagged, Plan(replace(plan.state, gate=gate)), "head biases shifted against the load")
+        if merge and len(plan.state.experts) > 2:
+            names = current_names()
+            pairs = [(s, names[a], names[b]) for s, a, b in _co_routing(_probs(plan.state.gate, xq), len(names))]
+            for share, a, b in [p for p in pairs if p[0] > merge_overlap][:max_candidates]:
+                if {a, b} & touched or not {a, b} <= set(current_names()):
+                    continue
+                consider("merge", (a, b), plan_merge(plan.state, router.store, a, b, None, None, ...),
+                         f"co-routed on {100 * share:.0f}% of their queries")
+        if split:
+            names = current_names()
+            ratio = np.bincount(top_experts(_probs(plan.state.gate, xq), t).ravel(), minlength=len(names)) / (len(xq) * t)
+            ratio *= len(names)
+            for j in np.argsort(-ratio, kind="stable")[:max_candidates]:
+                name = names[j]
+                if ratio[j] <= overload or name in touched or name not in current_names():
+                    continue
+                if plan.state.experts[position(plan.state.experts, name)].ntotal < 2:
+                    continue
+                consider("split", (name,), plan_split(plan.state, router.store, name, 2, None, seed, overload),
+                         f"load {ratio[j]:.2f}x average")
+        if any(a.kept for a in actions):
+            apply_plan(router, plan)
+    return OptimizeReport(actions, start, cur)
+

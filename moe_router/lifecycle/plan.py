@@ -1,0 +1,72 @@
+"""Structural changes are built aside and swapped in: a failed change leaves the router as it was.
+
+Every structural operation validates all of its inputs, builds the new expert list, gate head and
+store changes without touching the router, then hands them to Router.replace_parts, which applies
+the store changes in one SQLite transaction and swaps the experts and the gate in.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from moe_router.gate.model import Gate
+from moe_router.index.expert import Expert
+from moe_router.routing.router import Router
+from moe_router.routing.stats import RoutingStats
+
+FineTune = Callable[[Router, Sequence[str]], Any]  # (router, names of new experts) -> anything; updates router.gate
+
+
+@dataclass
+class State:
+    """The parts of a router that a structural change replaces."""
+
+    experts: list[Expert]
+    gate: Gate | None
+    stats: RoutingStats
+
+
+@dataclass
+class Plan:
+    """A new state plus the store changes that go with it (applied together by apply_plan)."""
+
+    state: State
+    item_moves: list[tuple[np.ndarray, str]] = field(default_factory=list)  # (ids, new expert)
+    feedback_moves: list[tuple[list[int], str]] = field(default_factory=list)  # (feedback seqs, new expert)
+    created: list[str] = field(default_factory=list)
+
+
+def state_of(router: Router) -> State:
+    gate = router.gate
+    if gate is not None and gate.num_experts != router.num_experts:
+        raise RuntimeError(f"the gate has {gate.num_experts} outputs but the router has {router.num_experts} experts")
+    return State(list(router.experts), gate, router.routing_stats.copy())
+
+
+def apply_plan(router: Router, plan: Plan) -> None:
+    """Store changes in one transaction, then experts, gate and stats swapped in (nothing changes if the store fails)."""
+    router.replace_parts(plan.state.experts, plan.state.gate, plan.state.stats, plan.item_moves, plan.feedback_moves)
+
+
+def view(router: Router, state: State) -> Router:
+    """A fork of `router` holding `state` (its own copy of the gate): candidates are fine-tuned and measured on views."""
+    out = router.fork()
+    out.replace_parts(state.experts, copy.deepcopy(state.gate), state.stats)
+    return out
+
+
+def position(experts: Sequence[Expert], name: str) -> int:
+    for i, e in enumerate(experts):
+        if e.name == name:
+            return i
+    raise KeyError(f"unknown expert {name!r}; known experts: {[e.name for e in experts]}")
+
+
+def new_expert(like: Expert, name: str, xb: np.ndarray, ids: np.ndarray, specialization: str, parent: str | None) -> Expert:
+    e = Expert(name, like.dim, like.metric, specialization or name, parent)
+    e.add(xb, ids)
+    return e

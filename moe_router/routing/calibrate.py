@@ -1,0 +1,49 @@
+"""Calibrating a trained router on validation queries: load floor, temperature, abstention."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from moe_router.index.exact import exact_counts
+from moe_router.gate.calibrate import choose_threshold, fit_temperature, load_floor_bias
+from moe_router.metrics import accuracy_at_k, recall_from_counts, top_experts
+from moe_router.routing.router import Router
+
+
+def calibrate(router: Router, queries: Any, experts: list[str], oos_texts: list[str],
+              load_floor: float | None = None) -> dict[str, float]:
+    """Fit the gate to validation queries (texts or vectors) after training.
+
+    With `load_floor`, experts whose top-1 share of the queries is below load_floor / E (and below
+    their share of the gold experts) get their logit raised just enough to reach it (see
+    gate.calibrate.load_floor_bias); then the temperature
+    is fitted; with out-of-scope queries, the abstain threshold is set.
+    """
+    xv, _ = router.prepare_queries(queries)
+    gold = np.array([router.expert_index(e) for e in experts])
+    out: dict[str, float] = {}
+    if load_floor:
+        bias = load_floor_bias(router.gate_logits(xv), float(load_floor), gold)
+        router.gate.shift_bias(bias)
+        out["load_floor_experts_raised"] = int((bias > 0).sum())
+    temperature = fit_temperature(router.gate_logits(xv), gold)
+    router.gate.set_temperature(temperature)
+    out["temperature"] = temperature
+    if oos_texts:
+        xo, _ = router.prepare_queries(oos_texts)
+        router.abstain_threshold = choose_threshold(router.in_scope_scores(xv), router.in_scope_scores(xo))
+        out["abstain_threshold"] = router.abstain_threshold
+    return out
+
+
+def validation_metrics(router: Router, queries: Any, experts: list[str], neighbours: int, top_k: int) -> dict[str, float]:
+    """val/acc@1 and val/recall@10 (at top_k experts) of the router's current gate, as the training loop logs them."""
+    xv, _ = router.prepare_queries(queries)
+    gold = np.array([router.expert_index(e) for e in experts])
+    probs = router.gate_probs(xv)
+    counts = exact_counts(router.experts, xv, neighbours)
+    return {"val/acc@1": accuracy_at_k(probs, gold, 1),
+            "val/recall@10": recall_from_counts(top_experts(probs, min(top_k, router.num_experts)), counts, neighbours)}
+

@@ -1,0 +1,189 @@
+"""Per-vector metadata (text, JSON payload) and the feedback log, in SQLite."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    id INTEGER PRIMARY KEY,
+    expert TEXT NOT NULL,
+    text TEXT,
+    payload TEXT
+);
+CREATE INDEX IF NOT EXISTS items_expert ON items(expert);
+CREATE TABLE IF NOT EXISTS feedback (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    query TEXT,
+    vector BLOB,
+    expert TEXT NOT NULL,
+    positive INTEGER NOT NULL,
+    created REAL NOT NULL,
+    removed REAL  -- when its expert was removed (kept as an audit log); NULL while the expert exists
+);
+"""
+
+
+class MetadataStore:
+    """Per-vector metadata (text, JSON payload) keyed by global id, in SQLite.
+
+    `path=None` keeps it in memory until the router is saved; a loaded checkpoint's store is
+    the file inside the checkpoint, opened in WAL mode so writes are durable.
+    """
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = Path(path) if path is not None else None
+        self._lock = threading.RLock()
+        try:
+            self.conn = sqlite3.connect(str(self.path) if self.path else ":memory:", check_same_thread=False)
+            if self.path:
+                self.conn.execute("PRAGMA journal_mode=WAL")
+                self.conn.execute("PRAGMA synchronous=FULL")
+                status = self.conn.execute("PRAGMA quick_check").fetchone()[0]
+                if status != "ok":
+                    raise sqlite3.DatabaseError(status)
+            self.conn.executescript(SCHEMA)
+            columns = {row[1] for row in self.conn.execute("PRAGMA table_info(feedback)")}
+            if "removed" not in columns:  # a store written before feedback of removed experts was set apart
+                with self.conn:
+                    self.conn.execute("ALTER TABLE feedback ADD COLUMN removed REAL")
+        except sqlite3.DatabaseError as exc:
+            raise ValueError(f"metadata store {self.path} is not a valid SQLite database: {exc}") from None
+
+    def add(self, ids: Sequence[int], expert: str, texts: Sequence[str | None], payloads: Sequence[dict | None]) -> None:
+        rows = [
+            (int(i), expert, t, json.dumps(p) if p is not None else None)
+            for i, t, p in zip(ids, texts, payloads, strict=True)
+        ]
+        with self._lock, self.conn:
+            self.conn.executemany("INSERT INTO items (id, expert, text, payload) VALUES (?, ?, ?, ?)", rows)
+
+    def get(self, ids: Iterable[int]) -> dict[int, tuple[str | None, dict]]:
+        """id -> (text, payload) for the ids that exist."""
+        wanted = sorted({int(i) for i in ids if i >= 0})
+        out: dict[int, tuple[str | None, dict]] = {}
+        with self._lock:
+            for start in range(0, len(wanted), 900):  # SQLite's default limit on bound parameters is 999
+                chunk = wanted[start : start + 900]
+                marks = ",".join("?" * len(chunk))
+                for i, text, payload in self.conn.execute(
+                    f"SELECT id, text, payload FROM items WHERE id IN ({marks})", chunk
+                ):
+                    out[i] = (text, json.loads(payload) if payload else {})
+        return out
+
+    def max_id(self) -> int:
+        with self._lock:
+            row = self.conn.execute("SELECT MAX(id) FROM items").fetchone()
+        return -1 if row[0] is None else int(row[0])
+
+    def rename_expert(self, old: str, new: str) -> None:
+        with self._lock, self.conn:
+            self.conn.execute("UPDATE items SET expert = ? WHERE expert = ?", (new, old))
+
+    def delete_expert(self, name: str) -> None:
+        """Delete the expert's items; its feedback stays as an audit log, set apart from any later expert of that name."""
+        with self._lock, self.conn:
+            self.conn.execute("DELETE FROM items WHERE expert = ?", (name,))
+            self.conn.execute("UPDATE feedback SET removed = ? WHERE expert = ? AND removed IS NULL", (time.time(), name))
+
+    def set_expert(self, ids: Sequence[int], expert: str) -> None:
+        with self._lock, self.conn:
+            self.conn.executemany("UPDATE items SET expert = ? WHERE id = ?", [(expert, int(i)) for i in ids])
+
+    def add_feedback(self, query: str | None, vector: np.ndarray, expert: str, positive: bool) -> int:
+        with self._lock, self.conn:
+            cur = self.conn.execute(
+                "INSERT INTO feedback (query, vector, expert, positive, created) VALUES (?, ?, ?, ?, ?)",
+                (query, np.asarray(vector, dtype=np.float32).tobytes(), expert, int(positive), time.time()),
+            )
+        return int(cur.lastrowid)
+
+    def feedback(
+        self, expert: str | None = None, include_removed: bool = False,
+    ) -> list[tuple[int, str | None, np.ndarray, str, bool, float]]:
+        """(seq, query text, query vector, expert, positive, unix time) rows, oldest first.
+
+        Rows of removed experts are left out unless `include_removed` (the full audit log).
+        """
+        where = [] if include_removed else ["removed IS NULL"]
+        args: tuple = ()
+        if expert is not None:
+            where.append("expert = ?")
+            args = (expert,)
+        sql = "SELECT seq, query, vector, expert, positive, created FROM feedback"
+        sql += " WHERE " + " AND ".join(where) if where else ""
+        with self._lock:
+            rows = self.conn.execute(sql + " ORDER BY seq", args).fetchall()
+        return [(s, q, np.frombuffer(v, dtype=np.float32), e, bool(p), c) for s, q, v, e, p, c in rows]
+
+    def backup_to(self, path: Path) -> None:
+        """Copy the whole store into a new SQLite file at `path` (consistent even while in use)."""
+        with self._lock:
+            dest = sqlite3.connect(str(path))
+            try:
+                self.conn.backup(dest)
+            finally:
+                dest.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self.conn.close()
+
+    # Expert lifecycle (moe_router.lifecycle): several changes in one transaction, so a failing
+    # operation leaves the store as it was.
+
+    def apply_changes(
+        self,
+        item_moves: Sequence[tuple[Sequence[int], str]] = (),
+        feedback_moves: Sequence[tuple[Sequence[int], str]] = (),
+    ) -> None:
+        """Move items (by id) and feedback rows (by seq) to other experts, all or nothing."""
+        with self._lock, self.conn:
+            for ids, expert in item_moves:
+                self.conn.executemany("UPDATE items SET expert = ? WHERE id = ?", [(expert, int(i)) for i in ids])
+            for seqs, expert in feedback_moves:
+                self.conn.executemany("UPDATE feedback SET expert = ? WHERE seq = ?", [(expert, int(s)) for s in seqs])
+
+    def feedback_counts(self) -> dict[str, tuple[int, int]]:
+        """expert -> (feedback rows, positive rows)."""
+        with self._lock:
+            rows = self.conn.execute(
+                "SELECT expert, COUNT(*), SUM(positive) FROM feedback WHERE removed IS NULL GROUP BY expert").fetchall()
+        return {e: (int(n), int(p or 0)) for e, n, p in rows}
+
+    def experts_of(self, ids: Iterable[int]) -> dict[int, str]:
+        """id -> expert name recorded for the item."""
+        wanted = sorted({int(i) for i in ids})
+        out: dict[int, str] = {}
+        with self._lock:
+            for start in range(0, len(wanted), 900):
+                chunk = wanted[start : start + 900]
+                marks = ",".join("?" * len(chunk))
+                out.update(self.conn.execute(f"SELECT id, expert FROM items WHERE id IN ({marks})", chunk).fetchall())
+        return out
+
+    def in_memory_copy(self) -> "MetadataStore":
+        """A private in-memory copy: changes to it never touch this store's file (saved later, atomically)."""
+        copy = MetadataStore(None)
+        with self._lock:
+            self.conn.backup(copy.conn)
+        return copy
+
+
+def payloads_or_none(payloads: Sequence[dict[str, Any]] | None, n: int) -> list[dict | None]:
+    if payloads is None:
+        return [None] * n
+    if len(payloads) != n:
+        raise ValueError(f"got {len(payloads)} metadata entries for {n} vectors; expected one per vector")
+    return list(payloads)
+

@@ -1,0 +1,100 @@
+"""fit_router: train a router's gate on its stored vectors (and validation queries) with Lightning."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import lightning as L
+
+from moe_router.data.targets import make_targets, routing_pairs
+from moe_router.index.exact import exact_counts
+from moe_router.gate.model import Gate
+from moe_router.routing.router import Router
+from moe_router.train.module import GateModule, RoutingDataModule, default_optimizer, fit_quietly
+
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FitResult:
+    metrics: dict[str, float]  # best validation metrics
+    seconds: float  # wall time of trainer.fit
+    epochs: int
+
+
+def fit_router(
+    router: Router,
+    val_queries: Any = None,
+    val_experts: list[str] | None = None,
+    targets: str = "mix",
+    label_weight: float = 0.5,
+    neighbours: int = 10,
+    max_queries: int | None = None,
+    module: GateModule | None = None,
+    trainer: L.Trainer | None = None,
+    batch_size: int = 256,
+    monitor: str = "val/recall@10",
+    seed: int = 0,
+) -> FitResult:
+    """Train the router's gate on its own stored vectors and install the best one (by `monitor`).
+
+    `module` wraps the gate to train (default: a fresh prototype Gate, 64 per expert, AdamW lr 1e-3).
+    Each stored vector is a pseudo-query whose target is its expert ('label'), the share of
+    its exact neighbours in each expert ('neighbours'), or a mix. Validation uses
+    `val_queries` with their gold `val_experts`, or else a seeded 10% of the stored vectors.
+    """
+    L.seed_everything(seed, workers=True, verbose=False)
+    if router.num_experts < 2:
+        raise ValueError(f"training a gate needs at least 2 experts, the router has {router.num_experts}")
+    train_x, train_gold, train_counts = routing_pairs(router, max_queries, neighbours, seed)
+    if val_queries is None:
+        pick = np.random.default_rng(seed).choice(len(train_x), size=max(1, len(train_x) // 10), replace=False)
+        val_x, val_gold, val_counts = train_x[pick], train_gold[pick], train_counts[pick]
+    else:
+        val_x, _ = router.prepare_queries(val_queries)
+        if val_experts is None or len(val_experts) != len(val_x):
+            raise ValueError("val_experts must name the gold expert of each validation query")
+        val_gold = np.array([router.expert_index(e) for e in val_experts], dtype=np.int64)
+        val_counts = exact_counts(router.experts, val_x, neighbours)
+    target = make_targets(targets, train_gold, train_counts, router.num_experts, label_weight)
+    if module is None:  # the default gate of configs/model/hybrid.yaml, prototypes from k-means
+        gate = router.install_gate(Gate(router.dim, router.num_experts, prototypes_per_expert=64), seed)
+        module = GateModule(gate, optimizer=default_optimizer)
+    module.recall_k = neighbours
+    if module.gate.num_experts != router.num_experts or module.gate.dim != router.dim:
+        raise ValueError(
+            f"the gate has dim {module.gate.dim} and {module.gate.num_experts} outputs; "
+            f"the router needs dim {router.dim} and {router.num_experts}"
+        )
+    data = RoutingDataModule(train_x, target, val_x, val_gold, val_counts.astype(np.float32), batch_size=batch_size)
+    if trainer is None:
+        # Keeps the last epoch (no ModelCheckpoint): on tiny corpora the validation metrics tie across
+        # epochs and "best" would be the first, barely trained one. Epochs: enough for ~20k training
+        # examples (20 to 200 passes). Files go to a temporary directory.
+        trainer = L.Trainer(max_epochs=max(20, min(200, 20_000 // max(len(train_x), 1))), accelerator="auto",
+                            devices=1, deterministic=True, logger=False, enable_checkpointing=False,
+                            enable_model_summary=False, default_root_dir=tempfile.mkdtemp(prefix="moe_router-"))
+    seconds = fit_quietly(trainer, module, data)
+    best = _restore_best(trainer, module, monitor)
+    router.gate = module.gate.cpu().eval()
+    return FitResult(best, seconds, trainer.current_epoch)
+
+
+def _restore_best(trainer: L.Trainer, module: GateModule, monitor: str) -> dict[str, float]:
+    """Load the best checkpoint's gate weights into `module`; return its validation metrics."""
+    ckpt = trainer.checkpoint_callback
+    path = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
+    if path and Path(path).is_file():
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        module.load_state_dict(state)
+    # Re-run validation on the restored weights so the reported numbers are the best model's.
+    results = trainer.validate(module, datamodule=trainer.datamodule, verbose=False)
+    return {k: float(v) for k, v in (results[0] if results else {}).items()}
+

@@ -1,0 +1,55 @@
+"""The records the library hands back: routing choices, hits, array results, per-expert stats."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+
+@dataclass(frozen=True)
+class ExpertScore:
+    """One expert chosen for a query."""
+
+    expert: str
+    probability: float  # gate softmax probability over all experts: the routing confidence
+    weight: float  # probability renormalised over the experts chosen for this query
+    specialization: str = ""
+    parent: str | None = None
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result."""
+
+    id: int
+    score: float  # inner product (metric 'ip', higher is closer) or squared L2 distance ('l2', lower is closer)
+    expert: str
+    specialization: str
+    parent: str | None
+    routing_score: float  # the gate's probability for this hit's expert
+    text: str | None = None
+    metadata: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RoutedSearch:
+    """Array form of a routed search; -1 in I and E where fewer than k vectors were reachable."""
+
+    D: np.ndarray  # (nq, k) scores, best first
+    I: np.ndarray  # (nq, k) global ids
+    E: np.ndarray  # (nq, k) index of the expert holding each hit
+    scanned: np.ndarray  # (nq,) vectors compared per query
+
+
+@dataclass(frozen=True)
+class ExpertStats:
+    name: str
+    specialization: str
+    parent: str | None
+    vectors: int
+    queries: int  # queries routed to this expert (among each query's chosen experts)
+    load_share: float  # share of all (query, expert) assignments
+    mean_confidence: float  # mean gate probability when chosen (0.0 if never chosen)
+
