@@ -167,6 +167,7 @@ def test_train_through_data_beir__never_opens_test_judgments(beir_root: Path, tm
                                                               opened: list[str]) -> None:
     for source in SOURCES:  # were the test files read, loading would fail on them
         (beir_root / source / "qrels" / "test.tsv").write_bytes(b"query-id\tcorpus-id\tscore\n\xff\xfe broken\n")
+    opened.clear()  # the writes above went through open too
     cfg = compose_config("train", [*_train_overrides(tmp_path), "data=beir", f"data.root={beir_root}"])
     summary = train(cfg)
     assert summary.experts == 3 and summary.vectors == 36
