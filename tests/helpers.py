@@ -97,3 +97,32 @@ def make_router(metric: str = "ip", seed: int = 0, gate: bool = True) -> Router:
         torch.manual_seed(seed)  # the gate's MLP body starts from torch's (seeded) random init
         router.init_gate(hidden_dims=[64], dropout=0.0)
     return router
+
+
+def write_beir(root: Path, seed: int = 0, docs: int = 12, queries: dict[str, int] | None = None) -> Path:
+    """A BEIR-layout folder: one source per VOCAB domain, `docs` documents each, judged queries per split.
+
+    Ids are prefixed by the source (unique across sources); each query is judged relevant to two
+    documents of its own source (scores 1 and 2) and non-relevant (score 0) to a third.
+    """
+    rng = np.random.default_rng(seed)
+    queries = {"train": 6, "dev": 3, "test": 3} if queries is None else queries
+    for source in VOCAB:
+        folder = root / source
+        (folder / "qrels").mkdir(parents=True, exist_ok=True)
+        with open(folder / "corpus.jsonl", "w") as f:
+            for i in range(docs):
+                title = f"{source} note {i}" if i % 3 else ""  # some documents have no title
+                f.write(json.dumps({"_id": f"{source}-d{i}", "title": title, "text": sentence(source, rng, 8)}) + "\n")
+        with open(folder / "queries.jsonl", "w") as f:
+            for split, n in queries.items():
+                for j in range(n):
+                    f.write(json.dumps({"_id": f"{source}-{split}-q{j}", "text": sentence(source, rng)}) + "\n")
+        for split, n in queries.items():
+            with open(folder / "qrels" / f"{split}.tsv", "w") as f:
+                f.write("query-id\tcorpus-id\tscore\n")
+                for j in range(n):
+                    a, b, c = rng.choice(docs, size=3, replace=False)
+                    for d, score in ((a, 1), (b, 2), (c, 0)):
+                        f.write(f"{source}-{split}-q{j}\t{source}-d{d}\t{score}\n")
+    return root

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from moe_router.data.beir import BeirDataset
 from moe_router.data.datasets import TextDataset, VectorDataset
 from moe_router.embed.base import Embedder
 from moe_router.index.clustering import balanced_kmeans, kmeans_assign
 from moe_router.routing.router import Router
 
 
-def router_from_dataset(dataset: TextDataset | VectorDataset, embedder: Embedder | None, metric: str = "ip",
+def router_from_dataset(dataset: TextDataset | BeirDataset | VectorDataset, embedder: Embedder | None, metric: str = "ip",
                         kmeans_experts: int | None = None, seed: int = 0,
                         max_imbalance: float | None = None) -> Router:
     """One expert per distinct expert key in the train split, holding that split's texts.
@@ -27,13 +28,14 @@ def router_from_dataset(dataset: TextDataset | VectorDataset, embedder: Embedder
                              "to cut it into N k-means experts")
         router = Router(dataset.dim, metric)
         vectors = router.prepare_queries(dataset.vectors["train"])[0]
-        train, texts = None, None
+        train, texts, meta = None, None, None
     else:
         if embedder is None:
             raise ValueError(f"dataset {dataset.name!r} is texts: it needs an embedder")
         router = Router(embedder.dim, metric, embedder=embedder)
         train = dataset.split("train")
         texts = [r.text for r in train]
+        meta = dataset.metadata()  # BEIR documents: their _id and title, so every hit names its document
         vectors = embedder.encode(texts)
     if kmeans_experts:
         if max_imbalance is None:
@@ -50,7 +52,7 @@ def router_from_dataset(dataset: TextDataset | VectorDataset, embedder: Embedder
         router.add_expert(
             name, vectors[rows], texts=None if texts is None else [texts[i] for i in rows],
             parent=None if kmeans_experts else dataset.parents.get(name),
-            metadata=None if train is None else [{"label": train[i].label, "domain": train[i].domain} for i in rows],
+            metadata=None if meta is None else [meta[i] for i in rows],
         )
     return router
 

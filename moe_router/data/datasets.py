@@ -65,6 +65,10 @@ class TextDataset:
     def oos_texts(self, split: str) -> list[str]:
         return [r.text for r in self.oos if r.split == split]
 
+    def metadata(self) -> list[dict]:
+        """The stored metadata of each row of split('train')."""
+        return [{"label": r.label, "domain": r.domain} for r in self.split("train")]
+
     def expert_ids(self, split: str, unknown: int = -1) -> np.ndarray:
         """(n,) index of each record's expert; `unknown` for experts absent from train."""
         index = {e: i for i, e in enumerate(self.experts)}
