@@ -1,10 +1,16 @@
-"""The routers the gate is compared with (none trained): random, centroid, multi-prototype, ..."""
+"""The routers the gate is compared with: random, centroid, multi-prototype, semantic-router style, kNN vote,
+RAGRoute style (a small trained relevance classifier) and ReDDE style (sample-based resource selection).
+
+Dimension legend: n queries, E experts, d dim.
+"""
 
 from __future__ import annotations
 
 
 import faiss
 import numpy as np
+import torch
+from torch import nn
 
 from moe_router.index.clustering import kmeans_centroids
 from moe_router.index.exact import exact_neighbours, stacked
@@ -98,6 +104,111 @@ class KnnVoteRouter:
         np.add.at(votes, (np.repeat(np.arange(len(rows)), rows.shape[1]), self.owner[rows].ravel()), 1.0)
         c = self.tiebreak.scores(xq)
         return votes + 1e-3 * (c - c.min()) / (np.ptp(c) + 1e-12)  # ties go to the closer centroid
+
+
+def stored_labels(router: Router, per_expert: int = 1000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Stored vectors as pseudo-queries labelled with their expert: a seeded sample of up to per_expert each.
+
+    Returns (x (m, d), gold (m,) expert index).
+    """
+    rng = np.random.default_rng(seed)
+    xs, gold = [], []
+    for i, e in enumerate(router.experts):
+        x = e.vectors()
+        if len(x) > per_expert:
+            x = x[np.sort(rng.choice(len(x), size=per_expert, replace=False))]
+        xs.append(x)
+        gold.append(np.full(len(x), i, dtype=np.int64))
+    return np.concatenate(xs), np.concatenate(gold)
+
+
+class RagRouteStyle:
+    """A per-source relevance classifier on [query embedding; source centroid] (as RAGRoute routes, Guerraoui et al.).
+
+    A small MLP scores every (query, source) pair; it is trained with binary cross-entropy on
+    labelled queries (x (m, d), gold (m,) expert index): the gold source is relevant, the others not.
+    """
+
+    scans_everything = False
+
+    def __init__(self, router: Router, xq: np.ndarray | None = None, gold: np.ndarray | None = None, hidden: int = 128,
+                 epochs: int = 30, batch_size: int = 256, lr: float = 1e-3, per_expert: int = 1000, seed: int = 0) -> None:
+        if xq is None or gold is None:  # no labelled queries: the stored vectors as pseudo-queries of their expert
+            xq, gold = stored_labels(router, per_expert, seed)
+        if len(xq) != len(gold) or not len(xq):
+            raise ValueError(f"RAGRoute-style baseline needs labelled queries: got {len(xq)} vectors and {len(gold)} labels")
+        self.name = "RAGRoute style (relevance MLP)"
+        self.num_experts = router.num_experts
+        self.centroids = torch.from_numpy(centroids(router.experts).astype(np.float32))  # (E, d)
+        g = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        d = router.dim
+        self.net = nn.Sequential(nn.Linear(2 * d, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        x = torch.from_numpy(np.ascontiguousarray(xq, dtype=np.float32))  # (m, d)
+        y = torch.zeros(len(gold), self.num_experts)
+        keep = torch.from_numpy(gold >= 0)
+        y[torch.arange(len(gold))[keep], torch.from_numpy(gold)[keep]] = 1.0  # (m, E) one-hot relevance
+        x, y = x[keep], y[keep]
+        opt = torch.optim.Adam(self.net.parameters(), lr=lr)
+        # relevant pairs are 1 in E: weight them up so the classifier does not learn "never relevant"
+        loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(float(self.num_experts - 1)))
+        self.net.train()
+        for _ in range(epochs):
+            for idx in torch.randperm(len(x), generator=g).split(batch_size):
+                loss = loss_fn(self._logits(x[idx]), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        self.net.eval()
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        b, (E, d) = len(x), self.centroids.shape
+        pairs = torch.cat([x[:, None, :].expand(b, E, d), self.centroids[None].expand(b, E, d)], dim=-1)  # (b, E, 2d)
+        return self.net(pairs).squeeze(-1)  # (b, E)
+
+    def scores(self, xq: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            x = torch.from_numpy(np.ascontiguousarray(xq, dtype=np.float32))
+            return torch.cat([self._logits(b) for b in x.split(4096)]).numpy() if len(x) else np.empty((0, self.num_experts), np.float32)
+
+
+class ReddeStyle:
+    """Sample-based resource selection in the spirit of ReDDE (Si & Callan 2003).
+
+    A seeded uniform sample of up to `sample` vectors of each expert forms one central index; a
+    query's top `top` hits in it vote for their expert, each vote weighted by how many stored vectors
+    its sample row stands for (expert size / sample size). Searching the sample scans only
+    E x sample vectors, not everything.
+    """
+
+    scans_everything = False
+
+    def __init__(self, router: Router, sample: int = 300, top: int = 50, seed: int = 0) -> None:
+        self.name = f"ReDDE style ({sample}-vector sample/expert)"
+        self.metric = router.metric
+        self.num_experts = router.num_experts
+        rng = np.random.default_rng(seed)
+        rows, owner, weight = [], [], []
+        for i, e in enumerate(router.experts):
+            m = min(sample, e.ntotal)
+            pick = np.sort(rng.choice(e.ntotal, size=m, replace=False))
+            rows.append(e.vectors()[pick])
+            owner.append(np.full(m, i))
+            weight.append(np.full(m, e.ntotal / m))
+        self.owner, self.weight = np.concatenate(owner), np.concatenate(weight)
+        self.index = flat_index(router.dim, router.metric)
+        self.index.add(np.ascontiguousarray(np.concatenate(rows), dtype=np.float32))
+        self.top = min(top, self.index.ntotal)
+        self.scanned = self.index.ntotal  # vectors compared per query to choose the experts
+        self.tiebreak = CentroidRouter(router)
+
+    def scores(self, xq: np.ndarray) -> np.ndarray:
+        _, rows = self.index.search(np.ascontiguousarray(xq, dtype=np.float32), self.top)  # (n, top)
+        votes = np.zeros((len(xq), self.num_experts), dtype=np.float64)
+        np.add.at(votes, (np.repeat(np.arange(len(xq)), rows.shape[1]), self.owner[rows].ravel()), self.weight[rows].ravel())
+        votes /= votes.sum(axis=1, keepdims=True)  # estimated share of the query's relevant documents per expert
+        c = self.tiebreak.scores(xq)
+        return (votes + 1e-3 * (c - c.min()) / (np.ptp(c) + 1e-12)).astype(np.float32)  # ties go to the closer centroid
 
 
 def ivf_recall(router: Router, xq: np.ndarray, exact_ids: np.ndarray, probes: list[int], k: int = 10,

@@ -13,7 +13,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from moe_router.data.datasets import TextDataset, VectorDataset
-from moe_router.eval.baselines import CentroidRouter, KnnVoteRouter, MultiPrototypeRouter, RandomRouter, SemanticRouterStyle, ivf_recall
+from moe_router.eval.baselines import (CentroidRouter, KnnVoteRouter, MultiPrototypeRouter, RagRouteStyle, RandomRouter, ReddeStyle,
+                                      SemanticRouterStyle, ivf_recall)
+from moe_router.eval.adaptive import P_GRID, Selection, baseline_probs, frontier, interpolate, prefix_search, top_p_selection
 from moe_router.gate.calibrate import reliability_bins, softmax
 from moe_router.index.clustering import nearest_centroid
 from moe_router.index.expert import centroids
@@ -90,6 +92,8 @@ BASELINES = {
     "multi_prototype": MultiPrototypeRouter,
     "semantic_router": SemanticRouterStyle,
     "knn_vote": KnnVoteRouter,
+    "ragroute": RagRouteStyle,
+    "redde": ReddeStyle,
 }
 
 
@@ -106,12 +110,14 @@ def evaluate(
     router: Router, dataset: TextDataset | VectorDataset, split: str = "test", k: int = 10,
     experts_searched: Sequence[int] = (1, 2, 4), baselines: Sequence[str] = tuple(BASELINES),
     capacity_factor: float | None = 1.25, speed_batches: Sequence[int] = (1, 100, 1000), seed: int = 0,
-    checkpoint: str = "",
+    checkpoint: str = "", top_p: float = 0.9, max_experts: int = 4, p_grid: Sequence[float] = P_GRID,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Evaluate `router` on `dataset`'s `split` against the baselines: (report, each router's scores (n, E)).
 
-    The report's top-level keys acc@1, acc@2, recall@10@t, scanned@t are the gate's; `routers` holds every row.
+    The report's top-level keys acc@1, acc@2, recall@10@t, scanned@t are the gate's; `routers` holds every row;
+    `frontier` each router's recall@k against experts searched for top-k 1..4 and top-p over `p_grid`.
     """
+    check_top_p(top_p, p_grid)
     queries = dataset.queries(split)
     if not len(queries):
         raise ValueError(f"dataset {dataset.name!r} has no {split!r} rows to evaluate on")
@@ -145,6 +151,7 @@ def evaluate(
         scores[name] = fn(xq)
         routers[name].update(routing_metrics(router, xq, scores[name], gold, exact, searched, k))
     probs = scores[GATE]
+    adaptive = adaptive_report(router, dataset, xq, exact, scorers, scores, routers, k, top_p, max_experts, p_grid)
     routers[IVF] = {"scans_everything": False}
     for t, (rec, scanned) in ivf_recall(router, xq, exact, searched, k, seed=seed).items():
         routers[IVF][f"recall@{k}@{t}"], routers[IVF][f"scanned@{t}"] = rec, scanned
@@ -157,6 +164,7 @@ def evaluate(
         "partition": partition,  # k-means experts: gold = nearest centroid
         **{key: v for key, v in routers[GATE].items() if key != "scans_everything"},
         "routers": routers,
+        **adaptive,
     }
     if capacity_factor:
         report["capacity"] = capacity_report(router, xq, probs, exact, min(2, router.num_experts), k,
@@ -172,6 +180,69 @@ def evaluate(
     report["experts_searched"] = searched
     report["k"] = k
     return report, scores
+
+
+def check_top_p(top_p: float, p_grid: Sequence[float]) -> None:
+    """top_p and every p of the frontier grid in (0, 1], else a ValueError naming them."""
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < float(top_p) <= 1.0:
+        raise ValueError(f"top_p must be a probability mass in (0, 1], got {top_p!r}")
+    if any(isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < float(p) <= 1.0 for p in p_grid):
+        raise ValueError(f"p_grid values must be probability masses in (0, 1], got {list(p_grid)}")
+
+
+def calibration_labels(router: Router, dataset: TextDataset | VectorDataset) -> tuple[np.ndarray, np.ndarray] | None:
+    """(xq, gold) of the validation split the gate's temperature is fitted on; None when there is none or it is unlabelled."""
+    queries = dataset.queries("val")
+    if not len(queries):
+        return None
+    xv, _ = router.prepare_queries(queries)
+    if router.manifest.get("config", {}).get("partition"):
+        return xv, nearest_centroid(xv, centroids(router.experts), router.metric)
+    if isinstance(dataset, VectorDataset):
+        return None
+    return xv, gold_experts(router, dataset, "val")
+
+
+def adaptive_report(router: Router, dataset: TextDataset | VectorDataset, xq: np.ndarray, exact: np.ndarray,
+                    scorers: dict[str, Callable[[np.ndarray], np.ndarray]], scores: dict[str, np.ndarray],
+                    routers: dict[str, dict[str, Any]], k: int, top_p: float, max_experts: int,
+                    p_grid: Sequence[float]) -> dict[str, Any]:
+    """Top-p rows (recall@k, experts and scanned share at p = top_p) and every router's frontier.
+
+    The gate's probabilities are its calibrated ones; a baseline's scores go through softmax(s / T)
+    with T fitted by NLL on the validation split (adaptive.baseline_probs).
+    """
+    max_experts = min(int(max_experts), router.num_experts)
+    if max_experts < 1:
+        raise ValueError(f"max_experts must be at least 1, got {max_experts}")
+    calib = calibration_labels(router, dataset)
+
+    def quality(sel: Selection) -> tuple[float, float]:
+        ids, _, scanned = prefix_search(router, xq, k, sel)
+        return recall_at_k(ids, exact), float(scanned.mean() / router.ntotal)
+
+    curves: dict[str, list[dict[str, Any]]] = {}
+    for name, fn in scorers.items():
+        if name == GATE:
+            probs, temperature = scores[name], float(router.gate.temperature)
+        else:
+            probs, temperature = baseline_probs(scores[name], fn(calib[0]) if calib else None, calib[1] if calib else None)
+        sel = top_p_selection(probs, top_p, max_experts)
+        rec, scanned = quality(sel)
+        routers[name].update({f"recall@{k}@adaptive": rec, "experts@adaptive": sel.mean_experts,
+                              "scanned@adaptive": scanned, "temperature": temperature})
+        points = frontier(probs, quality, max_experts, p_grid=p_grid)
+        curves[name] = [vars(p) for p in points]
+        if name == GATE:
+            top2 = next((p for p in points if p.setting == "top-2"), None)
+            gate_summary = {
+                f"recall@{k}@1.5_experts": interpolate(points, 1.5),  # top-p curve, linear between its p-grid points
+                f"recall@{k}@top2_scanned": None if top2 is None else interpolate(points, top2.scanned, "scanned"),
+            }
+    return {"top_p": float(top_p), "max_experts": max_experts, **{key: v for key, v in routers[GATE].items()
+            if key.endswith("@adaptive")}, **gate_summary, "frontier": curves,
+            "baseline_temperature_fit": ("softmax(score / T), T fitted by NLL on the 'val' split" if calib
+                                         else "softmax(score), T = 1 (no labelled 'val' split)")}
 
 
 def capacity_report(router: Router, xq: np.ndarray, probs: np.ndarray, exact_ids: np.ndarray, t: int, k: int,

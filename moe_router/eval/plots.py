@@ -44,6 +44,25 @@ def recall_curve(rows: dict[str, dict[str, Any]], experts_searched: list[int], k
     return _save(fig, ax, path, title)
 
 
+def frontier(curves: dict[str, list[dict[str, Any]]], path: Path, title: str, quality: str,
+             references: dict[str, float] | None = None) -> Path:
+    """Quality vs mean experts searched, one colour per router: top-k as a solid line, top-p (the p grid) dashed."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (name, points) in enumerate(curves.items()):
+        colour = f"C{i % 10}"
+        for prefix, style, marker, label in (("top-", "-", "o", name), ("p=", "--", "x", None)):
+            pts = sorted((p["experts"], p["quality"]) for p in points if p["setting"].startswith(prefix))
+            if pts:
+                ax.plot([x for x, _ in pts], [y for _, y in pts], style, marker=marker, color=colour, label=label, ms=4)
+    for j, (name, value) in enumerate((references or {}).items()):
+        ax.axhline(value, color="k", lw=0.9, ls=(":", "-.", "--")[j % 3], label=name)
+    ax.set_xlabel("mean experts (sources) searched per query  (solid: top-k, dashed: top-p over the p grid)")
+    ax.set_ylabel(quality)
+    ax.grid(alpha=0.3)
+    return _save(fig, ax, path, title)
+
+
 def load_bars(shares: dict[str, list[float]], names: list[str], path: Path, title: str) -> Path:
     """Share of top-1 assignments per expert, grouped bars per router."""
     plt = _plt()

@@ -17,7 +17,7 @@ from moe_router.routing.router import Router
 def markdown_table(report: dict[str, Any], searched: list[int], k: int) -> str:
     """One row per router: acc@1, acc@2, recall@k at each experts-searched, scanned, load, OOS AUROC."""
     cols = ["acc@1", "acc@2", *(f"recall@{k}@{t}" for t in searched), f"scanned@{searched[min(1, len(searched) - 1)]}",
-            "load max/mean", "dead", "OOS AUROC"]
+            f"recall@{k}@adaptive", "experts@adaptive", "load max/mean", "dead", "OOS AUROC"]
     lines = ["| router | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, row in report["routers"].items():
         cells = []
@@ -34,6 +34,69 @@ def markdown_table(report: dict[str, Any], searched: list[int], k: int) -> str:
         label = f"{name} *(scans everything)*" if row.get("scans_everything") and name != FLAT else name
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def frontier_table(curves: dict[str, list[dict[str, Any]]], quality: str) -> str:
+    """One row per router, one column per setting (top-k, then each p): "quality (mean experts searched)"."""
+    settings = list(dict.fromkeys(p["setting"] for pts in curves.values() for p in pts))
+    lines = [f"| router ({quality} (mean experts searched)) | " + " | ".join(settings) + " |",
+             "|---" * (len(settings) + 1) + "|"]
+    for name, points in curves.items():
+        by = {p["setting"]: p for p in points}
+        cells = [f"{by[c]['quality']:.3f} ({by[c]['experts']:.2f})" if c in by else "–" for c in settings]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+RETRIEVAL_COLUMNS = ("ndcg@10", "recall@10", "recall@100", "mrr@10", "relevant_share", "sources", "scanned")
+
+
+def retrieval_table(report: dict[str, Any]) -> str:
+    """Side by side: each router at 1 source, 2 sources and top-p, then exhaustive and oracle-source search."""
+    head = ["router", "sources searched", "source acc@1", "nDCG@10", "recall@10", "recall@100", "MRR@10",
+            "relevant docs in searched sources", "mean sources", "scanned share"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    label = {"1": "1", "2": "2", "adaptive": f"top-p {report['top_p']:g} (≤ {report['max_experts']})",
+             "exhaustive": "all (one flat index)", "oracle": "1 (the gold source)"}
+    for name, row in report["routers"].items():
+        for setting, text in label.items():
+            if f"ndcg@10@{setting}" not in row:
+                continue
+            acc = row.get("source_acc@1")
+            cells = [f"{row[f'{c}@{setting}']:.3f}" if c != "sources" else f"{row[f'{c}@{setting}']:.2f}"
+                     for c in RETRIEVAL_COLUMNS]
+            shown = f"{name} *(scans everything to route)*" if row.get("scans_everything") and setting not in ("exhaustive",) else name
+            lines.append(f"| {shown} | {text} | {'–' if acc is None else f'{acc:.3f}'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_retrieval_outputs(report: dict[str, Any], out_dir: Path) -> None:
+    """report.json, table.md (side-by-side table and frontier table) and frontier.png in out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    title = f"{report['dataset']} ({report['experts']} sources, {report['queries']} {report['split']} queries)"
+    (out_dir / "table.md").write_text(
+        f"### {title}\n\n{retrieval_table(report)}\n\nGate ECE of the top-1 probability: {report['ece']:.4f}. "
+        f"Baselines' probabilities for top-p: {report['baseline_temperature_fit']}.\n\n"
+        f"#### Frontier: nDCG@10 against mean sources searched\n\n{frontier_table(report['frontier'], 'nDCG@10')}\n"
+    )
+    curves = {n: c for n, c in report["frontier"].items() if not n.startswith("random")}
+    plots.frontier(curves, out_dir / "frontier.png", f"nDCG@10 vs sources searched: {title}", "nDCG@10 against qrels",
+                   {"exhaustive search": report["ndcg@10@exhaustive"], "oracle source": report["ndcg@10@oracle"]})
+
+
+def _adaptive_summary(report: dict[str, Any], k: int) -> str:
+    """The gate's top-p operating point and its curve read at 1.5 experts and at top-2's scanned share."""
+    gate = report["routers"][GATE]
+    at15, at_top2 = report.get(f"recall@{k}@1.5_experts"), report.get(f"recall@{k}@top2_scanned")
+    fmt = lambda v: "outside the p grid's range" if v is None else f"{v:.4f}"  # noqa: E731
+    line = (f"Gate top-p {report['top_p']:g} (≤ {report['max_experts']} experts): recall@{k} "
+            f"{gate[f'recall@{k}@adaptive']:.4f} at {gate['experts@adaptive']:.2f} experts on average "
+            f"(scanned {gate['scanned@adaptive']:.3f}). Top-p curve at 1.5 experts on average: {fmt(at15)}")
+    if f"recall@{k}@2" in gate:
+        line += (f"; at top-2's scanned share ({gate['scanned@2']:.3f}): {fmt(at_top2)} vs top-2's "
+                 f"{gate[f'recall@{k}@2']:.4f}")
+    return line + f" (linear between p-grid points). Baselines' probabilities: {report['baseline_temperature_fit']}."
 
 
 def write_outputs(report: dict[str, Any], out_dir: Path, searched: list[int], k: int, router: Router,
@@ -60,10 +123,16 @@ def write_outputs(report: dict[str, Any], out_dir: Path, searched: list[int], k:
         o = report["out_of_scope"]
         extra += (f"\nAbstention at the validation-chosen threshold {o['threshold']:.3f}: {100 * o['in_scope_kept']:.1f}% "
                   f"of in-scope test queries kept, {100 * o['oos_refused']:.1f}% of out-of-scope refused.\n")
+    adaptive = _adaptive_summary(report, k)
     (out_dir / "table.md").write_text(
         f"### {title}\n\n{table}\n\nECE of the top-1 probability: {cal['calibrated']['ece']:.4f} at T = "
         f"{cal['temperature']:.3f} ({cal['uncalibrated (T=1)']['ece']:.4f} at T = 1).\n{extra}\nSpeed (same run):\n{speed}\n"
+        f"\n#### Frontier: recall@{k} vs exhaustive against mean experts searched\n\n{adaptive}\n\n"
+        f"{frontier_table(report['frontier'], f'recall@{k}')}\n"
     )
+    curves = {n: c for n, c in report["frontier"].items() if not n.startswith("random")}
+    plots.frontier(curves, out_dir / "frontier.png", f"recall@{k} vs experts searched: {title}",
+                   f"recall@{k} vs exhaustive search")
     curves = {n: r for n, r in report["routers"].items() if not n.startswith("random")}
     plots.recall_curve(curves, searched, k, out_dir / "recall.png", title)
     shares = {n: load_stats(top_experts(s, 1), router.num_experts)["shares"]

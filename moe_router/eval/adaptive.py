@@ -1,0 +1,114 @@
+"""Adaptive expert count in evaluation: prefix searches, baselines' probabilities, the quality-vs-cost frontier.
+
+Top-k and top-p both search a prefix of each query's experts ordered by decreasing score, so a
+selection is (order (n, E), count (n,)): query q searches order[q, :count[q]].
+Dimension legend: n queries, E experts, k hits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from moe_router.gate.calibrate import fit_temperature, softmax
+from moe_router.metrics import top_experts
+from moe_router.routing.router import Router
+
+TOP_K = (1, 2, 3, 4)  # fixed expert counts on the frontier
+P_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)  # probability masses on the frontier
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which experts each query searches: a prefix of its experts ordered best first."""
+
+    order: np.ndarray  # (n, E) expert indices, best first
+    count: np.ndarray  # (n,) experts searched, 1..E
+
+    @property
+    def mean_experts(self) -> float:
+        return float(self.count.mean())
+
+    def mask(self, num_experts: int) -> np.ndarray:
+        """(n, E) True where expert e is searched for query q."""
+        out = np.zeros((len(self.order), num_experts), dtype=bool)
+        inside = np.arange(self.order.shape[1])[None, :] < self.count[:, None]  # (n, t) within the prefix
+        np.put_along_axis(out, self.order, inside, axis=1)
+        return out
+
+
+def top_k_selection(probs: np.ndarray, t: int) -> Selection:
+    """The t best experts of every query."""
+    return Selection(top_experts(probs, probs.shape[1]), np.full(len(probs), t, dtype=np.int64))
+
+
+def top_p_selection(probs: np.ndarray, p: float, max_experts: int) -> Selection:
+    """The smallest best-first set whose probability mass reaches p (at least 1, at most max_experts)."""
+    order = top_experts(probs, probs.shape[1])  # (n, E)
+    mass = np.cumsum(np.take_along_axis(probs, order, axis=1), axis=1)  # (n, E) mass of the best 1..E
+    count = (mass < p - 1e-9).sum(axis=1) + 1  # TEMPORARY until beir-train's top_p_experts lands
+    return Selection(order, np.clip(count, 1, max_experts).astype(np.int64))
+
+
+def fixed_selection(experts: np.ndarray) -> Selection:
+    """Each query searches exactly the experts in its row of `experts` (n, t), e.g. the gold one."""
+    return Selection(np.asarray(experts, dtype=np.int64), np.full(len(experts), experts.shape[1], dtype=np.int64))
+
+
+def prefix_search(router: Router, xq: np.ndarray, k: int, sel: Selection) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Search each query's selected experts, merged: (ids (n, k) global ids, experts (n, k), scanned (n,)).
+
+    Queries are grouped by how many experts they search, one routed search per group.
+    """
+    ids = np.full((len(xq), k), -1, dtype=np.int64)
+    owner = np.full((len(xq), k), -1, dtype=np.int64)
+    scanned = np.zeros(len(xq), dtype=np.int64)
+    for t in np.unique(sel.count):
+        rows = np.nonzero(sel.count == t)[0]
+        res = router.search_experts(xq[rows], k, sel.order[rows, :t])
+        ids[rows], owner[rows], scanned[rows] = res.I, res.E, res.scanned
+    return ids, owner, scanned
+
+
+def baseline_probs(scores: np.ndarray, calib_scores: np.ndarray | None, calib_gold: np.ndarray | None) -> tuple[np.ndarray, float]:
+    """A baseline's scores as probabilities for top-p: softmax(scores / T), T fitted by NLL on calibration labels.
+
+    Without calibration labels T = 1. Returns (probs (n, E), T).
+    """
+    if calib_scores is None or calib_gold is None or not (calib_gold >= 0).any():
+        return softmax(scores.astype(np.float64)), 1.0
+    t = fit_temperature(calib_scores.astype(np.float64), calib_gold, low=1e-3, high=1e3)  # baselines' score scales vary widely
+    return softmax(scores.astype(np.float64), t), t
+
+
+@dataclass(frozen=True)
+class FrontierPoint:
+    setting: str  # "top-2" or "p=0.9"
+    experts: float  # mean experts searched per query
+    scanned: float  # mean share of stored vectors compared per query
+    quality: float
+
+
+def frontier(probs: np.ndarray, quality: Callable[[Selection], tuple[float, float]], max_experts: int,
+             top_k: Sequence[int] = TOP_K, p_grid: Sequence[float] = P_GRID) -> list[FrontierPoint]:
+    """Quality and cost of top-k for each k and of top-p for each p; `quality(sel)` -> (quality, scanned share)."""
+    E = probs.shape[1]
+    points = []
+    for t in (t for t in top_k if t <= E):
+        sel = top_k_selection(probs, t)
+        points.append(FrontierPoint(f"top-{t}", sel.mean_experts, *reversed(quality(sel))))
+    for p in p_grid:
+        sel = top_p_selection(probs, p, min(max_experts, E))
+        points.append(FrontierPoint(f"p={p:g}", sel.mean_experts, *reversed(quality(sel))))
+    return points
+
+
+def interpolate(points: Sequence[FrontierPoint], x: float, along: str = "experts") -> float | None:
+    """Quality of the top-p curve at cost x (mean experts or scanned share), linear between its points; None outside."""
+    curve = sorted((getattr(p, along), p.quality) for p in points if p.setting.startswith("p="))
+    xs, ys = [c[0] for c in curve], [c[1] for c in curve]
+    if not xs or x < xs[0] - 1e-12 or x > xs[-1] + 1e-12:
+        return None
+    return float(np.interp(x, xs, ys))
