@@ -3,6 +3,7 @@
     moe-router route  --ckpt checkpoints/demo "How do I fix an auth bug?" "Flexbox centering"
     moe-router search --ckpt checkpoints/demo -k 3 --top-experts 2 "How do I fix an auth bug?"
     moe-router search --ckpt checkpoints/demo -k 3 --top-experts 2 --per-expert "How do I fix an auth bug?"
+    moe-router search --ckpt checkpoints/demo -k 3 --top-p 0.9 --max-experts 4 "How do I fix an auth bug?"
     moe-router stats  --ckpt checkpoints/demo
 """
 
@@ -15,15 +16,21 @@ from moe_router.checkpoint.format import CheckpointError
 from moe_router.routing.router import Router
 
 
-def _print_routes(router: Router, queries: list[str], top_experts: int) -> None:
-    for query, routes in zip(queries, router.route(queries, top_k=top_experts)):
+def _adaptive(args: argparse.Namespace) -> dict:
+    """route/search keyword arguments for --top-p / --max-experts (none without --top-p)."""
+    return {"top_p": args.top_p, "max_experts": args.max_experts} if args.top_p is not None else {}
+
+
+def _print_routes(router: Router, queries: list[str], top_experts: int, adaptive: dict) -> None:
+    for query, routes in zip(queries, router.route(queries, top_k=top_experts, **adaptive)):
         print(f'\nQuery: "{query}"')
         for r in routes:
             print(f"  {r.expert:<24} confidence {r.probability:.3f}")
 
 
-def _print_hits(router: Router, queries: list[str], k: int, top_experts: int, per_expert: bool) -> None:
-    for query, hits in zip(queries, router.search(queries, k=k, top_experts=top_experts, per_expert=per_expert)):
+def _print_hits(router: Router, queries: list[str], k: int, top_experts: int, per_expert: bool, adaptive: dict) -> None:
+    for query, hits in zip(queries, router.search(queries, k=k, top_experts=top_experts, per_expert=per_expert,
+                                                  **adaptive)):
         print(f'\nQuery: "{query}"')
         by_expert: dict[str, list] = {}
         for h in hits:
@@ -53,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         if name != "stats":
             p.add_argument("queries", nargs="+", help="query texts")
             p.add_argument("--top-experts", type=int, default=2, help="experts searched per query")
+            p.add_argument("--top-p", type=float, default=None,
+                           help="adaptive: the fewest experts whose calibrated probability reaches this mass (0 < p <= 1)")
+            p.add_argument("--max-experts", type=int, default=4, help="with --top-p: the most experts per query")
         if name == "search":
             p.add_argument("-k", type=int, default=3, help="hits per query (per expert with --per-expert)")
             p.add_argument("--per-expert", action="store_true", help="k hits from each searched expert, not k in all")
@@ -60,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         router = Router.load(args.ckpt)
         if args.command == "route":
-            _print_routes(router, args.queries, args.top_experts)
+            _print_routes(router, args.queries, args.top_experts, _adaptive(args))
         elif args.command == "search":
-            _print_hits(router, args.queries, args.k, args.top_experts, args.per_expert)
+            _print_hits(router, args.queries, args.k, args.top_experts, args.per_expert, _adaptive(args))
         else:
             _print_stats(router)
     except (CheckpointError, ValueError, KeyError) as exc:

@@ -110,3 +110,27 @@ def assign_with_capacity(probs: np.ndarray, t: int, capacity_factor: float) -> n
                     room[e] -= 1
                     break
     return out
+
+
+def top_p_experts(probs: np.ndarray, p: float, max_experts: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The smallest set of experts per query whose probability mass reaches p (nucleus / top-p routing).
+
+    Returns (experts (n, m) best first, padded with -1; counts (n,)), with 1 <= counts <= max_experts
+    (default E) and m = counts.max(). A query stops at max_experts even if its mass is still below p.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[1] == 0:
+        raise ValueError(f"probs must have shape (n, E) with E >= 1, got {probs.shape}")
+    if not 0.0 < p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {p}")
+    num_experts = probs.shape[1]
+    cap = num_experts if max_experts is None else int(max_experts)
+    if not 1 <= cap <= num_experts:
+        raise ValueError(f"max_experts must be between 1 and {num_experts} (the number of experts), got {max_experts}")
+    order = np.argsort(-probs, axis=1, kind="stable")  # (n, E)
+    mass = np.cumsum(np.take_along_axis(probs, order, axis=1), axis=1)  # (n, E) mass of the best j+1
+    # Experts needed: 1 + how many prefixes stay below p (a tolerance so that p = 1 is reachable in floats).
+    counts = np.minimum(1 + (mass < p - 1e-9).sum(axis=1), cap).astype(np.int64)  # (n,)
+    m = int(counts.max()) if len(counts) else 1
+    experts = np.where(np.arange(m)[None, :] < counts[:, None], order[:, :m], -1)  # (n, m)
+    return experts.astype(np.int64), counts

@@ -123,6 +123,19 @@ def test_search_over_http__equals_router_search(client, ckpt):
     assert route["results"][0]["experts"][0]["expert"] == "security"
 
 
+def test_top_p_over_http__equals_router_search_and_route_with_top_p(client, ckpt):
+    router = Router.load(ckpt)
+    texts = ["password token login", "css grid layout", "sql docker css token"]
+    for p, cap in ((0.5, 4), (0.99, 2), (1.0, 4)):
+        got = client.post("/search", json={"texts": texts, "k": 5, "top_p": p, "max_experts": cap}).json()["results"]
+        want = router.search(texts, k=5, top_p=p, max_experts=cap)
+        assert [[(h["id"], h["expert"]) for h in row["hits"]] for row in got] == [[(h.id, h.expert) for h in row] for row in want]
+        routes = client.post("/route", json={"texts": texts, "top_p": p, "max_experts": cap}).json()["results"]
+        assert [[s["expert"] for s in row["experts"]] for row in routes] == \
+            [[s.expert for s in row] for row in router.route(texts, top_p=p, max_experts=cap)]
+        assert all(1 <= len(row["experts"]) <= cap for row in routes)
+
+
 def test_stats_and_experts__list_the_checkpoint(client):
     experts = client.get("/experts").json()["experts"]
     assert [e["name"] for e in experts] == list(TOPICS)
@@ -167,6 +180,11 @@ BAD = [
     ("k over stored vectors", "POST", "/search", {"text": "a", "k": 50, "with_text": False}, 200),
     ("top_experts zero", "POST", "/search", {"text": "a", "top_experts": 0}, 422),
     ("top_experts over experts", "POST", "/route", {"text": "a", "top_experts": 5}, 422),
+    ("top_p zero", "POST", "/search", {"text": "a", "top_p": 0.0}, 422),
+    ("top_p over one", "POST", "/route", {"text": "a", "top_p": 1.5}, 422),
+    ("top_p string", "POST", "/search", {"text": "a", "top_p": "0.9"}, 422),
+    ("max_experts zero", "POST", "/search", {"text": "a", "top_p": 0.9, "max_experts": 0}, 422),
+    ("max_experts over experts is capped", "POST", "/search", {"text": "a", "top_p": 0.9, "max_experts": 9}, 200),
     ("unknown expert feedback", "POST", "/feedback", {"text": "a", "expert": "nope", "positive": True}, 404),
     ("feedback without query", "POST", "/feedback", {"expert": "devops", "positive": True}, 422),
     ("remove unknown expert", "DELETE", "/experts/nope", None, 404),

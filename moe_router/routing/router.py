@@ -22,10 +22,18 @@ from moe_router.gate.model import Gate, infer
 from moe_router.gate.surgery import fitted_new_rows
 from moe_router.index.expert import Expert, centroids, sample_vectors
 from moe_router.index.parallel import lower_blas_threshold, search_each
+from moe_router.metrics import top_p_experts
 from moe_router.routing.stats import RoutingStats
 from moe_router.store import MetadataStore, payloads_or_none
 from moe_router.types import ExpertScore, ExpertStats, Hit, RoutedSearch
 from moe_router.vectors import check_metric, prepare, worst_score
+
+
+def _check_top_p(top_p: Any) -> float:
+    """A probability mass in (0, 1], else a ValueError naming top_p."""
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float, np.floating)) or not 0.0 < float(top_p) <= 1.0:
+        raise ValueError(f"top_p must be a number in (0, 1] (the probability mass to cover), got {top_p!r}")
+    return float(top_p)
 
 
 class Router:
@@ -253,31 +261,48 @@ class Router:
         """A number of hits in 1..ntotal, else a ValueError."""
         return check_int(k, 1, self.ntotal, "k", "the number of stored vectors")
 
-    def decide(self, xq: np.ndarray, top_k: int, record: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """(probs (nq, E), top (nq, t) expert indices best first); counts them in stats when `record`."""
-        top_k = self.check_top(top_k, "top_k")
+    def decide(self, xq: np.ndarray, top_k: int, record: bool = True, top_p: float | None = None,
+               max_experts: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(probs (nq, E), top (nq, t) expert indices best first); counts them in stats when `record`.
+
+        With `top_p`, each query gets the smallest set of experts whose probability reaches top_p
+        (at least 1, at most `max_experts` capped at E, default top_k); rows shorter than t are padded with -1.
+        """
+        if top_p is None:
+            top_k = self.check_top(top_k, "top_k")
+        else:
+            cap = check_int(top_k if max_experts is None else max_experts, 1, 1 << 30, "max_experts", "a count")
+            _check_top_p(top_p)
         probs = self.gate_probs(xq)
-        top = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]  # (nq, t)
+        if top_p is None:
+            top = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]  # (nq, t)
+        else:
+            top, _ = top_p_experts(probs, float(top_p), min(cap, self.num_experts))  # (nq, t) padded with -1
         if record:
             self.routing_stats.record(top, probs)
         return probs, top
 
     def route(
-        self, queries: Any, top_k: int = 2, abstain: bool = False
+        self, queries: Any, top_k: int = 2, abstain: bool = False, top_p: float | None = None,
+        max_experts: int = 4,
     ) -> list[ExpertScore] | list[list[ExpertScore]]:
         """The top_k experts for each query with their probabilities (a list per query; one list for one query).
+
+        With `top_p`, the smallest set of experts whose calibrated probability reaches top_p instead
+        (1 to `max_experts`, capped at E, experts per query); top_k is then unused.
 
         With `abstain=True` and a calibrated `abstain_threshold`, a query whose in-scope score
         (Gate.in_scope_score) is under the threshold gets an empty list: "no expert is confident".
         """
         xq, single = self.prepare_queries(queries)
-        probs, top = self.decide(xq, top_k)
+        probs, top = self.decide(xq, top_k, top_p=top_p, max_experts=max_experts if top_p is not None else None)
         refused = self._refused(xq, abstain)
         out = []
         for p, row, no in zip(probs, top, refused):
             if no:
                 out.append([])
                 continue
+            row = row[row >= 0]
             chosen = p[row]
             total = float(chosen.sum())
             out.append(
@@ -294,7 +319,7 @@ class Router:
     # ---------------------------------------------------------------- search
 
     def search_experts(self, xq: np.ndarray, k: int, experts: np.ndarray, merge: bool = True) -> RoutedSearch:
-        """Search, for each query, only the experts in its row of `experts` (nq, t); merge by score.
+        """Search, for each query, only the experts in its row of `experts` (nq, t; -1 = none); merge by score.
 
         Queries are grouped by expert: one FAISS call per expert per batch, the calls side by side
         on the cores (experts.search_each). With `merge=False` the result keeps every expert's own
@@ -306,7 +331,7 @@ class Router:
         E = np.full((nq, t * k), -1, dtype=np.int64)
         scanned = np.zeros(nq, dtype=np.int64)
         lower_blas_threshold()
-        groups = [(e, *np.nonzero(experts == e)) for e in np.unique(experts)]  # (expert, rows, slot)
+        groups = [(e, *np.nonzero(experts == e)) for e in np.unique(experts) if e >= 0]  # (expert, rows, slot)
         found = search_each([(self.experts[e], xq[rows]) for e, rows, _ in groups], k)
         for (e, rows, slot), (De, Ie) in zip(groups, found):  # rows: queries that chose e; slot: in which position
             cols = slot[:, None] * k + np.arange(k)[None, :]  # (m, k)
@@ -332,9 +357,13 @@ class Router:
 
     def search(
         self, queries: Any, k: int = 10, top_experts: int = 2, with_text: bool = True, abstain: bool = False,
-        per_expert: bool = False,
+        per_expert: bool = False, top_p: float | None = None, max_experts: int = 4,
     ) -> list[Hit] | list[list[Hit]]:
         """Route each query, search only its top_experts experts, return its k best hits merged by score.
+
+        With `top_p` (adaptive expert count), each query searches the smallest set of experts whose
+        calibrated probability reaches top_p: at least 1, at most `max_experts` (capped at E);
+        top_experts is then unused.
 
         With `per_expert=True`, each searched expert contributes its own k best instead (up to
         k x top_experts hits, grouped by expert, the most probable expert first; the tutorial's
@@ -342,9 +371,10 @@ class Router:
         confident about get no hits (see route).
         """
         k = self.check_k(k)
-        top_experts = self.check_top(top_experts, "top_experts")
+        if top_p is None:
+            top_experts = self.check_top(top_experts, "top_experts")
         xq, single = self.prepare_queries(queries)
-        probs, top = self.decide(xq, top_experts)
+        probs, top = self.decide(xq, top_experts, top_p=top_p, max_experts=max_experts)
         refused = self._refused(xq, abstain)
         res = self.search_experts(xq, k, top, merge=not per_expert)
         out = self.hits(res, probs, with_text, refused)

@@ -31,11 +31,12 @@ class RoutingStats:
         return cls(np.zeros(num_experts, dtype=np.int64), np.zeros(num_experts, dtype=np.float64))
 
     def record(self, top: np.ndarray, probs: np.ndarray) -> None:
-        """Count each query's chosen experts `top` (nq, t) with their probabilities from `probs` (nq, E)."""
-        chosen = np.take_along_axis(probs, top, axis=1)
+        """Count each query's chosen experts `top` (nq, t) with their probabilities from `probs` (nq, E); -1 = none."""
+        chosen = np.take_along_axis(probs, np.maximum(top, 0), axis=1)
+        real = top >= 0  # top-p rows are padded with -1
         with self._lock:
-            np.add.at(self.counts, top.ravel(), 1)
-            np.add.at(self.confidence_sums, top.ravel(), chosen.ravel())
+            np.add.at(self.counts, top[real], 1)
+            np.add.at(self.confidence_sums, top[real], chosen[real])
 
     def copy(self) -> "RoutingStats":
         with self._lock:

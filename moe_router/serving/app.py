@@ -208,7 +208,7 @@ def create_app(
 
     def to_query(op: str, body: Any) -> Query:
         q = Query(op, k=getattr(body, "k", 1), top_experts=body.top_experts, with_text=getattr(body, "with_text", False),
-                  per_expert=getattr(body, "per_expert", False))
+                  per_expert=getattr(body, "per_expert", False), top_p=body.top_p, max_experts=body.max_experts)
         if body.text is not None or body.texts is not None:
             q.texts = [body.text] if body.text is not None else list(body.texts)
         else:
@@ -239,14 +239,14 @@ def create_app(
     @app.post("/route", response_model=RouteResponse, dependencies=read_deps, openapi_extra=route_schema,
               responses=_responses(400, *auth_codes, 413, 422, 503))
     async def route(body: Any = route_body) -> dict:
-        """The top_experts experts for each query, with the gate's probabilities."""
+        """The top_experts experts for each query (or, with top_p, the fewest reaching that mass), with the gate's probabilities."""
         generation, rows = await execute(to_query("route", body))
         return {"generation": generation, "results": [{"experts": [_score(s) for s in row]} for row in rows]}
 
     @app.post("/search", response_model=SearchResponse, dependencies=read_deps, openapi_extra=search_schema,
               responses=_responses(400, *auth_codes, 413, 422, 503))
     async def search(body: Any = search_body) -> dict:
-        """Route each query, search only its top_experts experts, return its k best hits."""
+        """Route each query, search only its top_experts experts (or, with top_p, the fewest reaching that mass); its k best hits."""
         generation, rows = await execute(to_query("search", body))
         return {"generation": generation, "results": [{"hits": [_hit(h) for h in hits]} for hits in rows]}
 

@@ -36,6 +36,8 @@ class Query:
     xq: np.ndarray | None = None  # (n, d) float32, already checked and normalised
     k: int = 10  # hits per query (search only)
     top_experts: int = 2  # experts routed to / searched per query
+    top_p: float | None = None  # set: the smallest set of experts whose probability reaches top_p instead
+    max_experts: int = 4  # with top_p: the most experts per query (capped at the number of experts)
     with_text: bool = True  # search only: fetch each hit's text and metadata from the store
     per_expert: bool = False  # search only: k hits from each searched expert instead of k in all
     submitted: float = field(default_factory=time.monotonic)
@@ -46,7 +48,12 @@ class Query:
 
 
 def _check(router: Router, q: Query) -> None:
-    if not 1 <= q.top_experts <= router.num_experts:
+    if q.top_p is not None:
+        if not 0.0 < q.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {q.top_p}")
+        if q.max_experts < 1:
+            raise ValueError(f"max_experts must be >= 1, got {q.max_experts}")
+    elif not 1 <= q.top_experts <= router.num_experts:
         raise ValueError(
             f"top_experts must be between 1 and {router.num_experts} (the number of experts), got {q.top_experts}"
         )
@@ -58,7 +65,7 @@ def run_queries(router: Router, queries: list[Query]) -> list[list[Any] | Except
     """Answer every query against one router: per request, a list (one entry per query) or its error.
 
     A bad request fails alone; the rest of the pass goes on. Requests are grouped by
-    (op, top_experts, with_text, per_expert) - one group in the common case - and each group is
+    (op, top_experts, top_p, max_experts, with_text, per_expert) - one group in the common case - and each group is
     one Router.route or Router.search call over the stacked queries, searched with the group's
     largest k and cut back to each request's k (exact search: the top k of the top K). Per-expert
     searches are grouped by their k too, so nothing needs cutting.
@@ -86,15 +93,18 @@ def run_queries(router: Router, queries: list[Query]) -> list[list[Any] | Except
     for i in xqs:
         if out[i] is None:
             q = queries[i]
-            groups[(q.op, q.top_experts, q.with_text, q.per_expert, q.k if q.per_expert else None)].append(i)
-    for (op, top_experts, with_text, per_expert, _), idx in groups.items():
+            adaptive = (q.top_p, q.max_experts) if q.top_p is not None else (None, None)
+            groups[(q.op, q.top_experts, *adaptive, q.with_text, q.per_expert, q.k if q.per_expert else None)].append(i)
+    for (op, top_experts, top_p, max_experts, with_text, per_expert, _), idx in groups.items():
+        adaptive = {"top_p": top_p, "max_experts": max_experts} if top_p is not None else {}
         xq = np.concatenate([xqs[i] for i in idx])  # (N, d)
         try:
             if op == "route":
-                rows = router.route(xq, top_k=top_experts)
+                rows = router.route(xq, top_k=top_experts, **adaptive)
             else:
                 k = max(queries[i].k for i in idx)
-                rows = router.search(xq, k=k, top_experts=top_experts, with_text=with_text, per_expert=per_expert)
+                rows = router.search(xq, k=k, top_experts=top_experts, with_text=with_text, per_expert=per_expert,
+                                     **adaptive)
         except ValueError as exc:
             for i in idx:
                 out[i] = exc

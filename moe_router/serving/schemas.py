@@ -159,6 +159,9 @@ def build_models(dim: int, limits: Limits, nonzero: bool = True) -> SimpleNamesp
     Texts = Annotated[list[Text], Field(min_length=1, max_length=limits.max_queries)]
     Vectors = Annotated[list[Vector], Field(min_length=1, max_length=limits.max_queries)]
     TopExperts = Annotated[Int, Field(ge=1, le=1024, description="experts per query; at most the number of experts")]
+    TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False,
+                                  description="adaptive expert count: the smallest set of experts whose probability reaches top_p")]
+    MaxExperts = Annotated[Int, Field(ge=1, le=1024, description="with top_p: the most experts per query (capped at the number of experts)")]
 
     class Queries(BaseModel):
         model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra=_schema("oneOf", QUERY_FIELDS))
@@ -175,10 +178,14 @@ def build_models(dim: int, limits: Limits, nonzero: bool = True) -> SimpleNamesp
 
     class RouteRequest(Queries):
         top_experts: TopExperts = 2
+        top_p: TopP = None  # set: adaptive expert count instead of top_experts
+        max_experts: MaxExperts = 4  # with top_p only
 
     class SearchRequest(Queries):
         k: Annotated[Int, Field(ge=1, le=limits.max_k, description="hits per query; at most the stored vectors")] = 10
         top_experts: TopExperts = 2
+        top_p: TopP = None  # set: adaptive expert count instead of top_experts
+        max_experts: MaxExperts = 4  # with top_p only
         with_text: bool = True  # fetch each hit's text and metadata
         per_expert: bool = False  # k hits from each searched expert (grouped, most probable first), not k in all
 
