@@ -132,6 +132,18 @@ def test_evaluate_script_form__writes_the_checked_keys(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "frontier.png").stat().st_size > 0
     assert "oracle source" in (tmp_path / "out" / "table.md").read_text()
 
+    # Router.search with top_p on the loaded checkpoint: hits name their documents, and scored against the
+    # judgments they give the report's adaptive row (same selection, same merge)
+    router = Router.load(tmp_path / "ckpt", cache_dir=tmp_path / "cache")
+    data = load_beir(root)
+    hits = router.search(data.queries("test"), k=10, top_p=0.9)
+    docs = {i: s for s in data.sources for i in data.docs[s].ids}
+    assert all(docs[h.metadata["_id"]] == h.expert for row in hits for h in row)
+    run = {q: [h.metadata["_id"] for h in row] for q, row in zip(data.query_ids("test"), hits)}
+    ours = ir_metrics(run, data.qrels("test"))
+    for m in ("ndcg@10", "recall@10", "mrr@10"):
+        assert report[f"{m}@adaptive"] == pytest.approx(ours[m]), m
+
 
 # ---------------------------------------------------------------- adaptive selection and the intent report
 

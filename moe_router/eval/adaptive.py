@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from moe_router.gate.calibrate import fit_temperature, softmax
-from moe_router.metrics import top_experts
+from moe_router.metrics import top_experts, top_p_experts
 from moe_router.routing.router import Router
 
 TOP_K = (1, 2, 3, 4)  # fixed expert counts on the frontier
@@ -46,10 +46,8 @@ def top_k_selection(probs: np.ndarray, t: int) -> Selection:
 
 def top_p_selection(probs: np.ndarray, p: float, max_experts: int) -> Selection:
     """The smallest best-first set whose probability mass reaches p (at least 1, at most max_experts)."""
-    order = top_experts(probs, probs.shape[1])  # (n, E)
-    mass = np.cumsum(np.take_along_axis(probs, order, axis=1), axis=1)  # (n, E) mass of the best 1..E
-    count = (mass < p - 1e-9).sum(axis=1) + 1  # TEMPORARY until beir-train's top_p_experts lands
-    return Selection(order, np.clip(count, 1, max_experts).astype(np.int64))
+    _, count = top_p_experts(probs, p, max_experts)  # the router's own selection (metrics.top_p_experts)
+    return Selection(top_experts(probs, probs.shape[1]), count)
 
 
 def fixed_selection(experts: np.ndarray) -> Selection:
