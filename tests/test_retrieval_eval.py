@@ -110,7 +110,7 @@ def test_retrieval_report__baseline_rows_and_frontier(beir: tuple[Router, BeirDa
 
 def test_retrieval_bad_arguments__are_named(beir: tuple[Router, BeirDataset]) -> None:
     router, data = beir
-    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"top_p must be a probability mass in \(0, 1\], got 1.5"):
         evaluate_retrieval(router, data, "test", top_p=1.5)
     with pytest.raises(ValueError, match="no judged 'train' queries"):
         evaluate_retrieval(router, load_beir(write_beir(data.root.parent / "b2", queries={"dev": 2})), "train")

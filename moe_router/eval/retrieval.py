@@ -19,7 +19,7 @@ from moe_router.data.beir import BeirDataset
 from moe_router.eval.adaptive import (P_GRID, TOP_K, FrontierPoint, Selection, baseline_probs, fixed_selection,
                                       frontier, prefix_search, top_k_selection, top_p_selection)
 from moe_router.eval.baselines import RagRouteStyle
-from moe_router.eval.evaluate import BASELINES, GATE, calibration_report
+from moe_router.eval.evaluate import BASELINES, GATE, calibration_report, check_top_p
 from moe_router.eval.ir import ir_metrics
 from moe_router.index.exact import exhaustive_index, stacked
 from moe_router.metrics import accuracy_at_k
@@ -100,10 +100,7 @@ def evaluate_retrieval(
     the references' (source_acc@1, ndcg@10@1, ndcg@10@2, ndcg@10@adaptive, sources@adaptive,
     ndcg@10@exhaustive, ndcg@10@oracle, ...); `routers` holds every router's rows, `frontier` its curve.
     """
-    if not 0.0 < float(top_p) <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if any(not 0.0 < float(p) <= 1.0 for p in p_grid):
-        raise ValueError(f"p_grid values must be in (0, 1], got {list(p_grid)}")
+    check_top_p(top_p, p_grid)
     max_experts = router.check_top(min(int(max_experts), router.num_experts), "max_experts")  # 4 of 3 sources = all 3
     qids, qrels = dataset.query_ids(split), dataset.qrels(split)
     if not qids:
@@ -128,29 +125,33 @@ def evaluate_retrieval(
     oracle = measure(fixed_selection(gold[:, None]))
 
     calib = labelled_queries(router, dataset, "val")  # the judgments the gate's own temperature is fitted on
-    scorers: dict[str, tuple[Callable[[np.ndarray], np.ndarray], bool]] = {GATE: (router.gate_probs, False)}
+    # name -> (scores, the row's fixed facts: whether routing scans everything, vectors it compares to route)
+    scorers: dict[str, tuple[Callable[[np.ndarray], np.ndarray], dict[str, Any]]] = {
+        GATE: (router.gate_probs, {"scans_everything": False})}
     quiet = len(xq) * router.ntotal < 10**8
     for b in tqdm(build_baselines(router, dataset, baselines, seed), desc="building baselines", disable=quiet):
-        scorers[b.name] = (b.scores, b.scans_everything)
+        facts = {"scans_everything": b.scans_everything}
+        if hasattr(b, "scanned"):  # ReDDE style searches its sample to route: part of its cost
+            facts["routing_scanned"] = b.scanned / router.ntotal
+        scorers[b.name] = (b.scores, facts)
+
+    def quality(sel: Selection) -> tuple[float, float]:
+        m = measure(sel)
+        return m["ndcg@10"], m["scanned"]
 
     routers: dict[str, dict[str, Any]] = {}
     curves: dict[str, list[FrontierPoint]] = {}
     scores: dict[str, np.ndarray] = {}
-    for name, (fn, scans_everything) in tqdm(scorers.items(), desc="routing and searching", disable=quiet):
+    for name, (fn, facts) in tqdm(scorers.items(), desc="routing and searching", disable=quiet):
         scores[name] = fn(xq)
         if name == GATE:
             probs, temperature = scores[name], float(router.gate.temperature)
         else:
             probs, temperature = baseline_probs(scores[name], fn(calib[0]) if calib else None, calib[1] if calib else None)
-
-        def quality(sel: Selection) -> tuple[float, float]:
-            m = measure(sel)
-            return m["ndcg@10"], m["scanned"]
-
         settings = {"1": top_k_selection(probs, 1), "adaptive": top_p_selection(probs, top_p, max_experts)}
         if E >= 2:
             settings["2"] = top_k_selection(probs, 2)
-        row: dict[str, Any] = {"scans_everything": scans_everything, "temperature": temperature,
+        row: dict[str, Any] = {**facts, "temperature": temperature,
                                "source_acc@1": accuracy_at_k(probs, gold, 1)}
         for setting, sel in settings.items():
             row.update({f"{key}@{setting}": v for key, v in measure(sel).items()})
