@@ -219,7 +219,7 @@ def test_ragroute__learns_the_sources_of_labelled_queries(router_ip: Router) -> 
     train_x = np.concatenate([x[80:110] for x in xs])  # rows no expert stores
     test_x = np.concatenate([x[110:] for x in xs])
     gold = np.repeat(np.arange(4), 30)
-    rag = RagRouteStyle(router_ip, train_x, gold, epochs=40, seed=0)
+    rag = RagRouteStyle(router_ip, train_x, gold, steps=300, seed=0)
     acc = float((rag.scores(test_x).argmax(1) == np.repeat(np.arange(4), 10)).mean())
     assert acc >= 0.9
     with pytest.raises(ValueError, match="needs labelled queries: got 120 vectors and 3 labels"):

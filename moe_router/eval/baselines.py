@@ -125,14 +125,15 @@ def stored_labels(router: Router, per_expert: int = 1000, seed: int = 0) -> tupl
 class RagRouteStyle:
     """A per-source relevance classifier on [query embedding; source centroid] (as RAGRoute routes, Guerraoui et al.).
 
-    A small MLP scores every (query, source) pair; it is trained with binary cross-entropy on
-    labelled queries (x (m, d), gold (m,) expert index): the gold source is relevant, the others not.
+    A small MLP scores every (query, source) pair; it is trained with binary cross-entropy for
+    `steps` Adam steps on labelled queries (x (m, d), gold (m,) expert index; default: the stored
+    vectors as pseudo-queries of their expert): the gold source is relevant, the others not.
     """
 
     scans_everything = False
 
     def __init__(self, router: Router, xq: np.ndarray | None = None, gold: np.ndarray | None = None, hidden: int = 128,
-                 epochs: int = 30, batch_size: int = 256, lr: float = 1e-3, per_expert: int = 1000, seed: int = 0) -> None:
+                 steps: int = 500, batch_size: int = 256, lr: float = 1e-3, per_expert: int = 1000, seed: int = 0) -> None:
         if xq is None or gold is None:  # no labelled queries: the stored vectors as pseudo-queries of their expert
             xq, gold = stored_labels(router, per_expert, seed)
         if len(xq) != len(gold) or not len(xq):
@@ -153,12 +154,16 @@ class RagRouteStyle:
         # relevant pairs are 1 in E: weight them up so the classifier does not learn "never relevant"
         loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(float(self.num_experts - 1)))
         self.net.train()
-        for _ in range(epochs):
+        done = 0
+        while done < steps:  # a fixed number of optimiser steps: a small query log still gets trained
             for idx in torch.randperm(len(x), generator=g).split(batch_size):
                 loss = loss_fn(self._logits(x[idx]), y[idx])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                done += 1
+                if done == steps:
+                    break
         self.net.eval()
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
