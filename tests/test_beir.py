@@ -8,14 +8,20 @@ import json
 import re
 from pathlib import Path
 
+import lightning as L
+import numpy as np
 import pytest
+import torch
 
-from moe_router import Router
+from moe_router import Gate, Router
 from moe_router.apps.train import train
 from moe_router.data.beir import doc_text, load_beir
 from moe_router.data.build import router_from_dataset
+from moe_router.data.targets import Pairs, query_targets, weighted_pairs
 from moe_router.embed.hashing import HashingEmbedder
-from tests.helpers import VOCAB, write_beir
+from moe_router.metrics import accuracy_at_k
+from moe_router.train.fit import fit_router
+from tests.helpers import VOCAB, brute_force, write_beir
 from tests.test_training import _train_overrides, compose_config
 
 SOURCES = sorted(VOCAB)
@@ -172,7 +178,7 @@ def test_train_through_data_beir__never_opens_test_judgments(beir_root: Path, tm
     summary = train(cfg)
     assert summary.experts == 3 and summary.vectors == 36
     read = [p for p in opened if str(beir_root) in p]
-    assert any(p.endswith("dev.tsv") for p in read)
+    assert any(p.endswith("train.tsv") for p in read) and any(p.endswith("dev.tsv") for p in read)
     assert not [p for p in read if p.endswith("test.tsv")]
     router = Router.load(tmp_path / "ckpt")
     hit = router.search("a question about oven and garlic", k=1, top_experts=1)[0]
@@ -180,3 +186,71 @@ def test_train_through_data_beir__never_opens_test_judgments(beir_root: Path, tm
     assert router.manifest["config"]["data"]["root"] == str(beir_root)
     with pytest.raises(ValueError, match="test.tsv:2: not valid UTF-8"):
         load_beir(beir_root).queries("test")  # the evaluation path reads them, and would see the damage
+
+
+# ---------------------------------------------------------------- learning from queries
+
+
+def test_query_targets__gold_one_hot_mixed_with_the_sources_of_the_exhaustive_top_k(router_ip, queries) -> None:
+    xq = router_ip.prepare_queries(queries)[0]
+    gold = np.arange(len(xq)) % router_ip.num_experts
+    one_hot = query_targets(router_ip, xq, gold)
+    np.testing.assert_array_equal(one_hot, np.eye(router_ip.num_experts)[gold])
+    xb = np.concatenate([e.vectors() for e in router_ip.experts])
+    owner = np.concatenate([np.full(e.ntotal, i) for i, e in enumerate(router_ip.experts)])
+    _, rows = brute_force(xq, xb, np.arange(len(xb)), 10, "ip")
+    shares = np.stack([np.bincount(owner[r], minlength=router_ip.num_experts) / 10 for r in rows])
+    np.testing.assert_allclose(query_targets(router_ip, xq, gold, exhaustive_weight=1.0), shares, atol=1e-6)
+    np.testing.assert_allclose(query_targets(router_ip, xq, gold, exhaustive_weight=0.3), 0.7 * one_hot + 0.3 * shares,
+                               atol=1e-6)
+    counts = np.zeros((len(xq), router_ip.num_experts))
+    counts[:, 1], counts[:, 2] = 3, 1  # relevant documents in two sources: shares 3/4 and 1/4
+    np.testing.assert_allclose(query_targets(router_ip, xq, counts)[0], [0, 0.75, 0.25, 0])
+    with pytest.raises(ValueError, match="exhaustive_weight must be in"):
+        query_targets(router_ip, xq, gold, exhaustive_weight=1.5)
+    with pytest.raises(ValueError, match="gold must hold"):
+        query_targets(router_ip, xq, gold + router_ip.num_experts)
+
+
+def test_weighted_pairs__loss_is_the_weighted_mean_of_each_groups_loss() -> None:
+    rng = np.random.default_rng(0)
+    a = Pairs(rng.normal(size=(30, 8)).astype(np.float32), rng.dirichlet(np.ones(4), 30).astype(np.float32), 0.2)
+    b = Pairs(rng.normal(size=(5, 8)).astype(np.float32), np.eye(4, dtype=np.float32)[rng.integers(0, 4, 5)], 0.8)
+    x, target = weighted_pairs([a, b])
+    logp = torch.log_softmax(torch.from_numpy(rng.normal(size=(35, 4)).astype(np.float32)), -1)
+    loss = -(torch.from_numpy(target) * logp).sum(-1).mean()  # what GateModule.training_step computes
+    per_a = -(torch.from_numpy(a.target) * logp[:30]).sum(-1).mean()
+    per_b = -(torch.from_numpy(b.target) * logp[30:]).sum(-1).mean()
+    assert torch.allclose(loss, 0.2 * per_a + 0.8 * per_b, atol=1e-6)
+    np.testing.assert_array_equal(x, np.concatenate([a.x, b.x]))
+    assert weighted_pairs([a, Pairs(b.x, b.target, 0.0)])[0].shape == (30, 8)  # weight 0: left out
+    with pytest.raises(ValueError, match="no training pairs"):
+        weighted_pairs([Pairs(a.x, a.target, 0.0)])
+
+
+def test_fit_router_with_query_pairs_only__learns_where_the_queries_go_not_where_the_vectors_are() -> None:
+    # Two experts whose stored vectors sit around c0 and c1, but whose real queries come from the
+    # opposite side: stored vectors alone route the queries wrongly; the query pairs must correct it.
+    rng = np.random.default_rng(0)
+    c = np.eye(8, dtype=np.float32)
+    router = Router(8, "ip")
+    router.add_expert("a", c[0] + 0.1 * rng.normal(size=(40, 8)).astype(np.float32))
+    router.add_expert("b", c[1] + 0.1 * rng.normal(size=(40, 8)).astype(np.float32))
+    qa = c[2] + 0.1 * rng.normal(size=(60, 8)).astype(np.float32)  # questions for 'a'
+    qb = c[3] + 0.1 * rng.normal(size=(60, 8)).astype(np.float32)
+    xq = router.prepare_queries(np.concatenate([qa, qb]))[0]
+    gold = np.repeat([0, 1], 60)
+    pairs = Pairs(xq[::2], query_targets(router, xq[::2], gold[::2]), 1.0)
+    val = [router.expert_names[g] for g in gold[1::2]]
+    router.install_gate(Gate(8, 2, hidden_dims=[16], dropout=0.0), seed=0)
+    fit_router(router, xq[1::2], val, extra=[pairs], stored_weight=0.0, trainer=L.Trainer(
+        max_epochs=60, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False))
+    assert accuracy_at_k(router.gate_probs(xq[1::2]), gold[1::2], 1) == 1.0
+
+
+def test_empty_document__is_embedded_as_its_id(tmp_path: Path) -> None:
+    root = write_beir(tmp_path / "b")
+    with open(root / "cooking" / "corpus.jsonl", "a") as f:
+        f.write(json.dumps({"_id": "cooking-empty", "title": "", "text": ""}) + "\n")
+    assert load_beir(root).documents("cooking")[-1] == "cooking-empty"

@@ -8,13 +8,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
+from moe_router.data.beir import BeirDataset
 from moe_router.data.build import router_from_dataset
 from moe_router.data.datasets import TextDataset, VectorDataset
+from moe_router.data.targets import Pairs, query_targets
 from moe_router.embed.cache import CachedEmbedder, default_cache_dir
 from moe_router.gate.model import Gate
 from moe_router.index.clustering import nearest_centroid
@@ -46,12 +49,19 @@ def train(cfg: DictConfig) -> TrainSummary:
         val_queries = dataset.queries("val")
         gold = nearest_centroid(router.prepare_queries(val_queries)[0], centroids(router.experts), router.metric) if len(val_queries) else []
         val_experts = [router.expert_names[g] for g in gold]
+    elif isinstance(dataset, BeirDataset) and not dataset.queries("val"):
+        # No validation judgments: validate on a seeded 10% of the documents (their source is their gold).
+        rows = dataset.split("train")
+        pick = np.sort(np.random.default_rng(cfg.seed).choice(len(rows), size=max(1, len(rows) // 10), replace=False))
+        val_queries, val_experts = [rows[i].text for i in pick], [rows[i].domain for i in pick]
     else:
         rows = [r for r in dataset.split("val") if getattr(r, dataset.expert_key) in set(dataset.experts)]
         val_queries, val_experts = [r.text for r in rows], [getattr(r, dataset.expert_key) for r in rows]
     if not len(val_queries):
         raise ValueError(f"dataset {dataset.name!r} has no validation rows for its experts; add split 'val' rows "
                          "or set data.val_fraction > 0 to carve them from train")
+    extra = training_queries(router, dataset, cfg.targets)
+    stored_weight = 1.0 - float(cfg.targets.query_weight) if extra else 1.0
     log_dir = Path(cfg.log_dir) if cfg.log_dir else run_dir()
     members = int(cfg.model.get("members", 1))
     fits, gates = [], []
@@ -69,7 +79,7 @@ def train(cfg: DictConfig) -> TrainSummary:
             router, val_queries=val_queries, val_experts=val_experts,
             targets=cfg.targets.kind, label_weight=cfg.targets.label_weight, neighbours=cfg.targets.neighbours,
             max_queries=cfg.targets.max_queries, module=instantiate(cfg.module)(gate=gate), trainer=trainer,
-            batch_size=cfg.batch_size, monitor=cfg.monitor, seed=cfg.seed + i,
+            batch_size=cfg.batch_size, monitor=cfg.monitor, seed=cfg.seed + i, extra=extra, stored_weight=stored_weight,
         ))
         gates.append(router.gate)
     fit = fits[0]
@@ -85,6 +95,23 @@ def train(cfg: DictConfig) -> TrainSummary:
     return TrainSummary(Path(cfg.out), router.num_experts, router.ntotal,
                         {k: v for k, v in metrics.items() if k.startswith("val/")}, metrics["fit_seconds"],
                         time.perf_counter() - start, fit.epochs)
+
+
+def training_queries(router, dataset, targets: DictConfig) -> list[Pairs]:
+    """Real queries as training pairs: the judged queries of a BEIR dataset's train split, target = their sources.
+
+    Only the dataset's train split is read (never test). Empty when there are none (cold start) or
+    targets.query_weight is 0.
+    """
+    if not isinstance(dataset, BeirDataset) or not float(targets.query_weight):
+        return []
+    texts = dataset.queries(dataset.train_split)
+    if not texts:
+        return []
+    xq, _ = router.prepare_queries(texts)
+    gold = np.array([router.expert_index(s) for s in dataset.gold_sources(dataset.train_split)])
+    target = query_targets(router, xq, gold, float(targets.query_exhaustive), int(targets.neighbours))
+    return [Pairs(xq, target, float(targets.query_weight))]
 
 
 def run_dir() -> Path:

@@ -172,9 +172,9 @@ class BeirDataset:
         return doc_text(title, text)
 
     def documents(self, source: str) -> list[str]:
-        """The embedded texts of one source's documents."""
+        """The embedded texts of one source's documents (an empty document is embedded as its _id)."""
         d = self.docs[source]
-        return [doc_text(t, x) for t, x in zip(d.titles, d.texts)]
+        return [doc_text(t, x) or i for i, t, x in zip(d.ids, d.titles, d.texts)]
 
     def split(self, name: str) -> list[Record]:
         """'train': the documents as rows of their source; a query split: its queries with their gold source."""

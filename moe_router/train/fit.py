@@ -6,13 +6,13 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 import lightning as L
 
-from moe_router.data.targets import make_targets, routing_pairs
+from moe_router.data.targets import Pairs, make_targets, routing_pairs, weighted_pairs
 from moe_router.index.exact import exact_counts
 from moe_router.gate.model import Gate
 from moe_router.routing.router import Router
@@ -42,13 +42,17 @@ def fit_router(
     batch_size: int = 256,
     monitor: str = "val/recall@10",
     seed: int = 0,
+    extra: Sequence[Pairs] = (),
+    stored_weight: float = 1.0,
 ) -> FitResult:
-    """Train the router's gate on its own stored vectors and install the best one (by `monitor`).
+    """Train the router's gate on its own stored vectors (and `extra` pairs) and install the best one (by `monitor`).
 
     `module` wraps the gate to train (default: a fresh prototype Gate, 64 per expert, AdamW lr 1e-3).
     Each stored vector is a pseudo-query whose target is its expert ('label'), the share of
-    its exact neighbours in each expert ('neighbours'), or a mix. Validation uses
-    `val_queries` with their gold `val_experts`, or else a seeded 10% of the stored vectors.
+    its exact neighbours in each expert ('neighbours'), or a mix. `extra` adds groups of
+    (query, target) pairs, e.g. real queries with their judged sources (data.targets.query_targets);
+    each group carries its weight, the stored vectors `stored_weight` (0 = train on `extra` only).
+    Validation uses `val_queries` with their gold `val_experts`, or else a seeded 10% of the stored vectors.
     """
     L.seed_everything(seed, workers=True, verbose=False)
     if router.num_experts < 2:
@@ -64,6 +68,11 @@ def fit_router(
         val_gold = np.array([router.expert_index(e) for e in val_experts], dtype=np.int64)
         val_counts = exact_counts(router.experts, val_x, neighbours)
     target = make_targets(targets, train_gold, train_counts, router.num_experts, label_weight)
+    for group in extra:
+        if group.x.shape != (len(group.target), router.dim) or group.target.shape[1:] != (router.num_experts,):
+            raise ValueError(f"extra pairs must be x (n, {router.dim}) with targets (n, {router.num_experts}); "
+                             f"got {group.x.shape} and {group.target.shape}")
+    train_x, target = weighted_pairs([Pairs(train_x, target, stored_weight), *extra])
     if module is None:  # the default gate of configs/model/hybrid.yaml, prototypes from k-means
         gate = router.install_gate(Gate(router.dim, router.num_experts, prototypes_per_expert=64), seed)
         module = GateModule(gate, optimizer=default_optimizer)
