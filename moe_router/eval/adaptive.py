@@ -93,13 +93,12 @@ def frontier(probs: np.ndarray, quality: Callable[[Selection], tuple[float, floa
              top_k: Sequence[int] = TOP_K, p_grid: Sequence[float] = P_GRID) -> list[FrontierPoint]:
     """Quality and cost of top-k for each k and of top-p for each p; `quality(sel)` -> (quality, scanned share)."""
     E = probs.shape[1]
+    settings = [(f"top-{t}", top_k_selection(probs, t)) for t in top_k if t <= E]
+    settings += [(f"p={p:g}", top_p_selection(probs, p, min(max_experts, E))) for p in p_grid]
     points = []
-    for t in (t for t in top_k if t <= E):
-        sel = top_k_selection(probs, t)
-        points.append(FrontierPoint(f"top-{t}", sel.mean_experts, *reversed(quality(sel))))
-    for p in p_grid:
-        sel = top_p_selection(probs, p, min(max_experts, E))
-        points.append(FrontierPoint(f"p={p:g}", sel.mean_experts, *reversed(quality(sel))))
+    for name, sel in settings:
+        value, scanned = quality(sel)
+        points.append(FrontierPoint(name, sel.mean_experts, scanned, value))
     return points
 
 
