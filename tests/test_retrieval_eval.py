@@ -18,7 +18,7 @@ from moe_router.data.beir import BeirDataset, load_beir
 from moe_router.data.build import router_from_dataset
 from moe_router.data.datasets import load_dataset
 from moe_router.embed.hashing import HashingEmbedder
-from moe_router.eval.adaptive import Selection, fixed_selection, prefix_search, top_k_selection, top_p_selection
+from moe_router.eval.adaptive import Selection, fixed_selection, p_at_cost, prefix_search, top_k_selection, top_p_selection
 from moe_router.eval.baselines import KnnVoteRouter, RagRouteStyle, ReddeStyle
 from moe_router.eval.evaluate import GATE, evaluate
 from moe_router.eval.ir import ir_metrics
@@ -160,6 +160,20 @@ def test_top_p_selection__minimal_prefix_reaching_the_mass() -> None:
         assert (shorter < p).all()  # one expert fewer would not reach p: the set is minimal
         assert (sel.order[:, 0] == probs.argmax(1)).all()
         assert (sel.mask(6).sum(1) == sel.count).all()
+
+
+def test_p_at_cost__largest_mass_within_the_budget() -> None:
+    probs = np.random.default_rng(1).dirichlet(np.full(8, 0.3), size=500)  # (n, E)
+    sizes = np.arange(1, 9, dtype=np.float64) * 10
+    for target, by in ((1.5, None), (2.5, None), (0.3, sizes)):
+        p = p_at_cost(probs, target, 4, by)
+
+        def cost(q: float) -> float:
+            sel = top_p_selection(probs, q, 4)
+            return sel.mean_experts if by is None else float((sel.mask(8) * by).sum(1).mean() / by.sum())
+
+        assert cost(p) <= target + 1e-12 and cost(min(1.0, p + 1e-4)) > target, (target, p)
+    assert p_at_cost(probs, 4.0, 4) == 1.0  # even p = 1 stays within 4 experts
 
 
 def test_prefix_search__equals_search_experts_per_count(router_ip: Router, queries: np.ndarray) -> None:

@@ -102,10 +102,25 @@ def frontier(probs: np.ndarray, quality: Callable[[Selection], tuple[float, floa
     return points
 
 
-def interpolate(points: Sequence[FrontierPoint], x: float, along: str = "experts") -> float | None:
-    """Quality of the top-p curve at cost x (mean experts or scanned share), linear between its points; None outside."""
-    curve = sorted((getattr(p, along), p.quality) for p in points if p.setting.startswith("p="))
-    xs, ys = [c[0] for c in curve], [c[1] for c in curve]
-    if not xs or x < xs[0] - 1e-12 or x > xs[-1] + 1e-12:
-        return None
-    return float(np.interp(x, xs, ys))
+def p_at_cost(probs: np.ndarray, target: float, max_experts: int, sizes: np.ndarray | None = None,
+              steps: int = 40) -> float:
+    """The largest top-p mass whose mean cost stays within `target` (bisection; cost grows with p).
+
+    Cost is the mean experts searched, or with `sizes` (E,) the mean share of stored vectors scanned.
+    When even p = 1 stays within the target, returns 1.
+    """
+    max_experts = min(max_experts, probs.shape[1])
+
+    def cost(p: float) -> float:
+        sel = top_p_selection(probs, p, max_experts)
+        if sizes is None:
+            return sel.mean_experts
+        return float((sel.mask(probs.shape[1]) * sizes[None, :]).sum(axis=1).mean() / sizes.sum())
+
+    if cost(1.0) <= target:
+        return 1.0
+    low, high = 0.0, 1.0  # cost(low) <= target < cost(high); p -> 0 searches one expert each
+    for _ in range(steps):
+        mid = (low + high) / 2
+        low, high = (mid, high) if mid > 0 and cost(mid) <= target else (low, mid)
+    return max(low, 1e-6)

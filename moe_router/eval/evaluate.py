@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from moe_router.data.datasets import TextDataset, VectorDataset
 from moe_router.eval.baselines import (CentroidRouter, KnnVoteRouter, MultiPrototypeRouter, RagRouteStyle, RandomRouter, ReddeStyle,
                                       SemanticRouterStyle, ivf_recall)
-from moe_router.eval.adaptive import P_GRID, Selection, baseline_probs, frontier, interpolate, prefix_search, top_p_selection
+from moe_router.eval.adaptive import P_GRID, Selection, baseline_probs, frontier, p_at_cost, prefix_search, top_p_selection
 from moe_router.gate.calibrate import reliability_bins, softmax
 from moe_router.index.clustering import nearest_centroid
 from moe_router.index.expert import centroids
@@ -216,6 +216,7 @@ def adaptive_report(router: Router, dataset: TextDataset | VectorDataset, xq: np
     if max_experts < 1:
         raise ValueError(f"max_experts must be at least 1, got {max_experts}")
     calib = calibration_labels(router, dataset)
+    sizes = np.array([e.ntotal for e in router.experts], dtype=np.float64)  # (E,)
 
     def quality(sel: Selection) -> tuple[float, float]:
         ids, _, scanned = prefix_search(router, xq, k, sel)
@@ -229,18 +230,22 @@ def adaptive_report(router: Router, dataset: TextDataset | VectorDataset, xq: np
             probs, temperature = baseline_probs(scores[name], fn(calib[0]) if calib else None, calib[1] if calib else None)
         sel = top_p_selection(probs, top_p, max_experts)
         rec, scanned = quality(sel)
-        routers[name].update({f"recall@{k}@adaptive": rec, "experts@adaptive": sel.mean_experts,
-                              "scanned@adaptive": scanned, "temperature": temperature})
-        points = frontier(probs, quality, max_experts, p_grid=p_grid)
-        curves[name] = [vars(p) for p in points]
-        if name == GATE:
-            top2 = next((p for p in points if p.setting == "top-2"), None)
-            gate_summary = {
-                f"recall@{k}@1.5_experts": interpolate(points, 1.5),  # top-p curve, linear between its p-grid points
-                f"recall@{k}@top2_scanned": None if top2 is None else interpolate(points, top2.scanned, "scanned"),
-            }
+        row = routers[name]
+        row.update({f"recall@{k}@adaptive": rec, "experts@adaptive": sel.mean_experts, "scanned@adaptive": scanned,
+                    "temperature": temperature})
+        # top-p at matched cost: 1.5 experts on average, and the share top-2 scans (p found by bisection)
+        for label, target, by_size in (("1.5_experts", 1.5, None), ("top2_scanned", row.get("scanned@2"), sizes)):
+            if target is None:
+                continue
+            p = p_at_cost(probs, target, max_experts, by_size)
+            sel = top_p_selection(probs, p, max_experts)
+            rec, scanned = quality(sel)
+            row.update({f"recall@{k}@{label}": rec, f"p@{label}": p, f"experts@{label}": sel.mean_experts,
+                        f"scanned@{label}": scanned})
+        curves[name] = [vars(point) for point in frontier(probs, quality, max_experts, p_grid=p_grid)]
+    matched = ("@adaptive", "@1.5_experts", "@top2_scanned")
     return {"top_p": float(top_p), "max_experts": max_experts, **{key: v for key, v in routers[GATE].items()
-            if key.endswith("@adaptive")}, **gate_summary, "frontier": curves,
+            if key.endswith(matched)}, "frontier": curves,
             "baseline_temperature_fit": ("softmax(score / T), T fitted by NLL on the 'val' split" if calib
                                          else "softmax(score), T = 1 (no labelled 'val' split)")}
 

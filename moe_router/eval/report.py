@@ -17,7 +17,8 @@ from moe_router.routing.router import Router
 def markdown_table(report: dict[str, Any], searched: list[int], k: int) -> str:
     """One row per router: acc@1, acc@2, recall@k at each experts-searched, scanned, load, OOS AUROC."""
     cols = ["acc@1", "acc@2", *(f"recall@{k}@{t}" for t in searched), f"scanned@{searched[min(1, len(searched) - 1)]}",
-            f"recall@{k}@adaptive", "experts@adaptive", "load max/mean", "dead", "OOS AUROC"]
+            f"recall@{k}@adaptive", "experts@adaptive", f"recall@{k}@1.5_experts", f"recall@{k}@top2_scanned",
+            "load max/mean", "dead", "OOS AUROC"]
     lines = ["| router | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, row in report["routers"].items():
         cells = []
@@ -57,7 +58,7 @@ def retrieval_table(report: dict[str, Any]) -> str:
             "relevant docs in searched sources", "mean sources", "scanned share"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     label = {"1": "1", "2": "2", "adaptive": f"top-p {report['top_p']:g} (≤ {report['max_experts']})",
-             "exhaustive": "all (one flat index)", "oracle": "1 (the gold source)"}
+             "1.5_sources": "top-p at 1.5 on average", "exhaustive": "all (one flat index)", "oracle": "1 (the gold source)"}
     for name, row in report["routers"].items():
         for setting, text in label.items():
             if f"ndcg@10@{setting}" not in row:
@@ -86,17 +87,19 @@ def write_retrieval_outputs(report: dict[str, Any], out_dir: Path) -> None:
 
 
 def _adaptive_summary(report: dict[str, Any], k: int) -> str:
-    """The gate's top-p operating point and its curve read at 1.5 experts and at top-2's scanned share."""
+    """The gate's top-p operating point and top-p at matched cost (1.5 experts; top-2's scanned share)."""
     gate = report["routers"][GATE]
-    at15, at_top2 = report.get(f"recall@{k}@1.5_experts"), report.get(f"recall@{k}@top2_scanned")
-    fmt = lambda v: "outside the p grid's range" if v is None else f"{v:.4f}"  # noqa: E731
     line = (f"Gate top-p {report['top_p']:g} (≤ {report['max_experts']} experts): recall@{k} "
             f"{gate[f'recall@{k}@adaptive']:.4f} at {gate['experts@adaptive']:.2f} experts on average "
-            f"(scanned {gate['scanned@adaptive']:.3f}). Top-p curve at 1.5 experts on average: {fmt(at15)}")
-    if f"recall@{k}@2" in gate:
-        line += (f"; at top-2's scanned share ({gate['scanned@2']:.3f}): {fmt(at_top2)} vs top-2's "
-                 f"{gate[f'recall@{k}@2']:.4f}")
-    return line + f" (linear between p-grid points). Baselines' probabilities: {report['baseline_temperature_fit']}."
+            f"(scanned {gate['scanned@adaptive']:.3f}).")
+    if f"recall@{k}@1.5_experts" in gate:
+        line += (f" Top-p at 1.5 experts on average (p = {gate['p@1.5_experts']:.4f}, {gate['experts@1.5_experts']:.3f} "
+                 f"experts): recall@{k} {gate[f'recall@{k}@1.5_experts']:.4f}.")
+    if f"recall@{k}@top2_scanned" in gate:
+        line += (f" Top-p at top-2's scanned share {gate['scanned@2']:.3f} (p = {gate['p@top2_scanned']:.4f}, scanned "
+                 f"{gate['scanned@top2_scanned']:.3f}): recall@{k} {gate[f'recall@{k}@top2_scanned']:.4f} vs top-2's "
+                 f"{gate[f'recall@{k}@2']:.4f}.")
+    return line + f" Baselines' probabilities: {report['baseline_temperature_fit']}."
 
 
 def write_outputs(report: dict[str, Any], out_dir: Path, searched: list[int], k: int, router: Router,

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from moe_router.data.beir import BeirDataset
 from moe_router.eval.adaptive import (P_GRID, TOP_K, FrontierPoint, Selection, baseline_probs, fixed_selection,
-                                      frontier, prefix_search, top_k_selection, top_p_selection)
+                                      frontier, p_at_cost, prefix_search, top_k_selection, top_p_selection)
 from moe_router.eval.baselines import RagRouteStyle
 from moe_router.eval.evaluate import BASELINES, GATE, calibration_report, check_top_p
 from moe_router.eval.ir import ir_metrics
@@ -148,10 +148,12 @@ def evaluate_retrieval(
             probs, temperature = scores[name], float(router.gate.temperature)
         else:
             probs, temperature = baseline_probs(scores[name], fn(calib[0]) if calib else None, calib[1] if calib else None)
-        settings = {"1": top_k_selection(probs, 1), "adaptive": top_p_selection(probs, top_p, max_experts)}
+        p15 = p_at_cost(probs, 1.5, max_experts)  # top-p at a matched cost: 1.5 sources on average
+        settings = {"1": top_k_selection(probs, 1), "adaptive": top_p_selection(probs, top_p, max_experts),
+                    "1.5_sources": top_p_selection(probs, p15, max_experts)}
         if E >= 2:
             settings["2"] = top_k_selection(probs, 2)
-        row: dict[str, Any] = {**facts, "temperature": temperature,
+        row: dict[str, Any] = {**facts, "temperature": temperature, "p@1.5_sources": p15,
                                "source_acc@1": accuracy_at_k(probs, gold, 1)}
         for setting, sel in settings.items():
             row.update({f"{key}@{setting}": v for key, v in measure(sel).items()})
