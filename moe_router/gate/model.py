@@ -389,6 +389,10 @@ class Gate(nn.Module):
         for p in self.body.parameters():
             p.requires_grad_(not frozen)
 
+    def nonfinite(self) -> list[str]:
+        """Names of the parameters and buffers holding NaN or inf (empty for a usable gate)."""
+        return [name for name, t in self.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
     @torch.no_grad()
     def add_prototypes(self, prototypes: Tensor, expert: int) -> None:
         """Append prototypes (m, d) owned by expert `expert` (a prototype gate only; e.g. when an expert is split)."""
@@ -409,5 +413,13 @@ def infer(gate: Gate, xq: np.ndarray, field: str = "probs", batch_size: int = 81
     out = []
     for start in range(0, xq.shape[0], batch_size):
         x = torch.from_numpy(np.ascontiguousarray(xq[start : start + batch_size])).to(device)
-        out.append(getattr(gate(x, top_k=1), field).float().cpu().numpy())
+        result = gate(x, top_k=1)
+        finite = torch.isfinite(result.logits).all(dim=1)  # (b,)
+        if not bool(finite.all()):  # routing on NaN would pick arbitrary experts with NaN confidence
+            row = start + int(torch.nonzero(~finite)[0, 0])
+            broken = gate.nonfinite()
+            why = f"its weights hold NaN or inf ({', '.join(broken[:3])})" if broken else \
+                "the query is too large for it (float32 overflow)"
+            raise ValueError(f"the gate gave non-finite logits for query {row}: {why}; nothing was routed")
+        out.append(getattr(result, field).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, gate.num_experts), np.float32)
