@@ -181,6 +181,8 @@ BAD = [
     ("add expert texts and vectors differ", "POST", "/experts", {"name": "m", "texts": ["x"], "vectors": [[1.0] * DIM] * 2},
      422),
     ("over-long body", "POST", "/search", {"text": "a" * 300_000}, 413),
+    ("lone surrogate text", "POST", "/search", '{"text": "a \\ud800 b"}', 400),
+    ("metadata NaN (stored, it would fail every answer)", "POST", "/experts", '{"name": "m", "texts": ["x y"], "metadata": [{"x": NaN}]}', 422),
     ("unknown path", "GET", "/nope", None, 404),
     ("wrong method", "GET", "/search", None, 405),
 ]
