@@ -87,3 +87,17 @@ def test_serve_and_experts_configs__instantiate_their_nodes() -> None:
     assert instantiate(experts.rules).low_success == experts.rules.low_success
     evaluate = compose_config("eval", [])
     assert evaluate.out_dir is None  # the published reports/ are written only by benchmarks/quality.sh
+
+
+def test_gate_config__is_its_constructor_signature_and_the_yaml_node() -> None:
+    """One parameter list: Gate.config() is read off __init__, and configs/model/mlp.yaml names exactly those."""
+    import inspect
+
+    from moe_router.gate.model import Gate
+
+    params = [p for p in inspect.signature(Gate.__init__).parameters if p != "self"]
+    gate = Gate(8, 3, hidden_dims=(16,), temperature=2.0, prototypes_per_expert=2)
+    assert list(gate.config()) == params
+    assert Gate(**gate.config()).config() == gate.config()
+    cfg = compose_config("train", ["model=mlp"])
+    assert sorted(k for k in cfg.model if k != "_target_") == sorted(params)
