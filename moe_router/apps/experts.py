@@ -9,6 +9,7 @@ from typing import Any
 from hydra.utils import instantiate
 
 
+from moe_router.logs import quiet_libraries
 from moe_router import lifecycle
 from moe_router.data.datasets import load_jsonl
 from moe_router.embed.cache import default_cache_dir
@@ -49,6 +50,7 @@ def run(cfg: Any) -> ExpertsRun:
     The router works on an in-memory copy of the checkpoint's store, so a failed operation
     leaves the checkpoint on disk exactly as it was. Feedback is appended to the store in place.
     """
+    quiet_libraries()
     op = str(cfg.op)
     router = Router.load(cfg.ckpt, cache_dir=cfg.cache_dir or default_cache_dir())
     tune_cfg: FineTuneConfig = instantiate(cfg.fine_tune)
