@@ -9,6 +9,7 @@ import uvicorn
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from moe_router.logs import quiet_libraries
 from moe_router.serving.app import create_app
 from moe_router.serving.config import check_exposure
 from moe_router.serving.state import RouterState
@@ -18,6 +19,7 @@ log = logging.getLogger(__name__)
 
 def serve(cfg: DictConfig) -> None:
     """Serve cfg.ckpt on cfg.host:cfg.port until SIGINT/SIGTERM (in-flight requests finish first)."""
+    quiet_libraries()
     auth = instantiate(cfg.auth)
     warning = check_exposure(str(cfg.host), auth)  # before loading anything: an open server is refused at once
     if warning:
