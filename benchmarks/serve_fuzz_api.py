@@ -43,12 +43,12 @@ ALLOWED_ORIGIN = "http://allowed.example:3000"  # given to the server in auth.al
 FOREIGN_ORIGIN = "http://evil.example"
 
 
-def synthetic_checkpoint(path: Path) -> Path:
+def synthetic_checkpoint(path: Path, metric: str = "ip") -> Path:
     import numpy as np
 
     from moe_router import HashingEmbedder, Router
 
-    router = Router(64, "ip", embedder=HashingEmbedder(64))
+    router = Router(64, metric, embedder=HashingEmbedder(64))
     rng = np.random.default_rng(0)
     for name, words in {"security": "password token auth login", "frontend": "css flexbox layout grid",
                         "databases": "sql index join table", "devops": "docker deploy build helm"}.items():
@@ -190,6 +190,8 @@ def browser_phase(url: str, ckpt: Path, cases: int, seed: int) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ckpt", type=Path, help="checkpoint to serve (a copy); default: a synthetic one")
+    p.add_argument("--metric", choices=("ip", "l2"), default="ip", help="the synthetic checkpoint's metric "
+                   "(l2: unnormalised vectors, where float32 overflow can reach the index and the gate)")
     p.add_argument("--max-examples", type=int, default=50, help="cases per operation and phase")
     p.add_argument("--phases", default="examples,coverage,fuzzing,stateful")
     p.add_argument("--seed", type=int, default=0)
@@ -203,7 +205,7 @@ def main() -> int:
         if args.ckpt:
             shutil.copytree(args.ckpt, ckpt)
         else:
-            synthetic_checkpoint(ckpt)
+            synthetic_checkpoint(ckpt, args.metric)
         server_log = tmp / "server.log"
         proc, url = start_server(ckpt, tmp / "run", server_log)
         try:

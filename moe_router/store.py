@@ -171,7 +171,7 @@ def payloads_or_none(payloads: Sequence[dict[str, Any]] | None, n: int) -> list[
     """One payload per vector, each checked: a dict with str keys whose values JSON can hold (no NaN/inf)."""
     if payloads is None:
         return [None] * n
-    if isinstance(payloads, (str, bytes, dict)) or not isinstance(payloads, Sequence):
+    if isinstance(payloads, (str, bytes, dict)) or not isinstance(payloads, (Sequence, np.ndarray)):
         raise ValueError(f"metadata must be a list of dicts (one per vector), got {type(payloads).__name__}")
     if len(payloads) != n:
         raise ValueError(f"got {len(payloads)} metadata entries for {n} vectors; expected one per vector")

@@ -49,6 +49,7 @@ MISUSE: list[tuple[str, Callable[[Router, Router, Path], Any], str]] = [
     ("texts is one str beside vectors", lambda r, l2, tmp: r.add_expert("new", np.ones((5, TEXT_DIM)), texts="hello"),
      r"texts must be a list of strings, got a single str"),
     ("texts is a number", lambda r, l2, tmp: r.add_expert("new", texts=5), r"texts must be a list of strings, got int"),
+    ("texts is a set", lambda r, l2, tmp: r.add_expert("new", texts={"a b", "c d"}), r"texts must be a list of strings, got set"),
     ("feedback positive is a str", lambda r, l2, tmp: r.record_feedback("star orbit", "astronomy", "no"),
      r"record_feedback: positive must be True or False, got str 'no'"),
     ("feedback positive is an int", lambda r, l2, tmp: r.record_feedback("star orbit", "astronomy", 1),
@@ -127,10 +128,11 @@ def test_misuse__is_a_value_error_naming_the_argument_and_changes_nothing(tmp_pa
 
 
 def test_accepted_forms__still_work(tmp_path):
-    """The strictness above refuses misuse only: tuples of texts, numpy bools, int arrays, bool dims' cousins."""
+    """The strictness above refuses misuse only: tuples and arrays of texts, numpy bools and ints, int vectors."""
     r = text_router()
     expert = r.add_expert("space", texts=("star orbit", "comet lunar"), metadata=({"a": [1, None]}, {"b": {"c": "d"}}))
     assert expert.ntotal == 2
+    assert r.add_expert("arr", texts=np.array(["loan bond", "stock tax"]), metadata=np.array([{}, {}])).ntotal == 2
     assert r.record_feedback("star orbit", "space", np.bool_(False)) >= 1
     assert Router(np.int64(8)).dim == 8
     hits = r.search(np.ones(TEXT_DIM, dtype=np.int32), k=2, top_experts=1)

@@ -540,3 +540,24 @@ def test_add_expert_over_http__bad_metadata_is_422_not_a_later_500(ckpt):
                    headers={"content-type": "application/json"})
         assert r.status_code in (400, 422) and r.json()["error"]
     state.close()
+
+
+def test_l2_server__huge_vectors_are_422_never_null_probabilities(tmp_path):
+    """metric l2 over HTTP: before the fix a 3e38 vector routed to probability null and an added expert of them
+    made every later answer null; a 1e19 query found no hits. Now each is a 422 and the checkpoint is unchanged."""
+    rng = np.random.default_rng(0)
+    router = Router(DIM, "l2")
+    for name in ("a", "b"):
+        router.add_expert(name, rng.standard_normal((10, DIM)).astype(np.float32))
+    router.init_gate(hidden_dims=[], dropout=0.0)
+    state = RouterState(router.save(tmp_path / "ckpt"))
+    with TestClient(create_app(state)) as c:
+        for path, body in [("/route", {"vector": [3e38] * DIM}), ("/search", {"vector": [1e19] * DIM, "k": 3}),
+                           ("/experts", {"name": "huge", "vectors": [[3e38] * DIM] * 3}),
+                           ("/feedback", {"vector": [1e19] * DIM, "expert": "a", "positive": True})]:
+            r = c.post(path, json=body)
+            assert r.status_code == 422 and "too large for metric 'l2'" in r.json()["error"], (path, r.text)
+        r = c.post("/route", json={"vector": [0.5] * DIM, "top_experts": 2})
+        assert all(isinstance(s["probability"], float) for s in r.json()["results"][0]["experts"])
+        assert c.get("/experts").json()["generation"] == 0
+    state.close()

@@ -29,7 +29,7 @@ def check_text_list(texts: Any, what: str = "texts") -> list[str]:
     """
     if isinstance(texts, str):
         raise ValueError(f"{what} must be a list of strings, got a single str {texts!r:.40} (wrap it: [text])")
-    if not isinstance(texts, (list, tuple)):
+    if isinstance(texts, (bytes, dict)) or not isinstance(texts, (Sequence, np.ndarray)):  # a set has no order
         raise ValueError(f"{what} must be a list of strings, got {type(texts).__name__}")
     out = list(texts)
     for i, t in enumerate(out):
