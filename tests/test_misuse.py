@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from moe_router import HashingEmbedder, Router
+from moe_router import Gate, HashingEmbedder, Router
 from moe_router.data.datasets import load_jsonl
 from moe_router.vectors import MAX_SQUARED_NORM, flat_index
 from tests.helpers import DIM, brute_force, make_router, sentence, write_jsonl
@@ -96,6 +96,8 @@ MISUSE: list[tuple[str, Callable[[Router, Router, Path], Any], str]] = [
     ("bool dim", lambda r, l2, tmp: Router(dim=True), r"dim must be an integer >= 1 .*got True"),
     ("str dim", lambda r, l2, tmp: Router(dim="8"), r"dim must be an integer >= 1 .*got '8'"),
     ("negative index dim", lambda r, l2, tmp: flat_index(-1, "l2"), r"index dimension d must be an integer >= 1"),
+    ("gate float dim", lambda r, l2, tmp: Gate(2.5, 3), r"Gate dim must be an integer >= 1 .*got 2.5"),
+    ("gate no experts", lambda r, l2, tmp: Gate(8, 0), r"Gate num_experts must be an integer >= 1, got 0"),
     ("embedder float dim", lambda r, l2, tmp: HashingEmbedder(dim=0.5), r"dim must be an integer >= 1"),
     ("save onto a file", lambda r, l2, tmp: r.save(tmp / "a-file"),
      r"save: cannot write a checkpoint directory at .*a-file: it is a file, not a directory"),

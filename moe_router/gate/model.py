@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moe_router.vectors import check_dim
+
 
 
 # Cosine above which a prototype counts as the query itself (only used while training).
@@ -91,8 +93,9 @@ class Gate(nn.Module):
         super().__init__()
         if isinstance(members, bool) or not isinstance(members, int) or members < 1:
             raise ValueError(f"members must be an integer >= 1, got {members!r}")
-        if dim <= 0 or num_experts <= 0:
-            raise ValueError(f"Gate needs dim > 0 and num_experts > 0, got dim={dim}, num_experts={num_experts}")
+        check_dim(dim, "Gate dim")
+        if isinstance(num_experts, bool) or not isinstance(num_experts, (int, np.integer)) or num_experts < 1:
+            raise ValueError(f"Gate num_experts must be an integer >= 1, got {num_experts!r}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.dim = int(dim)
