@@ -5,6 +5,7 @@ Every client mistake is a 4xx with an ErrorResponse body; a 500 means a bug in t
 
 
 import asyncio
+from dataclasses import asdict, replace
 import logging
 import math
 import secrets
@@ -133,7 +134,7 @@ def _json_safe(value: Any) -> Any:
 
 
 def _metadata(payload: Any) -> dict:
-    """A stored payload as the dict HitOut promises. Payloads are checked at the door (dicts of JSON values),
+    """A stored payload as the dict Hit.metadata promises. Payloads are checked at the door (dicts of JSON values),
     but a checkpoint written before that may hold others: a non-dict comes back as {"value": payload}."""
     return _json_safe(payload if isinstance(payload, dict) else {"value": payload})
 
@@ -174,18 +175,13 @@ def json_body(model: type[BaseModel]) -> tuple[Any, dict]:
 
 
 def _hit(h: Hit) -> dict:
-    return {
-        "id": h.id, "score": h.score, "expert": h.expert, "specialization": h.specialization, "parent": h.parent,
-        "routing_score": h.routing_score, "text": h.text if h.text is None or isinstance(h.text, str) else str(h.text),
-        "metadata": _metadata(h.metadata),
-    }
+    """A hit as JSON, its stored text and payload in the form the schema promises."""
+    text = h.text if h.text is None or isinstance(h.text, str) else str(h.text)
+    return asdict(replace(h, text=text, metadata=_metadata(h.metadata)))
 
 
 def _score(s: ExpertScore) -> dict:
-    return {
-        "expert": s.expert, "probability": s.probability, "weight": s.weight,
-        "specialization": s.specialization, "parent": s.parent,
-    }
+    return asdict(s)
 
 
 def _expert(e: Expert) -> dict:
