@@ -254,3 +254,38 @@ def test_empty_document__is_embedded_as_its_id(tmp_path: Path) -> None:
     with open(root / "cooking" / "corpus.jsonl", "a") as f:
         f.write(json.dumps({"_id": "cooking-empty", "title": "", "text": ""}) + "\n")
     assert load_beir(root).documents("cooking")[-1] == "cooking-empty"
+
+
+def test_train_with_query_prototypes__adds_each_training_query_as_a_prototype_of_its_source(
+        beir_root: Path, tmp_path: Path) -> None:
+    cfg = compose_config("train", [*_train_overrides(tmp_path), "data=beir", f"data.root={beir_root}",
+                                   "targets.query_prototypes=true", "model.prototypes_per_expert=2"])
+    train(cfg)
+    gate = Router.load(tmp_path / "ckpt").gate
+    data = load_beir(beir_root)
+    owners = gate.prototype_owner.numpy()
+    assert len(owners) == 3 * 2 + len(data.queries("train"))  # 2 k-means prototypes per source + 18 queries
+    names = sorted(VOCAB)
+    assert [names[o] for o in owners[6:]] == sorted(data.gold_sources("train"), key=names.index)
+
+
+def test_pseudo_queries__titles_and_first_sentences_of_each_source(tmp_path: Path) -> None:
+    root = tmp_path / "b"
+    (root / "s").mkdir(parents=True)
+    docs = [{"_id": "1", "title": "Wing flutter", "text": "We study flutter. Then more."},
+            {"_id": "2", "title": "", "text": "No title here? Yes."}]
+    (root / "s" / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    data = load_beir(root)
+    assert data.pseudo_queries("title") == (["Wing flutter"], ["s"])
+    assert data.pseudo_queries("first_sentence") == (["We study flutter.", "No title here?"], ["s", "s"])
+    with pytest.raises(ValueError, match="pseudo-query view must be one of"):
+        data.pseudo_queries("abstract")
+
+
+def test_train_with_pseudo_queries__weights_over_one_raise(beir_root: Path, tmp_path: Path) -> None:
+    cfg = compose_config("train", [*_train_overrides(tmp_path), "data=beir", f"data.root={beir_root}",
+                                   "targets.pseudo_view=title", "targets.pseudo_weight=0.6"])
+    with pytest.raises(ValueError, match="targets.query_weight \\+ targets.pseudo_weight must be <= 1"):
+        train(cfg)
+    cfg.targets.pseudo_weight = 0.3
+    assert train(cfg).experts == 3

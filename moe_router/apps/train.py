@@ -9,12 +9,14 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from moe_router.data.beir import BeirDataset
+from moe_router.logs import quiet_libraries
 from moe_router.data.build import router_from_dataset
 from moe_router.data.datasets import TextDataset, VectorDataset
 from moe_router.data.targets import Pairs, query_targets
@@ -23,6 +25,7 @@ from moe_router.gate.model import Gate
 from moe_router.index.clustering import nearest_centroid
 from moe_router.index.expert import centroids
 from moe_router.routing.calibrate import calibrate, validation_metrics
+from moe_router.routing.router import Router
 from moe_router.train.fit import fit_router
 
 
@@ -39,6 +42,7 @@ class TrainSummary:
 
 def train(cfg: DictConfig) -> TrainSummary:
     """Build experts from cfg.data's train split, train the gate with Lightning, save the checkpoint."""
+    quiet_libraries()
     start = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     dataset: TextDataset | VectorDataset = instantiate(cfg.data)
@@ -62,6 +66,11 @@ def train(cfg: DictConfig) -> TrainSummary:
                          "or set data.val_fraction > 0 to carve them from train")
     extra = training_queries(router, dataset, cfg.targets)
     stored_weight = 1.0 - float(cfg.targets.query_weight) if extra else 1.0
+    views = pseudo_query_pairs(router, dataset, cfg.targets)
+    stored_weight -= sum(v.weight for v in views)
+    if stored_weight < 0:
+        raise ValueError(f"targets.query_weight + targets.pseudo_weight must be <= 1, the stored vectors get the rest; "
+                         f"got {cfg.targets.query_weight} + {cfg.targets.pseudo_weight}")
     log_dir = Path(cfg.log_dir) if cfg.log_dir else run_dir()
     members = int(cfg.model.get("members", 1))
     fits, gates = [], []
@@ -70,6 +79,8 @@ def train(cfg: DictConfig) -> TrainSummary:
         model = instantiate(cfg.model, dim=router.dim, num_experts=router.num_experts, members=1,
                             max_prototypes=cfg.model.get("max_prototypes", 4096) // members)
         gate = router.install_gate(model, cfg.seed + i)
+        if extra and cfg.targets.query_prototypes and gate.prototypes_per_expert:
+            add_query_prototypes(gate, extra[0])
         trainer = instantiate(
             cfg.trainer,
             callbacks=[ModelCheckpoint(dirpath=sub / "lightning", monitor=cfg.monitor, mode="max", save_top_k=1)],
@@ -79,7 +90,8 @@ def train(cfg: DictConfig) -> TrainSummary:
             router, val_queries=val_queries, val_experts=val_experts,
             targets=cfg.targets.kind, label_weight=cfg.targets.label_weight, neighbours=cfg.targets.neighbours,
             max_queries=cfg.targets.max_queries, module=instantiate(cfg.module)(gate=gate), trainer=trainer,
-            batch_size=cfg.batch_size, monitor=cfg.monitor, seed=cfg.seed + i, extra=extra, stored_weight=stored_weight,
+            batch_size=cfg.batch_size, monitor=cfg.monitor, seed=cfg.seed + i, extra=[*extra, *views],
+            stored_weight=stored_weight,
         ))
         gates.append(router.gate)
     fit = fits[0]
@@ -112,6 +124,26 @@ def training_queries(router, dataset, targets: DictConfig) -> list[Pairs]:
     gold = np.array([router.expert_index(s) for s in dataset.gold_sources(dataset.train_split)])
     target = query_targets(router, xq, gold, float(targets.query_exhaustive), int(targets.neighbours))
     return [Pairs(xq, target, float(targets.query_weight))]
+
+
+def pseudo_query_pairs(router: Router, dataset, targets: DictConfig) -> list[Pairs]:
+    """Cold start: query-like views of the documents (titles, first sentences) as pseudo-queries of their source."""
+    view = targets.get("pseudo_view")
+    if not view or not isinstance(dataset, BeirDataset) or not float(targets.pseudo_weight):
+        return []
+    texts, sources = dataset.pseudo_queries(view)
+    if not texts:
+        return []
+    xq, _ = router.prepare_queries(texts)
+    gold = np.array([router.expert_index(s) for s in sources])
+    return [Pairs(xq, query_targets(router, xq, gold), float(targets.pseudo_weight))]
+
+
+def add_query_prototypes(gate: Gate, queries: Pairs) -> None:
+    """Each training query becomes a prototype of the expert its target favours (a memory of past questions)."""
+    owner = queries.target.argmax(axis=1)
+    for e in np.unique(owner):
+        gate.add_prototypes(torch.from_numpy(queries.x[owner == e]), int(e))
 
 
 def run_dir() -> Path:

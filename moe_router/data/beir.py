@@ -13,6 +13,7 @@ Malformed files raise ValueError("file:line: what is wrong").
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -49,6 +50,14 @@ def doc_text(title: str, text: str) -> str:
     if not text:
         return title
     return f"{title} {text}" if title[-1] in ".?!:;" else f"{title}. {text}"
+
+
+PSEUDO_VIEWS = ("title", "first_sentence")
+
+
+def first_sentence(text: str, max_chars: int = 300) -> str:
+    """The text up to its first sentence end (., ? or ! then a space), at most max_chars characters."""
+    return re.split(r"(?<=[.?!])\s+", text.strip(), maxsplit=1)[0][:max_chars]
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -182,6 +191,22 @@ class BeirDataset:
             return [Record(text, s, s, "train") for s in self.sources for text in self.documents(s)]
         qs = self._query_split(name)
         return [Record(t, s, s, name) for t, s in zip(qs.texts, qs.sources)]
+
+    def pseudo_queries(self, view: str) -> tuple[list[str], list[str]]:
+        """Query-like views of the documents for cold start: (texts, source of each); empty views are left out.
+
+        'title': each document's title; 'first_sentence': the first sentence of its text.
+        """
+        if view not in PSEUDO_VIEWS:
+            raise ValueError(f"pseudo-query view must be one of {PSEUDO_VIEWS}, got {view!r}")
+        texts, sources = [], []
+        for s in self.sources:
+            d = self.docs[s]
+            for t in (d.titles if view == "title" else [first_sentence(x) for x in d.texts]):
+                if t.strip():
+                    texts.append(t)
+                    sources.append(s)
+        return texts, sources
 
     def metadata(self) -> list[dict]:
         """The stored metadata of each row of split('train'): the document's _id and title."""

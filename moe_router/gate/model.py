@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import NamedTuple
 from typing import Sequence
@@ -10,6 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from moe_router.vectors import check_dim
 
 
 
@@ -90,8 +93,9 @@ class Gate(nn.Module):
         super().__init__()
         if isinstance(members, bool) or not isinstance(members, int) or members < 1:
             raise ValueError(f"members must be an integer >= 1, got {members!r}")
-        if dim <= 0 or num_experts <= 0:
-            raise ValueError(f"Gate needs dim > 0 and num_experts > 0, got dim={dim}, num_experts={num_experts}")
+        check_dim(dim, "Gate dim")
+        if isinstance(num_experts, bool) or not isinstance(num_experts, (int, np.integer)) or num_experts < 1:
+            raise ValueError(f"Gate num_experts must be an integer >= 1, got {num_experts!r}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.dim = int(dim)
@@ -141,21 +145,16 @@ class Gate(nn.Module):
         return self.head.in_features
 
     def config(self) -> dict:
-        """Constructor arguments that rebuild this gate (the weights are saved separately)."""
-        return {
-            "dim": self.dim,
-            "num_experts": self.num_experts,
-            "hidden_dims": list(self.hidden_dims),
-            "dropout": self.dropout,
-            "temperature": float(self.temperature),
-            "noise_std": self.noise_std,
-            "balance_coef": self.balance_coef,
-            "z_coef": self.z_coef,
-            "prototypes_per_expert": self.prototypes_per_expert,
-            "prototype_scale": float(self.log_prototype_scale.detach().exp()) if self.prototypes_per_expert else 20.0,
-            "max_prototypes": self.max_prototypes,
-            "members": self.members,
-        }
+        """Constructor arguments that rebuild this gate (the weights are saved separately).
+
+        Read off the constructor's signature, so the list of arguments lives in one place; the
+        current temperature and prototype sharpness are what calibration and training left.
+        """
+        current = {"temperature": float(self.temperature), "hidden_dims": list(self.hidden_dims),
+                   "prototype_scale": float(self.log_prototype_scale.detach().exp()) if self.prototypes_per_expert
+                   else 20.0}
+        names = [n for n in inspect.signature(Gate.__init__).parameters if n != "self"]
+        return {n: current[n] if n in current else getattr(self, n) for n in names}
 
     @classmethod
     @torch.no_grad()
@@ -389,6 +388,10 @@ class Gate(nn.Module):
         for p in self.body.parameters():
             p.requires_grad_(not frozen)
 
+    def nonfinite(self) -> list[str]:
+        """Names of the parameters and buffers holding NaN or inf (empty for a usable gate)."""
+        return [name for name, t in self.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
     @torch.no_grad()
     def add_prototypes(self, prototypes: Tensor, expert: int) -> None:
         """Append prototypes (m, d) owned by expert `expert` (a prototype gate only; e.g. when an expert is split)."""
@@ -409,5 +412,13 @@ def infer(gate: Gate, xq: np.ndarray, field: str = "probs", batch_size: int = 81
     out = []
     for start in range(0, xq.shape[0], batch_size):
         x = torch.from_numpy(np.ascontiguousarray(xq[start : start + batch_size])).to(device)
-        out.append(getattr(gate(x, top_k=1), field).float().cpu().numpy())
+        result = gate(x, top_k=1)
+        finite = torch.isfinite(result.logits).all(dim=1)  # (b,)
+        if not bool(finite.all()):  # routing on NaN would pick arbitrary experts with NaN confidence
+            row = start + int(torch.nonzero(~finite)[0, 0])
+            broken = gate.nonfinite()
+            why = f"its weights hold NaN or inf ({', '.join(broken[:3])})" if broken else \
+                "the query is too large for it (float32 overflow)"
+            raise ValueError(f"the gate gave non-finite logits for query {row}: {why}; nothing was routed")
+        out.append(getattr(result, field).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, gate.num_experts), np.float32)
