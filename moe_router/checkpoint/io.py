@@ -12,6 +12,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from safetensors import SafetensorError
@@ -233,7 +234,7 @@ def _read_npy_data(f, out: np.ndarray, sha) -> str | None:
     return None
 
 
-def _read_expert(path: Path, info: dict, dim: int, metric: str, files: dict[str, str], digests: dict) -> Expert:
+def read_expert(path: Path, info: dict, dim: int, metric: str, files: dict[str, str], digests: dict) -> Expert:
     """One expert's ids, then its vectors read straight into its index (sha256-checked when listed in `files`).
 
     `digests` is the manifest's sha256 of every file, recorded with the expert (Expert.saved).
@@ -256,8 +257,24 @@ def _read_expert(path: Path, info: dict, dim: int, metric: str, files: dict[str,
     return expert
 
 
-def read_checkpoint(path: Path, verify: bool = True, cache_dir: str | Path | None = None) -> CheckpointParts:
-    """The parts of a router from a checkpoint directory. `verify` checks every file's sha256 (experts' while reading)."""
+def read_experts(path: Path, infos: list[dict], dim: int, metric: str, files: dict[str, str], digests: dict) -> list[Expert]:
+    """Every expert of a checkpoint read into this process (read_expert), side by side."""
+    # sha256 and copying run on every core (reads release the GIL).
+    with ThreadPoolExecutor(max(1, min(len(infos), os.cpu_count() or 1))) as pool:
+        return list(pool.map(lambda info: read_expert(path, info, dim, metric, files, digests), infos))
+
+
+# (checkpoint dir, expert entries of the manifest, dim, metric, sha256 to check, sha256 of every file) -> experts;
+# a backend that keeps experts elsewhere (routing.backends) opens them there instead.
+OpenExperts = Callable[[Path, list[dict], int, str, dict, dict], list]
+
+
+def read_checkpoint(path: Path, verify: bool = True, cache_dir: str | Path | None = None,
+                    open_experts: OpenExperts | None = None) -> CheckpointParts:
+    """The parts of a router from a checkpoint directory. `verify` checks every file's sha256 (experts' while reading).
+
+    `open_experts` opens the experts (default read_experts: into this process).
+    """
     path = Path(path)
     recover_checkpoint(path)
     manifest = read_manifest(path)
@@ -274,9 +291,7 @@ def read_checkpoint(path: Path, verify: bool = True, cache_dir: str | Path | Non
                 raise CheckpointError(f"checkpoint {path} is incomplete: {rel} is missing")
             if sha256_file(f) != digest:
                 raise CheckpointError(f"checkpoint {path}: {rel} is corrupted (sha256 does not match the manifest)")
-        # Experts are read side by side: sha256 and copying run on every core (reads release the GIL).
-        with ThreadPoolExecutor(max(1, min(len(infos), os.cpu_count() or 1))) as pool:
-            experts = list(pool.map(lambda info: _read_expert(path, info, dim, metric, files, manifest["files"]), infos))
+        experts = (open_experts or read_experts)(path, infos, dim, metric, files, manifest["files"])
         embedder = embedder_from_spec(manifest.get("embedder"), cache_dir=cache_dir)
         if not (path / STORE).is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: {STORE} is missing")

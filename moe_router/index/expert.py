@@ -50,6 +50,11 @@ class Expert:
     def ntotal(self) -> int:
         return self.index.ntotal
 
+    @property
+    def max_id(self) -> int:
+        """The largest global id stored (-1 when empty)."""
+        return int(self.ids.max()) if len(self.ids) else -1
+
     def add(self, xb: np.ndarray, ids: np.ndarray) -> None:
         if xb.shape[0] != len(ids):
             raise ValueError(f"expert {self.name!r}: {xb.shape[0]} vectors but {len(ids)} ids")
