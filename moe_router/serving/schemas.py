@@ -51,6 +51,9 @@ class HitOut(BaseModel):
 
 class SearchResult(BaseModel):
     hits: list[HitOut]  # best first, at most k
+    # Chosen experts that did not answer (an expert actor of the Ray backend that is down or too
+    # slow): the hits are then the other chosen experts' only. Empty when the answer is complete.
+    missing_experts: list[str] = []
 
 
 class SearchResponse(BaseModel):

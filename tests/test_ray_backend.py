@@ -1,0 +1,239 @@
+"""The Ray backend: experts in Ray actors on a local 2-CPU cluster, checked against the local backend.
+
+One cluster and one checkpoint per module (starting actors costs seconds on a shared machine).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from moe_router import Router
+from moe_router.data.synthetic import cluster_layout, clustered_router, held_out_queries
+from moe_router.lifecycle.merge_split import merge_experts, split_expert
+from moe_router.routing.backends import make_backend
+from moe_router.serving import BatchConfig
+from moe_router.serving.app import create_app
+from moe_router.serving.state import RouterState
+
+HAVE_RAY = importlib.util.find_spec("ray") is not None
+needs_ray = pytest.mark.skipif(not HAVE_RAY, reason="Ray is not installed (pip install -e '.[ray]')")
+
+D, E, N = 32, 6, 6_000  # dim, experts, stored vectors (1,000 an expert)
+
+
+def _make_checkpoint(path: Path) -> Path:
+    layout = cluster_layout(D, E, seed=0)
+    router = clustered_router(N, D, E, seed=0, layout=layout)
+    router.init_gate(hidden_dims=[], dropout=0.0)  # linear gate at the centroids
+    return router.save(path)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _make_checkpoint(tmp_path_factory.mktemp("ray") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def xq() -> np.ndarray:
+    return held_out_queries(cluster_layout(D, E, seed=0), 400, seed=1)  # (400, D)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray  # only the Ray tests need it: the module must import without it
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def backend(cluster):
+    # 0.1 CPU an actor: six experts (and the lifecycle's new ones) share the two cores.
+    return make_backend("ray", num_cpus=0.1, max_restarts=3, timeout_s=20.0)
+
+
+@pytest.fixture(scope="module")
+def ray_router(ckpt: Path, backend) -> Router:
+    return Router.load(ckpt, backend=backend)
+
+
+def _same_hits(a, b) -> None:
+    """Two batches of hits are equal: ids, experts and scores (to float32 rounding) in order."""
+    assert len(a) == len(b)
+    for ha, hb in zip(a, b):
+        assert [(h.id, h.expert) for h in ha] == [(h.id, h.expert) for h in hb]
+        np.testing.assert_allclose([h.score for h in ha], [h.score for h in hb], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.ray
+@needs_ray
+@pytest.mark.parametrize("top", [1, 2, 3])
+def test_ray_route_and_search__equal_local_backend(ckpt: Path, ray_router: Router, xq: np.ndarray, top: int) -> None:
+    local = Router.load(ckpt)
+    assert local.route(xq, top_k=top) == ray_router.route(xq, top_k=top)
+    ray_hits = ray_router.search(xq, k=10, top_experts=top)
+    _same_hits(local.search(xq, k=10, top_experts=top), ray_hits)
+    assert all(h.missing_experts == () for h in ray_hits)
+    _same_hits(local.search(xq[:50], k=5, top_experts=top, per_expert=True),
+               ray_router.search(xq[:50], k=5, top_experts=top, per_expert=True))
+    for q in xq[:5]:  # batch 1, as a server without micro-batching sends it
+        _same_hits([local.search(q, k=10, top_experts=top)], [ray_router.search(q, k=10, top_experts=top)])
+
+
+@pytest.mark.ray
+@needs_ray
+def test_ray_router__holds_no_vectors_in_this_process(ray_router: Router, cluster) -> None:
+    from moe_router.routing.backends.ray import RemoteExpert  # imports Ray
+
+    assert all(isinstance(e, RemoteExpert) for e in ray_router.experts)
+    pids = cluster.get([e.replicas[0].pid.remote() for e in ray_router.experts])
+    assert os.getpid() not in pids and len(set(pids)) == E  # one actor process per expert
+    assert ray_router.ntotal == N
+    with pytest.raises(TypeError, match="never changed in place"):
+        ray_router.experts[0].add(np.zeros((1, D), np.float32), np.zeros(1, np.int64))
+
+
+def _oracle_generations(ckpt: Path, steps) -> list[Router]:
+    """Local routers after each of `steps` (the same changes the served Ray router gets)."""
+    router = Router.load(ckpt)
+    out = [router]
+    for step in steps:
+        router = router.fork(private_store=True)
+        step(router)
+        out.append(router)
+    return out
+
+
+@pytest.mark.ray
+@needs_ray
+def test_lifecycle_on_cluster__each_search_sees_the_old_or_the_new_experts(
+    ckpt: Path, backend, xq: np.ndarray, tmp_path: Path
+) -> None:
+    served = shutil.copytree(ckpt, tmp_path / "served")
+    steps = [lambda r: merge_experts(r, "shard-00", "shard-01"), lambda r: split_expert(r, "shard-02", 2),
+             lambda r: r.remove_expert("shard-03")]
+    oracles = _oracle_generations(ckpt, steps)
+    expected = [o.search(xq[:40], k=10, top_experts=2) for o in oracles]
+    state = RouterState(served, backend=backend)
+    seen: list[tuple[int, list]] = []
+    stop = threading.Event()
+
+    def search_forever() -> None:
+        while not stop.is_set():
+            with state.lease() as snap:
+                seen.append((snap.generation, snap.router.search(xq[:40], k=10, top_experts=2)))
+
+    reader = threading.Thread(target=search_forever)
+    reader.start()
+    try:
+        state.merge_experts("shard-00", "shard-01")
+        state.split_expert("shard-02", 2)
+        state.remove_expert("shard-03")
+        time.sleep(0.2)
+    finally:
+        stop.set()
+        reader.join(60)
+    assert state.generation == 3
+    assert {g for g, _ in seen} >= {0, 3}  # searches ran before and after the changes
+    for generation, hits in seen:  # each search answered exactly as one whole expert set does
+        _same_hits(expected[generation], hits)
+    with state.lease() as snap:
+        assert snap.router.expert_names == oracles[-1].expert_names
+        assert all(h.missing_experts == () for h in snap.router.search(xq, k=10, top_experts=2))
+    reloaded = Router.load(served)  # the cluster's changes were saved: a local load answers the same
+    _same_hits(expected[-1], reloaded.search(xq[:40], k=10, top_experts=2))
+    state.close()
+
+
+def _without(local: Router, xq: np.ndarray, k: int, top: np.ndarray, drop: int) -> list[list[tuple[int, str]]]:
+    """Per query, the (id, expert) of the local merge over its chosen experts other than `drop`."""
+    res = local.search_experts(xq, k, top, merge=False)  # (nq, t * k): expert blocks in the order of top
+    out = []
+    for q in range(len(xq)):
+        keep = np.repeat(top[q] != drop, k) & (res.I[q] >= 0)
+        order = np.argsort(-res.D[q][keep], kind="stable")[:k]
+        out.append([(int(i), local.experts[e].name) for i, e in zip(res.I[q][keep][order], res.E[q][keep][order])])
+    return out
+
+
+@pytest.mark.ray
+@needs_ray
+def test_killed_expert_actor__search_returns_the_others_names_it_and_recovers(
+    ckpt: Path, ray_router: Router, xq: np.ndarray, cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    timeout = 0.5  # a restarted actor starts a Python process: far longer than this
+    monkeypatch.setattr(ray_router.backend, "timeout_s", timeout)
+    local = Router.load(ckpt)
+    victim = ray_router.expert("shard-04")
+    old_pid = cluster.get(victim.replicas[0].pid.remote())
+    _, top = local.decide(xq, 2, record=False)  # (nq, 2) the experts each query is sent to
+    chose = (top == 4).any(axis=1)
+    complete = local.search(xq, k=10, top_experts=2)
+    partial = _without(local, xq, 10, top, drop=4)
+    cluster.kill(victim.replicas[0], no_restart=False)  # Ray restarts it (max_restarts)
+    outcomes = []
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        start = time.monotonic()
+        hits = ray_router.search(xq, k=10, top_experts=2)
+        assert time.monotonic() - start < timeout + 5  # bounded: never waits on the dead actor
+        missing = {h.missing_experts for h in hits}
+        if missing == {()}:
+            _same_hits(complete, hits)
+            outcomes.append("complete")
+            if "partial" in outcomes:
+                break
+            continue
+        # Down: every query that chose shard-04 names it and gets the other expert's hits; the rest are whole.
+        for q, h in enumerate(hits):
+            assert h.missing_experts == (("shard-04",) if chose[q] else ())
+            assert [(x.id, x.expert) for x in h] == partial[q]
+        outcomes.append("partial")
+    assert outcomes[0] == "partial" and outcomes[-1] == "complete", outcomes  # down at once, then back
+    assert cluster.get(victim.replicas[0].pid.remote()) != old_pid  # a new process read the expert's files again
+
+
+@pytest.mark.ray
+@needs_ray
+def test_http_search__names_missing_experts(ckpt: Path, backend, xq: np.ndarray, tmp_path: Path, cluster) -> None:
+    state = RouterState(shutil.copytree(ckpt, tmp_path / "http"), backend=backend)
+    local = Router.load(ckpt)
+    body = {"vectors": xq[:20].tolist(), "k": 5, "top_experts": 2}
+    with TestClient(create_app(state, batching=BatchConfig(enabled=True))) as client:
+        reply = client.post("/search", json=body).json()
+        assert [r["missing_experts"] for r in reply["results"]] == [[]] * 20
+        assert [[h["id"] for h in r["hits"]] for r in reply["results"]] == \
+            [[h.id for h in hits] for hits in local.search(xq[:20], k=5, top_experts=2)]
+        with state.lease() as snap:
+            cluster.kill(snap.router.expert("shard-05").replicas[0], no_restart=True)  # gone for good
+        _, top = local.decide(xq[:20], 2, record=False)
+        reply = client.post("/search", json=body).json()
+        assert [r["missing_experts"] for r in reply["results"]] == \
+            [["shard-05"] if 5 in row else [] for row in top]
+        assert all(h["expert"] != "shard-05" for r in reply["results"] for h in r["hits"])
+
+
+def test_backend_ray__without_ray_says_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    router = clustered_router(600, D, 3, seed=0)
+    router.init_gate(hidden_dims=[], dropout=0.0)
+    path = router.save(tmp_path / "ckpt")
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails as if it were not installed
+    monkeypatch.delitem(sys.modules, "moe_router.routing.backends.ray", raising=False)
+    with pytest.raises(ImportError, match=r"backend='ray' needs Ray.*pip install -e '\.\[ray\]'"):
+        Router.load(path, backend="ray")
+    with pytest.raises(ValueError, match="backend must be 'local' or 'ray', got 'dask'"):
+        Router.load(path, backend="dask")
+    with pytest.raises(ValueError, match="ray_address is only for backend='ray'"):
+        Router.load(path, ray_address="auto")
+    assert Router.load(path).search(np.ones(D, np.float32), k=3) == router.search(np.ones(D, np.float32), k=3)
