@@ -68,6 +68,19 @@ def ray_router(ckpt: Path, backend) -> Router:
     return Router.load(ckpt, backend=backend)
 
 
+@pytest.fixture(scope="module")
+def served(ckpt: Path, cluster, tmp_path_factory: pytest.TempPathFactory) -> RouterState:
+    """A served copy of the checkpoint, three experts an actor (the lifecycle test changes it, the HTTP test reads it)."""
+    grouped = make_backend("ray", num_cpus=0.1, experts_per_actor=3, timeout_s=20.0)
+    state = RouterState(shutil.copytree(ckpt, tmp_path_factory.mktemp("served") / "ckpt"), backend=grouped)
+    yield state
+    state.close()
+
+
+STEPS = [lambda r: merge_experts(r, "shard-00", "shard-01"), lambda r: split_expert(r, "shard-02", 2),
+         lambda r: r.remove_expert("shard-03")]  # the lifecycle test's changes, in order
+
+
 def _same_hits(a, b) -> None:
     """Two batches of hits are equal: ids, experts and scores (to float32 rounding) in order."""
     assert len(a) == len(b)
@@ -118,14 +131,11 @@ def _oracle_generations(ckpt: Path, steps) -> list[Router]:
 @pytest.mark.ray
 @needs_ray
 def test_lifecycle_on_cluster__each_search_sees_the_old_or_the_new_experts(
-    ckpt: Path, backend, xq: np.ndarray, tmp_path: Path
+    ckpt: Path, served: RouterState, xq: np.ndarray
 ) -> None:
-    served = shutil.copytree(ckpt, tmp_path / "served")
-    steps = [lambda r: merge_experts(r, "shard-00", "shard-01"), lambda r: split_expert(r, "shard-02", 2),
-             lambda r: r.remove_expert("shard-03")]
-    oracles = _oracle_generations(ckpt, steps)
+    state = served
+    oracles = _oracle_generations(ckpt, STEPS)
     expected = [o.search(xq[:40], k=10, top_experts=2) for o in oracles]
-    state = RouterState(served, backend=backend)
     seen: list[tuple[int, list]] = []
     stop = threading.Event()
 
@@ -151,9 +161,8 @@ def test_lifecycle_on_cluster__each_search_sees_the_old_or_the_new_experts(
     with state.lease() as snap:
         assert snap.router.expert_names == oracles[-1].expert_names
         assert all(h.missing_experts == () for h in snap.router.search(xq, k=10, top_experts=2))
-    reloaded = Router.load(served)  # the cluster's changes were saved: a local load answers the same
+    reloaded = Router.load(state.ckpt)  # the cluster's changes were saved: a local load answers the same
     _same_hits(expected[-1], reloaded.search(xq[:40], k=10, top_experts=2))
-    state.close()
 
 
 def _without(local: Router, xq: np.ndarray, k: int, top: np.ndarray, drop: int) -> list[list[tuple[int, str]]]:
@@ -206,22 +215,26 @@ def test_killed_expert_actor__search_returns_the_others_names_it_and_recovers(
 
 @pytest.mark.ray
 @needs_ray
-def test_http_search__names_missing_experts(ckpt: Path, backend, xq: np.ndarray, tmp_path: Path, cluster) -> None:
-    state = RouterState(shutil.copytree(ckpt, tmp_path / "http"), backend=backend)
-    local = Router.load(ckpt)
-    body = {"vectors": xq[:20].tolist(), "k": 5, "top_experts": 2}
-    with TestClient(create_app(state, batching=BatchConfig(enabled=True))) as client:
+def test_http_search__names_missing_experts(ckpt: Path, served: RouterState, xq: np.ndarray, cluster) -> None:
+    local = _oracle_generations(ckpt, STEPS)[-1]  # the served router after the lifecycle test
+    if served.generation == 0:  # run on its own: make the lifecycle test's changes first
+        served.merge_experts("shard-00", "shard-01")
+        served.split_expert("shard-02", 2)
+        served.remove_expert("shard-03")
+    body = {"vectors": xq[:40].tolist(), "k": 5, "top_experts": 2}
+    with TestClient(create_app(served, batching=BatchConfig(enabled=True))) as client:
         reply = client.post("/search", json=body).json()
-        assert [r["missing_experts"] for r in reply["results"]] == [[]] * 20
+        assert [r["missing_experts"] for r in reply["results"]] == [[]] * 40
         assert [[h["id"] for h in r["hits"]] for r in reply["results"]] == \
-            [[h.id for h in hits] for hits in local.search(xq[:20], k=5, top_experts=2)]
-        with state.lease() as snap:
-            cluster.kill(snap.router.expert("shard-05").replicas[0], no_restart=True)  # gone for good
-        _, top = local.decide(xq[:20], 2, record=False)
+            [[h.id for h in hits] for hits in local.search(xq[:40], k=5, top_experts=2)]
+        with served.lease() as snap:  # shard-04 and shard-05 share an actor (experts_per_actor=3): both go
+            cluster.kill(snap.router.expert("shard-05").replicas[0], no_restart=True)
+        _, top = local.decide(xq[:40], 2, record=False)
+        names = np.array(local.expert_names)
         reply = client.post("/search", json=body).json()
-        assert [r["missing_experts"] for r in reply["results"]] == \
-            [["shard-05"] if 5 in row else [] for row in top]
-        assert all(h["expert"] != "shard-05" for r in reply["results"] for h in r["hits"])
+        want = [[n for n in names[row] if n in ("shard-04", "shard-05")] for row in top]
+        assert any(want) and [r["missing_experts"] for r in reply["results"]] == want
+        assert all(h["expert"] not in ("shard-04", "shard-05") for r in reply["results"] for h in r["hits"])
 
 
 def test_backend_ray__without_ray_says_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
