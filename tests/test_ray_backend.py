@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -250,3 +251,16 @@ def test_backend_ray__without_ray_says_how_to_install(tmp_path: Path, monkeypatc
     with pytest.raises(ValueError, match="ray_address is only for backend='ray'"):
         Router.load(path, ray_address="auto")
     assert Router.load(path).search(np.ones(D, np.float32), k=3) == router.search(np.ones(D, np.float32), k=3)
+
+
+def test_core_import_path__never_imports_ray(tmp_path: Path) -> None:
+    """Loading, searching and changing experts with the default backend never imports Ray."""
+    router = clustered_router(600, D, 3, seed=0)
+    router.init_gate(hidden_dims=[], dropout=0.0)
+    path = router.save(tmp_path / "ckpt")
+    code = ("import sys, numpy as np; import moe_router, moe_router.lifecycle, moe_router.serving; "
+            "from moe_router import Router; r = Router.load(sys.argv[1]); r.search(np.ones(32, np.float32)); "
+            "from moe_router.lifecycle.merge_split import merge_experts; merge_experts(r, 'shard-00', 'shard-01'); "
+            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
