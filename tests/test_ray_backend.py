@@ -6,6 +6,7 @@ One cluster and one checkpoint per module (starting actors costs seconds on a sh
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import shutil
 import subprocess
@@ -17,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 
 from moe_router import Router
 from moe_router.data.synthetic import cluster_layout, clustered_router, held_out_queries
@@ -264,3 +267,18 @@ def test_core_import_path__never_imports_ray(tmp_path: Path) -> None:
             "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.ray
+@needs_ray
+def test_backend_ray_config__is_the_constructor_signature_and_instantiates(cluster) -> None:
+    """configs/backend/ray.yaml names exactly RayBackend's arguments, and serve.py's backend=ray builds one."""
+    from moe_router.routing.backends.ray import RayBackend  # imports Ray
+
+    with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "configs"), version_base="1.3"):
+        cfg = compose("serve", ["ckpt=/nonexistent", "backend=ray", "backend.num_cpus=0.1"])
+    params = [p for p in inspect.signature(RayBackend.__init__).parameters if p != "self"]
+    assert sorted(k for k in cfg.backend if k not in ("_target_", "name")) == sorted(params)
+    backend = instantiate(cfg.backend)  # joins the module's cluster (already initialised)
+    assert isinstance(backend, RayBackend) and backend.num_cpus == 0.1
+    assert (backend.timeout_s, backend.max_restarts) == (cfg.backend.timeout_s, cfg.backend.max_restarts)
