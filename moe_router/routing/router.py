@@ -460,6 +460,9 @@ class Router:
         one this process is connected to, else start a local one), with RayBackend's
         `backend_options`. An ExpertBackend instance is used as it is.
         """
+        if not isinstance(backend, str) and (ray_address is not None or backend_options):
+            raise ValueError("ray_address and backend_options are for a backend given by name; "
+                             f"{backend!r} is already built")
         if isinstance(backend, str):
             options = dict(backend_options or {})
             if ray_address is not None:
