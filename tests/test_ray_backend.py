@@ -296,3 +296,13 @@ def test_backend_ray_config__is_the_constructor_signature_and_instantiates(clust
     backend = instantiate(cfg.backend)  # joins the module's cluster (already initialised)
     assert isinstance(backend, RayBackend) and backend.num_cpus == 0.1
     assert (backend.timeout_s, backend.max_restarts) == (cfg.backend.timeout_s, cfg.backend.max_restarts)
+
+
+@pytest.mark.ray
+@needs_ray
+def test_expert_actor_import_path__never_imports_torch() -> None:
+    """What an expert actor imports (the module of its class and of its arguments) leaves torch out."""
+    code = ("import sys; import moe_router.routing.backends.ray, moe_router.index.expert; "
+            "print(sorted(m for m in ('torch', 'sentence_transformers', 'lightning') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

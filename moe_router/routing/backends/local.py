@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from moe_router.checkpoint.io import read_experts
+from moe_router.checkpoint.expert_files import read_experts
 from moe_router.index.expert import Expert
 from moe_router.index.parallel import search_each
 from moe_router.routing.backends.base import Answer

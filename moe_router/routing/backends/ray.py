@@ -30,7 +30,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayError
 
 from moe_router.checkpoint.format import CheckpointError, read_manifest
-from moe_router.checkpoint.io import read_expert
+from moe_router.checkpoint.expert_files import read_expert
 from moe_router.index.expert import Expert, SavedCopy
 from moe_router.index.parallel import lower_blas_threshold
 from moe_router.routing.backends.base import Answer
