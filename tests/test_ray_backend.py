@@ -22,6 +22,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from moe_router import Router
+from moe_router.cli import main as cli_main
 from moe_router.data.synthetic import cluster_layout, clustered_router, held_out_queries
 from moe_router.lifecycle.merge_split import merge_experts, split_expert
 from moe_router.routing.backends import make_backend
@@ -255,7 +256,8 @@ def test_http_search__names_missing_experts(ckpt: Path, served: RouterState, xq:
         assert all(h["expert"] not in ("shard-04", "shard-05") for r in reply["results"] for h in r["hits"])
 
 
-def test_backend_ray__without_ray_says_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_backend_ray__without_ray_says_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture) -> None:
     router = clustered_router(600, D, 3, seed=0)
     router.init_gate(hidden_dims=[], dropout=0.0)
     path = router.save(tmp_path / "ckpt")
@@ -263,6 +265,8 @@ def test_backend_ray__without_ray_says_how_to_install(tmp_path: Path, monkeypatc
     monkeypatch.delitem(sys.modules, "moe_router.routing.backends.ray", raising=False)
     with pytest.raises(ImportError, match=r"backend='ray' needs Ray.*pip install -e '\.\[ray\]'"):
         Router.load(path, backend="ray")
+    assert cli_main(["stats", "--ckpt", str(path), "--backend", "ray"]) == 2
+    assert "pip install -e '.[ray]'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="backend must be 'local' or 'ray', got 'dask'"):
         Router.load(path, backend="dask")
     with pytest.raises(ValueError, match="ray_address is only for backend='ray'"):
@@ -306,3 +310,13 @@ def test_expert_actor_import_path__never_imports_torch() -> None:
             "print(sorted(m for m in ('torch', 'sentence_transformers', 'lightning') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.ray
+@needs_ray
+def test_cli_on_ray__stats_and_a_clear_error_when_actors_do_not_fit(ckpt: Path, cluster,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    # RayBackend's default is one CPU an actor: six experts do not fit on the two-CPU cluster.
+    assert cli_main(["stats", "--ckpt", str(ckpt), "--backend", "ray"]) == 2
+    err = capsys.readouterr().err
+    assert "needs 6 CPUs" in err and "the cluster has 2" in err and "num_cpus" in err

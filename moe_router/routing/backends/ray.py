@@ -229,8 +229,8 @@ class RayBackend:
         once every actor has opened its experts."""
         need = self.num_cpus * self.replicas * len(groups)
         have = ray.cluster_resources().get("CPU", 0.0)
-        if need > have:
-            raise RuntimeError(f"the Ray backend needs {need:g} CPUs ({len(groups)} actors x {self.replicas} replicas x "
+        if need > have:  # a bad setting for this cluster: fail now rather than wait for resources
+            raise ValueError(f"the Ray backend needs {need:g} CPUs ({len(groups)} actors x {self.replicas} replicas x "
                                f"num_cpus={self.num_cpus:g}) but the cluster has {have:g}; lower num_cpus, raise "
                                f"experts_per_actor or add nodes")
         # Ray restarts an actor from its constructor arguments; put in the object store and held
