@@ -13,7 +13,7 @@ machine's load falls on all of them alike:
 - local routed / local broadcast: the same searches with every index in this process
 
 At batch 1 and batch --batch: queries/s, p50/p99 latency of one call, query bytes sent to the
-experts per query, expert calls per search call, and recall@10 of routed against broadcast
+experts per query, actor calls per search call, and recall@10 of routed against broadcast
 (broadcast is exhaustive). Also the bare round trip of one actor call (the fixed cost per expert
 contacted) and the overhead of the Ray backend over the in-process one at the same work.
 """
@@ -127,7 +127,7 @@ def main() -> None:
         parts = {  # the model's terms (docs/scaling.md): gate, one expert's search in an actor and in-process
             "gate batch 1": ms(lambda: local.decide(xq[:1], args.top, record=False)),
             f"gate batch {args.batch}": ms(lambda: local.decide(xq[: args.batch], args.top, record=False)),
-            "one expert search in its actor, 1 query": ms(lambda: ray.get(actor.search.remote(name, xq[:1], args.k))),
+            "one expert search in its actor, 1 query": ms(lambda: ray.get(actor.search_many.remote([(name, xq[:1])], args.k))),
             "one expert search in-process, 1 query": ms(lambda: local.experts[0].search(xq[:1], args.k)),
         }
         threads = faiss.omp_get_max_threads()
@@ -141,7 +141,7 @@ def main() -> None:
             if (m, b) in sent:
                 nqs = b * len(t)
                 row["bytes_per_query"] = sent[(m, b)][0] / nqs
-                row["expert_calls_per_search"] = sent[(m, b)][1] / len(t)
+                row["actor_calls_per_search"] = sent[(m, b)][1] / len(t)
             rows.append(row)
         by = {(r["mode"], r["batch"]): r for r in rows}
         report = {
@@ -156,11 +156,11 @@ def main() -> None:
                 f"{kind} batch {b}": by[(f"ray {kind}", b)]["p50_ms"] - by[(f"local {kind}", b)]["p50_ms"]
                 for kind in ("routed", "broadcast") for b in (1, args.batch)},
         }
-        print("\n| mode | batch | queries/s | p50 ms | p99 ms | query bytes to experts / query | expert calls / search |")
+        print("\n| mode | batch | queries/s | p50 ms | p99 ms | query bytes to experts / query | actor calls / search |")
         print("|---|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['mode']} | {r['batch']} | {r['qps']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-                  f"{r.get('bytes_per_query', 0):,.0f} | {r.get('expert_calls_per_search', 0):.1f} |")
+                  f"{r.get('bytes_per_query', 0):,.0f} | {r.get('actor_calls_per_search', 0):.1f} |")
         for key in ("actor_round_trip_ms", "parts_ms", "recall@10 routed vs broadcast", "ray results equal local",
                     "overhead_ms_per_call (ray - local, p50)"):
             print(f"{key}: {report[key]}")

@@ -141,6 +141,10 @@ def test_lifecycle_on_cluster__each_search_sees_the_old_or_the_new_experts(
     state = served
     oracles = _oracle_generations(ckpt, STEPS)
     expected = [o.search(xq[:40], k=10, top_experts=2) for o in oracles]
+    with state.lease() as snap:  # six experts in two actors: a search over all of them is two calls
+        before = snap.router.backend.calls
+        _same_hits(oracles[0].search(xq, k=10, top_experts=E), snap.router.search(xq, k=10, top_experts=E))
+        assert snap.router.backend.calls - before == 2
     seen: list[tuple[int, list]] = []
     stop = threading.Event()
 

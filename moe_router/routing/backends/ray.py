@@ -117,8 +117,9 @@ class ExpertGroup:
         """(key, ntotal, max_id, saved files) of each expert held."""
         return [(key, e.ntotal, e.max_id, e.saved) for key, e in self.experts.items()]
 
-    def search(self, key: str, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.experts[key].search(xq, k)
+    def search_many(self, jobs: list[tuple[str, np.ndarray]], k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(D, I) of each (expert key, xq (m, d)) job: a routed search's jobs for this actor in one call."""
+        return [self.experts[key].search(xq, k) for key, xq in jobs]
 
     def read(self, key: str, what: str, *args: Any) -> Any:
         """An expert's ids, vectors, centroid or prototypes (what lifecycle and saving read)."""
@@ -138,13 +139,15 @@ class RemoteExpert:
     """The router's handle on an expert held by Ray actors (its replicas); behaves like index.expert.Expert."""
 
     def __init__(self, name: str, dim: int, metric: str, specialization: str, parent: str | None, ntotal: int,
-                 max_id: int, saved: SavedCopy | None, replicas: list[Any], pinned: Any, timeout_s: float) -> None:
+                 max_id: int, saved: SavedCopy | None, replicas: list[Any], pinned: Any, group: int,
+                 timeout_s: float) -> None:
         self.name, self.dim, self.metric = name, dim, metric
         self.specialization, self.parent = specialization, parent
         self.ntotal, self.max_id = ntotal, max_id
         self.saved = saved  # files holding exactly this expert: a save links them instead of fetching the vectors
         self.replicas = replicas  # actor handles; holding them keeps the actors alive
         self.pinned = pinned  # ObjectRef of the actors' constructor arguments, needed to restart them
+        self.group = group  # experts of one group share their actors (and a search's call to them)
         self.timeout_s = timeout_s
         self._turn = itertools.count()
 
@@ -219,7 +222,8 @@ class RayBackend:
         self.num_cpus, self.replicas, self.experts_per_actor = float(num_cpus), int(replicas), int(experts_per_actor)
         self.max_restarts, self.timeout_s, self.start_timeout_s = int(max_restarts), float(timeout_s), float(start_timeout_s)
         self.sent_bytes = 0  # query vector bytes sent to experts (the communication volume)
-        self.calls = 0  # expert calls made by searches
+        self.calls = 0  # actor calls made by searches (one per actor group contacted)
+        self._groups = itertools.count()  # ids of actor groups
         # A call on an actor that dies fails at once (max_task_retries=0): the search's deadline decides.
         self._actor = ray.remote(ExpertGroup).options(num_cpus=self.num_cpus, max_restarts=self.max_restarts,
                                                       max_task_retries=0)
@@ -252,8 +256,10 @@ class RayBackend:
         described = ray.get([row[0].describe.remote() for row in actors])
         out = []
         for row, ref, group_meta, desc in zip(actors, pinned, meta, described):
+            group = next(self._groups)
             for (name, dim, metric, spec, parent), (_, ntotal, max_id, saved) in zip(group_meta, desc):
-                out.append(RemoteExpert(name, dim, metric, spec, parent, ntotal, max_id, saved, row, ref, self.timeout_s))
+                out.append(RemoteExpert(name, dim, metric, spec, parent, ntotal, max_id, saved, row, ref, group,
+                                        self.timeout_s))
         return out
 
     def open(self, path: Path, infos: list[dict], dim: int, metric: str, files: dict[str, str],
@@ -273,20 +279,30 @@ class RayBackend:
 
     def search(self, jobs: Sequence[tuple[RemoteExpert, np.ndarray]], k: int) -> list[Answer]:
         self.sent_bytes += sum(int(xq.nbytes) for _, xq in jobs)
-        self.calls += len(jobs)
+        self.calls += len({expert.group for expert, _ in jobs})
         return self.search_with(jobs, k, self.timeout_s)
 
     @staticmethod
     def search_with(jobs: Sequence[tuple[RemoteExpert, np.ndarray]], k: int, timeout_s: float) -> list[Answer]:
-        """Every job's search sent at once; a failed replica is retried on the next one while time is left.
+        """Every job's search sent at once, one call per actor group (its experts' jobs together);
+        a failed replica is retried on the next one while time is left.
 
         Returns None for a job no replica answered before the deadline (a dead actor being
         restarted, or one slower than `timeout_s`).
         """
         deadline = time.monotonic() + timeout_s
         answers: list[Answer] = [None] * len(jobs)
-        turns = [expert.turn() for expert, _ in jobs]
-        pending = {expert.replica(turns[j]).search.remote(expert.name, xq, k): (j, 0) for j, (expert, xq) in enumerate(jobs)}
+        groups: dict[int, list[int]] = {}  # actor group -> its jobs
+        for j, (expert, _) in enumerate(jobs):
+            groups.setdefault(expert.group, []).append(j)
+        turns = {g: jobs[idx[0]][0].turn() for g, idx in groups.items()}
+
+        def send(g: int, attempt: int) -> Any:
+            idx = groups[g]
+            actor = jobs[idx[0]][0].replica(turns[g], attempt)
+            return actor.search_many.remote([(jobs[j][0].name, jobs[j][1]) for j in idx], k)
+
+        pending = {send(g, 0): (g, 0) for g in groups}
         while pending:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -295,14 +311,15 @@ class RayBackend:
             if not ready:
                 break
             for ref in ready:
-                j, attempt = pending.pop(ref)
-                expert, xq = jobs[j]
+                g, attempt = pending.pop(ref)
+                first = jobs[groups[g][0]][0]
                 try:
-                    answers[j] = ray.get(ref)
+                    for j, answer in zip(groups[g], ray.get(ref)):
+                        answers[j] = answer
                 except RayError as exc:
-                    log.warning("expert %r: replica %d failed (%s)", expert.name, attempt, type(exc).__name__)
-                    if attempt + 1 < len(expert.replicas):
-                        pending[expert.replica(turns[j], attempt + 1).search.remote(expert.name, xq, k)] = (j, attempt + 1)
+                    log.warning("expert actor of %r: replica %d failed (%s)", first.name, attempt, type(exc).__name__)
+                    if attempt + 1 < len(first.replicas):
+                        pending[send(g, attempt + 1)] = (g, attempt + 1)
         return answers
 
     def __repr__(self) -> str:
