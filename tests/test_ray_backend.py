@@ -5,6 +5,7 @@ One cluster and one checkpoint per module (starting actors costs seconds on a sh
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import inspect
 import os
@@ -324,3 +325,34 @@ def test_cli_on_ray__stats_and_a_clear_error_when_actors_do_not_fit(ckpt: Path, 
     assert cli_main(["stats", "--ckpt", str(ckpt), "--backend", "ray"]) == 2
     err = capsys.readouterr().err
     assert "needs 6 CPUs" in err and "the cluster has 2" in err and "num_cpus" in err
+
+
+@pytest.mark.ray
+@needs_ray
+def test_replicas__a_dead_replica_fails_over_and_a_removed_expert_retires_its_actors(cluster, tmp_path: Path) -> None:
+    small = clustered_router(900, D, 3, seed=0)
+    small.init_gate(hidden_dims=[], dropout=0.0)
+    path = small.save(tmp_path / "small")
+    router = Router.load(path, backend=make_backend("ray", num_cpus=0.1, replicas=2, timeout_s=20.0))
+    ours = {a._actor_id.hex() for e in router.experts for a in e.replicas}  # 3 experts x 2 replicas
+
+    def alive() -> int:  # of this router's actors (GCS actor table)
+        return sum(a["State"] == "ALIVE" for i, a in cluster._private.state.actors().items() if i in ours)
+
+    assert len(ours) == 6 and alive() == 6
+    queries = held_out_queries(cluster_layout(D, 3, seed=0), 60, seed=2)
+    want = Router.load(path).search(queries, k=5, top_experts=3)
+    cluster.kill(router.expert("shard-01").replicas[0], no_restart=True)
+    for _ in range(4):  # round-robin reaches the dead replica: the call goes to the other one
+        hits = router.search(queries, k=5, top_experts=3)
+        _same_hits(want, hits)
+        assert all(h.missing_experts == () for h in hits)
+    fork = router.fork()
+    fork.remove_expert("shard-02")
+    del router, hits
+    gc.collect()  # the fork holds the other experts' handles; nothing holds shard-02's any more
+    deadline = time.monotonic() + 30
+    while alive() != 3 and time.monotonic() < deadline:  # shard-00's two, shard-01's live one
+        time.sleep(0.2)
+    assert alive() == 3
+    assert fork.expert_names == ["shard-00", "shard-01"]
