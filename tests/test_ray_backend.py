@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from moe_router import Router
+from moe_router import CheckpointError, Router
 from moe_router.cli import main as cli_main
 from moe_router.data.synthetic import cluster_layout, clustered_router, held_out_queries
 from moe_router.lifecycle.merge_split import merge_experts, split_expert
@@ -356,3 +356,19 @@ def test_replicas__a_dead_replica_fails_over_and_a_removed_expert_retires_its_ac
         time.sleep(0.2)
     assert alive() == 3
     assert fork.expert_names == ["shard-00", "shard-01"]
+
+
+@pytest.mark.ray
+@needs_ray
+def test_corrupted_expert_file__ray_load_fails_like_a_local_load(cluster, tmp_path: Path) -> None:
+    small = clustered_router(900, D, 3, seed=0)
+    small.init_gate(hidden_dims=[], dropout=0.0)
+    path = small.save(tmp_path / "bad")
+    with open(path / "experts" / "0001.npy", "r+b") as f:  # flip bytes inside the vectors
+        f.seek(300)
+        f.write(b"\xff\xff\xff\xff")
+    with pytest.raises(CheckpointError) as local:
+        Router.load(path)
+    with pytest.raises(CheckpointError) as remote:
+        Router.load(path, backend=make_backend("ray", num_cpus=0.1))
+    assert str(remote.value) == str(local.value) and "experts/0001.npy is corrupted" in str(local.value)

@@ -199,8 +199,8 @@ class RemoteExpert:
 class RayBackend:
     """Experts in Ray actors: `experts_per_actor` experts an actor, `replicas` actors holding each group.
 
-    `address`: the cluster to join (None: the one this process already joined, else a new local
-    one started by ray.init). `num_cpus`: CPUs Ray reserves for each actor (fractions let many
+    `address`: the cluster to join ("auto": the one `ray start` runs on this machine; None: a new
+    local one started by ray.init); a process that has already joined a cluster keeps using it. `num_cpus`: CPUs Ray reserves for each actor (fractions let many
     experts share a core). `max_restarts`: how often Ray restarts a dead actor. `timeout_s`: how
     long a search waits for an expert before leaving it out. `start_timeout_s`: how long actors
     may take to start (resources, reading their files) before opening fails.
@@ -248,7 +248,14 @@ class RayBackend:
             for row in actors:
                 for a in row:
                     ray.kill(a, no_restart=True)
-            raise RuntimeError(f"expert actors did not start within {self.start_timeout_s} s: {exc}") from exc
+            if isinstance(exc, GetTimeoutError):
+                raise RuntimeError(f"expert actors did not start within start_timeout_s={self.start_timeout_s:g} s "
+                                   f"(waiting for resources, or reading their files)") from exc
+            text = str(exc)  # the actor's own error, as text: a bad checkpoint reads as it does locally
+            marker = "CheckpointError: "
+            if marker in text:
+                raise CheckpointError(text[text.rindex(marker) + len(marker):].strip().splitlines()[0]) from None
+            raise RuntimeError(f"an expert actor failed to start: {text.strip().splitlines()[-1]}") from exc
         return actors, pinned
 
     def _handles(self, groups: list[list[tuple[str, FileSource | VectorSource]]], meta: list[list[tuple]]) -> list[RemoteExpert]:
