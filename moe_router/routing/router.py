@@ -457,7 +457,7 @@ class Router:
 
         `backend` "local" reads the experts into this process; "ray" opens each expert (or group)
         in a Ray actor that reads its own files, on the cluster at `ray_address` (None: join the
-        one this process is connected to, else start a local one), with RayBackend's
+        local cluster if one runs, else start one; see RayBackend), with RayBackend's
         `backend_options`. An ExpertBackend instance is used as it is.
         """
         if not isinstance(backend, str) and (ray_address is not None or backend_options):

@@ -199,8 +199,9 @@ class RemoteExpert:
 class RayBackend:
     """Experts in Ray actors: `experts_per_actor` experts an actor, `replicas` actors holding each group.
 
-    `address`: the cluster to join ("auto": the one `ray start` runs on this machine; None: a new
-    local one started by ray.init); a process that has already joined a cluster keeps using it. `num_cpus`: CPUs Ray reserves for each actor (fractions let many
+    `address`: the cluster to join (ray.init's rules: None joins RAY_ADDRESS or the cluster `ray start`
+    last started on this machine, else starts a local one; "auto" joins or fails); a process that has
+    already joined a cluster keeps using it. `num_cpus`: CPUs Ray reserves for each actor (fractions let many
     experts share a core). `max_restarts`: how often Ray restarts a dead actor. `timeout_s`: how
     long a search waits for an expert before leaving it out. `start_timeout_s`: how long actors
     may take to start (resources, reading their files) before opening fails.
