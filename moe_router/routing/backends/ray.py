@@ -122,12 +122,12 @@ class ExpertGroup:
         return [self.experts[key].search(xq, k) for key, xq in jobs]
 
     def read(self, key: str, what: str, *args: Any) -> Any:
-        """An expert's ids, vectors, centroid or prototypes (what lifecycle and saving read)."""
+        """An expert's ids, vectors, some rows, centroid or prototypes (what lifecycle and saving read)."""
         e = self.experts[key]
         if what == "ids":
             return e.ids
-        if what not in ("vectors", "centroid", "prototypes"):
-            raise ValueError(f"cannot read {what!r} from an expert actor; expected ids, vectors, centroid or prototypes")
+        if what not in ("vectors", "rows", "centroid", "prototypes"):
+            raise ValueError(f"cannot read {what!r} from an expert actor; expected ids, vectors, rows, centroid or prototypes")
         return getattr(e, what)(*args)
 
     def pid(self) -> int:
@@ -173,6 +173,9 @@ class RemoteExpert:
 
     def vectors(self) -> np.ndarray:
         return self._read("vectors")
+
+    def rows(self, idx: np.ndarray) -> np.ndarray:
+        return self._read("rows", np.asarray(idx, dtype=np.int64))
 
     def centroid(self) -> np.ndarray:
         return self._read("centroid")
