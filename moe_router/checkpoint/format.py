@@ -7,15 +7,17 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from moe_router.checks import ensure_unique
-from moe_router.embed.base import Embedder
-from moe_router.gate.model import Gate
-from moe_router.index.expert import Expert
-from moe_router.store import MetadataStore
+
+if TYPE_CHECKING:  # annotations only: the format (and expert_files) must import without torch
+    from moe_router.embed.base import Embedder
+    from moe_router.gate.model import Gate
+    from moe_router.index.expert import Expert
+    from moe_router.store import MetadataStore
 
 
 log = logging.getLogger(__name__)

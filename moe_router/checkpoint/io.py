@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import json
 import os
 import shutil
-import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from safetensors import SafetensorError
@@ -20,9 +18,10 @@ from safetensors.torch import load_file, save_file
 from moe_router.checkpoint.format import (
     FORMAT, FORMAT_VERSION, GATE_FILE, MANIFEST, STORE, CheckpointError, CheckpointParts, inside, read_manifest, sha256_file,
 )
+from moe_router.checkpoint.expert_files import read_experts
 from moe_router.embed.registry import embedder_from_spec
 from moe_router.gate.model import Gate
-from moe_router.index.expert import Expert, SavedCopy
+from moe_router.index.expert import SavedCopy
 from moe_router.store import MetadataStore
 
 log = logging.getLogger(__name__)
@@ -165,99 +164,17 @@ def recover_checkpoint(path: Path) -> Path | None:
     return newest
 
 
-_BLOCK = 1 << 22  # bytes read, and hashed, at a time
+# (checkpoint dir, expert entries of the manifest, dim, metric, sha256 to check, sha256 of every file) -> experts;
+# a backend that keeps experts elsewhere (routing.backends) opens them there instead.
+OpenExperts = Callable[[Path, list[dict], int, str, dict, dict], list]
 
 
-# numpy parses a .npy header with ast.literal_eval, and CPython 3.11 can raise a spurious
-# SystemError ("AST constructor recursion depth mismatch", python/cpython#106905) when two
-# threads build ASTs at once: experts are read side by side, their headers one at a time.
-_HEADER_LOCK = threading.Lock()
+def read_checkpoint(path: Path, verify: bool = True, cache_dir: str | Path | None = None,
+                    open_experts: OpenExperts | None = None) -> CheckpointParts:
+    """The parts of a router from a checkpoint directory. `verify` checks every file's sha256 (experts' while reading).
 
-
-def _read_npy_into(path: Path, rel: str, out: np.ndarray, digest: str | None) -> None:
-    """Fill `out` from the .npy file `rel` in one pass, checking the file's sha256 on the way when `digest` is set.
-
-    One read serves both the check and the load (reading twice cost more than the 3 s budget at 1M
-    x 384). Only `out`'s dtype and shape are accepted, so object arrays are refused, never unpickled.
+    `open_experts` opens the experts (default read_experts: into this process).
     """
-    file = inside(path, rel)
-    sha = hashlib.sha256() if digest is not None else None
-    try:
-        with open(file, "rb") as f:
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)  # read ahead more from disk
-            problem = _read_npy_data(f, out, sha)
-            if sha is not None and problem is None:
-                for block in iter(lambda: f.read(_BLOCK), b""):  # bytes after the data count too
-                    sha.update(block)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} is incomplete: {rel} is missing") from None
-    except OSError as exc:
-        problem = f"is corrupted ({exc})"
-    if digest is not None:
-        try:
-            actual = sha256_file(file) if problem else sha.hexdigest()  # a damaged file: hash all of it, as before
-        except OSError:
-            actual = None
-        if actual != digest:
-            raise CheckpointError(f"checkpoint {path}: {rel} is corrupted (sha256 does not match the manifest)")
-    if problem:
-        raise CheckpointError(f"checkpoint {path}: {rel} {problem}")
-
-
-def _read_npy_data(f, out: np.ndarray, sha) -> str | None:
-    """Read an open .npy file's array into `out` (hashing header and data into `sha`); what is wrong, or None."""
-    try:
-        with _HEADER_LOCK:
-            version = np.lib.format.read_magic(f)
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-            if version not in read_header:
-                return f"is corrupted (unsupported .npy format version {version})"
-            shape, fortran_order, dtype = read_header[version](f)
-    except Exception as exc:  # numpy parses the header text: hostile bytes raise many kinds of error
-        return f"is corrupted (unreadable .npy header: {type(exc).__name__})"
-    if dtype != out.dtype or tuple(shape) != out.shape:
-        return f"has dtype {dtype} and shape {tuple(shape)}, expected {out.dtype} {out.shape}"
-    if fortran_order and out.ndim > 1:
-        return "is corrupted (Fortran order; checkpoints hold C-order arrays)"
-    if sha is not None:
-        data_start = f.tell()
-        f.seek(0)
-        sha.update(f.read(data_start))
-    buf = memoryview(out.reshape(-1).view(np.uint8))  # out is C-contiguous: a view, filled in place
-    for start in range(0, buf.nbytes, _BLOCK):
-        chunk = buf[start : start + _BLOCK]
-        if f.readinto(chunk) != len(chunk):
-            return "is corrupted (the file ends before its data does)"
-        if sha is not None:
-            sha.update(chunk)
-    return None
-
-
-def _read_expert(path: Path, info: dict, dim: int, metric: str, files: dict[str, str], digests: dict) -> Expert:
-    """One expert's ids, then its vectors read straight into its index (sha256-checked when listed in `files`).
-
-    `digests` is the manifest's sha256 of every file, recorded with the expert (Expert.saved).
-    """
-    n = int(info["size"])
-    if n < 0:
-        raise CheckpointError(f"checkpoint {path}: expert {info.get('name')!r} has size {n}; expected a count >= 0")
-    for rel, row_bytes in ((info["ids"], 8), (info["vectors"], 4 * dim)):
-        file = inside(path, rel)  # a hostile size must not become a huge allocation: the files bound it
-        if file.is_file() and file.stat().st_size < n * row_bytes:
-            raise CheckpointError(f"checkpoint {path}: {rel} is corrupted (the manifest says {n} rows; "
-                                  f"the file is too small to hold them)")
-    expert = Expert(str(info["name"]), dim, metric, str(info.get("specialization", "")), info.get("parent"))
-    ids = np.empty(n, dtype=np.int64)
-    _read_npy_into(path, info["ids"], ids, files.get(info["ids"]))
-    _read_npy_into(path, info["vectors"], expert.add_in_place(ids), files.get(info["vectors"]))
-    pair = digests.get(info["vectors"]), digests.get(info["ids"])
-    if all(isinstance(d, str) for d in pair):  # the files a later save may link instead of rewriting
-        expert.saved = SavedCopy(inside(path.absolute(), info["vectors"]), inside(path.absolute(), info["ids"]), *pair)
-    return expert
-
-
-def read_checkpoint(path: Path, verify: bool = True, cache_dir: str | Path | None = None) -> CheckpointParts:
-    """The parts of a router from a checkpoint directory. `verify` checks every file's sha256 (experts' while reading)."""
     path = Path(path)
     recover_checkpoint(path)
     manifest = read_manifest(path)
@@ -274,9 +191,7 @@ def read_checkpoint(path: Path, verify: bool = True, cache_dir: str | Path | Non
                 raise CheckpointError(f"checkpoint {path} is incomplete: {rel} is missing")
             if sha256_file(f) != digest:
                 raise CheckpointError(f"checkpoint {path}: {rel} is corrupted (sha256 does not match the manifest)")
-        # Experts are read side by side: sha256 and copying run on every core (reads release the GIL).
-        with ThreadPoolExecutor(max(1, min(len(infos), os.cpu_count() or 1))) as pool:
-            experts = list(pool.map(lambda info: _read_expert(path, info, dim, metric, files, manifest["files"]), infos))
+        experts = (open_experts or read_experts)(path, infos, dim, metric, files, manifest["files"])
         embedder = embedder_from_spec(manifest.get("embedder"), cache_dir=cache_dir)
         if not (path / STORE).is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: {STORE} is missing")
