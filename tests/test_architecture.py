@@ -11,6 +11,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from tests.helpers import write_beir
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 
@@ -51,6 +53,8 @@ def test_every_data_config__instantiates(data: str, tmp_path: Path) -> None:
         extra = [f"data.path={path}"]
     if data == "synthetic":
         extra = ["data.vectors=200", "data.val=10", "data.test=10", "data.dim=16"]
+    if data == "beir":
+        extra = [f"data.root={write_beir(tmp_path / 'beir')}"]
     cfg = compose_config("train", [f"data={data}", f"datasets_dir={REPO.parent / 'shared' / 'datasets'}", *extra])
     dataset = instantiate(cfg.data)
     assert dataset.name == cfg.data.name
