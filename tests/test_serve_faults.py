@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,8 +17,10 @@ import pytest
 
 from moe_router import CheckpointError, HashingEmbedder, Router
 from moe_router.serving import RouterState
+from tests.helpers import read_manifest, version_path, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
+FORMAT1 = REPO / "tests" / "data" / "format1"  # written by moe_router at commit 3265d1d (format 1)
 DIM = 32
 
 
@@ -164,7 +167,7 @@ def test_checkpoint_fuzz__small_run_ends_in_clear_errors(tmp_path):
 
 def test_load__mangled_npy_header__is_a_checkpoint_error(tmp_path):
     ckpt = build_checkpoint(tmp_path / "ckpt")
-    ids = ckpt / "experts" / "0000.ids.npy"
+    ids = version_path(ckpt) / "experts" / "0000.ids.npy"
     ids.write_bytes(ids.read_bytes().replace(b"'shape': (20,)", b"'shape': (20, "))
     with pytest.raises(CheckpointError):
         Router.load(ckpt, verify=False)
@@ -172,24 +175,24 @@ def test_load__mangled_npy_header__is_a_checkpoint_error(tmp_path):
 
 def test_load__forged_gate_width__is_a_checkpoint_error(tmp_path):
     ckpt = build_checkpoint(tmp_path / "ckpt")
-    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest = read_manifest(ckpt)
     manifest["gate"]["config"]["hidden_dims"] = [10**12]  # 10^12 x 32 floats: cannot be allocated
-    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(ckpt, manifest)
     with pytest.raises(CheckpointError):
         Router.load(ckpt)
 
 
-def test_save_killed_between_renames__is_recovered_at_start(tmp_path):
-    ckpt = build_checkpoint(tmp_path / "ckpt")
-    # What checkpoint._swap_into_place leaves when killed between its renames: the live checkpoint
-    # moved aside and the new one (never acknowledged) still under its temporary name.
+def test_format1_save_killed_between_renames__is_recovered_at_start(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    # What a format-1 save left when killed between its renames: the live checkpoint moved aside
+    # and the new one (never acknowledged) still under its temporary name.
     aside = tmp_path / ".ckpt.old-deadbeef"
-    os.rename(ckpt, aside)
+    shutil.copytree(FORMAT1, aside)
     (tmp_path / ".ckpt.tmp-0badf00d").mkdir()
     state = RouterState(ckpt)
     assert ckpt.is_dir() and not aside.exists()
     with state.lease() as snap:
-        assert snap.router.expert_names == ["alpha", "beta", "gamma"]
+        assert snap.router.expert_names == ["alpha", "beta"]
     state.close()
 
 

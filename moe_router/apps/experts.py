@@ -23,7 +23,7 @@ class ExpertsRun:
 
     op: str
     lines: list[str]  # human-readable report
-    saved: Path | None = None  # checkpoint written (None: nothing changed on disk, or only feedback appended)
+    saved: Path | None = None  # checkpoint written (None: nothing changed on disk)
     data: dict | None = None
 
 
@@ -46,8 +46,8 @@ def read_texts(path: str | Path, split: str | None = None) -> tuple[list[str], l
 def run(cfg: Any) -> ExpertsRun:
     """One lifecycle operation (cfg.op) on the checkpoint cfg.ckpt; changes are saved atomically to cfg.out or cfg.ckpt.
 
-    The router works on an in-memory copy of the checkpoint's store, so a failed operation
-    leaves the checkpoint on disk exactly as it was. Feedback is appended to the store in place.
+    A loaded router's store is a private in-memory copy, so a failed operation leaves the
+    checkpoint on disk exactly as it was; every change, feedback too, reaches it through one save.
     """
     op = str(cfg.op)
     router = Router.load(cfg.ckpt, cache_dir=cfg.cache_dir or default_cache_dir())
@@ -57,7 +57,10 @@ def run(cfg: Any) -> ExpertsRun:
 
     if op == "feedback":
         seq = router.record_feedback(cfg.feedback.query, cfg.feedback.expert, bool(cfg.feedback.positive))
-        return ExpertsRun(op, [f"feedback #{seq} recorded: {cfg.feedback.expert} {'+' if cfg.feedback.positive else '-'}"])
+        out = Path(cfg.out or cfg.ckpt)  # saved like every change: a loaded router never writes its checkpoint itself
+        router.save(out, config=dict(router.manifest.get("config") or {}), metrics=dict(router.manifest.get("metrics") or {}))
+        return ExpertsRun(op, [f"feedback #{seq} recorded: {cfg.feedback.expert} {'+' if cfg.feedback.positive else '-'}"],
+                          out)
     if op in ("stats", "recommend"):
         if op == "stats":
             queries = read_texts(cfg.stats.queries_file, cfg.stats.split)[0] if cfg.stats.queries_file else None
@@ -74,9 +77,6 @@ def run(cfg: Any) -> ExpertsRun:
             data["recommendations"] = [asdict(r) for r in recs]
         return ExpertsRun(op, lines, None, data)
 
-    file_store = router.store
-    router.store = file_store.in_memory_copy()  # the checkpoint's file is only replaced by the atomic save
-    file_store.close()
     changed: list[str] = []
     if op == "add":
         texts, _ = read_texts(cfg.add.texts_file, cfg.add.split)

@@ -134,7 +134,7 @@ def _prepare_root(path: Path) -> None:
         raise CheckpointError(f"refusing to save into {path}: {POINTER} is not a regular file")
 
 
-def _current(path: Path) -> int | None:
+def current_version(path: Path) -> int | None:
     """The version CURRENT points to; None without a (readable) pointer."""
     try:
         return parse_pointer(read_inside(path, POINTER, MAX_POINTER_BYTES), f"{path}/{POINTER}")[0]
@@ -155,7 +155,7 @@ def write_checkpoint(path: Path, router: CheckpointParts, recheck: bool = True) 
     versions = path / VERSIONS
     versions.mkdir(exist_ok=True)
     taken = [n for n in map(version_number, os.listdir(versions)) if n is not None]
-    n = max([_current(path) or 0, *taken]) + 1  # a name no version has had (versions are never reused)
+    n = max([current_version(path) or 0, *taken]) + 1  # a name no version has had (versions are never reused)
     tmp = versions / f".tmp-{n:06d}-{uuid.uuid4().hex[:8]}"
     final = path / version_dir(n)
     pointer_tmp = path / f".{POINTER}.tmp-{uuid.uuid4().hex[:8]}"

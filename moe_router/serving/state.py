@@ -1,15 +1,19 @@
-"""The served router: copy-on-write snapshots, durable mutations, recovery of an interrupted save.
+"""The served router: copy-on-write snapshots, durable mutations through saves.
 
 Readers take a lease on the current snapshot and use it to the end of their request. A change
-to the expert set (add, remove) forks the router, changes the fork, saves it atomically over the
-checkpoint, and only then swaps it in. A reader therefore sees the old set of experts or the new
-one, never a mix, and nothing a client was told succeeded can be lost by a crash:
+to the expert set (add, remove, merge, split) forks the router, changes the fork, saves it as a
+new version of the checkpoint, and only then swaps it in. A reader therefore sees the old set of
+experts or the new one, never a mix, and nothing a client was told succeeded can be lost by a
+crash, because every write reaches the disk the one way a checkpoint changes, Router.save:
 
-- feedback is committed to the checkpoint's SQLite store (WAL, synchronous=FULL) before the reply;
-- an expert change is acknowledged only after Router.save has renamed the new checkpoint into place.
+- feedback is added to the served router's in-memory store and the router is saved (a new
+  version; unchanged files are hard-linked after a stat check, so only the store, the gate and
+  the manifest are written) before the reply. If the save fails the row is taken out again and
+  the client gets an error: memory and disk still agree;
+- an expert change is acknowledged only after Router.save has switched CURRENT to the new version.
 
-Writes are serialised by one lock, so a save never races a feedback commit (the save copies the
-store; a commit landing between that copy and the swap would be lost with the old file).
+Writes are serialised by one lock: one save at a time, in this process. Another process must not
+save the same checkpoint meanwhile (several writer processes are not supported).
 """
 
 from __future__ import annotations
@@ -25,12 +29,10 @@ import faiss
 import numpy as np
 import torch
 
-from moe_router.checkpoint.format import STORE, read_manifest
-from moe_router.checkpoint.io import recover_checkpoint
+from moe_router.checkpoint.io import current_version, recover_checkpoint
 from moe_router.index.expert import Expert
 from moe_router.lifecycle.merge_split import merge_experts, split_expert
 from moe_router.routing.router import Router
-from moe_router.store import MetadataStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -106,10 +108,21 @@ class RouterState:
                 snap.router.store.close()
 
     def record_feedback(self, query: str | np.ndarray, expert: str, positive: bool) -> int:
-        """Commit one feedback row to the checkpoint's store; returns its id. KeyError: unknown expert."""
+        """Record one feedback row and save the checkpoint with it; returns its id. KeyError: unknown expert.
+
+        The row is acknowledged only once the save holding it has switched CURRENT (PersistError
+        otherwise, with the row taken out again).
+        """
         with self._write_lock, self.lease() as snap:
             self._check_writable()
-            return snap.router.record_feedback(query, expert, positive)
+            router = snap.router
+            seq = router.record_feedback(query, expert, positive)
+            try:
+                self._save(router, recheck=False)  # the expert files were hashed when loaded or written
+            except BaseException:
+                router.store.delete_feedback(seq)
+                raise
+            return seq
 
     def add_expert(
         self,
@@ -180,21 +193,21 @@ class RouterState:
             raise PersistError(f"writes are off until a restart: {self.failed}")
 
     def _persist(self, fork: Router) -> None:
-        manifest: dict[str, Any] = fork.manifest or {}
+        self._save(fork, recheck=True)
+
+    def _save(self, router: Router, recheck: bool) -> None:
+        """Save `router` as the checkpoint's new version; PersistError (nothing changed on disk) when it cannot be."""
+        manifest: dict[str, Any] = router.manifest or {}
+        before = current_version(self.ckpt)
         try:
-            fork.save(self.ckpt, config=manifest.get("config"), metrics=manifest.get("metrics"))
-        except OSError as exc:  # the save is atomic: the checkpoint on disk is still the served one
+            router.save(self.ckpt, config=manifest.get("config"), metrics=manifest.get("metrics"), recheck=recheck)
+        except OSError as exc:
+            if current_version(self.ckpt) != before:
+                # CURRENT was switched but the save failed after (an fsync): the disk holds a version the
+                # served router may not match; refuse writes until a restart loads it.
+                self.failed = f"the checkpoint was saved but the save could not be finished ({exc})"
+                log.error("%s; restart the server to serve the saved checkpoint", self.failed)
             raise PersistError(f"could not save the checkpoint {self.ckpt}: {exc}") from exc
-        try:  # the checkpoint on disk is now the fork's; its in-memory store moves to the file
-            store = MetadataStore(self.ckpt / STORE)
-            fork.store.close()
-            fork.store = store
-            fork.manifest = read_manifest(self.ckpt)
-        except Exception as exc:
-            # Memory and disk disagree now; a write to the old store would go to a replaced file.
-            self.failed = f"the checkpoint was saved but could not be reopened ({exc})"
-            log.error("%s; restart the server to serve the saved checkpoint", self.failed)
-            raise PersistError(self.failed) from exc
 
     def _swap(self, fork: Router) -> int:
         with self._swap_lock:
