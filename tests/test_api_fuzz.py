@@ -1,0 +1,206 @@
+"""Property-based fuzz of the Python API (hypothesis): random valid and invalid call sequences.
+
+Every call either succeeds with the invariants intact, or raises one of the documented error types
+(ValueError, which CheckpointError is; KeyError for an unknown expert; RuntimeError for a router
+without a usable gate) with a message naming the argument, and then leaves both the router and
+the checkpoint on disk exactly as they were. Any other exception fails the test.
+
+Invariants after a success: ids are unique across experts and each has its store row under its
+expert; a search over all experts equals one exact flat search over every vector; after save,
+load gives back the same router (vectors, ids, gate weights, store rows, stats).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from moe_router import HashingEmbedder, Router
+from moe_router.lifecycle.merge_split import merge_experts, split_expert
+from tests.helpers import assert_same_topk, brute_force
+
+DIM = 8
+ERRORS = (ValueError, KeyError, RuntimeError)  # the documented error types (CheckpointError is a ValueError)
+COUNTS: Counter = Counter()  # calls made, by operation and outcome (written to $MOE_FUZZ_REPORT when set)
+
+
+def router_digest(router: Router) -> str:
+    """Everything a call may change and a checkpoint holds."""
+    h = hashlib.sha256()
+    h.update(json.dumps([router.dim, router.metric, router.abstain_threshold,
+                         [(e.name, e.specialization, e.parent) for e in router.experts],
+                         router.routing_stats.counts.tolist(), router.routing_stats.confidence_sums.tolist()]).encode())
+    for e in router.experts:
+        h.update(e.vectors().tobytes())
+        h.update(e.ids.tobytes())
+    for k, v in sorted((router.gate.state_dict() if router.gate is not None else {}).items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().numpy().tobytes())
+    for table in ("items", "feedback"):
+        h.update(repr(router.store.conn.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()).encode())
+    return h.hexdigest()
+
+
+def disk_digest(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(path.rglob("*"))} if path.exists() else {}
+
+
+def check_invariants(router: Router) -> None:
+    ids = np.concatenate([e.ids for e in router.experts]) if router.experts else np.empty(0, np.int64)
+    assert len(np.unique(ids)) == len(ids), "an id is stored twice"
+    owner = router.store.experts_of(ids.tolist())
+    assert owner == {int(i): e.name for e in router.experts for i in e.ids}, "store rows do not match the experts"
+    assert router.store.max_id() < router._next_id or not len(ids)
+    if router.gate is None or router.ntotal == 0:
+        return
+    xq = np.random.default_rng(router.ntotal).standard_normal((4, DIM)).astype(np.float32)
+    xq /= np.linalg.norm(xq, axis=1, keepdims=True)
+    k = min(5, router.ntotal)
+    res = router.search_experts(xq, k, np.tile(np.arange(router.num_experts), (len(xq), 1)))
+    xb = np.concatenate([e.vectors() for e in router.experts])
+    D_ref, I_ref = brute_force(xq, xb, ids, k, router.metric)
+    assert_same_topk(res.D, res.I, D_ref, I_ref)
+
+
+def base_router() -> Router:
+    rng = np.random.default_rng(0)
+    router = Router(DIM, "ip", embedder=HashingEmbedder(DIM, seed=0))
+    for name in ("a", "b", "c"):
+        router.add_expert(name, vectors=rng.standard_normal((6, DIM)).astype(np.float32),
+                          texts=[f"{name} text {i}" for i in range(6)], metadata=[{"i": i} for i in range(6)])
+    torch.manual_seed(0)
+    router.init_gate(hidden_dims=[8], dropout=0.0)
+    return router
+
+
+# ---------------------------------------------------------------- generated arguments
+
+NAMES = st.sampled_from(["a", "b", "c", "new1", "new2", "ghost", "", None, 5, "a+b"])
+COUNT = st.one_of(st.integers(-2, 8), st.sampled_from([True, 2.5, "2", None]))
+
+
+@st.composite
+def vectors(draw, rows: tuple[int, int] = (1, 4)) -> Any:
+    n = draw(st.integers(*rows))
+    kind = draw(st.sampled_from(["ok", "ok", "ok", "dim", "nan", "empty", "1d", "text"]))
+    x = np.random.default_rng(draw(st.integers(0, 99))).standard_normal((n, DIM)).astype(np.float32)
+    return {"ok": x, "dim": x[:, :-1], "nan": np.where(np.arange(DIM) == 0, np.nan, x), "empty": x[:0],
+            "1d": np.ones(DIM, np.float32), "text": ["a question", "another"][:n]}[kind]
+
+
+def op_route(d) -> tuple[str, Callable, tuple[str, ...]]:
+    q, top_k = d(vectors()), d(COUNT)
+    return "route", lambda r, ctx: r.route(q, top_k=top_k), ("top_k", "quer", "vector")
+
+
+def op_search(d):
+    q, k, top, per = d(vectors()), d(COUNT), d(COUNT), d(st.booleans())
+    return "search", lambda r, ctx: r.search(q, k=k, top_experts=top, per_expert=per), ("k ", "k must", "top_experts", "quer", "vector")
+
+
+def op_add(d):
+    name, x = d(NAMES), d(vectors((0, 5)))
+    texts = d(st.sampled_from(["none", "match", "short"]))
+
+    def call(r, ctx):
+        n = len(x) if hasattr(x, "__len__") else 0
+        t = None if texts == "none" else [f"t{i}" for i in range(n if texts == "match" else n + 1)]
+        return r.add_expert(name, vectors=x, texts=t)
+    return "add", call, ("name", "expert", "vector", "text")
+
+
+def op_remove(d):
+    name = d(NAMES)
+    return "remove", lambda r, ctx: r.remove_expert(name), ("expert",)
+
+
+def op_merge(d):
+    a, b, name = d(NAMES), d(NAMES), d(st.sampled_from([None, "m1", "a", "", 7]))
+    return "merge", lambda r, ctx: merge_experts(r, a, b, name), ("expert", "merg", "name")
+
+
+def op_split(d):
+    name, parts = d(NAMES), d(COUNT)
+    return "split", lambda r, ctx: split_expert(r, name, parts), ("expert", "split", "parts", "name")
+
+
+def op_feedback(d):
+    q, name, positive = d(vectors((1, 2))), d(NAMES), d(st.booleans())
+    return "feedback", lambda r, ctx: r.record_feedback(q, name, positive), ("expert", "quer", "vector", "feedback")
+
+
+def op_save(d):
+    target = d(st.sampled_from(["ckpt", "ckpt", "file", "file/below"]))
+
+    def call(r, ctx):
+        r.save(ctx["root"] / target)
+        ctx["saved"] = router_digest(r)
+    return "save", call, ("checkpoint", "directory")
+
+
+def op_load(d):
+    source = d(st.sampled_from(["ckpt", "ckpt", "missing", "file"]))
+
+    def call(r, ctx):
+        loaded = Router.load(ctx["root"] / source)
+        assert router_digest(loaded) == ctx["saved"], "load did not give back what was saved"
+        ctx["router"] = loaded
+    return "load", call, ("checkpoint", source)
+
+
+OPS = [op_route, op_search, op_add, op_remove, op_merge, op_split, op_feedback, op_save, op_load]
+
+
+@st.composite
+def programs(draw) -> list:
+    return [draw(st.sampled_from(OPS))(draw) for _ in range(draw(st.integers(1, 10)))]
+
+
+@settings(max_examples=int(os.environ.get("MOE_FUZZ_EXAMPLES", 30)), deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(programs())
+def test_api_fuzz__calls_succeed_with_invariants_or_fail_cleanly_changing_nothing(program) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "file").write_text("not a checkpoint")
+        ctx: dict[str, Any] = {"root": root, "router": base_router()}
+        ctx["router"].save(root / "ckpt")
+        ctx["saved"] = router_digest(ctx["router"])
+        for name, call, tokens in program:
+            router = ctx["router"]
+            before, disk = router_digest(router), disk_digest(root / "ckpt")
+            try:
+                call(router, ctx)
+            except ERRORS as exc:
+                COUNTS[f"{name} error"] += 1
+                message = str(exc)
+                assert any(t in message for t in tokens), f"{name}: {type(exc).__name__} does not name its argument: {message}"
+                assert router_digest(router) == before, f"{name} failed ({message}) but changed the router"
+                assert disk_digest(root / "ckpt") == disk, f"{name} failed ({message}) but changed the checkpoint"
+                continue
+            COUNTS[f"{name} ok"] += 1
+            if name not in ("save",):
+                assert disk_digest(root / "ckpt") == disk, f"{name} changed the checkpoint without a save"
+            check_invariants(ctx["router"])
+
+
+def test_api_fuzz__exercised_both_outcomes_of_every_operation() -> None:
+    """Runs after the fuzz (file order): a fuzz that never reached an outcome proved nothing about it."""
+    if not COUNTS:
+        pytest.skip("run with the fuzz test")
+    report = os.environ.get("MOE_FUZZ_REPORT")
+    if report:
+        Path(report).write_text(json.dumps(dict(sorted(COUNTS.items())), indent=2))
+    for op in ("route", "search", "add", "remove", "merge", "split", "feedback", "save", "load"):
+        assert COUNTS[f"{op} ok"] > 0 and COUNTS[f"{op} error"] > 0, dict(COUNTS)
