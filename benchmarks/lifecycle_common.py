@@ -1,6 +1,6 @@
 """Shared pieces of the lifecycle benchmarks: CLINC150 with cached MiniLM vectors, the project's
 full training (configs/train.yaml as scripts/train.py uses it: the hybrid MLP + prototype gate,
-30 epochs, mix targets, best epoch by val/recall@10), cached trained routers, the DESIGN.md metrics.
+30 epochs, mix targets, best epoch by val/recall@10), cached trained routers, the metrics of moe_router.metrics.
 
 Dimension legend: n queries, E experts, t experts searched, k hits.
 """

@@ -12,14 +12,24 @@ import argparse
 import sys
 
 from moe_router.checkpoint.format import CheckpointError
+from moe_router.logs import quiet_libraries
 from moe_router.routing.router import Router
+
+
+def confidence(p: float) -> str:
+    """A probability for people: three decimals, but never a rounded 1.000 or 0.000 that was not exact."""
+    if 0.9995 <= p < 1.0:
+        return "> 0.999"
+    if 0.0 < p < 0.0005:
+        return "< 0.001"
+    return f"{p:.3f}"
 
 
 def _print_routes(router: Router, queries: list[str], top_experts: int) -> None:
     for query, routes in zip(queries, router.route(queries, top_k=top_experts)):
         print(f'\nQuery: "{query}"')
         for r in routes:
-            print(f"  {r.expert:<24} confidence {r.probability:.3f}")
+            print(f"  {r.expert:<24} confidence {confidence(r.probability)}")
 
 
 def _print_hits(router: Router, queries: list[str], k: int, top_experts: int, per_expert: bool) -> None:
@@ -29,7 +39,7 @@ def _print_hits(router: Router, queries: list[str], k: int, top_experts: int, pe
         for h in hits:
             by_expert.setdefault(h.expert, []).append(h)
         for expert, group in by_expert.items():
-            print(f"  {expert} (confidence {group[0].routing_score:.3f}):")
+            print(f"  {expert} (confidence {confidence(group[0].routing_score)}):")
             for i, h in enumerate(group, 1):
                 text = (h.text or f"id {h.id}")[:70]
                 print(f"    {i}. {text}\n       score {h.score:.4f}")
@@ -45,6 +55,7 @@ def _print_stats(router: Router) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()
     parser = argparse.ArgumentParser(prog="moe-router", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("route", "search", "stats"):

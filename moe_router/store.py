@@ -12,6 +12,9 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from moe_router.sqlite import select_in
+from moe_router.types import FeedbackRecord
+
 
 
 SCHEMA = """
@@ -98,13 +101,8 @@ class MetadataStore:
         wanted = sorted({int(i) for i in ids if i >= 0})
         out: dict[int, tuple[str | None, dict]] = {}
         with self._lock:
-            for start in range(0, len(wanted), 900):  # SQLite's default limit on bound parameters is 999
-                chunk = wanted[start : start + 900]
-                marks = ",".join("?" * len(chunk))
-                for i, text, payload in self.conn.execute(
-                    f"SELECT id, text, payload FROM items WHERE id IN ({marks})", chunk
-                ):
-                    out[i] = (text, json.loads(payload) if payload else {})
+            for i, text, payload in select_in(self.conn, "SELECT id, text, payload FROM items WHERE id IN ({marks})", wanted):
+                out[i] = (text, json.loads(payload) if payload else {})
         return out
 
     def max_id(self) -> int:
@@ -112,19 +110,11 @@ class MetadataStore:
             row = self.conn.execute("SELECT MAX(id) FROM items").fetchone()
         return -1 if row[0] is None else int(row[0])
 
-    def rename_expert(self, old: str, new: str) -> None:
-        with self._lock, self.conn:
-            self.conn.execute("UPDATE items SET expert = ? WHERE expert = ?", (new, old))
-
     def delete_expert(self, name: str) -> None:
         """Delete the expert's items; its feedback stays as an audit log, set apart from any later expert of that name."""
         with self._lock, self.conn:
             self.conn.execute("DELETE FROM items WHERE expert = ?", (name,))
             self.conn.execute("UPDATE feedback SET removed = ? WHERE expert = ? AND removed IS NULL", (time.time(), name))
-
-    def set_expert(self, ids: Sequence[int], expert: str) -> None:
-        with self._lock, self.conn:
-            self.conn.executemany("UPDATE items SET expert = ? WHERE id = ?", [(expert, int(i)) for i in ids])
 
     def add_feedback(self, query: str | None, vector: np.ndarray, expert: str, positive: bool) -> int:
         with self._lock, self.conn:
@@ -141,8 +131,8 @@ class MetadataStore:
 
     def feedback(
         self, expert: str | None = None, include_removed: bool = False,
-    ) -> list[tuple[int, str | None, np.ndarray, str, bool, float]]:
-        """(seq, query text, query vector, expert, positive, unix time) rows, oldest first.
+    ) -> list[FeedbackRecord]:
+        """Feedback records, oldest first.
 
         Rows of removed experts are left out unless `include_removed` (the full audit log).
         """
@@ -155,7 +145,7 @@ class MetadataStore:
         sql += " WHERE " + " AND ".join(where) if where else ""
         with self._lock:
             rows = self.conn.execute(sql + " ORDER BY seq", args).fetchall()
-        return [(s, q, np.frombuffer(v, dtype=np.float32), e, bool(p), c) for s, q, v, e, p, c in rows]
+        return [FeedbackRecord(s, q, np.frombuffer(v, dtype=np.float32), e, bool(p), c) for s, q, v, e, p, c in rows]
 
     def backup_to(self, path: Path) -> None:
         """Copy the whole store into a new SQLite file at `path` (consistent even while in use), fsynced.
@@ -204,10 +194,7 @@ class MetadataStore:
         wanted = sorted({int(i) for i in ids})
         out: dict[int, str] = {}
         with self._lock:
-            for start in range(0, len(wanted), 900):
-                chunk = wanted[start : start + 900]
-                marks = ",".join("?" * len(chunk))
-                out.update(self.conn.execute(f"SELECT id, expert FROM items WHERE id IN ({marks})", chunk).fetchall())
+            out.update(select_in(self.conn, "SELECT id, expert FROM items WHERE id IN ({marks})", wanted))
         return out
 
     def in_memory_copy(self) -> "MetadataStore":

@@ -53,3 +53,14 @@ class ExpertStats:
     load_share: float  # share of all (query, expert) assignments
     mean_confidence: float  # mean gate probability when chosen (0.0 if never chosen)
 
+
+@dataclass(frozen=True)
+class FeedbackRecord:
+    """One feedback row: whether `expert` served `query` well."""
+
+    seq: int  # the record's id (insertion order)
+    query: str | None  # the query text, when it was a text
+    vector: np.ndarray  # (d,) the prepared query vector
+    expert: str
+    positive: bool
+    created: float  # unix time

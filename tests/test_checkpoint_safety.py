@@ -62,7 +62,7 @@ def ckpt(text_router: Router, tmp_path: Path) -> Path:
 # ---------------------------------------------------------------- 1. nothing changes on disk before save()
 
 
-@pytest.mark.parametrize("change", ["remove", "add", "merge", "split", "feedback", "rename_rows"])
+@pytest.mark.parametrize("change", ["remove", "add", "merge", "split", "feedback", "move_rows"])
 def test_loaded_router__changes_nothing_on_disk_until_saved(ckpt: Path, change: str) -> None:
     before = tree_digest(ckpt)
     loaded = Router.load(ckpt)
@@ -72,7 +72,7 @@ def test_loaded_router__changes_nothing_on_disk_until_saved(ckpt: Path, change: 
         "merge": lambda: merge_experts(loaded, "cooking", "finance", "home"),
         "split": lambda: split_expert(loaded, "astronomy", 2),
         "feedback": lambda: loaded.record_feedback("a question about comet", "astronomy", False),
-        "rename_rows": lambda: loaded.store.rename_expert("finance", "money"),
+        "move_rows": lambda: loaded.store.apply_changes([(loaded.expert("finance").ids[:3], "cooking")]),
     }[change]()
     assert tree_digest(ckpt) == before  # format 1: store.sqlite changed at once (texts deleted, rows added)
     again = Router.load(ckpt)
@@ -88,7 +88,7 @@ def test_save_same_path__is_how_a_change_reaches_the_checkpoint(ckpt: Path) -> N
     loaded.save(ckpt)
     again = Router.load(ckpt)
     assert again.expert_names == ["astronomy", "finance"]
-    assert [(e, p) for _, _, _, e, p, _ in again.store.feedback()] == [("finance", True), ("astronomy", False)]
+    assert [(r.expert, r.positive) for r in again.store.feedback()] == [("finance", True), ("astronomy", False)]
     assert hits(again, QUERIES) == hits(loaded, QUERIES)
 
 
@@ -227,7 +227,7 @@ def test_format1_checkpoint__loads_verified_and_a_save_converts_it(tmp_path: Pat
     loaded = Router.load(old)
     assert tree_digest(old) == before  # format 1 stores were opened in WAL mode, which wrote -wal/-shm files
     assert loaded.expert_names == ["alpha", "beta"] and loaded.ntotal == 18 and loaded.manifest["format_version"] == 1
-    assert [(q, e, p) for _, q, _, e, p, _ in loaded.store.feedback()] == [("red 1", "alpha", True)]
+    assert [(r.query, r.expert, r.positive) for r in loaded.store.feedback()] == [("red 1", "alpha", True)]
     assert loaded.route("red 4", top_k=1)[0].expert == "alpha"
     found = hits(loaded, ["red 1", "dog 4"])
     loaded.save(old)
@@ -253,7 +253,7 @@ def test_format1_checkpoint_with_a_write_ahead_log__is_refused_with_how_to_conve
     with pytest.raises(CheckpointError, match=r"store.sqlite-wal holds writes.*convert_legacy"):
         Router.load(old)
     convert_legacy(old)
-    rows = [(q, e, p) for _, q, _, e, p, _ in Router.load(old).store.feedback()]
+    rows = [(r.query, r.expert, r.positive) for r in Router.load(old).store.feedback()]
     assert rows == [("red 1", "alpha", True), ("blue 2", "alpha", False)]
 
 

@@ -117,7 +117,7 @@ def test_metadata_store_of_an_older_checkpoint__gains_the_removed_column_and_kee
     conn.commit()
     conn.close()
     store = MetadataStore(path)
-    assert [(s, q, e, p) for s, q, _, e, p, _ in store.feedback()] == [(1, "q", "a", True)]
+    assert [(r.seq, r.query, r.expert, r.positive) for r in store.feedback()] == [(1, "q", "a", True)]
     store.delete_expert("a")
     assert store.feedback() == [] and len(store.feedback(include_removed=True)) == 1
     store.close()

@@ -106,7 +106,7 @@ def test_ivf_with_all_probes__recalls_everything(clustered) -> None:
     exact = ids[exact_neighbours(xq, xb, 10)]
     got = ivf_recall(router, xq, exact, [1, 4], k=10)
     assert got[4] == (pytest.approx(1.0), pytest.approx(1.0))
-    assert got[1][0] <= 1.0 and 0 < got[1][1] < 1
+    assert 0 < got[1][0] <= got[4][0] and 0 < got[1][1] < got[4][1]  # fewer probes: no more recall, less scanned
 
 
 def test_fit_temperature__recovers_the_generating_temperature() -> None:

@@ -109,3 +109,9 @@ def test_cli_corrupted_checkpoint__exits_2(saved_ckpt: Path, capsys: pytest.Capt
     (saved_ckpt / "CURRENT").write_text("{")
     assert cli_main(["stats", "--ckpt", str(saved_ckpt)]) == 2
     assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_cli_confidence__never_prints_a_rounded_certainty() -> None:
+    from moe_router.cli import confidence
+
+    assert [confidence(p) for p in (0.99999, 1.0, 1e-5, 0.0, 0.5)] == ["> 0.999", "1.000", "< 0.001", "0.000", "0.500"]

@@ -246,7 +246,7 @@ def test_add_and_remove_expert__persist_and_route(ckpt):
     router = Router.load(ckpt)
     assert router.expert_names == list(TOPICS)
     # the removed expert's feedback stays as an audit log, set apart from the live experts' feedback
-    assert [(s, q, e, p) for s, q, _, e, p, _ in router.store.feedback(include_removed=True)] == [(fid, texts[0], "rust", False)]
+    assert [(r.seq, r.query, r.expert, r.positive) for r in router.store.feedback(include_removed=True)] == [(fid, texts[0], "rust", False)]
     assert router.store.feedback() == [] and router.store.feedback_counts() == {}
 
 

@@ -142,7 +142,7 @@ def test_sigkill_mid_stream__every_acknowledged_write_survives(tmp_path):
             proc.wait(30)
 
     router = Router.load(ckpt)  # loads and verifies every file
-    stored = {seq: (q, e, p) for seq, q, _, e, p, _ in router.store.feedback(include_removed=True)}
+    stored = {r.seq: (r.query, r.expert, r.positive) for r in router.store.feedback(include_removed=True)}
     missing = {i: v for i, v in acked_feedback.items() if stored.get(i) != v}
     assert not missing, f"{len(missing)} acknowledged feedback rows lost, e.g. {list(missing.items())[:3]}"
     assert router.expert_names[:3] == ["alpha", "beta", "gamma"]

@@ -9,6 +9,7 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from moe_router.logs import quiet_libraries
 from moe_router.apps.train import run_dir
 from moe_router.embed.cache import default_cache_dir
 from moe_router.eval.evaluate import evaluate as evaluate_router
@@ -22,6 +23,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     Tables and plots go to cfg.out_dir (default: Hydra's run directory, never the published
     reports/), the JSON report also to cfg.report when set.
     """
+    quiet_libraries()
     router = Router.load(cfg.ckpt, cache_dir=cfg.cache_dir or default_cache_dir())
     dataset = instantiate(cfg.data)
     report, scores = evaluate_router(

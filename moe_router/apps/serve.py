@@ -8,6 +8,7 @@ import uvicorn
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from moe_router.logs import quiet_libraries
 from moe_router.serving.app import create_app
 from moe_router.serving.state import RouterState
 
@@ -16,6 +17,7 @@ log = logging.getLogger(__name__)
 
 def serve(cfg: DictConfig) -> None:
     """Serve cfg.ckpt on cfg.host:cfg.port until SIGINT/SIGTERM (in-flight requests finish first)."""
+    quiet_libraries()
     state = RouterState(cfg.ckpt, cache_dir=cfg.cache_dir, threads=cfg.threads)
     app = create_app(state, batching=instantiate(cfg.batching), limits=instantiate(cfg.limits), auth=instantiate(cfg.auth))
     with state.lease() as snap:

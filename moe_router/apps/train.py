@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
+from moe_router.logs import quiet_libraries
 from moe_router.data.build import router_from_dataset
 from moe_router.data.datasets import TextDataset, VectorDataset
 from moe_router.embed.cache import CachedEmbedder, default_cache_dir
@@ -36,6 +37,7 @@ class TrainSummary:
 
 def train(cfg: DictConfig) -> TrainSummary:
     """Build experts from cfg.data's train split, train the gate with Lightning, save the checkpoint."""
+    quiet_libraries()
     start = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     dataset: TextDataset | VectorDataset = instantiate(cfg.data)

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from moe_router.sqlite import select_in
 from moe_router.embed.base import Embedder, check_texts
 
 
@@ -42,13 +43,9 @@ class CachedEmbedder:
         found: dict[bytes, np.ndarray] = {}
         with self._lock:
             unique = list(dict.fromkeys(keys))
-            for start in range(0, len(unique), 900):
-                chunk = unique[start : start + 900]
-                marks = ",".join("?" * len(chunk))
-                for key, blob in self._conn.execute(
-                    f"SELECT key, vec FROM vectors WHERE model = ? AND key IN ({marks})", [self.name, *chunk]
-                ):
-                    found[key] = np.frombuffer(blob, dtype=np.float32)
+            for key, blob in select_in(self._conn, "SELECT key, vec FROM vectors WHERE model = ? AND key IN ({marks})",
+                                       unique, before=[self.name]):
+                found[key] = np.frombuffer(blob, dtype=np.float32)
         missing = {k: t for k, t in zip(keys, texts) if k not in found}
         if missing:
             vecs = self.inner.encode(list(missing.values()))

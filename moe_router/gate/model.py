@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import NamedTuple
 from typing import Sequence
@@ -141,21 +142,16 @@ class Gate(nn.Module):
         return self.head.in_features
 
     def config(self) -> dict:
-        """Constructor arguments that rebuild this gate (the weights are saved separately)."""
-        return {
-            "dim": self.dim,
-            "num_experts": self.num_experts,
-            "hidden_dims": list(self.hidden_dims),
-            "dropout": self.dropout,
-            "temperature": float(self.temperature),
-            "noise_std": self.noise_std,
-            "balance_coef": self.balance_coef,
-            "z_coef": self.z_coef,
-            "prototypes_per_expert": self.prototypes_per_expert,
-            "prototype_scale": float(self.log_prototype_scale.detach().exp()) if self.prototypes_per_expert else 20.0,
-            "max_prototypes": self.max_prototypes,
-            "members": self.members,
-        }
+        """Constructor arguments that rebuild this gate (the weights are saved separately).
+
+        Read off the constructor's signature, so the list of arguments lives in one place; the
+        current temperature and prototype sharpness are what calibration and training left.
+        """
+        current = {"temperature": float(self.temperature), "hidden_dims": list(self.hidden_dims),
+                   "prototype_scale": float(self.log_prototype_scale.detach().exp()) if self.prototypes_per_expert
+                   else 20.0}
+        names = [n for n in inspect.signature(Gate.__init__).parameters if n != "self"]
+        return {n: current[n] if n in current else getattr(self, n) for n in names}
 
     @classmethod
     @torch.no_grad()

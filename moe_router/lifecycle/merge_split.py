@@ -39,7 +39,7 @@ def plan_merge(
     experts = list(state.experts)
     experts[lo] = merged
     del experts[hi]
-    seqs = [r[0] for r in store.feedback(a)] + [r[0] for r in store.feedback(b)]
+    seqs = [r.seq for r in store.feedback(a)] + [r.seq for r in store.feedback(b)]
     return Plan(State(experts, gate, state.stats.merged(ia, ib)),
                  [(ids, name)], [(seqs, name)] if seqs else [], [name])
 
@@ -91,9 +91,9 @@ def plan_split(
     rows = store.feedback(name)
     feedback_moves: list[tuple[list[int], str]] = []
     if rows:
-        xq = np.stack([r[2] for r in rows])
+        xq = np.stack([r.vector for r in rows])
         near = nearest_centroid(xq, centroids(children), ex.metric)
-        feedback_moves = [([rows[r][0] for r in np.flatnonzero(near == j)], n) for j, n in enumerate(names) if (near == j).any()]
+        feedback_moves = [([rows[r].seq for r in np.flatnonzero(near == j)], n) for j, n in enumerate(names) if (near == j).any()]
     item_moves = [(ex.ids[labels == j], n) for j, n in enumerate(names)]
     return Plan(State(experts, gate, state.stats.split(i, parts)), item_moves, feedback_moves, names)
 

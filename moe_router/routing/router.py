@@ -53,7 +53,7 @@ class Router:
         self.store = store if store is not None else MetadataStore()
         self.experts: list[Expert] = []
         self.manifest: dict[str, Any] = {}  # set by Router.load
-        # Top-1 probability under which route/search(abstain=True) answer "no expert is confident".
+        # In-scope score (Gate.in_scope_score) under which route/search(abstain=True) answer "no expert is confident".
         self.abstain_threshold: float | None = None
         self._next_id = self.store.max_id() + 1
         # Held for any change to the expert set or the gate (lifecycle operations hold it while they plan).

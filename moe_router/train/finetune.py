@@ -152,12 +152,12 @@ def feedback_pairs(router: Router, since: int = 0) -> tuple[np.ndarray, np.ndarr
     ranks the others). Records for experts that no longer exist are ignored.
     """
     names = {n: i for i, n in enumerate(router.expert_names)}
-    rows = [r for r in router.store.feedback() if r[0] > since and r[3] in names]
+    rows = [r for r in router.store.feedback() if r.seq > since and r.expert in names]
     if not rows:
         return np.empty((0, router.dim), np.float32), np.empty((0, router.num_experts), np.float32)
-    x = np.stack([r[2] for r in rows]).astype(np.float32)  # (n, d), stored prepared
-    experts = np.array([names[r[3]] for r in rows])
-    positive = np.array([r[4] for r in rows])
+    x = np.stack([r.vector for r in rows]).astype(np.float32)  # (n, d), stored prepared
+    experts = np.array([names[r.expert] for r in rows])
+    positive = np.array([r.positive for r in rows])
     target = router.gate_probs(x).astype(np.float32)  # (n, E)
     target[np.arange(len(rows)), experts] = 0.0
     target /= np.maximum(target.sum(1, keepdims=True), 1e-12)

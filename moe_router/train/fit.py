@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from moe_router.data.targets import make_targets, routing_pairs
 from moe_router.index.exact import exact_counts
@@ -75,12 +76,16 @@ def fit_router(
         )
     data = RoutingDataModule(train_x, target, val_x, val_gold, val_counts.astype(np.float32), batch_size=batch_size)
     if trainer is None:
-        # Keeps the last epoch (no ModelCheckpoint): on tiny corpora the validation metrics tie across
-        # epochs and "best" would be the first, barely trained one. Epochs: enough for ~20k training
-        # examples (20 to 200 passes). Files go to a temporary directory.
+        # Epochs: enough for ~20k training examples (20 to 200 passes). With held-out validation
+        # queries the best epoch by `monitor` is kept: many passes over a small corpus overfit its
+        # documents (demo corpus, 48 epochs: val acc@1 0.74 last vs 0.96 best). Without them the
+        # last epoch is kept: validating on a sample of the stored vectors ties across epochs and
+        # "best" would be the first, barely trained one. Files go to a temporary directory.
+        root = tempfile.mkdtemp(prefix="moe_router-")
+        best = [ModelCheckpoint(dirpath=root, monitor=monitor, mode="max", save_top_k=1)] if val_queries is not None else []
         trainer = L.Trainer(max_epochs=max(20, min(200, 20_000 // max(len(train_x), 1))), accelerator="auto",
-                            devices=1, deterministic=True, logger=False, enable_checkpointing=False,
-                            enable_model_summary=False, default_root_dir=tempfile.mkdtemp(prefix="moe_router-"))
+                            devices=1, deterministic=True, logger=False, enable_checkpointing=bool(best),
+                            callbacks=best, enable_model_summary=False, default_root_dir=root)
     seconds = fit_quietly(trainer, module, data)
     best = _restore_best(trainer, module, monitor)
     router.gate = module.gate.cpu().eval()
