@@ -86,14 +86,30 @@ def base_router() -> Router:
 
 # ---------------------------------------------------------------- generated arguments
 
-NAMES = st.sampled_from(["a", "b", "c", "new1", "new2", "ghost", "", None, 5, "a+b"])
-COUNT = st.one_of(st.integers(-2, 8), st.sampled_from([True, 2.5, "2", None]))
+# Mostly valid values (so that successes are common too), some invalid ones of every kind.
+# An existing expert (by position, resolved when the call runs) most of the time, else a bad name.
+NAMES = st.one_of(st.integers(0, 5).map(lambda i: ("existing", i)),
+                  st.sampled_from(["ghost", "", None, 5, "  "]).map(lambda v: ("literal", v)))
+NEW_NAMES = st.sampled_from(["new1", "new2", "new3", "new4", "new5", "new6", ("existing", 0), "", None, 5, "  "])
+
+
+def resolve(router: Router, name: Any) -> Any:
+    """A drawn name as the call sees it: ("existing", i) is the router's i-th expert (modulo their count)."""
+    if isinstance(name, tuple):
+        kind, value = name
+        if kind == "literal":
+            return value
+        return router.expert_names[value % router.num_experts] if router.num_experts else "ghost"
+    return name
+
+
+COUNT = st.sampled_from([1, 2, 2, 3, 1, 2, 3, 0, -1, 9, 40, True, 2.5, "2", None])
 
 
 @st.composite
 def vectors(draw, rows: tuple[int, int] = (1, 4)) -> Any:
     n = draw(st.integers(*rows))
-    kind = draw(st.sampled_from(["ok", "ok", "ok", "dim", "nan", "empty", "1d", "text"]))
+    kind = draw(st.sampled_from(["ok", "ok", "ok", "ok", "ok", "1d", "text", "dim", "nan", "empty"]))
     x = np.random.default_rng(draw(st.integers(0, 99))).standard_normal((n, DIM)).astype(np.float32)
     return {"ok": x, "dim": x[:, :-1], "nan": np.where(np.arange(DIM) == 0, np.nan, x), "empty": x[:0],
             "1d": np.ones(DIM, np.float32), "text": ["a question", "another"][:n]}[kind]
@@ -110,34 +126,35 @@ def op_search(d):
 
 
 def op_add(d):
-    name, x = d(NAMES), d(vectors((0, 5)))
-    texts = d(st.sampled_from(["none", "match", "short"]))
+    name, x = d(NEW_NAMES), d(vectors((1, 5)))
+    texts = d(st.sampled_from(["none", "match", "match", "short"]))
 
     def call(r, ctx):
         n = len(x) if hasattr(x, "__len__") else 0
         t = None if texts == "none" else [f"t{i}" for i in range(n if texts == "match" else n + 1)]
-        return r.add_expert(name, vectors=x, texts=t)
+        return r.add_expert(resolve(r, name), vectors=x, texts=t)
     return "add", call, ("name", "expert", "vector", "text")
 
 
 def op_remove(d):
     name = d(NAMES)
-    return "remove", lambda r, ctx: r.remove_expert(name), ("expert",)
+    return "remove", lambda r, ctx: r.remove_expert(resolve(r, name)), ("expert",)
 
 
 def op_merge(d):
-    a, b, name = d(NAMES), d(NAMES), d(st.sampled_from([None, "m1", "a", "", 7]))
-    return "merge", lambda r, ctx: merge_experts(r, a, b, name), ("expert", "merg", "name")
+    a, b = d(NAMES), d(NAMES)
+    name = d(st.sampled_from([None, "m1", "m2", None, ("existing", 2), "", 7]))
+    return "merge", lambda r, ctx: merge_experts(r, resolve(r, a), resolve(r, b), resolve(r, name)), ("expert", "merg", "name")
 
 
 def op_split(d):
     name, parts = d(NAMES), d(COUNT)
-    return "split", lambda r, ctx: split_expert(r, name, parts), ("expert", "split", "parts", "name")
+    return "split", lambda r, ctx: split_expert(r, resolve(r, name), parts), ("expert", "split", "parts", "name")
 
 
 def op_feedback(d):
     q, name, positive = d(vectors((1, 2))), d(NAMES), d(st.booleans())
-    return "feedback", lambda r, ctx: r.record_feedback(q, name, positive), ("expert", "quer", "vector", "feedback")
+    return "feedback", lambda r, ctx: r.record_feedback(q, resolve(r, name), positive), ("expert", "quer", "vector", "feedback")
 
 
 def op_save(d):
@@ -164,10 +181,10 @@ OPS = [op_route, op_search, op_add, op_remove, op_merge, op_split, op_feedback, 
 
 @st.composite
 def programs(draw) -> list:
-    return [draw(st.sampled_from(OPS))(draw) for _ in range(draw(st.integers(1, 10)))]
+    return [draw(st.sampled_from(OPS))(draw) for _ in range(draw(st.integers(1, 12)))]
 
 
-@settings(max_examples=int(os.environ.get("MOE_FUZZ_EXAMPLES", 30)), deadline=None, derandomize=True,
+@settings(max_examples=int(os.environ.get("MOE_FUZZ_EXAMPLES", 60)), deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(programs())
 def test_api_fuzz__calls_succeed_with_invariants_or_fail_cleanly_changing_nothing(program) -> None:
@@ -184,6 +201,8 @@ def test_api_fuzz__calls_succeed_with_invariants_or_fail_cleanly_changing_nothin
                 call(router, ctx)
             except ERRORS as exc:
                 COUNTS[f"{name} error"] += 1
+                if os.environ.get("MOE_FUZZ_DEBUG"):
+                    print(name, type(exc).__name__, str(exc)[:150])
                 message = str(exc)
                 assert any(t in message for t in tokens), f"{name}: {type(exc).__name__} does not name its argument: {message}"
                 assert router_digest(router) == before, f"{name} failed ({message}) but changed the router"
