@@ -157,7 +157,9 @@ def test_checkpoint_fuzz__small_run_ends_in_clear_errors(tmp_path):
         capture_output=True, text=True, timeout=300,
     )
     report = json.loads(out.read_text())
-    assert report["cases"] == 5 * 12 + 40
+    # CURRENT, manifest, gate, store and the first expert's two files; FIFOs, links and directories
+    # in place of each file and directory; the intact checkpoint made read-only.
+    assert report["case_kinds"] == {"bytes": 6 * 12, "json": 40, "special": 42, "read_only": 1}
     failures = report["failures"]
     assert not [f for f in failures if f["outcome"].startswith(("crash", "hang"))], failures
     # Any failure is a way for Router.load to end without a clear error.
