@@ -152,6 +152,7 @@ def write_checkpoint(path: Path, router: CheckpointParts, recheck: bool = True) 
     """
     path = Path(path)
     _prepare_root(path)
+    legacy = lstat_inside(path, POINTER) is None and lstat_inside(path, MANIFEST) is not None  # format 1 saved over
     versions = path / VERSIONS
     versions.mkdir(exist_ok=True)
     taken = [n for n in map(version_number, os.listdir(versions)) if n is not None]
@@ -233,12 +234,12 @@ def write_checkpoint(path: Path, router: CheckpointParts, recheck: bool = True) 
         vec, ids = where / info["vectors"], where / info["ids"]
         e.saved = SavedCopy(vec, ids, files[info["vectors"]], files[info["ids"]],
                             _fingerprint(os.lstat(vec)), _fingerprint(os.lstat(ids)))
-    collect_garbage(path, n)
+    collect_garbage(path, n, legacy=legacy)
     return manifest
 
 
-def collect_garbage(path: Path, current: int, keep: int = KEEP_VERSIONS) -> None:
-    """Delete versions but the current one and the `keep - 1` before it, unfinished saves and format-1 files.
+def collect_garbage(path: Path, current: int, keep: int = KEEP_VERSIONS, legacy: bool = False) -> None:
+    """Delete versions but the current one and the `keep - 1` before it, unfinished saves, format-1 files if `legacy`.
 
     Why keep more than one: a reader that read the pointer just before a save must still find
     its version's files; with `keep` versions it does unless `keep - 1` more saves finish during
@@ -257,7 +258,7 @@ def collect_garbage(path: Path, current: int, keep: int = KEEP_VERSIONS) -> None
         n = version_number(name)
         if (n is not None and n not in kept) or name.startswith(".tmp-"):
             shutil.rmtree(versions / name, ignore_errors=True)  # refuses links: nothing outside is touched
-    for name in LEGACY_FILES:  # a format-1 checkpoint saved over: its flat files are replaced by versions/
+    for name in LEGACY_FILES if legacy else ():  # a format-1 checkpoint saved over: versions/ replaces its flat files
         target = path / name
         try:
             if target.is_symlink() or target.is_file():
