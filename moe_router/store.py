@@ -206,9 +206,21 @@ class MetadataStore:
 
 
 def payloads_or_none(payloads: Sequence[dict[str, Any]] | None, n: int) -> list[dict | None]:
+    """One payload per vector, each checked: a dict with str keys whose values JSON can hold (no NaN/inf)."""
     if payloads is None:
         return [None] * n
+    if isinstance(payloads, (str, bytes, dict)) or not isinstance(payloads, (Sequence, np.ndarray)):
+        raise ValueError(f"metadata must be a list of dicts (one per vector), got {type(payloads).__name__}")
     if len(payloads) != n:
         raise ValueError(f"got {len(payloads)} metadata entries for {n} vectors; expected one per vector")
+    for i, p in enumerate(payloads):
+        if not isinstance(p, dict):
+            raise ValueError(f"metadata entry {i} is {type(p).__name__} {p!r:.40}; expected a dict (one per vector)")
+        keys = [k for k in p if not isinstance(k, str)]
+        if keys:
+            raise ValueError(f"metadata entry {i} has a key {keys[0]!r} that is not a str; expected str keys")
+        try:
+            json.dumps(p, allow_nan=False)
+        except (TypeError, ValueError) as exc:  # a set, an object, NaN: JSON could not store or answer it
+            raise ValueError(f"metadata entry {i} is not JSON-serialisable ({exc}); expected JSON values") from None
     return list(payloads)
-

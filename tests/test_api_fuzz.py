@@ -116,10 +116,12 @@ COUNT = st.sampled_from([1, 2, 2, 3, 1, 2, 3, 0, -1, 9, 40, True, 2.5, "2", None
 @st.composite
 def vectors(draw, rows: tuple[int, int] = (1, 4)) -> Any:
     n = draw(st.integers(*rows))
-    kind = draw(st.sampled_from(["ok", "ok", "ok", "ok", "ok", "1d", "text", "dim", "nan", "empty"]))
+    kind = draw(st.sampled_from(["ok", "ok", "ok", "ok", "ok", "1d", "text", "dim", "nan", "empty", "ragged", "mixed",
+                                 "complex"]))
     x = np.random.default_rng(draw(st.integers(0, 99))).standard_normal((n, DIM)).astype(np.float32)
     return {"ok": x, "dim": x[:, :-1], "nan": np.where(np.arange(DIM) == 0, np.nan, x), "empty": x[:0],
-            "1d": np.ones(DIM, np.float32), "text": ["a question", "another"][:n]}[kind]
+            "1d": np.ones(DIM, np.float32), "text": ["a question", "another"][:n], "ragged": [[1.0] * DIM, [1.0]],
+            "mixed": [x[0].tolist(), "a question"], "complex": x.astype(np.complex64)}[kind]
 
 
 def op_route(d) -> tuple[str, Callable, tuple[str, ...]]:
@@ -160,8 +162,9 @@ def op_split(d):
 
 
 def op_feedback(d):
-    q, name, positive = d(vectors((1, 2))), d(NAMES), d(st.booleans())
-    return "feedback", lambda r, ctx: r.record_feedback(q, resolve(r, name), positive), ("expert", "quer", "vector", "feedback")
+    q, name, positive = d(vectors((1, 2))), d(NAMES), d(st.sampled_from([True, False, True, False, "no", 1, None]))
+    return "feedback", lambda r, ctx: r.record_feedback(q, resolve(r, name), positive), \
+        ("expert", "quer", "vector", "feedback", "positive")
 
 
 def op_save(d):

@@ -339,11 +339,11 @@ def test_symlinked_pointer_or_versions__are_refused_by_load_and_save(ckpt: Path,
     assert tree_digest(elsewhere) == before  # the save wrote nothing through the link
 
 
-def test_save_onto_a_file__is_a_checkpoint_error(text_router: Router, tmp_path: Path) -> None:
+def test_save_onto_a_file__is_a_clear_error(text_router: Router, tmp_path: Path) -> None:
     (tmp_path / "file").write_text("keep")
-    with pytest.raises(CheckpointError, match="it exists and is not a directory"):
+    with pytest.raises(ValueError, match="it is a file, not a directory"):
         text_router.save(tmp_path / "file")
-    with pytest.raises(CheckpointError, match="a parent is not a directory"):
+    with pytest.raises(ValueError, match="file is a file, not a directory"):
         text_router.save(tmp_path / "file" / "ckpt")
     assert (tmp_path / "file").read_text() == "keep"
 

@@ -57,7 +57,7 @@ def test_embedders__reject_single_string_and_empty_text() -> None:
         HashingEmbedder(8).encode(["ok", "   "])
     with pytest.raises(ValueError, match="text 0 is int"):
         HashingEmbedder(8).encode([3])
-    with pytest.raises(ValueError, match="dim must be > 0"):
+    with pytest.raises(ValueError, match="dim must be an integer >= 1"):
         HashingEmbedder(0)
 
 

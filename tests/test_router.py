@@ -270,7 +270,7 @@ def test_router__rejects_embedder_of_other_dim_and_bad_metric() -> None:
         Router(DIM, embedder=HashingEmbedder(dim=64))
     with pytest.raises(ValueError, match="metric must be one of"):
         Router(DIM, metric="cos")
-    with pytest.raises(ValueError, match="dim must be > 0"):
+    with pytest.raises(ValueError, match="dim must be an integer >= 1"):
         Router(0)
 
 

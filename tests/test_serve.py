@@ -2,9 +2,10 @@
 
 import json
 import socket
+import sqlite3
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import httpx
@@ -12,10 +13,13 @@ import numpy as np
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
+from omegaconf import OmegaConf
 
 from moe_router import lifecycle
 from moe_router import HashingEmbedder, Router
+from moe_router.apps.serve import serve
 from moe_router.serving import AuthConfig, BatchConfig, Limits, Query, RouterState, create_app, run_queries
+from moe_router.serving.config import check_exposure
 
 DIM = 64
 TOPICS = {
@@ -177,6 +181,8 @@ BAD = [
     ("add expert texts and vectors differ", "POST", "/experts", {"name": "m", "texts": ["x"], "vectors": [[1.0] * DIM] * 2},
      422),
     ("over-long body", "POST", "/search", {"text": "a" * 300_000}, 413),
+    ("lone surrogate text", "POST", "/search", '{"text": "a \\ud800 b"}', 400),
+    ("metadata NaN (stored, it would fail every answer)", "POST", "/experts", '{"name": "m", "texts": ["x y"], "metadata": [{"x": NaN}]}', 422),
     ("unknown path", "GET", "/nope", None, 404),
     ("wrong method", "GET", "/search", None, 405),
 ]
@@ -393,3 +399,170 @@ def test_short_load__all_answered_and_batched(ckpt):
     assert server["queries"] == 16 * 25
     assert server["mean_pass"] > 1.5, server  # 16 concurrent clients really share passes
     print(f"\nshort load: {len(codes) / seconds:.0f} req/s, mean pass {server['mean_pass']:.1f} queries")
+
+
+# ---------------------------------------------------------------- browsers (issue 10, defect 4)
+
+
+def checkpoint_bytes(root: Path) -> dict[str, bytes]:
+    """Every file under the checkpoint by relative path; a SQLite store by its rows (opening it sets WAL mode)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.suffix == ".sqlite":
+            with closing(sqlite3.connect(f"file:{p}?mode=ro", uri=True)) as conn:
+                out[str(p.relative_to(root))] = "\n".join(conn.iterdump()).encode()
+        elif p.is_file() and not p.name.endswith(("-wal", "-shm")):  # folded into the store when it closes
+            out[str(p.relative_to(root))] = p.read_bytes()
+    return out
+
+
+CHANGES = [
+    ("POST", "/feedback", {"text": "docker build", "expert": "devops", "positive": True}),
+    ("POST", "/experts", {"name": "rust", "texts": ["borrow checker", "cargo build"]}),
+    ("POST", "/merge", {"a": "security", "b": "devops"}),
+    ("POST", "/split", {"name": "frontend"}),
+    ("DELETE", "/experts/devops", None),
+]
+
+
+def test_cross_origin_simple_post__changes_nothing(ckpt):
+    """What a web page on another site can send without a preflight: text/plain or form bodies, its Origin.
+
+    Before the fix each of these text/plain POSTs merged, split, added experts or wrote feedback.
+    """
+    before = checkpoint_bytes(ckpt)  # before the server opens the store (its WAL is folded back in at close)
+    state = RouterState(ckpt)
+    with TestClient(create_app(state)) as c:
+        for method, path, body in CHANGES:
+            content = json.dumps(body) if body is not None else None
+            for headers, status in [
+                ({"content-type": "text/plain", "origin": "http://evil.example"}, 403),
+                ({"content-type": "text/plain;charset=UTF-8"}, 415),
+                ({"content-type": "application/x-www-form-urlencoded"}, 415),
+                ({"content-type": "multipart/form-data; boundary=x"}, 415),
+                ({}, 415),
+                ({"content-type": "application/json; charset=latin-1"}, 415),
+                ({"content-type": "application/json", "origin": "http://evil.example"}, 403),
+                ({"content-type": "application/json", "origin": "null"}, 403),
+                ({"content-type": "application/json", "origin": "http://testserver.evil.example"}, 403),
+            ]:
+                if method == "DELETE" and status == 415:
+                    continue  # a DELETE has no body to declare
+                r = c.request(method, path, content=content, headers=headers)
+                assert r.status_code == status, (method, path, headers, r.text)
+                assert r.json()["error"]
+        assert c.get("/experts").json()["generation"] == 0
+        assert [e["name"] for e in c.get("/experts").json()["experts"]] == list(TOPICS)
+        # reads are not changed: a page cannot read an answer without CORS headers, which are never sent
+        assert c.get("/experts", headers={"origin": "http://evil.example"}).status_code == 200
+        assert "access-control-allow-origin" not in c.get("/experts", headers={"origin": "http://evil.example"}).headers
+    state.close()
+    assert checkpoint_bytes(ckpt) == before
+    router = Router.load(ckpt)
+    assert router.expert_names == list(TOPICS) and router.store.feedback() == []
+
+
+def test_same_and_allowed_origins_with_json__are_served(ckpt):
+    state = RouterState(ckpt)
+    auth = AuthConfig(allowed_origins=["https://App.Example:8443/"])
+    with TestClient(create_app(state, auth=auth)) as c:
+        fb = {"text": "docker build", "expert": "devops", "positive": True}
+        for origin in (None, "http://testserver", "https://testserver", "https://app.example:8443"):
+            headers = {"origin": origin} if origin else {}
+            for ctype in ("application/json", "application/json; charset=utf-8", "Application/JSON"):
+                r = c.post("/feedback", content=json.dumps(fb), headers={**headers, "content-type": ctype})
+                assert r.status_code == 200, (origin, ctype, r.text)
+        assert c.post("/feedback", json=fb, headers={"origin": "https://app.example:9999"}).status_code == 403
+        r = c.post("/experts", json={"name": "rust", "texts": ["borrow checker"]}, headers={"origin": "http://testserver"})
+        assert r.status_code == 201
+        assert c.delete("/experts/rust", headers={"origin": "https://app.example:8443"}).status_code == 200
+    state.close()
+    assert len(Router.load(ckpt).store.feedback()) == 12
+
+
+def test_origin_config__rejects_what_is_not_an_origin():
+    with pytest.raises(ValueError, match="an origin is scheme://host"):
+        AuthConfig(allowed_origins=["https://app.example/path"])
+    with pytest.raises(ValueError, match="must be a list of origins"):
+        AuthConfig(allowed_origins="https://app.example")
+    assert AuthConfig(allowed_origins=["HTTPS://A.example/", "null"]).allowed_origins == ("https://a.example", "null")
+
+
+@pytest.mark.parametrize("host, key, open_network, outcome", [
+    ("127.0.0.1", None, False, None), ("localhost", None, False, None), ("::1", None, False, None),
+    ("0.0.0.0", None, False, "refusing to start"), ("::", None, False, "refusing to start"),
+    ("192.168.1.5", None, False, "refusing to start"), ("myhost.example", None, False, "refusing to start"),
+    ("0.0.0.0", "s3cret", False, None), ("0.0.0.0", None, True, "SECURITY WARNING"),
+])
+def test_non_loopback_host_without_key__is_refused_unless_overridden(host, key, open_network, outcome):
+    auth = AuthConfig(api_key=key, allow_open_network=open_network)
+    if outcome == "refusing to start":
+        with pytest.raises(ValueError, match=r"refusing to start: host=.* is not a loopback address and auth.api_key "
+                                             r"is not set.*auth.allow_open_network=true"):
+            check_exposure(host, auth)
+    elif outcome is None:
+        assert check_exposure(host, auth) is None
+    else:
+        assert check_exposure(host, auth).startswith(outcome)
+
+
+def test_serve__refuses_an_open_network_host_before_loading(tmp_path, monkeypatch):
+    monkeypatch.delenv("MOE_ROUTER_API_KEY", raising=False)
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "serve.yaml")
+    cfg.ckpt, cfg.host = str(tmp_path / "no-such-checkpoint"), "0.0.0.0"
+    with pytest.raises(ValueError, match="refusing to start"):  # not a missing-checkpoint error: checked first
+        serve(cfg)
+
+
+# ---------------------------------------------------------------- stored data (issue 10, defect 6)
+
+
+def test_search__answers_stored_payloads_the_door_now_refuses(tmp_path):
+    """A checkpoint written before metadata was checked holds non-dict and NaN payloads: searches answer 200."""
+    router = Router(DIM, "ip", embedder=HashingEmbedder(DIM, seed=0))
+    router.add_expert("old", texts=["sql join index", "sql table schema", "docker helm"])
+    router.add_expert("other", texts=["css grid layout", "css flexbox"])
+    ids = [int(i) for i in router.expert("old").ids]
+    router.store.delete_expert("old")  # rewrite its rows as an older version stored them (no check at the door)
+    router.store.add(ids, "old", ["sql join index", "sql table schema", "docker helm"], [5, {"x": float("nan")}, ["s"]])
+    router.init_gate(hidden_dims=[], dropout=0.0)
+    state = RouterState(router.save(tmp_path / "ckpt"))
+    with TestClient(create_app(state)) as c:
+        r = c.post("/search", json={"text": "sql join", "k": 5, "top_experts": 2})
+        assert r.status_code == 200, r.text
+        meta = {h["id"]: h["metadata"] for h in r.json()["results"][0]["hits"]}
+    state.close()
+    assert meta[ids[0]] == {"value": 5} and meta[ids[1]] == {"x": "nan"} and meta[ids[2]] == {"value": ["s"]}
+
+
+def test_add_expert_over_http__bad_metadata_is_422_not_a_later_500(ckpt):
+    state = RouterState(ckpt)
+    with TestClient(create_app(state)) as c:
+        r = c.post("/experts", json={"name": "m", "texts": ["x y"], "metadata": [{"x": [1, {"y": None}]}]})
+        assert r.status_code == 201
+        assert c.post("/search", json={"text": "x y", "k": 1, "top_experts": 1}).status_code == 200
+        r = c.post("/experts", content='{"name": "n", "texts": ["x y"], "metadata": [{"x": NaN}]}',
+                   headers={"content-type": "application/json"})
+        assert r.status_code in (400, 422) and r.json()["error"]
+    state.close()
+
+
+def test_l2_server__huge_vectors_are_422_never_null_probabilities(tmp_path):
+    """metric l2 over HTTP: before the fix a 3e38 vector routed to probability null and an added expert of them
+    made every later answer null; a 1e19 query found no hits. Now each is a 422 and the checkpoint is unchanged."""
+    rng = np.random.default_rng(0)
+    router = Router(DIM, "l2")
+    for name in ("a", "b"):
+        router.add_expert(name, rng.standard_normal((10, DIM)).astype(np.float32))
+    router.init_gate(hidden_dims=[], dropout=0.0)
+    state = RouterState(router.save(tmp_path / "ckpt"))
+    with TestClient(create_app(state)) as c:
+        for path, body in [("/route", {"vector": [3e38] * DIM}), ("/search", {"vector": [1e19] * DIM, "k": 3}),
+                           ("/experts", {"name": "huge", "vectors": [[3e38] * DIM] * 3}),
+                           ("/feedback", {"vector": [1e19] * DIM, "expert": "a", "positive": True})]:
+            r = c.post(path, json=body)
+            assert r.status_code == 422 and "too large for metric 'l2'" in r.json()["error"], (path, r.text)
+        r = c.post("/route", json={"vector": [0.5] * DIM, "top_experts": 2})
+        assert all(isinstance(s["probability"], float) for s in r.json()["results"][0]["experts"])
+        assert c.get("/experts").json()["generation"] == 0
+    state.close()

@@ -200,14 +200,23 @@ def test_format1_save_killed_between_renames__is_recovered_at_start(tmp_path):
 
 @pytest.mark.slow
 def test_schemathesis__no_5xx_and_the_schema_holds(tmp_path):
+    """The server fuzz, short: the schema run, a foreign-Origin run and content types x origins (issue 10)."""
     out = tmp_path / "st.json"
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "serve_fuzz_api.py"), "--max-examples", "5", "--seed", "0",
-         "--out", str(out)],
+         "--browser-cases", "60", "--out", str(out)],
         capture_output=True, text=True, timeout=600,
     )
     report = json.loads(out.read_text())
-    assert report["operations"]["tested"] == 11
-    assert report["test_cases"]["generated"] > 100
-    assert report["failures"] == [] and report["errors"] == [], proc.stdout[-3000:]
-    assert proc.returncode == 0
+    schema, foreign, browser = report["schema"], report["foreign_origin"], report["browser"]
+    assert schema["operations"]["tested"] == 11
+    assert schema["test_cases"]["generated"] > 100
+    assert schema["failures"] == [] and schema["errors"] == [], proc.stdout[-3000:]
+    assert schema["summary"]["5xx"] == 0 and foreign["summary"]["5xx"] == 0 and report["server_log_500s"] == 0
+    # every write a foreign page could send was refused, and the checkpoint did not change
+    assert foreign["summary"]["post_delete"] > 100 and foreign["unchanged"]
+    assert all(code in (403, 405) for method, code in foreign["exchanges"] if method in ("POST", "DELETE"))
+    assert browser["cases"] == 60 and browser["5xx"] == 0 and browser["failures"] == [], browser
+    assert browser["refused_403"] > 0 and browser["refused_415"] > 0 and browser["accepted_2xx"] > 0
+    assert browser["changed_by_refused"] == 0
+    assert proc.returncode == 0, proc.stdout[-3000:]

@@ -112,8 +112,13 @@ def load_jsonl(path: str | Path) -> list[Record]:
     if not path.is_file():
         raise FileNotFoundError(f"dataset file not found: {path} (resolved: {path.resolve()})")
     records: list[Record] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:  # decoded per line, so the error can name the line
+                raise ValueError(f"{path}:{lineno}: not UTF-8 (byte {raw[exc.start]:#04x} at column {exc.start + 1}); "
+                                 "save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:

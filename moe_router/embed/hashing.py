@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from moe_router.embed.base import check_texts
+from moe_router.vectors import check_dim
 
 
 _TOKEN = re.compile(r"[a-z0-9]+")
@@ -18,9 +19,7 @@ class HashingEmbedder:
     """Deterministic feature hashing of words and character trigrams (no model; for tests and demos)."""
 
     def __init__(self, dim: int = 256, seed: int = 0) -> None:
-        if dim <= 0:
-            raise ValueError(f"dim must be > 0, got {dim}")
-        self.dim = dim
+        self.dim = check_dim(dim)
         self.seed = seed
         self.name = f"hashing-{dim}-{seed}"
 

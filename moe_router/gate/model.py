@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moe_router.vectors import check_dim
+
 
 
 # Cosine above which a prototype counts as the query itself (only used while training).
@@ -91,8 +93,9 @@ class Gate(nn.Module):
         super().__init__()
         if isinstance(members, bool) or not isinstance(members, int) or members < 1:
             raise ValueError(f"members must be an integer >= 1, got {members!r}")
-        if dim <= 0 or num_experts <= 0:
-            raise ValueError(f"Gate needs dim > 0 and num_experts > 0, got dim={dim}, num_experts={num_experts}")
+        check_dim(dim, "Gate dim")
+        if isinstance(num_experts, bool) or not isinstance(num_experts, (int, np.integer)) or num_experts < 1:
+            raise ValueError(f"Gate num_experts must be an integer >= 1, got {num_experts!r}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.dim = int(dim)
@@ -385,6 +388,10 @@ class Gate(nn.Module):
         for p in self.body.parameters():
             p.requires_grad_(not frozen)
 
+    def nonfinite(self) -> list[str]:
+        """Names of the parameters and buffers holding NaN or inf (empty for a usable gate)."""
+        return [name for name, t in self.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
     @torch.no_grad()
     def add_prototypes(self, prototypes: Tensor, expert: int) -> None:
         """Append prototypes (m, d) owned by expert `expert` (a prototype gate only; e.g. when an expert is split)."""
@@ -405,5 +412,13 @@ def infer(gate: Gate, xq: np.ndarray, field: str = "probs", batch_size: int = 81
     out = []
     for start in range(0, xq.shape[0], batch_size):
         x = torch.from_numpy(np.ascontiguousarray(xq[start : start + batch_size])).to(device)
-        out.append(getattr(gate(x, top_k=1), field).float().cpu().numpy())
+        result = gate(x, top_k=1)
+        finite = torch.isfinite(result.logits).all(dim=1)  # (b,)
+        if not bool(finite.all()):  # routing on NaN would pick arbitrary experts with NaN confidence
+            row = start + int(torch.nonzero(~finite)[0, 0])
+            broken = gate.nonfinite()
+            why = f"its weights hold NaN or inf ({', '.join(broken[:3])})" if broken else \
+                "the query is too large for it (float32 overflow)"
+            raise ValueError(f"the gate gave non-finite logits for query {row}: {why}; nothing was routed")
+        out.append(getattr(result, field).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, gate.num_experts), np.float32)

@@ -17,7 +17,7 @@ import torch
 from moe_router.checkpoint.format import CheckpointError, CheckpointParts
 from moe_router.checkpoint.io import read_checkpoint, write_checkpoint
 from moe_router.checks import check_int, check_new_name
-from moe_router.embed.base import Embedder
+from moe_router.embed.base import Embedder, check_text_list
 from moe_router.gate.model import Gate, infer
 from moe_router.gate.surgery import fitted_new_rows
 from moe_router.index.expert import Expert, centroids, sample_vectors
@@ -25,7 +25,7 @@ from moe_router.index.parallel import lower_blas_threshold, search_each
 from moe_router.routing.stats import RoutingStats
 from moe_router.store import MetadataStore, payloads_or_none
 from moe_router.types import ExpertScore, ExpertStats, Hit, RoutedSearch
-from moe_router.vectors import check_metric, prepare, worst_score
+from moe_router.vectors import as_array, check_dim, check_metric, prepare, worst_score
 
 
 class Router:
@@ -42,9 +42,7 @@ class Router:
         gate: Gate | None = None,
         store: MetadataStore | None = None,
     ) -> None:
-        if int(dim) <= 0:
-            raise ValueError(f"dim must be > 0, got {dim}")
-        self.dim = int(dim)
+        self.dim = check_dim(dim)
         self.metric = check_metric(metric)
         if embedder is not None and embedder.dim != self.dim:
             raise ValueError(f"embedder {embedder.name!r} gives {embedder.dim}-d vectors, but the router's dim is {self.dim}")
@@ -116,12 +114,16 @@ class Router:
                 m = self.gate.prototypes_per_expert
                 protos = torch.from_numpy(expert.prototypes(m)) if m else None
                 self.gate.add_expert(torch.from_numpy(xb), prototypes=protos)
-        if fit_row and self.gate is not None and self.num_experts > 1:
-            try:
+        try:
+            if fit_row and self.gate is not None and self.num_experts > 1:
                 self.fit_expert_rows([name])
-            except BaseException:
-                self.remove_expert(name)
-                raise
+            broken = self.gate.nonfinite() if self.gate is not None else []
+            if broken:  # e.g. huge 'l2' vectors overflowing the gate's products: never route or save on NaN
+                raise ValueError(f"add_expert: expert {name!r}'s vectors made the gate non-finite ({', '.join(broken[:3])}); "
+                                 "scale the vectors down")
+        except BaseException:
+            self.remove_expert(name)
+            raise
         return expert
 
     def fit_expert_rows(self, names: Sequence[str], own_share: float = 0.9, other_share: float = 0.01,
@@ -148,6 +150,8 @@ class Router:
 
     def vectors_from(self, texts: Sequence[str] | None, vectors: Any, what: str) -> np.ndarray:
         """Prepared (n, d) vectors: `vectors` if given, else `texts` embedded; one text per vector when both."""
+        if texts is not None:
+            texts = check_text_list(texts, f"{what}: texts")
         if vectors is None:
             if texts is None:
                 raise ValueError(f"{what}: give vectors or texts; it has no vectors")
@@ -171,6 +175,8 @@ class Router:
 
     def record_feedback(self, query: Any, expert: str, positive: bool) -> int:
         """Record whether `expert` served `query` (text or vector) well; returns the record's id (on disk at save())."""
+        if not isinstance(positive, (bool, np.bool_)):  # bool("no") is True: a string would be stored as positive
+            raise ValueError(f"record_feedback: positive must be True or False, got {type(positive).__name__} {positive!r}")
         self.expert_index(expert)  # unknown expert -> KeyError naming the known ones
         text = query if isinstance(query, str) else None
         xq, single = self.prepare_queries(query)
@@ -230,19 +236,22 @@ class Router:
 
     def prepare_queries(self, queries: Any) -> tuple[np.ndarray, bool]:
         """Texts or vectors, one or a batch -> (xq (nq, d) prepared, whether a single query was given)."""
-        if isinstance(queries, str) or (
-            isinstance(queries, (list, tuple)) and queries and all(isinstance(q, str) for q in queries)
-        ):
+        listed = isinstance(queries, (list, tuple))
+        if isinstance(queries, str) or (listed and queries and any(isinstance(q, str) for q in queries)):
             single = isinstance(queries, str)
-            texts = [queries] if single else list(queries)
+            other = next((i for i, q in enumerate([] if single else queries) if not isinstance(q, str)), None)
+            if other is not None:
+                raise ValueError(f"queries: a batch mixing texts and other values (item {other} is "
+                                 f"{type(queries[other]).__name__}); give all texts or all vectors")
+            texts = check_text_list([queries] if single else queries, "queries")
             if self.embedder is None:
                 raise ValueError("text queries need an embedder, and this router has none; pass query vectors instead")
             vectors = self.embedder.encode(texts)
         else:
-            if isinstance(queries, (list, tuple)) and len(queries) == 0:
+            if listed and len(queries) == 0:
                 raise ValueError("queries: empty batch (0 queries); expected at least one")
-            vectors = queries
-            single = np.ndim(queries) == 1
+            vectors = as_array(queries, "query vectors")
+            single = vectors.ndim == 1
         return prepare(vectors, self.dim, self.metric, what="query vectors"), single
 
     def check_top(self, top: int, what: str) -> int:
@@ -423,10 +432,21 @@ class Router:
 
         The only way to change a checkpoint on disk: a loaded router keeps its changes in memory until
         then. Unchanged experts' files are hard-linked after a sha256 check (`recheck=False`: after a
-        stat check, for frequent saves such as the server's feedback).
+        stat check, for frequent saves such as the server's feedback). Refused before anything is
+        written (ValueError) when `path` or a folder above it is a file, or when the gate holds NaN or inf.
         """
         path = Path(path)
+        for p in (path, *path.parents):
+            if p.exists():
+                if not p.is_dir():
+                    raise ValueError(f"save: cannot write a checkpoint directory at {path}: "
+                                     f"{'it' if p == path else p} is a file, not a directory")
+                break
         with self.lock:
+            broken = self.gate.nonfinite() if self.gate is not None else []
+            if broken:
+                raise ValueError(f"save: the gate holds NaN or inf in {', '.join(broken)}; refusing to save a gate "
+                                 "that cannot route (retrain it, or load the last good checkpoint)")
             parts = CheckpointParts(
                 dim=self.dim, metric=self.metric, embedder=self.embedder, gate=self.gate, experts=list(self.experts),
                 store=self.store, counts=self.routing_stats.counts.copy(),

@@ -1,11 +1,13 @@
-"""The HTTP API (FastAPI): routes, input checks, errors as JSON, API key, body limit.
+"""The HTTP API (FastAPI): routes, input checks, errors as JSON, API key, browser guard, body limit.
 
 Every client mistake is a 4xx with an ErrorResponse body; a 500 means a bug in the server.
 """
 
 
 import asyncio
+from dataclasses import asdict, replace
 import logging
+import math
 import secrets
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable
@@ -17,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, ValidationError
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -24,7 +27,7 @@ from moe_router import __version__
 from moe_router.index.expert import Expert
 from moe_router.types import ExpertScore, Hit
 from moe_router.serving.batcher import MicroBatcher, Overloaded, Query, run_now
-from moe_router.serving.config import AuthConfig, BatchConfig, Limits
+from moe_router.serving.config import AuthConfig, BatchConfig, Limits, normalise_origin
 from moe_router.serving.schemas import (
     ErrorResponse, ExpertChangeResponse, ExpertsChangeResponse, ExpertsResponse, FeedbackResponse,
     HealthResponse, ReadyResponse, RouteResponse, SearchResponse, StatsResponse, build_models,
@@ -82,6 +85,60 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
+def _foreign(origin: str, host: str | None, allowed: tuple[str, ...]) -> bool:
+    """Whether a browser's Origin is neither the server's own (its Host header) nor in `allowed`."""
+    try:
+        origin = normalise_origin(origin)
+    except ValueError:
+        return True  # not an origin a browser would send
+    if origin in allowed:
+        return False
+    # Same origin: the page was served by this server (e.g. /docs); the scheme may differ behind a TLS proxy.
+    return origin == "null" or host is None or origin.split("://", 1)[1] != host.strip().lower()
+
+
+def browser_refusal(method: str, headers: Headers, allowed: tuple[str, ...]) -> HTTPException | None:
+    """The 403 or 415 for what a web page of another site could send without a CORS preflight, else None.
+
+    A browser sends a cross-site POST with Content-Type text/plain (or a form type) without asking
+    first, so parsing such a body as JSON would let any page the operator opens drive the server.
+    Every POST must say `application/json` (415 otherwise; JSON is UTF-8, so only that charset), and
+    a POST or DELETE carrying an Origin other than the server's own or one of `allowed` gets 403.
+    Requests without an Origin (curl, SDKs, other servers) are not browsers' and pass.
+    """
+    if method in ("GET", "HEAD", "OPTIONS"):
+        return None
+    origin = headers.get("origin")
+    if origin is not None and _foreign(origin, headers.get("host"), allowed):
+        return HTTPException(403, f"cross-origin request from {origin[:200]!r} refused: only the server's own "
+                                  "origin and auth.allowed_origins may send POST or DELETE")
+    if method == "POST":
+        got = headers.get("content-type")
+        media, _, params = (got or "").partition(";")
+        charset = dict(p.strip().lower().partition("=")[::2] for p in params.split(";") if "=" in p).get("charset")
+        if media.strip().lower() != "application/json" or charset not in (None, "utf-8", '"utf-8"'):
+            shown = repr(got[:200]) if got is not None else "none"
+            return HTTPException(415, f"the request body must be JSON: send Content-Type: application/json (got {shown})")
+    return None
+
+
+def _json_safe(value: Any) -> Any:
+    """`value` with the floats JSON cannot carry (NaN, inf) as strings, so an answer never fails to encode."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _metadata(payload: Any) -> dict:
+    """A stored payload as the dict Hit.metadata promises. Payloads are checked at the door (dicts of JSON values),
+    but a checkpoint written before that may hold others: a non-dict comes back as {"value": payload}."""
+    return _json_safe(payload if isinstance(payload, dict) else {"value": payload})
+
+
 def _as_float32(raw: Any, metric: str) -> np.ndarray:
     """JSON numbers -> float32 (n, d); for metric ip each row is first scaled by its largest |value|.
 
@@ -118,17 +175,13 @@ def json_body(model: type[BaseModel]) -> tuple[Any, dict]:
 
 
 def _hit(h: Hit) -> dict:
-    return {
-        "id": h.id, "score": h.score, "expert": h.expert, "specialization": h.specialization, "parent": h.parent,
-        "routing_score": h.routing_score, "text": h.text, "metadata": h.metadata,
-    }
+    """A hit as JSON, its stored text and payload in the form the schema promises."""
+    text = h.text if h.text is None or isinstance(h.text, str) else str(h.text)
+    return asdict(replace(h, text=text, metadata=_metadata(h.metadata)))
 
 
 def _score(s: ExpertScore) -> dict:
-    return {
-        "expert": s.expert, "probability": s.probability, "weight": s.weight,
-        "specialization": s.specialization, "parent": s.parent,
-    }
+    return asdict(s)
 
 
 def _expert(e: Expert) -> dict:
@@ -158,11 +211,17 @@ def create_app(
             if batcher is not None:
                 await run_in_threadpool(batcher.stop)
 
+    def browser_guard(request: Request) -> None:
+        refusal = browser_refusal(request.method, request.headers, auth.allowed_origins)
+        if refusal is not None:
+            raise refusal
+
     app = FastAPI(
         title="moe_router",
         version=__version__,
         description="Route queries to experts with a learned gate and search only the chosen experts.",
         lifespan=lifespan,
+        dependencies=[Depends(browser_guard)],  # before the key check and the body: see browser_refusal
     )
     app.state.router_state = state
     app.state.batcher = batcher
@@ -237,14 +296,14 @@ def create_app(
     split_body, split_schema = json_body(models.SplitExpertRequest)
 
     @app.post("/route", response_model=RouteResponse, dependencies=read_deps, openapi_extra=route_schema,
-              responses=_responses(400, *auth_codes, 413, 422, 503))
+              responses=_responses(400, *auth_codes, 403, 413, 415, 422, 503))
     async def route(body: Any = route_body) -> dict:
         """The top_experts experts for each query, with the gate's probabilities."""
         generation, rows = await execute(to_query("route", body))
         return {"generation": generation, "results": [{"experts": [_score(s) for s in row]} for row in rows]}
 
     @app.post("/search", response_model=SearchResponse, dependencies=read_deps, openapi_extra=search_schema,
-              responses=_responses(400, *auth_codes, 413, 422, 503))
+              responses=_responses(400, *auth_codes, 403, 413, 415, 422, 503))
     async def search(body: Any = search_body) -> dict:
         """Route each query, search only its top_experts experts, return its k best hits."""
         generation, rows = await execute(to_query("search", body))
@@ -282,14 +341,14 @@ def create_app(
             raise HTTPException(422, str(exc)) from None
 
     @app.post("/feedback", response_model=FeedbackResponse, dependencies=write_deps, openapi_extra=feedback_schema,
-              responses=_responses(400, *auth_codes, 404, 413, 422, 503))
+              responses=_responses(400, *auth_codes, 403, 404, 413, 415, 422, 503))
     async def feedback(body: Any = feedback_body) -> dict:
         """Record whether an expert served a query well; committed to the checkpoint before the reply."""
         query: Any = body.text if body.text is not None else _as_float32(body.vector, state.metric)[0]
         return {"id": await write(state.record_feedback, query, body.expert, body.positive)}
 
     @app.post("/experts", response_model=ExpertChangeResponse, status_code=201, dependencies=write_deps,
-              openapi_extra=expert_schema, responses=_responses(400, *auth_codes, 409, 413, 422, 503))
+              openapi_extra=expert_schema, responses=_responses(400, *auth_codes, 403, 409, 413, 415, 422, 503))
     async def add_expert(body: Any = expert_body) -> dict:
         """Add an expert from vectors and/or texts; the gate grows an output for it at once.
 
@@ -301,7 +360,7 @@ def create_app(
         return {"generation": generation, "expert": _expert(expert)}
 
     @app.post("/merge", response_model=ExpertsChangeResponse, dependencies=write_deps,
-              openapi_extra=merge_schema, responses=_responses(400, *auth_codes, 404, 409, 413, 422, 503))
+              openapi_extra=merge_schema, responses=_responses(400, *auth_codes, 403, 404, 409, 413, 415, 422, 503))
     async def merge_experts(body: Any = merge_body) -> dict:
         """Merge two experts into one (vectors, metadata and feedback combined; the gate's two rows fitted into one).
 
@@ -311,7 +370,7 @@ def create_app(
         return {"generation": generation, "experts": [_expert(expert)]}
 
     @app.post("/split", response_model=ExpertsChangeResponse, dependencies=write_deps,
-              openapi_extra=split_schema, responses=_responses(400, *auth_codes, 404, 409, 413, 422, 503))
+              openapi_extra=split_schema, responses=_responses(400, *auth_codes, 403, 404, 409, 413, 415, 422, 503))
     async def split_expert(body: Any = split_body) -> dict:
         """Split an expert into `parts` by k-means over its vectors (the gate's row fitted into one per part).
 
@@ -321,7 +380,7 @@ def create_app(
         return {"generation": generation, "experts": [_expert(e) for e in parts]}
 
     @app.delete("/experts/{name:path}", response_model=ExpertChangeResponse, dependencies=write_deps,
-                responses=_responses(*auth_codes, 404, 409, 422, 503))
+                responses=_responses(*auth_codes, 403, 404, 409, 422, 503))
     async def remove_expert(name: str) -> dict:
         """Remove an expert (its index, gate output and metadata); saved to the checkpoint before the reply."""
         return {"generation": await write(state.remove_expert, name), "expert": None}

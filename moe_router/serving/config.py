@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
+from typing import Sequence
+from urllib.parse import urlsplit
 
 
 @dataclass(frozen=True)
@@ -34,13 +37,60 @@ class Limits:
             raise ValueError(f"every limit must be >= 1, got {self}")
 
 
+def normalise_origin(origin: str) -> str:
+    """A browser Origin as compared here: 'null', or lower-case scheme://host[:port] with no path."""
+    origin = origin.strip().lower().rstrip("/")
+    if origin == "null":
+        return origin
+    parts = urlsplit(origin)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query or parts.fragment:
+        raise ValueError(f"an origin is scheme://host[:port] (e.g. https://app.example.com:8443) or 'null', got {origin!r}")
+    return f"{parts.scheme}://{parts.netloc}"
+
+
 @dataclass(frozen=True)
 class AuthConfig:
-    """Optional shared API key, sent in the X-API-Key header."""
+    """Who may drive the server: an optional shared API key (X-API-Key header) and the browser origins allowed.
+
+    Whatever the key, a POST must declare `Content-Type: application/json` (else 415) and a request
+    that changes something (POST, DELETE) from a web page of another origin is refused (403): a
+    cross-site page can send a "simple" text/plain POST without any preflight, but not that.
+    """
 
     api_key: str | None = None  # None: no key needed anywhere
     protect_reads: bool = False  # True: route/search/experts/stats need the key too; health/ready never do
+    allowed_origins: Sequence[str] = ()  # browser origins besides the server's own allowed to POST/DELETE
+    allow_open_network: bool = False  # True: start on a non-loopback host without api_key (warns loudly)
 
     def __post_init__(self) -> None:
         if self.api_key is not None and not str(self.api_key).strip():
             raise ValueError("auth.api_key is empty; set a real key or null to turn the key off")
+        if isinstance(self.allowed_origins, str):
+            raise ValueError(f"auth.allowed_origins must be a list of origins, got the str {self.allowed_origins!r}")
+        object.__setattr__(self, "allowed_origins", tuple(normalise_origin(str(o)) for o in self.allowed_origins))
+
+
+def is_loopback(host: str) -> bool:
+    """True for 'localhost' and loopback addresses; any other name may resolve to a public interface."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(host: str, auth: AuthConfig) -> str | None:
+    """Refuse (ValueError) to serve a non-loopback host without an API key unless auth.allow_open_network.
+
+    Returns the warning to log when it is allowed open, else None. Without a key, anyone who can reach
+    the port can add, merge, split and remove experts and write feedback.
+    """
+    if is_loopback(host) or auth.api_key is not None:
+        return None
+    risk = (f"host={host} is not a loopback address and auth.api_key is not set: anyone who can reach this port "
+            "can change the experts and write feedback")
+    if not auth.allow_open_network:
+        raise ValueError(f"refusing to start: {risk}. Set MOE_ROUTER_API_KEY (auth.api_key), or serve on "
+                         "host=127.0.0.1, or override with auth.allow_open_network=true")
+    return f"SECURITY WARNING: {risk} (auth.allow_open_network=true)"

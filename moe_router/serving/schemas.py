@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, TypeAdapter, WithJsonSchema, model_validator
 
 from moe_router.serving.config import Limits
+from moe_router.types import ExpertScore, Hit
 
 QUERY_FIELDS = ("text", "texts", "vector", "vectors")
 FLOAT32_MAX = 3.4028234663852886e38
@@ -21,16 +22,8 @@ class ErrorResponse(BaseModel):
     detail: list[dict[str, Any]] | None = None  # per-field problems for a 422 (loc, msg, type)
 
 
-class ExpertScoreOut(BaseModel):
-    expert: str
-    probability: float  # gate softmax probability over all experts
-    weight: float  # probability renormalised over this query's chosen experts
-    specialization: str
-    parent: str | None
-
-
 class RouteResult(BaseModel):
-    experts: list[ExpertScoreOut]  # best first
+    experts: list[ExpertScore]  # best first (the library's own record: one definition of its fields)
 
 
 class RouteResponse(BaseModel):
@@ -38,19 +31,8 @@ class RouteResponse(BaseModel):
     results: list[RouteResult]  # one per query, in order
 
 
-class HitOut(BaseModel):
-    id: int
-    score: float  # inner product (metric ip, higher is closer) or squared L2 distance (l2, lower is closer)
-    expert: str
-    specialization: str
-    parent: str | None
-    routing_score: float  # the gate's probability for this hit's expert
-    text: str | None
-    metadata: dict[str, Any]
-
-
 class SearchResult(BaseModel):
-    hits: list[HitOut]  # best first, at most k
+    hits: list[Hit]  # best first, at most k (the library's own record)
 
 
 class SearchResponse(BaseModel):
