@@ -5,7 +5,8 @@
 Builds a seeded router (no texts: the vectors dominate), then times, best of --repeats:
 save (all files written), save again after adding one small expert (unchanged experts linked,
 sha256-rechecked; and stat-checked), Router.load with verification, and a served feedback write
-(RouterState.record_feedback: the row plus a save of the new version). Run it with PYTHONPATH at
+(RouterState.record_feedback: the row plus a save of the new version), alone and from 8 clients
+at once (rows that arrive during a save share the next one). Run it with PYTHONPATH at
 another checkout to time that checkout's code on the same machine (feedback is then the format-1
 SQLite commit, and the stat-checked save does not exist).
 """
@@ -17,6 +18,7 @@ import inspect
 import json
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -86,6 +88,14 @@ def main() -> None:
             t = time.perf_counter()
             state.record_feedback(q, "shard00", True)
             times.append(time.perf_counter() - t)
+        t = time.perf_counter()  # 8 clients at once: rows arriving during a save share the next one
+        clients = [threading.Thread(target=lambda c=c: [state.record_feedback(q, "shard01", c % 2 == 0) for q in xq])
+                   for c in range(8)]
+        for c in clients:
+            c.start()
+        for c in clients:
+            c.join()
+        out["served_feedback_8_clients_per_s"] = 8 * len(xq) / (time.perf_counter() - t)
         state.close()
         out["served_feedback_median_s"] = float(np.median(times))
         out["served_feedback_max_s"] = float(np.max(times))

@@ -7,7 +7,6 @@ message (numpy's inhomogeneous shape, a tokenizers TypeError, a raw UnicodeDecod
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Callable

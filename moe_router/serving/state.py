@@ -8,11 +8,12 @@ crash, because every write reaches the disk the one way a checkpoint changes, Ro
 
 - feedback is added to the served router's in-memory store and the router is saved (a new
   version; unchanged files are hard-linked after a stat check, so only the store, the gate and
-  the manifest are written) before the reply. If the save fails the row is taken out again and
-  the client gets an error: memory and disk still agree;
+  the manifest are written) before the reply; rows that arrive while a save runs share the next
+  one (group commit). If the save fails the rows are taken out again and their clients get an
+  error: memory and disk still agree;
 - an expert change is acknowledged only after Router.save has switched CURRENT to the new version.
 
-Writes are serialised by one lock: one save at a time, in this process. Another process must not
+Saves are serialised by one lock: one save at a time, in this process. Another process must not
 save the same checkpoint meanwhile (several writer processes are not supported).
 """
 
@@ -77,7 +78,12 @@ class RouterState:
             raise ValueError(f"checkpoint {self.ckpt} has no gate; train one first (scripts/train.py)")
         self._current = Snapshot(router, 0)
         self._swap_lock = threading.Lock()  # guards _current and the lease counts
-        self._write_lock = threading.Lock()  # one durable write at a time
+        self._write_lock = threading.Lock()  # one save at a time (held while it runs)
+        # Feedback is recorded under _record_lock, which a save does not hold: rows recorded while a
+        # save runs wait together for the next one (group commit). Lock order: _write_lock, then _record_lock.
+        self._record_lock = threading.Lock()
+        self._pending: set[int] = set()  # feedback rows in memory, not yet in a saved version
+        self._lost: set[int] = set()  # rows whose save failed (taken out again); their requests get PersistError
         self.failed: str | None = None  # set when a save could not be followed through; writes then refuse
         self.dim = router.dim
         self.metric = router.metric
@@ -110,19 +116,33 @@ class RouterState:
     def record_feedback(self, query: str | np.ndarray, expert: str, positive: bool) -> int:
         """Record one feedback row and save the checkpoint with it; returns its id. KeyError: unknown expert.
 
-        The row is acknowledged only once the save holding it has switched CURRENT (PersistError
-        otherwise, with the row taken out again).
+        The row is acknowledged only once a save holding it has switched CURRENT (PersistError
+        otherwise, with the row taken out again). Rows recorded while a save runs share the next
+        save, so concurrent feedback costs one save per batch, not per row.
         """
-        with self._write_lock, self.lease() as snap:
+        with self._record_lock, self.lease() as snap:
             self._check_writable()
-            router = snap.router
-            seq = router.record_feedback(query, expert, positive)
-            try:
-                self._save(router, recheck=False)  # the expert files were hashed when loaded or written
-            except BaseException:
-                router.store.delete_feedback(seq)
-                raise
-            return seq
+            seq = snap.router.record_feedback(query, expert, positive)
+            self._pending.add(seq)
+        with self._write_lock:  # after the save that was running, if any
+            with self._record_lock:
+                batch = set(self._pending) if seq in self._pending else set()  # empty: an earlier save took it
+                self._pending -= batch
+            if batch:
+                with self.lease() as snap:
+                    try:
+                        self._save(snap.router, recheck=False)  # the expert files were hashed when loaded or written
+                    except BaseException:
+                        for s in batch:
+                            snap.router.store.delete_feedback(s)
+                        with self._record_lock:
+                            self._lost |= batch - {seq}
+                        raise
+        with self._record_lock:
+            if seq in self._lost:
+                self._lost.discard(seq)
+                raise PersistError(f"could not save the checkpoint {self.ckpt}; feedback #{seq} was not kept")
+        return seq
 
     def add_expert(
         self,
@@ -175,7 +195,7 @@ class RouterState:
 
         A failed check, change or save leaves the served router and the checkpoint as they were.
         """
-        with self._write_lock:
+        with self._write_lock, self._record_lock:  # no feedback lands in the old store between the copy and the swap
             self._check_writable()
             with self.lease() as snap:
                 check(snap.router)
@@ -186,6 +206,7 @@ class RouterState:
             except BaseException:
                 fork.store.close()
                 raise
+            self._pending.clear()  # the fork's store held them: they are saved now
             return result, self._swap(fork)
 
     def _check_writable(self) -> None:
