@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import threading
 import time
@@ -147,21 +146,13 @@ class MetadataStore:
             rows = self.conn.execute(sql + " ORDER BY seq", args).fetchall()
         return [FeedbackRecord(s, q, np.frombuffer(v, dtype=np.float32), e, bool(p), c) for s, q, v, e, p, c in rows]
 
-    def backup_to(self, path: Path) -> None:
-        """Copy the whole store into a new SQLite file at `path` (consistent even while in use), fsynced.
+    def image(self) -> bytes:
+        """The whole store as the bytes of one self-contained SQLite file (consistent even while in use).
 
-        The file is in rollback-journal mode with no journal left beside it: one self-contained file
-        that a reader can load from its bytes alone (from_image).
+        What a checkpoint saves (and hashes, from memory); from_image reads it back.
         """
         with self._lock:
-            dest = sqlite3.connect(str(path))
-            try:
-                self.conn.backup(dest)
-                dest.execute("PRAGMA journal_mode=DELETE")
-            finally:
-                dest.close()
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
+            return self.conn.serialize()
 
     def close(self) -> None:
         with self._lock:

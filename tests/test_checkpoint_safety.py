@@ -184,14 +184,14 @@ def test_save__switches_the_pointer_atomically_and_keeps_the_last_versions(text_
     assert len(inodes) == 1
 
 
-@pytest.mark.parametrize("fail_at", ["replace", "rename", "backup"])
+@pytest.mark.parametrize("fail_at", ["replace", "rename", "store"])
 def test_save_interrupted__leaves_the_previous_version_current_and_nothing_behind(
     ckpt: Path, text_router: Router, monkeypatch: pytest.MonkeyPatch, fail_at: str
 ) -> None:
     before = tree_digest(ckpt)
     boom = OSError(28, "No space left on device")
     target = {"replace": (os, "replace"), "rename": (os, "rename"),
-              "backup": (type(text_router.store), "backup_to")}[fail_at]
+              "store": (type(text_router.store), "image")}[fail_at]
     monkeypatch.setattr(*target, lambda *a, **k: (_ for _ in ()).throw(boom))
     text_router.remove_expert("cooking")
     with pytest.raises(OSError, match="No space left"):

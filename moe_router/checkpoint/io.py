@@ -183,7 +183,13 @@ def write_checkpoint(path: Path, router: CheckpointParts, recheck: bool = True) 
             save_file(state, str(tmp / GATE_FILE))
             _fsync_file(tmp / GATE_FILE)
             gate_info = {"config": router.gate.config(), "file": GATE_FILE}
-        router.store.backup_to(tmp / STORE)
+        image = router.store.image()  # written and hashed from memory: one pass, no re-read
+        with open(tmp / STORE, "xb") as f:
+            f.write(image)
+            f.flush()
+            os.fsync(f.fileno())
+        files[STORE] = hashlib.sha256(image).hexdigest()
+        del image
         for rel in [*(x["vectors"] for x in experts), *(x["ids"] for x in experts),
                     *([GATE_FILE] if gate_info else []), STORE]:
             if rel not in files:
