@@ -82,7 +82,10 @@ class RouterState:
         # Feedback is recorded under _record_lock, which a save does not hold: rows recorded while a
         # save runs wait together for the next one (group commit). Lock order: _write_lock, then _record_lock.
         self._record_lock = threading.Lock()
-        self._pending: set[int] = set()  # feedback rows in memory, not yet in a saved version
+        self._saved = threading.Condition(self._record_lock)  # notified when a feedback save ends
+        self._pending: set[int] = set()  # feedback rows in memory, not yet taken by a save
+        self._in_flight: set[int] = set()  # rows the running feedback save holds
+        self._committing = False  # a request is saving the pending rows (the others wait for it)
         self._lost: set[int] = set()  # rows whose save failed (taken out again); their requests get PersistError
         self.failed: str | None = None  # set when a save could not be followed through; writes then refuse
         self.dim = router.dim
@@ -120,28 +123,42 @@ class RouterState:
         otherwise, with the row taken out again). Rows recorded while a save runs share the next
         save, so concurrent feedback costs one save per batch, not per row.
         """
-        with self._record_lock, self.lease() as snap:
+        with self._saved:
             self._check_writable()
-            seq = snap.router.record_feedback(query, expert, positive)
+            with self.lease() as snap:
+                seq = snap.router.record_feedback(query, expert, positive)
             self._pending.add(seq)
-        with self._write_lock:  # after the save that was running, if any
-            with self._record_lock:
-                batch = set(self._pending) if seq in self._pending else set()  # empty: an earlier save took it
-                self._pending -= batch
-            if batch:
-                with self.lease() as snap:
-                    try:
-                        self._save(snap.router, recheck=False)  # the expert files were hashed when loaded or written
-                    except BaseException:
-                        for s in batch:
-                            snap.router.store.delete_feedback(s)
-                        with self._record_lock:
-                            self._lost |= batch - {seq}
-                        raise
-        with self._record_lock:
-            if seq in self._lost:
-                self._lost.discard(seq)
-                raise PersistError(f"could not save the checkpoint {self.ckpt}; feedback #{seq} was not kept")
+            while (seq in self._pending and self._committing) or seq in self._in_flight:
+                self._saved.wait()  # a save is running: the next one takes every row recorded meanwhile
+            if seq not in self._pending:  # a save that has ended took it
+                return self._outcome(seq)  # (the lock is held: _outcome does not take it)
+            self._committing = True  # this request saves every pending row
+        try:
+            with self._write_lock:
+                with self._saved:
+                    batch, self._pending, self._in_flight = self._pending, set(), self._pending
+                if batch:
+                    with self.lease() as snap:
+                        try:
+                            self._save(snap.router, recheck=False)  # expert files were hashed when loaded or written
+                        except BaseException:
+                            for row in batch:
+                                snap.router.store.delete_feedback(row)
+                            with self._saved:
+                                self._lost |= batch - {seq}  # this request gets the error itself
+                            raise
+        finally:  # success or not, the waiting requests learn their rows' fate
+            with self._saved:
+                self._committing = False
+                self._in_flight = set()
+                self._saved.notify_all()
+        return seq  # saved (a failed save raised above)
+
+    def _outcome(self, seq: int) -> int:
+        """`seq` once the save that took it has ended: PersistError if that save failed. Hold _record_lock."""
+        if seq in self._lost:
+            self._lost.discard(seq)
+            raise PersistError(f"could not save the checkpoint {self.ckpt}; feedback #{seq} was not kept")
         return seq
 
     def add_expert(
@@ -207,7 +224,9 @@ class RouterState:
                 fork.store.close()
                 raise
             self._pending.clear()  # the fork's store held them: they are saved now
-            return result, self._swap(fork)
+            generation = self._swap(fork)
+            self._saved.notify_all()
+            return result, generation
 
     def _check_writable(self) -> None:
         if self.failed is not None:
