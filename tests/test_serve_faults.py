@@ -175,6 +175,16 @@ def test_load__mangled_npy_header__is_a_checkpoint_error(tmp_path):
         Router.load(ckpt, verify=False)
 
 
+@pytest.mark.parametrize("forged", [{"members": 10**12}, {"hidden_dims": [4] * 100_000}])
+def test_load__forged_gate_structure__is_a_checkpoint_error_at_once(tmp_path, forged):
+    ckpt = build_checkpoint(tmp_path / "ckpt")
+    manifest = read_manifest(ckpt)
+    manifest["gate"]["config"].update(forged)  # building it would loop 10^12 / 10^5 times
+    write_manifest(ckpt, manifest)
+    with pytest.raises(CheckpointError, match="cannot fit the .* tensors of"):
+        Router.load(ckpt)
+
+
 def test_load__forged_gate_width__is_a_checkpoint_error(tmp_path):
     ckpt = build_checkpoint(tmp_path / "ckpt")
     manifest = read_manifest(ckpt)

@@ -580,6 +580,11 @@ def _load_gate(path: Path, pre: str, m: Manifest, digests: dict[str, str], num_e
         state = load_safetensors(data)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"checkpoint {path}: {rel} is corrupted ({exc})") from None
+    members, hidden = config.get("members", 1), config.get("hidden_dims", [])
+    if isinstance(members, int) and isinstance(hidden, list) and members * (len(hidden) + 1) > len(state):
+        # Building the gate loops over members and layers: a forged count must not run for hours.
+        raise CheckpointError(f"checkpoint {path}: gate config ({members} members x {len(hidden) + 1} layers) "
+                              f"cannot fit the {len(state)} tensors of {rel}")
     try:
         gate = Gate(**config)
         if "prototypes" in state:
