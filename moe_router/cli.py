@@ -4,6 +4,7 @@
     moe-router search --ckpt checkpoints/demo -k 3 --top-experts 2 "How do I fix an auth bug?"
     moe-router search --ckpt checkpoints/demo -k 3 --top-experts 2 --per-expert "How do I fix an auth bug?"
     moe-router stats  --ckpt checkpoints/demo
+    moe-router search --ckpt checkpoints/demo --backend ray --ray-address auto "How do I fix an auth bug?"
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def _print_routes(router: Router, queries: list[str], top_experts: int) -> None:
 def _print_hits(router: Router, queries: list[str], k: int, top_experts: int, per_expert: bool) -> None:
     for query, hits in zip(queries, router.search(queries, k=k, top_experts=top_experts, per_expert=per_expert)):
         print(f'\nQuery: "{query}"')
+        if hits.missing_experts:  # a Ray expert actor that did not answer: the hits are the others'
+            print(f"  (no answer from {', '.join(hits.missing_experts)}: hits from the other experts only)")
         by_expert: dict[str, list] = {}
         for h in hits:
             by_expert.setdefault(h.expert, []).append(h)
@@ -61,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("route", "search", "stats"):
         p = sub.add_parser(name)
         p.add_argument("--ckpt", required=True, help="checkpoint directory written by scripts/train.py")
+        p.add_argument("--backend", choices=("local", "ray"), default="local",
+                       help="where the experts live: this process, or Ray actors (pip install -e '.[ray]')")
+        p.add_argument("--ray-address", default=None, help="Ray cluster to join with --backend ray (default: start one)")
         if name != "stats":
             p.add_argument("queries", nargs="+", help="query texts")
             p.add_argument("--top-experts", type=int, default=2, help="experts searched per query")
@@ -69,14 +75,14 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--per-expert", action="store_true", help="k hits from each searched expert, not k in all")
     args = parser.parse_args(argv)
     try:
-        router = Router.load(args.ckpt)
+        router = Router.load(args.ckpt, backend=args.backend, ray_address=args.ray_address)
         if args.command == "route":
             _print_routes(router, args.queries, args.top_experts)
         elif args.command == "search":
             _print_hits(router, args.queries, args.k, args.top_experts, args.per_expert)
         else:
             _print_stats(router)
-    except (CheckpointError, ValueError, KeyError) as exc:
+    except (CheckpointError, ValueError, KeyError, ImportError) as exc:
         print(f"moe-router: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -33,6 +34,26 @@ class Hit:
     metadata: dict = field(default_factory=dict)
 
 
+class SearchHits(list):
+    """One query's hits (a plain list of Hit, best first) and the chosen experts that did not answer.
+
+    `missing_experts` is empty unless an expert could not be reached (an expert actor of the Ray
+    backend that died or ran past its timeout): the hits are then the other chosen experts' only,
+    and the caller can tell a short answer from a complete one. Slicing keeps it.
+    """
+
+    def __init__(self, hits: Iterable[Hit] = (), missing_experts: Sequence[str] = ()) -> None:
+        super().__init__(hits)
+        self.missing_experts: tuple[str, ...] = tuple(missing_experts)
+
+    def __getitem__(self, item):  # type: ignore[override]
+        got = super().__getitem__(item)
+        return SearchHits(got, self.missing_experts) if isinstance(item, slice) else got
+
+    def __repr__(self) -> str:
+        return f"SearchHits({list.__repr__(self)}, missing_experts={self.missing_experts!r})"
+
+
 @dataclass(frozen=True)
 class RoutedSearch:
     """Array form of a routed search; -1 in I and E where fewer than k vectors were reachable."""
@@ -41,6 +62,13 @@ class RoutedSearch:
     I: np.ndarray  # (nq, k) global ids
     E: np.ndarray  # (nq, k) index of the expert holding each hit
     scanned: np.ndarray  # (nq,) vectors compared per query
+    # (nq, t) index of each chosen expert that did not answer (its hits are absent), -1 where it
+    # did; None when every chosen expert answered. Only a remote backend leaves experts out.
+    missing: np.ndarray | None = None
+
+    def missing_of(self, q: int) -> list[int]:
+        """Indices of the experts chosen for query q that did not answer."""
+        return [] if self.missing is None else [int(e) for e in self.missing[q] if e >= 0]
 
 
 @dataclass(frozen=True)

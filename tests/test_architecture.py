@@ -82,6 +82,7 @@ def test_serve_and_experts_configs__instantiate_their_nodes() -> None:
     serve = compose_config("serve", ["ckpt=/nonexistent"])
     for node in ("batching", "limits", "auth"):
         assert instantiate(serve[node]) is not None
+    assert instantiate(serve.backend).name == "local"  # backend=ray: tests/test_ray_backend.py (needs a cluster)
     experts = compose_config("experts", ["ckpt=/nonexistent"])
     assert instantiate(experts.fine_tune).steps == experts.fine_tune.steps
     assert instantiate(experts.rules).low_success == experts.rules.low_success

@@ -9,10 +9,11 @@ import faiss
 import numpy as np
 import pytest
 
-from moe_router.index.expert import Expert
+from moe_router.index.expert import Expert, sample_vectors
 from moe_router.store import MetadataStore
 from moe_router.vectors import worst_score
 from moe_router.vectors import prepare
+from tests.helpers import make_router
 from tests.helpers import DIM, clusters
 
 
@@ -121,3 +122,14 @@ def test_metadata_store_of_an_older_checkpoint__gains_the_removed_column_and_kee
     store.delete_expert("a")
     assert store.feedback() == [] and len(store.feedback(include_removed=True)) == 1
     store.close()
+
+
+@pytest.mark.parametrize("skip, limit, seed", [((0,), 100, 0), ((1, 2), 37, 3), ((), 10_000, 1), ((3,), 5, 7)])
+def test_sample_vectors__equals_sampling_the_concatenation(skip: tuple, limit: int, seed: int) -> None:
+    """Rows are picked before copying, yet the sample is the one drawn from all the vectors stacked."""
+    router = make_router("ip")
+    others = [e for i, e in enumerate(router.experts) if i not in skip]
+    stacked = np.concatenate([e.vectors() for e in others])
+    if len(stacked) > limit:
+        stacked = stacked[np.sort(np.random.default_rng(seed).choice(len(stacked), size=limit, replace=False))]
+    np.testing.assert_array_equal(sample_vectors(router.experts, skip, limit, seed), stacked)

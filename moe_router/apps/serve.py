@@ -25,11 +25,11 @@ def serve(cfg: DictConfig) -> None:
     if warning:
         log.warning(warning)
         print(warning, file=sys.stderr, flush=True)
-    state = RouterState(cfg.ckpt, cache_dir=cfg.cache_dir, threads=cfg.threads)
+    state = RouterState(cfg.ckpt, cache_dir=cfg.cache_dir, threads=cfg.threads, backend=instantiate(cfg.backend))
     app = create_app(state, batching=instantiate(cfg.batching), limits=instantiate(cfg.limits), auth=auth)
     with state.lease() as snap:
         router = snap.router
-    print(f"Serving {cfg.ckpt}: {router.num_experts} experts, {router.ntotal} vectors, dim {router.dim}, "
+    print(f"Serving {cfg.ckpt}: {router.num_experts} experts, {router.ntotal} vectors, dim {router.dim}, {router.backend}, "
           f"on http://{cfg.host}:{cfg.port} (OpenAPI at /docs)", flush=True)
     try:
         uvicorn.run(app, host=cfg.host, port=int(cfg.port), log_level=cfg.log_level, access_log=cfg.access_log,

@@ -21,14 +21,15 @@ import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
-from moe_router.embed.base import Embedder
-from moe_router.gate.model import Gate
-from moe_router.index.expert import Expert
-from moe_router.store import MetadataStore
+if TYPE_CHECKING:  # annotations only: the format (and expert_files) must import without torch
+    from moe_router.embed.base import Embedder
+    from moe_router.gate.model import Gate
+    from moe_router.index.expert import Expert
+    from moe_router.store import MetadataStore
 
 
 log = logging.getLogger(__name__)
@@ -181,6 +182,38 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+class FileMissing(CheckpointError):
+    """A file of the version being read does not exist (collected by a save meanwhile, or never there)."""
+
+    def __init__(self, path: Path, rel: str) -> None:
+        super().__init__(f"checkpoint {path} is incomplete: {rel} is missing")
+        self.rel = rel
+
+
+def open_checked(path: Path, rel: str) -> BinaryIO:
+    """open_inside with every failure as a CheckpointError naming the file (FileMissing when it does not exist)."""
+    try:
+        return open_inside(path, rel)
+    except FileNotFoundError:
+        raise FileMissing(path, rel) from None
+    except NotADirectoryError:
+        raise CheckpointError(f"checkpoint {path}: a directory on the way to {rel} is not a directory") from None
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path}: {rel} cannot be read ({exc})") from None
+
+
+def read_checked(path: Path, rel: str, limit: int | None = None) -> bytes:
+    """All bytes of `rel` (open_checked), refusing one larger than `limit` bytes."""
+    with open_checked(path, rel) as f:
+        size = os.fstat(f.fileno()).st_size
+        if limit is not None and size > limit:
+            raise CheckpointError(f"checkpoint {path}: {rel} is {size} bytes; at most {limit} are expected")
+        try:
+            return f.read()
+        except OSError as exc:
+            raise CheckpointError(f"checkpoint {path}: {rel} cannot be read ({exc})") from None
+
+
 # ---------------------------------------------------------------- the pointer
 
 
@@ -203,6 +236,58 @@ def parse_pointer(raw: bytes, where: str) -> tuple[int, str]:
 
 def pointer_bytes(n: int, manifest_sha256: str) -> bytes:
     return (json.dumps({"format": FORMAT, "version": n, "manifest_sha256": manifest_sha256}) + "\n").encode()
+
+
+@dataclass(frozen=True)
+class Located:
+    """What a reader found at the checkpoint: the files' directory and what the pointer said."""
+
+    prefix: str  # "versions/NNNNNN/" (format 2) or "" (format 1)
+    manifest_sha256: str | None  # from CURRENT; None for format 1
+
+    @property
+    def format_version(self) -> int:
+        return FORMAT_VERSION if self.prefix else LEGACY_VERSION
+
+
+def locate(path: Path) -> Located:
+    """Read CURRENT (once) and say where the current version's files are; format 1 has no pointer."""
+    if not path.is_dir():
+        raise CheckpointError(f"no checkpoint at {path}: expected a directory written by Router.save or scripts/train.py")
+    try:
+        raw = read_checked(path, POINTER, MAX_POINTER_BYTES)
+    except FileMissing:
+        raw = None
+    if raw is not None:
+        n, digest = parse_pointer(raw, f"{path}/{POINTER}")
+        return Located(version_dir(n) + "/", digest)
+    if lstat_inside(path, MANIFEST) is not None:
+        return Located("", None)
+    raise CheckpointError(f"{path} is not a moe_router checkpoint: {POINTER} (and {MANIFEST} of format 1) is missing")
+
+
+def read_located_manifest(path: Path, where: Located, verify: bool = True) -> Manifest:
+    """The manifest of the version `where` names, sha256-checked against CURRENT when `verify`, schema-checked."""
+    rel = where.prefix + MANIFEST
+    raw = read_checked(path, rel, MAX_MANIFEST_BYTES)
+    if verify and where.manifest_sha256 is not None and hashlib.sha256(raw).hexdigest() != where.manifest_sha256:
+        raise CheckpointError(f"checkpoint {path}: {rel} is corrupted (sha256 does not match {POINTER})")
+    return parse_manifest(raw, f"{path}/{rel}", path, where.format_version)
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The current manifest as a dict whose file names ('vectors', 'ids', 'files') are relative to `path` itself.
+
+    For readers of single files (an expert actor re-reading its expert after saves moved it).
+    """
+    path = Path(path)
+    where = locate(path)
+    m = read_located_manifest(path, where)
+    pre = where.prefix
+    out = dict(m.raw)
+    out["experts"] = [{**e, "vectors": pre + e["vectors"], "ids": pre + e["ids"]} for e in m.raw["experts"]]
+    out["files"] = {pre + rel: digest for rel, digest in m.files.items()}
+    return out
 
 
 # ---------------------------------------------------------------- the manifest

@@ -17,26 +17,25 @@ import os
 import shutil
 import sqlite3
 import stat
-import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Callable
 
 import numpy as np
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors, save_file
 
+from moe_router.checkpoint.expert_files import fingerprint, read_experts
 from moe_router.checkpoint.format import (
-    FORMAT, FORMAT_VERSION, GATE_FILE, LEGACY_VERSION, MANIFEST, MAX_MANIFEST_BYTES, MAX_POINTER_BYTES, POINTER, STORE,
-    VERSIONS, CheckpointError, CheckpointParts, ExpertEntry, Manifest, lstat_inside, open_inside, parse_manifest,
-    parse_pointer, pointer_bytes, read_inside, sha256_file, version_dir, version_number,
+    FORMAT, FORMAT_VERSION, GATE_FILE, LEGACY_VERSION, MANIFEST, MAX_POINTER_BYTES, POINTER, STORE, VERSIONS,
+    CheckpointError,
+    CheckpointParts, FileMissing, Located, Manifest, locate, lstat_inside, parse_pointer, pointer_bytes, read_checked,
+    read_inside, read_located_manifest, sha256_file, version_dir, version_number,
 )
 from moe_router.embed.registry import embedder_from_spec
 from moe_router.gate.model import Gate
-from moe_router.index.expert import Expert, SavedCopy
+from moe_router.index.expert import SavedCopy
 from moe_router.store import MetadataStore
 
 log = logging.getLogger(__name__)
@@ -74,17 +73,13 @@ def _write_npy(path: Path, arr: np.ndarray) -> None:
         os.fsync(f.fileno())
 
 
-def _fingerprint(st: os.stat_result) -> tuple[int, int, int, int]:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
 def _unchanged(file: Path, digest: str, fingerprint: tuple | None, recheck: bool) -> bool:
     """Whether `file` still holds what had `digest`: re-hashed, or (recheck=False) the same inode, size and mtime."""
     st = os.lstat(file)
     if not stat.S_ISREG(st.st_mode):
         return False
     if not recheck and fingerprint is not None:
-        return _fingerprint(st) == fingerprint
+        return fingerprint(st) == fingerprint
     return sha256_file(file) == digest
 
 
@@ -239,7 +234,7 @@ def write_checkpoint(path: Path, router: CheckpointParts, recheck: bool = True) 
     for e, info in zip(router.experts, experts):
         vec, ids = where / info["vectors"], where / info["ids"]
         e.saved = SavedCopy(vec, ids, files[info["vectors"]], files[info["ids"]],
-                            _fingerprint(os.lstat(vec)), _fingerprint(os.lstat(ids)))
+                            fingerprint(os.lstat(vec)), fingerprint(os.lstat(ids)))
     collect_garbage(path, n, legacy=legacy)
     return manifest
 
@@ -326,77 +321,18 @@ def _legacy_asides(path: Path) -> list[Path]:
 # ---------------------------------------------------------------- load
 
 
-_BLOCK = 1 << 22  # bytes read, and hashed, at a time
+# (checkpoint dir, expert entries of the manifest with names relative to the dir, dim, metric, sha256
+# to check, sha256 of every file) -> experts; a backend that keeps experts elsewhere opens them there.
+OpenExperts = Callable[[Path, list[dict], int, str, dict, dict], list]
 
 
-# numpy parses a .npy header with ast.literal_eval, and CPython 3.11 can raise a spurious
-# SystemError ("AST constructor recursion depth mismatch", python/cpython#106905) when two
-# threads build ASTs at once: experts are read side by side, their headers one at a time.
-_HEADER_LOCK = threading.Lock()
-
-
-class _Missing(Exception):
-    """A file of the version being read does not exist (collected by a save meanwhile, or never there)."""
-
-    def __init__(self, rel: str) -> None:
-        super().__init__(rel)
-        self.rel = rel
-
-
-@dataclass(frozen=True)
-class _Version:
-    """What a reader found at the checkpoint: the files' directory and what the pointer said."""
-
-    prefix: str  # "versions/NNNNNN/" (format 2) or "" (format 1)
-    manifest_sha256: str | None  # from CURRENT; None for format 1
-
-    @property
-    def format_version(self) -> int:
-        return FORMAT_VERSION if self.prefix else LEGACY_VERSION
-
-
-def _open(path: Path, rel: str) -> BinaryIO:
-    try:
-        return open_inside(path, rel)
-    except FileNotFoundError:
-        raise _Missing(rel) from None
-    except NotADirectoryError:
-        raise CheckpointError(f"checkpoint {path}: a directory on the way to {rel} is not a directory") from None
-    except OSError as exc:
-        raise CheckpointError(f"checkpoint {path}: {rel} cannot be read ({exc})") from None
-
-
-def _read_all(path: Path, rel: str, limit: int | None = None) -> bytes:
-    with _open(path, rel) as f:
-        size = os.fstat(f.fileno()).st_size
-        if limit is not None and size > limit:
-            raise CheckpointError(f"checkpoint {path}: {rel} is {size} bytes; at most {limit} are expected")
-        try:
-            return f.read()
-        except OSError as exc:
-            raise CheckpointError(f"checkpoint {path}: {rel} cannot be read ({exc})") from None
-
-
-def _locate(path: Path) -> _Version:
-    if not path.is_dir():
-        raise CheckpointError(f"no checkpoint at {path}: expected a directory written by Router.save or scripts/train.py")
-    try:
-        raw = _read_all(path, POINTER, MAX_POINTER_BYTES)
-    except _Missing:
-        raw = None
-    if raw is not None:
-        n, digest = parse_pointer(raw, f"{path}/{POINTER}")
-        return _Version(version_dir(n) + "/", digest)
-    if lstat_inside(path, MANIFEST) is not None:
-        return _Version("", None)
-    raise CheckpointError(f"{path} is not a moe_router checkpoint: {POINTER} (and {MANIFEST} of format 1) is missing")
-
-
-def read_checkpoint(path: Path, verify: bool = True, cache_dir: str | Path | None = None) -> CheckpointParts:
+def read_checkpoint(path: Path, verify: bool = True, cache_dir: str | Path | None = None,
+                    open_experts: OpenExperts | None = None) -> CheckpointParts:
     """The parts of a router from a checkpoint directory, read-only. `verify` checks every file's sha256 as it is read.
 
     Reads the pointer once, then that version's files. If one is missing and the pointer has moved
-    on (a save collected the version meanwhile), starts again from the new pointer.
+    on (a save collected the version meanwhile), starts again from the new pointer. `open_experts`
+    opens the experts (default expert_files.read_experts: into this process).
     """
     path = Path(path)
     if not path.exists() and _legacy_asides(path):
@@ -404,35 +340,33 @@ def read_checkpoint(path: Path, verify: bool = True, cache_dir: str | Path | Non
             f"no checkpoint at {path}, but {_legacy_asides(path)[0].name} beside it holds one: a format-1 save was "
             f"interrupted between its renames; rename it back (moe_router.checkpoint.io.recover_checkpoint does)")
     for _ in range(READ_ATTEMPTS):
-        where = _locate(path)
+        where = locate(path)
         try:
-            return _read_version(path, where, verify, cache_dir)
-        except _Missing as missing:
-            if _locate(path) == where:
-                raise CheckpointError(f"checkpoint {path} is incomplete: {missing.rel} is missing") from None
+            return _read_version(path, where, verify, cache_dir, open_experts or read_experts)
+        except FileMissing:
+            if locate(path) == where:
+                raise
             log.info("checkpoint %s: a save replaced %s while it was read; reading the new version", path, where.prefix)
     raise CheckpointError(f"checkpoint {path} was replaced {READ_ATTEMPTS} times while it was being read; "
                           f"saves are too frequent for a load to finish")
 
 
-def _read_version(path: Path, where: _Version, verify: bool, cache_dir: str | Path | None) -> CheckpointParts:
+def _read_version(path: Path, where: Located, verify: bool, cache_dir: str | Path | None,
+                  open_experts: OpenExperts) -> CheckpointParts:
     pre = where.prefix
-    raw = _read_all(path, pre + MANIFEST, MAX_MANIFEST_BYTES)
-    if verify and where.manifest_sha256 is not None and hashlib.sha256(raw).hexdigest() != where.manifest_sha256:
-        raise CheckpointError(f"checkpoint {path}: {pre}{MANIFEST} is corrupted (sha256 does not match {POINTER})")
-    m = parse_manifest(raw, f"{path}/{pre}{MANIFEST}", path, where.format_version)
+    m = read_located_manifest(path, where, verify)
     try:
-        digests = m.files if verify else {}
-        # Experts are read side by side: sha256 and copying run on every core (reads release the GIL).
-        with ThreadPoolExecutor(max(1, min(len(m.experts), os.cpu_count() or 1))) as pool:
-            experts = list(pool.map(lambda e: _read_expert(path, pre, e, m, digests), m.experts))
-        _check_ids_unique(path, experts)
+        digests = {pre + rel: d for rel, d in m.files.items()}  # names relative to `path`, as expert_files reads
+        infos = [{"name": e.name, "specialization": e.specialization, "parent": e.parent, "size": e.size,
+                  "vectors": pre + e.vectors, "ids": pre + e.ids} for e in m.experts]
+        experts = open_experts(path, infos, m.dim, m.metric, digests if verify else {}, digests)
         try:
             embedder = embedder_from_spec(m.embedder, cache_dir=cache_dir)
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"checkpoint {path}: cannot rebuild its embedder {m.embedder!r} ({exc})") from None
-        store = _read_store(path, pre, m, digests)
-        gate = _load_gate(path, pre, m, digests, len(experts)) if m.gate_config is not None else None
+        check = m.files if verify else {}
+        store = _read_store(path, pre, m, check)
+        gate = _load_gate(path, pre, m, check, len(experts)) if m.gate_config is not None else None
         counts = np.array([m.stats.get(e.name, (0, 0.0))[0] for e in experts], dtype=np.int64)
         sums = np.array([m.stats.get(e.name, (0, 0.0))[1] for e in experts], dtype=np.float64)
         return CheckpointParts(
@@ -440,7 +374,7 @@ def _read_version(path: Path, where: _Version, verify: bool, cache_dir: str | Pa
             confidence_sums=sums, abstain_threshold=m.abstain_threshold, config=m.config, metrics=m.metrics,
             manifest=m.raw,
         )
-    except (CheckpointError, _Missing):
+    except CheckpointError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise CheckpointError(f"checkpoint {path} has an invalid manifest or files: {exc}") from None
@@ -459,111 +393,12 @@ def _read_store(path: Path, pre: str, m: Manifest, digests: dict[str, str]) -> M
             raise CheckpointError(
                 f"checkpoint {path} is in format 1 and {STORE}-wal holds writes not yet in {STORE} (feedback a "
                 f"format-1 server committed); convert it once with moe_router.checkpoint.convert_legacy({str(path)!r})")
-    data = _read_all(path, pre + STORE)
+    data = read_checked(path, pre + STORE)
     _check_digest(path, pre + STORE, data, digests.get(STORE))
     try:
         return MetadataStore.from_image(data, f"{path}/{pre}{STORE}")
     except ValueError as exc:
         raise CheckpointError(f"checkpoint {path}: {exc}") from None
-
-
-def _check_ids_unique(path: Path, experts: list[Expert]) -> None:
-    """Ids are global: one id stored twice (in one expert or two) would make hits ambiguous."""
-    if not experts:
-        return
-    ids = np.sort(np.concatenate([e.ids for e in experts]))
-    if len(ids) and ids[0] < 0:
-        owner = next(e.name for e in experts if (e.ids < 0).any())
-        raise CheckpointError(f"checkpoint {path}: expert {owner!r} holds the negative id {int(ids[0])}; ids are >= 0")
-    dup = ids[1:][ids[1:] == ids[:-1]]
-    if len(dup):
-        owners = [e.name for e in experts if (e.ids == dup[0]).any()]
-        raise CheckpointError(f"checkpoint {path}: id {int(dup[0])} is stored more than once (experts {owners}); "
-                              f"ids must be unique across experts")
-
-
-def _read_npy_into(path: Path, rel: str, f: BinaryIO, out: np.ndarray, digest: str | None) -> None:
-    """Fill `out` from the open .npy file `rel` in one pass, checking the file's sha256 on the way when `digest` is set.
-
-    One read serves both the check and the load (reading twice cost more than the 3 s budget at 1M
-    x 384). Only `out`'s dtype and shape are accepted, so object arrays are refused, never unpickled.
-    """
-    sha = hashlib.sha256() if digest is not None else None
-    try:
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)  # read ahead more from disk
-        problem = _read_npy_data(f, out, sha)
-        if sha is not None and problem is None:
-            for block in iter(lambda: f.read(_BLOCK), b""):  # bytes after the data count too
-                sha.update(block)
-    except OSError as exc:
-        problem = f"is corrupted ({exc})"
-    if digest is not None:
-        try:
-            if problem:  # a damaged file: hash all of it, as a whole-file check would
-                f.seek(0)
-                sha = hashlib.sha256()
-                for block in iter(lambda: f.read(_BLOCK), b""):
-                    sha.update(block)
-            actual = sha.hexdigest()
-        except OSError:
-            actual = None
-        if actual != digest:
-            raise CheckpointError(f"checkpoint {path}: {rel} is corrupted (sha256 does not match the manifest)")
-    if problem:
-        raise CheckpointError(f"checkpoint {path}: {rel} {problem}")
-
-
-def _read_npy_data(f: BinaryIO, out: np.ndarray, sha) -> str | None:
-    """Read an open .npy file's array into `out` (hashing header and data into `sha`); what is wrong, or None."""
-    try:
-        with _HEADER_LOCK:
-            version = np.lib.format.read_magic(f)
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-            if version not in read_header:
-                return f"is corrupted (unsupported .npy format version {version})"
-            shape, fortran_order, dtype = read_header[version](f)
-    except Exception as exc:  # numpy parses the header text: hostile bytes raise many kinds of error
-        return f"is corrupted (unreadable .npy header: {type(exc).__name__})"
-    if dtype != out.dtype or tuple(shape) != out.shape:
-        return f"has dtype {dtype} and shape {tuple(shape)}, expected {out.dtype} {out.shape}"
-    if fortran_order and out.ndim > 1:
-        return "is corrupted (Fortran order; checkpoints hold C-order arrays)"
-    if sha is not None:
-        data_start = f.tell()
-        f.seek(0)
-        sha.update(f.read(data_start))
-    buf = memoryview(out.reshape(-1).view(np.uint8))  # out is C-contiguous: a view, filled in place
-    for start in range(0, buf.nbytes, _BLOCK):
-        chunk = buf[start : start + _BLOCK]
-        if f.readinto(chunk) != len(chunk):
-            return "is corrupted (the file ends before its data does)"
-        if sha is not None:
-            sha.update(chunk)
-    return None
-
-
-def _read_expert(path: Path, pre: str, info: ExpertEntry, m: Manifest, digests: dict[str, str]) -> Expert:
-    """One expert's ids, then its vectors read straight into its index (sha256-checked when `digests` lists them).
-
-    The manifest's digests are recorded with the expert (Expert.saved) when they were checked, so a
-    later save may link these files instead of writing them again.
-    """
-    n = info.size
-    vec_rel, ids_rel = pre + info.vectors, pre + info.ids
-    with _open(path, ids_rel) as fi, _open(path, vec_rel) as fv:
-        for f, rel, row_bytes in ((fi, ids_rel, 8), (fv, vec_rel, 4 * m.dim)):
-            if os.fstat(f.fileno()).st_size < n * row_bytes:  # a hostile size must not become a huge allocation
-                raise CheckpointError(f"checkpoint {path}: {rel} is corrupted (the manifest says {n} rows; "
-                                      f"the file is too small to hold them)")
-        expert = Expert(info.name, m.dim, m.metric, info.specialization, info.parent)
-        ids = np.empty(n, dtype=np.int64)
-        _read_npy_into(path, ids_rel, fi, ids, digests.get(info.ids))
-        _read_npy_into(path, vec_rel, fv, expert.add_in_place(ids), digests.get(info.vectors))
-        if info.vectors in digests and info.ids in digests:  # checked: a later save may link these files
-            root = path.absolute()
-            expert.saved = SavedCopy(root / vec_rel, root / ids_rel, digests[info.vectors], digests[info.ids],
-                                     _fingerprint(os.fstat(fv.fileno())), _fingerprint(os.fstat(fi.fileno())))
-    return expert
 
 
 def _load_gate(path: Path, pre: str, m: Manifest, digests: dict[str, str], num_experts: int) -> Gate:
@@ -574,7 +409,7 @@ def _load_gate(path: Path, pre: str, m: Manifest, digests: dict[str, str], num_e
             f"does not match the checkpoint (dim={m.dim}, {num_experts} experts)"
         )
     rel = pre + m.gate_file
-    data = _read_all(path, rel)
+    data = read_checked(path, rel)
     _check_digest(path, rel, data, digests.get(m.gate_file))
     try:
         state = load_safetensors(data)

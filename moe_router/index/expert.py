@@ -54,6 +54,11 @@ class Expert:
     def ntotal(self) -> int:
         return self.index.ntotal
 
+    @property
+    def max_id(self) -> int:
+        """The largest global id stored (-1 when empty)."""
+        return int(self.ids.max()) if len(self.ids) else -1
+
     def add(self, xb: np.ndarray, ids: np.ndarray) -> None:
         if xb.shape[0] != len(ids):
             raise ValueError(f"expert {self.name!r}: {xb.shape[0]} vectors but {len(ids)} ids")
@@ -92,7 +97,17 @@ class Expert:
         """A copy of the stored vectors (n, d), in insertion order."""
         if self.ntotal == 0:
             return np.empty((0, self.dim), dtype=np.float32)
-        return faiss.rev_swig_ptr(self.index.get_xb(), self.ntotal * self.dim).reshape(self.ntotal, self.dim).copy()
+        return self._view().copy()
+
+    def rows(self, idx: np.ndarray) -> np.ndarray:
+        """A copy of the stored vectors at row positions idx (m,): (m, d), without copying the others."""
+        if self.ntotal == 0:
+            return np.empty((0, self.dim), dtype=np.float32)
+        return self._view()[np.asarray(idx, dtype=np.int64)]
+
+    def _view(self) -> np.ndarray:
+        """(n, d) view of the index's own memory: valid until the index changes."""
+        return faiss.rev_swig_ptr(self.index.get_xb(), self.ntotal * self.dim).reshape(self.ntotal, self.dim)
 
     def centroid(self) -> np.ndarray:
         """Mean vector (d,); for 'ip' re-normalised so it compares like a query."""
@@ -124,10 +139,14 @@ def sample_vectors(experts: Sequence[Expert], skip: Sequence[int], limit: int = 
     others = [e for i, e in enumerate(experts) if i not in skip and e.ntotal]
     if not others:
         return np.empty((0, experts[0].dim), np.float32)
-    x = np.concatenate([e.vectors() for e in others])
-    if len(x) > limit:
-        x = x[np.sort(np.random.default_rng(seed).choice(len(x), size=limit, replace=False))]
-    return x
+    sizes = [e.ntotal for e in others]
+    if sum(sizes) <= limit:
+        return np.concatenate([e.vectors() for e in others])
+    # Pick the rows first and copy only those: copying every vector (300 MB at 200k x 384) held the
+    # GIL long enough to stall the server's searches while an expert was added (issue 12).
+    pick = np.sort(np.random.default_rng(seed).choice(sum(sizes), size=limit, replace=False))  # over the concatenation
+    starts = np.cumsum([0, *sizes])
+    return np.concatenate([e.rows(pick[(pick >= a) & (pick < b)] - a) for e, a, b in zip(others, starts[:-1], starts[1:])])
 
 
 def centroids(experts: Sequence[Expert]) -> np.ndarray:

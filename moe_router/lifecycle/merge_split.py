@@ -31,7 +31,7 @@ def plan_merge(
     ids = np.concatenate([ea.ids, eb.ids])
     spec = specialization if specialization is not None else (ea.specialization if ea.specialization == eb.specialization
                                                                  else f"{ea.specialization}+{eb.specialization}")
-    merged = new_expert(ea, name, xb, ids, spec, parent)
+    merged = new_expert(state, ea, name, xb, ids, spec, parent)
     gate = None
     if state.gate is not None:
         gate = merged_head(state.gate, ia, ib, xb, sample_vectors(state.experts, (ia, ib)), ea.ntotal, eb.ntotal)
@@ -40,7 +40,7 @@ def plan_merge(
     experts[lo] = merged
     del experts[hi]
     seqs = [r.seq for r in store.feedback(a)] + [r.seq for r in store.feedback(b)]
-    return Plan(State(experts, gate, state.stats.merged(ia, ib)),
+    return Plan(State(experts, gate, state.stats.merged(ia, ib), state.backend),
                  [(ids, name)], [(seqs, name)] if seqs else [], [name])
 
 
@@ -82,7 +82,7 @@ def plan_split(
     xb = ex.vectors()
     labels = balanced_kmeans(xb, parts, metric=ex.metric, seed=seed, max_imbalance=max_imbalance)
     children = [
-        new_expert(ex, n, xb[labels == j], ex.ids[labels == j], f"{ex.specialization} ({j + 1}/{parts})", ex.parent)
+        new_expert(state, ex, n, xb[labels == j], ex.ids[labels == j], f"{ex.specialization} ({j + 1}/{parts})", ex.parent)
         for j, n in enumerate(names)
     ]
     gate = split_head(state.gate, i, xb, labels, parts, sample_vectors(state.experts, (i,), seed=seed)) if state.gate is not None else None
@@ -95,7 +95,7 @@ def plan_split(
         near = nearest_centroid(xq, centroids(children), ex.metric)
         feedback_moves = [([rows[r].seq for r in np.flatnonzero(near == j)], n) for j, n in enumerate(names) if (near == j).any()]
     item_moves = [(ex.ids[labels == j], n) for j, n in enumerate(names)]
-    return Plan(State(experts, gate, state.stats.split(i, parts)), item_moves, feedback_moves, names)
+    return Plan(State(experts, gate, state.stats.split(i, parts), state.backend), item_moves, feedback_moves, names)
 
 
 def split_expert(

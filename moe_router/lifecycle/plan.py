@@ -15,6 +15,7 @@ import numpy as np
 
 from moe_router.gate.model import Gate
 from moe_router.index.expert import Expert
+from moe_router.routing.backends import ExpertBackend, LocalBackend
 from moe_router.routing.router import Router
 from moe_router.routing.stats import RoutingStats
 
@@ -28,6 +29,7 @@ class State:
     experts: list[Expert]
     gate: Gate | None
     stats: RoutingStats
+    backend: ExpertBackend = field(default_factory=LocalBackend)  # where new experts are created
 
 
 @dataclass
@@ -44,7 +46,7 @@ def state_of(router: Router) -> State:
     gate = router.gate
     if gate is not None and gate.num_experts != router.num_experts:
         raise RuntimeError(f"the gate has {gate.num_experts} outputs but the router has {router.num_experts} experts")
-    return State(list(router.experts), gate, router.routing_stats.copy())
+    return State(list(router.experts), gate, router.routing_stats.copy(), router.backend)
 
 
 def apply_plan(router: Router, plan: Plan) -> None:
@@ -66,7 +68,7 @@ def position(experts: Sequence[Expert], name: str) -> int:
     raise KeyError(f"unknown expert {name!r}; known experts: {[e.name for e in experts]}")
 
 
-def new_expert(like: Expert, name: str, xb: np.ndarray, ids: np.ndarray, specialization: str, parent: str | None) -> Expert:
-    e = Expert(name, like.dim, like.metric, specialization or name, parent)
-    e.add(xb, ids)
-    return e
+def new_expert(state: State, like: Expert, name: str, xb: np.ndarray, ids: np.ndarray, specialization: str,
+               parent: str | None) -> Expert:
+    """An expert like `like` (dim, metric) holding xb (n, d) with ids, created by the state's backend."""
+    return state.backend.create(name, like.dim, like.metric, specialization or name, parent, xb, ids)

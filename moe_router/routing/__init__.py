@@ -1,5 +1,6 @@
-"""Routing: the Router (experts + gate: route, grouped search, stats, fork), hierarchy, calibration."""
+"""Routing: the Router (experts + gate: route, grouped search, stats, fork), backends, hierarchy, calibration."""
 
-from moe_router.routing.router import Router
+from moe_router.lazy import lazy_exports
 
+__getattr__ = lazy_exports(__name__, {"Router": "moe_router.routing.router"})  # torch: only when asked for
 __all__ = ["Router"]

@@ -21,17 +21,20 @@ from moe_router.embed.base import Embedder, check_text_list
 from moe_router.gate.model import Gate, infer
 from moe_router.gate.surgery import fitted_new_rows
 from moe_router.index.expert import Expert, centroids, sample_vectors
-from moe_router.index.parallel import lower_blas_threshold, search_each
+from moe_router.index.parallel import lower_blas_threshold
+from moe_router.routing.backends import ExpertBackend, LocalBackend, make_backend
 from moe_router.routing.stats import RoutingStats
 from moe_router.store import MetadataStore, payloads_or_none
-from moe_router.types import ExpertScore, ExpertStats, Hit, RoutedSearch
+from moe_router.types import ExpertScore, ExpertStats, Hit, RoutedSearch, SearchHits
 from moe_router.vectors import as_array, check_dim, check_metric, prepare, worst_score
 
 
 class Router:
     """Experts (FAISS flat indexes) + a gate that picks which of them to search.
 
-    Vectors are L2-normalised on the way in when the metric is 'ip' (cosine similarity).
+    Vectors are L2-normalised on the way in when the metric is 'ip' (cosine similarity). The
+    `backend` holds the experts' indexes and runs their searches (routing.backends): in this
+    process by default, or in Ray actors (Router.load(path, backend="ray")).
     """
 
     def __init__(
@@ -41,6 +44,7 @@ class Router:
         embedder: Embedder | None = None,
         gate: Gate | None = None,
         store: MetadataStore | None = None,
+        backend: ExpertBackend | None = None,
     ) -> None:
         self.dim = check_dim(dim)
         self.metric = check_metric(metric)
@@ -49,7 +53,8 @@ class Router:
         self.embedder = embedder
         self.gate = gate
         self.store = store if store is not None else MetadataStore()
-        self.experts: list[Expert] = []
+        self.backend: ExpertBackend = backend if backend is not None else LocalBackend()
+        self.experts: list[Expert] = []  # Expert, or the backend's handle that behaves like one
         self.manifest: dict[str, Any] = {}  # set by Router.load
         # In-scope score (Gate.in_scope_score) under which route/search(abstain=True) answer "no expert is confident".
         self.abstain_threshold: float | None = None
@@ -104,8 +109,7 @@ class Router:
         payloads = payloads_or_none(metadata, xb.shape[0])
         with self.lock:
             ids = np.arange(self._next_id, self._next_id + xb.shape[0], dtype=np.int64)
-            expert = Expert(name, self.dim, self.metric, specialization or name, parent)
-            expert.add(xb, ids)
+            expert = self.backend.create(name, self.dim, self.metric, specialization or name, parent, xb, ids)
             self.store.add(ids, name, list(texts) if texts is not None else [None] * len(ids), payloads)
             self._next_id += len(ids)
             self.experts.append(expert)
@@ -305,9 +309,11 @@ class Router:
     def search_experts(self, xq: np.ndarray, k: int, experts: np.ndarray, merge: bool = True) -> RoutedSearch:
         """Search, for each query, only the experts in its row of `experts` (nq, t); merge by score.
 
-        Queries are grouped by expert: one FAISS call per expert per batch, the calls side by side
-        on the cores (experts.search_each). With `merge=False` the result keeps every expert's own
-        top k: (nq, t * k) arrays, expert by expert in the order of `experts`, each best first.
+        Queries are grouped by expert: one FAISS call per expert per batch, each expert sent only
+        its own queries, all of them at once (the backend: side by side on the cores, or one call
+        per expert actor). With `merge=False` the result keeps every expert's own top k: (nq, t * k)
+        arrays, expert by expert in the order of `experts`, each best first. An expert that did not
+        answer (remote backend only) leaves its slots padded and is named in `missing`.
         """
         nq, t = experts.shape
         D = np.full((nq, t * k), worst_score(self.metric), dtype=np.float32)
@@ -316,18 +322,26 @@ class Router:
         scanned = np.zeros(nq, dtype=np.int64)
         lower_blas_threshold()
         groups = [(e, *np.nonzero(experts == e)) for e in np.unique(experts)]  # (expert, rows, slot)
-        found = search_each([(self.experts[e], xq[rows]) for e, rows, _ in groups], k)
-        for (e, rows, slot), (De, Ie) in zip(groups, found):  # rows: queries that chose e; slot: in which position
+        found = self.backend.search([(self.experts[e], xq[rows]) for e, rows, _ in groups], k)
+        missing = None
+        for (e, rows, slot), answer in zip(groups, found):  # rows: queries that chose e; slot: in which position
+            if answer is None:
+                if missing is None:
+                    missing = np.full((nq, t), -1, dtype=np.int64)
+                missing[rows, slot] = e
+                continue
+            De, Ie = answer
             cols = slot[:, None] * k + np.arange(k)[None, :]  # (m, k)
             D[rows[:, None], cols] = De
             I[rows[:, None], cols] = Ie
             E[rows[:, None], cols] = np.where(Ie >= 0, e, -1)
             scanned[rows] += self.experts[e].ntotal
         if not merge:
-            return RoutedSearch(D, I, E, scanned)
+            return RoutedSearch(D, I, E, scanned, missing)
         order = np.argsort(-D if self.metric == "ip" else D, axis=1, kind="stable")[:, :k]  # (nq, k)
         return RoutedSearch(
-            np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1), np.take_along_axis(E, order, 1), scanned
+            np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1), np.take_along_axis(E, order, 1), scanned,
+            missing,
         )
 
     def _refused(self, xq: np.ndarray, abstain: bool) -> np.ndarray:
@@ -342,13 +356,14 @@ class Router:
     def search(
         self, queries: Any, k: int = 10, top_experts: int = 2, with_text: bool = True, abstain: bool = False,
         per_expert: bool = False,
-    ) -> list[Hit] | list[list[Hit]]:
+    ) -> SearchHits | list[SearchHits]:
         """Route each query, search only its top_experts experts, return its k best hits merged by score.
 
         With `per_expert=True`, each searched expert contributes its own k best instead (up to
         k x top_experts hits, grouped by expert, the most probable expert first; the tutorial's
         routeQuery(query, kPerExpert, topExperts)). With `abstain=True`, queries the router is not
-        confident about get no hits (see route).
+        confident about get no hits (see route). Each query's hits are a list (SearchHits) whose
+        `missing_experts` names the chosen experts that did not answer (remote backends only).
         """
         k = self.check_k(k)
         top_experts = self.check_top(top_experts, "top_experts")
@@ -360,7 +375,7 @@ class Router:
         return out[0] if single else out
 
     def hits(self, res: RoutedSearch, probs: np.ndarray, with_text: bool = True,
-             refused: np.ndarray | None = None) -> list[list[Hit]]:
+             refused: np.ndarray | None = None) -> list[SearchHits]:
         """Per query, the Hit of each found row of a routed search (skipping padding and refused queries)."""
         meta = self.store.get(res.I[res.I >= 0].tolist()) if with_text else {}
         out = []
@@ -372,7 +387,7 @@ class Router:
                 ex = self.experts[e]
                 text, payload = meta.get(int(i), (None, {}))
                 row.append(Hit(int(i), float(score), ex.name, ex.specialization, ex.parent, float(probs[q, e]), text, payload))
-            out.append(row)
+            out.append(SearchHits(row, [self.experts[e].name for e in res.missing_of(q)]))
         return out
 
     # ---------------------------------------------------------------- stats
@@ -398,7 +413,7 @@ class Router:
         """
         with self.lock:
             out = Router(self.dim, self.metric, embedder=self.embedder,
-                         store=self.store.in_memory_copy() if private_store else self.store)
+                         store=self.store.in_memory_copy() if private_store else self.store, backend=self.backend)
             out.experts = list(self.experts)
             out.gate = copy.deepcopy(self.gate)
             out.routing_stats = self.routing_stats.copy()
@@ -457,20 +472,37 @@ class Router:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, verify: bool = True, cache_dir: str | Path | None = None) -> "Router":
+    def load(cls, path: str | Path, verify: bool = True, cache_dir: str | Path | None = None,
+             backend: str | ExpertBackend = "local", ray_address: str | None = None,
+             backend_options: dict[str, Any] | None = None) -> "Router":
         """Load a checkpoint directory, read-only; never unpickles or imports code from it.
 
         The router is private: its changes (experts, feedback) stay in memory until save().
+
+        `backend` "local" reads the experts into this process; "ray" opens each expert (or group)
+        in a Ray actor that reads its own files, on the cluster at `ray_address` (None: join the
+        local cluster if one runs, else start one; see RayBackend), with RayBackend's
+        `backend_options`. An ExpertBackend instance is used as it is.
         """
-        parts = read_checkpoint(Path(path), verify=verify, cache_dir=cache_dir)
+        if not isinstance(backend, str) and (ray_address is not None or backend_options):
+            raise ValueError("ray_address and backend_options are for a backend given by name; "
+                             f"{backend!r} is already built")
+        if isinstance(backend, str):
+            options = dict(backend_options or {})
+            if ray_address is not None:
+                if backend != "ray":
+                    raise ValueError(f"ray_address is only for backend='ray', got backend={backend!r}")
+                options["address"] = ray_address
+            backend = make_backend(backend, **options)
+        parts = read_checkpoint(Path(path), verify=verify, cache_dir=cache_dir, open_experts=backend.open)
         try:
-            router = cls(parts.dim, parts.metric, embedder=parts.embedder, store=parts.store)
+            router = cls(parts.dim, parts.metric, embedder=parts.embedder, store=parts.store, backend=backend)
         except ValueError as exc:
             raise CheckpointError(f"checkpoint {path} has an invalid manifest or files: {exc}") from None
         router.experts = list(parts.experts)
         router.gate = parts.gate
         router.routing_stats = RoutingStats(parts.counts, parts.confidence_sums)
-        router._next_id = max([router._next_id, *(int(e.ids.max()) + 1 for e in router.experts if e.ntotal)])
+        router._next_id = max([router._next_id, *(int(e.max_id) + 1 for e in router.experts if e.ntotal)])
         router.abstain_threshold = parts.abstain_threshold
         router.manifest = parts.manifest
         return router

@@ -307,7 +307,8 @@ def create_app(
     async def search(body: Any = search_body) -> dict:
         """Route each query, search only its top_experts experts, return its k best hits."""
         generation, rows = await execute(to_query("search", body))
-        return {"generation": generation, "results": [{"hits": [_hit(h) for h in hits]} for hits in rows]}
+        return {"generation": generation, "results": [{"hits": [_hit(h) for h in hits],
+                                                        "missing_experts": list(hits.missing_experts)} for hits in rows]}
 
     # ------------------------------------------------------------------ experts and stats
 

@@ -33,6 +33,9 @@ class RouteResponse(BaseModel):
 
 class SearchResult(BaseModel):
     hits: list[Hit]  # best first, at most k (the library's own record)
+    # Chosen experts that did not answer (an expert actor of the Ray backend that is down or too
+    # slow): the hits are then the other chosen experts' only. Empty when the answer is complete.
+    missing_experts: list[str] = []
 
 
 class SearchResponse(BaseModel):

@@ -33,6 +33,7 @@ import torch
 from moe_router.checkpoint.io import current_version, recover_checkpoint
 from moe_router.index.expert import Expert
 from moe_router.lifecycle.merge_split import merge_experts, split_expert
+from moe_router.routing.backends import ExpertBackend
 from moe_router.routing.router import Router
 
 log = logging.getLogger(__name__)
@@ -67,13 +68,14 @@ def _free_names(router: Router, names: Sequence[str]) -> None:
 class RouterState:
     """The checkpoint being served: leases for readers, serialised durable writes for mutations."""
 
-    def __init__(self, ckpt: str | Path, cache_dir: str | Path | None = None, threads: int | None = None) -> None:
+    def __init__(self, ckpt: str | Path, cache_dir: str | Path | None = None, threads: int | None = None,
+                 backend: str | ExpertBackend = "local") -> None:
         self.ckpt = Path(ckpt)
         self.threads = threads  # torch + FAISS threads per pass (None: the libraries' defaults)
         if threads is not None:
             torch.set_num_threads(int(threads))
         recover_checkpoint(self.ckpt)
-        router = Router.load(self.ckpt, cache_dir=cache_dir)
+        router = Router.load(self.ckpt, cache_dir=cache_dir, backend=backend)  # where the experts live
         if router.gate is None:
             raise ValueError(f"checkpoint {self.ckpt} has no gate; train one first (scripts/train.py)")
         self._current = Snapshot(router, 0)

@@ -1,0 +1,338 @@
+"""Experts in Ray actors: each expert (or a group of experts) lives in an actor that reads its own files.
+
+The router process keeps the gate, the manifest and the metadata store; the vectors live only in
+the actors. A routed search sends each chosen expert its own queries, all experts at once, and
+waits a bounded time: an expert whose actor died or did not answer in `timeout_s` is left out and
+named (Answer None -> RoutedSearch.missing -> SearchHits.missing_experts), never waited on
+forever. Ray restarts a dead actor (`max_restarts`); the restarted actor reads its files again.
+
+Actors are never changed: lifecycle operations create new actors for new experts and the old ones
+are retired by Ray when the last router holding their handles is gone (Ray's handle reference
+counting), which gives the copy-on-write guarantee of the server: a search holds its router's
+handles, so it sees the old set of experts or the new one.
+
+Dimension legend: n vectors of an expert, m queries sent to it, d vector dim, k hits.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import faiss
+import numpy as np
+import ray
+from ray.exceptions import GetTimeoutError, RayError
+
+from moe_router.checkpoint.format import CheckpointError, read_manifest
+from moe_router.checkpoint.expert_files import read_expert
+from moe_router.index.expert import Expert, SavedCopy
+from moe_router.index.parallel import lower_blas_threshold
+from moe_router.routing.backends.base import Answer
+
+log = logging.getLogger(__name__)
+
+
+class ExpertUnavailable(RuntimeError):
+    """No replica of an expert answered within the backend's timeout."""
+
+
+@dataclass(frozen=True)
+class FileSource:
+    """An expert read from a checkpoint: its manifest entry, the sha256 to check and those to record."""
+
+    path: str  # absolute checkpoint directory (actors may run in another working directory)
+    info: dict
+    dim: int
+    metric: str
+    files: dict  # sha256 checked while reading (empty when the load does not verify)
+    digests: dict  # sha256 of the expert's two files, recorded (Expert.saved) and used to find them again
+
+
+@dataclass(frozen=True)
+class VectorSource:
+    """An expert built from vectors (add / merge / split on the cluster)."""
+
+    name: str
+    dim: int
+    metric: str
+    specialization: str
+    parent: str | None
+    xb: np.ndarray  # (n, d) prepared vectors
+    ids: np.ndarray  # (n,) global ids
+
+
+def _read_by_content(src: FileSource) -> Expert:
+    """Read a FileSource; if its files were replaced (a later save renumbers experts), find them by sha256.
+
+    A restarted actor must hold exactly the expert it held before, so it always checks the sha256
+    then, and looks the expert's files up by content in the current manifest when the path moved.
+    """
+    path = Path(src.path)
+    pair = src.digests.get(src.info["vectors"]), src.digests.get(src.info["ids"])
+    try:
+        return read_expert(path, src.info, src.dim, src.metric, src.files, src.digests)
+    except CheckpointError:
+        if not src.files:
+            raise
+        manifest = read_manifest(path)
+        for info in manifest["experts"]:
+            if (manifest["files"].get(info["vectors"]), manifest["files"].get(info["ids"])) == pair:
+                return read_expert(path, {**src.info, "vectors": info["vectors"], "ids": info["ids"]}, src.dim,
+                                   src.metric, manifest["files"], manifest["files"])
+        raise
+
+
+class ExpertGroup:
+    """The body of an expert actor: some experts' FAISS indexes, built once from their sources."""
+
+    def __init__(self, sources: list[tuple[str, FileSource | VectorSource]]) -> None:
+        faiss.omp_set_num_threads(1)  # many actors share the cores; parallelism comes from the actors
+        lower_blas_threshold()  # each actor gets a slice of the batch (see index.parallel)
+        restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        self.experts: dict[str, Expert] = {}
+        for key, src in sources:
+            if isinstance(src, FileSource):
+                if not restarted:
+                    self.experts[key] = _read_by_content(src)
+                    continue
+                try:  # always check what a restarted actor reads
+                    self.experts[key] = _read_by_content(
+                        FileSource(src.path, src.info, src.dim, src.metric, src.digests, src.digests))
+                except CheckpointError as exc:
+                    # Removed from the checkpoint since (a retired expert of this group): no router
+                    # asks for it any more; the group's other experts must still come back.
+                    log.warning("expert %r is not in the checkpoint any more; restarted without it (%s)", key, exc)
+            else:
+                e = Expert(src.name, src.dim, src.metric, src.specialization, src.parent)
+                e.add(src.xb, src.ids)
+                self.experts[key] = e
+
+    def describe(self) -> list[tuple[str, int, int, SavedCopy | None]]:
+        """(key, ntotal, max_id, saved files) of each expert held."""
+        return [(key, e.ntotal, e.max_id, e.saved) for key, e in self.experts.items()]
+
+    def search_many(self, jobs: list[tuple[str, np.ndarray]], k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(D, I) of each (expert key, xq (m, d)) job: a routed search's jobs for this actor in one call."""
+        return [self.experts[key].search(xq, k) for key, xq in jobs]
+
+    def read(self, key: str, what: str, *args: Any) -> Any:
+        """An expert's ids, vectors, some rows, centroid or prototypes (what lifecycle and saving read)."""
+        e = self.experts[key]
+        if what == "ids":
+            return e.ids
+        if what not in ("vectors", "rows", "centroid", "prototypes"):
+            raise ValueError(f"cannot read {what!r} from an expert actor; expected ids, vectors, rows, centroid or prototypes")
+        return getattr(e, what)(*args)
+
+    def pid(self) -> int:
+        """The actor's process id (tests check that a killed actor came back as a new process)."""
+        return os.getpid()
+
+
+class RemoteExpert:
+    """The router's handle on an expert held by Ray actors (its replicas); behaves like index.expert.Expert."""
+
+    def __init__(self, name: str, dim: int, metric: str, specialization: str, parent: str | None, ntotal: int,
+                 max_id: int, saved: SavedCopy | None, replicas: list[Any], pinned: Any, group: int,
+                 timeout_s: float) -> None:
+        self.name, self.dim, self.metric = name, dim, metric
+        self.specialization, self.parent = specialization, parent
+        self.ntotal, self.max_id = ntotal, max_id
+        self.saved = saved  # files holding exactly this expert: a save links them instead of fetching the vectors
+        self.replicas = replicas  # actor handles; holding them keeps the actors alive
+        self.pinned = pinned  # ObjectRef of the actors' constructor arguments, needed to restart them
+        self.group = group  # experts of one group share their actors (and a search's call to them)
+        self.timeout_s = timeout_s
+        self._turn = itertools.count()
+
+    def turn(self) -> int:
+        """Where this call starts in the replicas: round-robin over calls; a retry takes the next one."""
+        return next(self._turn)
+
+    def replica(self, turn: int, attempt: int = 0) -> Any:
+        return self.replicas[(turn + attempt) % len(self.replicas)]
+
+    def _read(self, what: str, *args: Any) -> Any:
+        turn = self.turn()
+        for attempt in range(len(self.replicas)):
+            try:  # whole vectors may be large: more time than a search
+                return ray.get(self.replica(turn, attempt).read.remote(self.name, what, *args), timeout=self.timeout_s * 10)
+            except (RayError, GetTimeoutError) as exc:
+                last = exc
+        raise ExpertUnavailable(f"expert {self.name!r}: no replica answered ({last})")
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self._read("ids")
+
+    def vectors(self) -> np.ndarray:
+        return self._read("vectors")
+
+    def rows(self, idx: np.ndarray) -> np.ndarray:
+        return self._read("rows", np.asarray(idx, dtype=np.int64))
+
+    def centroid(self) -> np.ndarray:
+        return self._read("centroid")
+
+    def prototypes(self, m: int, seed: int = 0) -> np.ndarray:
+        return self._read("prototypes", m, seed)
+
+    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        answer = RayBackend.search_with([(self, xq)], k, self.timeout_s)[0]
+        if answer is None:
+            raise ExpertUnavailable(f"expert {self.name!r} did not answer within {self.timeout_s} s")
+        return answer
+
+    def add(self, xb: np.ndarray, ids: np.ndarray) -> None:
+        raise TypeError(f"expert {self.name!r} lives in a Ray actor and is never changed in place; "
+                        f"lifecycle operations create a new expert instead")
+
+    remove_ids = add
+
+    def __repr__(self) -> str:
+        return f"RemoteExpert({self.name!r}, ntotal={self.ntotal}, replicas={len(self.replicas)})"
+
+
+class RayBackend:
+    """Experts in Ray actors: `experts_per_actor` experts an actor, `replicas` actors holding each group.
+
+    `address`: the cluster to join (ray.init's rules: None joins RAY_ADDRESS or the cluster `ray start`
+    last started on this machine, else starts a local one; "auto" joins or fails); a process that has
+    already joined a cluster keeps using it. `num_cpus`: CPUs Ray reserves for each actor (fractions let many
+    experts share a core). `max_restarts`: how often Ray restarts a dead actor. `timeout_s`: how
+    long a search waits for an expert before leaving it out. `start_timeout_s`: how long actors
+    may take to start (resources, reading their files) before opening fails.
+    """
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, num_cpus: float = 1.0, replicas: int = 1,
+                 experts_per_actor: int = 1, max_restarts: int = 3, timeout_s: float = 2.0,
+                 start_timeout_s: float = 120.0) -> None:
+        if num_cpus < 0 or replicas < 1 or experts_per_actor < 1 or max_restarts < -1:
+            raise ValueError(f"RayBackend needs num_cpus >= 0, replicas >= 1, experts_per_actor >= 1 and "
+                             f"max_restarts >= -1 (-1: forever), got num_cpus={num_cpus}, replicas={replicas}, "
+                             f"experts_per_actor={experts_per_actor}, max_restarts={max_restarts}")
+        if timeout_s <= 0 or start_timeout_s <= 0:
+            raise ValueError(f"timeout_s and start_timeout_s must be > 0 seconds, got {timeout_s}, {start_timeout_s}")
+        if not ray.is_initialized():
+            ray.init(address=address, log_to_driver=False)
+        self.num_cpus, self.replicas, self.experts_per_actor = float(num_cpus), int(replicas), int(experts_per_actor)
+        self.max_restarts, self.timeout_s, self.start_timeout_s = int(max_restarts), float(timeout_s), float(start_timeout_s)
+        self.sent_bytes = 0  # query vector bytes sent to experts (the communication volume)
+        self.calls = 0  # actor calls made by searches (one per actor group contacted)
+        self._groups = itertools.count()  # ids of actor groups
+        # A call on an actor that dies fails at once (max_task_retries=0): the search's deadline decides.
+        self._actor = ray.remote(ExpertGroup).options(num_cpus=self.num_cpus, max_restarts=self.max_restarts,
+                                                      max_task_retries=0)
+
+    def _start(self, groups: list[list[tuple[str, FileSource | VectorSource]]]) -> tuple[list[list[Any]], list[Any]]:
+        """Start `replicas` actors per group; (their handles per group, each group's pinned sources),
+        once every actor has opened its experts."""
+        need = self.num_cpus * self.replicas * len(groups)
+        have = ray.cluster_resources().get("CPU", 0.0)
+        if need > have:  # a bad setting for this cluster: fail now rather than wait for resources
+            raise ValueError(f"the Ray backend needs {need:g} CPUs ({len(groups)} actors x {self.replicas} replicas x "
+                               f"num_cpus={self.num_cpus:g}) but the cluster has {have:g}; lower num_cpus, raise "
+                               f"experts_per_actor or add nodes")
+        # Ray restarts an actor from its constructor arguments; put in the object store and held
+        # by the experts' handles (RemoteExpert.pinned), they outlive the call (ray-project/ray#53727).
+        pinned = [ray.put(group) for group in groups]
+        actors = [[self._actor.remote(ref) for _ in range(self.replicas)] for ref in pinned]
+        refs = [a.describe.remote() for row in actors for a in row]
+        try:
+            ray.get(refs, timeout=self.start_timeout_s)
+        except (RayError, GetTimeoutError) as exc:
+            for row in actors:
+                for a in row:
+                    ray.kill(a, no_restart=True)
+            if isinstance(exc, GetTimeoutError):
+                raise RuntimeError(f"expert actors did not start within start_timeout_s={self.start_timeout_s:g} s "
+                                   f"(waiting for resources, or reading their files)") from exc
+            text = str(exc)  # the actor's own error, as text: a bad checkpoint reads as it does locally
+            marker = "CheckpointError: "
+            if marker in text:
+                raise CheckpointError(text[text.rindex(marker) + len(marker):].strip().splitlines()[0]) from None
+            raise RuntimeError(f"an expert actor failed to start: {text.strip().splitlines()[-1]}") from exc
+        return actors, pinned
+
+    def _handles(self, groups: list[list[tuple[str, FileSource | VectorSource]]], meta: list[list[tuple]]) -> list[RemoteExpert]:
+        actors, pinned = self._start(groups)
+        described = ray.get([row[0].describe.remote() for row in actors])
+        out = []
+        for row, ref, group_meta, desc in zip(actors, pinned, meta, described):
+            group = next(self._groups)
+            for (name, dim, metric, spec, parent), (_, ntotal, max_id, saved) in zip(group_meta, desc):
+                out.append(RemoteExpert(name, dim, metric, spec, parent, ntotal, max_id, saved, row, ref, group,
+                                        self.timeout_s))
+        return out
+
+    def open(self, path: Path, infos: list[dict], dim: int, metric: str, files: dict[str, str],
+             digests: dict) -> list[RemoteExpert]:
+        where = str(Path(path).absolute())
+        sources = [(str(info["name"]), FileSource(where, info, dim, metric, files, digests)) for info in infos]
+        meta = [(str(i["name"]), dim, metric, str(i.get("specialization", "")), i.get("parent")) for i in infos]
+        step = self.experts_per_actor
+        return self._handles([sources[a : a + step] for a in range(0, len(sources), step)],
+                             [meta[a : a + step] for a in range(0, len(meta), step)])
+
+    def create(self, name: str, dim: int, metric: str, specialization: str, parent: str | None,
+               xb: np.ndarray, ids: np.ndarray) -> RemoteExpert:
+        src = VectorSource(name, dim, metric, specialization, parent, np.ascontiguousarray(xb, np.float32),
+                           np.asarray(ids, np.int64))
+        return self._handles([[(name, src)]], [[(name, dim, metric, specialization, parent)]])[0]
+
+    def search(self, jobs: Sequence[tuple[RemoteExpert, np.ndarray]], k: int) -> list[Answer]:
+        self.sent_bytes += sum(int(xq.nbytes) for _, xq in jobs)
+        self.calls += len({expert.group for expert, _ in jobs})
+        return self.search_with(jobs, k, self.timeout_s)
+
+    @staticmethod
+    def search_with(jobs: Sequence[tuple[RemoteExpert, np.ndarray]], k: int, timeout_s: float) -> list[Answer]:
+        """Every job's search sent at once, one call per actor group (its experts' jobs together);
+        a failed replica is retried on the next one while time is left.
+
+        Returns None for a job no replica answered before the deadline (a dead actor being
+        restarted, or one slower than `timeout_s`).
+        """
+        deadline = time.monotonic() + timeout_s
+        answers: list[Answer] = [None] * len(jobs)
+        groups: dict[int, list[int]] = {}  # actor group -> its jobs
+        for j, (expert, _) in enumerate(jobs):
+            groups.setdefault(expert.group, []).append(j)
+        turns = {g: jobs[idx[0]][0].turn() for g, idx in groups.items()}
+
+        def send(g: int, attempt: int) -> Any:
+            idx = groups[g]
+            actor = jobs[idx[0]][0].replica(turns[g], attempt)
+            return actor.search_many.remote([(jobs[j][0].name, jobs[j][1]) for j in idx], k)
+
+        pending = {send(g, 0): (g, 0) for g in groups}
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=left)
+            if not ready:
+                break
+            for ref in ready:
+                g, attempt = pending.pop(ref)
+                first = jobs[groups[g][0]][0]
+                try:
+                    for j, answer in zip(groups[g], ray.get(ref)):
+                        answers[j] = answer
+                except RayError as exc:
+                    log.warning("expert actor of %r: replica %d failed (%s)", first.name, attempt, type(exc).__name__)
+                    if attempt + 1 < len(first.replicas):
+                        pending[send(g, attempt + 1)] = (g, attempt + 1)
+        return answers
+
+    def __repr__(self) -> str:
+        return (f"RayBackend(num_cpus={self.num_cpus:g}, replicas={self.replicas}, experts_per_actor="
+                f"{self.experts_per_actor}, max_restarts={self.max_restarts}, timeout_s={self.timeout_s:g})")
