@@ -73,13 +73,13 @@ def _write_npy(path: Path, arr: np.ndarray) -> None:
         os.fsync(f.fileno())
 
 
-def _unchanged(file: Path, digest: str, fingerprint: tuple | None, recheck: bool) -> bool:
+def _unchanged(file: Path, digest: str, recorded: tuple | None, recheck: bool) -> bool:
     """Whether `file` still holds what had `digest`: re-hashed, or (recheck=False) the same inode, size and mtime."""
     st = os.lstat(file)
     if not stat.S_ISREG(st.st_mode):
         return False
-    if not recheck and fingerprint is not None:
-        return fingerprint(st) == fingerprint
+    if not recheck and recorded is not None:
+        return fingerprint(st) == recorded
     return sha256_file(file) == digest
 
 
