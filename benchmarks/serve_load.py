@@ -119,7 +119,9 @@ def synthetic_checkpoint(path: Path, n: int, dim: int, experts: int, seed: int) 
 
 def query_vectors(ckpt: Path, count: int, seed: int) -> np.ndarray:
     """Stored vectors plus noise, normalised (vectors are read from the checkpoint's .npy files)."""
-    manifest = json.loads((ckpt / "manifest.json").read_text())
+    from moe_router.checkpoint.format import read_manifest
+
+    manifest = read_manifest(ckpt)  # the current version's, file names relative to ckpt
     rng = np.random.default_rng(seed)
     rows = []
     for _ in range(count):

@@ -39,18 +39,23 @@ CREATE TABLE IF NOT EXISTS feedback (
 class MetadataStore:
     """Per-vector metadata (text, JSON payload) keyed by global id, in SQLite.
 
-    `path=None` keeps it in memory until the router is saved; a loaded checkpoint's store is
-    the file inside the checkpoint, opened in WAL mode so writes are durable.
+    `path=None` keeps it in memory until the router is saved; so is a loaded checkpoint's store
+    (from_image: a private copy, so nothing reaches the checkpoint before Router.save). A `path`
+    opens that file in WAL mode, and every write goes to it at once.
     """
 
-    def __init__(self, path: str | Path | None = None) -> None:
-        self.path = Path(path) if path is not None else None
+    def __init__(self, path: str | Path | None = None, image: bytes | None = None) -> None:
+        self.path = Path(path) if path is not None and image is None else None
         self._lock = threading.RLock()
+        what = path if path is not None else "(in memory)"
         try:
             self.conn = sqlite3.connect(str(self.path) if self.path else ":memory:", check_same_thread=False)
+            if image is not None:
+                self._load_image(image, what)
             if self.path:
                 self.conn.execute("PRAGMA journal_mode=WAL")
                 self.conn.execute("PRAGMA synchronous=FULL")
+            if self.path or image is not None:
                 status = self.conn.execute("PRAGMA quick_check").fetchone()[0]
                 if status != "ok":
                     raise sqlite3.DatabaseError(status)
@@ -60,7 +65,27 @@ class MetadataStore:
                 with self.conn:
                     self.conn.execute("ALTER TABLE feedback ADD COLUMN removed REAL")
         except sqlite3.DatabaseError as exc:
-            raise ValueError(f"metadata store {self.path} is not a valid SQLite database: {exc}") from None
+            raise ValueError(f"metadata store {what} is not a valid SQLite database: {exc}") from None
+
+    @classmethod
+    def from_image(cls, image: bytes, what: str | Path) -> "MetadataStore":
+        """A private in-memory store holding the database file whose bytes are `image` (nothing refers to the file).
+
+        How a checkpoint's store is loaded: read once (and checksummed) by the caller, so loading
+        opens no SQLite file, creates no journal and works on read-only storage.
+        """
+        return cls(what, image=image)
+
+    def _load_image(self, image: bytes, what: str | Path) -> None:
+        if len(image) < 100:  # SQLite's file header alone is 100 bytes
+            raise sqlite3.DatabaseError(f"the file holds {len(image)} bytes, not a database")
+        data = bytearray(image)
+        if data[18:20] == b"\x02\x02":  # a WAL-mode file (format 1 stores): memory databases use the rollback journal
+            data[18:20] = b"\x01\x01"
+        self.conn.deserialize(bytes(data))
+        tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not {"items", "feedback"} <= tables:
+            raise sqlite3.DatabaseError(f"it has no items and feedback tables (tables: {sorted(tables)})")
 
     def add(self, ids: Sequence[int], expert: str, texts: Sequence[str | None], payloads: Sequence[dict | None]) -> None:
         rows = [
@@ -98,6 +123,11 @@ class MetadataStore:
             )
         return int(cur.lastrowid)
 
+    def delete_feedback(self, seq: int) -> None:
+        """Drop one feedback row (the server undoes a row whose save failed, so memory matches the disk)."""
+        with self._lock, self.conn:
+            self.conn.execute("DELETE FROM feedback WHERE seq = ?", (int(seq),))
+
     def feedback(
         self, expert: str | None = None, include_removed: bool = False,
     ) -> list[FeedbackRecord]:
@@ -116,14 +146,13 @@ class MetadataStore:
             rows = self.conn.execute(sql + " ORDER BY seq", args).fetchall()
         return [FeedbackRecord(s, q, np.frombuffer(v, dtype=np.float32), e, bool(p), c) for s, q, v, e, p, c in rows]
 
-    def backup_to(self, path: Path) -> None:
-        """Copy the whole store into a new SQLite file at `path` (consistent even while in use)."""
+    def image(self) -> bytes:
+        """The whole store as the bytes of one self-contained SQLite file (consistent even while in use).
+
+        What a checkpoint saves (and hashes, from memory); from_image reads it back.
+        """
         with self._lock:
-            dest = sqlite3.connect(str(path))
-            try:
-                self.conn.backup(dest)
-            finally:
-                dest.close()
+            return self.conn.serialize()
 
     def close(self) -> None:
         with self._lock:

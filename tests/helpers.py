@@ -5,6 +5,7 @@ Dimension legend: n vectors, nq queries, d dim, E experts, k hits.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 
 from moe_router import Router
+from moe_router.checkpoint.format import MANIFEST, POINTER, version_dir
 
 DIM = 32  # small vectors keep every FAISS and gate call in the microseconds
 SIZES = (3, 40, 57, 80)  # expert sizes; the 3-vector expert exercises -1 padding in the merge
@@ -126,3 +128,21 @@ def write_beir(root: Path, seed: int = 0, docs: int = 12, queries: dict[str, int
                     for d, score in ((a, 1), (b, 2), (c, 0)):
                         f.write(f"{source}-{split}-q{j}\t{source}-d{d}\t{score}\n")
     return root
+
+
+def version_path(ckpt: Path) -> Path:
+    """The version directory a checkpoint's CURRENT points to: where its manifest and files are."""
+    return ckpt / version_dir(json.loads((ckpt / POINTER).read_text())["version"])
+
+
+def write_manifest(ckpt: Path, manifest: object) -> None:
+    """Replace the current version's manifest and re-point CURRENT at its sha256, so only the schema judges it."""
+    raw = json.dumps(manifest).encode()
+    (version_path(ckpt) / MANIFEST).write_bytes(raw)
+    pointer = json.loads((ckpt / POINTER).read_text())
+    pointer["manifest_sha256"] = hashlib.sha256(raw).hexdigest()
+    (ckpt / POINTER).write_text(json.dumps(pointer))
+
+
+def read_manifest(ckpt: Path) -> dict:
+    return json.loads((version_path(ckpt) / MANIFEST).read_text())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,10 @@ import pytest
 
 from moe_router import CheckpointError, HashingEmbedder, Router
 from moe_router.checkpoint.format import GATE_FILE, MANIFEST, STORE
-from tests.helpers import DIM, make_router
+from moe_router.checkpoint.io import recover_checkpoint
+from tests.helpers import DIM, make_router, read_manifest, version_path, write_manifest
+
+FORMAT1 = Path(__file__).parent / "data" / "format1"  # written by moe_router at commit 3265d1d (format 1)
 
 
 def _hits_as_dicts(hits: list[list]) -> list[list[dict]]:
@@ -91,17 +95,18 @@ def test_checkpoint_in_process__round_trips_everything(text_router: Router, save
     assert _hits_as_dicts(loaded.search(TEXT_QUERIES, k=6)) == _hits_as_dicts(text_router.search(TEXT_QUERIES, k=6))
 
 
-def test_load_after_a_save_killed_between_its_renames__restores_the_last_checkpoint(
-    text_router: Router, saved: Path
+def test_load_after_a_format1_save_killed_between_its_renames__names_the_directory_and_renames_nothing(
+    tmp_path: Path
 ) -> None:
-    # What a save leaves when killed between its two renames: the live checkpoint moved aside,
-    # the new one (never acknowledged) still under its temporary name, nothing at `saved`.
-    aside = saved.parent / f".{saved.name}.old-deadbeef"
-    saved.rename(aside)
-    (saved.parent / f".{saved.name}.tmp-0badf00d").mkdir()
-    loaded = Router.load(saved)
-    assert saved.is_dir() and not aside.exists()
-    assert _hits_as_dicts(loaded.search(TEXT_QUERIES, k=6)) == _hits_as_dicts(text_router.search(TEXT_QUERIES, k=6))
+    # What a format-1 save left when killed between its two renames: the live checkpoint moved
+    # aside, nothing at `ckpt`. Loading only reads: it names the directory; the server's start recovers.
+    aside = tmp_path / ".ckpt.old-deadbeef"
+    shutil.copytree(FORMAT1, aside)
+    with pytest.raises(CheckpointError, match=r"\.ckpt\.old-deadbeef beside it holds one.*rename it back"):
+        Router.load(tmp_path / "ckpt")
+    assert aside.is_dir() and not (tmp_path / "ckpt").exists()
+    assert recover_checkpoint(tmp_path / "ckpt") == aside
+    assert Router.load(tmp_path / "ckpt").expert_names == ["alpha", "beta"]
 
 
 def test_checkpoint__preserves_stats(text_router: Router, tmp_path: Path) -> None:
@@ -137,10 +142,10 @@ def test_save_over_existing_checkpoint__replaces_it_atomically(text_router: Rout
 
 
 def _expert_files(ckpt: Path) -> dict[str, tuple[int, int]]:
-    """Expert name -> (inode of its vectors file, inode of its ids file)."""
-    manifest = json.loads((ckpt / MANIFEST).read_text())
-    return {e["name"]: ((ckpt / e["vectors"]).stat().st_ino, (ckpt / e["ids"]).stat().st_ino)
-            for e in manifest["experts"]}
+    """Expert name -> (inode of its vectors file, inode of its ids file) in the current version."""
+    v = version_path(ckpt)
+    return {e["name"]: ((v / e["vectors"]).stat().st_ino, (v / e["ids"]).stat().st_ino)
+            for e in read_manifest(ckpt)["experts"]}
 
 
 def test_save_after_adding_an_expert__links_unchanged_experts_and_round_trips(saved: Path, tmp_path: Path) -> None:
@@ -161,9 +166,8 @@ def test_save__rewrites_an_expert_whose_rows_or_files_changed(saved: Path, tmp_p
     loaded = Router.load(saved)
     files = _expert_files(saved)
     loaded.expert("cooking").remove_ids(loaded.expert("cooking").ids[:2])  # rows changed in memory
-    manifest = json.loads((saved / MANIFEST).read_text())
-    finance = next(e for e in manifest["experts"] if e["name"] == "finance")
-    _flip_bytes(saved / finance["vectors"])  # damaged on disk after the load
+    finance = next(e for e in read_manifest(saved)["experts"] if e["name"] == "finance")
+    _flip_bytes(version_path(saved) / finance["vectors"])  # damaged on disk after the load
     out = loaded.save(tmp_path / "next")
     now = _expert_files(out)
     assert now["astronomy"] == files["astronomy"]
@@ -205,9 +209,9 @@ def test_save__into_empty_existing_directory_works(text_router: Router, tmp_path
 
 
 def _edit_manifest(path: Path, **changes: object) -> None:
-    manifest = json.loads((path / MANIFEST).read_text())
+    manifest = read_manifest(path)
     manifest.update(changes)
-    (path / MANIFEST).write_text(json.dumps(manifest))
+    write_manifest(path, manifest)
 
 
 def _flip_bytes(file: Path, offset: int = -16, count: int = 8) -> None:
@@ -223,25 +227,27 @@ def test_load_missing_directory__raises_checkpoint_error(tmp_path: Path) -> None
 
 
 def test_load_missing_manifest__raises_checkpoint_error(saved: Path) -> None:
-    (saved / MANIFEST).unlink()
+    (version_path(saved) / MANIFEST).unlink()
     with pytest.raises(CheckpointError, match="manifest.json is missing"):
         Router.load(saved)
 
 
 @pytest.mark.parametrize("content", ["{not json", "\xff\xfe", ""])
 def test_load_corrupted_manifest_json__raises_checkpoint_error(saved: Path, content: str) -> None:
-    (saved / MANIFEST).write_bytes(content.encode("latin-1"))
-    with pytest.raises(CheckpointError, match="not valid JSON"):
+    (version_path(saved) / MANIFEST).write_bytes(content.encode("latin-1"))
+    with pytest.raises(CheckpointError, match="manifest.json is corrupted .sha256 does not match CURRENT"):
         Router.load(saved)
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        Router.load(saved, verify=False)
 
 
 def test_load_foreign_json_manifest__raises_checkpoint_error(saved: Path) -> None:
-    (saved / MANIFEST).write_text(json.dumps([1, 2, 3]))
+    write_manifest(saved, [1, 2, 3])
     with pytest.raises(CheckpointError, match="not a moe_router manifest"):
         Router.load(saved)
 
 
-@pytest.mark.parametrize("version", [0, 2, "1", None])
+@pytest.mark.parametrize("version", [0, 1, 3, "2", None, True, 2.0])
 def test_load_unsupported_format_version__raises_checkpoint_error(saved: Path, version: object) -> None:
     _edit_manifest(saved, format_version=version)
     with pytest.raises(CheckpointError, match="format_version"):
@@ -250,9 +256,9 @@ def test_load_unsupported_format_version__raises_checkpoint_error(saved: Path, v
 
 @pytest.mark.parametrize("key", ["dim", "metric", "experts", "files"])
 def test_load_incomplete_manifest__raises_checkpoint_error(saved: Path, key: str) -> None:
-    manifest = json.loads((saved / MANIFEST).read_text())
+    manifest = read_manifest(saved)
     del manifest[key]
-    (saved / MANIFEST).write_text(json.dumps(manifest))
+    write_manifest(saved, manifest)
     with pytest.raises(CheckpointError, match=f"missing '{key}'"):
         Router.load(saved)
 
@@ -273,23 +279,23 @@ def test_load_manifest_with_malformed_field__raises_checkpoint_error(saved: Path
 
 
 def test_load_manifest_with_duplicate_expert_names__raises_checkpoint_error(saved: Path) -> None:
-    manifest = json.loads((saved / MANIFEST).read_text())
+    manifest = read_manifest(saved)
     manifest["experts"][1] = {**manifest["experts"][1], "name": manifest["experts"][0]["name"]}
-    (saved / MANIFEST).write_text(json.dumps(manifest))
+    write_manifest(saved, manifest)
     with pytest.raises(CheckpointError, match="duplicate expert name"):
         Router.load(saved)
 
 
 @pytest.mark.parametrize("rel", ["experts/0001.npy", "experts/0001.ids.npy", GATE_FILE])
 def test_load_flipped_bytes__raises_sha256_mismatch(saved: Path, rel: str) -> None:
-    _flip_bytes(saved / rel)
+    _flip_bytes(version_path(saved) / rel)
     with pytest.raises(CheckpointError, match=f"{rel} is corrupted .sha256 does not match"):
         Router.load(saved)
 
 
 @pytest.mark.parametrize("rel", ["experts/0002.npy", "experts/0002.ids.npy"])
 def test_load_truncated_npy_without_verify__raises_checkpoint_error(saved: Path, rel: str) -> None:
-    file = saved / rel
+    file = version_path(saved) / rel
     file.write_bytes(file.read_bytes()[:-40])
     with pytest.raises(CheckpointError, match="sha256 does not match"):
         Router.load(saved)
@@ -298,7 +304,7 @@ def test_load_truncated_npy_without_verify__raises_checkpoint_error(saved: Path,
 
 
 def test_load_missing_npy__raises_checkpoint_error(saved: Path) -> None:
-    (saved / "experts/0000.npy").unlink()
+    (version_path(saved) / "experts/0000.npy").unlink()
     with pytest.raises(CheckpointError, match="experts/0000.npy is missing"):
         Router.load(saved)
     with pytest.raises(CheckpointError, match="experts/0000.npy is missing"):
@@ -306,26 +312,26 @@ def test_load_missing_npy__raises_checkpoint_error(saved: Path) -> None:
 
 
 def test_load_npy_of_wrong_shape__raises_checkpoint_error(saved: Path) -> None:
-    np.save(saved / "experts/0000.npy", np.zeros((20, 64), dtype=np.float32))
+    np.save(version_path(saved) / "experts/0000.npy", np.zeros((20, 64), dtype=np.float32))
     with pytest.raises(CheckpointError, match=r"has dtype float32 and shape \(20, 64\), expected float32 \(15, 64\)"):
         Router.load(saved, verify=False)
-    np.save(saved / "experts/0000.npy", np.zeros((3, 64), dtype=np.float32))
+    np.save(version_path(saved) / "experts/0000.npy", np.zeros((3, 64), dtype=np.float32))
     with pytest.raises(CheckpointError, match=r"0000.npy is corrupted \(the manifest says 15 rows; the file is too small"):
         Router.load(saved, verify=False)
 
 
-@pytest.mark.parametrize("size, message", [(10**12, "the file is too small to hold them"), (-1, "expected a count >= 0")])
+@pytest.mark.parametrize("size, message", [(10**12, "the file is too small to hold them"), (-1, r"experts\[0\].size must be between 0 and")])
 def test_load_hostile_expert_size__raises_checkpoint_error_without_allocating(saved: Path, size: int, message: str) -> None:
-    manifest = json.loads((saved / MANIFEST).read_text())
+    manifest = read_manifest(saved)
     manifest["experts"][0]["size"] = size
-    (saved / MANIFEST).write_text(json.dumps(manifest))
+    write_manifest(saved, manifest)
     with pytest.raises(CheckpointError, match=message):
         Router.load(saved, verify=False)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip_header", "huge_header_length", "empty", "zeros"])
 def test_load_corrupted_gate_without_verify__raises_checkpoint_error(saved: Path, damage: str) -> None:
-    file = saved / GATE_FILE
+    file = version_path(saved) / GATE_FILE
     data = file.read_bytes()
     file.write_bytes({
         "truncate": data[: len(data) // 2],
@@ -339,24 +345,24 @@ def test_load_corrupted_gate_without_verify__raises_checkpoint_error(saved: Path
 
 
 def test_load_gate_config_not_matching_weights__raises_checkpoint_error(saved: Path) -> None:
-    manifest = json.loads((saved / MANIFEST).read_text())
+    manifest = read_manifest(saved)
     manifest["gate"]["config"]["hidden_dims"] = [8]
-    (saved / MANIFEST).write_text(json.dumps(manifest))
+    write_manifest(saved, manifest)
     with pytest.raises(CheckpointError, match="gate weights do not fit the gate config"):
         Router.load(saved)
 
 
 def test_load_gate_config_for_other_expert_count__raises_checkpoint_error(saved: Path) -> None:
-    manifest = json.loads((saved / MANIFEST).read_text())
+    manifest = read_manifest(saved)
     manifest["gate"]["config"]["num_experts"] = 7
-    (saved / MANIFEST).write_text(json.dumps(manifest))
+    write_manifest(saved, manifest)
     with pytest.raises(CheckpointError, match="does not match the checkpoint"):
         Router.load(saved)
 
 
 @pytest.mark.parametrize("damage", ["garbage", "header", "truncate", "second_page"])
 def test_load_corrupted_store__raises_checkpoint_error(saved: Path, damage: str) -> None:
-    file = saved / STORE
+    file = version_path(saved) / STORE
     data = file.read_bytes()
     file.write_bytes({
         "garbage": b"not a database" * 100,
@@ -364,12 +370,14 @@ def test_load_corrupted_store__raises_checkpoint_error(saved: Path, damage: str)
         "truncate": data[: len(data) // 2],
         "second_page": data[:4096] + bytes(b ^ 0x5A for b in data[4096:8192]) + data[8192:],
     }[damage])
-    with pytest.raises(CheckpointError, match="store.sqlite is not a valid SQLite database"):
+    with pytest.raises(CheckpointError, match="store.sqlite is corrupted .sha256 does not match the manifest"):
         Router.load(saved)
+    with pytest.raises(CheckpointError, match="store.sqlite is not a valid SQLite database"):
+        Router.load(saved, verify=False)
 
 
 def test_load_missing_store__raises_checkpoint_error(saved: Path) -> None:
-    (saved / STORE).unlink()
+    (version_path(saved) / STORE).unlink()
     with pytest.raises(CheckpointError, match="store.sqlite is missing"):
         Router.load(saved)
 
@@ -400,10 +408,10 @@ class _Boom:
 
 def test_load_pickled_files__are_refused_not_unpickled(saved: Path, tmp_path: Path) -> None:
     target = tmp_path / "unpickled"
-    np.save(saved / "experts/0000.npy", np.array([_Boom(str(target))], dtype=object), allow_pickle=True)
+    np.save(version_path(saved) / "experts/0000.npy", np.array([_Boom(str(target))], dtype=object), allow_pickle=True)
     with pytest.raises(CheckpointError, match="experts/0000.npy"):
         Router.load(saved, verify=False)
-    (saved / GATE_FILE).write_bytes(pickle.dumps({"head.weight": _Boom(str(target))}))
+    (version_path(saved) / GATE_FILE).write_bytes(pickle.dumps({"head.weight": _Boom(str(target))}))
     with pytest.raises(CheckpointError):
         Router.load(saved, verify=False)
     assert not target.exists()

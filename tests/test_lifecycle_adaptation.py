@@ -6,7 +6,6 @@ Seeded synthetic clusters with a small gate; each Lightning fit is a few steps.
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -123,12 +122,9 @@ def test_fine_tune_from_feedback__fixes_a_misrouted_region() -> None:
 
 
 def checkpoint_digest(path: Path) -> dict:
-    """Every file's bytes, and the store's rows (opening it in WAL mode rewrites header bytes, not content)."""
-    files = {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-             for p in sorted(path.rglob("*")) if p.is_file() and not p.name.startswith("store.sqlite")}
-    with sqlite3.connect(str(path / "store.sqlite")) as conn:
-        rows = [conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in ("items", "feedback")]
-    return {"files": files, "store": rows}
+    """Every file's name and bytes (every version: a load never opens the store as a database, so nothing changes)."""
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def experts_cfg(ckpt: Path, *overrides: str):

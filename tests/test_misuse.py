@@ -7,7 +7,6 @@ message (numpy's inhomogeneous shape, a tokenizers TypeError, a raw UnicodeDecod
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Callable
@@ -19,7 +18,7 @@ import torch
 from moe_router import Gate, HashingEmbedder, Router
 from moe_router.data.datasets import load_jsonl
 from moe_router.vectors import MAX_SQUARED_NORM, flat_index
-from tests.helpers import DIM, brute_force, make_router, sentence, write_jsonl
+from tests.helpers import DIM, brute_force, make_router, read_manifest, sentence, write_jsonl
 
 TEXT_DIM = 64
 
@@ -212,5 +211,5 @@ def test_saved_checkpoint_of_an_l2_router__has_only_finite_numbers(tmp_path):
     loaded = Router.load(router.save(tmp_path / "ckpt"))
     assert not loaded.gate.nonfinite()
     assert all(np.isfinite(e.vectors()).all() for e in loaded.experts)
-    manifest = json.loads((tmp_path / "ckpt" / "manifest.json").read_text())
+    manifest = read_manifest(tmp_path / "ckpt")
     assert [e["name"] for e in manifest["experts"]] == router.expert_names

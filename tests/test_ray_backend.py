@@ -30,6 +30,7 @@ from moe_router.routing.backends import make_backend
 from moe_router.serving import BatchConfig
 from moe_router.serving.app import create_app
 from moe_router.serving.state import RouterState
+from tests.helpers import version_path
 
 HAVE_RAY = importlib.util.find_spec("ray") is not None
 needs_ray = pytest.mark.skipif(not HAVE_RAY, reason="Ray is not installed (pip install -e '.[ray]')")
@@ -364,7 +365,7 @@ def test_corrupted_expert_file__ray_load_fails_like_a_local_load(cluster, tmp_pa
     small = clustered_router(900, D, 3, seed=0)
     small.init_gate(hidden_dims=[], dropout=0.0)
     path = small.save(tmp_path / "bad")
-    with open(path / "experts" / "0001.npy", "r+b") as f:  # flip bytes inside the vectors
+    with open(version_path(path) / "experts" / "0001.npy", "r+b") as f:  # flip bytes inside the vectors
         f.seek(300)
         f.write(b"\xff\xff\xff\xff")
     with pytest.raises(CheckpointError) as local:

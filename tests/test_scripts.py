@@ -106,7 +106,7 @@ def test_cli_bad_arguments__exit_2_with_message(saved_ckpt: Path, capsys: pytest
 
 
 def test_cli_corrupted_checkpoint__exits_2(saved_ckpt: Path, capsys: pytest.CaptureFixture) -> None:
-    (saved_ckpt / "manifest.json").write_text("{")
+    (saved_ckpt / "CURRENT").write_text("{")
     assert cli_main(["stats", "--ckpt", str(saved_ckpt)]) == 2
     assert "not valid JSON" in capsys.readouterr().err
 

@@ -321,10 +321,15 @@ def test_failed_save__is_503_and_changes_nothing(ckpt, monkeypatch):
         assert c.delete("/experts/devops").status_code == 503
         assert [e["name"] for e in c.get("/experts").json()["experts"]] == list(TOPICS)
         assert c.post("/search", json={"text": "sql join"}).json()["generation"] == 0
-        assert c.post("/feedback", json={"text": "sql", "expert": "databases", "positive": True}).status_code == 200
+        # Feedback is acknowledged only once saved: without a save it is refused, and not kept in memory either.
+        r = c.post("/feedback", json={"text": "sql", "expert": "databases", "positive": True})
+        assert r.status_code == 503 and "No space left" in r.json()["error"]
+        with state.lease() as snap:
+            assert snap.router.store.feedback(include_removed=True) == []
     monkeypatch.undo()
     state.close()
-    assert Router.load(ckpt).expert_names == list(TOPICS)
+    loaded = Router.load(ckpt)
+    assert loaded.expert_names == list(TOPICS) and loaded.store.feedback(include_removed=True) == []
 
 
 def test_expert_changes__searches_see_old_or_new_set_never_a_mix(ckpt):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,8 +17,10 @@ import pytest
 
 from moe_router import CheckpointError, HashingEmbedder, Router
 from moe_router.serving import RouterState
+from tests.helpers import read_manifest, version_path, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
+FORMAT1 = REPO / "tests" / "data" / "format1"  # written by moe_router at commit 3265d1d (format 1)
 DIM = 32
 
 
@@ -154,7 +157,9 @@ def test_checkpoint_fuzz__small_run_ends_in_clear_errors(tmp_path):
         capture_output=True, text=True, timeout=300,
     )
     report = json.loads(out.read_text())
-    assert report["cases"] == 5 * 12 + 40
+    # CURRENT, manifest, gate, store and the first expert's two files; FIFOs, links and directories
+    # in place of each file and directory; the intact checkpoint made read-only.
+    assert report["case_kinds"] == {"bytes": 6 * 12, "json": 40, "special": 42, "read_only": 1}
     failures = report["failures"]
     assert not [f for f in failures if f["outcome"].startswith(("crash", "hang"))], failures
     # Any failure is a way for Router.load to end without a clear error.
@@ -164,32 +169,42 @@ def test_checkpoint_fuzz__small_run_ends_in_clear_errors(tmp_path):
 
 def test_load__mangled_npy_header__is_a_checkpoint_error(tmp_path):
     ckpt = build_checkpoint(tmp_path / "ckpt")
-    ids = ckpt / "experts" / "0000.ids.npy"
+    ids = version_path(ckpt) / "experts" / "0000.ids.npy"
     ids.write_bytes(ids.read_bytes().replace(b"'shape': (20,)", b"'shape': (20, "))
     with pytest.raises(CheckpointError):
         Router.load(ckpt, verify=False)
 
 
+@pytest.mark.parametrize("forged", [{"members": 10**12}, {"hidden_dims": [4] * 100_000}])
+def test_load__forged_gate_structure__is_a_checkpoint_error_at_once(tmp_path, forged):
+    ckpt = build_checkpoint(tmp_path / "ckpt")
+    manifest = read_manifest(ckpt)
+    manifest["gate"]["config"].update(forged)  # building it would loop 10^12 / 10^5 times
+    write_manifest(ckpt, manifest)
+    with pytest.raises(CheckpointError, match="cannot fit the .* tensors of"):
+        Router.load(ckpt)
+
+
 def test_load__forged_gate_width__is_a_checkpoint_error(tmp_path):
     ckpt = build_checkpoint(tmp_path / "ckpt")
-    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest = read_manifest(ckpt)
     manifest["gate"]["config"]["hidden_dims"] = [10**12]  # 10^12 x 32 floats: cannot be allocated
-    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(ckpt, manifest)
     with pytest.raises(CheckpointError):
         Router.load(ckpt)
 
 
-def test_save_killed_between_renames__is_recovered_at_start(tmp_path):
-    ckpt = build_checkpoint(tmp_path / "ckpt")
-    # What checkpoint._swap_into_place leaves when killed between its renames: the live checkpoint
-    # moved aside and the new one (never acknowledged) still under its temporary name.
+def test_format1_save_killed_between_renames__is_recovered_at_start(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    # What a format-1 save left when killed between its renames: the live checkpoint moved aside
+    # and the new one (never acknowledged) still under its temporary name.
     aside = tmp_path / ".ckpt.old-deadbeef"
-    os.rename(ckpt, aside)
+    shutil.copytree(FORMAT1, aside)
     (tmp_path / ".ckpt.tmp-0badf00d").mkdir()
     state = RouterState(ckpt)
     assert ckpt.is_dir() and not aside.exists()
     with state.lease() as snap:
-        assert snap.router.expert_names == ["alpha", "beta", "gamma"]
+        assert snap.router.expert_names == ["alpha", "beta"]
     state.close()
 
 

@@ -154,8 +154,8 @@ CHANGES: dict[str, Callable[[Router, Any, FineTuneConfig], Change]] = {
 def run(cfg: Any) -> ExpertsRun:
     """One lifecycle operation (cfg.op) on the checkpoint cfg.ckpt; changes are saved atomically to cfg.out or cfg.ckpt.
 
-    The router works on an in-memory copy of the checkpoint's store, so a failed operation
-    leaves the checkpoint on disk exactly as it was.
+    A loaded router's store is a private in-memory copy, so a failed operation leaves the
+    checkpoint on disk exactly as it was; every change, feedback too, reaches it through one save.
     """
     quiet_libraries()
     op = str(cfg.op)
@@ -165,9 +165,6 @@ def run(cfg: Any) -> ExpertsRun:
     if op in READ_ONLY:
         lines, data = READ_ONLY[op](router, cfg)
         return ExpertsRun(op, lines, None, data)
-    file_store = router.store
-    router.store = file_store.in_memory_copy()  # the checkpoint's file is only replaced by the atomic save
-    file_store.close()
     tune: FineTuneConfig = instantiate(cfg.fine_tune)
     change = CHANGES[op](router, cfg, tune)
     lines = [*change.lines, change.what]

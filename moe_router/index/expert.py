@@ -28,6 +28,10 @@ class SavedCopy:
     ids: Path
     vectors_sha256: str
     ids_sha256: str
+    # (st_dev, st_ino, st_size, st_mtime_ns) of each file when its sha256 was last checked or it was
+    # written: Router.save(recheck=False) links a file whose stat still matches without re-hashing it.
+    vectors_stat: tuple[int, int, int, int] | None = None
+    ids_stat: tuple[int, int, int, int] | None = None
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from moe_router.checkpoint.format import STORE, CheckpointError, CheckpointParts
+from moe_router.checkpoint.format import CheckpointError, CheckpointParts
 from moe_router.checkpoint.io import read_checkpoint, write_checkpoint
 from moe_router.checks import check_int, check_new_name
 from moe_router.embed.base import Embedder, check_text_list
@@ -186,7 +186,7 @@ class Router:
             self.store.delete_expert(name)
 
     def record_feedback(self, query: Any, expert: str, positive: bool) -> int:
-        """Durably record whether `expert` served `query` (text or vector) well; returns the record's id."""
+        """Record whether `expert` served `query` (text or vector) well; returns the record's id (on disk at save())."""
         if not isinstance(positive, (bool, np.bool_)):  # bool("no") is True: a string would be stored as positive
             raise ValueError(f"record_feedback: positive must be True or False, got {type(positive).__name__} {positive!r}")
         self.expert_index(expert)  # unknown expert -> KeyError naming the known ones
@@ -471,11 +471,14 @@ class Router:
 
     # ---------------------------------------------------------------- persistence
 
-    def save(self, path: str | Path, config: dict | None = None, metrics: dict | None = None) -> Path:
-        """Write the router as a checkpoint directory, atomically (see moe_router.checkpoint).
+    def save(self, path: str | Path, config: dict | None = None, metrics: dict | None = None,
+             recheck: bool = True) -> Path:
+        """Write the router as a new version of the checkpoint `path`, switched to atomically (moe_router.checkpoint).
 
-        Refused before anything is written (ValueError) when `path` or a folder above it is a file,
-        or when the gate holds NaN or inf.
+        The only way to change a checkpoint on disk: a loaded router keeps its changes in memory until
+        then. Unchanged experts' files are hard-linked after a sha256 check (`recheck=False`: after a
+        stat check, for frequent saves such as the server's feedback). Refused before anything is
+        written (ValueError) when `path` or a folder above it is a file, or when the gate holds NaN or inf.
         """
         path = Path(path)
         for p in (path, *path.parents):
@@ -495,18 +498,16 @@ class Router:
                 confidence_sums=self.routing_stats.confidence_sums.copy(), abstain_threshold=self.abstain_threshold,
                 config=config or {}, metrics=metrics or {},
             )
-            write_checkpoint(path, parts)
-            if self.store.path is not None and self.store.path.resolve() == (path / STORE).resolve():
-                # The old store file was replaced by the new copy: reopen it.
-                self.store.close()
-                self.store = MetadataStore(path / STORE)
+            self.manifest = write_checkpoint(path, parts, recheck=recheck)
         return path
 
     @classmethod
     def load(cls, path: str | Path, verify: bool = True, cache_dir: str | Path | None = None,
              backend: str | ExpertBackend = "local", ray_address: str | None = None,
              backend_options: dict[str, Any] | None = None) -> "Router":
-        """Load a checkpoint directory; never unpickles or imports code from it.
+        """Load a checkpoint directory, read-only; never unpickles or imports code from it.
+
+        The router is private: its changes (experts, feedback) stay in memory until save().
 
         `backend` "local" reads the experts into this process; "ray" opens each expert (or group)
         in a Ray actor that reads its own files, on the cluster at `ray_address` (None: join the

@@ -1,15 +1,20 @@
-"""The served router: copy-on-write snapshots, durable mutations, recovery of an interrupted save.
+"""The served router: copy-on-write snapshots, durable mutations through saves.
 
 Readers take a lease on the current snapshot and use it to the end of their request. A change
-to the expert set (add, remove) forks the router, changes the fork, saves it atomically over the
-checkpoint, and only then swaps it in. A reader therefore sees the old set of experts or the new
-one, never a mix, and nothing a client was told succeeded can be lost by a crash:
+to the expert set (add, remove, merge, split) forks the router, changes the fork, saves it as a
+new version of the checkpoint, and only then swaps it in. A reader therefore sees the old set of
+experts or the new one, never a mix, and nothing a client was told succeeded can be lost by a
+crash, because every write reaches the disk the one way a checkpoint changes, Router.save:
 
-- feedback is committed to the checkpoint's SQLite store (WAL, synchronous=FULL) before the reply;
-- an expert change is acknowledged only after Router.save has renamed the new checkpoint into place.
+- feedback is added to the served router's in-memory store and the router is saved (a new
+  version; unchanged files are hard-linked after a stat check, so only the store, the gate and
+  the manifest are written) before the reply; rows that arrive while a save runs share the next
+  one (group commit). If the save fails the rows are taken out again and their clients get an
+  error: memory and disk still agree;
+- an expert change is acknowledged only after Router.save has switched CURRENT to the new version.
 
-Writes are serialised by one lock, so a save never races a feedback commit (the save copies the
-store; a commit landing between that copy and the swap would be lost with the old file).
+Saves are serialised by one lock: one save at a time, in this process. Another process must not
+save the same checkpoint meanwhile (several writer processes are not supported).
 """
 
 from __future__ import annotations
@@ -25,13 +30,11 @@ import faiss
 import numpy as np
 import torch
 
-from moe_router.checkpoint.format import STORE, read_manifest
-from moe_router.checkpoint.io import recover_checkpoint
+from moe_router.checkpoint.io import current_version, recover_checkpoint
 from moe_router.index.expert import Expert
 from moe_router.lifecycle.merge_split import merge_experts, split_expert
 from moe_router.routing.backends import ExpertBackend
 from moe_router.routing.router import Router
-from moe_router.store import MetadataStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -77,7 +80,15 @@ class RouterState:
             raise ValueError(f"checkpoint {self.ckpt} has no gate; train one first (scripts/train.py)")
         self._current = Snapshot(router, 0)
         self._swap_lock = threading.Lock()  # guards _current and the lease counts
-        self._write_lock = threading.Lock()  # one durable write at a time
+        self._write_lock = threading.Lock()  # one save at a time (held while it runs)
+        # Feedback is recorded under _record_lock, which a save does not hold: rows recorded while a
+        # save runs wait together for the next one (group commit). Lock order: _write_lock, then _record_lock.
+        self._record_lock = threading.Lock()
+        self._saved = threading.Condition(self._record_lock)  # notified when a feedback save ends
+        self._pending: set[int] = set()  # feedback rows in memory, not yet taken by a save
+        self._in_flight: set[int] = set()  # rows the running feedback save holds
+        self._committing = False  # a request is saving the pending rows (the others wait for it)
+        self._lost: set[int] = set()  # rows whose save failed (taken out again); their requests get PersistError
         self.failed: str | None = None  # set when a save could not be followed through; writes then refuse
         self.dim = router.dim
         self.metric = router.metric
@@ -108,10 +119,49 @@ class RouterState:
                 snap.router.store.close()
 
     def record_feedback(self, query: str | np.ndarray, expert: str, positive: bool) -> int:
-        """Commit one feedback row to the checkpoint's store; returns its id. KeyError: unknown expert."""
-        with self._write_lock, self.lease() as snap:
+        """Record one feedback row and save the checkpoint with it; returns its id. KeyError: unknown expert.
+
+        The row is acknowledged only once a save holding it has switched CURRENT (PersistError
+        otherwise, with the row taken out again). Rows recorded while a save runs share the next
+        save, so concurrent feedback costs one save per batch, not per row.
+        """
+        with self._saved:
             self._check_writable()
-            return snap.router.record_feedback(query, expert, positive)
+            with self.lease() as snap:
+                seq = snap.router.record_feedback(query, expert, positive)
+            self._pending.add(seq)
+            while (seq in self._pending and self._committing) or seq in self._in_flight:
+                self._saved.wait()  # a save is running: the next one takes every row recorded meanwhile
+            if seq not in self._pending:  # a save that has ended took it
+                return self._outcome(seq)  # (the lock is held: _outcome does not take it)
+            self._committing = True  # this request saves every pending row
+        try:
+            with self._write_lock:
+                with self._saved:
+                    batch, self._pending, self._in_flight = self._pending, set(), self._pending
+                if batch:
+                    with self.lease() as snap:
+                        try:
+                            self._save(snap.router, recheck=False)  # expert files were hashed when loaded or written
+                        except BaseException:
+                            for row in batch:
+                                snap.router.store.delete_feedback(row)
+                            with self._saved:
+                                self._lost |= batch - {seq}  # this request gets the error itself
+                            raise
+        finally:  # success or not, the waiting requests learn their rows' fate
+            with self._saved:
+                self._committing = False
+                self._in_flight = set()
+                self._saved.notify_all()
+        return seq  # saved (a failed save raised above)
+
+    def _outcome(self, seq: int) -> int:
+        """`seq` once the save that took it has ended: PersistError if that save failed. Hold _record_lock."""
+        if seq in self._lost:
+            self._lost.discard(seq)
+            raise PersistError(f"could not save the checkpoint {self.ckpt}; feedback #{seq} was not kept")
+        return seq
 
     def add_expert(
         self,
@@ -164,7 +214,7 @@ class RouterState:
 
         A failed check, change or save leaves the served router and the checkpoint as they were.
         """
-        with self._write_lock:
+        with self._write_lock, self._record_lock:  # no feedback lands in the old store between the copy and the swap
             self._check_writable()
             with self.lease() as snap:
                 check(snap.router)
@@ -175,28 +225,31 @@ class RouterState:
             except BaseException:
                 fork.store.close()
                 raise
-            return result, self._swap(fork)
+            self._pending.clear()  # the fork's store held them: they are saved now
+            generation = self._swap(fork)
+            self._saved.notify_all()
+            return result, generation
 
     def _check_writable(self) -> None:
         if self.failed is not None:
             raise PersistError(f"writes are off until a restart: {self.failed}")
 
     def _persist(self, fork: Router) -> None:
-        manifest: dict[str, Any] = fork.manifest or {}
+        self._save(fork, recheck=True)
+
+    def _save(self, router: Router, recheck: bool) -> None:
+        """Save `router` as the checkpoint's new version; PersistError (nothing changed on disk) when it cannot be."""
+        manifest: dict[str, Any] = router.manifest or {}
+        before = current_version(self.ckpt)
         try:
-            fork.save(self.ckpt, config=manifest.get("config"), metrics=manifest.get("metrics"))
-        except OSError as exc:  # the save is atomic: the checkpoint on disk is still the served one
+            router.save(self.ckpt, config=manifest.get("config"), metrics=manifest.get("metrics"), recheck=recheck)
+        except OSError as exc:
+            if current_version(self.ckpt) != before:
+                # CURRENT was switched but the save failed after (an fsync): the disk holds a version the
+                # served router may not match; refuse writes until a restart loads it.
+                self.failed = f"the checkpoint was saved but the save could not be finished ({exc})"
+                log.error("%s; restart the server to serve the saved checkpoint", self.failed)
             raise PersistError(f"could not save the checkpoint {self.ckpt}: {exc}") from exc
-        try:  # the checkpoint on disk is now the fork's; its in-memory store moves to the file
-            store = MetadataStore(self.ckpt / STORE)
-            fork.store.close()
-            fork.store = store
-            fork.manifest = read_manifest(self.ckpt)
-        except Exception as exc:
-            # Memory and disk disagree now; a write to the old store would go to a replaced file.
-            self.failed = f"the checkpoint was saved but could not be reopened ({exc})"
-            log.error("%s; restart the server to serve the saved checkpoint", self.failed)
-            raise PersistError(self.failed) from exc
 
     def _swap(self, fork: Router) -> int:
         with self._swap_lock:
