@@ -89,11 +89,11 @@ MALFORMED = [
     ("cooking/corpus.jsonl", 5, b'{"_id": "cooking-new", "title": 3, "text": "b"}', "field 'title' must be a string"),
     ("cooking/corpus.jsonl", 6, b'{"_id": "cooking-d0", "text": "b"}', "duplicate _id 'cooking-d0' \\(first on line 1\\)"),
     ("cooking/corpus.jsonl", 7, b'[1, 2]', "expected a JSON object"),
-    ("cooking/corpus.jsonl", 8, b'{"_id": "caf\xe9", "text": "b"}', "not valid UTF-8"),
+    ("cooking/corpus.jsonl", 8, b'{"_id": "caf\xe9", "text": "b"}', "not UTF-8"),
     ("finance/qrels/dev.tsv", 2, b"finance-dev-q0\tfinance-d1", "expected 3 tab-separated columns"),
     ("finance/qrels/dev.tsv", 3, b"finance-dev-q0\tfinance-d1\thigh", "score must be an integer, got 'high'"),
     ("finance/qrels/dev.tsv", 4, b"finance-dev-q1\tcooking-d1\t1", "corpus-id 'cooking-d1' is not in this source"),
-    ("finance/qrels/dev.tsv", 5, b"finance-dev-q1\tfinance-d1\t1\xff", "not valid UTF-8"),
+    ("finance/qrels/dev.tsv", 5, b"finance-dev-q1\tfinance-d1\t1\xff", "not UTF-8"),
     ("finance/queries.jsonl", 7, b'{"_id": "finance-dev-q0"}', "missing field 'text'"),
     ("finance/queries.jsonl", 8, b'{"_id": 5, "text": "q"}', "field '_id' must be a string"),
 ]
@@ -184,7 +184,7 @@ def test_train_through_data_beir__never_opens_test_judgments(beir_root: Path, tm
     hit = router.search("a question about oven and garlic", k=1, top_experts=1)[0]
     assert hit.metadata["_id"].startswith(hit.expert)
     assert router.manifest["config"]["data"]["root"] == str(beir_root)
-    with pytest.raises(ValueError, match="test.tsv:2: not valid UTF-8"):
+    with pytest.raises(ValueError, match="test.tsv:2: not UTF-8"):
         load_beir(beir_root).queries("test")  # the evaluation path reads them, and would see the damage
 
 

@@ -12,13 +12,13 @@ Malformed files raise ValueError("file:line: what is wrong").
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
 from moe_router.data.datasets import Record
+from moe_router.data.jsonl import json_objects, lines
 
 QUERY_SPLITS = ("train", "dev", "test")
 
@@ -60,27 +60,9 @@ def first_sentence(text: str, max_chars: int = 300) -> str:
     return re.split(r"(?<=[.?!])\s+", text.strip(), maxsplit=1)[0][:max_chars]
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, decoded line) of a UTF-8 file, skipping blank lines; bad bytes name their line."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte {exc.start}: {exc.reason})") from None
-            if line.strip():
-                yield lineno, line.rstrip("\r\n")
-
-
 def _json_objects(path: Path, required: Sequence[str]) -> Iterator[tuple[int, dict]]:
     """(line number, object) of a JSONL file whose lines must hold string fields `required`."""
-    for lineno, line in _lines(path):
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-        if not isinstance(obj, dict):
-            raise ValueError(f"{path}:{lineno}: expected a JSON object with fields {list(required)}")
+    for lineno, obj in json_objects(path, required):
         for key in required:
             if key not in obj:
                 raise ValueError(f"{path}:{lineno}: missing field {key!r}; every line needs {list(required)}")
@@ -114,7 +96,7 @@ def read_corpus(path: Path) -> Documents:
 def read_qrels(path: Path, doc_ids: set[str]) -> dict[str, dict[str, int]]:
     """A qrels TSV: an optional header, then query-id, corpus-id, integer score; relevant (score > 0) pairs only."""
     out: dict[str, dict[str, int]] = {}
-    for lineno, line in _lines(path):
+    for lineno, line in lines(path):
         cols = line.split("\t")
         if lineno == 1 and cols[:2] == ["query-id", "corpus-id"]:
             continue

@@ -7,12 +7,13 @@ default, `label` for fine-grained experts); another may name each expert's paren
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
+
+from moe_router.data.jsonl import json_objects
 
 
 
@@ -116,30 +117,16 @@ def load_jsonl(path: str | Path) -> list[Record]:
     if not path.is_file():
         raise FileNotFoundError(f"dataset file not found: {path} (resolved: {path.resolve()})")
     records: list[Record] = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:  # decoded per line, so the error can name the line
-                raise ValueError(f"{path}:{lineno}: not UTF-8 (byte {raw[exc.start]:#04x} at column {exc.start + 1}); "
-                                 "save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with fields {REQUIRED_FIELDS}")
-            missing = [k for k in REQUIRED_FIELDS if k not in obj]
-            if missing:
-                raise ValueError(f"{path}:{lineno}: missing field(s) {missing}; every line needs {REQUIRED_FIELDS}")
-            for k in REQUIRED_FIELDS:
-                if not isinstance(obj[k], str) or not obj[k].strip():
-                    raise ValueError(f"{path}:{lineno}: field {k!r} must be a non-empty string, got {obj[k]!r}")
-            if obj["split"] not in SPLITS:
-                raise ValueError(f"{path}:{lineno}: split must be one of {SPLITS}, got {obj['split']!r}")
-            records.append(Record(obj["text"], obj["domain"], obj["label"], obj["split"]))
+    for lineno, obj in json_objects(path, REQUIRED_FIELDS):
+        missing = [k for k in REQUIRED_FIELDS if k not in obj]
+        if missing:
+            raise ValueError(f"{path}:{lineno}: missing field(s) {missing}; every line needs {REQUIRED_FIELDS}")
+        for k in REQUIRED_FIELDS:
+            if not isinstance(obj[k], str) or not obj[k].strip():
+                raise ValueError(f"{path}:{lineno}: field {k!r} must be a non-empty string, got {obj[k]!r}")
+        if obj["split"] not in SPLITS:
+            raise ValueError(f"{path}:{lineno}: split must be one of {SPLITS}, got {obj['split']!r}")
+        records.append(Record(obj["text"], obj["domain"], obj["label"], obj["split"]))
     if not records:
         raise ValueError(f"{path}: no records; expected JSON lines with fields {REQUIRED_FIELDS}")
     return records
