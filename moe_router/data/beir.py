@@ -17,10 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import numpy as np
+
+from moe_router.checks import check_int
 from moe_router.data.datasets import Record
 from moe_router.data.jsonl import json_objects, lines
 
 QUERY_SPLITS = ("train", "dev", "test")
+
+# The part of dev set aside when the dataset is loaded with holdout_folds > 0 (see BeirDataset).
+HELDOUT = "heldout"
 
 
 @dataclass(frozen=True)
@@ -135,6 +141,11 @@ class BeirDataset:
     Like TextDataset, `split('train')` is what the experts store (here the documents, expert key
     'domain' = their source) and `queries(split)` is what a router is asked with (here the judged
     queries of that BEIR split; 'val' means 'dev').
+
+    With `holdout_folds = F > 0`, dev's queries are dealt into F seeded folds (per source, so each
+    fold keeps the sources' mix); fold `holdout_fold` becomes the split 'heldout' and 'dev' keeps
+    the rest. Training (epoch choice, calibration) then never sees 'heldout', so evaluating on it
+    measures the whole pipeline on unseen queries while test stays untouched (cross-validation on dev).
     """
 
     name: str
@@ -142,11 +153,17 @@ class BeirDataset:
     sources: list[str]
     docs: dict[str, Documents]
     splits_for_training: tuple[str, ...] = ("train", "dev")
+    holdout_folds: int = 0  # > 0: dev's judged queries in this many seeded folds; one is split 'heldout'
+    holdout_fold: int = 0  # which fold is 'heldout'; 'dev' is the others (training validates and calibrates on them)
+    holdout_seed: int = 0
     expert_key: str = "domain"
     parent_key: str | None = None
     _splits: dict[str, QuerySplit] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        if self.holdout_folds:
+            check_int(self.holdout_folds, 2, 1000, "holdout_folds", "at most 1000; 0 = no held-out part of dev")
+            check_int(self.holdout_fold, 0, self.holdout_folds - 1, "holdout_fold", "holdout_folds - 1")
         self.experts = sorted(self.sources)
         self.parents: dict[str, str | None] = {s: None for s in self.experts}
         owner: dict[str, str] = {}
@@ -213,6 +230,8 @@ class BeirDataset:
     def has_split(self, split: str) -> bool:
         """Whether any source has judgments for `split` (the file is not read)."""
         split = self.resolve(split)
+        if split == HELDOUT and self.holdout_folds:
+            split = "dev"
         return any((self.root / s / "qrels" / f"{split}.tsv").is_file() for s in self.sources)
 
     def queries(self, split: str) -> list[str]:
@@ -235,11 +254,32 @@ class BeirDataset:
 
     def _query_split(self, split: str) -> QuerySplit:
         split = self.resolve(split)
-        if split not in QUERY_SPLITS:
+        if split == HELDOUT and not self.holdout_folds:
+            raise ValueError("split 'heldout' exists only when the data is loaded with holdout_folds >= 2 "
+                             "(e.g. data.holdout_folds=2 data.holdout_fold=0)")
+        if split not in (*QUERY_SPLITS, HELDOUT):
             raise ValueError(f"unknown query split {split!r}; expected one of {QUERY_SPLITS} (or 'val' for 'dev')")
         if split not in self._splits:
-            self._splits[split] = self._read_split(split)
+            if self.holdout_folds and split in ("dev", HELDOUT):
+                self._splits["dev"], self._splits[HELDOUT] = self._fold(self._read_split("dev"))
+            else:
+                self._splits[split] = self._read_split(split)
         return self._splits[split]
+
+    def _fold(self, dev: QuerySplit) -> tuple[QuerySplit, QuerySplit]:
+        """(the rest of dev, fold `holdout_fold`): each source's queries dealt round-robin after a seeded shuffle."""
+        rng = np.random.default_rng(self.holdout_seed)
+        fold = np.empty(len(dev.ids), dtype=np.int64)
+        for source in sorted(set(dev.sources)):
+            rows = np.array([i for i, s in enumerate(dev.sources) if s == source])
+            fold[rng.permutation(rows)] = np.arange(len(rows)) % self.holdout_folds
+        parts = []
+        for keep in (fold != self.holdout_fold, fold == self.holdout_fold):
+            idx = np.nonzero(keep)[0]
+            ids = [dev.ids[i] for i in idx]
+            parts.append(QuerySplit(ids, [dev.texts[i] for i in idx], [dev.sources[i] for i in idx],
+                                    {q: dev.qrels[q] for q in ids}))
+        return parts[0], parts[1]
 
     def _read_split(self, split: str) -> QuerySplit:
         ids, texts, sources, qrels = [], [], [], {}
@@ -270,11 +310,13 @@ class BeirDataset:
 
 
 def load_beir(root: str | Path, sources: Sequence[str] | None = None, name: str | None = None,
-              splits_for_training: Sequence[str] = ("train", "dev")) -> BeirDataset:
+              splits_for_training: Sequence[str] = ("train", "dev"), holdout_folds: int = 0, holdout_fold: int = 0,
+              holdout_seed: int = 0) -> BeirDataset:
     """Every subfolder of `root` (or those listed in `sources`) as a source; documents read now, queries per split later.
 
     `splits_for_training`: the query splits training may read: the first gives training queries
-    (when it has judgments), the second validation (BEIR's 'dev').
+    (when it has judgments), the second validation (BEIR's 'dev'). `holdout_folds` > 0 sets fold
+    `holdout_fold` of dev aside as split 'heldout' (see BeirDataset).
     """
     root = Path(root)
     if not root.is_dir():
@@ -295,4 +337,4 @@ def load_beir(root: str | Path, sources: Sequence[str] | None = None, name: str 
             if not (root / s / "corpus.jsonl").is_file():
                 raise FileNotFoundError(f"data.sources: {root / s / 'corpus.jsonl'} does not exist")
     docs = {s: read_corpus(root / s / "corpus.jsonl") for s in names}
-    return BeirDataset(name or root.name, root, names, docs, splits)
+    return BeirDataset(name or root.name, root, names, docs, splits, holdout_folds, holdout_fold, holdout_seed)
