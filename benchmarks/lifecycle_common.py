@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
+from moe_router.apps.train import resolve_monitor
 from moe_router.data.datasets import TextDataset, load_dataset
 from moe_router.embed.cache import CachedEmbedder, default_cache_dir
 from moe_router.embed.minilm import MiniLMEmbedder
@@ -59,19 +60,20 @@ def full_train(router: Router, val_texts: list[str], val_experts: list[str], see
     """The project's full training as scripts/train.py runs it (its config's model, module, trainer and
     targets; no temperature calibration, which changes no ranking), timed end to end."""
     cfg = train_config(seed=str(seed))
+    monitor = resolve_monitor(cfg.monitor, retrieval=False)
     wall, cpu = time.perf_counter(), time.process_time()
     L.seed_everything(seed, workers=True, verbose=False)
     gate = router.install_gate(instantiate(cfg.model, dim=router.dim, num_experts=router.num_experts), seed)
     module = instantiate(cfg.module)(gate=gate)
     trainer = instantiate(
         cfg.trainer, enable_progress_bar=False, logger=False,
-        callbacks=[ModelCheckpoint(dirpath=tempfile.mkdtemp(prefix="lifecycle-bench-"), monitor=cfg.monitor,
+        callbacks=[ModelCheckpoint(dirpath=tempfile.mkdtemp(prefix="lifecycle-bench-"), monitor=monitor,
                                    mode="max", save_top_k=1)],
     )
     fit_router(router, val_queries=val_texts, val_experts=val_experts, targets=cfg.targets.kind,
                label_weight=cfg.targets.label_weight, neighbours=cfg.targets.neighbours,
                max_queries=cfg.targets.max_queries, module=module, trainer=trainer, batch_size=cfg.batch_size,
-               monitor=cfg.monitor, seed=seed)
+               monitor=monitor, seed=seed)
     return Timed(time.perf_counter() - wall, time.process_time() - cpu)
 
 

@@ -39,9 +39,10 @@ def _print_routes(router: Router, queries: list[str], top_experts: int, adaptive
             print(f"  {r.expert:<24} confidence {confidence(r.probability)}")
 
 
-def _print_hits(router: Router, queries: list[str], k: int, top_experts: int, per_expert: bool, adaptive: dict) -> None:
+def _print_hits(router: Router, queries: list[str], k: int, top_experts: int, per_expert: bool, adaptive: dict,
+                prior_weight: float | None = None) -> None:
     for query, hits in zip(queries, router.search(queries, k=k, top_experts=top_experts, per_expert=per_expert,
-                                                  **adaptive)):
+                                                  prior_weight=prior_weight, **adaptive)):
         print(f'\nQuery: "{query}"')
         if hits.missing_experts:  # a Ray expert actor that did not answer: the hits are the others'
             print(f"  (no answer from {', '.join(hits.missing_experts)}: hits from the other experts only)")
@@ -83,13 +84,15 @@ def main(argv: list[str] | None = None) -> int:
         if name == "search":
             p.add_argument("-k", type=int, default=3, help="hits per query (per expert with --per-expert)")
             p.add_argument("--per-expert", action="store_true", help="k hits from each searched expert, not k in all")
+            p.add_argument("--prior-weight", type=float, default=None,
+                           help="merge hits by score + w * log p(expert) (default: the checkpoint's; 0 = by score)")
     args = parser.parse_args(argv)
     try:
         router = Router.load(args.ckpt, backend=args.backend, ray_address=args.ray_address)
         if args.command == "route":
             _print_routes(router, args.queries, args.top_experts, _adaptive(args))
         elif args.command == "search":
-            _print_hits(router, args.queries, args.k, args.top_experts, args.per_expert, _adaptive(args))
+            _print_hits(router, args.queries, args.k, args.top_experts, args.per_expert, _adaptive(args), args.prior_weight)
         else:
             _print_stats(router)
     except (CheckpointError, ValueError, KeyError, ImportError) as exc:

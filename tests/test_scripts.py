@@ -98,6 +98,7 @@ def test_cli_stats__lists_every_expert(saved_ckpt: Path, capsys: pytest.CaptureF
 @pytest.mark.parametrize("args, message", [
     (["route", "--top-experts", "9", "query"], "top_k must be between 1 and 3"),
     (["search", "-k", "0", "query"], "k must be between 1 and 45"),
+    (["search", "--prior-weight", "-1", "query"], "prior_weight must be a finite number >= 0"),
 ])
 def test_cli_bad_arguments__exit_2_with_message(saved_ckpt: Path, capsys: pytest.CaptureFixture,
                                                 args: list[str], message: str) -> None:

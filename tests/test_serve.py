@@ -140,6 +140,15 @@ def test_top_p_over_http__equals_router_search_and_route_with_top_p(client, ckpt
         assert all(1 <= len(row["experts"]) <= cap for row in routes)
 
 
+def test_prior_weight_over_http__equals_router_search_with_that_weight(client, ckpt):
+    router = Router.load(ckpt)
+    texts = ["password token login", "css grid layout", "sql docker css token"]
+    for w in (0.0, 0.5, 5.0):
+        got = client.post("/search", json={"texts": texts, "k": 6, "top_experts": 3, "prior_weight": w}).json()["results"]
+        want = router.search(texts, k=6, top_experts=3, prior_weight=w)
+        assert [[h["id"] for h in row["hits"]] for row in got] == [[h.id for h in row] for row in want]
+
+
 def test_stats_and_experts__list_the_checkpoint(client):
     experts = client.get("/experts").json()["experts"]
     assert [e["name"] for e in experts] == list(TOPICS)
@@ -188,6 +197,8 @@ BAD = [
     ("top_p over one", "POST", "/route", {"text": "a", "top_p": 1.5}, 422),
     ("top_p string", "POST", "/search", {"text": "a", "top_p": "0.9"}, 422),
     ("max_experts zero", "POST", "/search", {"text": "a", "top_p": 0.9, "max_experts": 0}, 422),
+    ("prior_weight negative", "POST", "/search", {"text": "a", "prior_weight": -1.0}, 422),
+    ("prior_weight string", "POST", "/search", {"text": "a", "prior_weight": "0.1"}, 422),
     ("max_experts over experts is capped", "POST", "/search", {"text": "a", "top_p": 0.9, "max_experts": 9}, 200),
     ("unknown expert feedback", "POST", "/feedback", {"text": "a", "expert": "nope", "positive": True}, 404),
     ("feedback without query", "POST", "/feedback", {"expert": "devops", "positive": True}, 422),

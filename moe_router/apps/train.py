@@ -25,7 +25,11 @@ from moe_router.gate.model import Gate
 from moe_router.index.clustering import nearest_centroid
 from moe_router.index.expert import centroids
 from moe_router.routing.calibrate import calibrate, validation_metrics
-from moe_router.routing.router import Router
+from moe_router.routing.router import Router, check_prior_weight
+
+# prior_weight=auto on BEIR data: merged hits ranked by similarity + 0.1 * log p(source). Measured on dev
+# (docs/retrieval.md): 0.05 to 0.2 all beat 0 when 2+ sources are searched, on both benchmarks.
+PRIOR_WEIGHT = 0.1
 from moe_router.train.fit import fit_router
 
 
@@ -71,6 +75,8 @@ def train(cfg: DictConfig) -> TrainSummary:
     if stored_weight < 0:
         raise ValueError(f"targets.query_weight + targets.pseudo_weight must be <= 1, the stored vectors get the rest; "
                          f"got {cfg.targets.query_weight} + {cfg.targets.pseudo_weight}")
+    retrieval = isinstance(dataset, BeirDataset) and bool(dataset.queries("val"))
+    monitor = resolve_monitor(cfg.monitor, retrieval)
     log_dir = Path(cfg.log_dir) if cfg.log_dir else run_dir()
     members = int(cfg.model.get("members", 1))
     fits, gates = [], []
@@ -83,14 +89,14 @@ def train(cfg: DictConfig) -> TrainSummary:
             add_query_prototypes(gate, extra[0])
         trainer = instantiate(
             cfg.trainer,
-            callbacks=[ModelCheckpoint(dirpath=sub / "lightning", monitor=cfg.monitor, mode="max", save_top_k=1)],
+            callbacks=[ModelCheckpoint(dirpath=sub / "lightning", monitor=monitor, mode="max", save_top_k=1)],
             logger=CSVLogger(str(sub), name="logs"),
         )
         fits.append(fit_router(
             router, val_queries=val_queries, val_experts=val_experts,
             targets=cfg.targets.kind, label_weight=cfg.targets.label_weight, neighbours=cfg.targets.neighbours,
             max_queries=cfg.targets.max_queries, module=instantiate(cfg.module)(gate=gate), trainer=trainer,
-            batch_size=cfg.batch_size, monitor=cfg.monitor, seed=cfg.seed + i, extra=[*extra, *views],
+            batch_size=cfg.batch_size, monitor=monitor, seed=cfg.seed + i, extra=[*extra, *views],
             stored_weight=stored_weight,
         ))
         gates.append(router.gate)
@@ -101,12 +107,29 @@ def train(cfg: DictConfig) -> TrainSummary:
         metrics.update(validation_metrics(router, val_queries, val_experts, cfg.targets.neighbours, cfg.module.top_k))
         metrics["members"] = members
     if cfg.calibrate:
-        metrics.update(calibrate(router, val_queries, val_experts, dataset.oos_texts("val"), cfg.load_floor))
+        bias = retrieval if cfg.calibrate_bias == "auto" else bool(cfg.calibrate_bias)
+        metrics.update(calibrate(router, val_queries, val_experts, dataset.oos_texts("val"), cfg.load_floor, bias))
+    router.prior_weight = (PRIOR_WEIGHT if retrieval else 0.0) if cfg.prior_weight == "auto" \
+        else check_prior_weight(cfg.prior_weight)
     if trainer.is_global_zero:
         router.save(cfg.out, config=OmegaConf.to_container(cfg, resolve=True), metrics=metrics)
     return TrainSummary(Path(cfg.out), router.num_experts, router.ntotal,
                         {k: v for k, v in metrics.items() if k.startswith("val/")}, metrics["fit_seconds"],
                         time.perf_counter() - start, fit.epochs)
+
+
+def resolve_monitor(monitor: str, retrieval: bool) -> str:
+    """cfg.monitor; 'auto' = val/acc@1 when validating on judged real questions (BEIR dev), else val/recall@10.
+
+    On retrieval data the validation queries are real questions with a judged source, and routing
+    them to it is the goal; recall@10 against exhaustive neighbours rewards sources that merely hold
+    near documents (distractors). Intent data validates on held-out rows, where recall@10 is the target.
+    """
+    if monitor == "auto":
+        return "val/acc@1" if retrieval else "val/recall@10"
+    if monitor not in ("val/acc@1", "val/recall@10"):
+        raise ValueError(f"monitor must be 'auto', 'val/acc@1' or 'val/recall@10', got {monitor!r}")
+    return monitor
 
 
 def training_queries(router, dataset, targets: DictConfig) -> list[Pairs]:

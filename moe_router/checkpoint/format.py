@@ -319,13 +319,14 @@ class Manifest:
     files: dict[str, str]  # file name -> sha256, for every file read (the store too, from format 2)
     stats: dict[str, tuple[int, float]]  # expert -> (queries, confidence sum)
     abstain_threshold: float | None
+    prior_weight: float
     config: dict
     metrics: dict
     raw: dict  # the JSON object as read (Router.manifest)
 
 
 _TOP_KEYS = {"format", "format_version", "created", "dim", "metric", "embedder", "embedder_name", "gate", "experts",
-             "files", "stats", "abstain_threshold", "metrics", "config"}
+             "files", "stats", "abstain_threshold", "prior_weight", "metrics", "config"}
 _EXPERT_KEYS = {"name", "specialization", "parent", "size", "vectors", "ids"}
 
 
@@ -452,6 +453,7 @@ def parse_manifest(raw: bytes, where: str, root: Path, expected_version: int) ->
         format_version=version, dim=dim, metric=metric, embedder=embedder, gate_config=gate_config, gate_file=gate_file,
         experts=experts, files=dict(files), stats=stats,
         abstain_threshold=None if threshold is None else s.real(threshold, "'abstain_threshold'"),
+        prior_weight=s.real(obj.get("prior_weight", 0.0), "'prior_weight'", 0.0),
         config=s.obj(obj.get("config") or {}, "'config'"), metrics=s.obj(obj.get("metrics") or {}, "'metrics'"),
         raw=obj,
     )
@@ -470,6 +472,7 @@ class CheckpointParts:
     counts: np.ndarray  # (E,) routing counts saved with the checkpoint
     confidence_sums: np.ndarray  # (E,) sums of the chosen experts' probabilities
     abstain_threshold: float | None = None
+    prior_weight: float = 0.0  # Router.prior_weight: how much the gate's probability weighs when hits are merged
     config: dict = field(default_factory=dict)  # the resolved training config
     metrics: dict = field(default_factory=dict)
     manifest: dict = field(default_factory=dict)  # as read (empty when writing)

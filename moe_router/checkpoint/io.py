@@ -204,6 +204,7 @@ def write_checkpoint(path: Path, router: CheckpointParts, recheck: bool = True) 
             "files": files,
             "stats": stats,
             "abstain_threshold": router.abstain_threshold,
+            "prior_weight": router.prior_weight,
             "metrics": router.metrics,
             "config": router.config,
         }
@@ -371,7 +372,7 @@ def _read_version(path: Path, where: Located, verify: bool, cache_dir: str | Pat
         sums = np.array([m.stats.get(e.name, (0, 0.0))[1] for e in experts], dtype=np.float64)
         return CheckpointParts(
             dim=m.dim, metric=m.metric, embedder=embedder, gate=gate, experts=experts, store=store, counts=counts,
-            confidence_sums=sums, abstain_threshold=m.abstain_threshold, config=m.config, metrics=m.metrics,
+            confidence_sums=sums, abstain_threshold=m.abstain_threshold, prior_weight=m.prior_weight, config=m.config, metrics=m.metrics,
             manifest=m.raw,
         )
     except CheckpointError:

@@ -55,17 +55,20 @@ def fixed_selection(experts: np.ndarray) -> Selection:
     return Selection(np.asarray(experts, dtype=np.int64), np.full(len(experts), experts.shape[1], dtype=np.int64))
 
 
-def prefix_search(router: Router, xq: np.ndarray, k: int, sel: Selection) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def prefix_search(router: Router, xq: np.ndarray, k: int, sel: Selection, probs: np.ndarray | None = None,
+                  prior_weight: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Search each query's selected experts, merged: (ids (n, k) global ids, experts (n, k), scanned (n,)).
 
-    Queries are grouped by how many experts they search, one routed search per group.
+    Queries are grouped by how many experts they search, one routed search per group. With `probs`
+    (n, E) and `prior_weight`, the merge weighs in the router's probabilities (Router.search_experts).
     """
     ids = np.full((len(xq), k), -1, dtype=np.int64)
     owner = np.full((len(xq), k), -1, dtype=np.int64)
     scanned = np.zeros(len(xq), dtype=np.int64)
     for t in np.unique(sel.count):
         rows = np.nonzero(sel.count == t)[0]
-        res = router.search_experts(xq[rows], k, sel.order[rows, :t])
+        res = router.search_experts(xq[rows], k, sel.order[rows, :t], probs=None if probs is None else probs[rows],
+                                    prior_weight=prior_weight)
         ids[rows], owner[rows], scanned[rows] = res.I, res.E, res.scanned
     return ids, owner, scanned
 

@@ -113,8 +113,9 @@ def evaluate_retrieval(
     lookup = DocLookup(router)
     E, depth = router.num_experts, min(DEPTH, router.ntotal)
 
-    def measure(sel: Selection) -> dict[str, float]:
-        rows, _, scanned = prefix_search(router, xq, depth, sel)
+    def measure(sel: Selection, probs: np.ndarray | None = None) -> dict[str, float]:
+        # Every router's hits are merged the same way: by score + router.prior_weight * log(its probability)
+        rows, _, scanned = prefix_search(router, xq, depth, sel, probs, router.prior_weight)
         return {**ir_metrics(lookup.run(qids, rows), qrels), "relevant_share": relevant_share(sel, qids, qrels, lookup),
                 "sources": sel.mean_experts, "scanned": float(scanned.mean() / router.ntotal)}
 
@@ -135,9 +136,6 @@ def evaluate_retrieval(
             facts["routing_scanned"] = b.scanned / router.ntotal
         scorers[b.name] = (b.scores, facts)
 
-    def quality(sel: Selection) -> tuple[float, float]:
-        m = measure(sel)
-        return m["ndcg@10"], m["scanned"]
 
     routers: dict[str, dict[str, Any]] = {}
     curves: dict[str, list[FrontierPoint]] = {}
@@ -156,8 +154,13 @@ def evaluate_retrieval(
         row: dict[str, Any] = {**facts, "temperature": temperature, "p@1.5_sources": p15,
                                "source_acc@1": accuracy_at_k(probs, gold, 1)}
         for setting, sel in settings.items():
-            row.update({f"{key}@{setting}": v for key, v in measure(sel).items()})
+            row.update({f"{key}@{setting}": v for key, v in measure(sel, probs).items()})
         routers[name] = row
+
+        def quality(sel: Selection, probs: np.ndarray = probs) -> tuple[float, float]:
+            m = measure(sel, probs)
+            return m["ndcg@10"], m["scanned"]
+
         curves[name] = frontier(probs, quality, max_experts, top_k, p_grid)
     routers[EXHAUSTIVE] = {"scans_everything": True, **{f"{key}@exhaustive": v for key, v in exhaustive.items()}}
     routers[ORACLE] = {"scans_everything": False, "source_acc@1": 1.0, **{f"{key}@oracle": v for key, v in oracle.items()}}
@@ -166,6 +169,7 @@ def evaluate_retrieval(
     report: dict[str, Any] = {
         "kind": "retrieval", "checkpoint": checkpoint, "dataset": dataset.name, "split": split, "queries": len(qids),
         "experts": E, "vectors": router.ntotal, "top_p": float(top_p), "max_experts": max_experts,
+        "prior_weight": router.prior_weight,
         **{key: v for key, v in gate.items() if key != "scans_everything"},
         **{f"{key}@exhaustive": v for key, v in exhaustive.items()},
         **{f"{key}@oracle": v for key, v in oracle.items()},

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 
 
@@ -43,6 +45,40 @@ def fit_temperature(logits: np.ndarray, gold: np.ndarray, low: float = 0.05, hig
             a, c = c, d
             d = a + ratio * (b - a)
     return float(np.exp((a + b) / 2))
+
+
+def fit_bias_temperature(logits: np.ndarray, gold: np.ndarray, l2: float = 1e-3,
+                         min_queries: int = 5) -> tuple[np.ndarray, float]:
+    """(bias (E,), T) minimising the NLL of the gold experts under softmax(logits / T + bias), + l2 * |bias|^2.
+
+    Temperature scaling with one offset per expert (a prior correction): when the queries that
+    reach each expert are not distributed like its stored vectors (classic: 82 documents but 20
+    dev queries in adi), the offsets move the decision boundaries, the temperature the confidence.
+    Experts with fewer than `min_queries` gold queries keep offset 0: a few queries say too little
+    about how often an expert is asked, and none would push it to -inf. The objective is convex
+    (in 1/T and bias); L-BFGS in float64.
+    """
+    keep = gold >= 0
+    logits, gold = logits[keep], gold[keep]
+    if len(gold) == 0:
+        raise ValueError("fit_bias_temperature needs at least one query with a known gold expert")
+    free = torch.from_numpy(np.bincount(gold, minlength=logits.shape[1])[: logits.shape[1]] >= min_queries)
+    z = torch.from_numpy(logits.astype(np.float64))
+    y = torch.from_numpy(gold.astype(np.int64))
+    scale = torch.tensor(np.log(1.0 / fit_temperature(logits, gold)), dtype=torch.float64, requires_grad=True)
+    raw = torch.zeros(logits.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([scale, raw], max_iter=500, tolerance_grad=1e-9, tolerance_change=1e-12,
+                            line_search_fn="strong_wolfe")
+
+    def objective() -> torch.Tensor:
+        opt.zero_grad()
+        bias = raw * free
+        loss = F.cross_entropy(z * scale.exp() + bias, y) + l2 * bias.square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(objective)
+    return (raw * free).detach().numpy(), float(np.exp(-scale.item()))
 
 
 def choose_threshold(in_scope: np.ndarray, out_of_scope: np.ndarray) -> float:

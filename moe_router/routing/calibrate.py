@@ -7,28 +7,35 @@ from typing import Any
 import numpy as np
 
 from moe_router.index.exact import exact_counts
-from moe_router.gate.calibrate import choose_threshold, fit_temperature, load_floor_bias
+from moe_router.gate.calibrate import choose_threshold, fit_bias_temperature, fit_temperature, load_floor_bias
 from moe_router.metrics import accuracy_at_k, recall_from_counts, top_experts
 from moe_router.routing.router import Router
 
 
 def calibrate(router: Router, queries: Any, experts: list[str], oos_texts: list[str],
-              load_floor: float | None = None) -> dict[str, float]:
+              load_floor: float | None = None, bias: bool = False) -> dict[str, float]:
     """Fit the gate to validation queries (texts or vectors) after training.
 
     With `load_floor`, experts whose top-1 share of the queries is below load_floor / E (and below
     their share of the gold experts) get their logit raised just enough to reach it (see
-    gate.calibrate.load_floor_bias); then the temperature
-    is fitted; with out-of-scope queries, the abstain threshold is set.
+    gate.calibrate.load_floor_bias); then the temperature is fitted, with `bias` together with one
+    logit offset per expert (gate.calibrate.fit_bias_temperature: a prior correction for queries
+    that do not reach the experts in proportion to their stored vectors); with out-of-scope
+    queries, the abstain threshold is set.
     """
     xv, _ = router.prepare_queries(queries)
     gold = np.array([router.expert_index(e) for e in experts])
     out: dict[str, float] = {}
     if load_floor:
-        bias = load_floor_bias(router.gate_logits(xv), float(load_floor), gold)
-        router.gate.shift_bias(bias)
-        out["load_floor_experts_raised"] = int((bias > 0).sum())
-    temperature = fit_temperature(router.gate_logits(xv), gold)
+        lift = load_floor_bias(router.gate_logits(xv), float(load_floor), gold)
+        router.gate.shift_bias(lift)
+        out["load_floor_experts_raised"] = int((lift > 0).sum())
+    if bias:
+        offsets, temperature = fit_bias_temperature(router.gate_logits(xv), gold)
+        router.gate.shift_bias(offsets * temperature)  # logits / T + b = (logits + b * T) / T
+        out["bias_max_abs"] = float(np.abs(offsets).max())
+    else:
+        temperature = fit_temperature(router.gate_logits(xv), gold)
     router.gate.set_temperature(temperature)
     out["temperature"] = temperature
     if oos_texts:

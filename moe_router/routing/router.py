@@ -37,6 +37,14 @@ def _check_top_p(top_p: Any) -> float:
     return float(top_p)
 
 
+def check_prior_weight(value: Any) -> float:
+    """A merge prior weight: a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
+            or not np.isfinite(value) or value < 0:
+        raise ValueError(f"prior_weight must be a finite number >= 0 (0 = merge by score alone), got {value!r}")
+    return float(value)
+
+
 class Router:
     """Experts (FAISS flat indexes) + a gate that picks which of them to search.
 
@@ -66,6 +74,9 @@ class Router:
         self.manifest: dict[str, Any] = {}  # set by Router.load
         # In-scope score (Gate.in_scope_score) under which route/search(abstain=True) answer "no expert is confident".
         self.abstain_threshold: float | None = None
+        # Merging hits from several experts: rank by score + prior_weight * log(gate probability of
+        # the hit's expert) (similarity scores; minus the distance for l2). 0 = by score alone.
+        self.prior_weight: float = 0.0
         self._next_id = self.store.max_id() + 1
         # Held for any change to the expert set or the gate (lifecycle operations hold it while they plan).
         self.lock = threading.RLock()
@@ -331,8 +342,13 @@ class Router:
 
     # ---------------------------------------------------------------- search
 
-    def search_experts(self, xq: np.ndarray, k: int, experts: np.ndarray, merge: bool = True) -> RoutedSearch:
+    def search_experts(self, xq: np.ndarray, k: int, experts: np.ndarray, merge: bool = True,
+                       probs: np.ndarray | None = None, prior_weight: float = 0.0) -> RoutedSearch:
         """Search, for each query, only the experts in its row of `experts` (nq, t; -1 = none); merge by score.
+
+        With `probs` (nq, E) and `prior_weight` w > 0 the merge ranks hits by score + w * log p(expert)
+        (the score negated for l2): a hit from an expert the gate is sure of outranks a slightly
+        closer one from an expert it doubts. Scores returned are still the raw scores.
 
         Queries are grouped by expert: one FAISS call per expert per batch, each expert sent only
         its own queries, all of them at once (the backend: side by side on the cores, or one call
@@ -363,7 +379,11 @@ class Router:
             scanned[rows] += self.experts[e].ntotal
         if not merge:
             return RoutedSearch(D, I, E, scanned, missing)
-        order = np.argsort(-D if self.metric == "ip" else D, axis=1, kind="stable")[:, :k]  # (nq, k)
+        key = D if self.metric == "ip" else -D  # higher is better
+        if prior_weight and probs is not None:
+            p = np.take_along_axis(np.asarray(probs, dtype=np.float64), np.maximum(E, 0), axis=1)  # (nq, t * k)
+            key = np.where(E >= 0, key + prior_weight * np.log(np.maximum(p, 1e-12)), -np.inf)
+        order = np.argsort(-key, axis=1, kind="stable")[:, :k]  # (nq, k)
         return RoutedSearch(
             np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1), np.take_along_axis(E, order, 1), scanned,
             missing,
@@ -381,6 +401,7 @@ class Router:
     def search(
         self, queries: Any, k: int = 10, top_experts: int = 2, with_text: bool = True, abstain: bool = False,
         per_expert: bool = False, top_p: float | None = None, max_experts: int = 4,
+        prior_weight: float | None = None,
     ) -> SearchHits | list[SearchHits]:
         """Route each query, search only its top_experts experts, return its k best hits merged by score.
 
@@ -393,14 +414,17 @@ class Router:
         routeQuery(query, kPerExpert, topExperts)). With `abstain=True`, queries the router is not
         confident about get no hits (see route). Each query's hits are a list (SearchHits) whose
         `missing_experts` names the chosen experts that did not answer (remote backends only).
+        `prior_weight` (default: the router's, which training sets on BEIR data) weighs the gate's
+        probability into the merge (see search_experts).
         """
         k = self.check_k(k)
+        w = self.prior_weight if prior_weight is None else check_prior_weight(prior_weight)
         if top_p is None:
             top_experts = self.check_top(top_experts, "top_experts")
         xq, single = self.prepare_queries(queries)
         probs, top = self.decide(xq, top_experts, top_p=top_p, max_experts=max_experts)
         refused = self._refused(xq, abstain)
-        res = self.search_experts(xq, k, top, merge=not per_expert)
+        res = self.search_experts(xq, k, top, merge=not per_expert, probs=probs, prior_weight=w)
         out = self.hits(res, probs, with_text, refused)
         return out[0] if single else out
 
@@ -448,6 +472,7 @@ class Router:
             out.gate = copy.deepcopy(self.gate)
             out.routing_stats = self.routing_stats.copy()
             out.abstain_threshold = self.abstain_threshold
+            out.prior_weight = self.prior_weight
             out.manifest = copy.deepcopy(self.manifest)
             out._next_id = max(out._next_id, self._next_id)
         return out
@@ -496,6 +521,7 @@ class Router:
                 dim=self.dim, metric=self.metric, embedder=self.embedder, gate=self.gate, experts=list(self.experts),
                 store=self.store, counts=self.routing_stats.counts.copy(),
                 confidence_sums=self.routing_stats.confidence_sums.copy(), abstain_threshold=self.abstain_threshold,
+                prior_weight=self.prior_weight,
                 config=config or {}, metrics=metrics or {},
             )
             self.manifest = write_checkpoint(path, parts, recheck=recheck)
@@ -534,6 +560,7 @@ class Router:
         router.routing_stats = RoutingStats(parts.counts, parts.confidence_sums)
         router._next_id = max([router._next_id, *(int(e.max_id) + 1 for e in router.experts if e.ntotal)])
         router.abstain_threshold = parts.abstain_threshold
+        router.prior_weight = parts.prior_weight
         router.manifest = parts.manifest
         return router
 

@@ -267,7 +267,8 @@ def create_app(
 
     def to_query(op: str, body: Any) -> Query:
         q = Query(op, k=getattr(body, "k", 1), top_experts=body.top_experts, with_text=getattr(body, "with_text", False),
-                  per_expert=getattr(body, "per_expert", False), top_p=body.top_p, max_experts=body.max_experts)
+                  per_expert=getattr(body, "per_expert", False), top_p=body.top_p, max_experts=body.max_experts,
+                  prior_weight=getattr(body, "prior_weight", None))
         if body.text is not None or body.texts is not None:
             q.texts = [body.text] if body.text is not None else list(body.texts)
         else:

@@ -40,6 +40,7 @@ class Query:
     max_experts: int = 4  # with top_p: the most experts per query (capped at the number of experts)
     with_text: bool = True  # search only: fetch each hit's text and metadata from the store
     per_expert: bool = False  # search only: k hits from each searched expert instead of k in all
+    prior_weight: float | None = None  # search only: weight of log p(expert) in the merge; None = the router's
     submitted: float = field(default_factory=time.monotonic)
 
     @property
@@ -65,7 +66,7 @@ def run_queries(router: Router, queries: list[Query]) -> list[list[Any] | Except
     """Answer every query against one router: per request, a list (one entry per query) or its error.
 
     A bad request fails alone; the rest of the pass goes on. Requests are grouped by
-    (op, top_experts, top_p, max_experts, with_text, per_expert) - one group in the common case - and each group is
+    (op, top_experts, top_p, max_experts, with_text, per_expert, prior_weight) - one group in the common case - and each group is
     one Router.route or Router.search call over the stacked queries, searched with the group's
     largest k and cut back to each request's k (exact search: the top k of the top K). Per-expert
     searches are grouped by their k too, so nothing needs cutting.
@@ -94,8 +95,9 @@ def run_queries(router: Router, queries: list[Query]) -> list[list[Any] | Except
         if out[i] is None:
             q = queries[i]
             adaptive = (q.top_p, q.max_experts) if q.top_p is not None else (None, None)
-            groups[(q.op, q.top_experts, *adaptive, q.with_text, q.per_expert, q.k if q.per_expert else None)].append(i)
-    for (op, top_experts, top_p, max_experts, with_text, per_expert, _), idx in groups.items():
+            groups[(q.op, q.top_experts, *adaptive, q.with_text, q.per_expert, q.prior_weight,
+                    q.k if q.per_expert else None)].append(i)
+    for (op, top_experts, top_p, max_experts, with_text, per_expert, prior_weight, _), idx in groups.items():
         adaptive = {"top_p": top_p, "max_experts": max_experts} if top_p is not None else {}
         xq = np.concatenate([xqs[i] for i in idx])  # (N, d)
         try:
@@ -104,7 +106,7 @@ def run_queries(router: Router, queries: list[Query]) -> list[list[Any] | Except
             else:
                 k = max(queries[i].k for i in idx)
                 rows = router.search(xq, k=k, top_experts=top_experts, with_text=with_text, per_expert=per_expert,
-                                     **adaptive)
+                                     prior_weight=prior_weight, **adaptive)
         except ValueError as exc:
             for i in idx:
                 out[i] = exc

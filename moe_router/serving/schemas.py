@@ -146,6 +146,8 @@ def build_models(dim: int, limits: Limits, nonzero: bool = True) -> SimpleNamesp
     TopExperts = Annotated[Int, Field(ge=1, le=1024, description="experts per query; at most the number of experts")]
     TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False,
                                   description="adaptive expert count: the smallest set of experts whose probability reaches top_p")]
+    PriorWeight = Annotated[float, Field(ge=0.0, le=100.0, allow_inf_nan=False,
+                                         description="weight of the log gate probability when merging hits")]
     MaxExperts = Annotated[Int, Field(ge=1, le=1024, description="with top_p: the most experts per query (capped at the number of experts)")]
 
     class Queries(BaseModel):
@@ -173,6 +175,7 @@ def build_models(dim: int, limits: Limits, nonzero: bool = True) -> SimpleNamesp
         max_experts: MaxExperts = 4  # with top_p only
         with_text: bool = True  # fetch each hit's text and metadata
         per_expert: bool = False  # k hits from each searched expert (grouped, most probable first), not k in all
+        prior_weight: PriorWeight = None  # merge by score + w * log p(expert); None = the checkpoint's (0 = by score)
 
     class FeedbackRequest(BaseModel):
         model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra=_schema("oneOf", ("text", "vector")))

@@ -95,10 +95,31 @@ def fit_router(
         trainer = L.Trainer(max_epochs=max(20, min(200, 20_000 // max(len(train_x), 1))), accelerator="auto",
                             devices=1, deterministic=True, logger=False, enable_checkpointing=bool(best),
                             callbacks=best, enable_model_summary=False, default_root_dir=root)
+    before = _untrained(module, data) if val_queries is not None else None
     seconds = fit_quietly(trainer, module, data)
     best = _restore_best(trainer, module, monitor)
+    if before is not None and before[0].get(monitor, -np.inf) > best.get(monitor, -np.inf):
+        # Training made the gate worse on the validation queries than it started (a prototype gate
+        # is a working router before any step: on classic, documents as pseudo-queries teach it the
+        # documents, not the questions). The starting point is a candidate like any epoch.
+        module.gate.load_state_dict(before[1])
+        best = {**before[0], "untrained_kept": 1.0}
+        log.info("kept the untrained gate: its %s %.4f beats every epoch's", monitor, before[0][monitor])
     router.gate = module.gate.cpu().eval()
     return FitResult(best, seconds, trainer.current_epoch)
+
+
+@torch.no_grad()
+def _untrained(module: GateModule, data: RoutingDataModule) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """The gate's validation metrics before training and a copy of its weights (epoch 0 as a candidate)."""
+    state = {k: v.detach().clone() for k, v in module.gate.state_dict().items()}
+    was_training = module.gate.training
+    module.gate.eval()
+    x, gold, counts = data.val_set.tensors
+    device = module.gate.head.weight.device
+    metrics = {k: float(v) for k, v in module.val_metrics(x.to(device), gold.to(device), counts.to(device)).items()}
+    module.gate.train(was_training)
+    return metrics, state
 
 
 def _restore_best(trainer: L.Trainer, module: GateModule, monitor: str) -> dict[str, float]:

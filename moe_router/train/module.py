@@ -50,15 +50,16 @@ class GateModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
-        x, gold, counts = batch  # (b, d), (b,), (b, E) neighbour counts in each expert
+        self.log_dict(self.val_metrics(*batch), prog_bar=True, on_epoch=True, batch_size=batch[0].shape[0],
+                      sync_dist=True)
+
+    def val_metrics(self, x: torch.Tensor, gold: torch.Tensor, counts: torch.Tensor) -> dict[str, torch.Tensor]:
+        """val/acc@1 and val/recall@10 (at top_k experts) of queries x (b, d), gold (b,), neighbour counts (b, E)."""
         probs = self.gate(x, top_k=1).probs
         top = probs.topk(self.top_k, dim=-1).indices  # (b, t)
         acc1 = (top[:, 0] == gold).float().mean()
         recall = (counts.gather(1, top).sum(dim=1) / self.recall_k).mean()
-        self.log_dict(
-            {"val/acc@1": acc1, "val/recall@10": recall},
-            prog_bar=True, on_epoch=True, batch_size=x.shape[0], sync_dist=True,
-        )
+        return {"val/acc@1": acc1, "val/recall@10": recall}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory(self.gate.parameters())
