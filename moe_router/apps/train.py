@@ -26,11 +26,11 @@ from moe_router.index.clustering import nearest_centroid
 from moe_router.index.expert import centroids
 from moe_router.routing.calibrate import calibrate, validation_metrics
 from moe_router.routing.router import Router, check_prior_weight
+from moe_router.train.fit import fit_router
 
 # prior_weight=auto on BEIR data: merged hits ranked by similarity + 0.1 * log p(source). Measured on dev
 # (docs/retrieval.md): 0.05 to 0.2 all beat 0 when 2+ sources are searched, on both benchmarks.
 PRIOR_WEIGHT = 0.1
-from moe_router.train.fit import fit_router
 
 
 @dataclass
@@ -42,6 +42,7 @@ class TrainSummary:
     fit_seconds: float
     total_seconds: float
     epochs: int
+    untrained_kept: bool = False  # no epoch beat the gate as it started (a prototype gate) on validation
 
 
 def train(cfg: DictConfig) -> TrainSummary:
@@ -115,7 +116,7 @@ def train(cfg: DictConfig) -> TrainSummary:
         router.save(cfg.out, config=OmegaConf.to_container(cfg, resolve=True), metrics=metrics)
     return TrainSummary(Path(cfg.out), router.num_experts, router.ntotal,
                         {k: v for k, v in metrics.items() if k.startswith("val/")}, metrics["fit_seconds"],
-                        time.perf_counter() - start, fit.epochs)
+                        time.perf_counter() - start, fit.epochs, bool(fit.metrics.get("untrained_kept")))
 
 
 def resolve_monitor(monitor: str, retrieval: bool) -> str:
