@@ -103,6 +103,15 @@ def test_fit_router__never_installs_a_gate_worse_on_validation_than_the_untraine
     after = accuracy_at_k(router.gate_probs(router.prepare_queries(xq)[0]), gold, 1)
     assert after >= before > 0.5
     assert result.metrics.get("untrained_kept") == 1.0 and result.metrics["val/acc@1"] == pytest.approx(before)
+    # Without the candidate (validation rows that are stored vectors), the wrecked gate stays.
+    gate = router.install_gate(Gate(router.dim, router.num_experts, hidden_dims=[16], prototypes_per_expert=8), seed=0)
+    result = fit_router(router, xq, [router.expert_names[g] for g in gold], monitor="val/acc@1",
+                        module=GateModule(gate, optimizer=lambda p: torch.optim.SGD(p, lr=1e4)),
+                        untrained_candidate=False,
+                        trainer=L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                                          enable_model_summary=False, enable_checkpointing=False))
+    assert "untrained_kept" not in result.metrics
+    assert accuracy_at_k(router.gate_probs(router.prepare_queries(xq)[0]), gold, 1) < before
 
 
 # ---------------------------------------------------------------- prior-weighted merging

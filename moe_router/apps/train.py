@@ -54,6 +54,7 @@ def train(cfg: DictConfig) -> TrainSummary:
     embedder = None if isinstance(dataset, VectorDataset) else CachedEmbedder(
         instantiate(cfg.embedder), cfg.cache_dir or default_cache_dir())
     router = router_from_dataset(dataset, embedder, cfg.metric, cfg.partition, cfg.seed, cfg.partition_max_imbalance)
+    stored_val = False  # whether the validation queries are stored vectors (no untrained candidate then)
     if cfg.partition:  # learned sharding: a query's gold expert is the shard of its nearest centroid
         val_queries = dataset.queries("val")
         gold = nearest_centroid(router.prepare_queries(val_queries)[0], centroids(router.experts), router.metric) if len(val_queries) else []
@@ -63,6 +64,7 @@ def train(cfg: DictConfig) -> TrainSummary:
         rows = dataset.split("train")
         pick = np.sort(np.random.default_rng(cfg.seed).choice(len(rows), size=max(1, len(rows) // 10), replace=False))
         val_queries, val_experts = [rows[i].text for i in pick], [rows[i].domain for i in pick]
+        stored_val = True
     else:
         rows = [r for r in dataset.split("val") if getattr(r, dataset.expert_key) in set(dataset.experts)]
         val_queries, val_experts = [r.text for r in rows], [getattr(r, dataset.expert_key) for r in rows]
@@ -98,7 +100,7 @@ def train(cfg: DictConfig) -> TrainSummary:
             targets=cfg.targets.kind, label_weight=cfg.targets.label_weight, neighbours=cfg.targets.neighbours,
             max_queries=cfg.targets.max_queries, module=instantiate(cfg.module)(gate=gate), trainer=trainer,
             batch_size=cfg.batch_size, monitor=monitor, seed=cfg.seed + i, extra=[*extra, *views],
-            stored_weight=stored_weight,
+            stored_weight=stored_weight, untrained_candidate=not stored_val,
         ))
         gates.append(router.gate)
     fit = fits[0]
@@ -110,7 +112,7 @@ def train(cfg: DictConfig) -> TrainSummary:
     if cfg.calibrate:
         bias = retrieval if cfg.calibrate_bias == "auto" else bool(cfg.calibrate_bias)
         metrics.update(calibrate(router, val_queries, val_experts, dataset.oos_texts("val"), cfg.load_floor, bias))
-    router.prior_weight = (PRIOR_WEIGHT if retrieval else 0.0) if cfg.prior_weight == "auto" \
+    router.prior_weight = (PRIOR_WEIGHT if isinstance(dataset, BeirDataset) else 0.0) if cfg.prior_weight == "auto" \
         else check_prior_weight(cfg.prior_weight)
     if trainer.is_global_zero:
         router.save(cfg.out, config=OmegaConf.to_container(cfg, resolve=True), metrics=metrics)

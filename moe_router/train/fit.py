@@ -45,6 +45,7 @@ def fit_router(
     seed: int = 0,
     extra: Sequence[Pairs] = (),
     stored_weight: float = 1.0,
+    untrained_candidate: bool = True,
 ) -> FitResult:
     """Train the router's gate on its own stored vectors (and `extra` pairs) and install the best one (by `monitor`).
 
@@ -54,6 +55,9 @@ def fit_router(
     (query, target) pairs, e.g. real queries with their judged sources (data.targets.query_targets);
     each group carries its weight, the stored vectors `stored_weight` (0 = train on `extra` only).
     Validation uses `val_queries` with their gold `val_experts`, or else a seeded 10% of the stored vectors.
+    With `untrained_candidate` and `val_queries`, the gate as it starts is one more candidate: kept
+    when no epoch beats it on `monitor` (pass False when the validation queries are stored vectors,
+    which a prototype gate holds as prototypes and so routes perfectly before any training).
     """
     L.seed_everything(seed, workers=True, verbose=False)
     if router.num_experts < 2:
@@ -95,7 +99,7 @@ def fit_router(
         trainer = L.Trainer(max_epochs=max(20, min(200, 20_000 // max(len(train_x), 1))), accelerator="auto",
                             devices=1, deterministic=True, logger=False, enable_checkpointing=bool(best),
                             callbacks=best, enable_model_summary=False, default_root_dir=root)
-    before = _untrained(module, data) if val_queries is not None else None
+    before = _untrained(module, data) if val_queries is not None and untrained_candidate else None
     seconds = fit_quietly(trainer, module, data)
     best = _restore_best(trainer, module, monitor)
     if before is not None and before[0].get(monitor, -np.inf) > best.get(monitor, -np.inf):
