@@ -5,6 +5,8 @@
 For each dataset: the gate's row on all of dev (in-sample: training validated and calibrated on
 those queries), its 2-fold cross-validated row (query-weighted mean over the held-out halves), the
 best baseline by source acc@1 (from the all-of-dev report), exhaustive search and the oracle source.
+"ECE floor" is the mean ECE a perfectly calibrated gate with the same confidences would show on this
+many queries (metrics.ece_noise_floor): an ECE near it cannot be told from perfect calibration.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import json
 from pathlib import Path
 
 KEYS = ("source_acc@1", "ndcg@10@1", "ndcg@10@2", "ndcg@10@adaptive", "sources@adaptive", "ndcg@10@1.5_sources",
-        "ndcg@10@exhaustive", "ndcg@10@oracle", "ece")
+        "ndcg@10@exhaustive", "ndcg@10@oracle", "ece", "ece_noise_floor")
 GATE = "gate (ours)"
 
 
@@ -37,7 +39,7 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(args.root)
     print("| data | rows | source acc@1 | nDCG@10 1 source | 2 sources | top-p (mean sources) | at 1.5 sources "
-          "| exhaustive | oracle source | ECE |")
+          "| exhaustive | oracle source | ECE (floor) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for path in sorted(root.glob("*/report.json")):
         if "_fold" in path.parent.name:
@@ -51,7 +53,7 @@ def main() -> None:
         for label, r in rows:
             print(f"| {name} | {label} | {r['source_acc@1']:.3f} | {r['ndcg@10@1']:.4f} | {r['ndcg@10@2']:.4f} | "
                   f"{r['ndcg@10@adaptive']:.4f} ({r['sources@adaptive']:.2f}) | {r['ndcg@10@1.5_sources']:.4f} | "
-                  f"{r['ndcg@10@exhaustive']:.4f} | {r['ndcg@10@oracle']:.4f} | {r['ece']:.3f} |")
+                  f"{r['ndcg@10@exhaustive']:.4f} | {r['ndcg@10@oracle']:.4f} | {r['ece']:.3f} ({r['ece_noise_floor']:.3f}) |")
         b, row = best_baseline(full)
         print(f"| {name} | best baseline: {b} | {row['source_acc@1']:.3f} | {row['ndcg@10@1']:.4f} | {row['ndcg@10@2']:.4f} | "
               f"{row['ndcg@10@adaptive']:.4f} ({row['sources@adaptive']:.2f}) | {row['ndcg@10@1.5_sources']:.4f} | | | |")

@@ -83,6 +83,21 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
     return float(ece)
 
 
+def ece_noise_floor(confidence: np.ndarray, bins: int = 15, draws: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """(mean, 90th percentile) ECE of a perfectly calibrated predictor with these confidences.
+
+    Each draw makes query i correct with probability confidence[i] and measures the ECE: what
+    sampling noise alone gives at this number of queries. A measured ECE inside this range cannot
+    be told from perfect calibration; a goal below the mean cannot be checked on so few queries.
+    """
+    confidence = np.asarray(confidence, dtype=np.float64)
+    if confidence.ndim != 1 or not len(confidence):
+        raise ValueError(f"ece_noise_floor needs a non-empty 1-d array of confidences, got shape {confidence.shape}")
+    rng = np.random.default_rng(seed)
+    values = [expected_calibration_error(confidence, rng.random(len(confidence)) < confidence, bins) for _ in range(draws)]
+    return float(np.mean(values)), float(np.quantile(values, 0.9))
+
+
 def assign_with_capacity(probs: np.ndarray, t: int, capacity_factor: float) -> np.ndarray:
     """(n, t) experts per query such that no expert takes more than capacity_factor x the mean load.
 

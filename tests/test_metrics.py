@@ -9,7 +9,8 @@ import pytest
 
 from moe_router import Router
 from moe_router.index.exact import exact_neighbours, neighbour_counts
-from moe_router.metrics import accuracy_at_k, auroc, expected_calibration_error, load_stats, recall_at_k, recall_from_counts, top_experts
+from moe_router.metrics import (accuracy_at_k, auroc, ece_noise_floor, expected_calibration_error, load_stats, recall_at_k,
+                                recall_from_counts, top_experts)
 
 PROBS = np.array([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2], [0.2, 0.3, 0.5], [0.4, 0.4, 0.2]])
 
@@ -111,3 +112,18 @@ def test_expected_calibration_error__zero_when_calibrated_and_includes_edges() -
     assert expected_calibration_error(np.array([1.0, 1.0, 0.0]), np.array([1, 1, 0])) == 0.0
     assert expected_calibration_error(np.array([0.75] * 4), np.array([1, 1, 1, 0]), bins=4) == pytest.approx(0.0)
     assert expected_calibration_error(np.array([1.0, 0.0]), np.array([0, 1])) == pytest.approx(1.0)
+
+
+def test_ece_noise_floor__shrinks_with_queries_and_holds_a_calibrated_predictor() -> None:
+    rng = np.random.default_rng(5)
+    small, large = rng.uniform(0.4, 1.0, 300), rng.uniform(0.4, 1.0, 30_000)
+    mean_small, q90_small = ece_noise_floor(small, draws=300)
+    mean_large, _ = ece_noise_floor(large, draws=30)
+    assert mean_large < mean_small / 5 and mean_small < q90_small  # noise ~ 1 / sqrt(n)
+    # A calibrated predictor's measured ECE lands inside the floor's range about 90% of the time.
+    inside = [expected_calibration_error(small, rng.random(300) < small) <= q90_small for _ in range(400)]
+    assert 0.82 < np.mean(inside) < 0.97
+    assert ece_noise_floor(np.ones(50), draws=20) == (0.0, 0.0)  # always sure and always right: no noise
+    assert ece_noise_floor(small, draws=50, seed=1) == ece_noise_floor(small, draws=50, seed=1)
+    with pytest.raises(ValueError, match="non-empty 1-d array"):
+        ece_noise_floor(np.array([]))

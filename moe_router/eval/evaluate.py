@@ -21,7 +21,8 @@ from moe_router.index.clustering import nearest_centroid
 from moe_router.index.expert import centroids
 from moe_router.index.exact import exhaustive_index
 from moe_router.index.parallel import lower_blas_threshold
-from moe_router.metrics import accuracy_at_k, assign_with_capacity, auroc, expected_calibration_error, load_stats, recall_at_k, top_experts
+from moe_router.metrics import (accuracy_at_k, assign_with_capacity, auroc, ece_noise_floor, expected_calibration_error,
+                                load_stats, recall_at_k, top_experts)
 from moe_router.routing.router import Router
 
 
@@ -272,6 +273,8 @@ def calibration_report(router: Router, xq: np.ndarray, probs: np.ndarray, gold: 
     for name, p in (("calibrated", probs), ("uncalibrated (T=1)", raw)):
         conf, correct = p.max(axis=1)[known], (p.argmax(axis=1) == gold)[known]
         out[name] = {"ece": expected_calibration_error(conf, correct), "bins": reliability_bins(conf, correct)}
+    floor, floor90 = ece_noise_floor(probs.max(axis=1)[known])
+    out["calibrated"].update({"ece_noise_floor": floor, "ece_noise_floor_q90": floor90})
     return out
 
 

@@ -77,8 +77,10 @@ def write_retrieval_outputs(report: dict[str, Any], out_dir: Path) -> None:
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     title = f"{report['dataset']} ({report['experts']} sources, {report['queries']} {report['split']} queries)"
     (out_dir / "table.md").write_text(
-        f"### {title}\n\n{retrieval_table(report)}\n\nGate ECE of the top-1 probability: {report['ece']:.4f}. "
-        f"Baselines' probabilities for top-p: {report['baseline_temperature_fit']}.\n\n"
+        f"### {title}\n\n{retrieval_table(report)}\n\nGate ECE of the top-1 probability: {report['ece']:.4f} "
+        f"(a perfectly calibrated gate with these confidences: {report['ece_noise_floor']:.4f} on average, sampling "
+        f"noise alone). Baselines' probabilities for top-p: {report['baseline_temperature_fit']}. The gate's hits of "
+        f"several sources are merged by score + {report['prior_weight']:g} * log p(source), the baselines' by score.\n\n"
         f"#### Frontier: nDCG@10 against mean sources searched\n\n{frontier_table(report['frontier'], 'nDCG@10')}\n"
     )
     curves = {n: c for n, c in report["frontier"].items() if not n.startswith("random")}

@@ -113,9 +113,10 @@ def evaluate_retrieval(
     lookup = DocLookup(router)
     E, depth = router.num_experts, min(DEPTH, router.ntotal)
 
-    def measure(sel: Selection, probs: np.ndarray | None = None) -> dict[str, float]:
-        # Every router's hits are merged the same way: by score + router.prior_weight * log(its probability)
-        rows, _, scanned = prefix_search(router, xq, depth, sel, probs, router.prior_weight)
+    def measure(sel: Selection, probs: np.ndarray | None = None, prior_weight: float = 0.0) -> dict[str, float]:
+        # The gate's hits are merged as its checkpoint says (score + prior_weight * log p); the baselines'
+        # by score, as they were designed (their probabilities are a softmax fitted afterwards)
+        rows, _, scanned = prefix_search(router, xq, depth, sel, probs, prior_weight)
         return {**ir_metrics(lookup.run(qids, rows), qrels), "relevant_share": relevant_share(sel, qids, qrels, lookup),
                 "sources": sel.mean_experts, "scanned": float(scanned.mean() / router.ntotal)}
 
@@ -146,19 +147,20 @@ def evaluate_retrieval(
             probs, temperature = scores[name], float(router.gate.temperature)
         else:
             probs, temperature = baseline_probs(scores[name], fn(calib[0]) if calib else None, calib[1] if calib else None)
+        weight = router.prior_weight if name == GATE else 0.0
         p15 = p_at_cost(probs, 1.5, max_experts)  # top-p at a matched cost: 1.5 sources on average
         settings = {"1": top_k_selection(probs, 1), "adaptive": top_p_selection(probs, top_p, max_experts),
                     "1.5_sources": top_p_selection(probs, p15, max_experts)}
         if E >= 2:
             settings["2"] = top_k_selection(probs, 2)
-        row: dict[str, Any] = {**facts, "temperature": temperature, "p@1.5_sources": p15,
+        row: dict[str, Any] = {**facts, "temperature": temperature, "prior_weight": weight, "p@1.5_sources": p15,
                                "source_acc@1": accuracy_at_k(probs, gold, 1)}
         for setting, sel in settings.items():
-            row.update({f"{key}@{setting}": v for key, v in measure(sel, probs).items()})
+            row.update({f"{key}@{setting}": v for key, v in measure(sel, probs, weight).items()})
         routers[name] = row
 
-        def quality(sel: Selection, probs: np.ndarray = probs) -> tuple[float, float]:
-            m = measure(sel, probs)
+        def quality(sel: Selection, probs: np.ndarray = probs, weight: float = weight) -> tuple[float, float]:
+            m = measure(sel, probs, weight)
             return m["ndcg@10"], m["scanned"]
 
         curves[name] = frontier(probs, quality, max_experts, top_k, p_grid)
@@ -180,4 +182,5 @@ def evaluate_retrieval(
                                      if calib else "softmax(score), T = 1 (no validation judgments)"),
     }
     report["ece"] = report["calibration"]["calibrated"]["ece"]
+    report["ece_noise_floor"] = report["calibration"]["calibrated"]["ece_noise_floor"]
     return report, scores
