@@ -5,6 +5,8 @@ Dimension legend: n queries, E experts, t experts searched, k hits.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 
@@ -83,7 +85,12 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
     return float(ece)
 
 
-def ece_noise_floor(confidence: np.ndarray, bins: int = 15, draws: int = 1000, seed: int = 0) -> tuple[float, float]:
+class NoiseFloor(NamedTuple):
+    mean: float  # mean ECE over the draws
+    q90: float  # its 90th percentile
+
+
+def ece_noise_floor(confidence: np.ndarray, bins: int = 15, draws: int = 1000, seed: int = 0) -> NoiseFloor:
     """(mean, 90th percentile) ECE of a perfectly calibrated predictor with these confidences.
 
     Each draw makes query i correct with probability confidence[i] and measures the ECE: what
@@ -95,7 +102,7 @@ def ece_noise_floor(confidence: np.ndarray, bins: int = 15, draws: int = 1000, s
         raise ValueError(f"ece_noise_floor needs a non-empty 1-d array of confidences, got shape {confidence.shape}")
     rng = np.random.default_rng(seed)
     values = [expected_calibration_error(confidence, rng.random(len(confidence)) < confidence, bins) for _ in range(draws)]
-    return float(np.mean(values)), float(np.quantile(values, 0.9))
+    return NoiseFloor(float(np.mean(values)), float(np.quantile(values, 0.9)))
 
 
 def assign_with_capacity(probs: np.ndarray, t: int, capacity_factor: float) -> np.ndarray:

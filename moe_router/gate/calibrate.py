@@ -1,10 +1,12 @@
-"""Confidence calibration: temperature scaling, abstention threshold, load floor, reliability bins.
+"""Confidence calibration: temperature (with per-expert offsets), abstention threshold, load floor, reliability bins.
 
 Dimension legend: n queries, E experts.
 """
 
 from __future__ import annotations
 
+
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -47,8 +49,13 @@ def fit_temperature(logits: np.ndarray, gold: np.ndarray, low: float = 0.05, hig
     return float(np.exp((a + b) / 2))
 
 
+class BiasTemperature(NamedTuple):
+    bias: np.ndarray  # (E,) logit offset per expert, added after dividing by the temperature
+    temperature: float
+
+
 def fit_bias_temperature(logits: np.ndarray, gold: np.ndarray, l2: float = 1e-3,
-                         min_queries: int = 5) -> tuple[np.ndarray, float]:
+                         min_queries: int = 5) -> BiasTemperature:
     """(bias (E,), T) minimising the NLL of the gold experts under softmax(logits / T + bias), + l2 * |bias|^2.
 
     Temperature scaling with one offset per expert (a prior correction): when the queries that
@@ -78,7 +85,7 @@ def fit_bias_temperature(logits: np.ndarray, gold: np.ndarray, l2: float = 1e-3,
         return loss
 
     opt.step(objective)
-    return (raw * free).detach().numpy(), float(np.exp(-scale.item()))
+    return BiasTemperature((raw * free).detach().numpy(), float(np.exp(-scale.item())))
 
 
 def choose_threshold(in_scope: np.ndarray, out_of_scope: np.ndarray) -> float:
