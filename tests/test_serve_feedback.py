@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,9 @@ def test_feedback_whose_save_fails__is_refused_and_kept_nowhere(ckpt: Path, monk
         calls.append(1)
         if len(calls) % 3 == 0:  # every third save hits a full disk
             raise OSError(28, "No space left on device")
+        # A slow disk: rows that arrive while a save runs must not reach the disk in it (they would be
+        # written, then refused with the next, failing save: kept but never acknowledged).
+        time.sleep(0.01)
         return real_save(self, *args, **kwargs)
 
     monkeypatch.setattr(Router, "save", flaky)

@@ -122,11 +122,15 @@ class RouterState:
         """Record one feedback row and save the checkpoint with it; returns its id. KeyError: unknown expert.
 
         The row is acknowledged only once a save holding it has switched CURRENT (PersistError
-        otherwise, with the row taken out again). Rows recorded while a save runs share the next
-        save, so concurrent feedback costs one save per batch, not per row.
+        otherwise, with the row taken out again). Rows that arrive while a save runs are recorded
+        when it ends and share the next save, so concurrent feedback costs one save per batch, not
+        per row, and a save never holds a row it was not asked to keep.
         """
         with self._saved:
             self._check_writable()
+            while self._in_flight:  # a save is reading the store: a row recorded now could reach the disk in it
+                self._saved.wait()  # and then be refused with the next batch (acknowledged never, kept anyway)
+                self._check_writable()
             with self.lease() as snap:
                 seq = snap.router.record_feedback(query, expert, positive)
             self._pending.add(seq)
