@@ -137,7 +137,6 @@ def evaluate_retrieval(
             facts["routing_scanned"] = b.scanned / router.ntotal
         scorers[b.name] = (b.scores, facts)
 
-
     routers: dict[str, dict[str, Any]] = {}
     curves: dict[str, list[FrontierPoint]] = {}
     scores: dict[str, np.ndarray] = {}
