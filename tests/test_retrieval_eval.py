@@ -40,19 +40,27 @@ def beir(tmp_path: Path) -> tuple[Router, BeirDataset]:
     return router, data
 
 
-def brute_force_metrics(router: Router, data: BeirDataset, split: str, allowed: np.ndarray) -> dict[str, float]:
-    """IR metrics of an exact numpy search per query over only the sources allowed[q] (n, E) True."""
+def brute_force_run(router: Router, data: BeirDataset, split: str, allowed: np.ndarray,
+                    bonus: np.ndarray | None = None) -> dict[str, list[str]]:
+    """Top-100 doc ids per query of an exact numpy search over only the sources allowed[q] (n, E) True,
+    each document's similarity plus bonus[q, its source] when given."""
     names = router.expert_names
     doc_ids = [i for s in names for i in data.docs[s].ids]
     owner = np.array([names.index(s) for s in names for _ in data.docs[s].ids])
     xb = prepare(router.embedder.encode([t for s in names for t in data.documents(s)]), router.dim, "ip")
     xq = prepare(router.embedder.encode(data.queries(split)), router.dim, "ip")
-    scores = np.where(allowed[:, owner], xq.astype(np.float64) @ xb.T.astype(np.float64), -np.inf)  # (n, docs)
+    sims = xq.astype(np.float64) @ xb.T.astype(np.float64) + (0.0 if bonus is None else bonus[:, owner])  # (n, docs)
+    scores = np.where(allowed[:, owner], sims, -np.inf)
     run = {}
     for qid, row, ok in zip(data.query_ids(split), scores, allowed[:, owner]):
         order = np.argsort(-row, kind="stable")[:100]
         run[qid] = [doc_ids[j] for j in order if ok[j]]
-    return ir_metrics(run, data.qrels(split))
+    return run
+
+
+def brute_force_metrics(router: Router, data: BeirDataset, split: str, allowed: np.ndarray) -> dict[str, float]:
+    """IR metrics of an exact numpy search per query over only the sources allowed[q] (n, E) True."""
+    return ir_metrics(brute_force_run(router, data, split, allowed), data.qrels(split))
 
 
 def test_exhaustive_row__equals_a_brute_force_numpy_search(beir: tuple[Router, BeirDataset]) -> None:

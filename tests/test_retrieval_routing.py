@@ -20,11 +20,11 @@ from moe_router.eval.ir import ir_metrics
 from moe_router.eval.retrieval import DocLookup, evaluate_retrieval
 from moe_router.gate.calibrate import fit_bias_temperature, fit_temperature, softmax
 from moe_router.metrics import accuracy_at_k
-from moe_router.vectors import prepare
 from moe_router.index.exact import stacked
 from moe_router.train.fit import fit_router
 from moe_router.train.module import GateModule
 from tests.helpers import brute_force, make_router, write_beir
+from tests.test_retrieval_eval import brute_force_run
 from tests.test_training import _train_overrides, compose_config
 
 
@@ -184,21 +184,10 @@ def test_gate_rows_with_prior_weight__equal_a_brute_force_fused_ranking(tmp_path
     router.prior_weight = 5.0  # large: the top source's hits first (the ranking must differ from by-score)
     report, scores = evaluate_retrieval(router, data, "test", baselines=[])
     probs = scores[GATE]
-    names = router.expert_names
-    doc_ids = [i for s in names for i in data.docs[s].ids]
-    owner = np.array([names.index(s) for s in names for _ in data.docs[s].ids])
-    xb = prepare(router.embedder.encode([t for s in names for t in data.documents(s)]), router.dim, "ip")
-    xq = prepare(router.embedder.encode(data.queries("test")), router.dim, "ip")
-    sims = xq.astype(np.float64) @ xb.T.astype(np.float64)  # (n, docs)
     assert report["prior_weight"] == 5.0
-
-    def run(score: np.ndarray, allowed: np.ndarray) -> dict[str, list[str]]:
-        return {q: [doc_ids[j] for j in np.argsort(-np.where(ok, row, -np.inf), kind="stable")[:100] if ok[j]]
-                for q, row, ok in zip(data.query_ids("test"), score, allowed)}
-
-    allowed = top_k_selection(probs, 2).mask(3)[:, owner]
-    fused = run(sims + 5.0 * np.log(probs[:, owner]), allowed)
-    assert fused != run(sims, allowed)  # the weight changes the merged ranking here
+    allowed = top_k_selection(probs, 2).mask(3)
+    fused = brute_force_run(router, data, "test", allowed, bonus=5.0 * np.log(probs))
+    assert fused != brute_force_run(router, data, "test", allowed)  # the weight changes the merged ranking here
     assert report["ndcg@10@2"] == pytest.approx(ir_metrics(fused, data.qrels("test"))["ndcg@10"])
     rows, _, _ = prefix_search(router, router.prepare_queries(data.queries("test"))[0], 10, top_k_selection(probs, 2),
                                probs, router.prior_weight)  # what the report's rows were built from
