@@ -12,7 +12,6 @@ and recall/load under a serving-time capacity factor) and writes it to --out.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -30,8 +29,12 @@ SETTINGS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.001, 0.01, 0.1])
-    parser.add_argument("--floors", nargs="+", default=["0.4", "null"],
-                        help="load_floor values (null = off); each alpha runs with the first, the default alpha with the rest")
+    parser.add_argument(
+        "--floors",
+        nargs="+",
+        default=["0.4", "null"],
+        help="load_floor values (null = off); each alpha runs with the first, the default alpha with the rest",
+    )
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--model", default="hybrid", help="model config group (hybrid | mlp)")
     parser.add_argument("--work", default="checkpoints/balance", help="where checkpoints go")
@@ -44,25 +47,38 @@ def main() -> None:
         for alpha, floor in runs:
             ckpt = f"{args.work}/{setting}_a{alpha}_f{floor}"
             with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-                cfg = compose("train", overrides=[*SETTINGS[setting], f"model={args.model}",
-                                                  f"model.balance_coef={alpha}", f"load_floor={floor}", f"out={ckpt}",
-                                                  "trainer.enable_progress_bar=false"])
+                cfg = compose(
+                    "train",
+                    overrides=[
+                        *SETTINGS[setting],
+                        f"model={args.model}",
+                        f"model.balance_coef={alpha}",
+                        f"load_floor={floor}",
+                        f"out={ckpt}",
+                        "trainer.enable_progress_bar=false",
+                    ],
+                )
                 train(cfg)
                 data = [o for o in SETTINGS[setting] if o.startswith("data=")]
-                ecfg = compose("eval", overrides=[*data, f"ckpt={ckpt}", "out_dir=null", "baselines=[]",
-                                                  "speed_batches=[]"])
+                ecfg = compose(
+                    "eval", overrides=[*data, f"ckpt={ckpt}", "out_dir=null", "baselines=[]", "speed_batches=[]"]
+                )
                 r = evaluate(ecfg)
             load = r["load@1"]
             cap = r.get("capacity", {})
-            rows.append(f"| {setting} | {alpha} | {floor} | {r['acc@1']:.4f} | {r['recall@10@2']:.4f} | "
-                        f"{load['max_over_mean']:.2f} | {load['cv']:.2f} | {load['dead']} | "
-                        f"{cap.get('max_over_mean', float('nan')):.2f} | {cap.get('recall@10', float('nan')):.4f} |")
+            rows.append(
+                f"| {setting} | {alpha} | {floor} | {r['acc@1']:.4f} | {r['recall@10@2']:.4f} | "
+                f"{load['max_over_mean']:.2f} | {load['cv']:.2f} | {load['dead']} | "
+                f"{cap.get('max_over_mean', float('nan')):.2f} | {cap.get('recall@10', float('nan')):.4f} |"
+            )
             print(rows[-1], flush=True)
-    table = "\n".join([
-        "| setting | alpha | load floor | acc@1 | recall@10@2 | load max/mean | load CV | dead | capped max/mean (c=1.25) | capped recall@10@2 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        *rows,
-    ])
+    table = "\n".join(
+        [
+            "| setting | alpha | load floor | acc@1 | recall@10@2 | load max/mean | load CV | dead | capped max/mean (c=1.25) | capped recall@10@2 |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+            *rows,
+        ]
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(table + "\n")
     print(table)

@@ -50,10 +50,17 @@ def main() -> None:
     rng = np.random.default_rng(0)
     router = Router(args.dim, "ip")
     for e in range(args.experts):
-        router.add_expert(f"shard{e:02d}", vectors=rng.standard_normal((args.n // args.experts, args.dim)).astype(np.float32))
+        router.add_expert(
+            f"shard{e:02d}", vectors=rng.standard_normal((args.n // args.experts, args.dim)).astype(np.float32)
+        )
     router.init_gate(hidden_dims=[64], dropout=0.0)
     stat_save = "recheck" in inspect.signature(Router.save).parameters
-    out: dict = {"code": str(Path(moe_router.__file__).parent), "n": router.ntotal, "experts": args.experts, "dim": args.dim}
+    out: dict = {
+        "code": str(Path(moe_router.__file__).parent),
+        "n": router.ntotal,
+        "experts": args.experts,
+        "dim": args.dim,
+    }
     with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
         ckpt = Path(tmp) / "ckpt"
 
@@ -73,6 +80,7 @@ def main() -> None:
 
         out["save_after_add_rehashed_s"] = best(save_after_add, args.repeats)
         if stat_save:
+
             def save_after_add_stat() -> None:
                 router.add_expert("extra", vectors=small, fit_row=False)
                 router.save(ckpt, recheck=False)
@@ -89,8 +97,10 @@ def main() -> None:
             state.record_feedback(q, "shard00", True)
             times.append(time.perf_counter() - t)
         t = time.perf_counter()  # 8 clients at once: rows arriving during a save share the next one
-        clients = [threading.Thread(target=lambda c=c: [state.record_feedback(q, "shard01", c % 2 == 0) for q in xq])
-                   for c in range(8)]
+        clients = [
+            threading.Thread(target=lambda c=c: [state.record_feedback(q, "shard01", c % 2 == 0) for q in xq])
+            for c in range(8)
+        ]
         for c in clients:
             c.start()
         for c in clients:

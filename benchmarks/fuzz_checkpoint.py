@@ -46,8 +46,27 @@ from pathlib import Path
 GOOD = ("checkpoint_error", "value_error", "loaded")
 NOBODY = 65534  # uid and gid the worker drops to when started as root
 MEMORY_CAP = 6 << 30  # bytes of address space per worker: a forged huge shape fails to allocate, never OOMs the host
-ADVERSARIAL = [-1, 0, 2**31, 2**63, 10**12, 1e308, -1e308, 0.5, "x", "", None, True, [], {}, [1, 2], {"a": 1},
-               "/etc/passwd", "../../outside.npy", "/dev/zero"]
+ADVERSARIAL = [
+    -1,
+    0,
+    2**31,
+    2**63,
+    10**12,
+    1e308,
+    -1e308,
+    0.5,
+    "x",
+    "",
+    None,
+    True,
+    [],
+    {},
+    [1, 2],
+    {"a": 1},
+    "/etc/passwd",
+    "../../outside.npy",
+    "/dev/zero",
+]
 
 
 # ---------------------------------------------------------------- mutations (parent side)
@@ -147,7 +166,9 @@ def worker(warm: str | None = None) -> None:
                     router.search(xq, k=1, top_experts=1, with_text=True)
                     outcome = "loaded"
                 except Exception as exc:  # loaded, but not usable: only acceptable as a clear ValueError
-                    outcome = "value_error" if isinstance(exc, ValueError) else f"unexpected:{type(exc).__name__}: {exc}"
+                    outcome = (
+                        "value_error" if isinstance(exc, ValueError) else f"unexpected:{type(exc).__name__}: {exc}"
+                    )
                 router.store.close()
             except CheckpointError:
                 outcome = "checkpoint_error"
@@ -155,7 +176,9 @@ def worker(warm: str | None = None) -> None:
                 outcome = "value_error"
             except BaseException as exc:
                 where = traceback.extract_tb(exc.__traceback__)[-1]
-                outcome = f"unexpected:{type(exc).__name__}: {str(exc)[:200]} (at {Path(where.filename).name}:{where.lineno})"
+                outcome = (
+                    f"unexpected:{type(exc).__name__}: {str(exc)[:200]} (at {Path(where.filename).name}:{where.lineno})"
+                )
             out["verify" if verify else "no_verify"] = outcome
         print(json.dumps(out), flush=True)
 
@@ -163,8 +186,14 @@ def worker(warm: str | None = None) -> None:
 class Worker:
     def __init__(self, as_nobody_after: Path | None = None) -> None:
         extra = ["--as-nobody-after", str(as_nobody_after)] if as_nobody_after is not None else []
-        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", *extra], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--worker", *extra],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            bufsize=1,
+        )
         assert self._read(120) == {"ready": True}, "fuzz worker did not start"
 
     def _read(self, timeout: float):
@@ -201,8 +230,11 @@ def synthetic_checkpoint(path: Path) -> Path:
     router = Router(32, "ip", embedder=HashingEmbedder(32))
     rng = np.random.default_rng(0)
     for name in ("alpha", "beta", "gamma", "delta"):
-        router.add_expert(name, texts=[f"{name} {w} {i}" for i, w in enumerate(rng.choice(list("abcdefgh"), 16))],
-                          metadata=[{"i": i} for i in range(16)])
+        router.add_expert(
+            name,
+            texts=[f"{name} {w} {i}" for i, w in enumerate(rng.choice(list("abcdefgh"), 16))],
+            metadata=[{"i": i} for i in range(16)],
+        )
     router.init_gate(hidden_dims=[16])
     return router.save(path)
 
@@ -242,8 +274,11 @@ def tree(path: Path) -> dict[str, str]:
     out = {}
     for p in sorted(path.rglob("*")):
         rel = str(p.relative_to(path))
-        out[rel] = ("link " + os.readlink(p)) if p.is_symlink() else (
-            hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir")
+        out[rel] = (
+            ("link " + os.readlink(p))
+            if p.is_symlink()
+            else (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir")
+        )
     return out
 
 
@@ -286,8 +321,9 @@ def record(results, failures, rel: str, name: str, res: dict, expected: tuple[st
             failures.append({"file": rel, "mutation": name, "mode": mode, "outcome": outcome})
 
 
-def fuzz(ckpt: Path, per_file: int, json_cases: int, seed: int, timeout: float, all_files: bool,
-         special: bool = True) -> dict:
+def fuzz(
+    ckpt: Path, per_file: int, json_cases: int, seed: int, timeout: float, all_files: bool, special: bool = True
+) -> dict:
     rng = random.Random(seed)
     work = Path(tempfile.mkdtemp(prefix="moe_fuzz_"))
     work.chmod(0o755)  # the worker may run as nobody
@@ -354,9 +390,15 @@ def fuzz(ckpt: Path, per_file: int, json_cases: int, seed: int, timeout: float, 
         subprocess.run(["chmod", "-R", "u+w", str(work)], check=False)
         shutil.rmtree(work, ignore_errors=True)
     cases = sum(counts.values())
-    return {"checkpoint": str(ckpt), "cases": cases, "case_kinds": dict(counts), "loads": 2 * cases,
-            "seconds": time.perf_counter() - t0, "outcomes": {k: dict(v) for k, v in results.items()},
-            "failures": failures}
+    return {
+        "checkpoint": str(ckpt),
+        "cases": cases,
+        "case_kinds": dict(counts),
+        "loads": 2 * cases,
+        "seconds": time.perf_counter() - t0,
+        "outcomes": {k: dict(v) for k, v in results.items()},
+        "failures": failures,
+    }
 
 
 def main() -> int:
@@ -367,7 +409,9 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=60.0, help="seconds one case (two loads) may take")
     p.add_argument("--all-files", action="store_true", help="every expert's files, not only the first expert's")
-    p.add_argument("--no-special", action="store_true", help="skip the hostile (FIFO, link, directory) and read-only cases")
+    p.add_argument(
+        "--no-special", action="store_true", help="skip the hostile (FIFO, link, directory) and read-only cases"
+    )
     p.add_argument("--out", type=Path, help="write the JSON report here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--as-nobody-after", help=argparse.SUPPRESS)
@@ -377,11 +421,15 @@ def main() -> int:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = args.ckpt or synthetic_checkpoint(Path(tmp) / "ckpt")
-        report = fuzz(ckpt, args.per_file, args.json_cases, args.seed, args.timeout, args.all_files, not args.no_special)
+        report = fuzz(
+            ckpt, args.per_file, args.json_cases, args.seed, args.timeout, args.all_files, not args.no_special
+        )
     for target, counts in report["outcomes"].items():
         print(f"{target:<40} " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
-    print(f"{report['cases']} damaged checkpoints ({report['case_kinds']}), {report['loads']} loads in {report['seconds']:.0f} s; "
-          f"{len(report['failures'])} failures")
+    print(
+        f"{report['cases']} damaged checkpoints ({report['case_kinds']}), {report['loads']} loads in {report['seconds']:.0f} s; "
+        f"{len(report['failures'])} failures"
+    )
     for f in report["failures"][:20]:
         print(f"  FAIL {f['file']} [{f['mode']}] {f['mutation']}: {f['outcome']}")
     if args.out:

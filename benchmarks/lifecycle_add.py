@@ -18,14 +18,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-
 from lifecycle_common import CLINC, clinc, embedder, exact_top10, full_train, routing_report, trained
-from moe_router import lifecycle
-from moe_router.train.finetune import FineTuneConfig, fine_tune
-from moe_router.embed.cache import default_cache_dir
-from moe_router.data.datasets import TextDataset
-from moe_router.routing.router import Router
+
 from moe_router.data.build import router_from_dataset
+from moe_router.data.datasets import TextDataset
+from moe_router.embed.cache import default_cache_dir
+from moe_router.routing.router import Router
+from moe_router.train.finetune import FineTuneConfig, fine_tune
 
 
 def main() -> None:
@@ -36,8 +35,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=FineTuneConfig.steps, help="fine-tune optimiser steps")
     p.add_argument("--replay", type=float, default=FineTuneConfig.replay, help="old vectors replayed per new vector")
     p.add_argument("--head-only", action="store_true", help="fine-tune only the gate's head")
-    p.add_argument("--fresh-full", action="store_true",
-                   help="train the 10-expert router in this run (so both times come from one run) instead of the cache")
+    p.add_argument(
+        "--fresh-full",
+        action="store_true",
+        help="train the 10-expert router in this run (so both times come from one run) instead of the cache",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     args = p.parse_args()
@@ -51,14 +53,24 @@ def main() -> None:
     val = ds.split("val")
     cache = Path(args.cache_dir)
 
-    r9, t9, _ = trained(cache / f"clinc150-without-{new}", lambda: router_from_dataset(ds9, emb),
-                             [r.text for r in val if r.domain != new], [r.domain for r in val if r.domain != new], args.seed)
+    r9, t9, _ = trained(
+        cache / f"clinc150-without-{new}",
+        lambda: router_from_dataset(ds9, emb),
+        [r.text for r in val if r.domain != new],
+        [r.domain for r in val if r.domain != new],
+        args.seed,
+    )
     if args.fresh_full:  # time the full retrain in this run, next to the fine-tune (not cached)
         r10 = router_from_dataset(ds, emb)
         t10, cached10 = full_train(r10, [r.text for r in val], [r.domain for r in val], seed=args.seed), False
     else:
-        r10, t10, cached10 = trained(cache / "clinc150-10", lambda: router_from_dataset(ds, emb),
-                                     [r.text for r in val], [r.domain for r in val], args.seed)
+        r10, t10, cached10 = trained(
+            cache / "clinc150-10",
+            lambda: router_from_dataset(ds, emb),
+            [r.text for r in val],
+            [r.domain for r in val],
+            args.seed,
+        )
 
     test = ds.split("test")
     xq = emb.encode([r.text for r in test])
@@ -87,21 +99,32 @@ def main() -> None:
         add_seconds = time.perf_counter() - start
         ex = exact_top10(router, xq)
         gold = gold_of(router)
-        results[f"after {label}"] = {"new": routing_report(router, xq, gold, ex, is_new),
-                                      "old": routing_report(router, xq, gold, ex, is_old), "seconds": add_seconds}
+        results[f"after {label}"] = {
+            "new": routing_report(router, xq, gold, ex, is_new),
+            "old": routing_report(router, xq, gold, ex, is_old),
+            "seconds": add_seconds,
+        }
         tunes[label] = fine_tune(router, [new], cfg)
         results[f"{label} + fine-tune"] = {
-            "new": routing_report(router, xq, gold, ex, is_new), "old": routing_report(router, xq, gold, ex, is_old)}
+            "new": routing_report(router, xq, gold, ex, is_new),
+            "old": routing_report(router, xq, gold, ex, is_old),
+        }
     ft = tunes["add_expert"]
 
     ex10 = exact_top10(r10, xq)
     g10 = gold_of(r10)
-    results["full retrain, 10 experts"] = {"new": routing_report(r10, xq, g10, ex10, is_new),
-                                           "old": routing_report(r10, xq, g10, ex10, is_old)}
+    results["full retrain, 10 experts"] = {
+        "new": routing_report(r10, xq, g10, ex10, is_new),
+        "old": routing_report(r10, xq, g10, ex10, is_old),
+    }
 
-    print(f"\nCLINC150 test ({len(test)} queries), new expert {new!r} ({len(is_new)} queries; {len(train_new)} "
-          f"train texts), other 9 domains ({len(is_old)} queries). recall@10 at t experts searched vs exhaustive.")
-    print(f"{'router':<38}{'new acc@1':>10}{'new r@10@1':>11}{'new r@10@2':>11}{'old acc@1':>10}{'old r@10@1':>11}{'old r@10@2':>11}")
+    print(
+        f"\nCLINC150 test ({len(test)} queries), new expert {new!r} ({len(is_new)} queries; {len(train_new)} "
+        f"train texts), other 9 domains ({len(is_old)} queries). recall@10 at t experts searched vs exhaustive."
+    )
+    print(
+        f"{'router':<38}{'new acc@1':>10}{'new r@10@1':>11}{'new r@10@2':>11}{'old acc@1':>10}{'old r@10@1':>11}{'old r@10@2':>11}"
+    )
     for name, r in results.items():
         n = r.get("new")
         cells = [f"{n['acc@1']:.4f}", f"{n['recall@10@1']:.4f}", f"{n['recall@10@2']:.4f}"] if n else ["-"] * 3
@@ -111,21 +134,41 @@ def main() -> None:
     fn, rn = results["add_expert + fine-tune"]["new"], results["full retrain, 10 experts"]["new"]
     fo, bo = results["add_expert + fine-tune"]["old"], results["9 experts (before)"]["old"]
     ro = results["full retrain, 10 experts"]["old"]
-    print(f"\nnew expert after add_expert + fine-tune vs full retrain: acc@1 {100 * (fn['acc@1'] - rn['acc@1']):+.2f} points, "
-          f"recall@10@2 {100 * (fn['recall@10@2'] - rn['recall@10@2']):+.2f} (goal: within 2 points)")
-    print(f"other experts' acc@1 after fine-tune: {100 * (fo['acc@1'] - bo['acc@1']):+.2f} points vs before the add "
-          f"(goal: >= -0.5), {100 * (fo['acc@1'] - ro['acc@1']):+.2f} vs the full retrain")
-    print(f"add_expert: {results['after add_expert']['seconds']:.2f} s ({len(train_new)} texts, "
-          f"embeddings cached); fine-tune: {ft.pairs} pairs "
-          f"({ft.focus} new + {ft.replayed} replayed), {ft.steps} steps, {ft.seconds:.2f} s wall / {ft.cpu_seconds:.2f} s CPU")
-    print(f"full training of the 10-expert router: {t10.seconds:.1f} s wall / {t10.cpu_seconds:.1f} s CPU"
-          f"{' (cached: timed when it was trained)' if cached10 else ''}")
-    print(f"fine-tune / full training: {100 * ft.seconds / t10.seconds:.1f}% wall, "
-          f"{100 * ft.cpu_seconds / t10.cpu_seconds:.1f}% CPU (goal: <= 10%)")
+    print(
+        f"\nnew expert after add_expert + fine-tune vs full retrain: acc@1 {100 * (fn['acc@1'] - rn['acc@1']):+.2f} points, "
+        f"recall@10@2 {100 * (fn['recall@10@2'] - rn['recall@10@2']):+.2f} (goal: within 2 points)"
+    )
+    print(
+        f"other experts' acc@1 after fine-tune: {100 * (fo['acc@1'] - bo['acc@1']):+.2f} points vs before the add "
+        f"(goal: >= -0.5), {100 * (fo['acc@1'] - ro['acc@1']):+.2f} vs the full retrain"
+    )
+    print(
+        f"add_expert: {results['after add_expert']['seconds']:.2f} s ({len(train_new)} texts, "
+        f"embeddings cached); fine-tune: {ft.pairs} pairs "
+        f"({ft.focus} new + {ft.replayed} replayed), {ft.steps} steps, {ft.seconds:.2f} s wall / {ft.cpu_seconds:.2f} s CPU"
+    )
+    print(
+        f"full training of the 10-expert router: {t10.seconds:.1f} s wall / {t10.cpu_seconds:.1f} s CPU"
+        f"{' (cached: timed when it was trained)' if cached10 else ''}"
+    )
+    print(
+        f"fine-tune / full training: {100 * ft.seconds / t10.seconds:.1f}% wall, "
+        f"{100 * ft.cpu_seconds / t10.cpu_seconds:.1f}% CPU (goal: <= 10%)"
+    )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"results": results, "fine_tune": asdict(ft), "config": asdict(cfg),
-                                               "full_train_10": asdict(t10), "full_train_9": asdict(t9)}, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "results": results,
+                    "fine_tune": asdict(ft),
+                    "config": asdict(cfg),
+                    "full_train_10": asdict(t10),
+                    "full_train_9": asdict(t9),
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -66,18 +66,35 @@ def full_train(router: Router, val_texts: list[str], val_experts: list[str], see
     gate = router.install_gate(instantiate(cfg.model, dim=router.dim, num_experts=router.num_experts), seed)
     module = instantiate(cfg.module)(gate=gate)
     trainer = instantiate(
-        cfg.trainer, enable_progress_bar=False, logger=False,
-        callbacks=[ModelCheckpoint(dirpath=tempfile.mkdtemp(prefix="lifecycle-bench-"), monitor=monitor,
-                                   mode="max", save_top_k=1)],
+        cfg.trainer,
+        enable_progress_bar=False,
+        logger=False,
+        callbacks=[
+            ModelCheckpoint(
+                dirpath=tempfile.mkdtemp(prefix="lifecycle-bench-"), monitor=monitor, mode="max", save_top_k=1
+            )
+        ],
     )
-    fit_router(router, val_queries=val_texts, val_experts=val_experts, targets=cfg.targets.kind,
-               label_weight=cfg.targets.label_weight, neighbours=cfg.targets.neighbours,
-               max_queries=cfg.targets.max_queries, module=module, trainer=trainer, batch_size=cfg.batch_size,
-               monitor=monitor, seed=seed)
+    fit_router(
+        router,
+        val_queries=val_texts,
+        val_experts=val_experts,
+        targets=cfg.targets.kind,
+        label_weight=cfg.targets.label_weight,
+        neighbours=cfg.targets.neighbours,
+        max_queries=cfg.targets.max_queries,
+        module=module,
+        trainer=trainer,
+        batch_size=cfg.batch_size,
+        monitor=monitor,
+        seed=seed,
+    )
     return Timed(time.perf_counter() - wall, time.process_time() - cpu)
 
 
-def trained(path: Path, build, val_texts: list[str], val_experts: list[str], seed: int = 0) -> tuple[Router, Timed, bool]:
+def trained(
+    path: Path, build, val_texts: list[str], val_experts: list[str], seed: int = 0
+) -> tuple[Router, Timed, bool]:
     """Load the router cached at `path`, or build it, fully train it and cache it. (router, training time, was cached)."""
     if (path / "manifest.json").is_file():
         router = Router.load(path, cache_dir=default_cache_dir())
@@ -89,8 +106,14 @@ def trained(path: Path, build, val_texts: list[str], val_experts: list[str], see
     return Router.load(path, cache_dir=default_cache_dir()), t, False
 
 
-def routing_report(router: Router, xq: np.ndarray, gold: np.ndarray, flat_ids: np.ndarray, rows: np.ndarray,
-                   probs: np.ndarray | None = None) -> dict[str, float]:
+def routing_report(
+    router: Router,
+    xq: np.ndarray,
+    gold: np.ndarray,
+    flat_ids: np.ndarray,
+    rows: np.ndarray,
+    probs: np.ndarray | None = None,
+) -> dict[str, float]:
     """acc@1 and recall@10 at 1 and 2 experts (routed top-10 vs exhaustive top-10) on the queries `rows`."""
     probs = router.gate_probs(xq[rows]) if probs is None else probs[rows]
     out = {"n": int(len(rows)), "acc@1": accuracy_at_k(probs, gold[rows], 1)}

@@ -22,13 +22,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-
 from lifecycle_common import CLINC, clinc, embedder, trained
+
 from moe_router import lifecycle
-from moe_router.train.finetune import FineTuneConfig, fine_tune_from_feedback, fine_tune_pairs
+from moe_router.data.build import router_from_dataset
 from moe_router.embed.cache import default_cache_dir
 from moe_router.routing.router import Router
-from moe_router.data.build import router_from_dataset
+from moe_router.train.finetune import FineTuneConfig, fine_tune_from_feedback, fine_tune_pairs
 
 
 def acc1(router: Router, xq: np.ndarray, gold: np.ndarray) -> float:
@@ -49,8 +49,17 @@ def stream_feedback(router: Router, xq: np.ndarray, gold: np.ndarray) -> tuple[i
     return records, positive
 
 
-def scenario(name: str, router: Router, region_test: np.ndarray, xq_test: np.ndarray, gold_test: np.ndarray,
-             xq_val: np.ndarray, gold_val: np.ndarray, cfg: FineTuneConfig, before: dict[str, float]) -> dict:
+def scenario(
+    name: str,
+    router: Router,
+    region_test: np.ndarray,
+    xq_test: np.ndarray,
+    gold_test: np.ndarray,
+    xq_val: np.ndarray,
+    gold_val: np.ndarray,
+    cfg: FineTuneConfig,
+    before: dict[str, float],
+) -> dict:
     rest = np.setdiff1d(np.arange(len(xq_test)), region_test)
     out = {"scenario": name, "region_queries": int(len(region_test)), "rest_queries": int(len(rest)), **before}
     out["region acc@1 before feedback"] = acc1(router, xq_test[region_test], gold_test[region_test])
@@ -97,16 +106,29 @@ def main() -> None:
     region = np.flatnonzero(label_test == args.intent)
     if not len(region):
         raise SystemExit(f"--intent {args.intent!r} has no test queries")
-    clean = {"region acc@1 clean router": acc1(router, xq_test[region], gold_test[region]),
-             "rest acc@1 clean router": acc1(router, np.delete(xq_test, region, 0), np.delete(gold_test, region))}
+    clean = {
+        "region acc@1 clean router": acc1(router, xq_test[region], gold_test[region]),
+        "rest acc@1 clean router": acc1(router, np.delete(xq_test, region, 0), np.delete(gold_test, region)),
+    }
     bad = [r.text for r in train if r.label == args.intent]
     target = np.zeros((len(bad), router.num_experts), np.float32)
     target[:, router.expert_index(args.wrong_domain)] = 1.0
     # The regression: a fine-tune on those texts labelled with the wrong domain, 1:1 with replayed vectors.
     fine_tune_pairs(router, emb.encode(bad), target, FineTuneConfig(steps=args.steps, replay=1.0, seed=args.seed))
-    results.append(scenario(f"A: intent {args.intent!r} ({ds.split('test')[region[0]].domain}) sent to "
-                            f"{args.wrong_domain!r} by a bad fine-tune", router, region, xq_test, gold_test,
-                            xq_val, gold_val, cfg, clean))
+    results.append(
+        scenario(
+            f"A: intent {args.intent!r} ({ds.split('test')[region[0]].domain}) sent to "
+            f"{args.wrong_domain!r} by a bad fine-tune",
+            router,
+            region,
+            xq_test,
+            gold_test,
+            xq_val,
+            gold_val,
+            cfg,
+            clean,
+        )
+    )
 
     # B: the clean router's own weakest intents (chosen on validation, measured on test).
     router = Router.load(path, cache_dir=default_cache_dir())
@@ -115,9 +137,20 @@ def main() -> None:
     per_intent = {lab: correct[label_val == lab].mean() for lab in np.unique(label_val)}
     worst = sorted(per_intent, key=per_intent.get)[: args.worst]
     region = np.flatnonzero(np.isin(label_test, worst))
-    results.append(scenario(f"B: the {args.worst} intents with the lowest val acc@1: "
-                            + ", ".join(f"{w} ({per_intent[w]:.2f})" for w in worst),
-                            router, region, xq_test, gold_test, xq_val, gold_val, cfg, {}))
+    results.append(
+        scenario(
+            f"B: the {args.worst} intents with the lowest val acc@1: "
+            + ", ".join(f"{w} ({per_intent[w]:.2f})" for w in worst),
+            router,
+            region,
+            xq_test,
+            gold_test,
+            xq_val,
+            gold_val,
+            cfg,
+            {},
+        )
+    )
 
     for r in results:
         print(f"\n{r['scenario']}")
@@ -125,8 +158,10 @@ def main() -> None:
         for key in ("clean router", "before feedback", "after feedback"):
             if f"region acc@1 {key}" in r:
                 print(f"  acc@1 {key:<16} region {r[f'region acc@1 {key}']:.4f}   rest {r[f'rest acc@1 {key}']:.4f}")
-        print(f"  feedback stream: {r['feedback records']} records ({r['feedback positive']} positive) from "
-              f"{len(xq_val)} validation queries; fine-tune {r['fine-tune']}")
+        print(
+            f"  feedback stream: {r['feedback records']} records ({r['feedback positive']} positive) from "
+            f"{len(xq_val)} validation queries; fine-tune {r['fine-tune']}"
+        )
         print("  success rates: " + ", ".join(f"{e} {100 * s:.0f}% of {n}" for e, n, s in r["stats"]))
         print("  recommendations: " + ("; ".join(f"{e}: {a} ({why})" for e, a, why in r["recommendations"]) or "none"))
     if args.json:

@@ -21,11 +21,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-
 from lifecycle_common import CLINC, clinc, embedder, exact_top10, trained
+
 from moe_router import lifecycle
-from moe_router.metrics import recall_at_k, top_experts
 from moe_router.data.build import router_from_dataset
+from moe_router.metrics import recall_at_k, top_experts
 
 
 def main() -> None:
@@ -41,10 +41,20 @@ def main() -> None:
     dd = clinc(args.data)
     val, test = ds.split("val"), ds.split("test")
     cache = Path(args.cache_dir)
-    leaves, t_leaf, _ = trained(cache / "clinc150-intents", lambda: router_from_dataset(ds, emb),
-                                [r.text for r in val], [r.label for r in val], args.seed)
-    domains, _, _ = trained(cache / "clinc150-10", lambda: router_from_dataset(dd, emb),
-                            [r.text for r in val], [r.domain for r in val], args.seed)
+    leaves, t_leaf, _ = trained(
+        cache / "clinc150-intents",
+        lambda: router_from_dataset(ds, emb),
+        [r.text for r in val],
+        [r.label for r in val],
+        args.seed,
+    )
+    domains, _, _ = trained(
+        cache / "clinc150-10",
+        lambda: router_from_dataset(dd, emb),
+        [r.text for r in val],
+        [r.domain for r in val],
+        args.seed,
+    )
 
     xq = emb.encode([r.text for r in test])
     leaf_gold = np.array([leaves.expert_index(r.label) for r in test])
@@ -66,15 +76,22 @@ def main() -> None:
     dtop = top_experts(inside, 2)
     rows["two-level (10-domain gate)"] = (dtop[:, 0], dparent, dtop)
 
-    print(f"\nCLINC150 test ({len(test)} queries): {leaves.num_experts} intent experts under "
-          f"{len(set(parent_of))} domain parents; recall@10 searching 2 leaf experts vs exhaustive")
+    print(
+        f"\nCLINC150 test ({len(test)} queries): {leaves.num_experts} intent experts under "
+        f"{len(set(parent_of))} domain parents; recall@10 searching 2 leaf experts vs exhaustive"
+    )
     print(f"{'routing':<30}{'leaf acc@1':>11}{'parent acc@1':>13}{'recall@10@2':>12}")
     out = {}
     for name, (leaf, parent, top2) in rows.items():
         res = leaves.search_experts(xq, 10, top2)
-        out[name] = {"leaf acc@1": float((leaf == leaf_gold).mean()), "parent acc@1": float((parent == parent_gold).mean()),
-                     "recall@10@2": recall_at_k(res.I, exact)}
-        print(f"{name:<30}{out[name]['leaf acc@1']:>11.4f}{out[name]['parent acc@1']:>13.4f}{out[name]['recall@10@2']:>12.4f}")
+        out[name] = {
+            "leaf acc@1": float((leaf == leaf_gold).mean()),
+            "parent acc@1": float((parent == parent_gold).mean()),
+            "recall@10@2": recall_at_k(res.I, exact),
+        }
+        print(
+            f"{name:<30}{out[name]['leaf acc@1']:>11.4f}{out[name]['parent acc@1']:>13.4f}{out[name]['recall@10@2']:>12.4f}"
+        )
     print(f"(150-expert gate: full training {t_leaf.seconds:.0f} s wall / {t_leaf.cpu_seconds:.0f} s CPU)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

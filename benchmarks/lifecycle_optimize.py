@@ -17,14 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from lifecycle_common import CLINC, clinc, embedder, exact_top10, trained
+
 from moe_router import lifecycle
-from moe_router.train.finetune import FineTuneConfig, fine_tuner
+from moe_router.data.build import router_from_dataset
 from moe_router.embed.cache import default_cache_dir
 from moe_router.metrics import load_stats, recall_at_k, top_experts
 from moe_router.routing.router import Router
-from moe_router.data.build import router_from_dataset
+from moe_router.train.finetune import FineTuneConfig, fine_tuner
 
 
 def test_recall(router: Router, xq: np.ndarray) -> tuple[float, float]:
@@ -56,19 +56,26 @@ def main() -> None:
             with torch.no_grad():
                 router.gate.head.bias[router.expert_index(args.skew_expert)] += 2.0
         before = test_recall(router, xt)
-        rep = lifecycle.optimize_routing(router, xv, top_experts_searched=2, fine_tune=fine_tuner(FineTuneConfig(seed=args.seed)),
-                                      seed=args.seed)
+        rep = lifecycle.optimize_routing(
+            router, xv, top_experts_searched=2, fine_tune=fine_tuner(FineTuneConfig(seed=args.seed)), seed=args.seed
+        )
         after = test_recall(router, xt)
         print(f"\n{name}: {len(xv)} validation queries, top-2 experts searched")
         for a in rep.actions:
-            print(f"  {a.kind:<9} {', '.join(a.experts)[:60]:<60} {'KEPT' if a.kept else 'rejected':<8} val recall@10 "
-                  f"{a.before.recall:.4f} -> {a.after.recall:.4f}, scanned {a.before.scanned:.4f} -> {a.after.scanned:.4f}, "
-                  f"load max/mean {a.before.max_over_mean:.2f} -> {a.after.max_over_mean:.2f}  ({a.note})")
+            print(
+                f"  {a.kind:<9} {', '.join(a.experts)[:60]:<60} {'KEPT' if a.kept else 'rejected':<8} val recall@10 "
+                f"{a.before.recall:.4f} -> {a.after.recall:.4f}, scanned {a.before.scanned:.4f} -> {a.after.scanned:.4f}, "
+                f"load max/mean {a.before.max_over_mean:.2f} -> {a.after.max_over_mean:.2f}  ({a.note})"
+            )
         if not rep.actions:
             print("  no candidate: no expert over/under loaded, no pair confused above the threshold")
-        print(f"  reported: rebalanced {rep.count('rebalance')}, merged {rep.count('merge')}, split {rep.count('split')}, "
-              f"improvement {100 * rep.improvement:+.2f} points of val recall@10")
-        print(f"  test recall@10@2 {before[0]:.4f} -> {after[0]:.4f}; test load max/mean {before[1]:.2f} -> {after[1]:.2f}")
+        print(
+            f"  reported: rebalanced {rep.count('rebalance')}, merged {rep.count('merge')}, split {rep.count('split')}, "
+            f"improvement {100 * rep.improvement:+.2f} points of val recall@10"
+        )
+        print(
+            f"  test recall@10@2 {before[0]:.4f} -> {after[0]:.4f}; test load max/mean {before[1]:.2f} -> {after[1]:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -37,10 +37,18 @@ def main() -> None:
     router = Router.load(args.ckpt, verify=args.verify)
     seconds = time.perf_counter() - start
     after = memory_kb()
-    print(json.dumps({
-        "verify": args.verify, "seconds": seconds, "vectors": router.ntotal, "dim": router.dim,
-        "before_kb": before, "after_kb": after,
-    }))
+    print(
+        json.dumps(
+            {
+                "verify": args.verify,
+                "seconds": seconds,
+                "vectors": router.ntotal,
+                "dim": router.dim,
+                "before_kb": before,
+                "after_kb": after,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

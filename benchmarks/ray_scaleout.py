@@ -48,8 +48,12 @@ def timed(router: Router, xq: np.ndarray, batch: int, top: int, k: int) -> tuple
 
 def summary(times: list[float], batch: int) -> dict:
     t = np.array(times)
-    return {"qps": batch * len(t) / t.sum(), "p50_ms": 1e3 * float(np.percentile(t, 50)),
-            "p99_ms": 1e3 * float(np.percentile(t, 99)), "calls": len(t)}
+    return {
+        "qps": batch * len(t) / t.sum(),
+        "p50_ms": 1e3 * float(np.percentile(t, 50)),
+        "p99_ms": 1e3 * float(np.percentile(t, 99)),
+        "calls": len(t),
+    }
 
 
 def recall(routed: list, full: list, k: int) -> float:
@@ -86,15 +90,22 @@ def main() -> None:
         backend = make_backend("ray", num_cpus=args.actor_cpus, timeout_s=120.0)
         remote = Router.load(ckpt, backend=backend)
         load_s = time.perf_counter() - start
-        print(f"{args.experts} experts x {args.n // args.experts} vectors, d={args.d}; Ray load (actors read their "
-              f"files) {load_s:.1f} s", flush=True)
+        print(
+            f"{args.experts} experts x {args.n // args.experts} vectors, d={args.d}; Ray load (actors read their "
+            f"files) {load_s:.1f} s",
+            flush=True,
+        )
 
         nq = args.rounds * max(args.single, args.batches * args.batch)
         xq = held_out_queries(layout, nq, args.seed)
-        modes = {"ray routed": (remote, args.top), "ray broadcast": (remote, args.experts),
-                 "local routed": (local, args.top), "local broadcast": (local, args.experts)}
+        modes = {
+            "ray routed": (remote, args.top),
+            "ray broadcast": (remote, args.experts),
+            "local routed": (local, args.top),
+            "local broadcast": (local, args.experts),
+        }
         for router, top in modes.values():  # warm up: first calls pay for imports and allocation
-            timed(router, xq[:args.batch], args.batch, top, args.k)
+            timed(router, xq[: args.batch], args.batch, top, args.k)
         times = {(m, b): [] for m in modes for b in (1, args.batch)}
         sent = {(m, b): [0, 0] for m in ("ray routed", "ray broadcast") for b in (1, args.batch)}  # bytes, calls
         hits = {m: [] for m in modes}
@@ -127,7 +138,9 @@ def main() -> None:
         parts = {  # the model's terms (docs/scaling.md): gate, one expert's search in an actor and in-process
             "gate batch 1": ms(lambda: local.decide(xq[:1], args.top, record=False)),
             f"gate batch {args.batch}": ms(lambda: local.decide(xq[: args.batch], args.top, record=False)),
-            "one expert search in its actor, 1 query": ms(lambda: ray.get(actor.search_many.remote([(name, xq[:1])], args.k))),
+            "one expert search in its actor, 1 query": ms(
+                lambda: ray.get(actor.search_many.remote([(name, xq[:1])], args.k))
+            ),
             "one expert search in-process, 1 query": ms(lambda: local.experts[0].search(xq[:1], args.k)),
         }
         threads = faiss.omp_get_max_threads()
@@ -145,24 +158,45 @@ def main() -> None:
             rows.append(row)
         by = {(r["mode"], r["batch"]): r for r in rows}
         report = {
-            "n": args.n, "d": args.d, "experts": args.experts, "top": args.top, "k": args.k, "cpus": args.cpus,
-            "ray_load_s": load_s, "rows": rows,
-            "actor_round_trip_ms": rt, "parts_ms": parts,
-            "recall@10 routed vs broadcast": {"ray": recall(hits["ray routed"], hits["ray broadcast"], args.k),
-                                              "local": recall(hits["local routed"], hits["local broadcast"], args.k)},
-            "ray results equal local": all([h.id for h in a] == [h.id for h in b]
-                                           for a, b in zip(hits["ray routed"], hits["local routed"])),
+            "n": args.n,
+            "d": args.d,
+            "experts": args.experts,
+            "top": args.top,
+            "k": args.k,
+            "cpus": args.cpus,
+            "ray_load_s": load_s,
+            "rows": rows,
+            "actor_round_trip_ms": rt,
+            "parts_ms": parts,
+            "recall@10 routed vs broadcast": {
+                "ray": recall(hits["ray routed"], hits["ray broadcast"], args.k),
+                "local": recall(hits["local routed"], hits["local broadcast"], args.k),
+            },
+            "ray results equal local": all(
+                [h.id for h in a] == [h.id for h in b] for a, b in zip(hits["ray routed"], hits["local routed"])
+            ),
             "overhead_ms_per_call (ray - local, p50)": {
                 f"{kind} batch {b}": by[(f"ray {kind}", b)]["p50_ms"] - by[(f"local {kind}", b)]["p50_ms"]
-                for kind in ("routed", "broadcast") for b in (1, args.batch)},
+                for kind in ("routed", "broadcast")
+                for b in (1, args.batch)
+            },
         }
-        print("\n| mode | batch | queries/s | p50 ms | p99 ms | query bytes to experts / query | actor calls / search |")
+        print(
+            "\n| mode | batch | queries/s | p50 ms | p99 ms | query bytes to experts / query | actor calls / search |"
+        )
         print("|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['mode']} | {r['batch']} | {r['qps']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-                  f"{r.get('bytes_per_query', 0):,.0f} | {r.get('actor_calls_per_search', 0):.1f} |")
-        for key in ("actor_round_trip_ms", "parts_ms", "recall@10 routed vs broadcast", "ray results equal local",
-                    "overhead_ms_per_call (ray - local, p50)"):
+            print(
+                f"| {r['mode']} | {r['batch']} | {r['qps']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+                f"{r.get('bytes_per_query', 0):,.0f} | {r.get('actor_calls_per_search', 0):.1f} |"
+            )
+        for key in (
+            "actor_round_trip_ms",
+            "parts_ms",
+            "recall@10 routed vs broadcast",
+            "ray results equal local",
+            "overhead_ms_per_call (ray - local, p50)",
+        ):
             print(f"{key}: {report[key]}")
         if args.json is not None:
             args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 def cross_fitted_ece(logits: np.ndarray, gold: np.ndarray, seed: int = 0) -> float:
     """ECE of the top-1 probability with the temperature fitted on the other half of the queries (2 folds)."""
     order = np.random.default_rng(seed).permutation(len(gold))
-    halves = (order[: len(order) // 2], order[len(order) // 2:])
+    halves = (order[: len(order) // 2], order[len(order) // 2 :])
     conf, correct = np.empty(len(gold)), np.empty(len(gold))
     for fit, test in (halves, halves[::-1]):
         p = softmax(logits[test], fit_temperature(logits[fit], gold[fit]))
@@ -46,8 +46,16 @@ def cross_fitted_ece(logits: np.ndarray, gold: np.ndarray, seed: int = 0) -> flo
 def run(data: str, overrides: list[str], work: Path) -> dict:
     """Train on `data` with `overrides`; dev acc@1 / ECE of the gate and acc@1 of each baseline."""
     with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        cfg = compose("train", [f"data={data}", f"out={work / 'ckpt'}", f"log_dir={work / 'logs'}",
-                                "trainer.enable_progress_bar=false", *overrides])
+        cfg = compose(
+            "train",
+            [
+                f"data={data}",
+                f"out={work / 'ckpt'}",
+                f"log_dir={work / 'logs'}",
+                "trainer.enable_progress_bar=false",
+                *overrides,
+            ],
+        )
     start = time.perf_counter()
     summary = train(cfg)
     train_seconds = time.perf_counter() - start
@@ -56,31 +64,52 @@ def run(data: str, overrides: list[str], work: Path) -> dict:
     xq, _ = router.prepare_queries(dataset.queries("dev"))
     gold = np.array([router.expert_index(s) for s in dataset.gold_sources("dev")])
     probs, logits = router.gate_probs(xq), router.gate_logits(xq)
-    rows = {"gate (ours)": {
-        "acc@1": accuracy_at_k(probs, gold, 1), "acc@2": accuracy_at_k(probs, gold, 2),
-        "ece": expected_calibration_error(probs.max(1), probs.argmax(1) == gold),
-        "ece_cross_fitted": cross_fitted_ece(logits, gold, cfg.seed),
-        "ece_uncalibrated": expected_calibration_error(softmax(logits).max(1), logits.argmax(1) == gold),
-    }}
-    for baseline in (CentroidRouter(router), MultiPrototypeRouter(router, 64, cfg.seed), SemanticRouterStyle(router, 5)):
+    rows = {
+        "gate (ours)": {
+            "acc@1": accuracy_at_k(probs, gold, 1),
+            "acc@2": accuracy_at_k(probs, gold, 2),
+            "ece": expected_calibration_error(probs.max(1), probs.argmax(1) == gold),
+            "ece_cross_fitted": cross_fitted_ece(logits, gold, cfg.seed),
+            "ece_uncalibrated": expected_calibration_error(softmax(logits).max(1), logits.argmax(1) == gold),
+        }
+    }
+    for baseline in (
+        CentroidRouter(router),
+        MultiPrototypeRouter(router, 64, cfg.seed),
+        SemanticRouterStyle(router, 5),
+    ):
         scores = baseline.scores(xq)
         rows[baseline.name] = {"acc@1": accuracy_at_k(scores, gold, 1), "acc@2": accuracy_at_k(scores, gold, 2)}
-    return {"data": data, "overrides": overrides, "dev_queries": len(gold), "experts": router.num_experts,
-            "documents": router.ntotal, "train_seconds": train_seconds, "fit_seconds": summary.fit_seconds,
-            "temperature": float(router.gate.temperature), "routers": rows}
+    return {
+        "data": data,
+        "overrides": overrides,
+        "dev_queries": len(gold),
+        "experts": router.num_experts,
+        "documents": router.ntotal,
+        "train_seconds": train_seconds,
+        "fit_seconds": summary.fit_seconds,
+        "temperature": float(router.gate.temperature),
+        "routers": rows,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", default="stackexchange", help="data config: classic | stackexchange | beir (+ data.root=)")
+    parser.add_argument(
+        "--data", default="stackexchange", help="data config: classic | stackexchange | beir (+ data.root=)"
+    )
     parser.add_argument("--json", default=None, help="also write the result here")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides of configs/train.yaml, e.g. targets.query_weight=0.7")
+    parser.add_argument(
+        "overrides", nargs="*", help="Hydra overrides of configs/train.yaml, e.g. targets.query_weight=0.7"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="retrieval_routing-") as work:
         result = run(args.data, args.overrides, Path(work))
-    print(f"{result['data']} dev ({result['dev_queries']} queries, {result['experts']} sources, "
-          f"{result['documents']} documents); train {result['train_seconds']:.0f} s (fit {result['fit_seconds']:.0f} s); "
-          f"overrides {args.overrides}")
+    print(
+        f"{result['data']} dev ({result['dev_queries']} queries, {result['experts']} sources, "
+        f"{result['documents']} documents); train {result['train_seconds']:.0f} s (fit {result['fit_seconds']:.0f} s); "
+        f"overrides {args.overrides}"
+    )
     print("| router | acc@1 | acc@2 | ECE | ECE cross-fitted |\n|---|---|---|---|---|")
     for name, r in result["routers"].items():
         ece = f"{r['ece']:.3f} | {r['ece_cross_fitted']:.3f}" if "ece" in r else "- | -"

@@ -15,8 +15,18 @@ import argparse
 import json
 from pathlib import Path
 
-KEYS = ("source_acc@1", "ndcg@10@1", "ndcg@10@2", "ndcg@10@adaptive", "sources@adaptive", "ndcg@10@1.5_sources",
-        "ndcg@10@exhaustive", "ndcg@10@oracle", "ece", "ece_noise_floor")
+KEYS = (
+    "source_acc@1",
+    "ndcg@10@1",
+    "ndcg@10@2",
+    "ndcg@10@adaptive",
+    "sources@adaptive",
+    "ndcg@10@1.5_sources",
+    "ndcg@10@exhaustive",
+    "ndcg@10@oracle",
+    "ece",
+    "ece_noise_floor",
+)
 GATE = "gate (ours)"
 
 
@@ -27,8 +37,11 @@ def cross_validated(reports: list[dict]) -> dict[str, float]:
 
 
 def best_baseline(report: dict) -> tuple[str, dict]:
-    rows = {name: row for name, row in report["routers"].items()
-            if name != GATE and "source_acc@1" in row and row.get("source_acc@1", 0) < 1.0 and name != "random"}
+    rows = {
+        name: row
+        for name, row in report["routers"].items()
+        if name != GATE and "source_acc@1" in row and row.get("source_acc@1", 0) < 1.0 and name != "random"
+    }
     name = max(rows, key=lambda n: rows[n]["source_acc@1"])
     return name, rows[name]
 
@@ -38,8 +51,10 @@ def main() -> None:
     parser.add_argument("root", nargs="?", default="reports/retrieval", help="folder of <data>/ and <data>_fold{0,1}/")
     args = parser.parse_args()
     root = Path(args.root)
-    print("| data | rows | source acc@1 | nDCG@10 1 source | 2 sources | top-p (mean sources) | at 1.5 sources "
-          "| exhaustive | oracle source | ECE (floor) |")
+    print(
+        "| data | rows | source acc@1 | nDCG@10 1 source | 2 sources | top-p (mean sources) | at 1.5 sources "
+        "| exhaustive | oracle source | ECE (floor) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for path in sorted(root.glob("*/report.json")):
         if "_fold" in path.parent.name:
@@ -51,12 +66,16 @@ def main() -> None:
         if folds:
             rows.append((f"gate, {len(folds)}-fold cross-validated", cross_validated(folds)))
         for label, r in rows:
-            print(f"| {name} | {label} | {r['source_acc@1']:.3f} | {r['ndcg@10@1']:.4f} | {r['ndcg@10@2']:.4f} | "
-                  f"{r['ndcg@10@adaptive']:.4f} ({r['sources@adaptive']:.2f}) | {r['ndcg@10@1.5_sources']:.4f} | "
-                  f"{r['ndcg@10@exhaustive']:.4f} | {r['ndcg@10@oracle']:.4f} | {r['ece']:.3f} ({r['ece_noise_floor']:.3f}) |")
+            print(
+                f"| {name} | {label} | {r['source_acc@1']:.3f} | {r['ndcg@10@1']:.4f} | {r['ndcg@10@2']:.4f} | "
+                f"{r['ndcg@10@adaptive']:.4f} ({r['sources@adaptive']:.2f}) | {r['ndcg@10@1.5_sources']:.4f} | "
+                f"{r['ndcg@10@exhaustive']:.4f} | {r['ndcg@10@oracle']:.4f} | {r['ece']:.3f} ({r['ece_noise_floor']:.3f}) |"
+            )
         b, row = best_baseline(full)
-        print(f"| {name} | best baseline: {b} | {row['source_acc@1']:.3f} | {row['ndcg@10@1']:.4f} | {row['ndcg@10@2']:.4f} | "
-              f"{row['ndcg@10@adaptive']:.4f} ({row['sources@adaptive']:.2f}) | {row['ndcg@10@1.5_sources']:.4f} | | | |")
+        print(
+            f"| {name} | best baseline: {b} | {row['source_acc@1']:.3f} | {row['ndcg@10@1']:.4f} | {row['ndcg@10@2']:.4f} | "
+            f"{row['ndcg@10@adaptive']:.4f} ({row['sources@adaptive']:.2f}) | {row['ndcg@10@1.5_sources']:.4f} | | | |"
+        )
 
 
 if __name__ == "__main__":

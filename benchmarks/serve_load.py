@@ -51,8 +51,10 @@ async def _client(port: int, bodies: list[bytes], start: float, stop: float, lat
         while (t0 := time.perf_counter()) < stop:
             body = bodies[i % len(bodies)]
             i += 1
-            writer.write(b"POST /search HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            writer.write(
+                b"POST /search HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
             status = int((await reader.readline()).split()[1])
             length = 0
             while (line := await reader.readline()) not in (b"\r\n", b""):
@@ -94,10 +96,14 @@ def summarize(parts: list[dict], queries_per_call: int = 1) -> dict:
     seconds = sum(p["seconds"] for p in parts)
     if len(lat) == 0:
         return {"qps": 0.0, "p50_ms": float("nan"), "p99_ms": float("nan"), "calls": 0, "errors": 0}
-    return {"qps": queries_per_call * len(lat) / seconds, "p50_ms": 1e3 * float(np.percentile(lat, 50)),
-            "p99_ms": 1e3 * float(np.percentile(lat, 99)), "calls": int(len(lat)),
-            "errors": sum(p.get("errors", 0) for p in parts),
-            "client_cpu_share": sum(p.get("client_cpu_s", 0.0) for p in parts) / seconds}
+    return {
+        "qps": queries_per_call * len(lat) / seconds,
+        "p50_ms": 1e3 * float(np.percentile(lat, 50)),
+        "p99_ms": 1e3 * float(np.percentile(lat, 99)),
+        "calls": int(len(lat)),
+        "errors": sum(p.get("errors", 0) for p in parts),
+        "client_cpu_share": sum(p.get("client_cpu_s", 0.0) for p in parts) / seconds,
+    }
 
 
 # ---------------------------------------------------------------- checkpoints and queries
@@ -197,16 +203,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(ckpt: Path, batching: bool, run_dir: Path, extra: list[str], tries: int = 2) -> tuple[subprocess.Popen, int]:
+def start_server(
+    ckpt: Path, batching: bool, run_dir: Path, extra: list[str], tries: int = 2
+) -> tuple[subprocess.Popen, int]:
     """scripts/serve.py on a free loopback port; retried once (another process may take the port first)."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "MOE_ROUTER_API_KEY"}
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "server.log"
     proc = subprocess.Popen(
-        [sys.executable, str(REPO / "scripts" / "serve.py"), f"ckpt={ckpt}", f"host={HOST}", f"port={port}",
-         "log_level=warning", f"batching.enabled={str(batching).lower()}", f"hydra.run.dir={run_dir}", *extra],
-        stdout=subprocess.DEVNULL, stderr=open(log, "wb"), env=env,
+        [
+            sys.executable,
+            str(REPO / "scripts" / "serve.py"),
+            f"ckpt={ckpt}",
+            f"host={HOST}",
+            f"port={port}",
+            "log_level=warning",
+            f"batching.enabled={str(batching).lower()}",
+            f"hydra.run.dir={run_dir}",
+            *extra,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "wb"),
+        env=env,
     )
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and proc.poll() is None:
@@ -223,9 +242,25 @@ def start_server(ckpt: Path, batching: bool, run_dir: Path, extra: list[str], tr
 
 
 def load_point(port: int, bodies: Path, clients: int, seconds: float, warmup: float) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--generate", str(port), "--bodies", str(bodies), "--clients",
-                          str(clients), "--seconds", str(seconds), "--warmup", str(warmup)],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--generate",
+            str(port),
+            "--bodies",
+            str(bodies),
+            "--clients",
+            str(clients),
+            "--seconds",
+            str(seconds),
+            "--warmup",
+            str(warmup),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -234,9 +269,13 @@ def bench_checkpoint(label: str, ckpt: Path, args: argparse.Namespace, tmp: Path
     xq = query_vectors(ckpt, 512, args.seed)
     np.save(tmp / "xq.npy", xq)
     bodies = tmp / f"bodies-{label}.jsonl"
-    bodies.write_text("\n".join(
-        json.dumps({"vector": [round(float(v), 6) for v in x], "k": args.k, "top_experts": args.top_experts})
-        for x in xq) + "\n")
+    bodies.write_text(
+        "\n".join(
+            json.dumps({"vector": [round(float(v), 6) for v in x], "k": args.k, "top_experts": args.top_experts})
+            for x in xq
+        )
+        + "\n"
+    )
     clients = [int(c) for c in args.clients.split(",")]
     server_args = [*args.server_args, *([f"threads={args.threads}"] if args.threads else [])]
     servers = {}
@@ -245,9 +284,24 @@ def bench_checkpoint(label: str, ckpt: Path, args: argparse.Namespace, tmp: Path
         for batching in (True, False):
             servers[batching] = start_server(ckpt, batching, tmp / f"run-{label}-{batching}", server_args)
         worker = subprocess.Popen(
-            [sys.executable, __file__, "--direct", str(ckpt), "--xq", str(tmp / "xq.npy"), "--k", str(args.k),
-             "--top-experts", str(args.top_experts), *(["--threads", str(args.threads)] if args.threads else [])],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+            [
+                sys.executable,
+                __file__,
+                "--direct",
+                str(ckpt),
+                "--xq",
+                str(tmp / "xq.npy"),
+                "--k",
+                str(args.k),
+                "--top-experts",
+                str(args.top_experts),
+                *(["--threads", str(args.threads)] if args.threads else []),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
         assert json.loads(worker.stdout.readline()) == {"ready": True}
 
         def direct(kind: str, c: int) -> dict:
@@ -260,11 +314,14 @@ def bench_checkpoint(label: str, ckpt: Path, args: argparse.Namespace, tmp: Path
             for r in range(args.rounds):
                 for batching, name in ((True, NAMES[0]), (False, NAMES[1])):
                     parts.setdefault(f"{name}/{c}", []).append(
-                        load_point(servers[batching][1], bodies, c, slot, args.warmup if r == 0 else 0.2))
+                        load_point(servers[batching][1], bodies, c, slot, args.warmup if r == 0 else 0.2)
+                    )
                 parts.setdefault(f"{NAMES[2]}/{c}", []).append(direct("per_query", c))
                 parts.setdefault(f"{NAMES[3]}/{c}", []).append(direct("batched", c))
             print(f"  {label}: {c} clients done", flush=True)
-        rows = {key: summarize(p, int(key.split("/")[1]) if key.startswith(NAMES[3]) else 1) for key, p in parts.items()}
+        rows = {
+            key: summarize(p, int(key.split("/")[1]) if key.startswith(NAMES[3]) else 1) for key, p in parts.items()
+        }
         with urllib.request.urlopen(f"http://{HOST}:{servers[True][1]}/stats") as r:
             rows["server"] = json.load(r)["server"]
         rows["expert_change"] = expert_change(servers[True][1], xq, bodies)
@@ -279,8 +336,9 @@ def bench_checkpoint(label: str, ckpt: Path, args: argparse.Namespace, tmp: Path
 
 
 def post(port: int, path: str, body: bytes | None, method: str = "POST") -> tuple[int, float]:
-    req = urllib.request.Request(f"http://{HOST}:{port}{path}", data=body, method=method,
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"http://{HOST}:{port}{path}", data=body, method=method, headers={"Content-Type": "application/json"}
+    )
     t0 = time.perf_counter()
     try:
         with urllib.request.urlopen(req, timeout=600) as r:
@@ -317,35 +375,49 @@ def expert_change(port: int, xq: np.ndarray, bodies: Path, vectors: int = 500) -
     during = lat[before:]
     stop.set()
     t.join()
-    return {"add_s": add_s, "remove_s": remove_s, "codes": sorted({add_code, remove_code, *codes}),
-            "search_p50_ms_before": 1e3 * float(np.median(lat[:before])),
-            "search_p50_ms_during": 1e3 * float(np.median(during)) if during else float("nan"),
-            "search_max_ms_during": 1e3 * float(np.max(during)) if during else float("nan"), "searches_during": len(during)}
+    return {
+        "add_s": add_s,
+        "remove_s": remove_s,
+        "codes": sorted({add_code, remove_code, *codes}),
+        "search_p50_ms_before": 1e3 * float(np.median(lat[:before])),
+        "search_p50_ms_during": 1e3 * float(np.median(during)) if during else float("nan"),
+        "search_max_ms_during": 1e3 * float(np.max(during)) if during else float("nan"),
+        "searches_during": len(during),
+    }
 
 
 NAMES = ["HTTP, micro-batched", "HTTP, one request per pass", "direct, per query", "direct, batched"]
 
 
 def table(label: str, rows: dict, clients: list[int]) -> str:
-    lines = [f"\n{label}\n", "| path | clients | queries/s | p50 ms | p99 ms | vs HTTP one-per-pass |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"\n{label}\n",
+        "| path | clients | queries/s | p50 ms | p99 ms | vs HTTP one-per-pass |",
+        "|---|---|---|---|---|---|",
+    ]
     for c in clients:
         base = rows[f"{NAMES[1]}/{c}"]["qps"]
         for name in NAMES:
             r = rows[f"{name}/{c}"]
             err = f" ({r['errors']} errors)" if r.get("errors") else ""
-            lines.append(f"| {name} | {c} | {r['qps']:.0f}{err} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-                         f"{r['qps'] / base:.2f}x |")
+            lines.append(
+                f"| {name} | {c} | {r['qps']:.0f}{err} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+                f"{r['qps'] / base:.2f}x |"
+            )
     s = rows.get("server")
     if s:
-        lines.append(f"\nmicro-batching: {s['passes']} passes, mean {s['mean_pass']:.1f} queries per pass, "
-                     f"largest {s['largest_pass']}")
+        lines.append(
+            f"\nmicro-batching: {s['passes']} passes, mean {s['mean_pass']:.1f} queries per pass, "
+            f"largest {s['largest_pass']}"
+        )
     c = rows.get("expert_change")
     if c:
-        lines.append(f"expert change (500 vectors, checkpoint saved each time): add {c['add_s']:.2f} s, remove "
-                     f"{c['remove_s']:.2f} s, HTTP codes {c['codes']}; {c['searches_during']} searches meanwhile, "
-                     f"p50 {c['search_p50_ms_during']:.1f} ms (before {c['search_p50_ms_before']:.1f}), "
-                     f"max {c['search_max_ms_during']:.0f} ms")
+        lines.append(
+            f"expert change (500 vectors, checkpoint saved each time): add {c['add_s']:.2f} s, remove "
+            f"{c['remove_s']:.2f} s, HTTP codes {c['codes']}; {c['searches_during']} searches meanwhile, "
+            f"p50 {c['search_p50_ms_during']:.1f} ms (before {c['search_p50_ms_before']:.1f}), "
+            f"max {c['search_max_ms_during']:.0f} ms"
+        )
     return "\n".join(lines)
 
 
@@ -360,8 +432,12 @@ def main() -> int:
     p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each point")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--top-experts", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=5, help="each point's seconds are split into this many interleaved rounds")
-    p.add_argument("--threads", type=int, default=None, help="torch/FAISS threads for server and direct calls (null = all)")
+    p.add_argument(
+        "--rounds", type=int, default=5, help="each point's seconds are split into this many interleaved rounds"
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch/FAISS threads for server and direct calls (null = all)"
+    )
     p.add_argument("--server-args", nargs="*", default=[], help="extra Hydra overrides for scripts/serve.py")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path)
@@ -378,9 +454,15 @@ def main() -> int:
         return 0
     if not args.ckpt and not args.synthetic:
         p.error("give --ckpt, --synthetic N, or both")
-    report = {"machine": f"{os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.1f}",
-              "threads": args.threads, "rounds": args.rounds, "seconds": args.seconds, "k": args.k, "top_experts": args.top_experts,
-              "checkpoints": {}}
+    report = {
+        "machine": f"{os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.1f}",
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "seconds": args.seconds,
+        "k": args.k,
+        "top_experts": args.top_experts,
+        "checkpoints": {},
+    }
     clients = [int(c) for c in args.clients.split(",")]
     with tempfile.TemporaryDirectory(prefix="moe_load_") as tmp:
         tmp = Path(tmp)
@@ -398,8 +480,10 @@ def main() -> int:
             report["checkpoints"][label] = rows
             print(table(label, rows, clients), flush=True)
     report["load_average_at_end"] = os.getloadavg()[0]
-    print(f"\n{report['machine']}; at end {report['load_average_at_end']:.1f}; "
-          f"k={args.k}, top_experts={args.top_experts}, {args.seconds:.0f} s per point")
+    print(
+        f"\n{report['machine']}; at end {report['load_average_at_end']:.1f}; "
+        f"k={args.k}, top_experts={args.top_experts}, {args.seconds:.0f} s per point"
+    )
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
     return 0

@@ -31,21 +31,21 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import faiss
 import lightning as L
 import numpy as np
 import torch
 
+from moe_router.data.synthetic import cluster_layout, clustered_router, held_out_queries
+from moe_router.gate.model import Gate
 from moe_router.index.exact import exhaustive_index
 from moe_router.index.parallel import lower_blas_threshold
-from moe_router.gate.model import Gate
 from moe_router.metrics import load_stats, recall_at_k
 from moe_router.routing.router import Router
-from moe_router.data.synthetic import cluster_layout, held_out_queries
-from moe_router.data.synthetic import clustered_router
 from moe_router.train.fit import fit_router
 from moe_router.train.module import GateModule
 
@@ -73,13 +73,21 @@ def machine() -> dict[str, Any]:
     """What the numbers were measured on, and how busy it was."""
     mem = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
     return {
-        "cpu": next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name")), platform.processor()),
+        "cpu": next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        ),
         "cpus": len(os.sched_getaffinity(0)),
         "faiss_threads": faiss.omp_get_max_threads(),
         "torch_threads": torch.get_num_threads(),
         "mem_available_gb": int(mem["MemAvailable"].split()[0]) / 1e6,
-        "faiss": faiss.__version__, "torch": torch.__version__, "python": platform.python_version(),
+        "faiss": faiss.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
     }
 
 
@@ -103,17 +111,34 @@ def with_faiss(threads: int | None, block: int, fn: Callable[[], Any]) -> Any:
 
 def train_gate(router, train_queries: int, epochs: int, seed: int, workdir: Path) -> dict[str, Any]:
     """Neighbour targets over a seeded sample of stored vectors, then Lightning on one CPU process."""
-    module = GateModule(Gate(router.dim, router.num_experts),
-                        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.01))
-    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, deterministic=True, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=str(workdir))
-    seconds, fit = timed(lambda: fit_router(router, targets="neighbours", max_queries=train_queries, module=module,
-                                            trainer=trainer, seed=seed))
-    return {"seconds": seconds, "fit_seconds": fit.seconds, "targets_and_validation_seconds": seconds - fit.seconds,
-            "epochs": fit.epochs, "train_queries": train_queries,
-            "target_tflop": train_queries * router.ntotal * router.dim * 2 / 1e12,
-            "val": {k: v for k, v in fit.metrics.items() if k.startswith("val/")}}
+    module = GateModule(
+        Gate(router.dim, router.num_experts), optimizer=functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.01)
+    )
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        deterministic=True,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(workdir),
+    )
+    seconds, fit = timed(
+        lambda: fit_router(
+            router, targets="neighbours", max_queries=train_queries, module=module, trainer=trainer, seed=seed
+        )
+    )
+    return {
+        "seconds": seconds,
+        "fit_seconds": fit.seconds,
+        "targets_and_validation_seconds": seconds - fit.seconds,
+        "epochs": fit.epochs,
+        "train_queries": train_queries,
+        "target_tflop": train_queries * router.ntotal * router.dim * 2 / 1e12,
+        "val": {k: v for k, v in fit.metrics.items() if k.startswith("val/")},
+    }
 
 
 def batch_speed(router, flat, ids: np.ndarray, xq: np.ndarray, k: int, top: int, rounds: int) -> dict[str, Any]:
@@ -130,7 +155,7 @@ def batch_speed(router, flat, ids: np.ndarray, xq: np.ndarray, k: int, top: int,
     for r in range(rounds):
         row: dict[str, float] = {}
         steps = [*EXHAUSTIVE, "routed"]
-        for step in (steps if r % 2 == 0 else steps[::-1]):
+        for step in steps if r % 2 == 0 else steps[::-1]:
             if step == "routed":
                 row["gate"], row["search"], routed_out = routed()
                 row["routed"] = row["gate"] + row["search"]
@@ -141,17 +166,24 @@ def batch_speed(router, flat, ids: np.ndarray, xq: np.ndarray, k: int, top: int,
         row["exhaustive"] = min(row[name] for name in EXHAUSTIVE)
         row["load_avg_1m"] = os.getloadavg()[0]
         rows.append(row)
-        print(f"  round {r + 1}/{rounds}: exhaustive " + ", ".join(f"{row[name]:.2f} s ({name})" for name in EXHAUSTIVE)
-              + f"; routed {row['routed']:.2f} s (gate {row['gate'] * 1e3:.1f} ms); load {row['load_avg_1m']:.1f}",
-              flush=True)
+        print(
+            f"  round {r + 1}/{rounds}: exhaustive "
+            + ", ".join(f"{row[name]:.2f} s ({name})" for name in EXHAUSTIVE)
+            + f"; routed {row['routed']:.2f} s (gate {row['gate'] * 1e3:.1f} ms); load {row['load_avg_1m']:.1f}",
+            flush=True,
+        )
     experts, res = routed_out
     med = {key: float(np.median([row[key] for row in rows])) for key in rows[0]}
     n = len(xq)
     one = router.search_experts(xq, k, experts[:, :1])
     return {
-        "queries": n, "k": k, "top": top, "rounds": rows,
+        "queries": n,
+        "k": k,
+        "top": top,
+        "rounds": rows,
         "median_seconds": med,
-        "routed_qps": n / med["routed"], "exhaustive_qps": n / med["exhaustive"],
+        "routed_qps": n / med["routed"],
+        "exhaustive_qps": n / med["exhaustive"],
         **{f"{name}_qps": n / med[name] for name in EXHAUSTIVE},
         "speedup": float(np.median([row["exhaustive"] / row["routed"] for row in rows])),
         "speedup_vs_faiss_default": float(np.median([row["exhaustive_default"] / row["routed"] for row in rows])),
@@ -175,11 +207,16 @@ def latency(router, flat, xq: np.ndarray, k: int, top: int) -> dict[str, Any]:
         times["gate"].append(t_gate)
         times["routed"].append(t_gate + t_search)
         times["exhaustive"].append(t_flat)
-    ms = {name: {"p50": 1e3 * float(np.percentile(v, 50)), "p99": 1e3 * float(np.percentile(v, 99))}
-          for name, v in times.items()}
-    return {"queries": len(xq), "ms": ms,
-            "p50_ratio": ms["exhaustive"]["p50"] / ms["routed"]["p50"],
-            "p99_ratio": ms["exhaustive"]["p99"] / ms["routed"]["p99"]}
+    ms = {
+        name: {"p50": 1e3 * float(np.percentile(v, 50)), "p99": 1e3 * float(np.percentile(v, 99))}
+        for name, v in times.items()
+    }
+    return {
+        "queries": len(xq),
+        "ms": ms,
+        "p50_ratio": ms["exhaustive"]["p50"] / ms["routed"]["p50"],
+        "p99_ratio": ms["exhaustive"]["p99"] / ms["routed"]["p99"],
+    }
 
 
 def drop_page_cache(path: Path) -> None:
@@ -206,7 +243,7 @@ def save_and_load(router, ckpt: Path, rounds: int, raw_bytes: int) -> dict[str, 
     disk = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
     runs = []
     for r in range(rounds):
-        for verify in ((True, False) if r % 2 == 0 else (False, True)):
+        for verify in (True, False) if r % 2 == 0 else (False, True):
             runs.append({"cache": "warm", **probe_load(ckpt, verify)})
     for verify in (True, False):
         drop_page_cache(ckpt)
@@ -218,12 +255,21 @@ def save_and_load(router, ckpt: Path, rounds: int, raw_bytes: int) -> dict[str, 
             peak = float(np.median([x["after_kb"]["VmHWM"] for x in sel])) * 1e3
             base = float(np.median([x["before_kb"]["VmRSS"] for x in sel])) * 1e3
             summary[f"{cache}_{'verify' if verify else 'no_verify'}"] = {
-                "seconds": float(np.median([x["seconds"] for x in sel])), "runs": len(sel),
-                "peak_rss_gb": peak / 1e9, "peak_over_raw": peak / raw_bytes,
-                "load_only_gb": (peak - base) / 1e9, "load_only_over_raw": (peak - base) / raw_bytes,
+                "seconds": float(np.median([x["seconds"] for x in sel])),
+                "runs": len(sel),
+                "peak_rss_gb": peak / 1e9,
+                "peak_over_raw": peak / raw_bytes,
+                "load_only_gb": (peak - base) / 1e9,
+                "load_only_over_raw": (peak - base) / raw_bytes,
             }
-    return {"save_seconds": save_seconds, "disk_gb": disk / 1e9, "raw_vectors_gb": raw_bytes / 1e9,
-            "summary": summary, "runs": runs, "save_after_add": save_after_add(ckpt)}
+    return {
+        "save_seconds": save_seconds,
+        "disk_gb": disk / 1e9,
+        "raw_vectors_gb": raw_bytes / 1e9,
+        "summary": summary,
+        "runs": runs,
+        "save_after_add": save_after_add(ckpt),
+    }
 
 
 def save_after_add(ckpt: Path) -> dict[str, float]:
@@ -255,8 +301,7 @@ def goals(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for name, target in GOALS.items():
         higher_is_better = name == "routed_speedup"
         value = measured[name]
-        out[name] = {"value": value, "target": target,
-                     "met": value >= target if higher_is_better else value <= target}
+        out[name] = {"value": value, "target": target, "met": value >= target if higher_is_better else value <= target}
     out["load_seconds"]["cold_cache_slowest"] = worst_load["seconds"]
     return out
 
@@ -265,37 +310,51 @@ def print_table(report: dict[str, Any]) -> None:
     b, lat, t, c = report["batch"], report["latency"], report["train"], report["checkpoint"]
     m = b["median_seconds"]
     k = b["k"]
-    print(f"\n{report['n']:,} x {report['d']} vectors, {report['experts']} experts, top-{b['top']}, "
-          f"batch {b['queries']:,}; {report['machine']['cpus']} CPUs, load average "
-          f"{report['load_avg_start'][0]:.1f} at start, {report['load_avg_end'][0]:.1f} at end\n")
+    print(
+        f"\n{report['n']:,} x {report['d']} vectors, {report['experts']} experts, top-{b['top']}, "
+        f"batch {b['queries']:,}; {report['machine']['cpus']} CPUs, load average "
+        f"{report['load_avg_start'][0]:.1f} at start, {report['load_avg_end'][0]:.1f} at end\n"
+    )
     print("| measure | routed (gate + 2 experts) | exhaustive IndexFlatIP | ratio |")
     print("|---|---|---|---|")
-    print(f"| queries/s, batch {b['queries']:,} (median of {len(b['rounds'])}) | {b['routed_qps']:.0f} | "
-          f"{b['exhaustive_qps']:.0f} (fastest way each round; FAISS defaults: {b['exhaustive_default_qps']:.0f}, "
-          f"block {EXHAUSTIVE['exhaustive_large_block'][1]}: {b['exhaustive_large_block_qps']:.0f}, "
-          f"1 thread: {b['exhaustive_one_thread_qps']:.0f}) | "
-          f"{b['speedup']:.2f}x ({b['speedup_vs_faiss_default']:.2f}x vs FAISS defaults) |")
+    print(
+        f"| queries/s, batch {b['queries']:,} (median of {len(b['rounds'])}) | {b['routed_qps']:.0f} | "
+        f"{b['exhaustive_qps']:.0f} (fastest way each round; FAISS defaults: {b['exhaustive_default_qps']:.0f}, "
+        f"block {EXHAUSTIVE['exhaustive_large_block'][1]}: {b['exhaustive_large_block_qps']:.0f}, "
+        f"1 thread: {b['exhaustive_one_thread_qps']:.0f}) | "
+        f"{b['speedup']:.2f}x ({b['speedup_vs_faiss_default']:.2f}x vs FAISS defaults) |"
+    )
     print(f"| gate share of routed time | {100 * b['gate_share']:.2f}% ({1e3 * m['gate']:.1f} ms) | | |")
     for p in ("p50", "p99"):
-        print(f"| latency {p}, batch 1 ({lat['queries']} queries) | {lat['ms']['routed'][p]:.1f} ms "
-              f"(gate {lat['ms']['gate'][p]:.2f} ms) | {lat['ms']['exhaustive'][p]:.1f} ms | "
-              f"{lat[f'{p}_ratio']:.2f}x |")
+        print(
+            f"| latency {p}, batch 1 ({lat['queries']} queries) | {lat['ms']['routed'][p]:.1f} ms "
+            f"(gate {lat['ms']['gate'][p]:.2f} ms) | {lat['ms']['exhaustive'][p]:.1f} ms | "
+            f"{lat[f'{p}_ratio']:.2f}x |"
+        )
     print(f"| recall@{k}, top-2 / top-1 experts | {b[f'recall@{k}']:.4f} / {b[f'recall@{k}@1']:.4f} | 1 | |")
     print(f"| share of vectors scanned | {b['scanned']:.4f} | 1 | |")
-    print(f"\nTraining (neighbour targets, {t['train_queries']:,} sampled pseudo-queries, {t['target_tflop']:.1f} "
-          f"TFLOP of exact search): {t['seconds']:.0f} s in all ({t['targets_and_validation_seconds']:.0f} s targets "
-          f"+ validation, {t['fit_seconds']:.0f} s Lightning fit, {t['epochs']} epochs); "
-          + ", ".join(f"{key} {v:.4f}" for key, v in t["val"].items()))
-    print(f"Checkpoint: saved in {c['save_seconds']:.1f} s, {c['disk_gb']:.2f} GB on disk "
-          f"(raw vectors {c['raw_vectors_gb']:.3f} GB)")
+    print(
+        f"\nTraining (neighbour targets, {t['train_queries']:,} sampled pseudo-queries, {t['target_tflop']:.1f} "
+        f"TFLOP of exact search): {t['seconds']:.0f} s in all ({t['targets_and_validation_seconds']:.0f} s targets "
+        f"+ validation, {t['fit_seconds']:.0f} s Lightning fit, {t['epochs']} epochs); "
+        + ", ".join(f"{key} {v:.4f}" for key, v in t["val"].items())
+    )
+    print(
+        f"Checkpoint: saved in {c['save_seconds']:.1f} s, {c['disk_gb']:.2f} GB on disk "
+        f"(raw vectors {c['raw_vectors_gb']:.3f} GB)"
+    )
     a = c["save_after_add"]
-    print(f"Save after adding one expert: {a['linked_seconds']:.2f} s with unchanged experts linked vs "
-          f"{a['written_seconds']:.2f} s writing every file ({a['speedup']:.1f}x)")
+    print(
+        f"Save after adding one expert: {a['linked_seconds']:.2f} s with unchanged experts linked vs "
+        f"{a['written_seconds']:.2f} s writing every file ({a['speedup']:.1f}x)"
+    )
     print("| load (fresh process) | seconds | peak RSS | peak / raw | load-only RSS / raw |")
     print("|---|---|---|---|---|")
     for name, s in c["summary"].items():
-        print(f"| {name.replace('_', ' ')} (median of {s['runs']}) | {s['seconds']:.2f} | {s['peak_rss_gb']:.2f} GB | "
-              f"{s['peak_over_raw']:.2f} | {s['load_only_over_raw']:.2f} |")
+        print(
+            f"| {name.replace('_', ' ')} (median of {s['runs']}) | {s['seconds']:.2f} | {s['peak_rss_gb']:.2f} GB | "
+            f"{s['peak_over_raw']:.2f} | {s['load_only_over_raw']:.2f} |"
+        )
     print("\nGoals:")
     for name, g in report["goals"].items():
         print(f"  {'met   ' if g['met'] else 'MISSED'} {name}: {g['value']:.4g} (target {g['target']})")
@@ -321,15 +380,23 @@ def main() -> None:
     args = parser.parse_args()
 
     start = time.perf_counter()
-    report: dict[str, Any] = {"n": args.n, "d": args.d, "experts": args.experts, "seed": args.seed,
-                              "machine": machine(), "load_avg_start": os.getloadavg(), "args": vars(args) | {
-                                  "ckpt": str(args.ckpt), "json": str(args.json)}}
+    report: dict[str, Any] = {
+        "n": args.n,
+        "d": args.d,
+        "experts": args.experts,
+        "seed": args.seed,
+        "machine": machine(),
+        "load_avg_start": os.getloadavg(),
+        "args": vars(args) | {"ckpt": str(args.ckpt), "json": str(args.json)},
+    }
     workdir = Path(tempfile.mkdtemp(prefix="moe_router-speed-"))
     ckpt = args.ckpt or workdir / "ckpt"
     try:
         print(f"Building {args.n:,} x {args.d} clustered vectors in {args.experts} experts ...", flush=True)
         layout = cluster_layout(args.d, args.experts, args.seed)
-        report["build_seconds"], router = timed(lambda: clustered_router(args.n, args.d, args.experts, args.seed, layout))
+        report["build_seconds"], router = timed(
+            lambda: clustered_router(args.n, args.d, args.experts, args.seed, layout)
+        )
         xq = held_out_queries(layout, args.batch, args.seed)  # (batch, d)
 
         print(f"Training the gate on neighbour targets of {args.train_queries:,} sampled vectors ...", flush=True)

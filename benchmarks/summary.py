@@ -19,8 +19,19 @@ from pathlib import Path
 REPORTS = Path(__file__).resolve().parents[1] / "reports"
 GATE, CEILING = "gate (ours)", "kNN vote (k=10, oracle ceiling)"
 CHEAP = ("centroid", "multi-prototype (64/expert)", "FAISS IVF-Flat (own k-means, nprobe = experts)")
-COLUMNS = ["setting", "experts", "gate acc@1", "best other acc@1", "gate r@10@1", "best cheap @1", "gate r@10@2",
-           "best cheap @2", "ceiling @2", "dead (gate / ceiling)", "ECE"]
+COLUMNS = [
+    "setting",
+    "experts",
+    "gate acc@1",
+    "best other acc@1",
+    "gate r@10@1",
+    "best cheap @1",
+    "gate r@10@2",
+    "best cheap @2",
+    "ceiling @2",
+    "dead (gate / ceiling)",
+    "ECE",
+]
 
 
 def row(name: str, report: dict) -> list[str]:
@@ -32,10 +43,19 @@ def row(name: str, report: dict) -> list[str]:
     def best_cheap(t: int) -> float:
         return max(routers[n][f"recall@10@{t}"] for n in CHEAP if n in routers)
 
-    return [name, str(report["experts"]), f"{gate['acc@1']:.3f}", f"{max(others):.3f}", f"{gate['recall@10@1']:.3f}",
-            f"{best_cheap(1):.3f}", f"{gate['recall@10@2']:.3f}", f"{best_cheap(2):.3f}",
-            f"{ceiling['recall@10@2']:.3f}", f"{gate['load@1']['dead']} / {ceiling['load@1']['dead']}",
-            f"{report['calibration']['calibrated']['ece']:.3f}"]
+    return [
+        name,
+        str(report["experts"]),
+        f"{gate['acc@1']:.3f}",
+        f"{max(others):.3f}",
+        f"{gate['recall@10@1']:.3f}",
+        f"{best_cheap(1):.3f}",
+        f"{gate['recall@10@2']:.3f}",
+        f"{best_cheap(2):.3f}",
+        f"{ceiling['recall@10@2']:.3f}",
+        f"{gate['load@1']['dead']} / {ceiling['load@1']['dead']}",
+        f"{report['calibration']['calibrated']['ece']:.3f}",
+    ]
 
 
 def main() -> None:

@@ -8,13 +8,19 @@ from moe_router.lazy import lazy_exports
 
 _EXPORTS = {
     "CheckpointError": "moe_router.checkpoint.format",
-    "CachedEmbedder": "moe_router.embed", "Embedder": "moe_router.embed", "HashingEmbedder": "moe_router.embed",
+    "CachedEmbedder": "moe_router.embed",
+    "Embedder": "moe_router.embed",
+    "HashingEmbedder": "moe_router.embed",
     "MiniLMEmbedder": "moe_router.embed",
-    "Gate": "moe_router.gate.model", "GateOutput": "moe_router.gate.model",
+    "Gate": "moe_router.gate.model",
+    "GateOutput": "moe_router.gate.model",
     "Expert": "moe_router.index.expert",
     "Router": "moe_router.routing.router",
-    "ExpertScore": "moe_router.types", "ExpertStats": "moe_router.types", "Hit": "moe_router.types",
-    "RoutedSearch": "moe_router.types", "SearchHits": "moe_router.types",
+    "ExpertScore": "moe_router.types",
+    "ExpertStats": "moe_router.types",
+    "Hit": "moe_router.types",
+    "RoutedSearch": "moe_router.types",
+    "SearchHits": "moe_router.types",
 }
 __getattr__ = lazy_exports(__name__, _EXPORTS)
 __all__ = sorted(_EXPORTS)

@@ -1,11 +1,11 @@
 """`moe-router`: route and search with a trained checkpoint from the terminal.
 
-    moe-router route  --ckpt checkpoints/demo "How do I fix an auth bug?" "Flexbox centering"
-    moe-router search --ckpt checkpoints/demo -k 3 --top-experts 2 "How do I fix an auth bug?"
-    moe-router search --ckpt checkpoints/demo -k 3 --top-experts 2 --per-expert "How do I fix an auth bug?"
-    moe-router search --ckpt checkpoints/demo -k 3 --top-p 0.9 --max-experts 4 "How do I fix an auth bug?"
-    moe-router stats  --ckpt checkpoints/demo
-    moe-router search --ckpt checkpoints/demo --backend ray --ray-address auto "How do I fix an auth bug?"
+moe-router route  --ckpt checkpoints/demo "How do I fix an auth bug?" "Flexbox centering"
+moe-router search --ckpt checkpoints/demo -k 3 --top-experts 2 "How do I fix an auth bug?"
+moe-router search --ckpt checkpoints/demo -k 3 --top-experts 2 --per-expert "How do I fix an auth bug?"
+moe-router search --ckpt checkpoints/demo -k 3 --top-p 0.9 --max-experts 4 "How do I fix an auth bug?"
+moe-router stats  --ckpt checkpoints/demo
+moe-router search --ckpt checkpoints/demo --backend ray --ray-address auto "How do I fix an auth bug?"
 """
 
 from __future__ import annotations
@@ -39,10 +39,21 @@ def _print_routes(router: Router, queries: list[str], top_experts: int, adaptive
             print(f"  {r.expert:<24} confidence {confidence(r.probability)}")
 
 
-def _print_hits(router: Router, queries: list[str], k: int, top_experts: int, per_expert: bool, adaptive: dict,
-                prior_weight: float | None = None) -> None:
-    for query, hits in zip(queries, router.search(queries, k=k, top_experts=top_experts, per_expert=per_expert,
-                                                  prior_weight=prior_weight, **adaptive)):
+def _print_hits(
+    router: Router,
+    queries: list[str],
+    k: int,
+    top_experts: int,
+    per_expert: bool,
+    adaptive: dict,
+    prior_weight: float | None = None,
+) -> None:
+    for query, hits in zip(
+        queries,
+        router.search(
+            queries, k=k, top_experts=top_experts, per_expert=per_expert, prior_weight=prior_weight, **adaptive
+        ),
+    ):
         print(f'\nQuery: "{query}"')
         if hits.missing_experts:  # a Ray expert actor that did not answer: the hits are the others'
             print(f"  (no answer from {', '.join(hits.missing_experts)}: hits from the other experts only)")
@@ -61,8 +72,10 @@ def _print_stats(router: Router) -> None:
     width = max(len(s.name) for s in stats)
     for s in stats:
         bar = "█" * int(round(s.load_share * 50))
-        print(f"{s.name:<{width}} {bar} {100 * s.load_share:5.1f}%  queries {s.queries}, "
-              f"mean confidence {s.mean_confidence:.3f}, vectors {s.vectors}")
+        print(
+            f"{s.name:<{width}} {bar} {100 * s.load_share:5.1f}%  queries {s.queries}, "
+            f"mean confidence {s.mean_confidence:.3f}, vectors {s.vectors}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,27 +85,43 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("route", "search", "stats"):
         p = sub.add_parser(name)
         p.add_argument("--ckpt", required=True, help="checkpoint directory written by scripts/train.py")
-        p.add_argument("--backend", choices=("local", "ray"), default="local",
-                       help="where the experts live: this process, or Ray actors (pip install -e '.[ray]')")
-        p.add_argument("--ray-address", default=None, help="Ray cluster to join with --backend ray (default: start one)")
+        p.add_argument(
+            "--backend",
+            choices=("local", "ray"),
+            default="local",
+            help="where the experts live: this process, or Ray actors (pip install -e '.[ray]')",
+        )
+        p.add_argument(
+            "--ray-address", default=None, help="Ray cluster to join with --backend ray (default: start one)"
+        )
         if name != "stats":
             p.add_argument("queries", nargs="+", help="query texts")
             p.add_argument("--top-experts", type=int, default=2, help="experts searched per query")
-            p.add_argument("--top-p", type=float, default=None,
-                           help="adaptive: the fewest experts whose calibrated probability reaches this mass (0 < p <= 1)")
+            p.add_argument(
+                "--top-p",
+                type=float,
+                default=None,
+                help="adaptive: the fewest experts whose calibrated probability reaches this mass (0 < p <= 1)",
+            )
             p.add_argument("--max-experts", type=int, default=4, help="with --top-p: the most experts per query")
         if name == "search":
             p.add_argument("-k", type=int, default=3, help="hits per query (per expert with --per-expert)")
             p.add_argument("--per-expert", action="store_true", help="k hits from each searched expert, not k in all")
-            p.add_argument("--prior-weight", type=float, default=None,
-                           help="merge hits by score + w * log p(expert) (default: the checkpoint's; 0 = by score)")
+            p.add_argument(
+                "--prior-weight",
+                type=float,
+                default=None,
+                help="merge hits by score + w * log p(expert) (default: the checkpoint's; 0 = by score)",
+            )
     args = parser.parse_args(argv)
     try:
         router = Router.load(args.ckpt, backend=args.backend, ray_address=args.ray_address)
         if args.command == "route":
             _print_routes(router, args.queries, args.top_experts, _adaptive(args))
         elif args.command == "search":
-            _print_hits(router, args.queries, args.k, args.top_experts, args.per_expert, _adaptive(args), args.prior_weight)
+            _print_hits(
+                router, args.queries, args.k, args.top_experts, args.per_expert, _adaptive(args), args.prior_weight
+            )
         else:
             _print_stats(router)
     except (CheckpointError, ValueError, KeyError, ImportError) as exc:

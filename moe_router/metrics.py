@@ -101,7 +101,9 @@ def ece_noise_floor(confidence: np.ndarray, bins: int = 15, draws: int = 1000, s
     if confidence.ndim != 1 or not len(confidence):
         raise ValueError(f"ece_noise_floor needs a non-empty 1-d array of confidences, got shape {confidence.shape}")
     rng = np.random.default_rng(seed)
-    values = [expected_calibration_error(confidence, rng.random(len(confidence)) < confidence, bins) for _ in range(draws)]
+    values = [
+        expected_calibration_error(confidence, rng.random(len(confidence)) < confidence, bins) for _ in range(draws)
+    ]
     return NoiseFloor(float(np.mean(values)), float(np.quantile(values, 0.9)))
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 MAX_PARAMS = 900  # SQLite's default limit on bound parameters is 999; leave room for the others
 

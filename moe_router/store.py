@@ -6,15 +6,14 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
 from moe_router.sqlite import select_in
 from moe_router.types import FeedbackRecord
-
-
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -68,7 +67,7 @@ class MetadataStore:
             raise ValueError(f"metadata store {what} is not a valid SQLite database: {exc}") from None
 
     @classmethod
-    def from_image(cls, image: bytes, what: str | Path) -> "MetadataStore":
+    def from_image(cls, image: bytes, what: str | Path) -> MetadataStore:
         """A private in-memory store holding the database file whose bytes are `image` (nothing refers to the file).
 
         How a checkpoint's store is loaded: read once (and checksummed) by the caller, so loading
@@ -87,7 +86,9 @@ class MetadataStore:
         if not {"items", "feedback"} <= tables:
             raise sqlite3.DatabaseError(f"it has no items and feedback tables (tables: {sorted(tables)})")
 
-    def add(self, ids: Sequence[int], expert: str, texts: Sequence[str | None], payloads: Sequence[dict | None]) -> None:
+    def add(
+        self, ids: Sequence[int], expert: str, texts: Sequence[str | None], payloads: Sequence[dict | None]
+    ) -> None:
         rows = [
             (int(i), expert, t, json.dumps(p) if p is not None else None)
             for i, t, p in zip(ids, texts, payloads, strict=True)
@@ -100,7 +101,9 @@ class MetadataStore:
         wanted = sorted({int(i) for i in ids if i >= 0})
         out: dict[int, tuple[str | None, dict]] = {}
         with self._lock:
-            for i, text, payload in select_in(self.conn, "SELECT id, text, payload FROM items WHERE id IN ({marks})", wanted):
+            for i, text, payload in select_in(
+                self.conn, "SELECT id, text, payload FROM items WHERE id IN ({marks})", wanted
+            ):
                 out[i] = (text, json.loads(payload) if payload else {})
         return out
 
@@ -113,7 +116,9 @@ class MetadataStore:
         """Delete the expert's items; its feedback stays as an audit log, set apart from any later expert of that name."""
         with self._lock, self.conn:
             self.conn.execute("DELETE FROM items WHERE expert = ?", (name,))
-            self.conn.execute("UPDATE feedback SET removed = ? WHERE expert = ? AND removed IS NULL", (time.time(), name))
+            self.conn.execute(
+                "UPDATE feedback SET removed = ? WHERE expert = ? AND removed IS NULL", (time.time(), name)
+            )
 
     def add_feedback(self, query: str | None, vector: np.ndarray, expert: str, positive: bool) -> int:
         with self._lock, self.conn:
@@ -129,7 +134,9 @@ class MetadataStore:
             self.conn.execute("DELETE FROM feedback WHERE seq = ?", (int(seq),))
 
     def feedback(
-        self, expert: str | None = None, include_removed: bool = False,
+        self,
+        expert: str | None = None,
+        include_removed: bool = False,
     ) -> list[FeedbackRecord]:
         """Feedback records, oldest first.
 
@@ -177,7 +184,8 @@ class MetadataStore:
         """expert -> (feedback rows, positive rows)."""
         with self._lock:
             rows = self.conn.execute(
-                "SELECT expert, COUNT(*), SUM(positive) FROM feedback WHERE removed IS NULL GROUP BY expert").fetchall()
+                "SELECT expert, COUNT(*), SUM(positive) FROM feedback WHERE removed IS NULL GROUP BY expert"
+            ).fetchall()
         return {e: (int(n), int(p or 0)) for e, n, p in rows}
 
     def experts_of(self, ids: Iterable[int]) -> dict[int, str]:
@@ -188,7 +196,7 @@ class MetadataStore:
             out.update(select_in(self.conn, "SELECT id, expert FROM items WHERE id IN ({marks})", wanted))
         return out
 
-    def in_memory_copy(self) -> "MetadataStore":
+    def in_memory_copy(self) -> MetadataStore:
         """A private in-memory copy: changes to it never touch this store's file (saved later, atomically)."""
         copy = MetadataStore(None)
         with self._lock:

@@ -12,7 +12,9 @@ METRICS = ("ip", "l2")
 
 def check_metric(metric: str) -> str:
     if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS} ('ip' = inner product on normalised vectors), got {metric!r}")
+        raise ValueError(
+            f"metric must be one of {METRICS} ('ip' = inner product on normalised vectors), got {metric!r}"
+        )
     return metric
 
 
@@ -64,7 +66,9 @@ def as_array(x: Any, what: str = "vectors") -> np.ndarray:
     if raw.dtype.kind == "c":
         raise ValueError(f"{what} are complex ({raw.dtype}); expected real numbers (take .real or abs() first)")
     if raw.dtype.kind not in "biuf":
-        raise ValueError(f"{what} must be numeric arrays of shape (n, d), got dtype {raw.dtype}: {_first_bad_element(x)}")
+        raise ValueError(
+            f"{what} must be numeric arrays of shape (n, d), got dtype {raw.dtype}: {_first_bad_element(x)}"
+        )
     with np.errstate(over="ignore"):  # float64 past float32's range becomes inf, rejected by as_matrix
         return raw.astype(np.float32, copy=False)
 
@@ -90,7 +94,9 @@ def as_matrix(x: Any, dim: int | None, what: str = "vectors") -> np.ndarray:
     finite = np.isfinite(arr).all(axis=1)
     if not finite.all():
         bad = np.flatnonzero(~finite)
-        raise ValueError(f"{what} contain NaN or inf in {len(bad)} row(s) (first: row {bad[0]}); expected finite values")
+        raise ValueError(
+            f"{what} contain NaN or inf in {len(bad)} row(s) (first: row {bad[0]}); expected finite values"
+        )
     return np.ascontiguousarray(arr)
 
 
@@ -103,9 +109,11 @@ def check_l2_range(x: np.ndarray, what: str = "vectors") -> np.ndarray:
     sq = np.einsum("ij,ij->i", x.astype(np.float64), x.astype(np.float64))  # (n,)
     over = np.flatnonzero(sq > MAX_SQUARED_NORM)
     if len(over):
-        raise ValueError(f"{what}: {len(over)} row(s) too large for metric 'l2' (first: row {over[0]}, squared norm "
-                         f"{sq[over[0]]:.3g}); expected squared norms <= {MAX_SQUARED_NORM:.3g} so float32 "
-                         "distances stay finite (scale the vectors down)")
+        raise ValueError(
+            f"{what}: {len(over)} row(s) too large for metric 'l2' (first: row {over[0]}, squared norm "
+            f"{sq[over[0]]:.3g}); expected squared norms <= {MAX_SQUARED_NORM:.3g} so float32 "
+            "distances stay finite (scale the vectors down)"
+        )
     return x
 
 

@@ -11,13 +11,26 @@ def main(cfg: DictConfig) -> None:
     r = evaluate(cfg)
     print(f"\n{r['dataset']} {r['split']}: {r['queries']} queries, {r['experts']} experts, {r['vectors']} vectors")
     if r.get("kind") == "retrieval":
-        for key in ("source_acc@1", "ndcg@10@1", "ndcg@10@2", "ndcg@10@adaptive", "sources@adaptive",
-                    "ndcg@10@exhaustive", "ndcg@10@oracle", "recall@100@adaptive", "ece"):
+        for key in (
+            "source_acc@1",
+            "ndcg@10@1",
+            "ndcg@10@2",
+            "ndcg@10@adaptive",
+            "sources@adaptive",
+            "ndcg@10@exhaustive",
+            "ndcg@10@oracle",
+            "recall@100@adaptive",
+            "ece",
+        ):
             print(f"  {key:<20} {r[key]:.4f}")
         print(f"Tables and plots: {r['out_dir']}/ (table.md, report.json, frontier.png)")
         return
-    for key in ("acc@1", "acc@2", *(f"recall@{cfg.k}@{t}" for t in cfg.experts_searched),
-                *(f"scanned@{t}" for t in cfg.experts_searched)):
+    for key in (
+        "acc@1",
+        "acc@2",
+        *(f"recall@{cfg.k}@{t}" for t in cfg.experts_searched),
+        *(f"scanned@{t}" for t in cfg.experts_searched),
+    ):
         if key in r:
             print(f"  {key:<14} {r[key]:.4f}")
     load = r["load@1"]
@@ -26,10 +39,14 @@ def main(cfg: DictConfig) -> None:
     if "out_of_scope" in r:
         print(f"  OOS AUROC      {r['routers']['gate (ours)']['oos_auroc']:.4f}")
     for s in r["speed"].values():
-        print(f"  batch {s['batch']:<8} routed {s['routed_qps']:.0f} q/s vs exhaustive {s['exhaustive_qps']:.0f} q/s "
-              f"({s['speedup']:.2f}x, same run); gate {100 * s['gate_share']:.1f}% of routed time")
+        print(
+            f"  batch {s['batch']:<8} routed {s['routed_qps']:.0f} q/s vs exhaustive {s['exhaustive_qps']:.0f} q/s "
+            f"({s['speedup']:.2f}x, same run); gate {100 * s['gate_share']:.1f}% of routed time"
+        )
     if cfg.out_dir:
-        print(f"Tables and plots: {cfg.out_dir}/ (table.md, report.json, recall.png, frontier.png, load.png, reliability.png)")
+        print(
+            f"Tables and plots: {cfg.out_dir}/ (table.md, report.json, recall.png, frontier.png, load.png, reliability.png)"
+        )
     if cfg.report:
         print(f"Report: {cfg.report}")
 

@@ -48,7 +48,12 @@ def write_jsonl(path: Path, seed: int = 0, train: int = 12, val: int = 4, test: 
         for split, n in (("train", train), ("val", val), ("test", test)):
             for domain in VOCAB:
                 for i in range(n):
-                    row = {"text": sentence(domain, rng), "domain": domain, "label": f"{domain}_{i % 2}", "split": split}
+                    row = {
+                        "text": sentence(domain, rng),
+                        "domain": domain,
+                        "label": f"{domain}_{i % 2}",
+                        "split": split,
+                    }
                     f.write(json.dumps(row) + "\n")
     return path
 
@@ -92,8 +97,11 @@ def make_router(metric: str = "ip", seed: int = 0, gate: bool = True) -> Router:
     router = Router(DIM, metric)
     for i, (n, xb) in enumerate(zip(SIZES, clusters(len(SIZES), max(SIZES), DIM, seed))):
         router.add_expert(
-            f"expert{i}", xb[:n], texts=[f"doc {i}-{j}" for j in range(n)],
-            specialization=f"topic {i}", metadata=[{"expert": i, "row": j} for j in range(n)],
+            f"expert{i}",
+            xb[:n],
+            texts=[f"doc {i}-{j}" for j in range(n)],
+            specialization=f"topic {i}",
+            metadata=[{"expert": i, "row": j} for j in range(n)],
         )
     if gate:
         torch.manual_seed(seed)  # the gate's MLP body starts from torch's (seeded) random init

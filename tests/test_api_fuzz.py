@@ -18,13 +18,15 @@ import os
 import random
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from moe_router import HashingEmbedder, Router
 from moe_router.lifecycle.merge_split import merge_experts, split_expert
@@ -38,9 +40,18 @@ COUNTS: Counter = Counter()  # calls made, by operation and outcome (written to 
 def router_digest(router: Router) -> str:
     """Everything a call may change and a checkpoint holds."""
     h = hashlib.sha256()
-    h.update(json.dumps([router.dim, router.metric, router.abstain_threshold,
-                         [(e.name, e.specialization, e.parent) for e in router.experts],
-                         router.routing_stats.counts.tolist(), router.routing_stats.confidence_sums.tolist()]).encode())
+    h.update(
+        json.dumps(
+            [
+                router.dim,
+                router.metric,
+                router.abstain_threshold,
+                [(e.name, e.specialization, e.parent) for e in router.experts],
+                router.routing_stats.counts.tolist(),
+                router.routing_stats.confidence_sums.tolist(),
+            ]
+        ).encode()
+    )
     for e in router.experts:
         h.update(e.vectors().tobytes())
         h.update(e.ids.tobytes())
@@ -53,8 +64,14 @@ def router_digest(router: Router) -> str:
 
 
 def disk_digest(path: Path) -> dict[str, str]:
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(path.rglob("*"))} if path.exists() else {}
+    return (
+        {
+            str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(path.rglob("*"))
+        }
+        if path.exists()
+        else {}
+    )
 
 
 def check_invariants(router: Router) -> None:
@@ -85,8 +102,12 @@ def base_router() -> Router:
     rng = np.random.default_rng(0)
     router = Router(DIM, "ip", embedder=HashingEmbedder(DIM, seed=0))
     for name in ("a", "b", "c"):
-        router.add_expert(name, vectors=rng.standard_normal((6, DIM)).astype(np.float32),
-                          texts=[f"{name} text {i}" for i in range(6)], metadata=[{"i": i} for i in range(6)])
+        router.add_expert(
+            name,
+            vectors=rng.standard_normal((6, DIM)).astype(np.float32),
+            texts=[f"{name} text {i}" for i in range(6)],
+            metadata=[{"i": i} for i in range(6)],
+        )
     torch.manual_seed(0)
     router.init_gate(hidden_dims=[8], dropout=0.0)
     return router
@@ -120,12 +141,22 @@ class Vectors(Pick):
     def pick(self, rnd: random.Random) -> Any:
         kind, n = super().pick(rnd), rnd.randint(*self.rows)
         x = np.random.default_rng(rnd.randrange(100)).standard_normal((n, DIM)).astype(np.float32)
-        return {"ok": x, "dim": x[:, :-1], "nan": np.where(np.arange(DIM) == 0, np.nan, x), "empty": x[:0],
-                "1d": x[0], "text": ["a question", "another"][:n], "ragged": [[1.0] * DIM, [1.0]],
-                "mixed": [x[0].tolist(), "a question"], "complex": x.astype(np.complex64)}[kind]
+        return {
+            "ok": x,
+            "dim": x[:, :-1],
+            "nan": np.where(np.arange(DIM) == 0, np.nan, x),
+            "empty": x[:0],
+            "1d": x[0],
+            "text": ["a question", "another"][:n],
+            "ragged": [[1.0] * DIM, [1.0]],
+            "mixed": [x[0].tolist(), "a question"],
+            "complex": x.astype(np.complex64),
+        }[kind]
 
 
-NAMES = Pick([("existing", 0), ("existing", 1), ("existing", 2)], [("literal", v) for v in ["ghost", "", None, 5, "  "]])
+NAMES = Pick(
+    [("existing", 0), ("existing", 1), ("existing", 2)], [("literal", v) for v in ["ghost", "", None, 5, "  "]]
+)
 NEW_NAMES = Pick(["new1", "new2", "new3", "new4", "new5", "new6"], [("existing", 0), "", None, 5, "  "])
 COUNT = Pick([1, 2, 3], [0, -1, 9, 40, True, 2.5, "2", None])
 BOOL = Pick([True, False], [])
@@ -148,7 +179,11 @@ def op_route(d) -> tuple[str, Callable, tuple[str, ...]]:
 
 def op_search(d):
     q, k, top, per = d(Vectors()), d(COUNT), d(COUNT), d(BOOL)
-    return "search", lambda r, ctx: r.search(q, k=k, top_experts=top, per_expert=per), ("k ", "k must", "top_experts", "quer", "vector")
+    return (
+        "search",
+        lambda r, ctx: r.search(q, k=k, top_experts=top, per_expert=per),
+        ("k ", "k must", "top_experts", "quer", "vector"),
+    )
 
 
 def op_add(d):
@@ -159,6 +194,7 @@ def op_add(d):
         n = len(x) if hasattr(x, "__len__") else 0
         t = None if texts == "none" else [f"t{i}" for i in range(n if texts == "match" else n + 1)]
         return r.add_expert(resolve(r, name), vectors=x, texts=t)
+
     return "add", call, ("name", "expert", "vector", "text")
 
 
@@ -170,7 +206,11 @@ def op_remove(d):
 def op_merge(d):
     a, b = d(NAMES), d(NAMES)
     name = d(Pick([None, "m1", "m2"], [("existing", 2), "", 7]))
-    return "merge", lambda r, ctx: merge_experts(r, resolve(r, a), resolve(r, b), resolve(r, name)), ("expert", "merg", "name")
+    return (
+        "merge",
+        lambda r, ctx: merge_experts(r, resolve(r, a), resolve(r, b), resolve(r, name)),
+        ("expert", "merg", "name"),
+    )
 
 
 def op_split(d):
@@ -180,11 +220,20 @@ def op_split(d):
 
 def op_feedback(d):
     one = np.random.default_rng(d(Pick(list(range(100)), []))).standard_normal(DIM).astype(np.float32)
-    q = {"vector": one, "text": "a question", "batch": np.stack([one, one]), "nan": np.full(DIM, np.nan, np.float32),
-         "dim": one[:-1], "empty": ""}[d(Pick(["vector", "text"], ["batch", "nan", "dim", "empty"]))]
+    q = {
+        "vector": one,
+        "text": "a question",
+        "batch": np.stack([one, one]),
+        "nan": np.full(DIM, np.nan, np.float32),
+        "dim": one[:-1],
+        "empty": "",
+    }[d(Pick(["vector", "text"], ["batch", "nan", "dim", "empty"]))]
     name, positive = d(NAMES), d(Pick([True, False], ["no", 1, None]))
-    return "feedback", lambda r, ctx: r.record_feedback(q, resolve(r, name), positive), \
-        ("expert", "quer", "vector", "feedback", "positive")
+    return (
+        "feedback",
+        lambda r, ctx: r.record_feedback(q, resolve(r, name), positive),
+        ("expert", "quer", "vector", "feedback", "positive"),
+    )
 
 
 def op_save(d):
@@ -193,6 +242,7 @@ def op_save(d):
     def call(r, ctx):
         r.save(ctx["root"] / target)
         ctx["saved"] = router_digest(r)
+
     return "save", call, ("checkpoint", "directory")
 
 
@@ -203,6 +253,7 @@ def op_load(d):
         loaded = Router.load(ctx["root"] / source)
         assert router_digest(loaded) == ctx["saved"], "load did not give back what was saved"
         ctx["router"] = loaded
+
     return "load", call, ("checkpoint", source)
 
 
@@ -215,8 +266,12 @@ def programs(draw) -> list:
     return [rnd.choice(OPS)(lambda spec: spec.pick(rnd)) for _ in range(draw(st.integers(1, 12)))]
 
 
-@settings(max_examples=int(os.environ.get("MOE_FUZZ_EXAMPLES", 60)), deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=int(os.environ.get("MOE_FUZZ_EXAMPLES", 60)),
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(programs())
 def test_api_fuzz__calls_succeed_with_invariants_or_fail_cleanly_changing_nothing(program) -> None:
     with tempfile.TemporaryDirectory() as tmp:
@@ -235,7 +290,9 @@ def test_api_fuzz__calls_succeed_with_invariants_or_fail_cleanly_changing_nothin
                 if os.environ.get("MOE_FUZZ_DEBUG"):
                     print(name, type(exc).__name__, str(exc)[:150])
                 message = str(exc)
-                assert any(t in message for t in tokens), f"{name}: {type(exc).__name__} does not name its argument: {message}"
+                assert any(t in message for t in tokens), (
+                    f"{name}: {type(exc).__name__} does not name its argument: {message}"
+                )
                 assert router_digest(router) == before, f"{name} failed ({message}) but changed the router"
                 assert disk_digest(root / "ckpt") == disk, f"{name} failed ({message}) but changed the checkpoint"
                 continue

@@ -53,7 +53,9 @@ def test_load_beir__documents_queries_and_judgments_match_the_files(beir_root: P
         assert set(qrels) == set(ids)
         assert all(sorted(rel.values()) == [1, 2] for rel in qrels.values())  # score 0 is not relevant
     assert data.queries("val") == data.queries("dev")
-    texts = {json.loads(line)["_id"]: json.loads(line)["text"] for line in _rows(beir_root / "finance" / "queries.jsonl")}
+    texts = {
+        json.loads(line)["_id"]: json.loads(line)["text"] for line in _rows(beir_root / "finance" / "queries.jsonl")
+    }
     got = dict(zip(data.query_ids("dev"), data.queries("dev")))
     assert all(got[q] == texts[q] for q in got if q.startswith("finance"))
     assert data.oos_texts("dev") == []
@@ -87,8 +89,13 @@ MALFORMED = [
     ("cooking/corpus.jsonl", 3, b'{"title": "t", "text": "b"}', "missing field '_id'"),
     ("cooking/corpus.jsonl", 4, b'{"_id": "cooking-new", "title": "t"}', "missing field 'text'"),
     ("cooking/corpus.jsonl", 5, b'{"_id": "cooking-new", "title": 3, "text": "b"}', "field 'title' must be a string"),
-    ("cooking/corpus.jsonl", 6, b'{"_id": "cooking-d0", "text": "b"}', "duplicate _id 'cooking-d0' \\(first on line 1\\)"),
-    ("cooking/corpus.jsonl", 7, b'[1, 2]', "expected a JSON object"),
+    (
+        "cooking/corpus.jsonl",
+        6,
+        b'{"_id": "cooking-d0", "text": "b"}',
+        "duplicate _id 'cooking-d0' \\(first on line 1\\)",
+    ),
+    ("cooking/corpus.jsonl", 7, b"[1, 2]", "expected a JSON object"),
     ("cooking/corpus.jsonl", 8, b'{"_id": "caf\xe9", "text": "b"}', "not UTF-8"),
     ("finance/qrels/dev.tsv", 2, b"finance-dev-q0\tfinance-d1", "expected 3 tab-separated columns"),
     ("finance/qrels/dev.tsv", 3, b"finance-dev-q0\tfinance-d1\thigh", "score must be an integer, got 'high'"),
@@ -100,8 +107,9 @@ MALFORMED = [
 
 
 @pytest.mark.parametrize(("rel", "line", "content", "message"), MALFORMED, ids=[m[3][:30] for m in MALFORMED])
-def test_malformed_file__raises_value_error_naming_file_and_line(beir_root: Path, rel: str, line: int,
-                                                                 content: bytes, message: str) -> None:
+def test_malformed_file__raises_value_error_naming_file_and_line(
+    beir_root: Path, rel: str, line: int, content: bytes, message: str
+) -> None:
     path = _corrupt(beir_root, rel, line, content)
     with pytest.raises(ValueError, match=f"^{re.escape(str(path))}:{line}: {message}"):
         load_beir(beir_root).queries("dev")
@@ -111,7 +119,9 @@ def test_qrels_naming_an_unknown_query__raises_naming_the_file(beir_root: Path) 
     path = beir_root / "cooking" / "qrels" / "dev.tsv"
     with open(path, "a") as f:
         f.write("cooking-ghost\tcooking-d1\t1\n")
-    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: query-id 'cooking-ghost' is not in .*queries.jsonl"):
+    with pytest.raises(
+        ValueError, match=f"^{re.escape(str(path))}: query-id 'cooking-ghost' is not in .*queries.jsonl"
+    ):
         load_beir(beir_root).queries("dev")
 
 
@@ -169,8 +179,9 @@ def opened(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return seen
 
 
-def test_train_through_data_beir__never_opens_test_judgments(beir_root: Path, tmp_path: Path,
-                                                              opened: list[str]) -> None:
+def test_train_through_data_beir__never_opens_test_judgments(
+    beir_root: Path, tmp_path: Path, opened: list[str]
+) -> None:
     for source in SOURCES:  # were the test files read, loading would fail on them
         (beir_root / source / "qrels" / "test.tsv").write_bytes(b"query-id\tcorpus-id\tscore\n\xff\xfe broken\n")
     opened.clear()  # the writes above went through open too
@@ -201,8 +212,9 @@ def test_query_targets__gold_one_hot_mixed_with_the_sources_of_the_exhaustive_to
     _, rows = brute_force(xq, xb, np.arange(len(xb)), 10, "ip")
     shares = np.stack([np.bincount(owner[r], minlength=router_ip.num_experts) / 10 for r in rows])
     np.testing.assert_allclose(query_targets(router_ip, xq, gold, exhaustive_weight=1.0), shares, atol=1e-6)
-    np.testing.assert_allclose(query_targets(router_ip, xq, gold, exhaustive_weight=0.3), 0.7 * one_hot + 0.3 * shares,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        query_targets(router_ip, xq, gold, exhaustive_weight=0.3), 0.7 * one_hot + 0.3 * shares, atol=1e-6
+    )
     counts = np.zeros((len(xq), router_ip.num_experts))
     counts[:, 1], counts[:, 2] = 3, 1  # relevant documents in two sources: shares 3/4 and 1/4
     np.testing.assert_allclose(query_targets(router_ip, xq, counts)[0], [0, 0.75, 0.25, 0])
@@ -243,9 +255,21 @@ def test_fit_router_with_query_pairs_only__learns_where_the_queries_go_not_where
     pairs = Pairs(xq[::2], query_targets(router, xq[::2], gold[::2]), 1.0)
     val = [router.expert_names[g] for g in gold[1::2]]
     router.install_gate(Gate(8, 2, hidden_dims=[16], dropout=0.0), seed=0)
-    fit_router(router, xq[1::2], val, extra=[pairs], stored_weight=0.0, trainer=L.Trainer(
-        max_epochs=60, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False))
+    fit_router(
+        router,
+        xq[1::2],
+        val,
+        extra=[pairs],
+        stored_weight=0.0,
+        trainer=L.Trainer(
+            max_epochs=60,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        ),
+    )
     assert accuracy_at_k(router.gate_probs(xq[1::2]), gold[1::2], 1) == 1.0
 
 
@@ -257,9 +281,18 @@ def test_empty_document__is_embedded_as_its_id(tmp_path: Path) -> None:
 
 
 def test_train_with_query_prototypes__adds_each_training_query_as_a_prototype_of_its_source(
-        beir_root: Path, tmp_path: Path) -> None:
-    cfg = compose_config("train", [*_train_overrides(tmp_path), "data=beir", f"data.root={beir_root}",
-                                   "targets.query_prototypes=true", "model.prototypes_per_expert=2"])
+    beir_root: Path, tmp_path: Path
+) -> None:
+    cfg = compose_config(
+        "train",
+        [
+            *_train_overrides(tmp_path),
+            "data=beir",
+            f"data.root={beir_root}",
+            "targets.query_prototypes=true",
+            "model.prototypes_per_expert=2",
+        ],
+    )
     train(cfg)
     gate = Router.load(tmp_path / "ckpt").gate
     data = load_beir(beir_root)
@@ -272,8 +305,10 @@ def test_train_with_query_prototypes__adds_each_training_query_as_a_prototype_of
 def test_pseudo_queries__titles_and_first_sentences_of_each_source(tmp_path: Path) -> None:
     root = tmp_path / "b"
     (root / "s").mkdir(parents=True)
-    docs = [{"_id": "1", "title": "Wing flutter", "text": "We study flutter. Then more."},
-            {"_id": "2", "title": "", "text": "No title here? Yes."}]
+    docs = [
+        {"_id": "1", "title": "Wing flutter", "text": "We study flutter. Then more."},
+        {"_id": "2", "title": "", "text": "No title here? Yes."},
+    ]
     (root / "s" / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     data = load_beir(root)
     assert data.pseudo_queries("title") == (["Wing flutter"], ["s"])
@@ -283,8 +318,16 @@ def test_pseudo_queries__titles_and_first_sentences_of_each_source(tmp_path: Pat
 
 
 def test_train_with_pseudo_queries__weights_over_one_raise(beir_root: Path, tmp_path: Path) -> None:
-    cfg = compose_config("train", [*_train_overrides(tmp_path), "data=beir", f"data.root={beir_root}",
-                                   "targets.pseudo_view=title", "targets.pseudo_weight=0.6"])
+    cfg = compose_config(
+        "train",
+        [
+            *_train_overrides(tmp_path),
+            "data=beir",
+            f"data.root={beir_root}",
+            "targets.pseudo_view=title",
+            "targets.pseudo_weight=0.6",
+        ],
+    )
     with pytest.raises(ValueError, match="targets.query_weight \\+ targets.pseudo_weight must be <= 1"):
         train(cfg)
     cfg.targets.pseudo_weight = 0.3

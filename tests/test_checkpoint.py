@@ -21,9 +21,22 @@ FORMAT1 = Path(__file__).parent / "data" / "format1"  # written by moe_router at
 
 
 def _hits_as_dicts(hits: list[list]) -> list[list[dict]]:
-    return [[{"id": h.id, "score": h.score, "expert": h.expert, "routing_score": h.routing_score, "text": h.text,
-              "metadata": h.metadata, "specialization": h.specialization, "parent": h.parent} for h in row]
-            for row in hits]
+    return [
+        [
+            {
+                "id": h.id,
+                "score": h.score,
+                "expert": h.expert,
+                "routing_score": h.routing_score,
+                "text": h.text,
+                "metadata": h.metadata,
+                "specialization": h.specialization,
+                "parent": h.parent,
+            }
+            for h in row
+        ]
+        for row in hits
+    ]
 
 
 def _routes_as_lists(routes: list[list]) -> list[list]:
@@ -68,7 +81,10 @@ def test_checkpoint_in_fresh_process__routes_and_searches_exactly_like_the_origi
     np.save(tmp_path / "xq.npy", xq)
     proc = subprocess.run(
         [sys.executable, "-c", FRESH_PROCESS, str(saved), str(tmp_path / "xq.npy"), json.dumps(TEXT_QUERIES)],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     fresh = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -83,7 +99,11 @@ def test_checkpoint_in_fresh_process__routes_and_searches_exactly_like_the_origi
 
 def test_checkpoint_in_process__round_trips_everything(text_router: Router, saved: Path) -> None:
     loaded = Router.load(saved)
-    assert (loaded.dim, loaded.metric, loaded.expert_names) == (text_router.dim, text_router.metric, text_router.expert_names)
+    assert (loaded.dim, loaded.metric, loaded.expert_names) == (
+        text_router.dim,
+        text_router.metric,
+        text_router.expert_names,
+    )
     assert loaded.expert("finance").parent == "money"
     assert loaded.embedder.spec() == text_router.embedder.spec()
     assert loaded.gate.config() == text_router.gate.config()
@@ -91,12 +111,14 @@ def test_checkpoint_in_process__round_trips_everything(text_router: Router, save
         np.testing.assert_array_equal(a.vectors(), b.vectors())
         np.testing.assert_array_equal(a.ids, b.ids)
     assert loaded.manifest["metrics"] == {"val/acc@1": 0.5} and loaded.manifest["config"] == {"seed": 0}
-    assert _routes_as_lists(loaded.route(TEXT_QUERIES, top_k=3)) == _routes_as_lists(text_router.route(TEXT_QUERIES, top_k=3))
+    assert _routes_as_lists(loaded.route(TEXT_QUERIES, top_k=3)) == _routes_as_lists(
+        text_router.route(TEXT_QUERIES, top_k=3)
+    )
     assert _hits_as_dicts(loaded.search(TEXT_QUERIES, k=6)) == _hits_as_dicts(text_router.search(TEXT_QUERIES, k=6))
 
 
 def test_load_after_a_format1_save_killed_between_its_renames__names_the_directory_and_renames_nothing(
-    tmp_path: Path
+    tmp_path: Path,
 ) -> None:
     # What a format-1 save left when killed between its two renames: the live checkpoint moved
     # aside, nothing at `ckpt`. Loading only reads: it names the directory; the server's start recovers.
@@ -144,8 +166,10 @@ def test_save_over_existing_checkpoint__replaces_it_atomically(text_router: Rout
 def _expert_files(ckpt: Path) -> dict[str, tuple[int, int]]:
     """Expert name -> (inode of its vectors file, inode of its ids file) in the current version."""
     v = version_path(ckpt)
-    return {e["name"]: ((v / e["vectors"]).stat().st_ino, (v / e["ids"]).stat().st_ino)
-            for e in read_manifest(ckpt)["experts"]}
+    return {
+        e["name"]: ((v / e["vectors"]).stat().st_ino, (v / e["ids"]).stat().st_ino)
+        for e in read_manifest(ckpt)["experts"]
+    }
 
 
 def test_save_after_adding_an_expert__links_unchanged_experts_and_round_trips(saved: Path, tmp_path: Path) -> None:
@@ -263,16 +287,30 @@ def test_load_incomplete_manifest__raises_checkpoint_error(saved: Path, key: str
         Router.load(saved)
 
 
-MALFORMED = [("dim", "abc"), ("metric", "cosine"), ("experts", "oops"), ("experts", [5]), ("gate", "yes"),
-             ("embedder", "hashing"), ("stats", []), ("stats", {"finance": [1, 2]})]
+MALFORMED = [
+    ("dim", "abc"),
+    ("metric", "cosine"),
+    ("experts", "oops"),
+    ("experts", [5]),
+    ("gate", "yes"),
+    ("embedder", "hashing"),
+    ("stats", []),
+    ("stats", {"finance": [1, 2]}),
+]
 
 
-@pytest.mark.parametrize("field, value, verify", [
-    *((f, v, True) for f, v in MALFORMED), *((f, v, False) for f, v in MALFORMED),
-    ("files", [], True), ("files", None, True),  # "files" is only read when verifying
-])
-def test_load_manifest_with_malformed_field__raises_checkpoint_error(saved: Path, field: str, value: object,
-                                                                     verify: bool) -> None:
+@pytest.mark.parametrize(
+    "field, value, verify",
+    [
+        *((f, v, True) for f, v in MALFORMED),
+        *((f, v, False) for f, v in MALFORMED),
+        ("files", [], True),
+        ("files", None, True),  # "files" is only read when verifying
+    ],
+)
+def test_load_manifest_with_malformed_field__raises_checkpoint_error(
+    saved: Path, field: str, value: object, verify: bool
+) -> None:
     _edit_manifest(saved, **{field: value})
     with pytest.raises(CheckpointError):
         Router.load(saved, verify=verify)
@@ -316,12 +354,18 @@ def test_load_npy_of_wrong_shape__raises_checkpoint_error(saved: Path) -> None:
     with pytest.raises(CheckpointError, match=r"has dtype float32 and shape \(20, 64\), expected float32 \(15, 64\)"):
         Router.load(saved, verify=False)
     np.save(version_path(saved) / "experts/0000.npy", np.zeros((3, 64), dtype=np.float32))
-    with pytest.raises(CheckpointError, match=r"0000.npy is corrupted \(the manifest says 15 rows; the file is too small"):
+    with pytest.raises(
+        CheckpointError, match=r"0000.npy is corrupted \(the manifest says 15 rows; the file is too small"
+    ):
         Router.load(saved, verify=False)
 
 
-@pytest.mark.parametrize("size, message", [(10**12, "the file is too small to hold them"), (-1, r"experts\[0\].size must be between 0 and")])
-def test_load_hostile_expert_size__raises_checkpoint_error_without_allocating(saved: Path, size: int, message: str) -> None:
+@pytest.mark.parametrize(
+    "size, message", [(10**12, "the file is too small to hold them"), (-1, r"experts\[0\].size must be between 0 and")]
+)
+def test_load_hostile_expert_size__raises_checkpoint_error_without_allocating(
+    saved: Path, size: int, message: str
+) -> None:
     manifest = read_manifest(saved)
     manifest["experts"][0]["size"] = size
     write_manifest(saved, manifest)
@@ -333,13 +377,15 @@ def test_load_hostile_expert_size__raises_checkpoint_error_without_allocating(sa
 def test_load_corrupted_gate_without_verify__raises_checkpoint_error(saved: Path, damage: str) -> None:
     file = version_path(saved) / GATE_FILE
     data = file.read_bytes()
-    file.write_bytes({
-        "truncate": data[: len(data) // 2],
-        "flip_header": data[:8] + bytes(b ^ 0xFF for b in data[8:40]) + data[40:],
-        "huge_header_length": b"\xff" * 8 + data[8:],
-        "empty": b"",
-        "zeros": bytes(len(data)),
-    }[damage])
+    file.write_bytes(
+        {
+            "truncate": data[: len(data) // 2],
+            "flip_header": data[:8] + bytes(b ^ 0xFF for b in data[8:40]) + data[40:],
+            "huge_header_length": b"\xff" * 8 + data[8:],
+            "empty": b"",
+            "zeros": bytes(len(data)),
+        }[damage]
+    )
     with pytest.raises(CheckpointError, match="gate.safetensors"):
         Router.load(saved, verify=False)
 
@@ -364,12 +410,14 @@ def test_load_gate_config_for_other_expert_count__raises_checkpoint_error(saved:
 def test_load_corrupted_store__raises_checkpoint_error(saved: Path, damage: str) -> None:
     file = version_path(saved) / STORE
     data = file.read_bytes()
-    file.write_bytes({
-        "garbage": b"not a database" * 100,
-        "header": data[:100] + b"\xff" * 200 + data[300:],
-        "truncate": data[: len(data) // 2],
-        "second_page": data[:4096] + bytes(b ^ 0x5A for b in data[4096:8192]) + data[8192:],
-    }[damage])
+    file.write_bytes(
+        {
+            "garbage": b"not a database" * 100,
+            "header": data[:100] + b"\xff" * 200 + data[300:],
+            "truncate": data[: len(data) // 2],
+            "second_page": data[:4096] + bytes(b ^ 0x5A for b in data[4096:8192]) + data[8192:],
+        }[damage]
+    )
     with pytest.raises(CheckpointError, match="store.sqlite is corrupted .sha256 does not match the manifest"):
         Router.load(saved)
     with pytest.raises(CheckpointError, match="store.sqlite is not a valid SQLite database"):
@@ -382,13 +430,16 @@ def test_load_missing_store__raises_checkpoint_error(saved: Path) -> None:
         Router.load(saved)
 
 
-@pytest.mark.parametrize("spec", [
-    {"type": "os.system", "command": "touch pwned"},
-    {"type": "builtins.eval"},
-    {"type": "moe_router.embed.HashingEmbedder", "dim": 64},
-    {"dim": 64},
-    {"type": "hashing", "dim": 64, "__class__": "os.system"},
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"type": "os.system", "command": "touch pwned"},
+        {"type": "builtins.eval"},
+        {"type": "moe_router.embed.HashingEmbedder", "dim": 64},
+        {"dim": 64},
+        {"type": "hashing", "dim": 64, "__class__": "os.system"},
+    ],
+)
 def test_load_unregistered_embedder__raises_without_running_code(saved: Path, spec: dict, tmp_path: Path) -> None:
     _edit_manifest(saved, embedder=spec)
     with pytest.raises(CheckpointError, match="embedder|unexpected keyword"):

@@ -23,7 +23,7 @@ from tests.helpers import REPO
 
 ROWS = 2000  # vectors per expert: big enough that a load spans many file opens while saves run
 
-COMMON = r'''
+COMMON = r"""
 import hashlib, json, os, sys, time
 import numpy as np
 from moe_router import Router
@@ -43,9 +43,11 @@ def digest(router):
 def wait_for(path):
     while not os.path.exists(path):
         time.sleep(0.005)
-'''
+"""
 
-WRITER = COMMON + r'''
+WRITER = (
+    COMMON
+    + r"""
 target, a_dir, b_dir, sync, saves = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
 routers = [Router.load(a_dir), Router.load(b_dir)]
 open(os.path.join(sync, "writer-ready"), "w").close()
@@ -61,9 +63,12 @@ while done < saves or not os.path.exists(os.path.join(sync, "reader-done")):
         break
 open(os.path.join(sync, "writer-done"), "w").close()
 print(json.dumps({"saves": done, "failures": failures}))
-'''
+"""
+)
 
-READER = COMMON + r'''
+READER = (
+    COMMON
+    + r"""
 target, sync, loads = sys.argv[1], sys.argv[2], int(sys.argv[3])
 open(os.path.join(sync, "reader-ready"), "w").close()
 wait_for(os.path.join(sync, "go"))
@@ -77,11 +82,15 @@ for _ in range(loads):
         failures.append(f"{type(exc).__name__}: {exc}")
 open(os.path.join(sync, "reader-done"), "w").close()
 print(json.dumps({"seen": seen, "failures": failures, "loads_during_saves": during}))
-'''
+"""
+)
 
-DIGEST = COMMON + r'''
+DIGEST = (
+    COMMON
+    + r"""
 print(json.dumps([digest(Router.load(p)) for p in sys.argv[1:]]))
-'''
+"""
+)
 
 
 def two_versions(tmp_path: Path, rows: int) -> tuple[Path, Path]:
@@ -91,8 +100,12 @@ def two_versions(tmp_path: Path, rows: int) -> tuple[Path, Path]:
     for name, experts in (("A", "ab"), ("B", "abc")):
         router = Router(8, "ip")
         for e in experts:
-            router.add_expert(e, vectors=rng.standard_normal((rows, 8)).astype(np.float32),
-                              texts=[f"{name}{e}{i}" for i in range(rows)], metadata=[{"v": name}] * rows)
+            router.add_expert(
+                e,
+                vectors=rng.standard_normal((rows, 8)).astype(np.float32),
+                texts=[f"{name}{e}{i}" for i in range(rows)],
+                metadata=[{"v": name}] * rows,
+            )
         router.init_gate(hidden_dims=[8], dropout=0.0)
         router.record_feedback(rng.standard_normal(8).astype(np.float32), "a", name == "A")
         router.abstain_threshold = 0.25 if name == "A" else 0.75
@@ -100,24 +113,54 @@ def two_versions(tmp_path: Path, rows: int) -> tuple[Path, Path]:
     return out[0], out[1]
 
 
-def run_concurrently(tmp_path: Path, saves: int, loads: int, rows: int,
-                     pythonpath: str = str(REPO)) -> tuple[dict, dict, list]:
+def run_concurrently(
+    tmp_path: Path, saves: int, loads: int, rows: int, pythonpath: str = str(REPO)
+) -> tuple[dict, dict, list]:
     a, b = two_versions(tmp_path, rows)
     target, sync = tmp_path / "target", tmp_path / "sync"
     sync.mkdir()
     env = {**os.environ, "PYTHONPATH": pythonpath}
-    expected = json.loads(subprocess.run([sys.executable, "-c", DIGEST, str(a), str(b)], capture_output=True,
-                                         text=True, check=True, env=env, timeout=120).stdout)
-    subprocess.run([sys.executable, "-c", "import sys; from moe_router import Router; "
-                    "Router.load(sys.argv[1]).save(sys.argv[2])", str(a), str(target)], check=True, env=env, timeout=120)
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(target), str(a), str(b), str(sync), str(saves)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    reader = subprocess.Popen([sys.executable, "-c", READER, str(target), str(sync), str(loads)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    expected = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", DIGEST, str(a), str(b)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+            timeout=120,
+        ).stdout
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from moe_router import Router; Router.load(sys.argv[1]).save(sys.argv[2])",
+            str(a),
+            str(target),
+        ],
+        check=True,
+        env=env,
+        timeout=120,
+    )
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(target), str(a), str(b), str(sync), str(saves)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, str(target), str(sync), str(loads)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     deadline = time.monotonic() + 120
     while not all((sync / f).exists() for f in ("writer-ready", "reader-ready")):
-        assert writer.poll() is None and reader.poll() is None and time.monotonic() < deadline, \
-            (writer.stderr.read() if writer.poll() is not None else "") + (reader.stderr.read() if reader.poll() is not None else "")
+        assert writer.poll() is None and reader.poll() is None and time.monotonic() < deadline, (
+            writer.stderr.read() if writer.poll() is not None else ""
+        ) + (reader.stderr.read() if reader.poll() is not None else "")
         time.sleep(0.05)
     (sync / "go").touch()
     w_out, w_err = writer.communicate(timeout=300)

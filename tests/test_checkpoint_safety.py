@@ -114,14 +114,31 @@ def test_load__performs_no_write(ckpt: Path, monkeypatch: pytest.MonkeyPatch) ->
         def call(*args, **kwargs):
             calls.append(f"{name}{args[:2]}")
             raise AssertionError(f"load called {name}{args[:2]}")
+
         return call
 
-    for name in ("rename", "replace", "unlink", "remove", "rmdir", "mkdir", "makedirs", "link", "symlink", "truncate",
-                 "chmod", "utime", "mkfifo"):
+    for name in (
+        "rename",
+        "replace",
+        "unlink",
+        "remove",
+        "rmdir",
+        "mkdir",
+        "makedirs",
+        "link",
+        "symlink",
+        "truncate",
+        "chmod",
+        "utime",
+        "mkfifo",
+    ):
         monkeypatch.setattr(os, name, refuse(f"os.{name}"))
     monkeypatch.setattr(shutil, "rmtree", refuse("shutil.rmtree"))
-    monkeypatch.setattr(sqlite3, "connect", lambda db, *a, **k: (sqlite3.Connection(db, *a, **k) if db == ":memory:"
-                                                                 else refuse("sqlite3.connect")(db)))
+    monkeypatch.setattr(
+        sqlite3,
+        "connect",
+        lambda db, *a, **k: sqlite3.Connection(db, *a, **k) if db == ":memory:" else refuse("sqlite3.connect")(db),
+    )
     real_open, real_os_open = builtins.open, os.open
 
     def guarded_open(file, mode="r", *args, **kwargs):
@@ -158,9 +175,14 @@ def test_load__on_read_only_storage_serves_reads(ckpt: Path, tmp_path: Path) -> 
     shutil.copytree(ckpt, ro / "ckpt")
     try:
         subprocess.run(["chmod", "-R", "a-w,a+rX", str(ro)], check=True)
-        proc = subprocess.run([sys.executable, "-c", READ_ONLY_LOAD, str(ro / "ckpt"), json.dumps(QUERIES)],
-                              capture_output=True, text=True, timeout=120, cwd="/",
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
+        proc = subprocess.run(
+            [sys.executable, "-c", READ_ONLY_LOAD, str(ro / "ckpt"), json.dumps(QUERIES)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd="/",
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         expected = [[[h[0], h[1], h[2]] for h in row] for row in hits(Router.load(ckpt), QUERIES)]
         assert json.loads(proc.stdout) == expected
@@ -190,8 +212,9 @@ def test_save_interrupted__leaves_the_previous_version_current_and_nothing_behin
 ) -> None:
     before = tree_digest(ckpt)
     boom = OSError(28, "No space left on device")
-    target = {"replace": (os, "replace"), "rename": (os, "rename"),
-              "store": (type(text_router.store), "image")}[fail_at]
+    target = {"replace": (os, "replace"), "rename": (os, "rename"), "store": (type(text_router.store), "image")}[
+        fail_at
+    ]
     monkeypatch.setattr(*target, lambda *a, **k: (_ for _ in ()).throw(boom))
     text_router.remove_expert("cooking")
     with pytest.raises(OSError, match="No space left"):
@@ -201,8 +224,9 @@ def test_save_interrupted__leaves_the_previous_version_current_and_nothing_behin
     assert Router.load(ckpt).expert_names == ["astronomy", "cooking", "finance"]
 
 
-def test_load__while_saves_collect_its_version__reads_the_new_one_whole(ckpt: Path, text_router: Router,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_load__while_saves_collect_its_version__reads_the_new_one_whole(
+    ckpt: Path, text_router: Router, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A reader between the pointer and its files when KEEP_VERSIONS saves land: it starts again, never fails."""
     real = ckpt_io._read_store
     saves = []
@@ -289,22 +313,30 @@ def test_fifo_in_place_of_an_expert_file__is_a_checkpoint_error_not_a_hang(ckpt:
     target.unlink()
     os.mkfifo(target)
     exc = _load_in_thread(ckpt)
-    assert isinstance(exc, CheckpointError) and "experts/0000.npy is a FIFO (named pipe), not a regular file" in str(exc)
+    assert isinstance(exc, CheckpointError) and "experts/0000.npy is a FIFO (named pipe), not a regular file" in str(
+        exc
+    )
 
 
 def test_cli_stats__on_a_fifo_exits_2_not_hangs(ckpt: Path) -> None:
     store = version_path(ckpt) / STORE
     store.unlink()
     os.mkfifo(store)
-    proc = subprocess.run([sys.executable, "-m", "moe_router.cli", "stats", "--ckpt", str(ckpt)],
-                          capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(
+        [sys.executable, "-m", "moe_router.cli", "stats", "--ckpt", str(ckpt)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.returncode == 2 and "store.sqlite is a FIFO" in proc.stderr
 
 
 @pytest.mark.parametrize("where", ["inside", "outside"])
 @pytest.mark.parametrize("what", ["vectors", "ids"])
-def test_symlinked_expert_file__is_refused_even_when_its_bytes_verify(ckpt: Path, tmp_path: Path, where: str,
-                                                                      what: str) -> None:
+def test_symlinked_expert_file__is_refused_even_when_its_bytes_verify(
+    ckpt: Path, tmp_path: Path, where: str, what: str
+) -> None:
     target = _expert_file(ckpt, 0, what)
     real = (version_path(ckpt) / f"real.{target.name}") if where == "inside" else (tmp_path / f"outside.{target.name}")
     os.rename(target, real)
@@ -314,8 +346,9 @@ def test_symlinked_expert_file__is_refused_even_when_its_bytes_verify(ckpt: Path
 
 
 @pytest.mark.parametrize("name", [STORE, MANIFEST, "experts"])
-def test_symlinked_store_manifest_or_directory__is_refused_and_nothing_is_written_outside(ckpt: Path, tmp_path: Path,
-                                                                                          name: str) -> None:
+def test_symlinked_store_manifest_or_directory__is_refused_and_nothing_is_written_outside(
+    ckpt: Path, tmp_path: Path, name: str
+) -> None:
     inside = version_path(ckpt) / name
     outside = tmp_path / "elsewhere" / name
     outside.parent.mkdir()
@@ -327,8 +360,9 @@ def test_symlinked_store_manifest_or_directory__is_refused_and_nothing_is_writte
     assert tree_digest(outside.parent) == before  # format 1 opened a linked store in WAL mode: -wal, -shm outside
 
 
-def test_symlinked_pointer_or_versions__are_refused_by_load_and_save(ckpt: Path, text_router: Router,
-                                                                     tmp_path: Path) -> None:
+def test_symlinked_pointer_or_versions__are_refused_by_load_and_save(
+    ckpt: Path, text_router: Router, tmp_path: Path
+) -> None:
     elsewhere = tmp_path / "elsewhere"
     os.rename(ckpt / VERSIONS, elsewhere)
     os.symlink(elsewhere, ckpt / VERSIONS)
@@ -364,7 +398,11 @@ STRICT = [
     ("size bool", lambda m: m["experts"][0].update(size=True), r"experts\[0\].size must be an integer, got True"),
     ("size float", lambda m: m["experts"][0].update(size=15.0), r"experts\[0\].size must be an integer, got 15.0"),
     ("size str", lambda m: m["experts"][0].update(size="15"), r"experts\[0\].size must be an integer"),
-    ("null name", lambda m: m["experts"][1].update(name=None), r"experts\[1\].name must be a non-empty string, got None"),
+    (
+        "null name",
+        lambda m: m["experts"][1].update(name=None),
+        r"experts\[1\].name must be a non-empty string, got None",
+    ),
     ("blank name", lambda m: m["experts"][1].update(name="  "), r"experts\[1\].name must be a non-empty string"),
     ("empty files", lambda m: m.update(files={}), r"'files' does not list experts/0000.npy"),
     ("store unlisted", lambda m: m["files"].pop(STORE), r"'files' does not list store.sqlite"),
@@ -384,8 +422,9 @@ STRICT = [
 
 @pytest.mark.parametrize("verify", [True, False])
 @pytest.mark.parametrize("case, edit, message", STRICT, ids=[c[0] for c in STRICT])
-def test_manifest_schema__refuses_with_a_message_naming_the_field(ckpt: Path, case: str, edit, message: str,
-                                                                  verify: bool) -> None:
+def test_manifest_schema__refuses_with_a_message_naming_the_field(
+    ckpt: Path, case: str, edit, message: str, verify: bool
+) -> None:
     _set(ckpt, edit)
     with pytest.raises(CheckpointError, match=message):
         Router.load(ckpt, verify=verify)
@@ -401,6 +440,9 @@ def test_ids_duplicated_across_experts__are_detected(ckpt: Path) -> None:
     np.save(version_path(ckpt) / ids_rel, forged)
     manifest["files"][ids_rel] = hashlib.sha256((version_path(ckpt) / ids_rel).read_bytes()).hexdigest()
     write_manifest(ckpt, manifest)  # every checksum matches: only the id check can see it
-    with pytest.raises(CheckpointError, match=rf"id {first[0]} is stored more than once \(experts \['astronomy', "
-                                              rf"'cooking'\]\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"id {first[0]} is stored more than once \(experts \['astronomy', "
+        rf"'cooking'\]\)",
+    ):
         Router.load(ckpt)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from moe_router.data.datasets import Record, VectorDataset, carve_validation, demo_path, load_dataset, load_jsonl
+from moe_router.data.synthetic import synthetic_dataset
 from moe_router.data.targets import make_targets
 from moe_router.index.exact import exact_neighbours, neighbour_counts
-from moe_router.data.synthetic import synthetic_dataset
 from tests.helpers import REPO, VOCAB, brute_force, clusters
 
 ROW = {"text": "a question about stars", "domain": "astronomy", "label": "stars", "split": "train"}
@@ -31,14 +31,17 @@ def test_load_jsonl__reads_records_and_skips_blank_lines(dataset_file: Path) -> 
     assert load_jsonl(dataset_file) == [Record(**ROW)] * 2
 
 
-@pytest.mark.parametrize("line, message", [
-    ({k: v for k, v in ROW.items() if k != "label"}, r":2: missing field\(s\) \['label'\]"),
-    ('{"text": "unterminated', ":2: not valid JSON"),
-    ("[1, 2]", ":2: expected a JSON object"),
-    ({**ROW, "split": "dev"}, ":2: split must be one of"),
-    ({**ROW, "domain": ""}, ":2: field 'domain' must be a non-empty string"),
-    ({**ROW, "text": 42}, ":2: field 'text' must be a non-empty string"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ({k: v for k, v in ROW.items() if k != "label"}, r":2: missing field\(s\) \['label'\]"),
+        ('{"text": "unterminated', ":2: not valid JSON"),
+        ("[1, 2]", ":2: expected a JSON object"),
+        ({**ROW, "split": "dev"}, ":2: split must be one of"),
+        ({**ROW, "domain": ""}, ":2: field 'domain' must be a non-empty string"),
+        ({**ROW, "text": 42}, ":2: field 'text' must be a non-empty string"),
+    ],
+)
 def test_load_jsonl_bad_line__raises_naming_the_line(tmp_path: Path, line: object, message: str) -> None:
     path = _write(tmp_path / "bad.jsonl", [ROW, line])
     with pytest.raises(ValueError, match=message):
@@ -90,7 +93,9 @@ def test_demo_corpus__ships_with_the_package_and_loads() -> None:
     assert len(ds.experts) == 10 and ds.split("val") and ds.split("test")
 
 
-@pytest.mark.skipif(not (REPO.parent / "shared" / "datasets" / "banking77").is_dir(), reason="../shared/datasets absent")
+@pytest.mark.skipif(
+    not (REPO.parent / "shared" / "datasets" / "banking77").is_dir(), reason="../shared/datasets absent"
+)
 def test_shared_banking77__loads_with_label_experts() -> None:
     path = REPO.parent / "shared" / "datasets" / "banking77" / "banking77.jsonl"
     ds = load_dataset(str(path), name="banking77", expert_key="label", val_fraction=0.1)
@@ -139,11 +144,14 @@ def test_make_targets__label_neighbours_and_mix() -> None:
     np.testing.assert_allclose(mix.sum(1), 1.0, rtol=1e-6)
 
 
-@pytest.mark.parametrize("kind, counts, weight, message", [
-    ("mix", None, 0.5, "need neighbour counts"),
-    ("mix", np.ones((1, 2)), 1.5, r"label_weight must be in \[0, 1\]"),
-    ("soft", np.ones((1, 2)), 0.5, "targets must be 'label', 'neighbours' or 'mix'"),
-])
+@pytest.mark.parametrize(
+    "kind, counts, weight, message",
+    [
+        ("mix", None, 0.5, "need neighbour counts"),
+        ("mix", np.ones((1, 2)), 1.5, r"label_weight must be in \[0, 1\]"),
+        ("soft", np.ones((1, 2)), 0.5, "targets must be 'label', 'neighbours' or 'mix'"),
+    ],
+)
 def test_make_targets_bad_arguments__raise(kind: str, counts: np.ndarray | None, weight: float, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         make_targets(kind, np.array([0]), counts, 2, weight)
@@ -163,11 +171,14 @@ def test_synthetic_dataset__is_seeded_unit_vectors_in_three_splits() -> None:
     assert a.queries("test") is a.vectors["test"] and a.queries("missing").shape == (0, 16) and a.oos_texts("val") == []
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"vectors": 1}, r"vectors must be an integer >= 2, got 1"),
-    ({"sources": True}, r"sources must be an integer >= 2, got True"),
-    ({"test": 0}, r"test must be an integer >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"vectors": 1}, r"vectors must be an integer >= 2, got 1"),
+        ({"sources": True}, r"sources must be an integer >= 2, got True"),
+        ({"test": 0}, r"test must be an integer >= 1, got 0"),
+    ],
+)
 def test_synthetic_dataset__rejects_bad_sizes(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         synthetic_dataset(**{"vectors": 100, "dim": 8, "sources": 2, "val": 5, "test": 5, **kwargs})

@@ -23,9 +23,21 @@ TOLERANCE = 0.03
 def _train(tmp_path: Path, name: str, *overrides: str) -> tuple[subprocess.CompletedProcess, Path]:
     ckpt = tmp_path / "out" / name
     proc = subprocess.run(
-        [sys.executable, "scripts/train.py", "embedder=hashing", "trainer.enable_progress_bar=false",
-         f"out={ckpt}", f"cache_dir={tmp_path}/cache", f"hydra.run.dir={tmp_path}/hydra_{name}", *overrides],
-        cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "scripts/train.py",
+            "embedder=hashing",
+            "trainer.enable_progress_bar=false",
+            f"out={ckpt}",
+            f"cache_dir={tmp_path}/cache",
+            f"hydra.run.dir={tmp_path}/hydra_{name}",
+            *overrides,
+        ],
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, ckpt
@@ -58,6 +70,9 @@ def test_trainer_ddp__two_cpu_processes_match_one_process_and_write_one_checkpoi
     assert two.expert_names == one.expert_names
     for key in ("val/acc@1", "val/recall@10"):
         assert abs(two.manifest["metrics"][key] - one.manifest["metrics"][key]) <= TOLERANCE, (
-            key, one.manifest["metrics"], two.manifest["metrics"])
+            key,
+            one.manifest["metrics"],
+            two.manifest["metrics"],
+        )
     assert abs(_test_acc1(two) - _test_acc1(one)) <= TOLERANCE, (_test_acc1(one), _test_acc1(two))
     assert _test_acc1(two) > 0.3  # a trained gate (10 experts: chance is 0.1; measured 0.69 and 0.71), not a fresh one

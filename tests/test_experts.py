@@ -11,10 +11,8 @@ import pytest
 
 from moe_router.index.expert import Expert, sample_vectors
 from moe_router.store import MetadataStore
-from moe_router.vectors import worst_score
-from moe_router.vectors import prepare
-from tests.helpers import make_router
-from tests.helpers import DIM, clusters
+from moe_router.vectors import prepare, worst_score
+from tests.helpers import DIM, clusters, make_router
 
 
 def _expert(metric: str, n: int = 60, first_id: int = 1000) -> tuple[Expert, np.ndarray, np.ndarray]:
@@ -113,8 +111,10 @@ def test_metadata_store_of_an_older_checkpoint__gains_the_removed_column_and_kee
         CREATE TABLE feedback (seq INTEGER PRIMARY KEY AUTOINCREMENT, query TEXT, vector BLOB,
                                expert TEXT NOT NULL, positive INTEGER NOT NULL, created REAL NOT NULL);
     """)
-    conn.execute("INSERT INTO feedback (query, vector, expert, positive, created) VALUES (?, ?, ?, ?, ?)",
-                 ("q", np.ones(4, dtype=np.float32).tobytes(), "a", 1, 1.0))
+    conn.execute(
+        "INSERT INTO feedback (query, vector, expert, positive, created) VALUES (?, ?, ?, ?, ?)",
+        ("q", np.ones(4, dtype=np.float32).tobytes(), "a", 1, 1.0),
+    )
     conn.commit()
     conn.close()
     store = MetadataStore(path)

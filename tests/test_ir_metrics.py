@@ -78,7 +78,9 @@ def test_metrics__match_ranx() -> None:
     for seed in range(3):
         run, qrels = _random_case(seed)
         ours = ir_metrics(run, qrels)
-        scored = {q: {d: float(len(docs) - r) for r, d in enumerate(docs)} for q, docs in run.items()}  # distinct, descending
+        scored = {
+            q: {d: float(len(docs) - r) for r, d in enumerate(docs)} for q, docs in run.items()
+        }  # distinct, descending
         theirs = ranx.evaluate(ranx.Qrels(qrels), ranx.Run(scored), ["ndcg@10", "recall@10", "recall@100", "mrr@10"])
         for key, value in theirs.items():
             assert ours[key] == pytest.approx(float(value), abs=1e-9), (seed, key)

@@ -19,8 +19,8 @@ from moe_router import HashingEmbedder, Router
 from moe_router import lifecycle as lc
 from moe_router.eval.plots import plot_load
 from moe_router.index.clustering import balanced_kmeans
-from moe_router.routing.stats import RoutingStats
 from moe_router.metrics import recall_at_k, top_experts
+from moe_router.routing.stats import RoutingStats
 from tests.helpers import DIM, REPO, assert_same_topk, brute_force, clusters, make_router
 
 
@@ -40,7 +40,9 @@ def hybrid_router() -> Router:
 def snapshot(router: Router) -> dict:
     """Everything an operation could change: experts, their vectors and ids, gate weights, store rows, stats."""
     return {
-        "experts": [(e.name, e.specialization, e.parent, e.ids.tolist(), e.vectors().tobytes()) for e in router.experts],
+        "experts": [
+            (e.name, e.specialization, e.parent, e.ids.tolist(), e.vectors().tobytes()) for e in router.experts
+        ],
         "gate": {k: v.clone() for k, v in router.gate.state_dict().items()} if router.gate is not None else None,
         "items": router.store.conn.execute("SELECT id, expert, text, payload FROM items ORDER BY id").fetchall(),
         "feedback": router.store.conn.execute("SELECT seq, expert, positive FROM feedback ORDER BY seq").fetchall(),
@@ -101,7 +103,9 @@ def test_merge__keeps_ids_metadata_and_feedback_and_sums_probability(router: Rou
     # The merged row carries (about) the two old rows' summed probability on their vectors.
     p_after = router.gate_probs(xb)
     np.testing.assert_allclose(p_after[:, 1], p_before[:, 1] + p_before[:, 2], atol=0.05)
-    assert np.array_equal(p_after.argmax(1), np.where(p_before.argmax(1) >= 2, p_before.argmax(1) - 1, p_before.argmax(1)))
+    assert np.array_equal(
+        p_after.argmax(1), np.where(p_before.argmax(1) >= 2, p_before.argmax(1) - 1, p_before.argmax(1))
+    )
 
 
 @pytest.mark.parametrize(
@@ -246,7 +250,9 @@ def test_balanced_kmeans__bad_input() -> None:
 
 def test_auto_create_by_category__skips_small_categories() -> None:
     router = Router(64, "ip", embedder=HashingEmbedder(64))
-    texts = [f"react hooks {i}" for i in range(6)] + [f"django views {i}" for i in range(5)] + ["go channels", "go maps"]
+    texts = (
+        [f"react hooks {i}" for i in range(6)] + [f"django views {i}" for i in range(5)] + ["go channels", "go maps"]
+    )
     cats = ["Frontend"] * 6 + ["Backend"] * 5 + ["Go"] * 2
     report = lc.auto_create_experts(router, texts=texts, categories=cats, min_docs=5, name_format="{category} Expert")
     assert report.created == [("Frontend Expert", 6), ("Backend Expert", 5)]
@@ -431,8 +437,12 @@ def test_load_report__flags_experts_over_and_under_the_average(router_ip: Router
     # 2.0x over, 1.2x fine, 0.4x under
     give(router_ip, "expert0", 1, 1)
     rep = lc.load_report(router_ip)
-    assert [(r.expert, r.flag) for r in rep.rows] == [("expert0", "over"), ("expert1", ""), ("expert2", "under"),
-                                                      ("expert3", "under")]
+    assert [(r.expert, r.flag) for r in rep.rows] == [
+        ("expert0", "over"),
+        ("expert1", ""),
+        ("expert2", "under"),
+        ("expert3", "under"),
+    ]
     assert [r.ratio for r in rep.rows] == pytest.approx([2.0, 1.2, 0.4, 0.4])
     assert rep.rows[0].mean_confidence == pytest.approx(0.5) and rep.rows[0].success_rate == 0.5
     chart = lc.load_chart(rep)
@@ -486,7 +496,9 @@ def test_optimize__merges_confused_twins_and_reports_the_measured_gain() -> None
     assert rep.count("merge") == 1 and router.expert_names == ["twinA+twinB", "solo1", "solo2"]
     assert rep.before.recall == pytest.approx(before)
     assert rep.after.recall == pytest.approx(measured_recall(router, xq, 1))
-    assert rep.improvement == pytest.approx(rep.after.recall - before) and rep.improvement > 0.1  # a third of the queries had about half their neighbours in the other twin
+    assert (
+        rep.improvement == pytest.approx(rep.after.recall - before) and rep.improvement > 0.1
+    )  # a third of the queries had about half their neighbours in the other twin
 
 
 def test_optimize__keeps_the_old_router_when_every_change_is_worse() -> None:
@@ -498,7 +510,9 @@ def test_optimize__keeps_the_old_router_when_every_change_is_worse() -> None:
         with torch.no_grad():
             v.gate.head.weight.mul_(-1.0)
 
-    rep = lc.optimize_routing(router, xq, top_experts_searched=1, rebalance=False, fine_tune=sabotage, max_scan_increase=1.0)
+    rep = lc.optimize_routing(
+        router, xq, top_experts_searched=1, rebalance=False, fine_tune=sabotage, max_scan_increase=1.0
+    )
     assert rep.actions and not any(a.kept for a in rep.actions)
     assert all(a.after.recall < a.before.recall for a in rep.actions)
     assert rep.improvement == 0.0 and rep.after == rep.before

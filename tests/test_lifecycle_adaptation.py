@@ -123,8 +123,11 @@ def test_fine_tune_from_feedback__fixes_a_misrouted_region() -> None:
 
 def checkpoint_digest(path: Path) -> dict:
     """Every file's name and bytes (every version: a load never opens the store as a database, so nothing changes)."""
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
 
 
 def experts_cfg(ckpt: Path, *overrides: str):
@@ -142,7 +145,11 @@ def test_experts_script__operations_on_a_checkpoint(text_router: Router, tmp_pat
     out = run(experts_cfg(ckpt, "op=add", "add.name=gardening", f"add.texts_file={docs}"))
     assert out.saved == ckpt and Router.load(ckpt).expert_names == ["astronomy", "cooking", "finance", "gardening"]
 
-    out = run(experts_cfg(ckpt, "op=merge", "merge.a=cooking", "merge.b=gardening", "merge.name=home", f"out={tmp_path / 'm'}"))
+    out = run(
+        experts_cfg(
+            ckpt, "op=merge", "merge.a=cooking", "merge.b=gardening", "merge.name=home", f"out={tmp_path / 'm'}"
+        )
+    )
     merged = Router.load(tmp_path / "m")
     assert merged.expert_names == ["astronomy", "home", "finance"] and merged.expert("home").ntotal == 15 + 12
     assert Router.load(ckpt).num_experts == 4  # out= leaves the input checkpoint alone

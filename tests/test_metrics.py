@@ -9,8 +9,16 @@ import pytest
 
 from moe_router import Router
 from moe_router.index.exact import exact_neighbours, neighbour_counts
-from moe_router.metrics import (accuracy_at_k, auroc, ece_noise_floor, expected_calibration_error, load_stats, recall_at_k,
-                                recall_from_counts, top_experts)
+from moe_router.metrics import (
+    accuracy_at_k,
+    auroc,
+    ece_noise_floor,
+    expected_calibration_error,
+    load_stats,
+    recall_at_k,
+    recall_from_counts,
+    top_experts,
+)
 
 PROBS = np.array([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2], [0.2, 0.3, 0.5], [0.4, 0.4, 0.2]])
 
@@ -57,7 +65,9 @@ def test_recall_from_counts__equals_recall_at_k_of_an_actual_routed_search(metri
     routed = router.search_experts(xq, k, top)
 
     expected = recall_at_k(routed.I, ids[rows])
-    assert recall_from_counts(top, neighbour_counts(rows, owner, 5), k) == pytest.approx(expected, abs=1e-6)  # float32 counts
+    assert recall_from_counts(top, neighbour_counts(rows, owner, 5), k) == pytest.approx(
+        expected, abs=1e-6
+    )  # float32 counts
     assert 0.0 < expected < 1.0  # a case where routing loses some neighbours, not a trivial one
 
 
@@ -79,13 +89,16 @@ def test_load_stats__dead_rule_is_strictly_below_one_over_four_e() -> None:
     assert uniform["max_over_mean"] == 1.0 and uniform["cv"] == 0.0 and uniform["dead"] == 0
 
 
-@pytest.mark.parametrize("pos, neg, expected", [
-    ([3.0, 4.0], [1.0, 2.0], 1.0),
-    ([1.0], [2.0, 3.0], 0.0),
-    ([1.0, 2.0], [2.0, 0.0], 0.625),  # pairs: (1,2)=0, (1,0)=1, (2,2)=0.5 tie, (2,0)=1
-    ([0.5, 0.5], [0.5, 0.5, 0.5], 0.5),  # all tied
-    ([0.9, 0.4, 0.6], [0.5, 0.1], 5 / 6),
-])
+@pytest.mark.parametrize(
+    "pos, neg, expected",
+    [
+        ([3.0, 4.0], [1.0, 2.0], 1.0),
+        ([1.0], [2.0, 3.0], 0.0),
+        ([1.0, 2.0], [2.0, 0.0], 0.625),  # pairs: (1,2)=0, (1,0)=1, (2,2)=0.5 tie, (2,0)=1
+        ([0.5, 0.5], [0.5, 0.5, 0.5], 0.5),  # all tied
+        ([0.9, 0.4, 0.6], [0.5, 0.1], 5 / 6),
+    ],
+)
 def test_auroc__hand_computed_including_ties(pos: list, neg: list, expected: float) -> None:
     assert auroc(np.array(pos), np.array(neg)) == pytest.approx(expected)
 

@@ -8,8 +8,9 @@ message (numpy's inhomogeneous shape, a tokenizers TypeError, a raw UnicodeDecod
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -43,54 +44,129 @@ def latin1_file(tmp: Path) -> Path:
 V = np.ones(TEXT_DIM, dtype=np.float32)
 # (case, call(text router, l2 router, tmp dir), the message it must give); every error is a ValueError.
 MISUSE: list[tuple[str, Callable[[Router, Router, Path], Any], str]] = [
-    ("texts is one str", lambda r, l2, tmp: r.add_expert("new", texts="hello"),
-     r"expert 'new': texts must be a list of strings, got a single str 'hello'"),
-    ("texts is one str beside vectors", lambda r, l2, tmp: r.add_expert("new", np.ones((5, TEXT_DIM)), texts="hello"),
-     r"texts must be a list of strings, got a single str"),
+    (
+        "texts is one str",
+        lambda r, l2, tmp: r.add_expert("new", texts="hello"),
+        r"expert 'new': texts must be a list of strings, got a single str 'hello'",
+    ),
+    (
+        "texts is one str beside vectors",
+        lambda r, l2, tmp: r.add_expert("new", np.ones((5, TEXT_DIM)), texts="hello"),
+        r"texts must be a list of strings, got a single str",
+    ),
     ("texts is a number", lambda r, l2, tmp: r.add_expert("new", texts=5), r"texts must be a list of strings, got int"),
-    ("texts is a set", lambda r, l2, tmp: r.add_expert("new", texts={"a b", "c d"}), r"texts must be a list of strings, got set"),
-    ("feedback positive is a str", lambda r, l2, tmp: r.record_feedback("star orbit", "astronomy", "no"),
-     r"record_feedback: positive must be True or False, got str 'no'"),
-    ("feedback positive is an int", lambda r, l2, tmp: r.record_feedback("star orbit", "astronomy", 1),
-     r"positive must be True or False, got int 1"),
-    ("complex expert vectors", lambda r, l2, tmp: r.add_expert("new", np.ones((3, TEXT_DIM)) + 1j),
-     r"vectors for expert 'new' are complex \(complex128\); expected real numbers"),
+    (
+        "texts is a set",
+        lambda r, l2, tmp: r.add_expert("new", texts={"a b", "c d"}),
+        r"texts must be a list of strings, got set",
+    ),
+    (
+        "feedback positive is a str",
+        lambda r, l2, tmp: r.record_feedback("star orbit", "astronomy", "no"),
+        r"record_feedback: positive must be True or False, got str 'no'",
+    ),
+    (
+        "feedback positive is an int",
+        lambda r, l2, tmp: r.record_feedback("star orbit", "astronomy", 1),
+        r"positive must be True or False, got int 1",
+    ),
+    (
+        "complex expert vectors",
+        lambda r, l2, tmp: r.add_expert("new", np.ones((3, TEXT_DIM)) + 1j),
+        r"vectors for expert 'new' are complex \(complex128\); expected real numbers",
+    ),
     ("complex query", lambda r, l2, tmp: r.search(V.astype(np.complex64), k=1), r"query vectors are complex"),
-    ("complex torch query", lambda r, l2, tmp: r.route(torch.ones(TEXT_DIM, dtype=torch.complex64)), r"query vectors are complex"),
-    ("texts mixed with a vector", lambda r, l2, tmp: r.search(["star orbit", V.tolist()], k=1),
-     r"queries: a batch mixing texts and other values \(item 1 is list\)"),
-    ("a text and None", lambda r, l2, tmp: r.search(["star orbit", None], k=1),
-     r"queries: a batch mixing texts and other values \(item 1 is NoneType\)"),
-    ("ragged vectors", lambda r, l2, tmp: r.search([V.tolist(), [1.0, 2.0]], k=1),
-     r"query vectors must be numeric arrays of shape \(n, d\): the rows have different lengths \(first rows: \[64, 2\]\)"),
-    ("None inside a vector", lambda r, l2, tmp: r.search([V.tolist(), [None] * TEXT_DIM], k=1),
-     r"query vectors must be numeric arrays .*row 1, item 0 is NoneType"),
-    ("strings as expert vectors", lambda r, l2, tmp: r.add_expert("new", [["a"] * TEXT_DIM]),
-     r"vectors for expert 'new' must be numeric arrays .*row 0, item 0 is str"),
+    (
+        "complex torch query",
+        lambda r, l2, tmp: r.route(torch.ones(TEXT_DIM, dtype=torch.complex64)),
+        r"query vectors are complex",
+    ),
+    (
+        "texts mixed with a vector",
+        lambda r, l2, tmp: r.search(["star orbit", V.tolist()], k=1),
+        r"queries: a batch mixing texts and other values \(item 1 is list\)",
+    ),
+    (
+        "a text and None",
+        lambda r, l2, tmp: r.search(["star orbit", None], k=1),
+        r"queries: a batch mixing texts and other values \(item 1 is NoneType\)",
+    ),
+    (
+        "ragged vectors",
+        lambda r, l2, tmp: r.search([V.tolist(), [1.0, 2.0]], k=1),
+        r"query vectors must be numeric arrays of shape \(n, d\): the rows have different lengths \(first rows: \[64, 2\]\)",
+    ),
+    (
+        "None inside a vector",
+        lambda r, l2, tmp: r.search([V.tolist(), [None] * TEXT_DIM], k=1),
+        r"query vectors must be numeric arrays .*row 1, item 0 is NoneType",
+    ),
+    (
+        "strings as expert vectors",
+        lambda r, l2, tmp: r.add_expert("new", [["a"] * TEXT_DIM]),
+        r"vectors for expert 'new' must be numeric arrays .*row 0, item 0 is str",
+    ),
     ("None as a query", lambda r, l2, tmp: r.route(None), r"query vectors must be numeric arrays .* got NoneType"),
-    ("lone surrogate in an expert text", lambda r, l2, tmp: r.add_expert("new", texts=["fine", "bad \ud800 text"]),
-     r"expert 'new': texts: text 1 is not valid Unicode \(character 4 is a lone surrogate '\\ud800'\)"),
-    ("lone surrogate in a query", lambda r, l2, tmp: r.search("\udcff star", k=1),
-     r"queries: text 0 is not valid Unicode"),
-    ("metadata not a dict per vector", lambda r, l2, tmp: r.add_expert("new", texts=["a b", "c d"], metadata=[5, "s"]),
-     r"metadata entry 0 is int 5; expected a dict"),
-    ("metadata a dict, not a list", lambda r, l2, tmp: r.add_expert("new", texts=["a b"], metadata={"k": 1}),
-     r"metadata must be a list of dicts \(one per vector\), got dict"),
-    ("metadata key not a str", lambda r, l2, tmp: r.add_expert("new", texts=["a b"], metadata=[{1: "x"}]),
-     r"metadata entry 0 has a key 1 that is not a str"),
-    ("metadata NaN", lambda r, l2, tmp: r.add_expert("new", texts=["a b"], metadata=[{"x": math.nan}]),
-     r"metadata entry 0 is not JSON-serialisable \(Out of range float values"),
-    ("metadata set", lambda r, l2, tmp: r.add_expert("new", texts=["a b"], metadata=[{"x": {1, 2}}]),
-     r"metadata entry 0 is not JSON-serialisable \(Object of type set"),
-    ("huge l2 expert", lambda r, l2, tmp: l2.add_expert("new", np.full((4, DIM), 3e38, np.float32)),
-     r"vectors for expert 'new': 4 row\(s\) too large for metric 'l2' \(first: row 0, squared norm 2.88e\+78\)"),
-    ("huge l2 query", lambda r, l2, tmp: l2.search(np.full(DIM, 1e19), k=3),
-     r"query vectors: 1 row\(s\) too large for metric 'l2'"),
-    ("huge l2 feedback", lambda r, l2, tmp: l2.record_feedback(np.full(DIM, 1e19), "expert0", True),
-     r"query vectors: 1 row\(s\) too large"),
-    ("JSONL with a latin-1 byte", lambda r, l2, tmp: load_jsonl(latin1_file(tmp)),
-     r"data.jsonl:3: not UTF-8 \(byte 0xe9 at column \d+\); save the file as UTF-8"),
-    ("negative dim", lambda r, l2, tmp: Router(dim=-1), r"dim must be an integer >= 1 \(the vector dimension\), got -1"),
+    (
+        "lone surrogate in an expert text",
+        lambda r, l2, tmp: r.add_expert("new", texts=["fine", "bad \ud800 text"]),
+        r"expert 'new': texts: text 1 is not valid Unicode \(character 4 is a lone surrogate '\\ud800'\)",
+    ),
+    (
+        "lone surrogate in a query",
+        lambda r, l2, tmp: r.search("\udcff star", k=1),
+        r"queries: text 0 is not valid Unicode",
+    ),
+    (
+        "metadata not a dict per vector",
+        lambda r, l2, tmp: r.add_expert("new", texts=["a b", "c d"], metadata=[5, "s"]),
+        r"metadata entry 0 is int 5; expected a dict",
+    ),
+    (
+        "metadata a dict, not a list",
+        lambda r, l2, tmp: r.add_expert("new", texts=["a b"], metadata={"k": 1}),
+        r"metadata must be a list of dicts \(one per vector\), got dict",
+    ),
+    (
+        "metadata key not a str",
+        lambda r, l2, tmp: r.add_expert("new", texts=["a b"], metadata=[{1: "x"}]),
+        r"metadata entry 0 has a key 1 that is not a str",
+    ),
+    (
+        "metadata NaN",
+        lambda r, l2, tmp: r.add_expert("new", texts=["a b"], metadata=[{"x": math.nan}]),
+        r"metadata entry 0 is not JSON-serialisable \(Out of range float values",
+    ),
+    (
+        "metadata set",
+        lambda r, l2, tmp: r.add_expert("new", texts=["a b"], metadata=[{"x": {1, 2}}]),
+        r"metadata entry 0 is not JSON-serialisable \(Object of type set",
+    ),
+    (
+        "huge l2 expert",
+        lambda r, l2, tmp: l2.add_expert("new", np.full((4, DIM), 3e38, np.float32)),
+        r"vectors for expert 'new': 4 row\(s\) too large for metric 'l2' \(first: row 0, squared norm 2.88e\+78\)",
+    ),
+    (
+        "huge l2 query",
+        lambda r, l2, tmp: l2.search(np.full(DIM, 1e19), k=3),
+        r"query vectors: 1 row\(s\) too large for metric 'l2'",
+    ),
+    (
+        "huge l2 feedback",
+        lambda r, l2, tmp: l2.record_feedback(np.full(DIM, 1e19), "expert0", True),
+        r"query vectors: 1 row\(s\) too large",
+    ),
+    (
+        "JSONL with a latin-1 byte",
+        lambda r, l2, tmp: load_jsonl(latin1_file(tmp)),
+        r"data.jsonl:3: not UTF-8 \(byte 0xe9 at column \d+\); save the file as UTF-8",
+    ),
+    (
+        "negative dim",
+        lambda r, l2, tmp: Router(dim=-1),
+        r"dim must be an integer >= 1 \(the vector dimension\), got -1",
+    ),
     ("float dim", lambda r, l2, tmp: Router(dim=2.5), r"dim must be an integer >= 1 .*got 2.5"),
     ("bool dim", lambda r, l2, tmp: Router(dim=True), r"dim must be an integer >= 1 .*got True"),
     ("str dim", lambda r, l2, tmp: Router(dim="8"), r"dim must be an integer >= 1 .*got '8'"),
@@ -98,17 +174,28 @@ MISUSE: list[tuple[str, Callable[[Router, Router, Path], Any], str]] = [
     ("gate float dim", lambda r, l2, tmp: Gate(2.5, 3), r"Gate dim must be an integer >= 1 .*got 2.5"),
     ("gate no experts", lambda r, l2, tmp: Gate(8, 0), r"Gate num_experts must be an integer >= 1, got 0"),
     ("embedder float dim", lambda r, l2, tmp: HashingEmbedder(dim=0.5), r"dim must be an integer >= 1"),
-    ("save onto a file", lambda r, l2, tmp: r.save(tmp / "a-file"),
-     r"save: cannot write a checkpoint directory at .*a-file: it is a file, not a directory"),
-    ("save under a file", lambda r, l2, tmp: r.save(tmp / "a-file" / "ckpt"),
-     r"save: cannot write a checkpoint directory at .*ckpt: .*a-file is a file, not a directory"),
+    (
+        "save onto a file",
+        lambda r, l2, tmp: r.save(tmp / "a-file"),
+        r"save: cannot write a checkpoint directory at .*a-file: it is a file, not a directory",
+    ),
+    (
+        "save under a file",
+        lambda r, l2, tmp: r.save(tmp / "a-file" / "ckpt"),
+        r"save: cannot write a checkpoint directory at .*ckpt: .*a-file is a file, not a directory",
+    ),
 ]
 
 
 def _state(router: Router) -> tuple:
     """What a refused call must leave as it was: experts, vectors, stored rows, feedback, gate weights."""
-    return (router.expert_names, router.ntotal, router.store.max_id(), len(router.store.feedback()),
-            [p.detach().clone() for p in router.gate.parameters()])
+    return (
+        router.expert_names,
+        router.ntotal,
+        router.store.max_id(),
+        len(router.store.feedback()),
+        [p.detach().clone() for p in router.gate.parameters()],
+    )
 
 
 @pytest.mark.parametrize("call, message", [m[1:] for m in MISUSE], ids=[m[0] for m in MISUSE])
@@ -195,7 +282,9 @@ def test_nan_gate__route_raises_and_save_refuses(tmp_path):
     router = make_router("ip")
     with torch.no_grad():
         router.gate.head.weight[1, 0] = float("nan")
-    with pytest.raises(ValueError, match=r"the gate gave non-finite logits for query 0: its weights hold NaN or inf \(head.weight\)"):
+    with pytest.raises(
+        ValueError, match=r"the gate gave non-finite logits for query 0: its weights hold NaN or inf \(head.weight\)"
+    ):
         router.route(np.ones(DIM, dtype=np.float32))
     with pytest.raises(ValueError, match=r"save: the gate holds NaN or inf in head.weight"):
         router.save(tmp_path / "ckpt")

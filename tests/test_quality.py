@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from moe_router import Gate, Router
-from moe_router.eval.baselines import CentroidRouter, KnnVoteRouter, MultiPrototypeRouter, SemanticRouterStyle, ivf_recall
+from moe_router.eval.baselines import (
+    CentroidRouter,
+    KnnVoteRouter,
+    MultiPrototypeRouter,
+    SemanticRouterStyle,
+    ivf_recall,
+)
 from moe_router.gate.calibrate import choose_threshold, fit_temperature, load_floor_bias, reliability_bins, softmax
 from moe_router.index.exact import exact_neighbours, neighbour_counts
 from moe_router.metrics import assign_with_capacity, load_stats, recall_at_k, recall_from_counts, top_experts
@@ -41,8 +47,9 @@ def test_prototype_logits__equal_logsumexp_over_each_experts_prototypes() -> Non
 def test_prototype_gate_at_init__routes_like_its_prototypes(clustered) -> None:
     router, xq, _ = clustered
     gate = router.init_gate(hidden_dims=[8], prototypes_per_expert=4, prototype_scale=50.0)
-    best_proto = np.stack([(xq @ gate.prototypes[gate.prototype_owner == e].detach().numpy().T).max(1)
-                           for e in range(4)], axis=1)
+    best_proto = np.stack(
+        [(xq @ gate.prototypes[gate.prototype_owner == e].detach().numpy().T).max(1) for e in range(4)], axis=1
+    )
     # The head starts at zero, so routing follows the (nearly hard) max over prototypes.
     assert (router.gate_probs(xq).argmax(1) == best_proto.argmax(1)).mean() >= 0.95
 
@@ -152,7 +159,9 @@ def test_recall_from_counts__matches_a_routed_search(clustered) -> None:
     nbrs = exact_neighbours(xq, xb, 10)
     top = top_experts(router.gate_probs(xq), 2)
     counts = neighbour_counts(nbrs, np.repeat(np.arange(4), 50), 4)
-    assert recall_from_counts(top, counts) == pytest.approx(recall_at_k(router.search_experts(xq, 10, top).I, ids[nbrs]))
+    assert recall_from_counts(top, counts) == pytest.approx(
+        recall_at_k(router.search_experts(xq, 10, top).I, ids[nbrs])
+    )
 
 
 def test_abstain__refuses_queries_far_from_every_prototype(clustered) -> None:

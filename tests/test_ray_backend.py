@@ -84,8 +84,11 @@ def served(ckpt: Path, cluster, tmp_path_factory: pytest.TempPathFactory) -> Rou
     state.close()
 
 
-STEPS = [lambda r: merge_experts(r, "shard-00", "shard-01"), lambda r: split_expert(r, "shard-02", 2),
-         lambda r: r.remove_expert("shard-03")]  # the lifecycle test's changes, in order
+STEPS = [
+    lambda r: merge_experts(r, "shard-00", "shard-01"),
+    lambda r: split_expert(r, "shard-02", 2),
+    lambda r: r.remove_expert("shard-03"),
+]  # the lifecycle test's changes, in order
 
 
 def _same_hits(a, b) -> None:
@@ -105,8 +108,10 @@ def test_ray_route_and_search__equal_local_backend(ckpt: Path, ray_router: Route
     ray_hits = ray_router.search(xq, k=10, top_experts=top)
     _same_hits(local.search(xq, k=10, top_experts=top), ray_hits)
     assert all(h.missing_experts == () for h in ray_hits)
-    _same_hits(local.search(xq[:50], k=5, top_experts=top, per_expert=True),
-               ray_router.search(xq[:50], k=5, top_experts=top, per_expert=True))
+    _same_hits(
+        local.search(xq[:50], k=5, top_experts=top, per_expert=True),
+        ray_router.search(xq[:50], k=5, top_experts=top, per_expert=True),
+    )
     for q in xq[:5]:  # batch 1, as a server without micro-batching sends it
         _same_hits([local.search(q, k=10, top_experts=top)], [ray_router.search(q, k=10, top_experts=top)])
 
@@ -236,8 +241,9 @@ def test_http_search__names_missing_experts(ckpt: Path, served: RouterState, xq:
     with TestClient(create_app(served, batching=BatchConfig(enabled=True))) as client:
         reply = client.post("/search", json=body).json()
         assert [r["missing_experts"] for r in reply["results"]] == [[]] * 40
-        assert [[h["id"] for h in r["hits"]] for r in reply["results"]] == \
-            [[h.id for h in hits] for hits in local.search(xq[:40], k=5, top_experts=2)]
+        assert [[h["id"] for h in r["hits"]] for r in reply["results"]] == [
+            [h.id for h in hits] for hits in local.search(xq[:40], k=5, top_experts=2)
+        ]
         with served.lease() as snap:  # shard-03 (removed), shard-04 and shard-05 share an actor (experts_per_actor=3)
             group = snap.router.expert("shard-05").replicas[0]
         # Restarted after the saves renumbered the checkpoint's files: it finds its experts by content
@@ -249,8 +255,9 @@ def test_http_search__names_missing_experts(ckpt: Path, served: RouterState, xq:
             reply = client.post("/search", json=body).json()
             if all(not r["missing_experts"] for r in reply["results"]):
                 break
-        assert [[h["id"] for h in r["hits"]] for r in reply["results"]] == \
-            [[h.id for h in hits] for hits in local.search(xq[:40], k=5, top_experts=2)]
+        assert [[h["id"] for h in r["hits"]] for r in reply["results"]] == [
+            [h.id for h in hits] for hits in local.search(xq[:40], k=5, top_experts=2)
+        ]
         assert cluster.get(group.pid.remote()) != old_pid
         assert [key for key, *_ in cluster.get(group.describe.remote())] == ["shard-04", "shard-05"]
         cluster.kill(group, no_restart=True)  # gone for good: shard-04 and shard-05 both go
@@ -262,8 +269,9 @@ def test_http_search__names_missing_experts(ckpt: Path, served: RouterState, xq:
         assert all(h["expert"] not in ("shard-04", "shard-05") for r in reply["results"] for h in r["hits"])
 
 
-def test_backend_ray__without_ray_says_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                      capsys: pytest.CaptureFixture) -> None:
+def test_backend_ray__without_ray_says_how_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     router = clustered_router(600, D, 3, seed=0)
     router.init_gate(hidden_dims=[], dropout=0.0)
     path = router.save(tmp_path / "ckpt")
@@ -285,10 +293,12 @@ def test_core_import_path__never_imports_ray(tmp_path: Path) -> None:
     router = clustered_router(600, D, 3, seed=0)
     router.init_gate(hidden_dims=[], dropout=0.0)
     path = router.save(tmp_path / "ckpt")
-    code = ("import sys, numpy as np; import moe_router, moe_router.lifecycle, moe_router.serving; "
-            "from moe_router import Router; r = Router.load(sys.argv[1]); r.search(np.ones(32, np.float32)); "
-            "from moe_router.lifecycle.merge_split import merge_experts; merge_experts(r, 'shard-00', 'shard-01'); "
-            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
+    code = (
+        "import sys, numpy as np; import moe_router, moe_router.lifecycle, moe_router.serving; "
+        "from moe_router import Router; r = Router.load(sys.argv[1]); r.search(np.ones(32, np.float32)); "
+        "from moe_router.lifecycle.merge_split import merge_experts; merge_experts(r, 'shard-00', 'shard-01'); "
+        "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))"
+    )
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -312,16 +322,19 @@ def test_backend_ray_config__is_the_constructor_signature_and_instantiates(clust
 @needs_ray
 def test_expert_actor_import_path__never_imports_torch() -> None:
     """What an expert actor imports (the module of its class and of its arguments) leaves torch out."""
-    code = ("import sys; import moe_router.routing.backends.ray, moe_router.index.expert; "
-            "print(sorted(m for m in ('torch', 'sentence_transformers', 'lightning') if m in sys.modules))")
+    code = (
+        "import sys; import moe_router.routing.backends.ray, moe_router.index.expert; "
+        "print(sorted(m for m in ('torch', 'sentence_transformers', 'lightning') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
 @pytest.mark.ray
 @needs_ray
-def test_cli_on_ray__stats_and_a_clear_error_when_actors_do_not_fit(ckpt: Path, cluster,
-                                                                   capsys: pytest.CaptureFixture) -> None:
+def test_cli_on_ray__stats_and_a_clear_error_when_actors_do_not_fit(
+    ckpt: Path, cluster, capsys: pytest.CaptureFixture
+) -> None:
     # RayBackend's default is one CPU an actor: six experts do not fit on the two-CPU cluster.
     assert cli_main(["stats", "--ckpt", str(ckpt), "--backend", "ray"]) == 2
     err = capsys.readouterr().err

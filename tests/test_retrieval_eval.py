@@ -18,14 +18,21 @@ from moe_router.data.beir import BeirDataset, load_beir
 from moe_router.data.build import router_from_dataset
 from moe_router.data.datasets import load_dataset
 from moe_router.embed.hashing import HashingEmbedder
-from moe_router.eval.adaptive import Selection, fixed_selection, p_at_cost, prefix_search, top_k_selection, top_p_selection
+from moe_router.eval.adaptive import (
+    Selection,
+    fixed_selection,
+    p_at_cost,
+    prefix_search,
+    top_k_selection,
+    top_p_selection,
+)
 from moe_router.eval.baselines import KnnVoteRouter, RagRouteStyle, ReddeStyle
 from moe_router.eval.evaluate import GATE, evaluate
 from moe_router.eval.ir import ir_metrics
 from moe_router.eval.retrieval import EXHAUSTIVE, ORACLE, evaluate_retrieval
 from moe_router.metrics import recall_at_k, top_experts
 from moe_router.vectors import prepare
-from tests.helpers import VOCAB, clusters, make_router, write_beir, write_jsonl
+from tests.helpers import clusters, write_beir, write_jsonl
 from tests.test_training import _train_overrides, compose_config
 
 METRICS = ("ndcg@10", "recall@10", "recall@100", "mrr@10")
@@ -40,8 +47,9 @@ def beir(tmp_path: Path) -> tuple[Router, BeirDataset]:
     return router, data
 
 
-def brute_force_run(router: Router, data: BeirDataset, split: str, allowed: np.ndarray,
-                    bonus: np.ndarray | None = None) -> dict[str, list[str]]:
+def brute_force_run(
+    router: Router, data: BeirDataset, split: str, allowed: np.ndarray, bonus: np.ndarray | None = None
+) -> dict[str, list[str]]:
     """Top-100 doc ids per query of an exact numpy search over only the sources allowed[q] (n, E) True,
     each document's similarity plus bonus[q, its source] when given."""
     names = router.expert_names
@@ -92,26 +100,39 @@ def test_gate_rows__equal_brute_force_over_the_gates_sources(beir: tuple[Router,
     router, data = beir
     report, scores = evaluate_retrieval(router, data, "test", baselines=[])
     probs = scores[GATE]
-    for setting, sel in (("1", top_k_selection(probs, 1)), ("2", top_k_selection(probs, 2)),
-                         ("adaptive", top_p_selection(probs, 0.9, 3))):
+    for setting, sel in (
+        ("1", top_k_selection(probs, 1)),
+        ("2", top_k_selection(probs, 2)),
+        ("adaptive", top_p_selection(probs, 0.9, 3)),
+    ):
         expected = brute_force_metrics(router, data, "test", sel.mask(3))
         for m in METRICS:
             assert report[f"{m}@{setting}"] == pytest.approx(expected[m]), (setting, m)
         assert report[f"sources@{setting}"] == pytest.approx(sel.mean_experts)
     gold = np.array([router.expert_index(s) for s in data.gold_sources("test")])
     assert report["source_acc@1"] == pytest.approx(float((probs.argmax(1) == gold).mean()))
-    assert report["relevant_share@1"] == pytest.approx(report["source_acc@1"])  # every query's relevant docs lie in one source
+    assert report["relevant_share@1"] == pytest.approx(
+        report["source_acc@1"]
+    )  # every query's relevant docs lie in one source
 
 
 def test_retrieval_report__baseline_rows_and_frontier(beir: tuple[Router, BeirDataset]) -> None:
     router, data = beir
     report, _ = evaluate_retrieval(router, data, "dev", p_grid=[0.5, 0.99], baselines=["centroid", "ragroute", "redde"])
-    assert set(report["routers"]) == {GATE, "centroid", "RAGRoute style (relevance MLP)",
-                                      "ReDDE style (300-vector sample/expert)", EXHAUSTIVE, ORACLE}
+    assert set(report["routers"]) == {
+        GATE,
+        "centroid",
+        "RAGRoute style (relevance MLP)",
+        "ReDDE style (300-vector sample/expert)",
+        EXHAUSTIVE,
+        ORACLE,
+    }
     for name, points in report["frontier"].items():
         assert [p["setting"] for p in points] == ["top-1", "top-2", "top-3", "p=0.5", "p=0.99"], name
         top3 = points[2]
-        assert top3["experts"] == 3.0 and top3["quality"] == pytest.approx(report["ndcg@10@exhaustive"])  # all = exhaustive
+        assert top3["experts"] == 3.0 and top3["quality"] == pytest.approx(
+            report["ndcg@10@exhaustive"]
+        )  # all = exhaustive
         assert points[0]["quality"] == pytest.approx(report["routers"][name]["ndcg@10@1"])
         assert 1.0 <= points[3]["experts"] <= points[4]["experts"] <= 3.0  # more mass, never fewer sources
 
@@ -129,8 +150,18 @@ def test_retrieval_bad_arguments__are_named(beir: tuple[Router, BeirDataset]) ->
 def test_evaluate_script_form__writes_the_checked_keys(tmp_path: Path) -> None:
     root = write_beir(tmp_path / "beir", docs=20)
     train(compose_config("train", [*_train_overrides(tmp_path), "data=beir", f"data.root={root}"]))
-    cfg = compose_config("eval", ["data=beir", f"data.root={root}", f"ckpt={tmp_path}/ckpt", "split=test",
-                                  f"report={tmp_path}/R.json", f"cache_dir={tmp_path}/cache", f"++out_dir={tmp_path}/out"])
+    cfg = compose_config(
+        "eval",
+        [
+            "data=beir",
+            f"data.root={root}",
+            f"ckpt={tmp_path}/ckpt",
+            "split=test",
+            f"report={tmp_path}/R.json",
+            f"cache_dir={tmp_path}/cache",
+            f"++out_dir={tmp_path}/out",
+        ],
+    )
     evaluate_app(cfg)
     report = json.loads((tmp_path / "R.json").read_text())
     for key in ("source_acc@1", "ndcg@10@1", "ndcg@10@2", "ndcg@10@adaptive", "ndcg@10@exhaustive", "ndcg@10@oracle"):
@@ -197,8 +228,16 @@ def test_intent_report__adaptive_rows_and_frontier_agree_with_top_k(tmp_path: Pa
     data = load_dataset(str(write_jsonl(tmp_path / "d.jsonl", train=30, val=8, test=10)))
     router = router_from_dataset(data, HashingEmbedder(dim=64, seed=0))
     router.init_gate(hidden_dims=[], dropout=0.0)
-    report, scores = evaluate(router, data, "test", experts_searched=[1, 2], speed_batches=[], capacity_factor=None,
-                              baselines=["centroid", "ragroute", "redde"], p_grid=[0.6, 0.95])
+    report, scores = evaluate(
+        router,
+        data,
+        "test",
+        experts_searched=[1, 2],
+        speed_batches=[],
+        capacity_factor=None,
+        baselines=["centroid", "ragroute", "redde"],
+        p_grid=[0.6, 0.95],
+    )
     for name, points in report["frontier"].items():
         by = {p["setting"]: p for p in points}
         assert by["top-1"]["quality"] == pytest.approx(report["routers"][name]["recall@10@1"]), name
@@ -222,7 +261,9 @@ def brute_force_ids(router: Router, xq: np.ndarray, k: int) -> np.ndarray:
 # ---------------------------------------------------------------- the new baselines
 
 
-def test_redde_with_the_whole_collection_as_sample__votes_like_exact_knn(router_ip: Router, queries: np.ndarray) -> None:
+def test_redde_with_the_whole_collection_as_sample__votes_like_exact_knn(
+    router_ip: Router, queries: np.ndarray
+) -> None:
     redde = ReddeStyle(router_ip, sample=10**6, top=10)  # sample = everything: weight 1, votes = exact top-10 counts
     knn = KnnVoteRouter(router_ip, k=10)
     assert (redde.scores(queries).argmax(1) == knn.scores(queries).argmax(1)).all()

@@ -19,8 +19,8 @@ from moe_router.eval.evaluate import GATE
 from moe_router.eval.ir import ir_metrics
 from moe_router.eval.retrieval import DocLookup, evaluate_retrieval
 from moe_router.gate.calibrate import fit_bias_temperature, fit_temperature, softmax
-from moe_router.metrics import accuracy_at_k
 from moe_router.index.exact import stacked
+from moe_router.metrics import accuracy_at_k
 from moe_router.train.fit import fit_router
 from moe_router.train.module import GateModule
 from tests.helpers import brute_force, make_router, write_beir
@@ -69,8 +69,10 @@ def test_train_on_beir__installs_the_prior_correction_in_the_gate(tmp_path: Path
     m = router.manifest["metrics"]
     assert "bias_max_abs" in m and m["temperature"] == pytest.approx(float(router.gate.temperature))
     assert router.prior_weight == pytest.approx(0.1)  # prior_weight=auto on BEIR data
-    cfg = compose_config("train", [*_train_overrides(tmp_path), "data=beir", f"data.root={root}",
-                                   "calibrate_bias=false", "prior_weight=0.25"])
+    cfg = compose_config(
+        "train",
+        [*_train_overrides(tmp_path), "data=beir", f"data.root={root}", "calibrate_bias=false", "prior_weight=0.25"],
+    )
     train(cfg)
     router = Router.load(tmp_path / "ckpt")
     assert "bias_max_abs" not in router.manifest["metrics"] and router.prior_weight == 0.25
@@ -97,19 +99,42 @@ def test_fit_router__never_installs_a_gate_worse_on_validation_than_the_untraine
     gate = router.install_gate(Gate(router.dim, router.num_experts, hidden_dims=[16], prototypes_per_expert=8), seed=0)
     before = accuracy_at_k(router.gate_probs(router.prepare_queries(xq)[0]), gold, 1)
     wreck = GateModule(gate, optimizer=lambda p: torch.optim.SGD(p, lr=1e4))
-    result = fit_router(router, xq, [router.expert_names[g] for g in gold], module=wreck, monitor="val/acc@1",
-                        trainer=L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
-                                          enable_model_summary=False, enable_checkpointing=False))
+    result = fit_router(
+        router,
+        xq,
+        [router.expert_names[g] for g in gold],
+        module=wreck,
+        monitor="val/acc@1",
+        trainer=L.Trainer(
+            max_epochs=2,
+            accelerator="cpu",
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+        ),
+    )
     after = accuracy_at_k(router.gate_probs(router.prepare_queries(xq)[0]), gold, 1)
     assert after >= before > 0.5
     assert result.metrics.get("untrained_kept") == 1.0 and result.metrics["val/acc@1"] == pytest.approx(before)
     # Without the candidate (validation rows that are stored vectors), the wrecked gate stays.
     gate = router.install_gate(Gate(router.dim, router.num_experts, hidden_dims=[16], prototypes_per_expert=8), seed=0)
-    result = fit_router(router, xq, [router.expert_names[g] for g in gold], monitor="val/acc@1",
-                        module=GateModule(gate, optimizer=lambda p: torch.optim.SGD(p, lr=1e4)),
-                        untrained_candidate=False,
-                        trainer=L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
-                                          enable_model_summary=False, enable_checkpointing=False))
+    result = fit_router(
+        router,
+        xq,
+        [router.expert_names[g] for g in gold],
+        monitor="val/acc@1",
+        module=GateModule(gate, optimizer=lambda p: torch.optim.SGD(p, lr=1e4)),
+        untrained_candidate=False,
+        trainer=L.Trainer(
+            max_epochs=2,
+            accelerator="cpu",
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+        ),
+    )
     assert "untrained_kept" not in result.metrics
     assert accuracy_at_k(router.gate_probs(router.prepare_queries(xq)[0]), gold, 1) < before
 
@@ -129,7 +154,7 @@ def test_search_experts_prior_weight__ranks_by_score_plus_weighted_log_probabili
         cand = []
         for e in top[q]:
             ex = router.experts[e]
-            D, I = brute_force(xq[q:q + 1], ex.vectors(), ex.ids, k, "ip")
+            D, I = brute_force(xq[q : q + 1], ex.vectors(), ex.ids, k, "ip")
             cand += [(float(d) + w * np.log(probs[q, e]), int(i), int(e), float(d)) for d, i in zip(D[0], I[0])]
         cand.sort(key=lambda c: -c[0])
         assert [c[1] for c in cand[:k]] == res.I[q].tolist()
@@ -189,8 +214,14 @@ def test_gate_rows_with_prior_weight__equal_a_brute_force_fused_ranking(tmp_path
     fused = brute_force_run(router, data, "test", allowed, bonus=5.0 * np.log(probs))
     assert fused != brute_force_run(router, data, "test", allowed)  # the weight changes the merged ranking here
     assert report["ndcg@10@2"] == pytest.approx(ir_metrics(fused, data.qrels("test"))["ndcg@10"])
-    rows, _, _ = prefix_search(router, router.prepare_queries(data.queries("test"))[0], 10, top_k_selection(probs, 2),
-                               probs, router.prior_weight)  # what the report's rows were built from
+    rows, _, _ = prefix_search(
+        router,
+        router.prepare_queries(data.queries("test"))[0],
+        10,
+        top_k_selection(probs, 2),
+        probs,
+        router.prior_weight,
+    )  # what the report's rows were built from
     lookup = DocLookup(router)
     assert lookup.run(data.query_ids("test"), rows) == {q: docs[:10] for q, docs in fused.items()}
 

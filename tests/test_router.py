@@ -106,7 +106,9 @@ def test_search__hits_carry_text_metadata_and_routing_probability(router_ip: Rou
     assert all(h.text is None and h.metadata == {} for h in bare)
 
 
-def test_route__returns_top_experts_by_probability_with_renormalised_weights(router: Router, queries: np.ndarray) -> None:
+def test_route__returns_top_experts_by_probability_with_renormalised_weights(
+    router: Router, queries: np.ndarray
+) -> None:
     xq, _ = router.prepare_queries(queries)
     probs = router.gate_probs(xq)
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
@@ -172,18 +174,21 @@ def test_router_ip__normalises_stored_and_query_vectors(router_ip: Router) -> No
 # ---------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("bad, message", [
-    (np.ones((2, DIM + 1)), f"dimension {DIM + 1}, expected {DIM}"),
-    (np.ones(DIM - 1), f"dimension {DIM - 1}, expected {DIM}"),
-    (np.ones((2, 2, DIM)), r"shape \(n, d\)"),
-    (np.where(np.eye(3, DIM) == 1, np.nan, 0.5), "NaN or inf"),
-    (np.where(np.eye(3, DIM) == 1, np.inf, 0.5), "NaN or inf"),
-    (np.where(np.eye(3, DIM) == 1, -np.inf, 0.5), "NaN or inf"),
-    (np.empty((0, DIM)), "empty batch"),
-    ([], "empty batch"),
-    (np.zeros(DIM), "zero vector"),
-    ([["a", 1.0]], "numeric arrays"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (np.ones((2, DIM + 1)), f"dimension {DIM + 1}, expected {DIM}"),
+        (np.ones(DIM - 1), f"dimension {DIM - 1}, expected {DIM}"),
+        (np.ones((2, 2, DIM)), r"shape \(n, d\)"),
+        (np.where(np.eye(3, DIM) == 1, np.nan, 0.5), "NaN or inf"),
+        (np.where(np.eye(3, DIM) == 1, np.inf, 0.5), "NaN or inf"),
+        (np.where(np.eye(3, DIM) == 1, -np.inf, 0.5), "NaN or inf"),
+        (np.empty((0, DIM)), "empty batch"),
+        ([], "empty batch"),
+        (np.zeros(DIM), "zero vector"),
+        ([["a", 1.0]], "numeric arrays"),
+    ],
+)
 @pytest.mark.parametrize("call", ["route", "search"])
 def test_bad_queries__raise_clear_value_error(router_ip: Router, call: str, bad: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -224,15 +229,20 @@ def test_add_expert_duplicate_name__raises(router_ip: Router) -> None:
     assert router_ip.num_experts == len(SIZES)
 
 
-@pytest.mark.parametrize("vectors, message", [
-    (np.empty((0, DIM)), "empty batch"),
-    ([], "empty"),
-    (np.ones((4, DIM + 3)), f"dimension {DIM + 3}, expected {DIM}"),
-    (np.where(np.eye(4, DIM) == 1, np.nan, 1.0), "NaN or inf"),
-    (np.where(np.eye(4, DIM) == 1, np.inf, 1.0), "NaN or inf"),
-    (None, "give vectors or texts"),
-])
-def test_add_expert_bad_vectors__raise_and_leave_router_unchanged(router_ip: Router, vectors: object, message: str) -> None:
+@pytest.mark.parametrize(
+    "vectors, message",
+    [
+        (np.empty((0, DIM)), "empty batch"),
+        ([], "empty"),
+        (np.ones((4, DIM + 3)), f"dimension {DIM + 3}, expected {DIM}"),
+        (np.where(np.eye(4, DIM) == 1, np.nan, 1.0), "NaN or inf"),
+        (np.where(np.eye(4, DIM) == 1, np.inf, 1.0), "NaN or inf"),
+        (None, "give vectors or texts"),
+    ],
+)
+def test_add_expert_bad_vectors__raise_and_leave_router_unchanged(
+    router_ip: Router, vectors: object, message: str
+) -> None:
     with pytest.raises(ValueError, match=message):
         router_ip.add_expert("bad", vectors)
     assert router_ip.num_experts == router_ip.gate.num_experts == len(SIZES)

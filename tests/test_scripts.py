@@ -25,19 +25,35 @@ def _run(args: list[str], cwd: Path = REPO, timeout: int = 240) -> subprocess.Co
 @pytest.mark.slow
 def test_train_then_evaluate_scripts__write_checkpoint_and_report(tmp_path: Path) -> None:
     ckpt, report = tmp_path / "ckpt", tmp_path / "r.json"
-    train = _run([
-        sys.executable, "scripts/train.py", "embedder=hashing", "trainer.max_epochs=2", "trainer.accelerator=cpu",
-        "trainer.enable_progress_bar=false", f"out={ckpt}", f"log_dir={tmp_path}/logs", f"cache_dir={tmp_path}/c",
-        f"hydra.run.dir={tmp_path}/hydra_train",
-    ])
+    train = _run(
+        [
+            sys.executable,
+            "scripts/train.py",
+            "embedder=hashing",
+            "trainer.max_epochs=2",
+            "trainer.accelerator=cpu",
+            "trainer.enable_progress_bar=false",
+            f"out={ckpt}",
+            f"log_dir={tmp_path}/logs",
+            f"cache_dir={tmp_path}/c",
+            f"hydra.run.dir={tmp_path}/hydra_train",
+        ]
+    )
     assert train.returncode == 0, train.stderr[-3000:]
     assert "Trained a gate over 10 experts (400 vectors)" in train.stdout and str(ckpt) in train.stdout
     assert Router.load(ckpt).manifest["config"]["trainer"]["max_epochs"] == 2
 
-    evaluate = _run([
-        sys.executable, "scripts/evaluate.py", f"ckpt={ckpt}", f"cache_dir={tmp_path}/c", f"report={report}",
-        f"hydra.run.dir={tmp_path}/hydra_eval", f"++out_dir={tmp_path}/eval_out",  # ++: set or add the key
-    ])
+    evaluate = _run(
+        [
+            sys.executable,
+            "scripts/evaluate.py",
+            f"ckpt={ckpt}",
+            f"cache_dir={tmp_path}/c",
+            f"report={report}",
+            f"hydra.run.dir={tmp_path}/hydra_eval",
+            f"++out_dir={tmp_path}/eval_out",  # ++: set or add the key
+        ]
+    )
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
     result = json.loads(report.read_text())
     for key in ("acc@1", "acc@2", "recall@10@1", "recall@10@2", "recall@10@4", "scanned@1", "scanned@2", "scanned@4"):
@@ -60,8 +76,18 @@ def saved_ckpt(text_router: Router, tmp_path: Path) -> Path:
 
 
 def test_cli_entry_point_route__prints_expert_names_with_confidence(saved_ckpt: Path) -> None:
-    proc = _run([str(BIN / "moe-router"), "route", "--ckpt", str(saved_ckpt), "--top-experts", "1",
-                 "a question about comet orbit", "a question about flour and butter"])
+    proc = _run(
+        [
+            str(BIN / "moe-router"),
+            "route",
+            "--ckpt",
+            str(saved_ckpt),
+            "--top-experts",
+            "1",
+            "a question about comet orbit",
+            "a question about flour and butter",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr
     lines = [line.split() for line in proc.stdout.splitlines() if "confidence" in line]
     assert [line[0] for line in lines] == ["astronomy", "cooking"]
@@ -76,13 +102,25 @@ def test_cli_missing_checkpoint__exits_2_with_clear_message(tmp_path: Path) -> N
 
 
 def test_cli_search__prints_hits_grouped_by_expert(saved_ckpt: Path, capsys: pytest.CaptureFixture) -> None:
-    assert cli_main(["search", "--ckpt", str(saved_ckpt), "-k", "2", "--top-experts", "1", "a question about bond"]) == 0
+    assert (
+        cli_main(["search", "--ckpt", str(saved_ckpt), "-k", "2", "--top-experts", "1", "a question about bond"]) == 0
+    )
     out = capsys.readouterr().out
     assert "finance (confidence" in out and out.count("score ") == 2 and "a question about" in out
 
 
 def test_cli_search_per_expert__prints_k_hits_for_each_expert(saved_ckpt: Path, capsys: pytest.CaptureFixture) -> None:
-    argv = ["search", "--ckpt", str(saved_ckpt), "-k", "2", "--top-experts", "2", "--per-expert", "a question about bond"]
+    argv = [
+        "search",
+        "--ckpt",
+        str(saved_ckpt),
+        "-k",
+        "2",
+        "--top-experts",
+        "2",
+        "--per-expert",
+        "a question about bond",
+    ]
     assert cli_main(argv) == 0
     out = capsys.readouterr().out
     assert out.count("(confidence") == 2 and out.count("score ") == 4
@@ -95,13 +133,17 @@ def test_cli_stats__lists_every_expert(saved_ckpt: Path, capsys: pytest.CaptureF
     assert out.count("vectors 15") == 3
 
 
-@pytest.mark.parametrize("args, message", [
-    (["route", "--top-experts", "9", "query"], "top_k must be between 1 and 3"),
-    (["search", "-k", "0", "query"], "k must be between 1 and 45"),
-    (["search", "--prior-weight", "-1", "query"], "prior_weight must be a finite number >= 0"),
-])
-def test_cli_bad_arguments__exit_2_with_message(saved_ckpt: Path, capsys: pytest.CaptureFixture,
-                                                args: list[str], message: str) -> None:
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["route", "--top-experts", "9", "query"], "top_k must be between 1 and 3"),
+        (["search", "-k", "0", "query"], "k must be between 1 and 45"),
+        (["search", "--prior-weight", "-1", "query"], "prior_weight must be a finite number >= 0"),
+    ],
+)
+def test_cli_bad_arguments__exit_2_with_message(
+    saved_ckpt: Path, capsys: pytest.CaptureFixture, args: list[str], message: str
+) -> None:
     assert cli_main([args[0], "--ckpt", str(saved_ckpt), *args[1:]]) == 2
     assert message in capsys.readouterr().err
 

@@ -15,8 +15,7 @@ import uvicorn
 from fastapi.testclient import TestClient
 from omegaconf import OmegaConf
 
-from moe_router import lifecycle
-from moe_router import HashingEmbedder, Router
+from moe_router import HashingEmbedder, Router, lifecycle
 from moe_router.apps.serve import serve
 from moe_router.serving import AuthConfig, BatchConfig, Limits, Query, RouterState, create_app, run_queries
 from moe_router.serving.config import check_exposure
@@ -98,12 +97,18 @@ def test_run_queries__batched_pass_equals_one_call_per_request(ckpt):
     got = run_queries(router, queries)
     assert [h.id for h in got[0][1]] == [h.id for h in router.search(xq[1], k=3, top_experts=2)]
     for q, res in [*zip(queries[:4], got[:4]), (queries[5], got[5])]:
-        want = router.search(q.xq if q.xq is not None else q.texts, k=q.k, top_experts=q.top_experts,
-                             per_expert=q.per_expert) if q.op == "search" else router.route(q.xq, top_k=q.top_experts)
+        want = (
+            router.search(
+                q.xq if q.xq is not None else q.texts, k=q.k, top_experts=q.top_experts, per_expert=q.per_expert
+            )
+            if q.op == "search"
+            else router.route(q.xq, top_k=q.top_experts)
+        )
         if q.op == "search":
             assert [[(h.id, h.expert) for h in row] for row in res] == [[(h.id, h.expert) for h in row] for row in want]
-            np.testing.assert_allclose([[h.score for h in row] for row in res], [[h.score for h in row] for row in want],
-                                       rtol=1e-5)
+            np.testing.assert_allclose(
+                [[h.score for h in row] for row in res], [[h.score for h in row] for row in want], rtol=1e-5
+            )
         else:
             assert [[s.expert for s in row] for row in res] == [[s.expert for s in row] for row in want]
     assert isinstance(got[4], ValueError) and "k must be between" in str(got[4])
@@ -121,7 +126,9 @@ def test_search_over_http__equals_router_search(client, ckpt):
     assert got[0]["hits"][0]["metadata"]["topic"] == want[0][0].metadata["topic"]
     per = client.post("/search", json={**body, "k": 2, "per_expert": True}).json()["results"]
     want = router.search(body["texts"], k=2, top_experts=2, per_expert=True)
-    assert [[(h["id"], h["expert"]) for h in row["hits"]] for row in per] == [[(h.id, h.expert) for h in row] for row in want]
+    assert [[(h["id"], h["expert"]) for h in row["hits"]] for row in per] == [
+        [(h.id, h.expert) for h in row] for row in want
+    ]
     assert all(len(row["hits"]) == 4 for row in per)  # 2 from each of the 2 experts
     route = client.post("/route", json={"text": "password token login", "top_experts": 2}).json()
     assert route["results"][0]["experts"][0]["expert"] == "security"
@@ -133,10 +140,13 @@ def test_top_p_over_http__equals_router_search_and_route_with_top_p(client, ckpt
     for p, cap in ((0.5, 4), (0.99, 2), (1.0, 4)):
         got = client.post("/search", json={"texts": texts, "k": 5, "top_p": p, "max_experts": cap}).json()["results"]
         want = router.search(texts, k=5, top_p=p, max_experts=cap)
-        assert [[(h["id"], h["expert"]) for h in row["hits"]] for row in got] == [[(h.id, h.expert) for h in row] for row in want]
+        assert [[(h["id"], h["expert"]) for h in row["hits"]] for row in got] == [
+            [(h.id, h.expert) for h in row] for row in want
+        ]
         routes = client.post("/route", json={"texts": texts, "top_p": p, "max_experts": cap}).json()["results"]
-        assert [[s["expert"] for s in row["experts"]] for row in routes] == \
-            [[s.expert for s in row] for row in router.route(texts, top_p=p, max_experts=cap)]
+        assert [[s["expert"] for s in row["experts"]] for row in routes] == [
+            [s.expert for s in row] for row in router.route(texts, top_p=p, max_experts=cap)
+        ]
         assert all(1 <= len(row["experts"]) <= cap for row in routes)
 
 
@@ -144,7 +154,9 @@ def test_prior_weight_over_http__equals_router_search_with_that_weight(client, c
     router = Router.load(ckpt)
     texts = ["password token login", "css grid layout", "sql docker css token"]
     for w in (0.0, 0.5, 5.0):
-        got = client.post("/search", json={"texts": texts, "k": 6, "top_experts": 3, "prior_weight": w}).json()["results"]
+        got = client.post("/search", json={"texts": texts, "k": 6, "top_experts": 3, "prior_weight": w}).json()[
+            "results"
+        ]
         want = router.search(texts, k=6, top_experts=3, prior_weight=w)
         assert [[h["id"] for h in row["hits"]] for row in got] == [[h.id for h in row] for row in want]
 
@@ -207,11 +219,22 @@ BAD = [
     ("add expert without vectors", "POST", "/experts", {"name": "new"}, 422),
     ("add expert bad name", "POST", "/experts", {"name": " padded ", "texts": ["x"]}, 422),
     ("add expert metadata count", "POST", "/experts", {"name": "m", "texts": ["x y"], "metadata": [{}, {}]}, 422),
-    ("add expert texts and vectors differ", "POST", "/experts", {"name": "m", "texts": ["x"], "vectors": [[1.0] * DIM] * 2},
-     422),
+    (
+        "add expert texts and vectors differ",
+        "POST",
+        "/experts",
+        {"name": "m", "texts": ["x"], "vectors": [[1.0] * DIM] * 2},
+        422,
+    ),
     ("over-long body", "POST", "/search", {"text": "a" * 300_000}, 413),
     ("lone surrogate text", "POST", "/search", '{"text": "a \\ud800 b"}', 400),
-    ("metadata NaN (stored, it would fail every answer)", "POST", "/experts", '{"name": "m", "texts": ["x y"], "metadata": [{"x": NaN}]}', 422),
+    (
+        "metadata NaN (stored, it would fail every answer)",
+        "POST",
+        "/experts",
+        '{"name": "m", "texts": ["x y"], "metadata": [{"x": NaN}]}',
+        422,
+    ),
     ("unknown path", "GET", "/nope", None, 404),
     ("wrong method", "GET", "/search", None, 405),
 ]
@@ -281,7 +304,9 @@ def test_add_and_remove_expert__persist_and_route(ckpt):
     router = Router.load(ckpt)
     assert router.expert_names == list(TOPICS)
     # the removed expert's feedback stays as an audit log, set apart from the live experts' feedback
-    assert [(r.seq, r.query, r.expert, r.positive) for r in router.store.feedback(include_removed=True)] == [(fid, texts[0], "rust", False)]
+    assert [(r.seq, r.query, r.expert, r.positive) for r in router.store.feedback(include_removed=True)] == [
+        (fid, texts[0], "rust", False)
+    ]
     assert router.store.feedback() == [] and router.store.feedback_counts() == {}
 
 
@@ -502,7 +527,9 @@ def test_same_and_allowed_origins_with_json__are_served(ckpt):
                 r = c.post("/feedback", content=json.dumps(fb), headers={**headers, "content-type": ctype})
                 assert r.status_code == 200, (origin, ctype, r.text)
         assert c.post("/feedback", json=fb, headers={"origin": "https://app.example:9999"}).status_code == 403
-        r = c.post("/experts", json={"name": "rust", "texts": ["borrow checker"]}, headers={"origin": "http://testserver"})
+        r = c.post(
+            "/experts", json={"name": "rust", "texts": ["borrow checker"]}, headers={"origin": "http://testserver"}
+        )
         assert r.status_code == 201
         assert c.delete("/experts/rust", headers={"origin": "https://app.example:8443"}).status_code == 200
     state.close()
@@ -517,17 +544,28 @@ def test_origin_config__rejects_what_is_not_an_origin():
     assert AuthConfig(allowed_origins=["HTTPS://A.example/", "null"]).allowed_origins == ("https://a.example", "null")
 
 
-@pytest.mark.parametrize("host, key, open_network, outcome", [
-    ("127.0.0.1", None, False, None), ("localhost", None, False, None), ("::1", None, False, None),
-    ("0.0.0.0", None, False, "refusing to start"), ("::", None, False, "refusing to start"),
-    ("192.168.1.5", None, False, "refusing to start"), ("myhost.example", None, False, "refusing to start"),
-    ("0.0.0.0", "s3cret", False, None), ("0.0.0.0", None, True, "SECURITY WARNING"),
-])
+@pytest.mark.parametrize(
+    "host, key, open_network, outcome",
+    [
+        ("127.0.0.1", None, False, None),
+        ("localhost", None, False, None),
+        ("::1", None, False, None),
+        ("0.0.0.0", None, False, "refusing to start"),
+        ("::", None, False, "refusing to start"),
+        ("192.168.1.5", None, False, "refusing to start"),
+        ("myhost.example", None, False, "refusing to start"),
+        ("0.0.0.0", "s3cret", False, None),
+        ("0.0.0.0", None, True, "SECURITY WARNING"),
+    ],
+)
 def test_non_loopback_host_without_key__is_refused_unless_overridden(host, key, open_network, outcome):
     auth = AuthConfig(api_key=key, allow_open_network=open_network)
     if outcome == "refusing to start":
-        with pytest.raises(ValueError, match=r"refusing to start: host=.* is not a loopback address and auth.api_key "
-                                             r"is not set.*auth.allow_open_network=true"):
+        with pytest.raises(
+            ValueError,
+            match=r"refusing to start: host=.* is not a loopback address and auth.api_key "
+            r"is not set.*auth.allow_open_network=true",
+        ):
             check_exposure(host, auth)
     elif outcome is None:
         assert check_exposure(host, auth) is None
@@ -570,8 +608,11 @@ def test_add_expert_over_http__bad_metadata_is_422_not_a_later_500(ckpt):
         r = c.post("/experts", json={"name": "m", "texts": ["x y"], "metadata": [{"x": [1, {"y": None}]}]})
         assert r.status_code == 201
         assert c.post("/search", json={"text": "x y", "k": 1, "top_experts": 1}).status_code == 200
-        r = c.post("/experts", content='{"name": "n", "texts": ["x y"], "metadata": [{"x": NaN}]}',
-                   headers={"content-type": "application/json"})
+        r = c.post(
+            "/experts",
+            content='{"name": "n", "texts": ["x y"], "metadata": [{"x": NaN}]}',
+            headers={"content-type": "application/json"},
+        )
         assert r.status_code in (400, 422) and r.json()["error"]
     state.close()
 
@@ -586,9 +627,12 @@ def test_l2_server__huge_vectors_are_422_never_null_probabilities(tmp_path):
     router.init_gate(hidden_dims=[], dropout=0.0)
     state = RouterState(router.save(tmp_path / "ckpt"))
     with TestClient(create_app(state)) as c:
-        for path, body in [("/route", {"vector": [3e38] * DIM}), ("/search", {"vector": [1e19] * DIM, "k": 3}),
-                           ("/experts", {"name": "huge", "vectors": [[3e38] * DIM] * 3}),
-                           ("/feedback", {"vector": [1e19] * DIM, "expert": "a", "positive": True})]:
+        for path, body in [
+            ("/route", {"vector": [3e38] * DIM}),
+            ("/search", {"vector": [1e19] * DIM, "k": 3}),
+            ("/experts", {"name": "huge", "vectors": [[3e38] * DIM] * 3}),
+            ("/feedback", {"vector": [1e19] * DIM, "expert": "a", "positive": True}),
+        ]:
             r = c.post(path, json=body)
             assert r.status_code == 422 and "too large for metric 'l2'" in r.json()["error"], (path, r.text)
         r = c.post("/route", json={"vector": [0.5] * DIM, "top_experts": 2})

@@ -44,9 +44,17 @@ def start_server(ckpt: Path, run_dir: Path) -> tuple[subprocess.Popen, str]:
     """scripts/serve.py as a real subprocess on a free loopback port; returns once /ready answers."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, str(REPO / "scripts" / "serve.py"), f"ckpt={ckpt}", f"port={port}", "log_level=warning",
-         f"hydra.run.dir={run_dir}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={k: v for k, v in os.environ.items() if k != "MOE_ROUTER_API_KEY"},
+        [
+            sys.executable,
+            str(REPO / "scripts" / "serve.py"),
+            f"ckpt={ckpt}",
+            f"port={port}",
+            "log_level=warning",
+            f"hydra.run.dir={run_dir}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={k: v for k, v in os.environ.items() if k != "MOE_ROUTER_API_KEY"},
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
@@ -79,7 +87,11 @@ def test_sigkill_mid_stream__every_acknowledged_write_survives(tmp_path):
             with httpx.Client(base_url=url, timeout=10) as http:
                 i = 0
                 while not stop.is_set():
-                    text, expert, positive = f"round {round_} worker {worker} query {i}", ("alpha", "beta")[i % 2], i % 3 == 0
+                    text, expert, positive = (
+                        f"round {round_} worker {worker} query {i}",
+                        ("alpha", "beta")[i % 2],
+                        i % 3 == 0,
+                    )
                     try:
                         r = http.post("/feedback", json={"text": text, "expert": expert, "positive": positive})
                     except httpx.TransportError:
@@ -99,7 +111,9 @@ def test_sigkill_mid_stream__every_acknowledged_write_survives(tmp_path):
                         in_doubt.add(name)
                         try:
                             if adding:
-                                r = http.post("/experts", json={"name": name, "texts": [f"{name} topic {j}" for j in range(5)]})
+                                r = http.post(
+                                    "/experts", json={"name": name, "texts": [f"{name} topic {j}" for j in range(5)]}
+                                )
                             else:
                                 r = http.delete(f"/experts/{name}")
                         except httpx.TransportError:
@@ -127,7 +141,9 @@ def test_sigkill_mid_stream__every_acknowledged_write_survives(tmp_path):
         assert not errors, errors
         assert expert_ops[0] >= 5 and len(acked_feedback) >= 20 * (round_ + 1)
 
-        proc, url = start_server(ckpt, tmp_path / f"run{round_}-restart")  # loads (and if need be recovers) the checkpoint
+        proc, url = start_server(
+            ckpt, tmp_path / f"run{round_}-restart"
+        )  # loads (and if need be recovers) the checkpoint
         try:
             names = {e["name"] for e in httpx.get(f"{url}/experts").json()["experts"]}
             assert {"alpha", "beta", "gamma"} <= names
@@ -152,9 +168,21 @@ def test_sigkill_mid_stream__every_acknowledged_write_survives(tmp_path):
 def test_checkpoint_fuzz__small_run_ends_in_clear_errors(tmp_path):
     out = tmp_path / "fuzz.json"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "fuzz_checkpoint.py"), "--per-file", "12", "--json-cases", "40",
-         "--seed", "1", "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "fuzz_checkpoint.py"),
+            "--per-file",
+            "12",
+            "--json-cases",
+            "40",
+            "--seed",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     report = json.loads(out.read_text())
     # CURRENT, manifest, gate, store and the first expert's two files; FIFOs, links and directories
@@ -213,9 +241,21 @@ def test_schemathesis__no_5xx_and_the_schema_holds(tmp_path):
     """The server fuzz, short: the schema run, a foreign-Origin run and content types x origins (issue 10)."""
     out = tmp_path / "st.json"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "serve_fuzz_api.py"), "--max-examples", "5", "--seed", "0",
-         "--browser-cases", "60", "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "serve_fuzz_api.py"),
+            "--max-examples",
+            "5",
+            "--seed",
+            "0",
+            "--browser-cases",
+            "60",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     report = json.loads(out.read_text())
     schema, foreign, browser = report["schema"], report["foreign_origin"], report["browser"]

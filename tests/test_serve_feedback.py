@@ -49,8 +49,9 @@ def feedback_storm(state: RouterState, threads: int, each: int) -> tuple[dict[in
     return acked, refused
 
 
-def test_concurrent_feedback__shares_saves_and_every_acknowledged_row_is_on_disk(ckpt: Path,
-                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_concurrent_feedback__shares_saves_and_every_acknowledged_row_is_on_disk(
+    ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     saves = []
     real_save = Router.save
     monkeypatch.setattr(Router, "save", lambda self, *a, **k: (saves.append(1), real_save(self, *a, **k))[1])

@@ -7,7 +7,7 @@ import pytest
 
 from moe_router.cli import main as cli_main
 from moe_router.metrics import top_experts, top_p_experts
-from tests.helpers import assert_same_topk, brute_force, make_router
+from tests.helpers import assert_same_topk, brute_force
 
 
 def _probs(n: int, e: int, seed: int, concentration: float) -> np.ndarray:
@@ -43,9 +43,15 @@ def test_top_p_experts__uneven_counts_follow_confidence() -> None:
     assert experts.tolist() == [[0, -1, -1], [0, 1, 2], [0, 1, -1]]
 
 
-@pytest.mark.parametrize(("p", "cap", "message"), [(0.0, 2, "top_p must be in"), (1.5, 2, "top_p must be in"),
-                                                   (0.5, 0, "max_experts must be between 1 and 3"),
-                                                   (0.5, 4, "max_experts must be between 1 and 3")])
+@pytest.mark.parametrize(
+    ("p", "cap", "message"),
+    [
+        (0.0, 2, "top_p must be in"),
+        (1.5, 2, "top_p must be in"),
+        (0.5, 0, "max_experts must be between 1 and 3"),
+        (0.5, 4, "max_experts must be between 1 and 3"),
+    ],
+)
 def test_top_p_experts__bad_arguments_raise(p: float, cap: int, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         top_p_experts(np.full((2, 3), 1 / 3), p, cap)

@@ -16,11 +16,11 @@ from omegaconf import DictConfig
 
 from moe_router import Gate, Router
 from moe_router.apps.evaluate import evaluate
-from moe_router.metrics import accuracy_at_k, recall_from_counts, top_experts
 from moe_router.apps.train import train
 from moe_router.data.build import router_from_dataset
 from moe_router.data.targets import routing_pairs
 from moe_router.index.exact import exact_counts
+from moe_router.metrics import accuracy_at_k, recall_from_counts, top_experts
 from moe_router.train.fit import fit_router
 from moe_router.train.module import GateModule
 from tests.helpers import CONFIGS, VOCAB, clusters, write_jsonl
@@ -36,8 +36,13 @@ def compose_config(name: str, overrides: list[str]) -> DictConfig:
 def _train_overrides(root: Path) -> list[str]:
     """The real train.yaml, shrunk for a CPU test: hashing embedder, one batch, files under root."""
     return [
-        "embedder=hashing", "+trainer.fast_dev_run=true", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
-        f"out={root}/ckpt", f"log_dir={root}/logs", f"cache_dir={root}/cache",
+        "embedder=hashing",
+        "+trainer.fast_dev_run=true",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        f"out={root}/ckpt",
+        f"log_dir={root}/logs",
+        f"cache_dir={root}/cache",
     ]
 
 
@@ -52,8 +57,14 @@ def _clustered_router(noise: float, per: int = 60, seed: int = 0) -> tuple[Route
 
 def _cpu_trainer(root: Path, epochs: int) -> L.Trainer:
     return L.Trainer(
-        max_epochs=epochs, accelerator="cpu", devices=1, deterministic=True, logger=False, default_root_dir=root,
-        enable_progress_bar=False, enable_model_summary=False,
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        deterministic=True,
+        logger=False,
+        default_root_dir=root,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         callbacks=[ModelCheckpoint(dirpath=root / "best", monitor="val/recall@10", mode="max")],
     )
 
@@ -105,8 +116,12 @@ def test_fit_router__learns_to_route_held_out_queries_far_above_chance(tmp_path:
     xq = np.concatenate(held_out)
     gold = np.repeat(np.arange(E), 20)
     result = fit_router(
-        router, val_queries=xq, val_experts=[f"c{g}" for g in gold], targets="mix",
-        trainer=_cpu_trainer(tmp_path, epochs=12), seed=0,
+        router,
+        val_queries=xq,
+        val_experts=[f"c{g}" for g in gold],
+        targets="mix",
+        trainer=_cpu_trainer(tmp_path, epochs=12),
+        seed=0,
     )
     probs = router.gate_probs(router.prepare_queries(xq)[0])
     acc = accuracy_at_k(probs, gold, 1)
@@ -170,12 +185,22 @@ def test_train_fast_dev_run_on_jsonl__writes_a_checkpoint_that_loads_and_routes(
     assert (root / "cache" / "embeddings.sqlite").is_file() and not (root / "env_cache").exists()
 
 
-def test_evaluate_on_trained_checkpoint__reports_metrics_consistent_with_the_router(jsonl_run: tuple[Path, Path]) -> None:
+def test_evaluate_on_trained_checkpoint__reports_metrics_consistent_with_the_router(
+    jsonl_run: tuple[Path, Path],
+) -> None:
     data, root = jsonl_run
-    cfg = compose_config("eval", [
-        "data=jsonl", f"data.path={data}", f"ckpt={root}/ckpt", f"cache_dir={root}/cache",
-        f"report={root}/report.json", "experts_searched=[1,2,3]", "++out_dir=null",
-    ])
+    cfg = compose_config(
+        "eval",
+        [
+            "data=jsonl",
+            f"data.path={data}",
+            f"ckpt={root}/ckpt",
+            f"cache_dir={root}/cache",
+            f"report={root}/report.json",
+            "experts_searched=[1,2,3]",
+            "++out_dir=null",
+        ],
+    )
     report = evaluate(cfg)
     assert json.loads((root / "report.json").read_text()) == report
     for key in ("acc@1", "acc@2", "recall@10@1", "recall@10@2", "scanned@2"):
@@ -214,7 +239,9 @@ def test_train_fast_dev_run_on_default_demo_data__checkpoint_loads_and_routes(tm
 
 def test_train_without_validation_rows__raises_clear_error(tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "no_val.jsonl", val=0)
-    cfg = compose_config("train", [*_train_overrides(tmp_path), "data=jsonl", f"data.path={data}", "data.val_fraction=0"])
+    cfg = compose_config(
+        "train", [*_train_overrides(tmp_path), "data=jsonl", f"data.path={data}", "data.val_fraction=0"]
+    )
     with pytest.raises(ValueError, match="no validation rows"):
         train(cfg)
 
@@ -230,8 +257,9 @@ def test_train_and_evaluate_on_synthetic_vectors__kmeans_experts_and_a_full_repo
     router = Router.load(summary.out)
     assert router.embedder is None and router.num_experts == 6 and router.ntotal == 3000
     assert router.expert_names == [f"shard_{i:02d}" for i in range(6)]
-    ecfg = compose_config("eval", [*SYNTHETIC, f"ckpt={summary.out}", f"out_dir={tmp_path}/report",
-                                   "speed_batches=[100]"])
+    ecfg = compose_config(
+        "eval", [*SYNTHETIC, f"ckpt={summary.out}", f"out_dir={tmp_path}/report", "speed_batches=[100]"]
+    )
     report = evaluate(ecfg)
     assert report["dataset"] == "synthetic" and report["queries"] == 300 and report["experts"] == 6
     assert report["partition"] == 6
@@ -239,16 +267,20 @@ def test_train_and_evaluate_on_synthetic_vectors__kmeans_experts_and_a_full_repo
     # gold of a k-means expert is the shard of the nearest centroid, so centroid routing is always right
     assert report["routers"]["centroid"]["acc@1"] == 1.0
     assert {"report.json", "table.md", "recall.png", "load.png", "reliability.png"} <= {
-        p.name for p in (tmp_path / "report").iterdir()}
+        p.name for p in (tmp_path / "report").iterdir()
+    }
 
 
 def test_synthetic_vectors_without_partition__raise_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"vectors without labels: set partition=N"):
         train(compose_config("train", [*_train_overrides(tmp_path), *SYNTHETIC]))
-    train_cfg = compose_config("train", [*_train_overrides(tmp_path), "data=jsonl",
-                                         f"data.path={write_jsonl(tmp_path / 'd.jsonl')}"])
+    train_cfg = compose_config(
+        "train", [*_train_overrides(tmp_path), "data=jsonl", f"data.path={write_jsonl(tmp_path / 'd.jsonl')}"]
+    )
     out = train(train_cfg).out
-    with pytest.raises(ValueError, match=r"has no labels, so it can only evaluate a checkpoint whose experts are a k-means"):
+    with pytest.raises(
+        ValueError, match=r"has no labels, so it can only evaluate a checkpoint whose experts are a k-means"
+    ):
         evaluate(compose_config("eval", [*SYNTHETIC, "data.dim=256", f"ckpt={out}", "++out_dir=null"]))
 
 
@@ -268,8 +300,17 @@ def test_router_from_dataset_with_max_imbalance__caps_every_shard_and_keeps_ever
 
 def test_evaluate_unknown_baseline__raises_clear_error_naming_it(jsonl_run: tuple[Path, Path]) -> None:
     data, root = jsonl_run
-    cfg = compose_config("eval", ["data=jsonl", f"data.path={data}", f"ckpt={root}/ckpt", f"cache_dir={root}/cache",
-                                  "baselines=[centroid,bogus]", "++out_dir=null"])
+    cfg = compose_config(
+        "eval",
+        [
+            "data=jsonl",
+            f"data.path={data}",
+            f"ckpt={root}/ckpt",
+            f"cache_dir={root}/cache",
+            "baselines=[centroid,bogus]",
+            "++out_dir=null",
+        ],
+    )
     with pytest.raises(ValueError, match=r"unknown baseline\(s\) \['bogus'\]; expected some of \['centroid'"):
         evaluate(cfg)
 

@@ -9,13 +9,13 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from moe_router.logs import quiet_libraries
 from moe_router.apps.train import run_dir
 from moe_router.data.beir import BeirDataset
 from moe_router.embed.cache import default_cache_dir
 from moe_router.eval.evaluate import evaluate as evaluate_router
 from moe_router.eval.report import write_outputs, write_retrieval_outputs
 from moe_router.eval.retrieval import evaluate_retrieval
+from moe_router.logs import quiet_libraries
 from moe_router.routing.router import Router
 
 
@@ -31,15 +31,31 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.out_dir) if cfg.out_dir else run_dir()
     if isinstance(dataset, BeirDataset):  # documents and judged queries: IR metrics against the qrels
         report, _ = evaluate_retrieval(
-            router, dataset, split=cfg.split, top_p=cfg.top_p, max_experts=cfg.max_experts, p_grid=list(cfg.p_grid),
-            baselines=list(cfg.baselines), seed=cfg.seed, checkpoint=str(cfg.ckpt),
+            router,
+            dataset,
+            split=cfg.split,
+            top_p=cfg.top_p,
+            max_experts=cfg.max_experts,
+            p_grid=list(cfg.p_grid),
+            baselines=list(cfg.baselines),
+            seed=cfg.seed,
+            checkpoint=str(cfg.ckpt),
         )
         write_retrieval_outputs(report, out_dir)
     else:
         report, scores = evaluate_router(
-            router, dataset, split=cfg.split, k=int(cfg.k), experts_searched=list(cfg.experts_searched),
-            baselines=list(cfg.baselines), capacity_factor=cfg.capacity_factor, speed_batches=list(cfg.speed_batches),
-            seed=cfg.seed, checkpoint=str(cfg.ckpt), top_p=cfg.top_p, max_experts=cfg.max_experts,
+            router,
+            dataset,
+            split=cfg.split,
+            k=int(cfg.k),
+            experts_searched=list(cfg.experts_searched),
+            baselines=list(cfg.baselines),
+            capacity_factor=cfg.capacity_factor,
+            speed_batches=list(cfg.speed_batches),
+            seed=cfg.seed,
+            checkpoint=str(cfg.ckpt),
+            top_p=cfg.top_p,
+            max_experts=cfg.max_experts,
             p_grid=list(cfg.p_grid),
         )
         write_outputs(report, out_dir, report["experts_searched"], report["k"], router, scores)

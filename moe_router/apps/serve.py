@@ -29,10 +29,19 @@ def serve(cfg: DictConfig) -> None:
     app = create_app(state, batching=instantiate(cfg.batching), limits=instantiate(cfg.limits), auth=auth)
     with state.lease() as snap:
         router = snap.router
-    print(f"Serving {cfg.ckpt}: {router.num_experts} experts, {router.ntotal} vectors, dim {router.dim}, {router.backend}, "
-          f"on http://{cfg.host}:{cfg.port} (OpenAPI at /docs)", flush=True)
+    print(
+        f"Serving {cfg.ckpt}: {router.num_experts} experts, {router.ntotal} vectors, dim {router.dim}, {router.backend}, "
+        f"on http://{cfg.host}:{cfg.port} (OpenAPI at /docs)",
+        flush=True,
+    )
     try:
-        uvicorn.run(app, host=cfg.host, port=int(cfg.port), log_level=cfg.log_level, access_log=cfg.access_log,
-                    timeout_graceful_shutdown=cfg.graceful_shutdown_s)
+        uvicorn.run(
+            app,
+            host=cfg.host,
+            port=int(cfg.port),
+            log_level=cfg.log_level,
+            access_log=cfg.access_log,
+            timeout_graceful_shutdown=cfg.graceful_shutdown_s,
+        )
     finally:
         state.close()

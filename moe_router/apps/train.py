@@ -16,7 +16,6 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from moe_router.data.beir import BeirDataset
-from moe_router.logs import quiet_libraries
 from moe_router.data.build import router_from_dataset
 from moe_router.data.datasets import TextDataset, VectorDataset
 from moe_router.data.targets import Pairs, query_targets
@@ -24,6 +23,7 @@ from moe_router.embed.cache import CachedEmbedder, default_cache_dir
 from moe_router.gate.model import Gate
 from moe_router.index.clustering import nearest_centroid
 from moe_router.index.expert import centroids
+from moe_router.logs import quiet_libraries
 from moe_router.routing.calibrate import calibrate, validation_metrics
 from moe_router.routing.router import Router, check_prior_weight
 from moe_router.train.fit import fit_router
@@ -51,13 +51,20 @@ def train(cfg: DictConfig) -> TrainSummary:
     start = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     dataset: TextDataset | VectorDataset = instantiate(cfg.data)
-    embedder = None if isinstance(dataset, VectorDataset) else CachedEmbedder(
-        instantiate(cfg.embedder), cfg.cache_dir or default_cache_dir())
+    embedder = (
+        None
+        if isinstance(dataset, VectorDataset)
+        else CachedEmbedder(instantiate(cfg.embedder), cfg.cache_dir or default_cache_dir())
+    )
     router = router_from_dataset(dataset, embedder, cfg.metric, cfg.partition, cfg.seed, cfg.partition_max_imbalance)
     stored_val = False  # whether the validation queries are stored vectors (no untrained candidate then)
     if cfg.partition:  # learned sharding: a query's gold expert is the shard of its nearest centroid
         val_queries = dataset.queries("val")
-        gold = nearest_centroid(router.prepare_queries(val_queries)[0], centroids(router.experts), router.metric) if len(val_queries) else []
+        gold = (
+            nearest_centroid(router.prepare_queries(val_queries)[0], centroids(router.experts), router.metric)
+            if len(val_queries)
+            else []
+        )
         val_experts = [router.expert_names[g] for g in gold]
     elif isinstance(dataset, BeirDataset) and not dataset.queries("val"):
         # No validation judgments: validate on a seeded 10% of the documents (their source is their gold).
@@ -69,15 +76,19 @@ def train(cfg: DictConfig) -> TrainSummary:
         rows = [r for r in dataset.split("val") if getattr(r, dataset.expert_key) in set(dataset.experts)]
         val_queries, val_experts = [r.text for r in rows], [getattr(r, dataset.expert_key) for r in rows]
     if not len(val_queries):
-        raise ValueError(f"dataset {dataset.name!r} has no validation rows for its experts; add split 'val' rows "
-                         "or set data.val_fraction > 0 to carve them from train")
+        raise ValueError(
+            f"dataset {dataset.name!r} has no validation rows for its experts; add split 'val' rows "
+            "or set data.val_fraction > 0 to carve them from train"
+        )
     extra = training_queries(router, dataset, cfg.targets)
     stored_weight = 1.0 - float(cfg.targets.query_weight) if extra else 1.0
     views = pseudo_query_pairs(router, dataset, cfg.targets)
     stored_weight -= sum(v.weight for v in views)
     if stored_weight < 0:
-        raise ValueError(f"targets.query_weight + targets.pseudo_weight must be <= 1, the stored vectors get the rest; "
-                         f"got {cfg.targets.query_weight} + {cfg.targets.pseudo_weight}")
+        raise ValueError(
+            f"targets.query_weight + targets.pseudo_weight must be <= 1, the stored vectors get the rest; "
+            f"got {cfg.targets.query_weight} + {cfg.targets.pseudo_weight}"
+        )
     retrieval = isinstance(dataset, BeirDataset) and bool(dataset.queries("val"))
     monitor = resolve_monitor(cfg.monitor, retrieval)
     log_dir = Path(cfg.log_dir) if cfg.log_dir else run_dir()
@@ -85,8 +96,13 @@ def train(cfg: DictConfig) -> TrainSummary:
     fits, gates = [], []
     for i in range(members):  # an ensemble: members trained independently (own seed), then assembled
         sub = log_dir / f"member{i}" if members > 1 else log_dir
-        model = instantiate(cfg.model, dim=router.dim, num_experts=router.num_experts, members=1,
-                            max_prototypes=cfg.model.get("max_prototypes", 4096) // members)
+        model = instantiate(
+            cfg.model,
+            dim=router.dim,
+            num_experts=router.num_experts,
+            members=1,
+            max_prototypes=cfg.model.get("max_prototypes", 4096) // members,
+        )
         gate = router.install_gate(model, cfg.seed + i)
         if extra and cfg.targets.query_prototypes and gate.prototypes_per_expert:
             add_query_prototypes(gate, extra[0])
@@ -95,13 +111,25 @@ def train(cfg: DictConfig) -> TrainSummary:
             callbacks=[ModelCheckpoint(dirpath=sub / "lightning", monitor=monitor, mode="max", save_top_k=1)],
             logger=CSVLogger(str(sub), name="logs"),
         )
-        fits.append(fit_router(
-            router, val_queries=val_queries, val_experts=val_experts,
-            targets=cfg.targets.kind, label_weight=cfg.targets.label_weight, neighbours=cfg.targets.neighbours,
-            max_queries=cfg.targets.max_queries, module=instantiate(cfg.module)(gate=gate), trainer=trainer,
-            batch_size=cfg.batch_size, monitor=monitor, seed=cfg.seed + i, extra=[*extra, *views],
-            stored_weight=stored_weight, untrained_candidate=not stored_val,
-        ))
+        fits.append(
+            fit_router(
+                router,
+                val_queries=val_queries,
+                val_experts=val_experts,
+                targets=cfg.targets.kind,
+                label_weight=cfg.targets.label_weight,
+                neighbours=cfg.targets.neighbours,
+                max_queries=cfg.targets.max_queries,
+                module=instantiate(cfg.module)(gate=gate),
+                trainer=trainer,
+                batch_size=cfg.batch_size,
+                monitor=monitor,
+                seed=cfg.seed + i,
+                extra=[*extra, *views],
+                stored_weight=stored_weight,
+                untrained_candidate=not stored_val,
+            )
+        )
         gates.append(router.gate)
     fit = fits[0]
     metrics = {**fit.metrics, "fit_seconds": sum(f.seconds for f in fits)}
@@ -112,13 +140,23 @@ def train(cfg: DictConfig) -> TrainSummary:
     if cfg.calibrate:
         bias = retrieval if cfg.calibrate_bias == "auto" else bool(cfg.calibrate_bias)
         metrics.update(calibrate(router, val_queries, val_experts, dataset.oos_texts("val"), cfg.load_floor, bias))
-    router.prior_weight = (PRIOR_WEIGHT if isinstance(dataset, BeirDataset) else 0.0) if cfg.prior_weight == "auto" \
+    router.prior_weight = (
+        (PRIOR_WEIGHT if isinstance(dataset, BeirDataset) else 0.0)
+        if cfg.prior_weight == "auto"
         else check_prior_weight(cfg.prior_weight)
+    )
     if trainer.is_global_zero:
         router.save(cfg.out, config=OmegaConf.to_container(cfg, resolve=True), metrics=metrics)
-    return TrainSummary(Path(cfg.out), router.num_experts, router.ntotal,
-                        {k: v for k, v in metrics.items() if k.startswith("val/")}, metrics["fit_seconds"],
-                        time.perf_counter() - start, fit.epochs, bool(fit.metrics.get("untrained_kept")))
+    return TrainSummary(
+        Path(cfg.out),
+        router.num_experts,
+        router.ntotal,
+        {k: v for k, v in metrics.items() if k.startswith("val/")},
+        metrics["fit_seconds"],
+        time.perf_counter() - start,
+        fit.epochs,
+        bool(fit.metrics.get("untrained_kept")),
+    )
 
 
 def resolve_monitor(monitor: str, retrieval: bool) -> str:
@@ -180,4 +218,3 @@ def run_dir() -> Path:
         return Path(HydraConfig.get().runtime.output_dir)
     except ValueError:
         return Path(tempfile.mkdtemp(prefix="moe_router-"))
-

@@ -19,7 +19,6 @@ import numpy as np
 from moe_router.checkpoint.format import CheckpointError, open_checked
 from moe_router.index.expert import Expert, SavedCopy
 
-
 _BLOCK = 1 << 22  # bytes read, and hashed, at a time
 
 
@@ -108,8 +107,10 @@ def read_expert(path: Path, info: dict, dim: int, metric: str, files: dict[str, 
     with open_checked(path, ids_rel) as fi, open_checked(path, vec_rel) as fv:
         for f, rel, row_bytes in ((fi, ids_rel, 8), (fv, vec_rel, 4 * dim)):
             if os.fstat(f.fileno()).st_size < n * row_bytes:  # a hostile size must not become a huge allocation
-                raise CheckpointError(f"checkpoint {path}: {rel} is corrupted (the manifest says {n} rows; "
-                                      f"the file is too small to hold them)")
+                raise CheckpointError(
+                    f"checkpoint {path}: {rel} is corrupted (the manifest says {n} rows; "
+                    f"the file is too small to hold them)"
+                )
         expert = Expert(str(info["name"]), dim, metric, str(info.get("specialization", "")), info.get("parent"))
         ids = np.empty(n, dtype=np.int64)
         _read_npy_into(path, ids_rel, fi, ids, files.get(ids_rel))
@@ -117,13 +118,19 @@ def read_expert(path: Path, info: dict, dim: int, metric: str, files: dict[str, 
         pair = digests.get(vec_rel), digests.get(ids_rel)
         if vec_rel in files and ids_rel in files and all(isinstance(d, str) for d in pair):
             root = path.absolute()  # checked: a later save may link these files instead of rewriting them
-            expert.saved = SavedCopy(root / vec_rel, root / ids_rel, *pair,
-                                     fingerprint(os.fstat(fv.fileno())), fingerprint(os.fstat(fi.fileno())))
+            expert.saved = SavedCopy(
+                root / vec_rel,
+                root / ids_rel,
+                *pair,
+                fingerprint(os.fstat(fv.fileno())),
+                fingerprint(os.fstat(fi.fileno())),
+            )
     return expert
 
 
-def read_experts(path: Path, infos: list[dict], dim: int, metric: str, files: dict[str, str],
-                 digests: dict) -> list[Expert]:
+def read_experts(
+    path: Path, infos: list[dict], dim: int, metric: str, files: dict[str, str], digests: dict
+) -> list[Expert]:
     """Every expert of a checkpoint read into this process (read_expert), side by side; ids checked unique."""
     # sha256 and copying run on every core (reads release the GIL).
     with ThreadPoolExecutor(max(1, min(len(infos), os.cpu_count() or 1))) as pool:
@@ -143,5 +150,7 @@ def check_ids_unique(path: Path, experts: list[Expert]) -> None:
     dup = ids[1:][ids[1:] == ids[:-1]]
     if len(dup):
         owners = [e.name for e in experts if (e.ids == dup[0]).any()]
-        raise CheckpointError(f"checkpoint {path}: id {int(dup[0])} is stored more than once (experts {owners}); "
-                              f"ids must be unique across experts")
+        raise CheckpointError(
+            f"checkpoint {path}: id {int(dup[0])} is stored more than once (experts {owners}); "
+            f"ids must be unique across experts"
+        )

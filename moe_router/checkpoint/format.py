@@ -97,14 +97,22 @@ def check_rel(root: Path, rel: Any) -> list[str]:
     if ".." in parts:
         raise CheckpointError(f"checkpoint {root}: file name {rel!r} in the manifest points outside the checkpoint")
     if not all(_NAME.fullmatch(p) for p in parts):
-        raise CheckpointError(f"checkpoint {root}: file name {rel!r} in the manifest is not a plain relative name "
-                              f"(letters, digits, '.', '_', '-', separated by '/')")
+        raise CheckpointError(
+            f"checkpoint {root}: file name {rel!r} in the manifest is not a plain relative name "
+            f"(letters, digits, '.', '_', '-', separated by '/')"
+        )
     return parts
 
 
 def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISLNK, "symbolic link"), (stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISSOCK, "socket"),
-                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "directory")):
+    for test, name in (
+        (stat.S_ISLNK, "symbolic link"),
+        (stat.S_ISFIFO, "FIFO (named pipe)"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISDIR, "directory"),
+    ):
         if test(mode):
             return name
     return "special file"
@@ -128,8 +136,10 @@ def open_inside(root: Path, rel: str) -> BinaryIO:
             if not (stat.S_ISREG(st.st_mode) if last else stat.S_ISDIR(st.st_mode)):
                 sub = "/".join(parts[: i + 1])
                 expected = "a regular file" if last else "a directory"
-                raise CheckpointError(f"checkpoint {root}: {sub} is a {_kind(st.st_mode)}, not {expected}; "
-                                      f"only regular files inside the checkpoint are read")
+                raise CheckpointError(
+                    f"checkpoint {root}: {sub} is a {_kind(st.st_mode)}, not {expected}; "
+                    f"only regular files inside the checkpoint are read"
+                )
             flags = (os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC) | (0 if last else os.O_DIRECTORY)
             nfd = os.open(name, flags, dir_fd=fd)
             os.close(fd)
@@ -139,8 +149,10 @@ def open_inside(root: Path, rel: str) -> BinaryIO:
         # fine as long as what was opened is a regular file: O_NOFOLLOW kept it from being a link, and
         # the content is checked against its sha256 by the caller.
         if not stat.S_ISREG(after.st_mode):
-            raise CheckpointError(f"checkpoint {root}: {rel} was replaced by a {_kind(after.st_mode)} while it was "
-                                  "being opened; only regular files inside the checkpoint are read")
+            raise CheckpointError(
+                f"checkpoint {root}: {rel} was replaced by a {_kind(after.st_mode)} while it was "
+                "being opened; only regular files inside the checkpoint are read"
+            )
         f = os.fdopen(fd, "rb")
         fd = -1
         return f
@@ -229,8 +241,10 @@ def parse_pointer(raw: bytes, where: str) -> tuple[int, str]:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{where} is corrupted: not valid JSON ({exc})") from None
     if not isinstance(ptr, dict) or ptr.get("format") != FORMAT or set(ptr) != {"format", "version", "manifest_sha256"}:
-        raise CheckpointError(f"{where} is not a moe_router pointer: expected an object with keys "
-                              f"format={FORMAT!r}, version, manifest_sha256")
+        raise CheckpointError(
+            f"{where} is not a moe_router pointer: expected an object with keys "
+            f"format={FORMAT!r}, version, manifest_sha256"
+        )
     n, digest = ptr["version"], ptr["manifest_sha256"]
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n < 10**12:
         raise CheckpointError(f"{where} is corrupted: version must be an integer >= 1, got {n!r}")
@@ -258,7 +272,9 @@ class Located:
 def locate(path: Path) -> Located:
     """Read CURRENT (once) and say where the current version's files are; format 1 has no pointer."""
     if not path.is_dir():
-        raise CheckpointError(f"no checkpoint at {path}: expected a directory written by Router.save or scripts/train.py")
+        raise CheckpointError(
+            f"no checkpoint at {path}: expected a directory written by Router.save or scripts/train.py"
+        )
     try:
         raw = read_checked(path, POINTER, MAX_POINTER_BYTES)
     except FileMissing:
@@ -330,8 +346,23 @@ class Manifest:
     raw: dict  # the JSON object as read (Router.manifest)
 
 
-_TOP_KEYS = {"format", "format_version", "created", "dim", "metric", "embedder", "embedder_name", "gate", "experts",
-             "files", "stats", "abstain_threshold", "prior_weight", "metrics", "config"}
+_TOP_KEYS = {
+    "format",
+    "format_version",
+    "created",
+    "dim",
+    "metric",
+    "embedder",
+    "embedder_name",
+    "gate",
+    "experts",
+    "files",
+    "stats",
+    "abstain_threshold",
+    "prior_weight",
+    "metrics",
+    "config",
+}
 _EXPERT_KEYS = {"name", "specialization", "parent", "size", "vectors", "ids"}
 
 
@@ -387,8 +418,10 @@ def parse_manifest(raw: bytes, where: str, root: Path, expected_version: int) ->
         raise CheckpointError(f"{where} is not a moe_router manifest (expected format {FORMAT!r})")
     version = obj.get("format_version")
     if isinstance(version, bool) or not isinstance(version, int) or version != expected_version:
-        raise CheckpointError(f"{where} has format_version {version!r}; expected {expected_version} here "
-                              f"(this moe_router reads versions {LEGACY_VERSION} and {FORMAT_VERSION})")
+        raise CheckpointError(
+            f"{where} has format_version {version!r}; expected {expected_version} here "
+            f"(this moe_router reads versions {LEGACY_VERSION} and {FORMAT_VERSION})"
+        )
     s = _Schema(where)
     s.keys(obj, _TOP_KEYS, {"format", "format_version", "dim", "metric", "experts", "files"}, "")
     dim = s.int(obj["dim"], "'dim'", 1, MAX_DIM)
@@ -409,19 +442,25 @@ def parse_manifest(raw: bytes, where: str, root: Path, expected_version: int) ->
         parent = e.get("parent")
         if parent is not None:
             s.str(parent, f"{what}.parent")
-        experts.append(ExpertEntry(
-            name, s.str(e.get("specialization", ""), f"{what}.specialization"), parent,
-            s.int(e["size"], f"{what}.size", 0, 1 << 40),
-            "/".join(check_rel(root, s.str(e["vectors"], f"{what}.vectors"))),
-            "/".join(check_rel(root, s.str(e["ids"], f"{what}.ids"))),
-        ))
+        experts.append(
+            ExpertEntry(
+                name,
+                s.str(e.get("specialization", ""), f"{what}.specialization"),
+                parent,
+                s.int(e["size"], f"{what}.size", 0, 1 << 40),
+                "/".join(check_rel(root, s.str(e["vectors"], f"{what}.vectors"))),
+                "/".join(check_rel(root, s.str(e["ids"], f"{what}.ids"))),
+            )
+        )
     seen: dict[str, str] = {}
     for e in experts:
         if e.name in seen.values():
             raise s.fail(f"duplicate expert name {e.name!r}; expert names must be unique")
         for rel in (e.vectors, e.ids):
             if rel in seen:
-                raise s.fail(f"{rel} is used by experts {seen[rel]!r} and {e.name!r}; each file holds one expert's rows")
+                raise s.fail(
+                    f"{rel} is used by experts {seen[rel]!r} and {e.name!r}; each file holds one expert's rows"
+                )
             seen[rel] = e.name
     gate = s.obj(obj.get("gate"), "'gate'", allow_none=True)
     gate_config = gate_file = None
@@ -438,8 +477,10 @@ def parse_manifest(raw: bytes, where: str, root: Path, expected_version: int) ->
         used.append(STORE)  # format 1 did not checksum its store
     unlisted = [rel for rel in used if rel not in files]
     if unlisted:
-        raise CheckpointError(f"{where} is incomplete: 'files' does not list {unlisted[0]}; every file the checkpoint "
-                              f"uses must be listed with its sha256")
+        raise CheckpointError(
+            f"{where} is incomplete: 'files' does not list {unlisted[0]}; every file the checkpoint "
+            f"uses must be listed with its sha256"
+        )
     unused = sorted(set(files) - set(used))
     if unused:
         raise s.fail(f"'files' lists {unused[0]}, which no part of the checkpoint uses")
@@ -451,15 +492,25 @@ def parse_manifest(raw: bytes, where: str, root: Path, expected_version: int) ->
             raise s.fail(f"'stats' has an entry for {name!r}, which is not an expert")
         s.obj(entry, f"stats[{name!r}]")
         s.keys(entry, {"queries", "confidence_sum"}, set(), f"stats[{name!r}]")
-        stats[name] = (s.int(entry.get("queries", 0), f"stats[{name!r}].queries", 0, 1 << 62),
-                       s.real(entry.get("confidence_sum", 0.0), f"stats[{name!r}].confidence_sum", 0.0))
+        stats[name] = (
+            s.int(entry.get("queries", 0), f"stats[{name!r}].queries", 0, 1 << 62),
+            s.real(entry.get("confidence_sum", 0.0), f"stats[{name!r}].confidence_sum", 0.0),
+        )
     threshold = obj.get("abstain_threshold")
     return Manifest(
-        format_version=version, dim=dim, metric=metric, embedder=embedder, gate_config=gate_config, gate_file=gate_file,
-        experts=experts, files=dict(files), stats=stats,
+        format_version=version,
+        dim=dim,
+        metric=metric,
+        embedder=embedder,
+        gate_config=gate_config,
+        gate_file=gate_file,
+        experts=experts,
+        files=dict(files),
+        stats=stats,
         abstain_threshold=None if threshold is None else s.real(threshold, "'abstain_threshold'"),
         prior_weight=s.real(obj.get("prior_weight", 0.0), "'prior_weight'", 0.0),
-        config=s.obj(obj.get("config") or {}, "'config'"), metrics=s.obj(obj.get("metrics") or {}, "'metrics'"),
+        config=s.obj(obj.get("config") or {}, "'config'"),
+        metrics=s.obj(obj.get("metrics") or {}, "'metrics'"),
         raw=obj,
     )
 

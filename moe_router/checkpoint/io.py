@@ -19,19 +19,40 @@ import sqlite3
 import stat
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 
 from moe_router.checkpoint.expert_files import fingerprint, read_experts
 from moe_router.checkpoint.format import (
-    FORMAT, FORMAT_VERSION, GATE_FILE, LEGACY_VERSION, MANIFEST, MAX_POINTER_BYTES, POINTER, STORE, VERSIONS,
+    FORMAT,
+    FORMAT_VERSION,
+    GATE_FILE,
+    LEGACY_VERSION,
+    MANIFEST,
+    MAX_POINTER_BYTES,
+    POINTER,
+    STORE,
+    VERSIONS,
     CheckpointError,
-    CheckpointParts, FileMissing, Located, Manifest, locate, lstat_inside, parse_pointer, pointer_bytes, read_checked,
-    read_inside, read_located_manifest, sha256_file, version_dir, version_number,
+    CheckpointParts,
+    FileMissing,
+    Located,
+    Manifest,
+    locate,
+    lstat_inside,
+    parse_pointer,
+    pointer_bytes,
+    read_checked,
+    read_inside,
+    read_located_manifest,
+    sha256_file,
+    version_dir,
+    version_number,
 )
 from moe_router.embed.registry import embedder_from_spec
 from moe_router.gate.model import Gate
@@ -94,8 +115,10 @@ def _link_saved(saved: SavedCopy | None, vectors: Path, ids: Path, recheck: bool
     if saved is None:
         return False
     try:
-        if not (_unchanged(saved.vectors, saved.vectors_sha256, saved.vectors_stat, recheck)
-                and _unchanged(saved.ids, saved.ids_sha256, saved.ids_stat, recheck)):
+        if not (
+            _unchanged(saved.vectors, saved.vectors_sha256, saved.vectors_stat, recheck)
+            and _unchanged(saved.ids, saved.ids_sha256, saved.ids_stat, recheck)
+        ):
             return False
         os.link(saved.vectors, vectors, follow_symlinks=False)
         os.link(saved.ids, ids, follow_symlinks=False)
@@ -169,8 +192,14 @@ def write_checkpoint(path: Path, router: CheckpointParts, recheck: bool = True) 
                 _write_npy(tmp / vec_rel, e.vectors())
                 _write_npy(tmp / ids_rel, e.ids)
             experts.append(
-                {"name": e.name, "specialization": e.specialization, "parent": e.parent, "size": e.ntotal,
-                 "vectors": vec_rel, "ids": ids_rel}
+                {
+                    "name": e.name,
+                    "specialization": e.specialization,
+                    "parent": e.parent,
+                    "size": e.ntotal,
+                    "vectors": vec_rel,
+                    "ids": ids_rel,
+                }
             )
         gate_info = None
         if router.gate is not None:
@@ -185,12 +214,18 @@ def write_checkpoint(path: Path, router: CheckpointParts, recheck: bool = True) 
             os.fsync(f.fileno())
         files[STORE] = hashlib.sha256(image).hexdigest()
         del image
-        for rel in [*(x["vectors"] for x in experts), *(x["ids"] for x in experts),
-                    *([GATE_FILE] if gate_info else []), STORE]:
+        for rel in [
+            *(x["vectors"] for x in experts),
+            *(x["ids"] for x in experts),
+            *([GATE_FILE] if gate_info else []),
+            STORE,
+        ]:
             if rel not in files:
                 files[rel] = sha256_file(tmp / rel)
-        stats = {e.name: {"queries": int(c), "confidence_sum": float(m)}
-                 for e, c, m in zip(router.experts, router.counts, router.confidence_sums)}
+        stats = {
+            e.name: {"queries": int(c), "confidence_sum": float(m)}
+            for e, c, m in zip(router.experts, router.counts, router.confidence_sums)
+        }
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -234,8 +269,9 @@ def write_checkpoint(path: Path, router: CheckpointParts, recheck: bool = True) 
     where = final.absolute()  # a later save may run from another working directory
     for e, info in zip(router.experts, experts):
         vec, ids = where / info["vectors"], where / info["ids"]
-        e.saved = SavedCopy(vec, ids, files[info["vectors"]], files[info["ids"]],
-                            fingerprint(os.lstat(vec)), fingerprint(os.lstat(ids)))
+        e.saved = SavedCopy(
+            vec, ids, files[info["vectors"]], files[info["ids"]], fingerprint(os.lstat(vec)), fingerprint(os.lstat(ids))
+        )
     collect_garbage(path, n, legacy=legacy)
     return manifest
 
@@ -255,7 +291,7 @@ def collect_garbage(path: Path, current: int, keep: int = KEEP_VERSIONS, legacy:
     except OSError:
         return
     older = sorted(n for n in map(version_number, names) if n is not None and n < current)
-    kept = {current, *older[len(older) - (keep - 1):]} if keep > 1 else {current}
+    kept = {current, *older[len(older) - (keep - 1) :]} if keep > 1 else {current}
     for name in names:
         n = version_number(name)
         if (n is not None and n not in kept) or name.startswith(".tmp-"):
@@ -315,8 +351,11 @@ def recover_checkpoint(path: Path) -> Path | None:
 
 
 def _legacy_asides(path: Path) -> list[Path]:
-    return [p for p in path.parent.glob(f".{path.name}.old-*")
-            if not p.is_symlink() and p.is_dir() and (p / MANIFEST).is_file()]
+    return [
+        p
+        for p in path.parent.glob(f".{path.name}.old-*")
+        if not p.is_symlink() and p.is_dir() and (p / MANIFEST).is_file()
+    ]
 
 
 # ---------------------------------------------------------------- load
@@ -327,8 +366,9 @@ def _legacy_asides(path: Path) -> list[Path]:
 OpenExperts = Callable[[Path, list[dict], int, str, dict, dict], list]
 
 
-def read_checkpoint(path: Path, verify: bool = True, cache_dir: str | Path | None = None,
-                    open_experts: OpenExperts | None = None) -> CheckpointParts:
+def read_checkpoint(
+    path: Path, verify: bool = True, cache_dir: str | Path | None = None, open_experts: OpenExperts | None = None
+) -> CheckpointParts:
     """The parts of a router from a checkpoint directory, read-only. `verify` checks every file's sha256 as it is read.
 
     Reads the pointer once, then that version's files. If one is missing and the pointer has moved
@@ -339,7 +379,8 @@ def read_checkpoint(path: Path, verify: bool = True, cache_dir: str | Path | Non
     if not path.exists() and _legacy_asides(path):
         raise CheckpointError(
             f"no checkpoint at {path}, but {_legacy_asides(path)[0].name} beside it holds one: a format-1 save was "
-            f"interrupted between its renames; rename it back (moe_router.checkpoint.io.recover_checkpoint does)")
+            f"interrupted between its renames; rename it back (moe_router.checkpoint.io.recover_checkpoint does)"
+        )
     for _ in range(READ_ATTEMPTS):
         where = locate(path)
         try:
@@ -348,18 +389,30 @@ def read_checkpoint(path: Path, verify: bool = True, cache_dir: str | Path | Non
             if locate(path) == where:
                 raise
             log.info("checkpoint %s: a save replaced %s while it was read; reading the new version", path, where.prefix)
-    raise CheckpointError(f"checkpoint {path} was replaced {READ_ATTEMPTS} times while it was being read; "
-                          f"saves are too frequent for a load to finish")
+    raise CheckpointError(
+        f"checkpoint {path} was replaced {READ_ATTEMPTS} times while it was being read; "
+        f"saves are too frequent for a load to finish"
+    )
 
 
-def _read_version(path: Path, where: Located, verify: bool, cache_dir: str | Path | None,
-                  open_experts: OpenExperts) -> CheckpointParts:
+def _read_version(
+    path: Path, where: Located, verify: bool, cache_dir: str | Path | None, open_experts: OpenExperts
+) -> CheckpointParts:
     pre = where.prefix
     m = read_located_manifest(path, where, verify)
     try:
         digests = {pre + rel: d for rel, d in m.files.items()}  # names relative to `path`, as expert_files reads
-        infos = [{"name": e.name, "specialization": e.specialization, "parent": e.parent, "size": e.size,
-                  "vectors": pre + e.vectors, "ids": pre + e.ids} for e in m.experts]
+        infos = [
+            {
+                "name": e.name,
+                "specialization": e.specialization,
+                "parent": e.parent,
+                "size": e.size,
+                "vectors": pre + e.vectors,
+                "ids": pre + e.ids,
+            }
+            for e in m.experts
+        ]
         experts = open_experts(path, infos, m.dim, m.metric, digests if verify else {}, digests)
         try:
             embedder = embedder_from_spec(m.embedder, cache_dir=cache_dir)
@@ -371,8 +424,18 @@ def _read_version(path: Path, where: Located, verify: bool, cache_dir: str | Pat
         counts = np.array([m.stats.get(e.name, (0, 0.0))[0] for e in experts], dtype=np.int64)
         sums = np.array([m.stats.get(e.name, (0, 0.0))[1] for e in experts], dtype=np.float64)
         return CheckpointParts(
-            dim=m.dim, metric=m.metric, embedder=embedder, gate=gate, experts=experts, store=store, counts=counts,
-            confidence_sums=sums, abstain_threshold=m.abstain_threshold, prior_weight=m.prior_weight, config=m.config, metrics=m.metrics,
+            dim=m.dim,
+            metric=m.metric,
+            embedder=embedder,
+            gate=gate,
+            experts=experts,
+            store=store,
+            counts=counts,
+            confidence_sums=sums,
+            abstain_threshold=m.abstain_threshold,
+            prior_weight=m.prior_weight,
+            config=m.config,
+            metrics=m.metrics,
             manifest=m.raw,
         )
     except CheckpointError:
@@ -393,7 +456,8 @@ def _read_store(path: Path, pre: str, m: Manifest, digests: dict[str, str]) -> M
         if wal is not None and wal.st_size > 0:
             raise CheckpointError(
                 f"checkpoint {path} is in format 1 and {STORE}-wal holds writes not yet in {STORE} (feedback a "
-                f"format-1 server committed); convert it once with moe_router.checkpoint.convert_legacy({str(path)!r})")
+                f"format-1 server committed); convert it once with moe_router.checkpoint.convert_legacy({str(path)!r})"
+            )
     data = read_checked(path, pre + STORE)
     _check_digest(path, pre + STORE, data, digests.get(STORE))
     try:
@@ -419,8 +483,10 @@ def _load_gate(path: Path, pre: str, m: Manifest, digests: dict[str, str], num_e
     members, hidden = config.get("members", 1), config.get("hidden_dims", [])
     if isinstance(members, int) and isinstance(hidden, list) and members * (len(hidden) + 1) > len(state):
         # Building the gate loops over members and layers: a forged count must not run for hours.
-        raise CheckpointError(f"checkpoint {path}: gate config ({members} members x {len(hidden) + 1} layers) "
-                              f"cannot fit the {len(state)} tensors of {rel}")
+        raise CheckpointError(
+            f"checkpoint {path}: gate config ({members} members x {len(hidden) + 1} layers) "
+            f"cannot fit the {len(state)} tensors of {rel}"
+        )
     try:
         gate = Gate(**config)
         if "prototypes" in state:

@@ -13,9 +13,9 @@ Malformed files raise ValueError("file:line: what is wrong").
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -95,7 +95,7 @@ def read_corpus(path: Path) -> Documents:
         titles.append(title)
         texts.append(obj["text"])
     if not ids:
-        raise ValueError(f"{path}: no documents; expected JSON lines {{\"_id\", \"title\", \"text\"}}")
+        raise ValueError(f'{path}: no documents; expected JSON lines {{"_id", "title", "text"}}')
     return Documents(ids, titles, texts)
 
 
@@ -107,8 +107,9 @@ def read_qrels(path: Path, doc_ids: set[str]) -> dict[str, dict[str, int]]:
         if lineno == 1 and cols[:2] == ["query-id", "corpus-id"]:
             continue
         if len(cols) != 3:
-            raise ValueError(f"{path}:{lineno}: expected 3 tab-separated columns query-id, corpus-id, score; "
-                             f"got {len(cols)}")
+            raise ValueError(
+                f"{path}:{lineno}: expected 3 tab-separated columns query-id, corpus-id, score; got {len(cols)}"
+            )
         qid, did, score = (c.strip() for c in cols)
         if not qid or not did:
             raise ValueError(f"{path}:{lineno}: empty query-id or corpus-id")
@@ -170,8 +171,10 @@ class BeirDataset:
         for source in self.sources:  # hits name documents by _id alone, so an _id must name one document
             for did in self.docs[source].ids:
                 if did in owner:
-                    raise ValueError(f"document _id {did!r} is in both {owner[did]!r} and {source!r}; "
-                                     "ids must be unique across sources (prefix them with the source)")
+                    raise ValueError(
+                        f"document _id {did!r} is in both {owner[did]!r} and {source!r}; "
+                        "ids must be unique across sources (prefix them with the source)"
+                    )
                 owner[did] = source
 
     # ----------------------------------------------------------------- documents
@@ -201,7 +204,7 @@ class BeirDataset:
         texts, sources = [], []
         for s in self.sources:
             d = self.docs[s]
-            for t in (d.titles if view == "title" else [first_sentence(x) for x in d.texts]):
+            for t in d.titles if view == "title" else [first_sentence(x) for x in d.texts]:
                 if t.strip():
                     texts.append(t)
                     sources.append(s)
@@ -255,8 +258,10 @@ class BeirDataset:
     def _query_split(self, split: str) -> QuerySplit:
         split = self.resolve(split)
         if split == HELDOUT and not self.holdout_folds:
-            raise ValueError("split 'heldout' exists only when the data is loaded with holdout_folds >= 2 "
-                             "(e.g. data.holdout_folds=2 data.holdout_fold=0)")
+            raise ValueError(
+                "split 'heldout' exists only when the data is loaded with holdout_folds >= 2 "
+                "(e.g. data.holdout_folds=2 data.holdout_fold=0)"
+            )
         if split not in (*QUERY_SPLITS, HELDOUT):
             raise ValueError(f"unknown query split {split!r}; expected one of {QUERY_SPLITS} (or 'val' for 'dev')")
         if split not in self._splits:
@@ -277,8 +282,11 @@ class BeirDataset:
         for keep in (fold != self.holdout_fold, fold == self.holdout_fold):
             idx = np.nonzero(keep)[0]
             ids = [dev.ids[i] for i in idx]
-            parts.append(QuerySplit(ids, [dev.texts[i] for i in idx], [dev.sources[i] for i in idx],
-                                    {q: dev.qrels[q] for q in ids}))
+            parts.append(
+                QuerySplit(
+                    ids, [dev.texts[i] for i in idx], [dev.sources[i] for i in idx], {q: dev.qrels[q] for q in ids}
+                )
+            )
         return parts[0], parts[1]
 
     def _read_split(self, split: str) -> QuerySplit:
@@ -296,12 +304,16 @@ class BeirDataset:
             found = read_queries(qpath, set(judged))
             missing = [q for q in judged if q not in found]
             if missing:
-                raise ValueError(f"{path}: query-id {missing[0]!r} is not in {qpath}"
-                                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+                raise ValueError(
+                    f"{path}: query-id {missing[0]!r} is not in {qpath}"
+                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                )
             for qid in judged:  # file order of the judgments
                 if qid in qrels:
-                    raise ValueError(f"{path}: query-id {qid!r} is also judged in another source; "
-                                     "query ids must be unique across sources")
+                    raise ValueError(
+                        f"{path}: query-id {qid!r} is also judged in another source; "
+                        "query ids must be unique across sources"
+                    )
                 ids.append(qid)
                 texts.append(found[qid])
                 sources.append(source)
@@ -309,9 +321,15 @@ class BeirDataset:
         return QuerySplit(ids, texts, sources, qrels)
 
 
-def load_beir(root: str | Path, sources: Sequence[str] | None = None, name: str | None = None,
-              splits_for_training: Sequence[str] = ("train", "dev"), holdout_folds: int = 0, holdout_fold: int = 0,
-              holdout_seed: int = 0) -> BeirDataset:
+def load_beir(
+    root: str | Path,
+    sources: Sequence[str] | None = None,
+    name: str | None = None,
+    splits_for_training: Sequence[str] = ("train", "dev"),
+    holdout_folds: int = 0,
+    holdout_fold: int = 0,
+    holdout_seed: int = 0,
+) -> BeirDataset:
     """Every subfolder of `root` (or those listed in `sources`) as a source; documents read now, queries per split later.
 
     `splits_for_training`: the query splits training may read: the first gives training queries

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from moe_router.data.beir import BeirDataset
@@ -12,9 +11,14 @@ from moe_router.index.clustering import balanced_kmeans, kmeans_assign
 from moe_router.routing.router import Router
 
 
-def router_from_dataset(dataset: TextDataset | BeirDataset | VectorDataset, embedder: Embedder | None, metric: str = "ip",
-                        kmeans_experts: int | None = None, seed: int = 0,
-                        max_imbalance: float | None = None) -> Router:
+def router_from_dataset(
+    dataset: TextDataset | BeirDataset | VectorDataset,
+    embedder: Embedder | None,
+    metric: str = "ip",
+    kmeans_experts: int | None = None,
+    seed: int = 0,
+    max_imbalance: float | None = None,
+) -> Router:
     """One expert per distinct expert key in the train split, holding that split's texts.
 
     With `kmeans_experts=n`, labels are ignored and the train vectors are cut into n experts by
@@ -24,8 +28,9 @@ def router_from_dataset(dataset: TextDataset | BeirDataset | VectorDataset, embe
     """
     if isinstance(dataset, VectorDataset):
         if not kmeans_experts:
-            raise ValueError(f"dataset {dataset.name!r} is vectors without labels: set partition=N "
-                             "to cut it into N k-means experts")
+            raise ValueError(
+                f"dataset {dataset.name!r} is vectors without labels: set partition=N to cut it into N k-means experts"
+            )
         router = Router(dataset.dim, metric)
         vectors = router.prepare_queries(dataset.vectors["train"])[0]
         train, texts, meta = None, None, None
@@ -50,9 +55,10 @@ def router_from_dataset(dataset: TextDataset | BeirDataset | VectorDataset, embe
     for name in names:
         rows = np.flatnonzero(keys == name)
         router.add_expert(
-            name, vectors[rows], texts=None if texts is None else [texts[i] for i in rows],
+            name,
+            vectors[rows],
+            texts=None if texts is None else [texts[i] for i in rows],
             parent=None if kmeans_experts else dataset.parents.get(name),
             metadata=None if meta is None else [meta[i] for i in rows],
         )
     return router
-

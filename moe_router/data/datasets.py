@@ -15,8 +15,6 @@ import numpy as np
 
 from moe_router.data.jsonl import json_objects
 
-
-
 REQUIRED_FIELDS = ("text", "domain", "label", "split")
 
 
@@ -96,8 +94,10 @@ class VectorDataset:
             raise ValueError(f"dataset {self.name!r} has no training vectors (split 'train'); expected at least one")
         for split, x in self.vectors.items():
             if x.ndim != 2 or x.shape[1] != train.shape[1]:
-                raise ValueError(f"dataset {self.name!r}: split {split!r} has shape {x.shape}; "
-                                 f"expected (n, {train.shape[1]}) like 'train'")
+                raise ValueError(
+                    f"dataset {self.name!r}: split {split!r} has shape {x.shape}; "
+                    f"expected (n, {train.shape[1]}) like 'train'"
+                )
 
     @property
     def dim(self) -> int:
@@ -161,4 +161,3 @@ def load_dataset(
     records = carve_validation(load_jsonl(file), val_fraction, seed)
     oos = load_jsonl(oos_path) if oos_path and Path(oos_path).is_file() else []
     return TextDataset(name or file.stem, records, expert_key, parent_key, oos)
-

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 
 def lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -14,8 +14,10 @@ def lines(path: Path) -> Iterator[tuple[int, str]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:  # decoded per line, so the error can name the line
-                raise ValueError(f"{path}:{lineno}: not UTF-8 (byte {raw[exc.start]:#04x} at column {exc.start + 1}); "
-                                 "save the file as UTF-8") from None
+                raise ValueError(
+                    f"{path}:{lineno}: not UTF-8 (byte {raw[exc.start]:#04x} at column {exc.start + 1}); "
+                    "save the file as UTF-8"
+                ) from None
             if line.strip():
                 yield lineno, line.rstrip("\r\n")
 

@@ -18,6 +18,7 @@ from moe_router.data.datasets import VectorDataset
 from moe_router.routing.router import Router
 from moe_router.vectors import normalize_rows
 
+
 @dataclass(frozen=True)
 class ClusterLayout:
     """Where each expert's sub-clusters sit."""
@@ -26,8 +27,9 @@ class ClusterLayout:
     slots: np.ndarray  # (E, S) centre index of each expert's slots
 
 
-def cluster_layout(d: int, experts: int, seed: int, slots: int = 64, shared: int = 16,
-                   centre_noise: float = 1.0) -> ClusterLayout:
+def cluster_layout(
+    d: int, experts: int, seed: int, slots: int = 64, shared: int = 16, centre_noise: float = 1.0
+) -> ClusterLayout:
     """Sub-cluster centres: `slots - shared` private per expert, `shared` shared with other experts.
 
     centre_noise: norm of the random offset of a centre from its expert direction (1.0 = 45 degrees).
@@ -60,8 +62,9 @@ def cluster_layout(d: int, experts: int, seed: int, slots: int = 64, shared: int
     return ClusterLayout(centres, table)
 
 
-def sample_points(layout: ClusterLayout, expert: int, slot: np.ndarray, rng: np.random.Generator,
-                  point_noise: float = 1.0) -> np.ndarray:
+def sample_points(
+    layout: ClusterLayout, expert: int, slot: np.ndarray, rng: np.random.Generator, point_noise: float = 1.0
+) -> np.ndarray:
     """(n, d) unit vectors of one expert, one around each given slot (n,) of that expert.
 
     point_noise: norm of a point's random offset from its centre (1.0 = 45 degrees).
@@ -99,10 +102,13 @@ def held_out_queries(layout: ClusterLayout, nq: int, seed: int, perturb: float =
     return normalize_rows(xq + rng.standard_normal(xq.shape, dtype=np.float32) * (perturb / np.sqrt(d)))
 
 
-
-
 def synthetic_dataset(
-    vectors: int = 200_000, dim: int = 384, sources: int = 16, seed: int = 0, val: int = 2_000, test: int = 2_000,
+    vectors: int = 200_000,
+    dim: int = 384,
+    sources: int = 16,
+    seed: int = 0,
+    val: int = 2_000,
+    test: int = 2_000,
     name: str = "synthetic",
 ) -> VectorDataset:
     """Stored vectors (split 'train') from `sources` latent groups, plus held-out val and test queries.
@@ -110,8 +116,13 @@ def synthetic_dataset(
     The sources are not labels: the experts of a checkpoint trained on this set are cut by k-means
     (`partition=N`), which is learned sharding. Every number is seeded, so a run is repeatable.
     """
-    for key, value, low in (("vectors", vectors, 2), ("dim", dim, 2), ("sources", sources, 2), ("val", val, 1),
-                            ("test", test, 1)):
+    for key, value, low in (
+        ("vectors", vectors, 2),
+        ("dim", dim, 2),
+        ("sources", sources, 2),
+        ("val", val, 1),
+        ("test", test, 1),
+    ):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             raise ValueError(f"synthetic_dataset: {key} must be an integer >= {low}, got {value!r}")
     layout = cluster_layout(dim, sources, seed)

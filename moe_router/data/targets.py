@@ -54,8 +54,9 @@ class Pairs:
     weight: float
 
 
-def query_targets(router: Router, xq: np.ndarray, gold: np.ndarray, exhaustive_weight: float = 0.0,
-                  neighbours: int = 10) -> np.ndarray:
+def query_targets(
+    router: Router, xq: np.ndarray, gold: np.ndarray, exhaustive_weight: float = 0.0, neighbours: int = 10
+) -> np.ndarray:
     """(n, E) targets of real queries: the gold source(s), mixed with the sources of their exhaustive top-k.
 
     `gold` is (n,) expert indices or (n, E) counts of each query's relevant documents per expert.
@@ -71,13 +72,17 @@ def query_targets(router: Router, xq: np.ndarray, gold: np.ndarray, exhaustive_w
         shares = np.eye(router.num_experts, dtype=np.float32)[gold]  # (n, E)
     else:
         if gold.shape != (len(xq), router.num_experts) or (gold < 0).any() or (gold.sum(1) <= 0).any():
-            raise ValueError(f"gold counts must have shape ({len(xq)}, {router.num_experts}), be >= 0 and "
-                             "name at least one relevant document per query")
+            raise ValueError(
+                f"gold counts must have shape ({len(xq)}, {router.num_experts}), be >= 0 and "
+                "name at least one relevant document per query"
+            )
         shares = (gold / gold.sum(1, keepdims=True)).astype(np.float32)
     if exhaustive_weight == 0.0:
         return shares
     counts = exact_counts(router.experts, xq, neighbours)  # (n, E)
-    return ((1.0 - exhaustive_weight) * shares + exhaustive_weight * counts / counts.sum(1, keepdims=True)).astype(np.float32)
+    return ((1.0 - exhaustive_weight) * shares + exhaustive_weight * counts / counts.sum(1, keepdims=True)).astype(
+        np.float32
+    )
 
 
 def weighted_pairs(groups: list[Pairs]) -> tuple[np.ndarray, np.ndarray]:

@@ -6,5 +6,13 @@ from moe_router.embed.hashing import HashingEmbedder
 from moe_router.embed.minilm import MiniLMEmbedder
 from moe_router.embed.registry import EMBEDDERS, embedder_from_spec
 
-__all__ = ["EMBEDDERS", "CachedEmbedder", "Embedder", "HashingEmbedder", "MiniLMEmbedder", "check_texts",
-           "default_cache_dir", "embedder_from_spec"]
+__all__ = [
+    "EMBEDDERS",
+    "CachedEmbedder",
+    "Embedder",
+    "HashingEmbedder",
+    "MiniLMEmbedder",
+    "check_texts",
+    "default_cache_dir",
+    "embedder_from_spec",
+]

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-
 
 
 @runtime_checkable
@@ -40,8 +40,10 @@ def check_text_list(texts: Any, what: str = "texts") -> list[str]:
         try:
             t.encode("utf-8")
         except UnicodeEncodeError as exc:  # a lone surrogate, e.g. from surrogateescape or bad JSON "\ud800"
-            raise ValueError(f"{what}: text {i} is not valid Unicode (character {exc.start} is a lone surrogate "
-                             f"{t[exc.start]!r}); expected text that encodes as UTF-8") from None
+            raise ValueError(
+                f"{what}: text {i} is not valid Unicode (character {exc.start} is a lone surrogate "
+                f"{t[exc.start]!r}); expected text that encodes as UTF-8"
+            ) from None
     return out
 
 

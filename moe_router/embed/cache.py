@@ -6,13 +6,14 @@ import hashlib
 import os
 import sqlite3
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from moe_router.sqlite import select_in
 from moe_router.embed.base import Embedder, check_texts
+from moe_router.sqlite import select_in
 
 
 class CachedEmbedder:
@@ -43,8 +44,12 @@ class CachedEmbedder:
         found: dict[bytes, np.ndarray] = {}
         with self._lock:
             unique = list(dict.fromkeys(keys))
-            for key, blob in select_in(self._conn, "SELECT key, vec FROM vectors WHERE model = ? AND key IN ({marks})",
-                                       unique, before=[self.name]):
+            for key, blob in select_in(
+                self._conn,
+                "SELECT key, vec FROM vectors WHERE model = ? AND key IN ({marks})",
+                unique,
+                before=[self.name],
+            ):
                 found[key] = np.frombuffer(blob, dtype=np.float32)
         missing = {k: t for k, t in zip(keys, texts) if k not in found}
         if missing:
@@ -66,4 +71,3 @@ class CachedEmbedder:
 def default_cache_dir() -> Path:
     """MOE_ROUTER_CACHE, else ~/.cache/moe_router."""
     return Path(os.environ.get("MOE_ROUTER_CACHE", Path.home() / ".cache" / "moe_router"))
-

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from moe_router.embed.base import check_texts
 from moe_router.vectors import check_dim
-
 
 _TOKEN = re.compile(r"[a-z0-9]+")
 
@@ -28,7 +28,7 @@ class HashingEmbedder:
         grams = [f"w:{w}" for w in words]
         for w in words:
             padded = f"#{w}#"
-            grams += [f"c:{padded[i:i + 3]}" for i in range(len(padded) - 2)]
+            grams += [f"c:{padded[i : i + 3]}" for i in range(len(padded) - 2)]
         return grams
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
@@ -39,9 +39,8 @@ class HashingEmbedder:
                 h = int.from_bytes(hashlib.blake2b(f"{self.seed}:{g}".encode(), digest_size=8).digest(), "little")
                 out[row, h % self.dim] += 1.0 if (h >> 63) & 1 else -1.0
         norms = np.linalg.norm(out, axis=1, keepdims=True)
-        out[:, 0] += (norms[:, 0] == 0)  # text with no hashable token: a fixed direction, not NaN
+        out[:, 0] += norms[:, 0] == 0  # text with no hashable token: a fixed direction, not NaN
         return out / np.linalg.norm(out, axis=1, keepdims=True)
 
     def spec(self) -> dict[str, Any]:
         return {"type": "hashing", "dim": self.dim, "seed": self.seed}
-

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -50,4 +51,3 @@ class MiniLMEmbedder:
 
     def spec(self) -> dict[str, Any]:
         return {"type": "minilm", "batch_size": self.batch_size}
-

@@ -5,12 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-
 from moe_router.embed.base import Embedder
 from moe_router.embed.cache import CachedEmbedder
 from moe_router.embed.hashing import HashingEmbedder
 from moe_router.embed.minilm import MiniLMEmbedder
-
 
 EMBEDDERS: dict[str, type] = {"minilm": MiniLMEmbedder, "hashing": HashingEmbedder}
 
@@ -25,4 +23,3 @@ def embedder_from_spec(spec: dict[str, Any] | None, cache_dir: str | Path | None
         raise ValueError(f"unknown embedder type {kind!r}; expected one of {sorted(EMBEDDERS)}")
     embedder = EMBEDDERS[kind](**kwargs)
     return CachedEmbedder(embedder, cache_dir) if cache_dir is not None else embedder
-

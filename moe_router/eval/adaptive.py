@@ -7,8 +7,8 @@ Dimension legend: n queries, E experts, k hits.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -55,8 +55,9 @@ def fixed_selection(experts: np.ndarray) -> Selection:
     return Selection(np.asarray(experts, dtype=np.int64), np.full(len(experts), experts.shape[1], dtype=np.int64))
 
 
-def prefix_search(router: Router, xq: np.ndarray, k: int, sel: Selection, probs: np.ndarray | None = None,
-                  prior_weight: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def prefix_search(
+    router: Router, xq: np.ndarray, k: int, sel: Selection, probs: np.ndarray | None = None, prior_weight: float = 0.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Search each query's selected experts, merged: (ids (n, k) global ids, experts (n, k), scanned (n,)).
 
     Queries are grouped by how many experts they search, one routed search per group. With `probs`
@@ -67,20 +68,25 @@ def prefix_search(router: Router, xq: np.ndarray, k: int, sel: Selection, probs:
     scanned = np.zeros(len(xq), dtype=np.int64)
     for t in np.unique(sel.count):
         rows = np.nonzero(sel.count == t)[0]
-        res = router.search_experts(xq[rows], k, sel.order[rows, :t], probs=None if probs is None else probs[rows],
-                                    prior_weight=prior_weight)
+        res = router.search_experts(
+            xq[rows], k, sel.order[rows, :t], probs=None if probs is None else probs[rows], prior_weight=prior_weight
+        )
         ids[rows], owner[rows], scanned[rows] = res.I, res.E, res.scanned
     return ids, owner, scanned
 
 
-def baseline_probs(scores: np.ndarray, calib_scores: np.ndarray | None, calib_gold: np.ndarray | None) -> tuple[np.ndarray, float]:
+def baseline_probs(
+    scores: np.ndarray, calib_scores: np.ndarray | None, calib_gold: np.ndarray | None
+) -> tuple[np.ndarray, float]:
     """A baseline's scores as probabilities for top-p: softmax(scores / T), T fitted by NLL on calibration labels.
 
     Without calibration labels T = 1. Returns (probs (n, E), T).
     """
     if calib_scores is None or calib_gold is None or not (calib_gold >= 0).any():
         return softmax(scores.astype(np.float64)), 1.0
-    t = fit_temperature(calib_scores.astype(np.float64), calib_gold, low=1e-3, high=1e3)  # baselines' score scales vary widely
+    t = fit_temperature(
+        calib_scores.astype(np.float64), calib_gold, low=1e-3, high=1e3
+    )  # baselines' score scales vary widely
     return softmax(scores.astype(np.float64), t), t
 
 
@@ -92,8 +98,13 @@ class FrontierPoint:
     quality: float
 
 
-def frontier(probs: np.ndarray, quality: Callable[[Selection], tuple[float, float]], max_experts: int,
-             top_k: Sequence[int] = TOP_K, p_grid: Sequence[float] = P_GRID) -> list[FrontierPoint]:
+def frontier(
+    probs: np.ndarray,
+    quality: Callable[[Selection], tuple[float, float]],
+    max_experts: int,
+    top_k: Sequence[int] = TOP_K,
+    p_grid: Sequence[float] = P_GRID,
+) -> list[FrontierPoint]:
     """Quality and cost of top-k for each k and of top-p for each p; `quality(sel)` -> (quality, scanned share)."""
     E = probs.shape[1]
     settings = [(f"top-{t}", top_k_selection(probs, t)) for t in top_k if t <= E]
@@ -105,8 +116,9 @@ def frontier(probs: np.ndarray, quality: Callable[[Selection], tuple[float, floa
     return points
 
 
-def p_at_cost(probs: np.ndarray, target: float, max_experts: int, sizes: np.ndarray | None = None,
-              steps: int = 40) -> float:
+def p_at_cost(
+    probs: np.ndarray, target: float, max_experts: int, sizes: np.ndarray | None = None, steps: int = 40
+) -> float:
     """The largest top-p mass whose mean cost stays within `target` (bisection; cost grows with p).
 
     Cost is the mean experts searched, or with `sizes` (E,) the mean share of stored vectors scanned.

@@ -6,7 +6,6 @@ Dimension legend: n queries, E experts, d dim.
 
 from __future__ import annotations
 
-
 import faiss
 import numpy as np
 import torch
@@ -54,8 +53,10 @@ class MultiPrototypeRouter:
     def __init__(self, router: Router, per_expert: int = 64, seed: int = 0) -> None:
         self.name = f"multi-prototype ({per_expert}/expert)"
         self.metric = router.metric
-        protos = [kmeans_centroids(e.vectors(), per_expert, router.metric, seed + i, max_points_per_centroid=100_000)
-                  for i, e in enumerate(router.experts)]
+        protos = [
+            kmeans_centroids(e.vectors(), per_expert, router.metric, seed + i, max_points_per_centroid=100_000)
+            for i, e in enumerate(router.experts)
+        ]
         owner = [np.full(len(c), i) for i, c in enumerate(protos)]
         self.prototypes = np.concatenate(protos).astype(np.float32)  # (E * m, d)
         self.owner = np.concatenate(owner)
@@ -132,12 +133,24 @@ class RagRouteStyle:
 
     scans_everything = False
 
-    def __init__(self, router: Router, xq: np.ndarray | None = None, gold: np.ndarray | None = None, hidden: int = 128,
-                 steps: int = 500, batch_size: int = 256, lr: float = 1e-3, per_expert: int = 1000, seed: int = 0) -> None:
+    def __init__(
+        self,
+        router: Router,
+        xq: np.ndarray | None = None,
+        gold: np.ndarray | None = None,
+        hidden: int = 128,
+        steps: int = 500,
+        batch_size: int = 256,
+        lr: float = 1e-3,
+        per_expert: int = 1000,
+        seed: int = 0,
+    ) -> None:
         if xq is None or gold is None:  # no labelled queries: the stored vectors as pseudo-queries of their expert
             xq, gold = stored_labels(router, per_expert, seed)
         if len(xq) != len(gold) or not len(xq):
-            raise ValueError(f"RAGRoute-style baseline needs labelled queries: got {len(xq)} vectors and {len(gold)} labels")
+            raise ValueError(
+                f"RAGRoute-style baseline needs labelled queries: got {len(xq)} vectors and {len(gold)} labels"
+            )
         self.name = "RAGRoute style (relevance MLP)"
         self.num_experts = router.num_experts
         self.centroids = torch.from_numpy(centroids(router.experts).astype(np.float32))  # (E, d)
@@ -174,7 +187,11 @@ class RagRouteStyle:
     def scores(self, xq: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             x = torch.from_numpy(np.ascontiguousarray(xq, dtype=np.float32))
-            return torch.cat([self._logits(b) for b in x.split(4096)]).numpy() if len(x) else np.empty((0, self.num_experts), np.float32)
+            return (
+                torch.cat([self._logits(b) for b in x.split(4096)]).numpy()
+                if len(x)
+                else np.empty((0, self.num_experts), np.float32)
+            )
 
 
 class ReddeStyle:
@@ -210,14 +227,17 @@ class ReddeStyle:
     def scores(self, xq: np.ndarray) -> np.ndarray:
         _, rows = self.index.search(np.ascontiguousarray(xq, dtype=np.float32), self.top)  # (n, top)
         votes = np.zeros((len(xq), self.num_experts), dtype=np.float64)
-        np.add.at(votes, (np.repeat(np.arange(len(xq)), rows.shape[1]), self.owner[rows].ravel()), self.weight[rows].ravel())
+        np.add.at(
+            votes, (np.repeat(np.arange(len(xq)), rows.shape[1]), self.owner[rows].ravel()), self.weight[rows].ravel()
+        )
         votes /= votes.sum(axis=1, keepdims=True)  # estimated share of the query's relevant documents per expert
         c = self.tiebreak.scores(xq)
         return (votes + 1e-3 * (c - c.min()) / (np.ptp(c) + 1e-12)).astype(np.float32)  # ties go to the closer centroid
 
 
-def ivf_recall(router: Router, xq: np.ndarray, exact_ids: np.ndarray, probes: list[int], k: int = 10,
-               seed: int = 0) -> dict[int, tuple[float, float]]:
+def ivf_recall(
+    router: Router, xq: np.ndarray, exact_ids: np.ndarray, probes: list[int], k: int = 10, seed: int = 0
+) -> dict[int, tuple[float, float]]:
     """FAISS IVF-Flat with its own k-means partition into E lists: {nprobe: (recall@k, share scanned)}.
 
     The standard learning-free sharding: same number of shards as experts, same number searched.
@@ -238,7 +258,8 @@ def ivf_recall(router: Router, xq: np.ndarray, exact_ids: np.ndarray, probes: li
         ivf.nprobe = t
         _, rows = ivf.search(xq, k)
         _, lists = quantizer.search(xq, t)
-        out[t] = (recall_at_k(np.where(rows >= 0, ids[np.maximum(rows, 0)], -1), exact_ids),
-                  float(sizes[lists].sum(axis=1).mean() / len(xb)))
+        out[t] = (
+            recall_at_k(np.where(rows >= 0, ids[np.maximum(rows, 0)], -1), exact_ids),
+            float(sizes[lists].sum(axis=1).mean() / len(xb)),
+        )
     return out
-

@@ -6,23 +6,48 @@ Dimension legend: n test queries, E experts, t experts searched.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
 from moe_router.data.datasets import TextDataset, VectorDataset
-from moe_router.eval.baselines import (CentroidRouter, KnnVoteRouter, MultiPrototypeRouter, RagRouteStyle, RandomRouter, ReddeStyle,
-                                      SemanticRouterStyle, ivf_recall)
-from moe_router.eval.adaptive import P_GRID, Selection, baseline_probs, frontier, p_at_cost, prefix_search, top_p_selection
+from moe_router.eval.adaptive import (
+    P_GRID,
+    Selection,
+    baseline_probs,
+    frontier,
+    p_at_cost,
+    prefix_search,
+    top_p_selection,
+)
+from moe_router.eval.baselines import (
+    CentroidRouter,
+    KnnVoteRouter,
+    MultiPrototypeRouter,
+    RagRouteStyle,
+    RandomRouter,
+    ReddeStyle,
+    SemanticRouterStyle,
+    ivf_recall,
+)
 from moe_router.gate.calibrate import reliability_bins, softmax
 from moe_router.index.clustering import nearest_centroid
-from moe_router.index.expert import centroids
 from moe_router.index.exact import exhaustive_index
+from moe_router.index.expert import centroids
 from moe_router.index.parallel import lower_blas_threshold
-from moe_router.metrics import (accuracy_at_k, assign_with_capacity, auroc, ece_noise_floor, expected_calibration_error,
-                                load_stats, recall_at_k, top_experts)
+from moe_router.metrics import (
+    accuracy_at_k,
+    assign_with_capacity,
+    auroc,
+    ece_noise_floor,
+    expected_calibration_error,
+    load_stats,
+    recall_at_k,
+    top_experts,
+)
 from moe_router.routing.router import Router
 
 
@@ -33,8 +58,13 @@ def gold_experts(router: Router, dataset: TextDataset, split: str) -> np.ndarray
 
 
 def routing_metrics(
-    router: Router, xq: np.ndarray, probs: np.ndarray, gold: np.ndarray, exact_ids: np.ndarray,
-    experts_searched: list[int], k: int = 10,
+    router: Router,
+    xq: np.ndarray,
+    probs: np.ndarray,
+    gold: np.ndarray,
+    exact_ids: np.ndarray,
+    experts_searched: list[int],
+    k: int = 10,
 ) -> dict[str, Any]:
     """acc@1, acc@2, recall@k and scanned share at each number of experts searched, and top-1 load."""
     out: dict[str, Any] = {"acc@1": accuracy_at_k(probs, gold, 1)}
@@ -50,8 +80,16 @@ def routing_metrics(
     return out
 
 
-def latency(router: Router, xq: np.ndarray, flat: faiss.Index, k: int, top: int, batch: int,
-            repeats: int = 3, max_batches: int = 200) -> dict[str, float]:
+def latency(
+    router: Router,
+    xq: np.ndarray,
+    flat: faiss.Index,
+    k: int,
+    top: int,
+    batch: int,
+    repeats: int = 3,
+    max_batches: int = 200,
+) -> dict[str, float]:
     """Per-batch latency (p50/p99, ms) and queries/s of gate + routed search vs exhaustive flat search.
 
     Both run on the same batches in the same loop (interleaved), so machine noise hits both alike.
@@ -108,10 +146,19 @@ FLAT = "exhaustive flat"
 
 
 def evaluate(
-    router: Router, dataset: TextDataset | VectorDataset, split: str = "test", k: int = 10,
-    experts_searched: Sequence[int] = (1, 2, 4), baselines: Sequence[str] = tuple(BASELINES),
-    capacity_factor: float | None = 1.25, speed_batches: Sequence[int] = (1, 100, 1000), seed: int = 0,
-    checkpoint: str = "", top_p: float = 0.9, max_experts: int = 4, p_grid: Sequence[float] = P_GRID,
+    router: Router,
+    dataset: TextDataset | VectorDataset,
+    split: str = "test",
+    k: int = 10,
+    experts_searched: Sequence[int] = (1, 2, 4),
+    baselines: Sequence[str] = tuple(BASELINES),
+    capacity_factor: float | None = 1.25,
+    speed_batches: Sequence[int] = (1, 100, 1000),
+    seed: int = 0,
+    checkpoint: str = "",
+    top_p: float = 0.9,
+    max_experts: int = 4,
+    p_grid: Sequence[float] = P_GRID,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Evaluate `router` on `dataset`'s `split` against the baselines: (report, each router's scores (n, E)).
 
@@ -125,10 +172,14 @@ def evaluate(
     xq, _ = router.prepare_queries(queries)
     partition = router.manifest.get("config", {}).get("partition")
     if partition:
-        gold = nearest_centroid(xq, centroids(router.experts), router.metric)  # k-means experts: the shard of the nearest centroid
+        gold = nearest_centroid(
+            xq, centroids(router.experts), router.metric
+        )  # k-means experts: the shard of the nearest centroid
     elif isinstance(dataset, VectorDataset):
-        raise ValueError(f"dataset {dataset.name!r} has no labels, so it can only evaluate a checkpoint whose "
-                         f"experts are a k-means partition (trained with partition=N); {checkpoint or 'this one'} is not")
+        raise ValueError(
+            f"dataset {dataset.name!r} has no labels, so it can only evaluate a checkpoint whose "
+            f"experts are a k-means partition (trained with partition=N); {checkpoint or 'this one'} is not"
+        )
     else:
         gold = gold_experts(router, dataset, split)
     k = router.check_k(int(k))
@@ -156,28 +207,39 @@ def evaluate(
     routers[IVF] = {"scans_everything": False}
     for t, (rec, scanned) in ivf_recall(router, xq, exact, searched, k, seed=seed).items():
         routers[IVF][f"recall@{k}@{t}"], routers[IVF][f"scanned@{t}"] = rec, scanned
-    routers[FLAT] = {"scans_everything": True, **{f"recall@{k}@{t}": 1.0 for t in searched},
-                     **{f"scanned@{t}": 1.0 for t in searched}}
+    routers[FLAT] = {
+        "scans_everything": True,
+        **{f"recall@{k}@{t}": 1.0 for t in searched},
+        **{f"scanned@{t}": 1.0 for t in searched},
+    }
 
     report: dict[str, Any] = {
-        "checkpoint": checkpoint, "dataset": dataset.name, "split": split, "queries": len(queries),
-        "experts": router.num_experts, "vectors": router.ntotal, "unknown_gold": int((gold < 0).sum()),
+        "checkpoint": checkpoint,
+        "dataset": dataset.name,
+        "split": split,
+        "queries": len(queries),
+        "experts": router.num_experts,
+        "vectors": router.ntotal,
+        "unknown_gold": int((gold < 0).sum()),
         "partition": partition,  # k-means experts: gold = nearest centroid
         **{key: v for key, v in routers[GATE].items() if key != "scans_everything"},
         "routers": routers,
         **adaptive,
     }
     if capacity_factor:
-        report["capacity"] = capacity_report(router, xq, probs, exact, min(2, router.num_experts), k,
-                                             float(capacity_factor))
+        report["capacity"] = capacity_report(
+            router, xq, probs, exact, min(2, router.num_experts), k, float(capacity_factor)
+        )
     report["calibration"] = calibration_report(router, xq, probs, gold)
     oos = dataset.oos_texts(split)
     if oos:
         report["out_of_scope"] = oos_report(router, oos, xq, scorers, scores, routers)
     top = min(2, router.num_experts)
     batches = [b for b in speed_batches if b <= len(xq)]
-    report["speed"] = {f"batch_{b}": latency(router, xq, flat, k, top, b)
-                       for b in tqdm(batches, desc="timing routed vs exhaustive", disable=quiet)}
+    report["speed"] = {
+        f"batch_{b}": latency(router, xq, flat, k, top, b)
+        for b in tqdm(batches, desc="timing routed vs exhaustive", disable=quiet)
+    }
     report["experts_searched"] = searched
     report["k"] = k
     return report, scores
@@ -204,10 +266,19 @@ def calibration_labels(router: Router, dataset: TextDataset | VectorDataset) -> 
     return xv, gold_experts(router, dataset, "val")
 
 
-def adaptive_report(router: Router, dataset: TextDataset | VectorDataset, xq: np.ndarray, exact: np.ndarray,
-                    scorers: dict[str, Callable[[np.ndarray], np.ndarray]], scores: dict[str, np.ndarray],
-                    routers: dict[str, dict[str, Any]], k: int, top_p: float, max_experts: int,
-                    p_grid: Sequence[float]) -> dict[str, Any]:
+def adaptive_report(
+    router: Router,
+    dataset: TextDataset | VectorDataset,
+    xq: np.ndarray,
+    exact: np.ndarray,
+    scorers: dict[str, Callable[[np.ndarray], np.ndarray]],
+    scores: dict[str, np.ndarray],
+    routers: dict[str, dict[str, Any]],
+    k: int,
+    top_p: float,
+    max_experts: int,
+    p_grid: Sequence[float],
+) -> dict[str, Any]:
     """Top-p rows (recall@k, experts and scanned share at p = top_p) and every router's frontier.
 
     The gate's probabilities are its calibrated ones; a baseline's scores go through softmax(s / T)
@@ -228,12 +299,20 @@ def adaptive_report(router: Router, dataset: TextDataset | VectorDataset, xq: np
         if name == GATE:
             probs, temperature = scores[name], float(router.gate.temperature)
         else:
-            probs, temperature = baseline_probs(scores[name], fn(calib[0]) if calib else None, calib[1] if calib else None)
+            probs, temperature = baseline_probs(
+                scores[name], fn(calib[0]) if calib else None, calib[1] if calib else None
+            )
         sel = top_p_selection(probs, top_p, max_experts)
         rec, scanned = quality(sel)
         row = routers[name]
-        row.update({f"recall@{k}@adaptive": rec, "experts@adaptive": sel.mean_experts, "scanned@adaptive": scanned,
-                    "temperature": temperature})
+        row.update(
+            {
+                f"recall@{k}@adaptive": rec,
+                "experts@adaptive": sel.mean_experts,
+                "scanned@adaptive": scanned,
+                "temperature": temperature,
+            }
+        )
         # top-p at matched cost: 1.5 experts on average, and the share top-2 scans (p found by bisection)
         for label, target, by_size in (("1.5_experts", 1.5, None), ("top2_scanned", row.get("scanned@2"), sizes)):
             if target is None:
@@ -241,23 +320,38 @@ def adaptive_report(router: Router, dataset: TextDataset | VectorDataset, xq: np
             p = p_at_cost(probs, target, max_experts, by_size)
             sel = top_p_selection(probs, p, max_experts)
             rec, scanned = quality(sel)
-            row.update({f"recall@{k}@{label}": rec, f"p@{label}": p, f"experts@{label}": sel.mean_experts,
-                        f"scanned@{label}": scanned})
+            row.update(
+                {
+                    f"recall@{k}@{label}": rec,
+                    f"p@{label}": p,
+                    f"experts@{label}": sel.mean_experts,
+                    f"scanned@{label}": scanned,
+                }
+            )
         curves[name] = [vars(point) for point in frontier(probs, quality, max_experts, p_grid=p_grid)]
     matched = ("@adaptive", "@1.5_experts", "@top2_scanned")
-    return {"top_p": float(top_p), "max_experts": max_experts, **{key: v for key, v in routers[GATE].items()
-            if key.endswith(matched)}, "frontier": curves,
-            "baseline_temperature_fit": ("softmax(score / T), T fitted by NLL on the 'val' split" if calib
-                                         else "softmax(score), T = 1 (no labelled 'val' split)")}
+    return {
+        "top_p": float(top_p),
+        "max_experts": max_experts,
+        **{key: v for key, v in routers[GATE].items() if key.endswith(matched)},
+        "frontier": curves,
+        "baseline_temperature_fit": (
+            "softmax(score / T), T fitted by NLL on the 'val' split"
+            if calib
+            else "softmax(score), T = 1 (no labelled 'val' split)"
+        ),
+    }
 
 
-def capacity_report(router: Router, xq: np.ndarray, probs: np.ndarray, exact_ids: np.ndarray, t: int, k: int,
-                    factor: float) -> dict[str, float]:
+def capacity_report(
+    router: Router, xq: np.ndarray, probs: np.ndarray, exact_ids: np.ndarray, t: int, k: int, factor: float
+) -> dict[str, float]:
     """Serving-time capacity: load and recall@k with each expert capped at factor x the mean load (this batch)."""
     capped = assign_with_capacity(probs, t, factor)
     free = top_experts(probs, t)
     return {
-        "factor": factor, "experts_searched": t,
+        "factor": factor,
+        "experts_searched": t,
         "max_over_mean": load_stats(capped, router.num_experts)["max_over_mean"],
         "max_over_mean_uncapped": load_stats(free, router.num_experts)["max_over_mean"],
         f"recall@{k}": recall_at_k(router.search_experts(xq, k, capped).I, exact_ids),
@@ -278,8 +372,14 @@ def calibration_report(router: Router, xq: np.ndarray, probs: np.ndarray, gold: 
     return out
 
 
-def oos_report(router: Router, oos_texts: list[str], xq: np.ndarray, scorers: dict[str, Callable], scores: dict[str, np.ndarray],
-               routers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def oos_report(
+    router: Router,
+    oos_texts: list[str],
+    xq: np.ndarray,
+    scorers: dict[str, Callable],
+    scores: dict[str, np.ndarray],
+    routers: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
     """AUROC of each router's top-1 score, in-scope (positive) vs out-of-scope; the gate's abstention at its threshold."""
     xo, _ = router.prepare_queries(oos_texts)
     out: dict[str, Any] = {"queries": len(oos_texts)}
@@ -296,4 +396,3 @@ def oos_report(router: Router, oos_texts: list[str], xq: np.ndarray, scorers: di
         out["in_scope_kept"] = float((gi >= th).mean())
         out["oos_refused"] = float((go < th).mean())
     return out
-

@@ -9,7 +9,7 @@ and the log2(rank + 1) discount, as trec_eval's ndcg_cut and ranx's ndcg do.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 

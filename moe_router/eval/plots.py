@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-
 from moe_router.lifecycle.load_report import LoadReport
 
 
@@ -44,8 +43,13 @@ def recall_curve(rows: dict[str, dict[str, Any]], experts_searched: list[int], k
     return _save(fig, ax, path, title)
 
 
-def frontier(curves: dict[str, list[dict[str, Any]]], path: Path, title: str, quality: str,
-             references: dict[str, float] | None = None) -> Path:
+def frontier(
+    curves: dict[str, list[dict[str, Any]]],
+    path: Path,
+    title: str,
+    quality: str,
+    references: dict[str, float] | None = None,
+) -> Path:
     """Quality vs mean experts searched, one colour per router: top-k as a solid line, top-p (the p grid) dashed."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -119,4 +123,3 @@ def plot_load(report: LoadReport, path: str | Path) -> Path:
     finally:
         plt.close(fig)
     return path
-

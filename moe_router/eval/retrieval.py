@@ -10,14 +10,26 @@ Dimension legend: n queries, E sources (experts), k hits.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from moe_router.data.beir import BeirDataset
-from moe_router.eval.adaptive import (P_GRID, TOP_K, FrontierPoint, Selection, baseline_probs, fixed_selection,
-                                      frontier, p_at_cost, prefix_search, top_k_selection, top_p_selection)
+from moe_router.eval.adaptive import (
+    P_GRID,
+    TOP_K,
+    FrontierPoint,
+    Selection,
+    baseline_probs,
+    fixed_selection,
+    frontier,
+    p_at_cost,
+    prefix_search,
+    top_k_selection,
+    top_p_selection,
+)
 from moe_router.eval.baselines import RagRouteStyle
 from moe_router.eval.evaluate import BASELINES, GATE, calibration_report, check_top_p
 from moe_router.eval.ir import ir_metrics
@@ -40,8 +52,10 @@ class DocLookup:
         meta = router.store.get(ids.tolist())
         missing = [int(i) for i in ids if "_id" not in meta.get(int(i), (None, {}))[1]]
         if missing:
-            raise ValueError(f"{len(missing)} stored rows (e.g. id {missing[0]}) have no metadata '_id': this checkpoint "
-                             "was not built from BEIR data (train it with data=beir)")
+            raise ValueError(
+                f"{len(missing)} stored rows (e.g. id {missing[0]}) have no metadata '_id': this checkpoint "
+                "was not built from BEIR data (train it with data=beir)"
+            )
         self.doc = {int(i): str(meta[int(i)][1]["_id"]) for i in ids}
         self.source = {self.doc[int(i)]: int(o) for i, o in zip(ids, owner)}
         self.num_experts = router.num_experts
@@ -90,9 +104,16 @@ def build_baselines(router: Router, dataset: BeirDataset, names: Sequence[str], 
 
 
 def evaluate_retrieval(
-    router: Router, dataset: BeirDataset, split: str = "test", top_p: float = 0.9, max_experts: int = 4,
-    p_grid: Sequence[float] = P_GRID, top_k: Sequence[int] = TOP_K, baselines: Sequence[str] = tuple(BASELINES),
-    seed: int = 0, checkpoint: str = "",
+    router: Router,
+    dataset: BeirDataset,
+    split: str = "test",
+    top_p: float = 0.9,
+    max_experts: int = 4,
+    p_grid: Sequence[float] = P_GRID,
+    top_k: Sequence[int] = TOP_K,
+    baselines: Sequence[str] = tuple(BASELINES),
+    seed: int = 0,
+    checkpoint: str = "",
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Evaluate `router` on `dataset`'s judged `split` against exhaustive search, the oracle source and the baselines.
 
@@ -108,8 +129,10 @@ def evaluate_retrieval(
     xq, _ = router.prepare_queries(dataset.queries(split))
     gold = gold_sources(router, dataset, split)
     if (gold < 0).any():
-        raise ValueError(f"{int((gold < 0).sum())} {split!r} queries have their relevant documents in a source this "
-                         f"checkpoint has no expert for (sources {dataset.sources}, experts {router.expert_names})")
+        raise ValueError(
+            f"{int((gold < 0).sum())} {split!r} queries have their relevant documents in a source this "
+            f"checkpoint has no expert for (sources {dataset.sources}, experts {router.expert_names})"
+        )
     lookup = DocLookup(router)
     E, depth = router.num_experts, min(DEPTH, router.ntotal)
 
@@ -117,19 +140,28 @@ def evaluate_retrieval(
         # The gate's hits are merged as its checkpoint says (score + prior_weight * log p); the baselines'
         # by score, as they were designed (their probabilities are a softmax fitted afterwards)
         rows, _, scanned = prefix_search(router, xq, depth, sel, probs, prior_weight)
-        return {**ir_metrics(lookup.run(qids, rows), qrels), "relevant_share": relevant_share(sel, qids, qrels, lookup),
-                "sources": sel.mean_experts, "scanned": float(scanned.mean() / router.ntotal)}
+        return {
+            **ir_metrics(lookup.run(qids, rows), qrels),
+            "relevant_share": relevant_share(sel, qids, qrels, lookup),
+            "sources": sel.mean_experts,
+            "scanned": float(scanned.mean() / router.ntotal),
+        }
 
     flat, ids = exhaustive_index(router.experts)
     _, flat_rows = flat.search(xq, depth)
-    exhaustive = {**ir_metrics(lookup.run(qids, ids[flat_rows]), qrels), "relevant_share": 1.0, "sources": float(E),
-                  "scanned": 1.0}
+    exhaustive = {
+        **ir_metrics(lookup.run(qids, ids[flat_rows]), qrels),
+        "relevant_share": 1.0,
+        "sources": float(E),
+        "scanned": 1.0,
+    }
     oracle = measure(fixed_selection(gold[:, None]))
 
     calib = labelled_queries(router, dataset, "val")  # the judgments the gate's own temperature is fitted on
     # name -> (scores, the row's fixed facts: whether routing scans everything, vectors it compares to route)
     scorers: dict[str, tuple[Callable[[np.ndarray], np.ndarray], dict[str, Any]]] = {
-        GATE: (router.gate_probs, {"scans_everything": False})}
+        GATE: (router.gate_probs, {"scans_everything": False})
+    }
     quiet = len(xq) * router.ntotal < 10**8
     for b in tqdm(build_baselines(router, dataset, baselines, seed), desc="building baselines", disable=quiet):
         facts = {"scans_everything": b.scans_everything}
@@ -145,15 +177,25 @@ def evaluate_retrieval(
         if name == GATE:
             probs, temperature = scores[name], float(router.gate.temperature)
         else:
-            probs, temperature = baseline_probs(scores[name], fn(calib[0]) if calib else None, calib[1] if calib else None)
+            probs, temperature = baseline_probs(
+                scores[name], fn(calib[0]) if calib else None, calib[1] if calib else None
+            )
         weight = router.prior_weight if name == GATE else 0.0
         p15 = p_at_cost(probs, 1.5, max_experts)  # top-p at a matched cost: 1.5 sources on average
-        settings = {"1": top_k_selection(probs, 1), "adaptive": top_p_selection(probs, top_p, max_experts),
-                    "1.5_sources": top_p_selection(probs, p15, max_experts)}
+        settings = {
+            "1": top_k_selection(probs, 1),
+            "adaptive": top_p_selection(probs, top_p, max_experts),
+            "1.5_sources": top_p_selection(probs, p15, max_experts),
+        }
         if E >= 2:
             settings["2"] = top_k_selection(probs, 2)
-        row: dict[str, Any] = {**facts, "temperature": temperature, "prior_weight": weight, "p@1.5_sources": p15,
-                               "source_acc@1": accuracy_at_k(probs, gold, 1)}
+        row: dict[str, Any] = {
+            **facts,
+            "temperature": temperature,
+            "prior_weight": weight,
+            "p@1.5_sources": p15,
+            "source_acc@1": accuracy_at_k(probs, gold, 1),
+        }
         for setting, sel in settings.items():
             row.update({f"{key}@{setting}": v for key, v in measure(sel, probs, weight).items()})
         routers[name] = row
@@ -164,12 +206,23 @@ def evaluate_retrieval(
 
         curves[name] = frontier(probs, quality, max_experts, top_k, p_grid)
     routers[EXHAUSTIVE] = {"scans_everything": True, **{f"{key}@exhaustive": v for key, v in exhaustive.items()}}
-    routers[ORACLE] = {"scans_everything": False, "source_acc@1": 1.0, **{f"{key}@oracle": v for key, v in oracle.items()}}
+    routers[ORACLE] = {
+        "scans_everything": False,
+        "source_acc@1": 1.0,
+        **{f"{key}@oracle": v for key, v in oracle.items()},
+    }
 
     gate = routers[GATE]
     report: dict[str, Any] = {
-        "kind": "retrieval", "checkpoint": checkpoint, "dataset": dataset.name, "split": split, "queries": len(qids),
-        "experts": E, "vectors": router.ntotal, "top_p": float(top_p), "max_experts": max_experts,
+        "kind": "retrieval",
+        "checkpoint": checkpoint,
+        "dataset": dataset.name,
+        "split": split,
+        "queries": len(qids),
+        "experts": E,
+        "vectors": router.ntotal,
+        "top_p": float(top_p),
+        "max_experts": max_experts,
         "prior_weight": router.prior_weight,
         **{key: v for key, v in gate.items() if key != "scans_everything"},
         **{f"{key}@exhaustive": v for key, v in exhaustive.items()},
@@ -177,8 +230,11 @@ def evaluate_retrieval(
         "routers": routers,
         "frontier": {name: [vars(p) for p in pts] for name, pts in curves.items()},
         "calibration": calibration_report(router, xq, scores[GATE], gold),
-        "baseline_temperature_fit": ("softmax(score / T), T fitted by NLL on the 'val' (BEIR dev) judgments"
-                                     if calib else "softmax(score), T = 1 (no validation judgments)"),
+        "baseline_temperature_fit": (
+            "softmax(score / T), T fitted by NLL on the 'val' (BEIR dev) judgments"
+            if calib
+            else "softmax(score), T = 1 (no validation judgments)"
+        ),
     }
     report["ece"] = report["calibration"]["calibrated"]["ece"]
     report["ece_noise_floor"] = report["calibration"]["calibrated"]["ece_noise_floor"]

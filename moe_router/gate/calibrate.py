@@ -5,13 +5,11 @@ Dimension legend: n queries, E experts.
 
 from __future__ import annotations
 
-
 from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:
@@ -54,8 +52,9 @@ class BiasTemperature(NamedTuple):
     temperature: float
 
 
-def fit_bias_temperature(logits: np.ndarray, gold: np.ndarray, l2: float = 1e-3,
-                         min_queries: int = 5) -> BiasTemperature:
+def fit_bias_temperature(
+    logits: np.ndarray, gold: np.ndarray, l2: float = 1e-3, min_queries: int = 5
+) -> BiasTemperature:
     """(bias (E,), T) minimising the NLL of the gold experts under softmax(logits / T + bias), + l2 * |bias|^2.
 
     Temperature scaling with one offset per expert (a prior correction): when the queries that
@@ -74,8 +73,9 @@ def fit_bias_temperature(logits: np.ndarray, gold: np.ndarray, l2: float = 1e-3,
     y = torch.from_numpy(gold.astype(np.int64))
     scale = torch.tensor(np.log(1.0 / fit_temperature(logits, gold)), dtype=torch.float64, requires_grad=True)
     raw = torch.zeros(logits.shape[1], dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([scale, raw], max_iter=500, tolerance_grad=1e-9, tolerance_change=1e-12,
-                            line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [scale, raw], max_iter=500, tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe"
+    )
 
     def objective() -> torch.Tensor:
         opt.zero_grad()
@@ -111,8 +111,9 @@ def reliability_bins(confidence: np.ndarray, correct: np.ndarray, bins: int = 15
     return out
 
 
-def load_floor_bias(logits: np.ndarray, floor: float, gold: np.ndarray | None = None, step: float = 0.02,
-                    max_steps: int = 500) -> np.ndarray:
+def load_floor_bias(
+    logits: np.ndarray, floor: float, gold: np.ndarray | None = None, step: float = 0.02, max_steps: int = 500
+) -> np.ndarray:
     """(E,) smallest logit offsets (on a `step` grid) that lift starving experts' top-1 share to a floor.
 
     logits: (n, E) gate logits of held-out queries. Expert i's target share is floor / E, or, with
@@ -139,4 +140,3 @@ def load_floor_bias(logits: np.ndarray, floor: float, gold: np.ndarray | None = 
             break
         bias[low] += step
     return bias
-

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -13,8 +13,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_router.vectors import check_dim
-
-
 
 # Cosine above which a prototype counts as the query itself (only used while training).
 SELF_MATCH = 0.9999
@@ -124,8 +122,11 @@ class Gate(nn.Module):
         self.register_buffer("temperature", torch.tensor(float(temperature)))
         self.max_prototypes = int(max_prototypes)
         # Fixed cost: at most max_prototypes in all (fewer per expert when there are many experts).
-        self.prototypes_per_expert = min(int(prototypes_per_expert), max(1, self.max_prototypes // num_experts)) \
-            if prototypes_per_expert > 0 else 0
+        self.prototypes_per_expert = (
+            min(int(prototypes_per_expert), max(1, self.max_prototypes // num_experts))
+            if prototypes_per_expert > 0
+            else 0
+        )
         if self.prototypes_per_expert > 0:
             m = self.prototypes_per_expert
             # Placeholder prototypes until init_prototypes: all experts tie, the MLP alone decides.
@@ -150,15 +151,17 @@ class Gate(nn.Module):
         Read off the constructor's signature, so the list of arguments lives in one place; the
         current temperature and prototype sharpness are what calibration and training left.
         """
-        current = {"temperature": float(self.temperature), "hidden_dims": list(self.hidden_dims),
-                   "prototype_scale": float(self.log_prototype_scale.detach().exp()) if self.prototypes_per_expert
-                   else 20.0}
+        current = {
+            "temperature": float(self.temperature),
+            "hidden_dims": list(self.hidden_dims),
+            "prototype_scale": float(self.log_prototype_scale.detach().exp()) if self.prototypes_per_expert else 20.0,
+        }
         names = [n for n in inspect.signature(Gate.__init__).parameters if n != "self"]
         return {n: current[n] if n in current else getattr(self, n) for n in names}
 
     @classmethod
     @torch.no_grad()
-    def assemble(cls, gates: Sequence["Gate"]) -> "Gate":
+    def assemble(cls, gates: Sequence[Gate]) -> Gate:
         """One gate from M independently trained gates over the same experts (an ensemble in one module).
 
         Its MLP logits are the mean of theirs (bodies side by side, heads concatenated and divided
@@ -171,8 +174,12 @@ class Gate(nn.Module):
         shape = (first.dim, first.num_experts, first.hidden_dims, bool(first.prototypes_per_expert))
         if any((g.dim, g.num_experts, g.hidden_dims, bool(g.prototypes_per_expert)) != shape for g in gates):
             raise ValueError("assemble needs gates of the same dim, experts, hidden layers and prototype use")
-        config = {**first.config(), "members": len(gates), "temperature": 1.0,
-                  "prototypes_per_expert": sum(g.prototypes_per_expert for g in gates)}
+        config = {
+            **first.config(),
+            "members": len(gates),
+            "temperature": 1.0,
+            "prototypes_per_expert": sum(g.prototypes_per_expert for g in gates),
+        }
         if first.prototypes_per_expert:
             config["prototype_scale"] = sum(float(g.log_prototype_scale.exp()) for g in gates) / len(gates)
             config["max_prototypes"] = sum(g.max_prototypes for g in gates)  # members split one budget
@@ -221,8 +228,9 @@ class Gate(nn.Module):
         """Set each expert's prototypes (a list of e tensors (m_i, d), 1 <= m_i); e.g. k-means centroids."""
         if not self.prototypes_per_expert:
             raise ValueError("this gate was built with prototypes_per_expert=0")
-        if len(prototypes) != self.num_experts or any(p.ndim != 2 or p.shape[1] != self.dim or len(p) == 0
-                                                      for p in prototypes):
+        if len(prototypes) != self.num_experts or any(
+            p.ndim != 2 or p.shape[1] != self.dim or len(p) == 0 for p in prototypes
+        ):
             raise ValueError(f"init_prototypes needs {self.num_experts} tensors of shape (m >= 1, {self.dim})")
         device = self.head.weight.device
         self.prototypes = nn.Parameter(torch.cat(prototypes).to(device, torch.float32))
@@ -302,7 +310,9 @@ class Gate(nn.Module):
         if not 0 <= index < self.num_experts:
             raise IndexError(f"expert index {index} out of range 0..{self.num_experts - 1}")
         keep = [i for i in range(self.num_experts) if i != index]
-        self.set_head(self.head.weight[keep], self.head.bias[keep], self.remap_owners({i: n for n, i in enumerate(keep)}))
+        self.set_head(
+            self.head.weight[keep], self.head.bias[keep], self.remap_owners({i: n for n, i in enumerate(keep)})
+        )
 
     def remap_owners(self, mapping: dict[int, int]) -> Tensor | None:
         """Per-prototype new owners (p,) when old expert i becomes new expert mapping[i] (absent: dropped).
@@ -326,7 +336,9 @@ class Gate(nn.Module):
     def init_head_from_centroids(self, centroids: Tensor) -> None:
         """Point each head row at its expert's mean feature (a centroid router before training)."""
         if centroids.shape != (self.num_experts, self.dim):
-            raise ValueError(f"centroids must have shape ({self.num_experts}, {self.dim}), got {tuple(centroids.shape)}")
+            raise ValueError(
+                f"centroids must have shape ({self.num_experts}, {self.dim}), got {tuple(centroids.shape)}"
+            )
         was_training = self.training
         self.eval()
         feats = F.normalize(self.features(centroids.to(self.head.weight.device)), dim=1)  # (e, h)
@@ -359,8 +371,10 @@ class Gate(nn.Module):
             else:
                 owner = prototype_owner.to(self.prototype_owner.device).long()
                 if owner.shape != self.prototype_owner.shape or int(owner.max()) >= weight.shape[0]:
-                    raise ValueError(f"prototype_owner must give each of the {len(self.prototype_owner)} prototypes "
-                                     f"a new expert in 0..{weight.shape[0] - 1} (or -1 to drop it)")
+                    raise ValueError(
+                        f"prototype_owner must give each of the {len(self.prototype_owner)} prototypes "
+                        f"a new expert in 0..{weight.shape[0] - 1} (or -1 to drop it)"
+                    )
                 if not bool(torch.isin(torch.arange(weight.shape[0], device=owner.device), owner).all()):
                     raise ValueError("every new expert needs at least one prototype")
                 keep = owner >= 0
@@ -390,7 +404,9 @@ class Gate(nn.Module):
 
     def nonfinite(self) -> list[str]:
         """Names of the parameters and buffers holding NaN or inf (empty for a usable gate)."""
-        return [name for name, t in self.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        return [
+            name for name, t in self.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())
+        ]
 
     @torch.no_grad()
     def add_prototypes(self, prototypes: Tensor, expert: int) -> None:
@@ -398,10 +414,13 @@ class Gate(nn.Module):
         if not self.prototypes_per_expert:
             raise ValueError("this gate was built with prototypes_per_expert=0")
         if prototypes.ndim != 2 or prototypes.shape[1] != self.dim or not 0 <= expert < self.num_experts:
-            raise ValueError(f"add_prototypes needs (m, {self.dim}) prototypes and an expert in 0..{self.num_experts - 1}")
+            raise ValueError(
+                f"add_prototypes needs (m, {self.dim}) prototypes and an expert in 0..{self.num_experts - 1}"
+            )
         self.prototypes = nn.Parameter(torch.cat([self.prototypes.detach(), prototypes.to(self.prototypes)]))
-        self.prototype_owner = torch.cat([self.prototype_owner,
-                                          torch.full((len(prototypes),), expert, device=self.prototype_owner.device)])
+        self.prototype_owner = torch.cat(
+            [self.prototype_owner, torch.full((len(prototypes),), expert, device=self.prototype_owner.device)]
+        )
 
 
 @torch.inference_mode()
@@ -417,8 +436,11 @@ def infer(gate: Gate, xq: np.ndarray, field: str = "probs", batch_size: int = 81
         if not bool(finite.all()):  # routing on NaN would pick arbitrary experts with NaN confidence
             row = start + int(torch.nonzero(~finite)[0, 0])
             broken = gate.nonfinite()
-            why = f"its weights hold NaN or inf ({', '.join(broken[:3])})" if broken else \
-                "the query is too large for it (float32 overflow)"
+            why = (
+                f"its weights hold NaN or inf ({', '.join(broken[:3])})"
+                if broken
+                else "the query is too large for it (float32 overflow)"
+            )
             raise ValueError(f"the gate gave non-finite logits for query {row}: {why}; nothing was routed")
         out.append(getattr(result, field).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, gate.num_experts), np.float32)

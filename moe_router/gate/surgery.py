@@ -6,7 +6,7 @@ Dimension legend: n vectors, d dim, E experts, h gate feature width.
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -28,7 +28,9 @@ def features_and_logits(gate: Gate, xb: np.ndarray) -> tuple[torch.Tensor, torch
     return feats.double(), (gate.head(feats) + proto).double(), proto.double()
 
 
-def fit_rows(feats: torch.Tensor, targets: torch.Tensor, prior: torch.Tensor, ridge: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_rows(
+    feats: torch.Tensor, targets: torch.Tensor, prior: torch.Tensor, ridge: float = 1e-2
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Head rows (m, h) and biases (m,) whose logits on `feats` (n, h) fit `targets` (n, m).
 
     Ridge regression pulled towards `prior` rows (m, h): with few vectors the rows stay near the
@@ -38,7 +40,9 @@ def fit_rows(feats: torch.Tensor, targets: torch.Tensor, prior: torch.Tensor, ri
     fc, tc = feats - mu_f, targets - mu_t
     gram = fc.T @ fc  # (h, h)
     lam = ridge * float(torch.trace(gram)) / gram.shape[0] + 1e-8
-    delta = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), fc.T @ (tc - fc @ prior.T))  # (h, m)
+    delta = torch.linalg.solve(
+        gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), fc.T @ (tc - fc @ prior.T)
+    )  # (h, m)
     weight = prior + delta.T  # (m, h)
     return weight, mu_t - weight @ mu_f
 
@@ -69,8 +73,9 @@ def merged_head(gate: Gate, ia: int, ib: int, xb: np.ndarray, context: np.ndarra
     return g
 
 
-def split_head(gate: Gate, i: int, xb: np.ndarray, labels: np.ndarray, parts: int, context: np.ndarray,
-                smoothing: float = 0.2) -> Gate:
+def split_head(
+    gate: Gate, i: int, xb: np.ndarray, labels: np.ndarray, parts: int, context: np.ndarray, smoothing: float = 0.2
+) -> Gate:
     """A gate copy whose expert i becomes `parts` experts that share its probability.
 
     On expert i's vectors each part takes 1 - smoothing of it for its own cluster; on the other
@@ -93,7 +98,7 @@ def split_head(gate: Gate, i: int, xb: np.ndarray, labels: np.ndarray, parts: in
         centroids = np.stack([xb[labels == j].mean(0) for j in range(parts)]).astype(np.float32)  # (parts, d)
         mine = torch.nonzero(g.prototype_owner == i).flatten()
         if len(mine) < parts:  # too few prototypes to give every part one: the missing parts get their centroid
-            g.add_prototypes(torch.from_numpy(centroids[len(mine):]), i)
+            g.add_prototypes(torch.from_numpy(centroids[len(mine) :]), i)
             mine = torch.nonzero(g.prototype_owner == i).flatten()
         sim = g.prototypes.detach()[mine].double() @ torch.from_numpy(centroids).double().T  # (m, parts)
         part = sim.argmax(1)
@@ -115,10 +120,15 @@ def split_head(gate: Gate, i: int, xb: np.ndarray, labels: np.ndarray, parts: in
     return g
 
 
-
-def fitted_new_rows(gate: Gate, idx: Sequence[int], own: Sequence[np.ndarray], context: np.ndarray,
-                    prototypes: Sequence[np.ndarray] | None = None, own_share: float = 0.9,
-                    other_share: float = 0.01) -> Gate:
+def fitted_new_rows(
+    gate: Gate,
+    idx: Sequence[int],
+    own: Sequence[np.ndarray],
+    context: np.ndarray,
+    prototypes: Sequence[np.ndarray] | None = None,
+    own_share: float = 0.9,
+    other_share: float = 0.01,
+) -> Gate:
     """A gate copy whose rows `idx` are refitted from their experts' vectors `own` and the others' `context`.
 
     Gate.add_expert points a new row at the mean feature of its vectors; features share a large

@@ -13,23 +13,34 @@ import numpy as np
 from moe_router.vectors import similarity
 
 
-def kmeans(x: np.ndarray, n: int, metric: str = "ip", seed: int = 0, niter: int = 20,
-           max_points_per_centroid: int = 256) -> faiss.Kmeans:
+def kmeans(
+    x: np.ndarray, n: int, metric: str = "ip", seed: int = 0, niter: int = 20, max_points_per_centroid: int = 256
+) -> faiss.Kmeans:
     """FAISS k-means with n centroids trained on x (N, d); spherical for 'ip'. The one k-means of the project."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    km = faiss.Kmeans(x.shape[1], n, niter=niter, seed=seed, spherical=metric == "ip", verbose=False,
-                      min_points_per_centroid=1, max_points_per_centroid=max_points_per_centroid)
+    km = faiss.Kmeans(
+        x.shape[1],
+        n,
+        niter=niter,
+        seed=seed,
+        spherical=metric == "ip",
+        verbose=False,
+        min_points_per_centroid=1,
+        max_points_per_centroid=max_points_per_centroid,
+    )
     km.train(x)
     return km
 
 
-def kmeans_centroids(x: np.ndarray, m: int, metric: str = "ip", seed: int = 0,
-                     max_points_per_centroid: int = 256) -> np.ndarray:
+def kmeans_centroids(
+    x: np.ndarray, m: int, metric: str = "ip", seed: int = 0, max_points_per_centroid: int = 256
+) -> np.ndarray:
     """(min(m, N), d) k-means centroids of x (N, d): prototypes of a set of vectors; all of x when N <= m."""
     if len(x) <= m:
         return np.ascontiguousarray(x, dtype=np.float32)
-    return np.ascontiguousarray(kmeans(x, m, metric, seed, max_points_per_centroid=max_points_per_centroid).centroids,
-                                dtype=np.float32)
+    return np.ascontiguousarray(
+        kmeans(x, m, metric, seed, max_points_per_centroid=max_points_per_centroid).centroids, dtype=np.float32
+    )
 
 
 def kmeans_assign(xb: np.ndarray, n: int, metric: str = "ip", seed: int = 0) -> np.ndarray:
@@ -42,8 +53,13 @@ def kmeans_assign(xb: np.ndarray, n: int, metric: str = "ip", seed: int = 0) -> 
 
 
 def balanced_kmeans(
-    x: np.ndarray, n: int, metric: str = "ip", seed: int = 0, max_imbalance: float | None = 1.5,
-    niter: int = 20, rounds: int = 3,
+    x: np.ndarray,
+    n: int,
+    metric: str = "ip",
+    seed: int = 0,
+    max_imbalance: float | None = 1.5,
+    niter: int = 20,
+    rounds: int = 3,
 ) -> np.ndarray:
     """(N,) cluster of each row of x (N, d): FAISS k-means, then an assignment with a size cap.
 
@@ -60,7 +76,9 @@ def balanced_kmeans(
     if n > N:
         raise ValueError(f"cannot make {n} clusters from {N} vectors; expected at most {N}")
     if max_imbalance is not None and max_imbalance < 1.0:
-        raise ValueError(f"max_imbalance is the largest cluster over the mean size, so it must be >= 1, got {max_imbalance}")
+        raise ValueError(
+            f"max_imbalance is the largest cluster over the mean size, so it must be >= 1, got {max_imbalance}"
+        )
     if n == 1:
         return np.zeros(N, dtype=np.int64)
     cap = N if max_imbalance is None else max(math.ceil(N / n), math.floor(max_imbalance * N / n))

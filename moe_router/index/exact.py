@@ -5,7 +5,7 @@ Dimension legend: nq queries, nb stored vectors, d dim, k neighbours, E experts.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import faiss
 import numpy as np
@@ -39,7 +39,9 @@ def exact_ids(experts: Sequence[Expert], xq: np.ndarray, k: int) -> np.ndarray:
     return np.where(rows >= 0, ids[np.maximum(rows, 0)], -1)
 
 
-def exact_neighbours(xq: np.ndarray, xb: np.ndarray, k: int, metric: str = "ip", exclude_self: bool = False) -> np.ndarray:
+def exact_neighbours(
+    xq: np.ndarray, xb: np.ndarray, k: int, metric: str = "ip", exclude_self: bool = False
+) -> np.ndarray:
     """(nq, k) row indices into xb of each query's exact top-k (a query that is itself row i of xb skips i)."""
     index = flat_index(xb.shape[1], metric)
     index.add(np.ascontiguousarray(xb, dtype=np.float32))

@@ -5,9 +5,9 @@ FAISS vocabulary: xb stored vectors (n, d), xq queries (nq, d), results (D, I) o
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import faiss
 import numpy as np
@@ -146,7 +146,9 @@ def sample_vectors(experts: Sequence[Expert], skip: Sequence[int], limit: int = 
     # GIL long enough to stall the server's searches while an expert was added (issue 12).
     pick = np.sort(np.random.default_rng(seed).choice(sum(sizes), size=limit, replace=False))  # over the concatenation
     starts = np.cumsum([0, *sizes])
-    return np.concatenate([e.rows(pick[(pick >= a) & (pick < b)] - a) for e, a, b in zip(others, starts[:-1], starts[1:])])
+    return np.concatenate(
+        [e.rows(pick[(pick >= a) & (pick < b)] - a) for e, a, b in zip(others, starts[:-1], starts[1:])]
+    )
 
 
 def centroids(experts: Sequence[Expert]) -> np.ndarray:

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
 
 import faiss
 import numpy as np
 
 from moe_router.index.expert import Expert
-
-
 
 # FAISS only takes its BLAS path at >= 128000 / d queries per call (334 at d = 384). A routed
 # search sends each expert a slice of the batch, so we lower the threshold: measured here,
@@ -46,8 +44,15 @@ def _expert_pool(workers: int) -> ThreadPoolExecutor:
             if _pool is not None:
                 _pool[1].shutdown(wait=False)
             # omp_set_num_threads in a worker sets that thread's own OpenMP setting only.
-            _pool = (workers, ThreadPoolExecutor(workers, thread_name_prefix="moe_router-expert",
-                                                 initializer=faiss.omp_set_num_threads, initargs=(1,)))
+            _pool = (
+                workers,
+                ThreadPoolExecutor(
+                    workers,
+                    thread_name_prefix="moe_router-expert",
+                    initializer=faiss.omp_set_num_threads,
+                    initargs=(1,),
+                ),
+            )
         return _pool[1]
 
 
@@ -83,4 +88,3 @@ def search_each(jobs: Sequence[tuple[Expert, np.ndarray]], k: int) -> list[tuple
     for (j, a, _), f in sorted(zip(pieces, futures), key=lambda pf: (pf[0][0], pf[0][1])):
         parts[j].append(f.result())
     return [(np.concatenate([D for D, _ in p]), np.concatenate([I for _, I in p])) for p in parts]
-

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -18,15 +19,26 @@ class AutoCreateReport:
     skipped: list[tuple[str, int]]  # (category, documents) below the minimum
 
 
-def _add_all(router: Router, groups: list[tuple[str, np.ndarray, str]], xb: np.ndarray, texts: Sequence[str] | None,
-             metadata: Sequence[dict] | None, parent: str | None, fit_rows: bool) -> list[tuple[str, int]]:
+def _add_all(
+    router: Router,
+    groups: list[tuple[str, np.ndarray, str]],
+    xb: np.ndarray,
+    texts: Sequence[str] | None,
+    metadata: Sequence[dict] | None,
+    parent: str | None,
+    fit_rows: bool,
+) -> list[tuple[str, int]]:
     """Add one expert per (name, rows, specialization), then fit their gate rows; on any failure remove them again."""
     added: list[str] = []
     try:
         for name, rows, spec in groups:
             router.add_expert(
-                name, xb[rows], texts=[texts[r] for r in rows] if texts is not None else None, specialization=spec,
-                parent=parent, metadata=[metadata[r] for r in rows] if metadata is not None else None,
+                name,
+                xb[rows],
+                texts=[texts[r] for r in rows] if texts is not None else None,
+                specialization=spec,
+                parent=parent,
+                metadata=[metadata[r] for r in rows] if metadata is not None else None,
                 fit_row=False,  # all new rows are fitted together below
             )
             added.append(name)
@@ -44,9 +56,15 @@ def slug(text: str) -> str:
 
 
 def auto_create_by_category(
-    router: Router, categories: Sequence[str], texts: Sequence[str] | None = None, vectors: Any = None,
-    min_docs: int = 5, name_format: str = "{category}", parent: str | None = None,
-    metadata: Sequence[dict] | None = None, fit_rows: bool = True,
+    router: Router,
+    categories: Sequence[str],
+    texts: Sequence[str] | None = None,
+    vectors: Any = None,
+    min_docs: int = 5,
+    name_format: str = "{category}",
+    parent: str | None = None,
+    metadata: Sequence[dict] | None = None,
+    fit_rows: bool = True,
 ) -> AutoCreateReport:
     """One expert per category with at least `min_docs` documents (the others are skipped and reported).
 
@@ -74,8 +92,15 @@ def auto_create_by_category(
 
 
 def auto_create_by_clustering(
-    router: Router, n: int, texts: Sequence[str] | None = None, vectors: Any = None, max_imbalance: float = 1.5,
-    seed: int = 0, prefix: str = "cluster", parent: str | None = None, metadata: Sequence[dict] | None = None,
+    router: Router,
+    n: int,
+    texts: Sequence[str] | None = None,
+    vectors: Any = None,
+    max_imbalance: float = 1.5,
+    seed: int = 0,
+    prefix: str = "cluster",
+    parent: str | None = None,
+    metadata: Sequence[dict] | None = None,
     fit_rows: bool = True,
 ) -> AutoCreateReport:
     """`n` experts from unlabelled documents by FAISS k-means, no expert above max_imbalance x the mean size."""
@@ -91,10 +116,16 @@ def auto_create_by_clustering(
     return AutoCreateReport(_add_all(router, groups, xb, texts, metadata, parent, fit_rows), [])
 
 
-
 def auto_create_experts(
-    router: Router, texts: Sequence[str] | None = None, vectors: Any = None, categories: Sequence[str] | None = None,
-    n: int | None = None, min_docs: int = 5, max_imbalance: float = 1.5, seed: int = 0, **kwargs: Any,
+    router: Router,
+    texts: Sequence[str] | None = None,
+    vectors: Any = None,
+    categories: Sequence[str] | None = None,
+    n: int | None = None,
+    min_docs: int = 5,
+    max_imbalance: float = 1.5,
+    seed: int = 0,
+    **kwargs: Any,
 ) -> AutoCreateReport:
     """Experts from a corpus: one per category (>= min_docs documents), or `n` by balanced k-means."""
     if (categories is None) == (n is None):

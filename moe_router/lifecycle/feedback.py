@@ -7,9 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from moe_router.index.expert import centroids
-from moe_router.vectors import similarity
-
 from moe_router.routing.router import Router
+from moe_router.vectors import similarity
 
 
 @dataclass(frozen=True)
@@ -67,14 +66,22 @@ def recommendations(router: Router, rules: RecommendationRules = RecommendationR
         if s.success_rate is None:
             continue
         if s.success_rate < rules.low_success and s.total > rules.low_min_queries:
-            out.append(Recommendation(
-                s.expert, "retrain_or_merge",
-                f"success {100 * s.success_rate:.1f}% < {100 * rules.low_success:.0f}% over {s.total} > "
-                f"{rules.low_min_queries} queries", nearest_expert(router, s.expert)))
+            out.append(
+                Recommendation(
+                    s.expert,
+                    "retrain_or_merge",
+                    f"success {100 * s.success_rate:.1f}% < {100 * rules.low_success:.0f}% over {s.total} > "
+                    f"{rules.low_min_queries} queries",
+                    nearest_expert(router, s.expert),
+                )
+            )
         elif s.success_rate > rules.high_success and s.total > rules.high_min_queries:
-            out.append(Recommendation(
-                s.expert, "split",
-                f"success {100 * s.success_rate:.1f}% > {100 * rules.high_success:.0f}% over {s.total} > "
-                f"{rules.high_min_queries} queries"))
+            out.append(
+                Recommendation(
+                    s.expert,
+                    "split",
+                    f"success {100 * s.success_rate:.1f}% > {100 * rules.high_success:.0f}% over {s.total} > "
+                    f"{rules.high_min_queries} queries",
+                )
+            )
     return out
-

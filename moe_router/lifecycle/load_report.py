@@ -36,7 +36,11 @@ class LoadReport:
 
 
 def load_report(
-    router: Router, queries: Any = None, top_k: int = 2, over: float = 1.5, under: float = 0.5,
+    router: Router,
+    queries: Any = None,
+    top_k: int = 2,
+    over: float = 1.5,
+    under: float = 0.5,
 ) -> LoadReport:
     """Per expert load, confidence and feedback success; flags experts above `over` / below `under` x average.
 
@@ -59,8 +63,18 @@ def load_report(
     for e, c, s in zip(router.experts, counts, sums):
         ratio = c / avg if avg > 0 else 0.0
         flag = "" if total == 0 else "over" if ratio > over else "under" if ratio < under else ""
-        rows.append(LoadRow(e.name, e.ntotal, int(c), c / total if total else 0.0, float(ratio),
-                            float(s / c) if c else 0.0, success[e.name], flag))
+        rows.append(
+            LoadRow(
+                e.name,
+                e.ntotal,
+                int(c),
+                c / total if total else 0.0,
+                float(ratio),
+                float(s / c) if c else 0.0,
+                success[e.name],
+                flag,
+            )
+        )
     return LoadReport(rows, total, over, under)
 
 
@@ -74,10 +88,13 @@ def load_chart(report: LoadReport, width: int = 40) -> str:
     for r in report.rows:
         bar = "█" * int(round(width * r.load_share / top))
         success = "-" if r.success_rate is None else f"{100 * r.success_rate:.0f}%"
-        flag = {"over": f"  ⚠ {r.ratio:.2f}x average (> {report.over}x)",
-                "under": f"  ⚠ {r.ratio:.2f}x average (< {report.under}x)"}.get(r.flag, "")
-        lines.append(f"{r.expert:<{name_w}} {bar:<{width}} {100 * r.load_share:5.1f}%  queries {r.queries}, "
-                     f"confidence {r.mean_confidence:.3f}, success {success}{flag}")
+        flag = {
+            "over": f"  ⚠ {r.ratio:.2f}x average (> {report.over}x)",
+            "under": f"  ⚠ {r.ratio:.2f}x average (< {report.under}x)",
+        }.get(r.flag, "")
+        lines.append(
+            f"{r.expert:<{name_w}} {bar:<{width}} {100 * r.load_share:5.1f}%  queries {r.queries}, "
+            f"confidence {r.mean_confidence:.3f}, success {success}{flag}"
+        )
     lines.append(f"{report.total} (query, expert) assignments; {len(report.imbalanced)} expert(s) imbalanced")
     return "\n".join(lines)
-

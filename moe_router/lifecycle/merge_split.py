@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -16,7 +17,12 @@ from moe_router.store import MetadataStore
 
 
 def plan_merge(
-    state: State, store: MetadataStore, a: str, b: str, name: str | None, specialization: str | None,
+    state: State,
+    store: MetadataStore,
+    a: str,
+    b: str,
+    name: str | None,
+    specialization: str | None,
     parent: str | None | type[Ellipsis],
 ) -> Plan:
     ia, ib = position(state.experts, a), position(state.experts, b)
@@ -29,8 +35,13 @@ def plan_merge(
         parent = ea.parent if ea.parent == eb.parent else None
     xb = np.concatenate([ea.vectors(), eb.vectors()])  # (na + nb, d)
     ids = np.concatenate([ea.ids, eb.ids])
-    spec = specialization if specialization is not None else (ea.specialization if ea.specialization == eb.specialization
-                                                                 else f"{ea.specialization}+{eb.specialization}")
+    spec = (
+        specialization
+        if specialization is not None
+        else (
+            ea.specialization if ea.specialization == eb.specialization else f"{ea.specialization}+{eb.specialization}"
+        )
+    )
     merged = new_expert(state, ea, name, xb, ids, spec, parent)
     gate = None
     if state.gate is not None:
@@ -40,12 +51,20 @@ def plan_merge(
     experts[lo] = merged
     del experts[hi]
     seqs = [r.seq for r in store.feedback(a)] + [r.seq for r in store.feedback(b)]
-    return Plan(State(experts, gate, state.stats.merged(ia, ib), state.backend),
-                 [(ids, name)], [(seqs, name)] if seqs else [], [name])
+    return Plan(
+        State(experts, gate, state.stats.merged(ia, ib), state.backend),
+        [(ids, name)],
+        [(seqs, name)] if seqs else [],
+        [name],
+    )
 
 
 def merge_experts(
-    router: Router, a: str, b: str, name: str | None = None, specialization: str | None = None,
+    router: Router,
+    a: str,
+    b: str,
+    name: str | None = None,
+    specialization: str | None = None,
     parent: Any = ...,
 ) -> Expert:
     """Merge experts `a` and `b` into one (default name 'a+b') in a's place.
@@ -63,8 +82,13 @@ def merge_experts(
 
 
 def plan_split(
-    state: State, store: MetadataStore, name: str, parts: int, names: Sequence[str] | None,
-    seed: int, max_imbalance: float | None,
+    state: State,
+    store: MetadataStore,
+    name: str,
+    parts: int,
+    names: Sequence[str] | None,
+    seed: int,
+    max_imbalance: float | None,
 ) -> Plan:
     i = position(state.experts, name)
     ex = state.experts[i]
@@ -82,10 +106,16 @@ def plan_split(
     xb = ex.vectors()
     labels = balanced_kmeans(xb, parts, metric=ex.metric, seed=seed, max_imbalance=max_imbalance)
     children = [
-        new_expert(state, ex, n, xb[labels == j], ex.ids[labels == j], f"{ex.specialization} ({j + 1}/{parts})", ex.parent)
+        new_expert(
+            state, ex, n, xb[labels == j], ex.ids[labels == j], f"{ex.specialization} ({j + 1}/{parts})", ex.parent
+        )
         for j, n in enumerate(names)
     ]
-    gate = split_head(state.gate, i, xb, labels, parts, sample_vectors(state.experts, (i,), seed=seed)) if state.gate is not None else None
+    gate = (
+        split_head(state.gate, i, xb, labels, parts, sample_vectors(state.experts, (i,), seed=seed))
+        if state.gate is not None
+        else None
+    )
     experts = state.experts[:i] + children + state.experts[i + 1 :]
     # Feedback on the old expert goes to the part nearest its query.
     rows = store.feedback(name)
@@ -93,13 +123,19 @@ def plan_split(
     if rows:
         xq = np.stack([r.vector for r in rows])
         near = nearest_centroid(xq, centroids(children), ex.metric)
-        feedback_moves = [([rows[r].seq for r in np.flatnonzero(near == j)], n) for j, n in enumerate(names) if (near == j).any()]
+        feedback_moves = [
+            ([rows[r].seq for r in np.flatnonzero(near == j)], n) for j, n in enumerate(names) if (near == j).any()
+        ]
     item_moves = [(ex.ids[labels == j], n) for j, n in enumerate(names)]
     return Plan(State(experts, gate, state.stats.split(i, parts), state.backend), item_moves, feedback_moves, names)
 
 
 def split_expert(
-    router: Router, name: str, parts: int = 2, names: Sequence[str] | None = None, seed: int = 0,
+    router: Router,
+    name: str,
+    parts: int = 2,
+    names: Sequence[str] | None = None,
+    seed: int = 0,
     max_imbalance: float | None = None,
 ) -> list[Expert]:
     """Split an expert into `parts` by k-means over its vectors (default names 'name/0', 'name/1', ...).
@@ -112,4 +148,3 @@ def split_expert(
         plan = plan_split(state_of(router), router.store, name, parts, names, seed, max_imbalance)
         apply_plan(router, plan)
         return [router.expert(n) for n in plan.created]
-

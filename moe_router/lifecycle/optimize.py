@@ -55,7 +55,9 @@ class OptimizeReport:
         return sum(a.kept for a in self.actions if a.kind == kind)
 
 
-def _quality(state: State, xq: np.ndarray, exact: np.ndarray, t: int, probs: np.ndarray | None = None) -> RoutingQuality:
+def _quality(
+    state: State, xq: np.ndarray, exact: np.ndarray, t: int, probs: np.ndarray | None = None
+) -> RoutingQuality:
     """recall@k of searching each query's top-t experts (from which expert holds each exact neighbour), cost and load."""
     if probs is None:
         probs = _probs(state.gate, xq)
@@ -67,8 +69,12 @@ def _quality(state: State, xq: np.ndarray, exact: np.ndarray, t: int, probs: np.
     top = top_experts(probs, t)  # (nq, t)
     sizes = np.array([e.ntotal for e in state.experts])
     load = load_stats(top, len(state.experts))
-    return RoutingQuality(recall_from_counts(top, counts[:, :-1], exact.shape[1]),
-                          float(sizes[top].sum(1).mean() / sizes.sum()), float(load["max_over_mean"]), float(load["cv"]))
+    return RoutingQuality(
+        recall_from_counts(top, counts[:, :-1], exact.shape[1]),
+        float(sizes[top].sum(1).mean() / sizes.sum()),
+        float(load["max_over_mean"]),
+        float(load["cv"]),
+    )
 
 
 def _probs(gate: Gate, xq: np.ndarray, bias_shift: np.ndarray | None = None) -> np.ndarray:
@@ -81,11 +87,24 @@ def _better(new: RoutingQuality, cur: RoutingQuality, tolerance: float, max_scan
     """Kept only if recall is no worse (within tolerance), cost stays in budget, and something improves."""
     if new.recall < cur.recall - tolerance or new.scanned > cur.scanned * (1 + max_scan_increase) + 1e-12:
         return False
-    return new.recall > cur.recall + 1e-12 or new.scanned < cur.scanned - 1e-12 or new.max_over_mean < cur.max_over_mean - 1e-9
+    return (
+        new.recall > cur.recall + 1e-12
+        or new.scanned < cur.scanned - 1e-12
+        or new.max_over_mean < cur.max_over_mean - 1e-9
+    )
 
 
-def _rebalanced_gate(state: State, xq: np.ndarray, exact: np.ndarray, t: int, cur: RoutingQuality,
-                     tolerance: float, max_scan_increase: float, over: float, under: float) -> tuple[Gate, tuple[str, ...]] | None:
+def _rebalanced_gate(
+    state: State,
+    xq: np.ndarray,
+    exact: np.ndarray,
+    t: int,
+    cur: RoutingQuality,
+    tolerance: float,
+    max_scan_increase: float,
+    over: float,
+    under: float,
+) -> tuple[Gate, tuple[str, ...]] | None:
     """Shift head biases against the load (log of each expert's load over the average); best accepted strength."""
     gate = state.gate
     probs = _probs(gate, xq)
@@ -175,8 +194,12 @@ def optimize_routing(
             kept = _better(q, cur, tolerance, max_scan_increase)
             actions.append(OptimizeAction(kind, names, kept, cur, q, note))
             if kept:
-                plan = Plan(candidate.state, plan.item_moves + candidate.item_moves,
-                             plan.feedback_moves + candidate.feedback_moves, plan.created + candidate.created)
+                plan = Plan(
+                    candidate.state,
+                    plan.item_moves + candidate.item_moves,
+                    plan.feedback_moves + candidate.feedback_moves,
+                    plan.created + candidate.created,
+                )
                 cur = q
                 if kind != "rebalance":  # a bias shift does not stop experts from being merged or split
                     touched.update(names, candidate.created)
@@ -188,18 +211,26 @@ def optimize_routing(
             found = _rebalanced_gate(plan.state, xq, exact, t, cur, tolerance, max_scan_increase, overload, underload)
             if found is not None:
                 gate, flagged = found
-                consider("rebalance", flagged, Plan(replace(plan.state, gate=gate)), "head biases shifted against the load")
+                consider(
+                    "rebalance", flagged, Plan(replace(plan.state, gate=gate)), "head biases shifted against the load"
+                )
         if merge and len(plan.state.experts) > 2:
             names = current_names()
             pairs = [(s, names[a], names[b]) for s, a, b in _co_routing(_probs(plan.state.gate, xq), len(names))]
             for share, a, b in [p for p in pairs if p[0] > merge_overlap][:max_candidates]:
                 if {a, b} & touched or not {a, b} <= set(current_names()):
                     continue
-                consider("merge", (a, b), plan_merge(plan.state, router.store, a, b, None, None, ...),
-                         f"co-routed on {100 * share:.0f}% of their queries")
+                consider(
+                    "merge",
+                    (a, b),
+                    plan_merge(plan.state, router.store, a, b, None, None, ...),
+                    f"co-routed on {100 * share:.0f}% of their queries",
+                )
         if split:
             names = current_names()
-            ratio = np.bincount(top_experts(_probs(plan.state.gate, xq), t).ravel(), minlength=len(names)) / (len(xq) * t)
+            ratio = np.bincount(top_experts(_probs(plan.state.gate, xq), t).ravel(), minlength=len(names)) / (
+                len(xq) * t
+            )
             ratio *= len(names)
             for j in np.argsort(-ratio, kind="stable")[:max_candidates]:
                 name = names[j]
@@ -207,9 +238,12 @@ def optimize_routing(
                     continue
                 if plan.state.experts[position(plan.state.experts, name)].ntotal < 2:
                     continue
-                consider("split", (name,), plan_split(plan.state, router.store, name, 2, None, seed, overload),
-                         f"load {ratio[j]:.2f}x average")
+                consider(
+                    "split",
+                    (name,),
+                    plan_split(plan.state, router.store, name, 2, None, seed, overload),
+                    f"load {ratio[j]:.2f}x average",
+                )
         if any(a.kept for a in actions):
             apply_plan(router, plan)
     return OptimizeReport(actions, start, cur)
-

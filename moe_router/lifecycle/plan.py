@@ -8,8 +8,9 @@ the store changes in one SQLite transaction and swaps the experts and the gate i
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -68,7 +69,8 @@ def position(experts: Sequence[Expert], name: str) -> int:
     raise KeyError(f"unknown expert {name!r}; known experts: {[e.name for e in experts]}")
 
 
-def new_expert(state: State, like: Expert, name: str, xb: np.ndarray, ids: np.ndarray, specialization: str,
-               parent: str | None) -> Expert:
+def new_expert(
+    state: State, like: Expert, name: str, xb: np.ndarray, ids: np.ndarray, specialization: str, parent: str | None
+) -> Expert:
     """An expert like `like` (dim, metric) holding xb (n, d) with ids, created by the state's backend."""
     return state.backend.create(name, like.dim, like.metric, specialization or name, parent, xb, ids)

@@ -6,14 +6,20 @@ from typing import Any
 
 import numpy as np
 
-from moe_router.index.exact import exact_counts
 from moe_router.gate.calibrate import choose_threshold, fit_bias_temperature, fit_temperature, load_floor_bias
+from moe_router.index.exact import exact_counts
 from moe_router.metrics import accuracy_at_k, recall_from_counts, top_experts
 from moe_router.routing.router import Router
 
 
-def calibrate(router: Router, queries: Any, experts: list[str], oos_texts: list[str],
-              load_floor: float | None = None, bias: bool = False) -> dict[str, float]:
+def calibrate(
+    router: Router,
+    queries: Any,
+    experts: list[str],
+    oos_texts: list[str],
+    load_floor: float | None = None,
+    bias: bool = False,
+) -> dict[str, float]:
     """Fit the gate to validation queries (texts or vectors) after training.
 
     With `load_floor`, experts whose top-1 share of the queries is below load_floor / E (and below
@@ -45,12 +51,15 @@ def calibrate(router: Router, queries: Any, experts: list[str], oos_texts: list[
     return out
 
 
-def validation_metrics(router: Router, queries: Any, experts: list[str], neighbours: int, top_k: int) -> dict[str, float]:
+def validation_metrics(
+    router: Router, queries: Any, experts: list[str], neighbours: int, top_k: int
+) -> dict[str, float]:
     """val/acc@1 and val/recall@10 (at top_k experts) of the router's current gate, as the training loop logs them."""
     xv, _ = router.prepare_queries(queries)
     gold = np.array([router.expert_index(e) for e in experts])
     probs = router.gate_probs(xv)
     counts = exact_counts(router.experts, xv, neighbours)
-    return {"val/acc@1": accuracy_at_k(probs, gold, 1),
-            "val/recall@10": recall_from_counts(top_experts(probs, min(top_k, router.num_experts)), counts, neighbours)}
-
+    return {
+        "val/acc@1": accuracy_at_k(probs, gold, 1),
+        "val/recall@10": recall_from_counts(top_experts(probs, min(top_k, router.num_experts)), counts, neighbours),
+    }

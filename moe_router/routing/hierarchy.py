@@ -5,8 +5,9 @@ Dimension legend: nq queries, E experts, P parent groups, t experts searched per
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -58,7 +59,9 @@ class TwoLevelRouting:
     top: np.ndarray  # (nq, t) expert indices, best first: children of the chosen groups first
 
 
-def two_level_top(probs: np.ndarray, groups: np.ndarray, top_parents: int, top_children: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def two_level_top(
+    probs: np.ndarray, groups: np.ndarray, top_parents: int, top_children: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(parent probs (nq, P), top parents (nq, tp), top experts (nq, t)) from leaf probs (nq, E).
 
     A group's probability is the sum of its children's. Experts are the most probable children
@@ -75,11 +78,15 @@ def two_level_top(probs: np.ndarray, groups: np.ndarray, top_parents: int, top_c
     return pprobs, tp, top_experts(score, top_children)
 
 
-def route_two_level(router: Router, queries: Any, top_parents: int = 1, top_children: int = 2, record: bool = True) -> TwoLevelRouting:
+def route_two_level(
+    router: Router, queries: Any, top_parents: int = 1, top_children: int = 2, record: bool = True
+) -> TwoLevelRouting:
     """Route to parent groups first (summed child probability), then to the best children inside them."""
     names = list(hierarchy(router))
     if not 1 <= top_parents <= len(names):
-        raise ValueError(f"top_parents must be between 1 and {len(names)} (the number of parent groups), got {top_parents}")
+        raise ValueError(
+            f"top_parents must be between 1 and {len(names)} (the number of parent groups), got {top_parents}"
+        )
     top_children = router.check_top(top_children, "top_children")
     xq, _ = router.prepare_queries(queries)
     probs = router.gate_probs(xq)
@@ -91,7 +98,12 @@ def route_two_level(router: Router, queries: Any, top_parents: int = 1, top_chil
 
 
 def search_two_level(
-    router: Router, queries: Any, k: int = 10, top_parents: int = 1, top_children: int = 2, with_text: bool = True,
+    router: Router,
+    queries: Any,
+    k: int = 10,
+    top_parents: int = 1,
+    top_children: int = 2,
+    with_text: bool = True,
 ) -> list[Hit] | list[list[Hit]]:
     """Search the best `top_children` experts inside the best `top_parents` parent groups."""
     k = router.check_k(k)
@@ -99,4 +111,3 @@ def search_two_level(
     routing = route_two_level(router, xq, top_parents, top_children)
     out = router.hits(router.search_experts(xq, k, routing.top), routing.probs, with_text)
     return out[0] if single else out
-

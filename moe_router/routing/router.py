@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import copy
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,8 +40,12 @@ def _check_top_p(top_p: Any) -> float:
 
 def check_prior_weight(value: Any) -> float:
     """A merge prior weight: a finite number >= 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
-            or not np.isfinite(value) or value < 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float, np.floating, np.integer))
+        or not np.isfinite(value)
+        or value < 0
+    ):
         raise ValueError(f"prior_weight must be a finite number >= 0 (0 = merge by score alone), got {value!r}")
     return float(value)
 
@@ -65,7 +70,9 @@ class Router:
         self.dim = check_dim(dim)
         self.metric = check_metric(metric)
         if embedder is not None and embedder.dim != self.dim:
-            raise ValueError(f"embedder {embedder.name!r} gives {embedder.dim}-d vectors, but the router's dim is {self.dim}")
+            raise ValueError(
+                f"embedder {embedder.name!r} gives {embedder.dim}-d vectors, but the router's dim is {self.dim}"
+            )
         self.embedder = embedder
         self.gate = gate
         self.store = store if store is not None else MetadataStore()
@@ -142,15 +149,18 @@ class Router:
                 self.fit_expert_rows([name])
             broken = self.gate.nonfinite() if self.gate is not None else []
             if broken:  # e.g. huge 'l2' vectors overflowing the gate's products: never route or save on NaN
-                raise ValueError(f"add_expert: expert {name!r}'s vectors made the gate non-finite ({', '.join(broken[:3])}); "
-                                 "scale the vectors down")
+                raise ValueError(
+                    f"add_expert: expert {name!r}'s vectors made the gate non-finite ({', '.join(broken[:3])}); "
+                    "scale the vectors down"
+                )
         except BaseException:
             self.remove_expert(name)
             raise
         return expert
 
-    def fit_expert_rows(self, names: Sequence[str], own_share: float = 0.9, other_share: float = 0.01,
-                        seed: int = 0) -> None:
+    def fit_expert_rows(
+        self, names: Sequence[str], own_share: float = 0.9, other_share: float = 0.01, seed: int = 0
+    ) -> None:
         """Refit the gate rows of experts `names` (e.g. just added) from their vectors and a sample of the others'.
 
         Each row is fitted so that its expert gets `own_share` of the probability on its own vectors
@@ -199,7 +209,9 @@ class Router:
     def record_feedback(self, query: Any, expert: str, positive: bool) -> int:
         """Record whether `expert` served `query` (text or vector) well; returns the record's id (on disk at save())."""
         if not isinstance(positive, (bool, np.bool_)):  # bool("no") is True: a string would be stored as positive
-            raise ValueError(f"record_feedback: positive must be True or False, got {type(positive).__name__} {positive!r}")
+            raise ValueError(
+                f"record_feedback: positive must be True or False, got {type(positive).__name__} {positive!r}"
+            )
         self.expert_index(expert)  # unknown expert -> KeyError naming the known ones
         text = query if isinstance(query, str) else None
         xq, single = self.prepare_queries(query)
@@ -222,8 +234,10 @@ class Router:
     def install_gate(self, gate: Gate, seed: int = 0) -> Gate:
         """Use `gate` for routing; a prototype gate gets k-means prototypes of each expert's vectors first."""
         if gate.dim != self.dim or gate.num_experts != self.num_experts:
-            raise ValueError(f"the gate has dim {gate.dim} and {gate.num_experts} outputs; "
-                             f"the router needs dim {self.dim} and {self.num_experts}")
+            raise ValueError(
+                f"the gate has dim {gate.dim} and {gate.num_experts} outputs; "
+                f"the router needs dim {self.dim} and {self.num_experts}"
+            )
         if gate.prototypes_per_expert:
             m = gate.prototypes_per_expert
             gate.init_prototypes([torch.from_numpy(e.prototypes(m, seed + i)) for i, e in enumerate(self.experts)])
@@ -234,7 +248,9 @@ class Router:
         if self.gate is None:
             raise RuntimeError("the router has no gate; call router.init_gate() or train one (moe_router.training)")
         if self.gate.num_experts != self.num_experts:
-            raise RuntimeError(f"the gate has {self.gate.num_experts} outputs but the router has {self.num_experts} experts")
+            raise RuntimeError(
+                f"the gate has {self.gate.num_experts} outputs but the router has {self.num_experts} experts"
+            )
         return self.gate
 
     def gate_probs(self, xq: np.ndarray, batch_size: int = 8192) -> np.ndarray:
@@ -264,8 +280,10 @@ class Router:
             single = isinstance(queries, str)
             other = next((i for i, q in enumerate([] if single else queries) if not isinstance(q, str)), None)
             if other is not None:
-                raise ValueError(f"queries: a batch mixing texts and other values (item {other} is "
-                                 f"{type(queries[other]).__name__}); give all texts or all vectors")
+                raise ValueError(
+                    f"queries: a batch mixing texts and other values (item {other} is "
+                    f"{type(queries[other]).__name__}); give all texts or all vectors"
+                )
             texts = check_text_list([queries] if single else queries, "queries")
             if self.embedder is None:
                 raise ValueError("text queries need an embedder, and this router has none; pass query vectors instead")
@@ -285,8 +303,14 @@ class Router:
         """A number of hits in 1..ntotal, else a ValueError."""
         return check_int(k, 1, self.ntotal, "k", "the number of stored vectors")
 
-    def decide(self, xq: np.ndarray, top_k: int, record: bool = True, top_p: float | None = None,
-               max_experts: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def decide(
+        self,
+        xq: np.ndarray,
+        top_k: int,
+        record: bool = True,
+        top_p: float | None = None,
+        max_experts: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(probs (nq, E), top (nq, t) expert indices best first); counts them in stats when `record`.
 
         With `top_p`, each query gets the smallest set of experts whose probability reaches top_p
@@ -307,7 +331,11 @@ class Router:
         return probs, top
 
     def route(
-        self, queries: Any, top_k: int = 2, abstain: bool = False, top_p: float | None = None,
+        self,
+        queries: Any,
+        top_k: int = 2,
+        abstain: bool = False,
+        top_p: float | None = None,
         max_experts: int = 4,
     ) -> list[ExpertScore] | list[list[ExpertScore]]:
         """The top_k experts for each query with their probabilities (a list per query; one list for one query).
@@ -332,8 +360,11 @@ class Router:
             out.append(
                 [
                     ExpertScore(
-                        self.experts[e].name, float(p[e]), float(p[e]) / total if total > 0 else 0.0,
-                        self.experts[e].specialization, self.experts[e].parent,
+                        self.experts[e].name,
+                        float(p[e]),
+                        float(p[e]) / total if total > 0 else 0.0,
+                        self.experts[e].specialization,
+                        self.experts[e].parent,
                     )
                     for e in row
                 ]
@@ -342,8 +373,15 @@ class Router:
 
     # ---------------------------------------------------------------- search
 
-    def search_experts(self, xq: np.ndarray, k: int, experts: np.ndarray, merge: bool = True,
-                       probs: np.ndarray | None = None, prior_weight: float = 0.0) -> RoutedSearch:
+    def search_experts(
+        self,
+        xq: np.ndarray,
+        k: int,
+        experts: np.ndarray,
+        merge: bool = True,
+        probs: np.ndarray | None = None,
+        prior_weight: float = 0.0,
+    ) -> RoutedSearch:
         """Search, for each query, only the experts in its row of `experts` (nq, t; -1 = none); merge by score.
 
         With `probs` (nq, E) and `prior_weight` w > 0 the merge ranks hits by score + w * log p(expert)
@@ -362,7 +400,9 @@ class Router:
         E = np.full((nq, t * k), -1, dtype=np.int64)
         scanned = np.zeros(nq, dtype=np.int64)
         lower_blas_threshold()
-        groups = [(e, *np.nonzero(experts == e)) for e in np.unique(experts) if e >= 0]  # (expert, rows, slot); -1 = none
+        groups = [
+            (e, *np.nonzero(experts == e)) for e in np.unique(experts) if e >= 0
+        ]  # (expert, rows, slot); -1 = none
         found = self.backend.search([(self.experts[e], xq[rows]) for e, rows, _ in groups], k)
         missing = None
         for (e, rows, slot), answer in zip(groups, found):  # rows: queries that chose e; slot: in which position
@@ -385,7 +425,10 @@ class Router:
             key = np.where(E >= 0, key + prior_weight * np.log(np.maximum(p, 1e-12)), -np.inf)
         order = np.argsort(-key, axis=1, kind="stable")[:, :k]  # (nq, k)
         return RoutedSearch(
-            np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1), np.take_along_axis(E, order, 1), scanned,
+            np.take_along_axis(D, order, 1),
+            np.take_along_axis(I, order, 1),
+            np.take_along_axis(E, order, 1),
+            scanned,
             missing,
         )
 
@@ -394,13 +437,22 @@ class Router:
         if not abstain:
             return np.zeros(len(xq), dtype=bool)
         if self.abstain_threshold is None:
-            raise ValueError("abstain=True needs a calibrated abstain_threshold (set by training on data with "
-                             "out-of-scope validation queries, or assign router.abstain_threshold)")
+            raise ValueError(
+                "abstain=True needs a calibrated abstain_threshold (set by training on data with "
+                "out-of-scope validation queries, or assign router.abstain_threshold)"
+            )
         return self.in_scope_scores(xq) < self.abstain_threshold
 
     def search(
-        self, queries: Any, k: int = 10, top_experts: int = 2, with_text: bool = True, abstain: bool = False,
-        per_expert: bool = False, top_p: float | None = None, max_experts: int = 4,
+        self,
+        queries: Any,
+        k: int = 10,
+        top_experts: int = 2,
+        with_text: bool = True,
+        abstain: bool = False,
+        per_expert: bool = False,
+        top_p: float | None = None,
+        max_experts: int = 4,
         prior_weight: float | None = None,
     ) -> SearchHits | list[SearchHits]:
         """Route each query, search only its top_experts experts, return its k best hits merged by score.
@@ -428,8 +480,9 @@ class Router:
         out = self.hits(res, probs, with_text, refused)
         return out[0] if single else out
 
-    def hits(self, res: RoutedSearch, probs: np.ndarray, with_text: bool = True,
-             refused: np.ndarray | None = None) -> list[SearchHits]:
+    def hits(
+        self, res: RoutedSearch, probs: np.ndarray, with_text: bool = True, refused: np.ndarray | None = None
+    ) -> list[SearchHits]:
         """Per query, the Hit of each found row of a routed search (skipping padding and refused queries)."""
         meta = self.store.get(res.I[res.I >= 0].tolist()) if with_text else {}
         out = []
@@ -440,7 +493,9 @@ class Router:
                     continue
                 ex = self.experts[e]
                 text, payload = meta.get(int(i), (None, {}))
-                row.append(Hit(int(i), float(score), ex.name, ex.specialization, ex.parent, float(probs[q, e]), text, payload))
+                row.append(
+                    Hit(int(i), float(score), ex.name, ex.specialization, ex.parent, float(probs[q, e]), text, payload)
+                )
             out.append(SearchHits(row, [self.experts[e].name for e in res.missing_of(q)]))
         return out
 
@@ -448,15 +503,19 @@ class Router:
 
     def stats(self) -> list[ExpertStats]:
         """Per expert: vectors stored, queries routed to it, load share and mean confidence."""
-        return self.routing_stats.table(self.expert_names, [e.specialization for e in self.experts],
-                                        [e.parent for e in self.experts], [e.ntotal for e in self.experts])
+        return self.routing_stats.table(
+            self.expert_names,
+            [e.specialization for e in self.experts],
+            [e.parent for e in self.experts],
+            [e.ntotal for e in self.experts],
+        )
 
     def reset_stats(self) -> None:
         self.routing_stats.reset()
 
     # ---------------------------------------------------------------- copies and swaps
 
-    def fork(self, private_store: bool = False) -> "Router":
+    def fork(self, private_store: bool = False) -> Router:
         """A router that can be changed while this one keeps serving.
 
         Shares what changes never modify in place (each Expert's index, the embedder, the store
@@ -466,8 +525,13 @@ class Router:
         place must replace it in the fork instead.
         """
         with self.lock:
-            out = Router(self.dim, self.metric, embedder=self.embedder,
-                         store=self.store.in_memory_copy() if private_store else self.store, backend=self.backend)
+            out = Router(
+                self.dim,
+                self.metric,
+                embedder=self.embedder,
+                store=self.store.in_memory_copy() if private_store else self.store,
+                backend=self.backend,
+            )
             out.experts = list(self.experts)
             out.gate = copy.deepcopy(self.gate)
             out.routing_stats = self.routing_stats.copy()
@@ -477,9 +541,14 @@ class Router:
             out._next_id = max(out._next_id, self._next_id)
         return out
 
-    def replace_parts(self, experts: Sequence[Expert], gate: Gate | None, stats: RoutingStats,
-                      item_moves: Sequence[tuple[Sequence[int], str]] = (),
-                      feedback_moves: Sequence[tuple[Sequence[int], str]] = ()) -> None:
+    def replace_parts(
+        self,
+        experts: Sequence[Expert],
+        gate: Gate | None,
+        stats: RoutingStats,
+        item_moves: Sequence[tuple[Sequence[int], str]] = (),
+        feedback_moves: Sequence[tuple[Sequence[int], str]] = (),
+    ) -> None:
         """Swap in a new expert list, gate and stats, with the store changes that go with them.
 
         The store changes run first, in one transaction: if they fail nothing has changed.
@@ -496,8 +565,9 @@ class Router:
 
     # ---------------------------------------------------------------- persistence
 
-    def save(self, path: str | Path, config: dict | None = None, metrics: dict | None = None,
-             recheck: bool = True) -> Path:
+    def save(
+        self, path: str | Path, config: dict | None = None, metrics: dict | None = None, recheck: bool = True
+    ) -> Path:
         """Write the router as a new version of the checkpoint `path`, switched to atomically (moe_router.checkpoint).
 
         The only way to change a checkpoint on disk: a loaded router keeps its changes in memory until
@@ -509,28 +579,45 @@ class Router:
         for p in (path, *path.parents):
             if p.exists():
                 if not p.is_dir():
-                    raise ValueError(f"save: cannot write a checkpoint directory at {path}: "
-                                     f"{'it' if p == path else p} is a file, not a directory")
+                    raise ValueError(
+                        f"save: cannot write a checkpoint directory at {path}: "
+                        f"{'it' if p == path else p} is a file, not a directory"
+                    )
                 break
         with self.lock:
             broken = self.gate.nonfinite() if self.gate is not None else []
             if broken:
-                raise ValueError(f"save: the gate holds NaN or inf in {', '.join(broken)}; refusing to save a gate "
-                                 "that cannot route (retrain it, or load the last good checkpoint)")
+                raise ValueError(
+                    f"save: the gate holds NaN or inf in {', '.join(broken)}; refusing to save a gate "
+                    "that cannot route (retrain it, or load the last good checkpoint)"
+                )
             parts = CheckpointParts(
-                dim=self.dim, metric=self.metric, embedder=self.embedder, gate=self.gate, experts=list(self.experts),
-                store=self.store, counts=self.routing_stats.counts.copy(),
-                confidence_sums=self.routing_stats.confidence_sums.copy(), abstain_threshold=self.abstain_threshold,
+                dim=self.dim,
+                metric=self.metric,
+                embedder=self.embedder,
+                gate=self.gate,
+                experts=list(self.experts),
+                store=self.store,
+                counts=self.routing_stats.counts.copy(),
+                confidence_sums=self.routing_stats.confidence_sums.copy(),
+                abstain_threshold=self.abstain_threshold,
                 prior_weight=self.prior_weight,
-                config=config or {}, metrics=metrics or {},
+                config=config or {},
+                metrics=metrics or {},
             )
             self.manifest = write_checkpoint(path, parts, recheck=recheck)
         return path
 
     @classmethod
-    def load(cls, path: str | Path, verify: bool = True, cache_dir: str | Path | None = None,
-             backend: str | ExpertBackend = "local", ray_address: str | None = None,
-             backend_options: dict[str, Any] | None = None) -> "Router":
+    def load(
+        cls,
+        path: str | Path,
+        verify: bool = True,
+        cache_dir: str | Path | None = None,
+        backend: str | ExpertBackend = "local",
+        ray_address: str | None = None,
+        backend_options: dict[str, Any] | None = None,
+    ) -> Router:
         """Load a checkpoint directory, read-only; never unpickles or imports code from it.
 
         The router is private: its changes (experts, feedback) stay in memory until save().
@@ -541,8 +628,9 @@ class Router:
         `backend_options`. An ExpertBackend instance is used as it is.
         """
         if not isinstance(backend, str) and (ray_address is not None or backend_options):
-            raise ValueError("ray_address and backend_options are for a backend given by name; "
-                             f"{backend!r} is already built")
+            raise ValueError(
+                f"ray_address and backend_options are for a backend given by name; {backend!r} is already built"
+            )
         if isinstance(backend, str):
             options = dict(backend_options or {})
             if ray_address is not None:

@@ -6,8 +6,8 @@ Dimension legend: nq queries, E experts, t experts chosen per query.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
@@ -27,7 +27,7 @@ class RoutingStats:
         self._lock = threading.Lock()
 
     @classmethod
-    def zeros(cls, num_experts: int) -> "RoutingStats":
+    def zeros(cls, num_experts: int) -> RoutingStats:
         return cls(np.zeros(num_experts, dtype=np.int64), np.zeros(num_experts, dtype=np.float64))
 
     def record(self, top: np.ndarray, probs: np.ndarray) -> None:
@@ -38,20 +38,22 @@ class RoutingStats:
             np.add.at(self.counts, top[real], 1)
             np.add.at(self.confidence_sums, top[real], chosen[real])
 
-    def copy(self) -> "RoutingStats":
+    def copy(self) -> RoutingStats:
         with self._lock:
             return RoutingStats(self.counts, self.confidence_sums)
 
-    def appended(self, n: int = 1) -> "RoutingStats":
+    def appended(self, n: int = 1) -> RoutingStats:
         """These stats with `n` new experts (never chosen yet) at the end."""
         with self._lock:
-            return RoutingStats(np.append(self.counts, np.zeros(n, np.int64)), np.append(self.confidence_sums, np.zeros(n)))
+            return RoutingStats(
+                np.append(self.counts, np.zeros(n, np.int64)), np.append(self.confidence_sums, np.zeros(n))
+            )
 
-    def without(self, i: int) -> "RoutingStats":
+    def without(self, i: int) -> RoutingStats:
         with self._lock:
             return RoutingStats(np.delete(self.counts, i), np.delete(self.confidence_sums, i))
 
-    def merged(self, a: int, b: int) -> "RoutingStats":
+    def merged(self, a: int, b: int) -> RoutingStats:
         """Experts a and b become one at min(a, b), carrying both histories."""
         lo, hi = min(a, b), max(a, b)
         with self._lock:
@@ -59,23 +61,28 @@ class RoutingStats:
         counts[lo], sums[lo] = counts[a] + counts[b], sums[a] + sums[b]
         return RoutingStats(np.delete(counts, hi), np.delete(sums, hi))
 
-    def split(self, i: int, parts: int) -> "RoutingStats":
+    def split(self, i: int, parts: int) -> RoutingStats:
         """Expert i becomes `parts` experts; its history cannot be attributed to them, so they start at zero."""
         with self._lock:
             counts, sums = self.counts, self.confidence_sums
-            return RoutingStats(np.concatenate([counts[:i], np.zeros(parts, np.int64), counts[i + 1 :]]),
-                                np.concatenate([sums[:i], np.zeros(parts), sums[i + 1 :]]))
+            return RoutingStats(
+                np.concatenate([counts[:i], np.zeros(parts, np.int64), counts[i + 1 :]]),
+                np.concatenate([sums[:i], np.zeros(parts), sums[i + 1 :]]),
+            )
 
     def reset(self) -> None:
         with self._lock:
             self.counts[:] = 0
             self.confidence_sums[:] = 0.0
 
-    def table(self, names: Sequence[str], specializations: Sequence[str], parents: Sequence[str | None],
-              sizes: Sequence[int]) -> list[ExpertStats]:
+    def table(
+        self, names: Sequence[str], specializations: Sequence[str], parents: Sequence[str | None], sizes: Sequence[int]
+    ) -> list[ExpertStats]:
         """One ExpertStats per expert (the names and sizes given in expert order)."""
         with self._lock:
             counts, sums = self.counts.copy(), self.confidence_sums.copy()
         total = max(int(counts.sum()), 1)
-        return [ExpertStats(n, s, p, int(v), int(c), float(c / total), float(m / c) if c else 0.0)
-                for n, s, p, v, c, m in zip(names, specializations, parents, sizes, counts, sums)]
+        return [
+            ExpertStats(n, s, p, int(v), int(c), float(c / total), float(m / c) if c else 0.0)
+            for n, s, p, v, c, m in zip(names, specializations, parents, sizes, counts, sums)
+        ]

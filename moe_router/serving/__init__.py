@@ -6,6 +6,14 @@ from moe_router.serving.config import AuthConfig, BatchConfig, Limits
 from moe_router.serving.state import RouterState
 
 __all__ = [
-    "AuthConfig", "BatchConfig", "Limits", "MicroBatcher", "Query", "RouterState", "create_app", "fork_router",
-    "recover_checkpoint", "run_queries",
+    "AuthConfig",
+    "BatchConfig",
+    "Limits",
+    "MicroBatcher",
+    "Query",
+    "RouterState",
+    "create_app",
+    "fork_router",
+    "recover_checkpoint",
+    "run_queries",
 ]

@@ -3,14 +3,14 @@
 Every client mistake is a 4xx with an ErrorResponse body; a 500 means a bug in the server.
 """
 
-
 import asyncio
-from dataclasses import asdict, replace
 import logging
 import math
 import secrets
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable
+from dataclasses import asdict, replace
+from typing import Any
 
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request, Security
@@ -25,14 +25,23 @@ from starlette.routing import Match
 
 from moe_router import __version__
 from moe_router.index.expert import Expert
-from moe_router.types import ExpertScore, Hit
 from moe_router.serving.batcher import MicroBatcher, Overloaded, Query, run_now
 from moe_router.serving.config import AuthConfig, BatchConfig, Limits, normalise_origin
 from moe_router.serving.schemas import (
-    ErrorResponse, ExpertChangeResponse, ExpertsChangeResponse, ExpertsResponse, FeedbackResponse,
-    HealthResponse, ReadyResponse, RouteResponse, SearchResponse, StatsResponse, build_models,
+    ErrorResponse,
+    ExpertChangeResponse,
+    ExpertsChangeResponse,
+    ExpertsResponse,
+    FeedbackResponse,
+    HealthResponse,
+    ReadyResponse,
+    RouteResponse,
+    SearchResponse,
+    StatsResponse,
+    build_models,
 )
 from moe_router.serving.state import ExpertConflict, PersistError, RouterState
+from moe_router.types import ExpertScore, Hit
 from moe_router.vectors import prepare
 
 log = logging.getLogger(__name__)
@@ -110,15 +119,20 @@ def browser_refusal(method: str, headers: Headers, allowed: tuple[str, ...]) -> 
         return None
     origin = headers.get("origin")
     if origin is not None and _foreign(origin, headers.get("host"), allowed):
-        return HTTPException(403, f"cross-origin request from {origin[:200]!r} refused: only the server's own "
-                                  "origin and auth.allowed_origins may send POST or DELETE")
+        return HTTPException(
+            403,
+            f"cross-origin request from {origin[:200]!r} refused: only the server's own "
+            "origin and auth.allowed_origins may send POST or DELETE",
+        )
     if method == "POST":
         got = headers.get("content-type")
         media, _, params = (got or "").partition(";")
         charset = dict(p.strip().lower().partition("=")[::2] for p in params.split(";") if "=" in p).get("charset")
         if media.strip().lower() != "application/json" or charset not in (None, "utf-8", '"utf-8"'):
             shown = repr(got[:200]) if got is not None else "none"
-            return HTTPException(415, f"the request body must be JSON: send Content-Type: application/json (got {shown})")
+            return HTTPException(
+                415, f"the request body must be JSON: send Content-Type: application/json (got {shown})"
+            )
     return None
 
 
@@ -242,8 +256,10 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
-        detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
-                  for e in errors[:20]]
+        detail = [
+            {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+            for e in errors[:20]
+        ]
         if any(e.get("type") == "json_invalid" for e in errors):
             return _error(400, "the request body is not valid JSON", detail)
         first = detail[0] if detail else {"loc": [], "msg": "invalid request"}
@@ -266,9 +282,16 @@ def create_app(
     # ------------------------------------------------------------------ queries
 
     def to_query(op: str, body: Any) -> Query:
-        q = Query(op, k=getattr(body, "k", 1), top_experts=body.top_experts, with_text=getattr(body, "with_text", False),
-                  per_expert=getattr(body, "per_expert", False), top_p=body.top_p, max_experts=body.max_experts,
-                  prior_weight=getattr(body, "prior_weight", None))
+        q = Query(
+            op,
+            k=getattr(body, "k", 1),
+            top_experts=body.top_experts,
+            with_text=getattr(body, "with_text", False),
+            per_expert=getattr(body, "per_expert", False),
+            top_p=body.top_p,
+            max_experts=body.max_experts,
+            prior_weight=getattr(body, "prior_weight", None),
+        )
         if body.text is not None or body.texts is not None:
             q.texts = [body.text] if body.text is not None else list(body.texts)
         else:
@@ -296,20 +319,34 @@ def create_app(
     merge_body, merge_schema = json_body(models.MergeExpertsRequest)
     split_body, split_schema = json_body(models.SplitExpertRequest)
 
-    @app.post("/route", response_model=RouteResponse, dependencies=read_deps, openapi_extra=route_schema,
-              responses=_responses(400, *auth_codes, 403, 413, 415, 422, 503))
+    @app.post(
+        "/route",
+        response_model=RouteResponse,
+        dependencies=read_deps,
+        openapi_extra=route_schema,
+        responses=_responses(400, *auth_codes, 403, 413, 415, 422, 503),
+    )
     async def route(body: Any = route_body) -> dict:
         """The top_experts experts for each query (or, with top_p, the fewest reaching that mass), with the gate's probabilities."""
         generation, rows = await execute(to_query("route", body))
         return {"generation": generation, "results": [{"experts": [_score(s) for s in row]} for row in rows]}
 
-    @app.post("/search", response_model=SearchResponse, dependencies=read_deps, openapi_extra=search_schema,
-              responses=_responses(400, *auth_codes, 403, 413, 415, 422, 503))
+    @app.post(
+        "/search",
+        response_model=SearchResponse,
+        dependencies=read_deps,
+        openapi_extra=search_schema,
+        responses=_responses(400, *auth_codes, 403, 413, 415, 422, 503),
+    )
     async def search(body: Any = search_body) -> dict:
         """Route each query, search only its top_experts experts (or, with top_p, the fewest reaching that mass); its k best hits."""
         generation, rows = await execute(to_query("search", body))
-        return {"generation": generation, "results": [{"hits": [_hit(h) for h in hits],
-                                                        "missing_experts": list(hits.missing_experts)} for hits in rows]}
+        return {
+            "generation": generation,
+            "results": [
+                {"hits": [_hit(h) for h in hits], "missing_experts": list(hits.missing_experts)} for hits in rows
+            ],
+        }
 
     # ------------------------------------------------------------------ experts and stats
 
@@ -325,8 +362,12 @@ def create_app(
             experts = [vars(s) for s in snap.router.stats()]
         server = {"batching": batcher is not None, "passes": 0, "queries": 0, "mean_pass": 0.0, "largest_pass": 0}
         if batcher is not None:
-            server.update(passes=batcher.passes, queries=batcher.queries, largest_pass=batcher.largest_pass,
-                          mean_pass=batcher.queries / max(batcher.passes, 1))
+            server.update(
+                passes=batcher.passes,
+                queries=batcher.queries,
+                largest_pass=batcher.largest_pass,
+                mean_pass=batcher.queries / max(batcher.passes, 1),
+            )
         return {"generation": snap.generation, "experts": experts, "server": server}
 
     async def write(fn: Callable[..., Any], *args: Any) -> Any:
@@ -342,15 +383,26 @@ def create_app(
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
 
-    @app.post("/feedback", response_model=FeedbackResponse, dependencies=write_deps, openapi_extra=feedback_schema,
-              responses=_responses(400, *auth_codes, 403, 404, 413, 415, 422, 503))
+    @app.post(
+        "/feedback",
+        response_model=FeedbackResponse,
+        dependencies=write_deps,
+        openapi_extra=feedback_schema,
+        responses=_responses(400, *auth_codes, 403, 404, 413, 415, 422, 503),
+    )
     async def feedback(body: Any = feedback_body) -> dict:
         """Record whether an expert served a query well; committed to the checkpoint before the reply."""
         query: Any = body.text if body.text is not None else _as_float32(body.vector, state.metric)[0]
         return {"id": await write(state.record_feedback, query, body.expert, body.positive)}
 
-    @app.post("/experts", response_model=ExpertChangeResponse, status_code=201, dependencies=write_deps,
-              openapi_extra=expert_schema, responses=_responses(400, *auth_codes, 403, 409, 413, 415, 422, 503))
+    @app.post(
+        "/experts",
+        response_model=ExpertChangeResponse,
+        status_code=201,
+        dependencies=write_deps,
+        openapi_extra=expert_schema,
+        responses=_responses(400, *auth_codes, 403, 409, 413, 415, 422, 503),
+    )
     async def add_expert(body: Any = expert_body) -> dict:
         """Add an expert from vectors and/or texts; the gate grows an output for it at once.
 
@@ -358,11 +410,17 @@ def create_app(
         """
         vectors = _as_float32(body.vectors, state.metric) if body.vectors is not None else None
         expert, generation = await write(
-            state.add_expert, body.name, vectors, body.texts, body.specialization, body.parent, body.metadata)
+            state.add_expert, body.name, vectors, body.texts, body.specialization, body.parent, body.metadata
+        )
         return {"generation": generation, "expert": _expert(expert)}
 
-    @app.post("/merge", response_model=ExpertsChangeResponse, dependencies=write_deps,
-              openapi_extra=merge_schema, responses=_responses(400, *auth_codes, 403, 404, 409, 413, 415, 422, 503))
+    @app.post(
+        "/merge",
+        response_model=ExpertsChangeResponse,
+        dependencies=write_deps,
+        openapi_extra=merge_schema,
+        responses=_responses(400, *auth_codes, 403, 404, 409, 413, 415, 422, 503),
+    )
     async def merge_experts(body: Any = merge_body) -> dict:
         """Merge two experts into one (vectors, metadata and feedback combined; the gate's two rows fitted into one).
 
@@ -371,8 +429,13 @@ def create_app(
         expert, generation = await write(state.merge_experts, body.a, body.b, body.name, body.specialization)
         return {"generation": generation, "experts": [_expert(expert)]}
 
-    @app.post("/split", response_model=ExpertsChangeResponse, dependencies=write_deps,
-              openapi_extra=split_schema, responses=_responses(400, *auth_codes, 403, 404, 409, 413, 415, 422, 503))
+    @app.post(
+        "/split",
+        response_model=ExpertsChangeResponse,
+        dependencies=write_deps,
+        openapi_extra=split_schema,
+        responses=_responses(400, *auth_codes, 403, 404, 409, 413, 415, 422, 503),
+    )
     async def split_expert(body: Any = split_body) -> dict:
         """Split an expert into `parts` by k-means over its vectors (the gate's row fitted into one per part).
 
@@ -381,8 +444,12 @@ def create_app(
         parts, generation = await write(state.split_expert, body.name, body.parts, body.names)
         return {"generation": generation, "experts": [_expert(e) for e in parts]}
 
-    @app.delete("/experts/{name:path}", response_model=ExpertChangeResponse, dependencies=write_deps,
-                responses=_responses(*auth_codes, 403, 404, 409, 422, 503))
+    @app.delete(
+        "/experts/{name:path}",
+        response_model=ExpertChangeResponse,
+        dependencies=write_deps,
+        responses=_responses(*auth_codes, 403, 404, 409, 422, 503),
+    )
     async def remove_expert(name: str) -> dict:
         """Remove an expert (its index, gate output and metadata); saved to the checkpoint before the reply."""
         return {"generation": await write(state.remove_expert, name), "expert": None}

@@ -95,8 +95,17 @@ def run_queries(router: Router, queries: list[Query]) -> list[list[Any] | Except
         if out[i] is None:
             q = queries[i]
             adaptive = (q.top_p, q.max_experts) if q.top_p is not None else (None, None)
-            groups[(q.op, q.top_experts, *adaptive, q.with_text, q.per_expert, q.prior_weight,
-                    q.k if q.per_expert else None)].append(i)
+            groups[
+                (
+                    q.op,
+                    q.top_experts,
+                    *adaptive,
+                    q.with_text,
+                    q.per_expert,
+                    q.prior_weight,
+                    q.k if q.per_expert else None,
+                )
+            ].append(i)
     for (op, top_experts, top_p, max_experts, with_text, per_expert, prior_weight, _), idx in groups.items():
         adaptive = {"top_p": top_p, "max_experts": max_experts} if top_p is not None else {}
         xq = np.concatenate([xqs[i] for i in idx])  # (N, d)
@@ -105,8 +114,15 @@ def run_queries(router: Router, queries: list[Query]) -> list[list[Any] | Except
                 rows = router.route(xq, top_k=top_experts, **adaptive)
             else:
                 k = max(queries[i].k for i in idx)
-                rows = router.search(xq, k=k, top_experts=top_experts, with_text=with_text, per_expert=per_expert,
-                                     prior_weight=prior_weight, **adaptive)
+                rows = router.search(
+                    xq,
+                    k=k,
+                    top_experts=top_experts,
+                    with_text=with_text,
+                    per_expert=per_expert,
+                    prior_weight=prior_weight,
+                    **adaptive,
+                )
         except ValueError as exc:
             for i in idx:
                 out[i] = exc

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 from urllib.parse import urlsplit
 
 
@@ -44,7 +44,9 @@ def normalise_origin(origin: str) -> str:
         return origin
     parts = urlsplit(origin)
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query or parts.fragment:
-        raise ValueError(f"an origin is scheme://host[:port] (e.g. https://app.example.com:8443) or 'null', got {origin!r}")
+        raise ValueError(
+            f"an origin is scheme://host[:port] (e.g. https://app.example.com:8443) or 'null', got {origin!r}"
+        )
     return f"{parts.scheme}://{parts.netloc}"
 
 
@@ -88,9 +90,13 @@ def check_exposure(host: str, auth: AuthConfig) -> str | None:
     """
     if is_loopback(host) or auth.api_key is not None:
         return None
-    risk = (f"host={host} is not a loopback address and auth.api_key is not set: anyone who can reach this port "
-            "can change the experts and write feedback")
+    risk = (
+        f"host={host} is not a loopback address and auth.api_key is not set: anyone who can reach this port "
+        "can change the experts and write feedback"
+    )
     if not auth.allow_open_network:
-        raise ValueError(f"refusing to start: {risk}. Set MOE_ROUTER_API_KEY (auth.api_key), or serve on "
-                         "host=127.0.0.1, or override with auth.allow_open_network=true")
+        raise ValueError(
+            f"refusing to start: {risk}. Set MOE_ROUTER_API_KEY (auth.api_key), or serve on "
+            "host=127.0.0.1, or override with auth.allow_open_network=true"
+        )
     return f"SECURITY WARNING: {risk} (auth.allow_open_network=true)"

@@ -6,7 +6,16 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, TypeAdapter, WithJsonSchema, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    WithJsonSchema,
+    model_validator,
+)
 
 from moe_router.serving.config import Limits
 from moe_router.types import ExpertScore, Hit
@@ -140,15 +149,31 @@ def build_models(dim: int, limits: Limits, nonzero: bool = True) -> SimpleNamesp
     Number = Annotated[float, Field(allow_inf_nan=False, ge=-FLOAT32_MAX, le=FLOAT32_MAX)]  # vectors are float32
     Vector = Annotated[list[Number], Field(min_length=dim, max_length=dim)]
     if nonzero:  # metric ip normalises every vector: the zero vector has no direction
-        Vector = Annotated[Vector, WithJsonSchema({**TypeAdapter(Vector).json_schema(), "not": {"items": {"const": 0}}})]
+        Vector = Annotated[
+            Vector, WithJsonSchema({**TypeAdapter(Vector).json_schema(), "not": {"items": {"const": 0}}})
+        ]
     Texts = Annotated[list[Text], Field(min_length=1, max_length=limits.max_queries)]
     Vectors = Annotated[list[Vector], Field(min_length=1, max_length=limits.max_queries)]
     TopExperts = Annotated[Int, Field(ge=1, le=1024, description="experts per query; at most the number of experts")]
-    TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False,
-                                  description="adaptive expert count: the smallest set of experts whose probability reaches top_p")]
-    PriorWeight = Annotated[float, Field(ge=0.0, le=100.0, allow_inf_nan=False,
-                                         description="weight of the log gate probability when merging hits")]
-    MaxExperts = Annotated[Int, Field(ge=1, le=1024, description="with top_p: the most experts per query (capped at the number of experts)")]
+    TopP = Annotated[
+        float,
+        Field(
+            gt=0.0,
+            le=1.0,
+            allow_inf_nan=False,
+            description="adaptive expert count: the smallest set of experts whose probability reaches top_p",
+        ),
+    ]
+    PriorWeight = Annotated[
+        float,
+        Field(
+            ge=0.0, le=100.0, allow_inf_nan=False, description="weight of the log gate probability when merging hits"
+        ),
+    ]
+    MaxExperts = Annotated[
+        Int,
+        Field(ge=1, le=1024, description="with top_p: the most experts per query (capped at the number of experts)"),
+    ]
 
     class Queries(BaseModel):
         model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra=_schema("oneOf", QUERY_FIELDS))
@@ -159,7 +184,7 @@ def build_models(dim: int, limits: Limits, nonzero: bool = True) -> SimpleNamesp
         vectors: Vectors = None  # a batch of query vectors
 
         @model_validator(mode="after")
-        def _one_query_field(self) -> "Queries":
+        def _one_query_field(self) -> Queries:
             _exactly_one(self, QUERY_FIELDS)
             return self
 
@@ -186,7 +211,7 @@ def build_models(dim: int, limits: Limits, nonzero: bool = True) -> SimpleNamesp
         positive: bool  # did this expert serve the query well
 
         @model_validator(mode="after")
-        def _one_query(self) -> "FeedbackRequest":
+        def _one_query(self) -> FeedbackRequest:
             _exactly_one(self, ("text", "vector"))
             return self
 
@@ -204,7 +229,7 @@ def build_models(dim: int, limits: Limits, nonzero: bool = True) -> SimpleNamesp
         metadata: Annotated[list[dict[str, Any]], Field(max_length=limits.max_expert_vectors)] = None
 
         @model_validator(mode="after")
-        def _has_vectors(self) -> "AddExpertRequest":
+        def _has_vectors(self) -> AddExpertRequest:
             if self.texts is None and self.vectors is None:
                 raise ValueError("give texts (embedded by the checkpoint's embedder) or vectors, or both")
             return self
@@ -222,9 +247,15 @@ def build_models(dim: int, limits: Limits, nonzero: bool = True) -> SimpleNamesp
 
         name: ExpertName  # the expert to split by k-means over its vectors
         parts: Annotated[Int, Field(ge=2, le=64)] = 2
-        names: Annotated[list[ExpertName], Field(min_length=2, max_length=64)] | None = None  # default name/0, name/1, ...
+        names: Annotated[list[ExpertName], Field(min_length=2, max_length=64)] | None = (
+            None  # default name/0, name/1, ...
+        )
 
     return SimpleNamespace(
-        RouteRequest=RouteRequest, SearchRequest=SearchRequest, FeedbackRequest=FeedbackRequest,
-        AddExpertRequest=AddExpertRequest, MergeExpertsRequest=MergeExpertsRequest, SplitExpertRequest=SplitExpertRequest,
+        RouteRequest=RouteRequest,
+        SearchRequest=SearchRequest,
+        FeedbackRequest=FeedbackRequest,
+        AddExpertRequest=AddExpertRequest,
+        MergeExpertsRequest=MergeExpertsRequest,
+        SplitExpertRequest=SplitExpertRequest,
     )

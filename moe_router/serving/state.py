@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import faiss
 import numpy as np
@@ -68,8 +69,13 @@ def _free_names(router: Router, names: Sequence[str]) -> None:
 class RouterState:
     """The checkpoint being served: leases for readers, serialised durable writes for mutations."""
 
-    def __init__(self, ckpt: str | Path, cache_dir: str | Path | None = None, threads: int | None = None,
-                 backend: str | ExpertBackend = "local") -> None:
+    def __init__(
+        self,
+        ckpt: str | Path,
+        cache_dir: str | Path | None = None,
+        threads: int | None = None,
+        backend: str | ExpertBackend = "local",
+    ) -> None:
         self.ckpt = Path(ckpt)
         self.threads = threads  # torch + FAISS threads per pass (None: the libraries' defaults)
         if threads is not None:
@@ -193,8 +199,9 @@ class RouterState:
 
         return self._change(check, lambda fork: fork.remove_expert(name))[1]
 
-    def merge_experts(self, a: str, b: str, name: str | None = None,
-                      specialization: str | None = None) -> tuple[Expert, int]:
+    def merge_experts(
+        self, a: str, b: str, name: str | None = None, specialization: str | None = None
+    ) -> tuple[Expert, int]:
         """Merge two experts into one (lifecycle.merge_experts), save, swap in; the merged expert and the generation."""
 
         def check(router: Router) -> None:

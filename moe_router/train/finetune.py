@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Sequence
+from typing import Any
 
+import lightning as L
 import numpy as np
 import torch
-import lightning as L
 
 from moe_router.data.targets import make_targets
 from moe_router.index.exact import neighbour_counts, neighbours_excluding_rows, stacked
@@ -68,14 +69,18 @@ def _replay_count(cfg: FineTuneConfig, n: int) -> int:
     return max(int(round(cfg.replay * n)), cfg.min_replay)
 
 
-def _stored_pairs(router: Router, rows: np.ndarray, xb: np.ndarray, owner: np.ndarray, cfg: FineTuneConfig) -> tuple[np.ndarray, np.ndarray]:
+def _stored_pairs(
+    router: Router, rows: np.ndarray, xb: np.ndarray, owner: np.ndarray, cfg: FineTuneConfig
+) -> tuple[np.ndarray, np.ndarray]:
     """Stored vectors as pseudo-queries with the full training's targets (expert label / neighbour shares)."""
     if len(rows) == 0:
         return np.empty((0, router.dim), np.float32), np.empty((0, router.num_experts), np.float32)
     counts = None
     if cfg.targets != "label":
         k = min(cfg.neighbours, len(xb) - 1)
-        counts = neighbour_counts(neighbours_excluding_rows(xb[rows], xb, rows, k, router.metric), owner, router.num_experts)
+        counts = neighbour_counts(
+            neighbours_excluding_rows(xb[rows], xb, rows, k, router.metric), owner, router.num_experts
+        )
     return xb[rows], make_targets(cfg.targets, owner[rows], counts, router.num_experts, cfg.label_weight)
 
 
@@ -84,7 +89,9 @@ def _fit_pairs(router: Router, x: np.ndarray, target: np.ndarray, cfg: FineTuneC
     if router.gate is None:
         raise RuntimeError("fine-tuning needs a gate; the router has none (train one first)")
     if router.gate.num_experts != router.num_experts:
-        raise RuntimeError(f"the gate has {router.gate.num_experts} outputs but the router has {router.num_experts} experts")
+        raise RuntimeError(
+            f"the gate has {router.gate.num_experts} outputs but the router has {router.num_experts} experts"
+        )
     if cfg.steps < 1:
         raise ValueError(f"fine-tune steps must be >= 1, got {cfg.steps}")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -93,11 +100,27 @@ def _fit_pairs(router: Router, x: np.ndarray, target: np.ndarray, cfg: FineTuneC
     module = GateModule(gate, optimizer=partial(torch.optim.AdamW, lr=cfg.lr, weight_decay=0.01))
     x = np.ascontiguousarray(x, dtype=np.float32)
     # Validation is switched off (limit_val_batches=0); the data module still wants a validation set.
-    data = RoutingDataModule(x, np.ascontiguousarray(target, dtype=np.float32), x[:1], np.zeros(1, np.int64),
-                             np.zeros((1, router.num_experts), np.float32), batch_size=cfg.batch_size)
-    trainer = L.Trainer(max_steps=cfg.steps, max_epochs=-1, accelerator="auto", devices=1, deterministic=True, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0)
+    data = RoutingDataModule(
+        x,
+        np.ascontiguousarray(target, dtype=np.float32),
+        x[:1],
+        np.zeros(1, np.int64),
+        np.zeros((1, router.num_experts), np.float32),
+        batch_size=cfg.batch_size,
+    )
+    trainer = L.Trainer(
+        max_steps=cfg.steps,
+        max_epochs=-1,
+        accelerator="auto",
+        devices=1,
+        deterministic=True,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
     seconds = fit_quietly(trainer, module, data)
     gate.freeze_body(False)
     router.gate = module.gate.cpu().eval()
@@ -119,19 +142,29 @@ def fine_tune(router: Router, focus: Sequence[str] = (), config: FineTuneConfig 
     rows = np.concatenate([focus_rows, replay])
     x, target = _stored_pairs(router, rows, xb, owner, cfg)
     fit_seconds, steps = _fit_pairs(router, x, target, cfg)
-    return FineTuneResult(time.perf_counter() - wall, time.process_time() - cpu, fit_seconds, len(rows),
-                          len(focus_rows), len(replay), steps)
+    return FineTuneResult(
+        time.perf_counter() - wall,
+        time.process_time() - cpu,
+        fit_seconds,
+        len(rows),
+        len(focus_rows),
+        len(replay),
+        steps,
+    )
 
 
-def fine_tune_pairs(router: Router, x: Any, target: np.ndarray, config: FineTuneConfig | None = None,
-                    replay: bool = True) -> FineTuneResult:
+def fine_tune_pairs(
+    router: Router, x: Any, target: np.ndarray, config: FineTuneConfig | None = None, replay: bool = True
+) -> FineTuneResult:
     """Fine-tune the gate on given (query vectors x (n, d), target distributions (n, E)), plus replay when asked."""
     cfg = config or FineTuneConfig()
     wall, cpu = time.perf_counter(), time.process_time()
     xq, _ = router.prepare_queries(x)
     target = np.asarray(target, dtype=np.float32)
     if target.shape != (len(xq), router.num_experts):
-        raise ValueError(f"target must have shape ({len(xq)}, {router.num_experts}) (queries, experts), got {target.shape}")
+        raise ValueError(
+            f"target must have shape ({len(xq)}, {router.num_experts}) (queries, experts), got {target.shape}"
+        )
     if not np.allclose(target.sum(1), 1.0, atol=1e-4) or (target < 0).any():
         raise ValueError("each target row must be a probability distribution over the experts (>= 0, sums to 1)")
     rx, rt = np.empty((0, router.dim), np.float32), np.empty((0, router.num_experts), np.float32)
@@ -140,8 +173,9 @@ def fine_tune_pairs(router: Router, x: Any, target: np.ndarray, config: FineTune
         rows = _replay_rows(owner, np.empty(0, np.int64), _replay_count(cfg, len(xq)), np.random.default_rng(cfg.seed))
         rx, rt = _stored_pairs(router, rows, xb, owner, cfg)
     fit_seconds, steps = _fit_pairs(router, np.concatenate([xq, rx]), np.concatenate([target, rt]), cfg)
-    return FineTuneResult(time.perf_counter() - wall, time.process_time() - cpu, fit_seconds, len(xq) + len(rx),
-                          len(xq), len(rx), steps)
+    return FineTuneResult(
+        time.perf_counter() - wall, time.process_time() - cpu, fit_seconds, len(xq) + len(rx), len(xq), len(rx), steps
+    )
 
 
 def feedback_pairs(router: Router, since: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -176,4 +210,3 @@ def fine_tune_from_feedback(router: Router, config: FineTuneConfig | None = None
 def fine_tuner(config: FineTuneConfig | None = None):
     """fine_tune bound to a config: the `fine_tune` callable that lifecycle.optimize_routing takes."""
     return lambda router, names: fine_tune(router, names, config)
-

@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
+import lightning as L
 import numpy as np
 import torch
-import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from moe_router.data.targets import Pairs, make_targets, routing_pairs, weighted_pairs
-from moe_router.index.exact import exact_counts
 from moe_router.gate.model import Gate
+from moe_router.index.exact import exact_counts
 from moe_router.routing.router import Router
 from moe_router.train.module import GateModule, RoutingDataModule, default_optimizer, fit_quietly
-
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,10 @@ def fit_router(
     target = make_targets(targets, train_gold, train_counts, router.num_experts, label_weight)
     for group in extra:
         if group.x.shape != (len(group.target), router.dim) or group.target.shape[1:] != (router.num_experts,):
-            raise ValueError(f"extra pairs must be x (n, {router.dim}) with targets (n, {router.num_experts}); "
-                             f"got {group.x.shape} and {group.target.shape}")
+            raise ValueError(
+                f"extra pairs must be x (n, {router.dim}) with targets (n, {router.num_experts}); "
+                f"got {group.x.shape} and {group.target.shape}"
+            )
     train_x, target = weighted_pairs([Pairs(train_x, target, stored_weight), *extra])
     if module is None:  # the default gate of configs/model/hybrid.yaml, prototypes from k-means
         gate = router.install_gate(Gate(router.dim, router.num_experts, prototypes_per_expert=64), seed)
@@ -95,10 +97,22 @@ def fit_router(
         # last epoch is kept: validating on a sample of the stored vectors ties across epochs and
         # "best" would be the first, barely trained one. Files go to a temporary directory.
         root = tempfile.mkdtemp(prefix="moe_router-")
-        best = [ModelCheckpoint(dirpath=root, monitor=monitor, mode="max", save_top_k=1)] if val_queries is not None else []
-        trainer = L.Trainer(max_epochs=max(20, min(200, 20_000 // max(len(train_x), 1))), accelerator="auto",
-                            devices=1, deterministic=True, logger=False, enable_checkpointing=bool(best),
-                            callbacks=best, enable_model_summary=False, default_root_dir=root)
+        best = (
+            [ModelCheckpoint(dirpath=root, monitor=monitor, mode="max", save_top_k=1)]
+            if val_queries is not None
+            else []
+        )
+        trainer = L.Trainer(
+            max_epochs=max(20, min(200, 20_000 // max(len(train_x), 1))),
+            accelerator="auto",
+            devices=1,
+            deterministic=True,
+            logger=False,
+            enable_checkpointing=bool(best),
+            callbacks=best,
+            enable_model_summary=False,
+            default_root_dir=root,
+        )
     before = _untrained(module, data) if val_queries is not None and untrained_candidate else None
     seconds = fit_quietly(trainer, module, data)
     best = _restore_best(trainer, module, monitor)
@@ -136,4 +150,3 @@ def _restore_best(trainer: L.Trainer, module: GateModule, monitor: str) -> dict[
     # Re-run validation on the restored weights so the reported numbers are the best model's.
     results = trainer.validate(module, datamodule=trainer.datamodule, verbose=False)
     return {k: float(v) for k, v in (results[0] if results else {}).items()}
-

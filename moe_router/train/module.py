@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
+import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-import lightning as L
 from torch.utils.data import DataLoader, TensorDataset
 
 from moe_router.gate.model import Gate
@@ -44,14 +44,13 @@ class GateModule(L.LightningModule):
         task = -(target * F.log_softmax(out.logits, dim=-1)).sum(dim=-1).mean()
         loss = task + out.aux_loss
         self.log("train/loss", loss, prog_bar=True)
-        self.log_dict(
-            {"train/task_loss": task, "train/balance_loss": out.balance_loss, "train/z_loss": out.z_loss}
-        )
+        self.log_dict({"train/task_loss": task, "train/balance_loss": out.balance_loss, "train/z_loss": out.z_loss})
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
-        self.log_dict(self.val_metrics(*batch), prog_bar=True, on_epoch=True, batch_size=batch[0].shape[0],
-                      sync_dist=True)
+        self.log_dict(
+            self.val_metrics(*batch), prog_bar=True, on_epoch=True, batch_size=batch[0].shape[0], sync_dist=True
+        )
 
     def val_metrics(self, x: torch.Tensor, gold: torch.Tensor, counts: torch.Tensor) -> dict[str, torch.Tensor]:
         """val/acc@1 and val/recall@10 (at top_k experts) of queries x (b, d), gold (b,), neighbour counts (b, E)."""
@@ -104,4 +103,3 @@ def fit_quietly(trainer: L.Trainer, module: GateModule, data: RoutingDataModule)
 
 def default_optimizer(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
-

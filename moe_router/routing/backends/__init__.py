@@ -25,8 +25,9 @@ def make_backend(name: str = "local", **options: Any) -> ExpertBackend:
             module = importlib.import_module("moe_router.routing.backends.ray")
         except ImportError as exc:
             if exc.name is None or exc.name == "ray" or exc.name.startswith("ray."):
-                raise ImportError(f"backend='ray' needs Ray, which is not installed here ({exc}); "
-                                  f"install it with: {RAY_INSTALL}") from exc
+                raise ImportError(
+                    f"backend='ray' needs Ray, which is not installed here ({exc}); install it with: {RAY_INSTALL}"
+                ) from exc
             raise
         return module.RayBackend(**options)
     raise ValueError(f"backend must be 'local' or 'ray', got {name!r}")

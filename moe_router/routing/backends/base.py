@@ -9,8 +9,9 @@ Dimension legend: m queries sent to one expert, d vector dim, k hits.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -25,13 +26,15 @@ class ExpertBackend(Protocol):
 
     name: str  # "local" | "ray"
 
-    def open(self, path: Path, infos: list[dict], dim: int, metric: str, files: dict[str, str],
-             digests: dict) -> list[Any]:
+    def open(
+        self, path: Path, infos: list[dict], dim: int, metric: str, files: dict[str, str], digests: dict
+    ) -> list[Any]:
         """The experts of a checkpoint (checkpoint.io.OpenExperts): `files` are checked, `digests` recorded."""
         ...
 
-    def create(self, name: str, dim: int, metric: str, specialization: str, parent: str | None,
-               xb: np.ndarray, ids: np.ndarray) -> Any:
+    def create(
+        self, name: str, dim: int, metric: str, specialization: str, parent: str | None, xb: np.ndarray, ids: np.ndarray
+    ) -> Any:
         """A new expert holding the prepared vectors xb (n, d) with global ids (n,)."""
         ...
 

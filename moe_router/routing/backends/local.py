@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -18,12 +18,14 @@ class LocalBackend:
 
     name = "local"
 
-    def open(self, path: Path, infos: list[dict], dim: int, metric: str, files: dict[str, str],
-             digests: dict) -> list[Expert]:
+    def open(
+        self, path: Path, infos: list[dict], dim: int, metric: str, files: dict[str, str], digests: dict
+    ) -> list[Expert]:
         return read_experts(path, infos, dim, metric, files, digests)
 
-    def create(self, name: str, dim: int, metric: str, specialization: str, parent: str | None,
-               xb: np.ndarray, ids: np.ndarray) -> Expert:
+    def create(
+        self, name: str, dim: int, metric: str, specialization: str, parent: str | None, xb: np.ndarray, ids: np.ndarray
+    ) -> Expert:
         expert = Expert(name, dim, metric, specialization, parent)
         expert.add(xb, ids)
         return expert

@@ -20,17 +20,18 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import faiss
 import numpy as np
 import ray
 from ray.exceptions import GetTimeoutError, RayError
 
-from moe_router.checkpoint.format import CheckpointError, read_manifest
 from moe_router.checkpoint.expert_files import read_expert
+from moe_router.checkpoint.format import CheckpointError, read_manifest
 from moe_router.index.expert import Expert, SavedCopy
 from moe_router.index.parallel import lower_blas_threshold
 from moe_router.routing.backends.base import Answer
@@ -83,8 +84,14 @@ def _read_by_content(src: FileSource) -> Expert:
         manifest = read_manifest(path)
         for info in manifest["experts"]:
             if (manifest["files"].get(info["vectors"]), manifest["files"].get(info["ids"])) == pair:
-                return read_expert(path, {**src.info, "vectors": info["vectors"], "ids": info["ids"]}, src.dim,
-                                   src.metric, manifest["files"], manifest["files"])
+                return read_expert(
+                    path,
+                    {**src.info, "vectors": info["vectors"], "ids": info["ids"]},
+                    src.dim,
+                    src.metric,
+                    manifest["files"],
+                    manifest["files"],
+                )
         raise
 
 
@@ -103,7 +110,8 @@ class ExpertGroup:
                     continue
                 try:  # always check what a restarted actor reads
                     self.experts[key] = _read_by_content(
-                        FileSource(src.path, src.info, src.dim, src.metric, src.digests, src.digests))
+                        FileSource(src.path, src.info, src.dim, src.metric, src.digests, src.digests)
+                    )
                 except CheckpointError as exc:
                     # Removed from the checkpoint since (a retired expert of this group): no router
                     # asks for it any more; the group's other experts must still come back.
@@ -127,7 +135,9 @@ class ExpertGroup:
         if what == "ids":
             return e.ids
         if what not in ("vectors", "rows", "centroid", "prototypes"):
-            raise ValueError(f"cannot read {what!r} from an expert actor; expected ids, vectors, rows, centroid or prototypes")
+            raise ValueError(
+                f"cannot read {what!r} from an expert actor; expected ids, vectors, rows, centroid or prototypes"
+            )
         return getattr(e, what)(*args)
 
     def pid(self) -> int:
@@ -138,9 +148,21 @@ class ExpertGroup:
 class RemoteExpert:
     """The router's handle on an expert held by Ray actors (its replicas); behaves like index.expert.Expert."""
 
-    def __init__(self, name: str, dim: int, metric: str, specialization: str, parent: str | None, ntotal: int,
-                 max_id: int, saved: SavedCopy | None, replicas: list[Any], pinned: Any, group: int,
-                 timeout_s: float) -> None:
+    def __init__(
+        self,
+        name: str,
+        dim: int,
+        metric: str,
+        specialization: str,
+        parent: str | None,
+        ntotal: int,
+        max_id: int,
+        saved: SavedCopy | None,
+        replicas: list[Any],
+        pinned: Any,
+        group: int,
+        timeout_s: float,
+    ) -> None:
         self.name, self.dim, self.metric = name, dim, metric
         self.specialization, self.parent = specialization, parent
         self.ntotal, self.max_id = ntotal, max_id
@@ -162,7 +184,9 @@ class RemoteExpert:
         turn = self.turn()
         for attempt in range(len(self.replicas)):
             try:  # whole vectors may be large: more time than a search
-                return ray.get(self.replica(turn, attempt).read.remote(self.name, what, *args), timeout=self.timeout_s * 10)
+                return ray.get(
+                    self.replica(turn, attempt).read.remote(self.name, what, *args), timeout=self.timeout_s * 10
+                )
             except (RayError, GetTimeoutError) as exc:
                 last = exc
         raise ExpertUnavailable(f"expert {self.name!r}: no replica answered ({last})")
@@ -190,8 +214,10 @@ class RemoteExpert:
         return answer
 
     def add(self, xb: np.ndarray, ids: np.ndarray) -> None:
-        raise TypeError(f"expert {self.name!r} lives in a Ray actor and is never changed in place; "
-                        f"lifecycle operations create a new expert instead")
+        raise TypeError(
+            f"expert {self.name!r} lives in a Ray actor and is never changed in place; "
+            f"lifecycle operations create a new expert instead"
+        )
 
     remove_ids = add
 
@@ -212,25 +238,39 @@ class RayBackend:
 
     name = "ray"
 
-    def __init__(self, address: str | None = None, num_cpus: float = 1.0, replicas: int = 1,
-                 experts_per_actor: int = 1, max_restarts: int = 3, timeout_s: float = 2.0,
-                 start_timeout_s: float = 120.0) -> None:
+    def __init__(
+        self,
+        address: str | None = None,
+        num_cpus: float = 1.0,
+        replicas: int = 1,
+        experts_per_actor: int = 1,
+        max_restarts: int = 3,
+        timeout_s: float = 2.0,
+        start_timeout_s: float = 120.0,
+    ) -> None:
         if num_cpus < 0 or replicas < 1 or experts_per_actor < 1 or max_restarts < -1:
-            raise ValueError(f"RayBackend needs num_cpus >= 0, replicas >= 1, experts_per_actor >= 1 and "
-                             f"max_restarts >= -1 (-1: forever), got num_cpus={num_cpus}, replicas={replicas}, "
-                             f"experts_per_actor={experts_per_actor}, max_restarts={max_restarts}")
+            raise ValueError(
+                f"RayBackend needs num_cpus >= 0, replicas >= 1, experts_per_actor >= 1 and "
+                f"max_restarts >= -1 (-1: forever), got num_cpus={num_cpus}, replicas={replicas}, "
+                f"experts_per_actor={experts_per_actor}, max_restarts={max_restarts}"
+            )
         if timeout_s <= 0 or start_timeout_s <= 0:
             raise ValueError(f"timeout_s and start_timeout_s must be > 0 seconds, got {timeout_s}, {start_timeout_s}")
         if not ray.is_initialized():
             ray.init(address=address, log_to_driver=False)
         self.num_cpus, self.replicas, self.experts_per_actor = float(num_cpus), int(replicas), int(experts_per_actor)
-        self.max_restarts, self.timeout_s, self.start_timeout_s = int(max_restarts), float(timeout_s), float(start_timeout_s)
+        self.max_restarts, self.timeout_s, self.start_timeout_s = (
+            int(max_restarts),
+            float(timeout_s),
+            float(start_timeout_s),
+        )
         self.sent_bytes = 0  # query vector bytes sent to experts (the communication volume)
         self.calls = 0  # actor calls made by searches (one per actor group contacted)
         self._groups = itertools.count()  # ids of actor groups
         # A call on an actor that dies fails at once (max_task_retries=0): the search's deadline decides.
-        self._actor = ray.remote(ExpertGroup).options(num_cpus=self.num_cpus, max_restarts=self.max_restarts,
-                                                      max_task_retries=0)
+        self._actor = ray.remote(ExpertGroup).options(
+            num_cpus=self.num_cpus, max_restarts=self.max_restarts, max_task_retries=0
+        )
 
     def _start(self, groups: list[list[tuple[str, FileSource | VectorSource]]]) -> tuple[list[list[Any]], list[Any]]:
         """Start `replicas` actors per group; (their handles per group, each group's pinned sources),
@@ -238,9 +278,11 @@ class RayBackend:
         need = self.num_cpus * self.replicas * len(groups)
         have = ray.cluster_resources().get("CPU", 0.0)
         if need > have:  # a bad setting for this cluster: fail now rather than wait for resources
-            raise ValueError(f"the Ray backend needs {need:g} CPUs ({len(groups)} actors x {self.replicas} replicas x "
-                               f"num_cpus={self.num_cpus:g}) but the cluster has {have:g}; lower num_cpus, raise "
-                               f"experts_per_actor or add nodes")
+            raise ValueError(
+                f"the Ray backend needs {need:g} CPUs ({len(groups)} actors x {self.replicas} replicas x "
+                f"num_cpus={self.num_cpus:g}) but the cluster has {have:g}; lower num_cpus, raise "
+                f"experts_per_actor or add nodes"
+            )
         # Ray restarts an actor from its constructor arguments; put in the object store and held
         # by the experts' handles (RemoteExpert.pinned), they outlive the call (ray-project/ray#53727).
         pinned = [ray.put(group) for group in groups]
@@ -253,39 +295,51 @@ class RayBackend:
                 for a in row:
                     ray.kill(a, no_restart=True)
             if isinstance(exc, GetTimeoutError):
-                raise RuntimeError(f"expert actors did not start within start_timeout_s={self.start_timeout_s:g} s "
-                                   f"(waiting for resources, or reading their files)") from exc
+                raise RuntimeError(
+                    f"expert actors did not start within start_timeout_s={self.start_timeout_s:g} s "
+                    f"(waiting for resources, or reading their files)"
+                ) from exc
             text = str(exc)  # the actor's own error, as text: a bad checkpoint reads as it does locally
             marker = "CheckpointError: "
             if marker in text:
-                raise CheckpointError(text[text.rindex(marker) + len(marker):].strip().splitlines()[0]) from None
+                raise CheckpointError(text[text.rindex(marker) + len(marker) :].strip().splitlines()[0]) from None
             raise RuntimeError(f"an expert actor failed to start: {text.strip().splitlines()[-1]}") from exc
         return actors, pinned
 
-    def _handles(self, groups: list[list[tuple[str, FileSource | VectorSource]]], meta: list[list[tuple]]) -> list[RemoteExpert]:
+    def _handles(
+        self, groups: list[list[tuple[str, FileSource | VectorSource]]], meta: list[list[tuple]]
+    ) -> list[RemoteExpert]:
         actors, pinned = self._start(groups)
         described = ray.get([row[0].describe.remote() for row in actors])
         out = []
         for row, ref, group_meta, desc in zip(actors, pinned, meta, described):
             group = next(self._groups)
             for (name, dim, metric, spec, parent), (_, ntotal, max_id, saved) in zip(group_meta, desc):
-                out.append(RemoteExpert(name, dim, metric, spec, parent, ntotal, max_id, saved, row, ref, group,
-                                        self.timeout_s))
+                out.append(
+                    RemoteExpert(
+                        name, dim, metric, spec, parent, ntotal, max_id, saved, row, ref, group, self.timeout_s
+                    )
+                )
         return out
 
-    def open(self, path: Path, infos: list[dict], dim: int, metric: str, files: dict[str, str],
-             digests: dict) -> list[RemoteExpert]:
+    def open(
+        self, path: Path, infos: list[dict], dim: int, metric: str, files: dict[str, str], digests: dict
+    ) -> list[RemoteExpert]:
         where = str(Path(path).absolute())
         sources = [(str(info["name"]), FileSource(where, info, dim, metric, files, digests)) for info in infos]
         meta = [(str(i["name"]), dim, metric, str(i.get("specialization", "")), i.get("parent")) for i in infos]
         step = self.experts_per_actor
-        return self._handles([sources[a : a + step] for a in range(0, len(sources), step)],
-                             [meta[a : a + step] for a in range(0, len(meta), step)])
+        return self._handles(
+            [sources[a : a + step] for a in range(0, len(sources), step)],
+            [meta[a : a + step] for a in range(0, len(meta), step)],
+        )
 
-    def create(self, name: str, dim: int, metric: str, specialization: str, parent: str | None,
-               xb: np.ndarray, ids: np.ndarray) -> RemoteExpert:
-        src = VectorSource(name, dim, metric, specialization, parent, np.ascontiguousarray(xb, np.float32),
-                           np.asarray(ids, np.int64))
+    def create(
+        self, name: str, dim: int, metric: str, specialization: str, parent: str | None, xb: np.ndarray, ids: np.ndarray
+    ) -> RemoteExpert:
+        src = VectorSource(
+            name, dim, metric, specialization, parent, np.ascontiguousarray(xb, np.float32), np.asarray(ids, np.int64)
+        )
         return self._handles([[(name, src)]], [[(name, dim, metric, specialization, parent)]])[0]
 
     def search(self, jobs: Sequence[tuple[RemoteExpert, np.ndarray]], k: int) -> list[Answer]:
@@ -334,5 +388,7 @@ class RayBackend:
         return answers
 
     def __repr__(self) -> str:
-        return (f"RayBackend(num_cpus={self.num_cpus:g}, replicas={self.replicas}, experts_per_actor="
-                f"{self.experts_per_actor}, max_restarts={self.max_restarts}, timeout_s={self.timeout_s:g})")
+        return (
+            f"RayBackend(num_cpus={self.num_cpus:g}, replicas={self.replicas}, experts_per_actor="
+            f"{self.experts_per_actor}, max_restarts={self.max_restarts}, timeout_s={self.timeout_s:g})"
+        )
