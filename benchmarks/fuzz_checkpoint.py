@@ -169,7 +169,7 @@ def worker(warm: str | None = None) -> None:
                     outcome = (
                         "value_error" if isinstance(exc, ValueError) else f"unexpected:{type(exc).__name__}: {exc}"
                     )
-                router.store.close()
+                router.close()
             except CheckpointError:
                 outcome = "checkpoint_error"
             except ValueError:
@@ -226,6 +226,7 @@ def synthetic_checkpoint(path: Path) -> Path:
     import numpy as np
 
     from moe_router import HashingEmbedder, Router
+    from moe_router.gate import initial_gate
 
     router = Router(32, "ip", embedder=HashingEmbedder(32))
     rng = np.random.default_rng(0)
@@ -235,7 +236,7 @@ def synthetic_checkpoint(path: Path) -> Path:
             texts=[f"{name} {w} {i}" for i, w in enumerate(rng.choice(list("abcdefgh"), 16))],
             metadata=[{"i": i} for i in range(16)],
         )
-    router.init_gate(hidden_dims=[16])
+    router.set_gate(initial_gate(router.experts, hidden_dims=[16]))
     return router.save(path)
 
 

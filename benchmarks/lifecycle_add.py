@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 from lifecycle_common import CLINC, clinc, embedder, exact_top10, full_train, routing_report, trained
 
-from moe_router.data.build import router_from_dataset
 from moe_router.data.datasets import TextDataset
 from moe_router.embed.cache import default_cache_dir
 from moe_router.routing.router import Router
+from moe_router.train.build import router_from_dataset
 from moe_router.train.finetune import FineTuneConfig, fine_tune
 
 

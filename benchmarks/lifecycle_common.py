@@ -24,6 +24,7 @@ from moe_router.apps.train import resolve_monitor
 from moe_router.data.datasets import TextDataset, load_dataset
 from moe_router.embed.cache import CachedEmbedder, default_cache_dir
 from moe_router.embed.minilm import MiniLMEmbedder
+from moe_router.gate import with_prototypes
 from moe_router.index.exact import exhaustive_index
 from moe_router.metrics import accuracy_at_k, recall_at_k, top_experts
 from moe_router.routing.router import Router
@@ -63,7 +64,7 @@ def full_train(router: Router, val_texts: list[str], val_experts: list[str], see
     monitor = resolve_monitor(cfg.monitor, retrieval=False)
     wall, cpu = time.perf_counter(), time.process_time()
     L.seed_everything(seed, workers=True, verbose=False)
-    gate = router.install_gate(instantiate(cfg.model, dim=router.dim, num_experts=router.num_experts), seed)
+    gate = with_prototypes(instantiate(cfg.model, dim=router.dim, num_experts=router.num_experts), router.experts, seed)
     module = instantiate(cfg.module)(gate=gate)
     trainer = instantiate(
         cfg.trainer,
@@ -98,11 +99,12 @@ def trained(
     """Load the router cached at `path`, or build it, fully train it and cache it. (router, training time, was cached)."""
     if (path / "manifest.json").is_file():
         router = Router.load(path, cache_dir=default_cache_dir())
-        m = router.manifest["metrics"]
+        m = router.metrics
         return router, Timed(m["train_seconds"], m["train_cpu_seconds"]), True
     router = build()
     t = full_train(router, val_texts, val_experts, seed=seed)
-    router.save(path, metrics={"train_seconds": t.seconds, "train_cpu_seconds": t.cpu_seconds})
+    router.set_training_info(router.config, {"train_seconds": t.seconds, "train_cpu_seconds": t.cpu_seconds})
+    router.save(path)
     return Router.load(path, cache_dir=default_cache_dir()), t, False
 
 

@@ -25,9 +25,9 @@ import numpy as np
 from lifecycle_common import CLINC, clinc, embedder, trained
 
 from moe_router import lifecycle
-from moe_router.data.build import router_from_dataset
 from moe_router.embed.cache import default_cache_dir
 from moe_router.routing.router import Router
+from moe_router.train.build import router_from_dataset
 from moe_router.train.finetune import FineTuneConfig, fine_tune_from_feedback, fine_tune_pairs
 
 
@@ -39,8 +39,8 @@ def stream_feedback(router: Router, xq: np.ndarray, gold: np.ndarray) -> tuple[i
     """The simulated user judges the first expert shown; when it was wrong and the right one was
     shown second, the user also marks that one good. Returns (records, positive)."""
     records = positive = 0
-    for x, g, routes in zip(xq, gold, router.route(xq, top_k=2)):
-        first, second = (router.expert_index(r.expert) for r in routes)
+    for x, g, routes in zip(xq, gold, router.route(xq, top_experts=2)):
+        first, second = (router.expert_indices([r.expert])[0] for r in routes)
         router.record_feedback(x, routes[0].expert, first == g)
         records, positive = records + 1, positive + (first == g)
         if first != g and second == g:
@@ -102,7 +102,7 @@ def main() -> None:
 
     # A: a regression sends one intent to a wrong domain.
     router = Router.load(path, cache_dir=default_cache_dir())
-    router.store = router.store.in_memory_copy()  # keep the cached checkpoint's store clean
+    router = router.fork(private_store=True)  # keep the cached checkpoint's store clean
     region = np.flatnonzero(label_test == args.intent)
     if not len(region):
         raise SystemExit(f"--intent {args.intent!r} has no test queries")
@@ -112,7 +112,7 @@ def main() -> None:
     }
     bad = [r.text for r in train if r.label == args.intent]
     target = np.zeros((len(bad), router.num_experts), np.float32)
-    target[:, router.expert_index(args.wrong_domain)] = 1.0
+    target[:, router.expert_indices([args.wrong_domain])[0]] = 1.0
     # The regression: a fine-tune on those texts labelled with the wrong domain, 1:1 with replayed vectors.
     fine_tune_pairs(router, emb.encode(bad), target, FineTuneConfig(steps=args.steps, replay=1.0, seed=args.seed))
     results.append(
@@ -132,7 +132,7 @@ def main() -> None:
 
     # B: the clean router's own weakest intents (chosen on validation, measured on test).
     router = Router.load(path, cache_dir=default_cache_dir())
-    router.store = router.store.in_memory_copy()
+    router = router.fork(private_store=True)
     correct = router.gate_probs(xq_val).argmax(1) == gold_val
     per_intent = {lab: correct[label_val == lab].mean() for lab in np.unique(label_val)}
     worst = sorted(per_intent, key=per_intent.get)[: args.worst]

@@ -24,8 +24,8 @@ import numpy as np
 from lifecycle_common import CLINC, clinc, embedder, exact_top10, trained
 
 from moe_router import lifecycle
-from moe_router.data.build import router_from_dataset
 from moe_router.metrics import recall_at_k, top_experts
+from moe_router.train.build import router_from_dataset
 
 
 def main() -> None:
@@ -57,7 +57,7 @@ def main() -> None:
     )
 
     xq = emb.encode([r.text for r in test])
-    leaf_gold = np.array([leaves.expert_index(r.label) for r in test])
+    leaf_gold = np.array([leaves.expert_indices([r.label])[0] for r in test])
     parent_of = np.array([e.parent for e in leaves.experts])
     parent_gold = np.array([r.domain for r in test])
     exact = exact_top10(leaves, xq)

@@ -20,10 +20,10 @@ import torch
 from lifecycle_common import CLINC, clinc, embedder, exact_top10, trained
 
 from moe_router import lifecycle
-from moe_router.data.build import router_from_dataset
 from moe_router.embed.cache import default_cache_dir
 from moe_router.metrics import load_stats, recall_at_k, top_experts
 from moe_router.routing.router import Router
+from moe_router.train.build import router_from_dataset
 from moe_router.train.finetune import FineTuneConfig, fine_tuner
 
 
@@ -51,10 +51,10 @@ def main() -> None:
 
     for name in ("trained", "skewed"):
         router = Router.load(path, cache_dir=default_cache_dir())
-        router.store = router.store.in_memory_copy()
+        router = router.fork(private_store=True)
         if name == "skewed":
             with torch.no_grad():
-                router.gate.head.bias[router.expert_index(args.skew_expert)] += 2.0
+                router.gate.head.bias[router.expert_indices([args.skew_expert])[0]] += 2.0
         before = test_recall(router, xt)
         rep = lifecycle.optimize_routing(
             router, xv, top_experts_searched=2, fine_tune=fine_tuner(FineTuneConfig(seed=args.seed)), seed=args.seed

@@ -32,8 +32,11 @@ import numpy as np
 import ray
 
 from moe_router import Router
-from moe_router.data.synthetic import cluster_layout, clustered_router, held_out_queries
+from moe_router.data.synthetic import cluster_layout, held_out_queries
+from moe_router.gate import initial_gate
 from moe_router.routing.backends import make_backend
+from moe_router.train.build import clustered_router
+from moe_router.types import SearchParams
 
 
 def timed(router: Router, xq: np.ndarray, batch: int, top: int, k: int) -> tuple[list[float], list]:
@@ -82,7 +85,7 @@ def main() -> None:
     try:
         layout = cluster_layout(args.d, args.experts, args.seed)
         built = clustered_router(args.n, args.d, args.experts, args.seed, layout)
-        built.init_gate(hidden_dims=[], dropout=0.0)  # centroid routing
+        built.set_gate(initial_gate(built.experts, hidden_dims=[], dropout=0.0))  # centroid routing
         ckpt = built.save(tmp / "ckpt")
         del built
         local = Router.load(ckpt)
@@ -136,8 +139,10 @@ def main() -> None:
         actor, name = remote.experts[0].replicas[0], remote.experts[0].name
         rt = ms(lambda: ray.get(actor.pid.remote()), 200)  # the bare cost of contacting one actor (no search)
         parts = {  # the model's terms (docs/scaling.md): gate, one expert's search in an actor and in-process
-            "gate batch 1": ms(lambda: local.decide(xq[:1], args.top, record=False)),
-            f"gate batch {args.batch}": ms(lambda: local.decide(xq[: args.batch], args.top, record=False)),
+            "gate batch 1": ms(lambda: local.select(xq[:1], SearchParams(top_experts=args.top), record=False)),
+            f"gate batch {args.batch}": ms(
+                lambda: local.select(xq[: args.batch], SearchParams(top_experts=args.top), record=False)
+            ),
             "one expert search in its actor, 1 query": ms(
                 lambda: ray.get(actor.search_many.remote([(name, xq[:1])], args.k))
             ),

@@ -26,6 +26,7 @@ from hydra.utils import instantiate
 from moe_router.apps.train import train
 from moe_router.eval.baselines import CentroidRouter, MultiPrototypeRouter, SemanticRouterStyle
 from moe_router.gate.calibrate import fit_temperature, softmax
+from moe_router.gate.model import infer
 from moe_router.metrics import accuracy_at_k, expected_calibration_error
 from moe_router.routing.router import Router
 
@@ -61,9 +62,9 @@ def run(data: str, overrides: list[str], work: Path) -> dict:
     train_seconds = time.perf_counter() - start
     router = Router.load(summary.out)
     dataset = instantiate(cfg.data)
-    xq, _ = router.prepare_queries(dataset.queries("dev"))
-    gold = np.array([router.expert_index(s) for s in dataset.gold_sources("dev")])
-    probs, logits = router.gate_probs(xq), router.gate_logits(xq)
+    xq, _ = router.prepare(dataset.queries("dev"))
+    gold = np.array([router.expert_indices([s])[0] for s in dataset.gold_sources("dev")])
+    probs, logits = router.gate_probs(xq), infer(router.gate, xq, "logits")
     rows = {
         "gate (ours)": {
             "acc@1": accuracy_at_k(probs, gold, 1),

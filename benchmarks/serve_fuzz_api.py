@@ -47,6 +47,7 @@ def synthetic_checkpoint(path: Path, metric: str = "ip") -> Path:
     import numpy as np
 
     from moe_router import HashingEmbedder, Router
+    from moe_router.gate import initial_gate
 
     router = Router(64, metric, embedder=HashingEmbedder(64))
     rng = np.random.default_rng(0)
@@ -58,7 +59,7 @@ def synthetic_checkpoint(path: Path, metric: str = "ip") -> Path:
     }.items():
         vocab = words.split()
         router.add_expert(name, texts=[" ".join(rng.choice(vocab, 3)) + f" {i}" for i in range(30)])
-    router.init_gate(hidden_dims=[], dropout=0.0)
+    router.set_gate(initial_gate(router.experts, hidden_dims=[], dropout=0.0))
     return router.save(path)
 
 

@@ -112,6 +112,7 @@ def summarize(parts: list[dict], queries_per_call: int = 1) -> dict:
 def synthetic_checkpoint(path: Path, n: int, dim: int, experts: int, seed: int) -> Path:
     """n clustered vectors cut into `experts` experts (one cluster each) and a centroid-initialised gate."""
     from moe_router import Router
+    from moe_router.gate import initial_gate
 
     rng = np.random.default_rng(seed)
     centers = rng.standard_normal((experts, dim)).astype(np.float32)
@@ -119,7 +120,7 @@ def synthetic_checkpoint(path: Path, n: int, dim: int, experts: int, seed: int) 
     for e in range(experts):
         xb = centers[e] + 0.9 * rng.standard_normal((n // experts, dim)).astype(np.float32)  # (n/E, d)
         router.add_expert(f"shard{e:02d}", vectors=xb)
-    router.init_gate(hidden_dims=[512], dropout=0.0)
+    router.set_gate(initial_gate(router.experts, hidden_dims=[512], dropout=0.0))
     return router.save(path)
 
 

@@ -40,14 +40,17 @@ import lightning as L
 import numpy as np
 import torch
 
-from moe_router.data.synthetic import cluster_layout, clustered_router, held_out_queries
+from moe_router.checkpoint.io import save_router
+from moe_router.data.synthetic import cluster_layout, held_out_queries
 from moe_router.gate.model import Gate
 from moe_router.index.exact import exhaustive_index
 from moe_router.index.parallel import lower_blas_threshold
 from moe_router.metrics import load_stats, recall_at_k
 from moe_router.routing.router import Router
+from moe_router.train.build import clustered_router
 from moe_router.train.fit import fit_router
 from moe_router.train.module import GateModule
+from moe_router.types import SearchParams
 
 # How the exhaustive baseline is run; the fastest of them in each round is the baseline. FAISS
 # parallelises one search with OpenMP barriers per block of stored vectors, and on a busy CPU a
@@ -146,7 +149,7 @@ def batch_speed(router, flat, ids: np.ndarray, xq: np.ndarray, k: int, top: int,
     lower_blas_threshold()
 
     def routed() -> tuple[float, float, Any]:
-        t_gate, (_, experts) = timed(lambda: router.decide(xq, top, record=False))
+        t_gate, experts = timed(lambda: router.select(xq, SearchParams(top_experts=top), record=False).top)
         t_search, res = timed(lambda: router.search_experts(xq, k, experts))
         return t_gate, t_search, (experts, res)
 
@@ -201,7 +204,7 @@ def latency(router, flat, xq: np.ndarray, k: int, top: int) -> dict[str, Any]:
     times: dict[str, list[float]] = {"routed": [], "exhaustive": [], "gate": []}
     for i in range(len(xq)):
         q = xq[i : i + 1]  # (1, d)
-        t_gate, (_, experts) = timed(lambda: router.decide(q, top, record=False))
+        t_gate, experts = timed(lambda: router.select(q, SearchParams(top_experts=top), record=False).top)
         t_search, _ = timed(lambda: router.search_experts(q, k, experts))
         t_flat, _ = timed(lambda: flat.search(q, k))
         times["gate"].append(t_gate)
@@ -279,10 +282,8 @@ def save_after_add(ckpt: Path) -> dict[str, float]:
     xb = router.experts[0].vectors()  # (n/E, d) a copy, stored again under a new name
     router.add_expert("added", xb, fit_row=False)
     linked, _ = timed(lambda: router.save(ckpt))
-    for e in router.experts:
-        e.saved = None  # forget the files: every expert is written
     full_dir = ckpt.parent / f"{ckpt.name}-full"
-    written, _ = timed(lambda: router.save(full_dir))
+    written, _ = timed(lambda: save_router(router, full_dir, link=False))  # every expert written
     shutil.rmtree(full_dir, ignore_errors=True)
     return {"linked_seconds": linked, "written_seconds": written, "speedup": written / linked}
 

@@ -13,14 +13,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moe_router.checkpoint.format import CheckpointError
+from moe_router.errors import CheckpointError
 from moe_router.logs import quiet_libraries
 from moe_router.routing.router import Router
+from moe_router.types import SearchParams
 
 
-def _adaptive(args: argparse.Namespace) -> dict:
-    """route/search keyword arguments for --top-p / --max-experts (none without --top-p)."""
-    return {"top_p": args.top_p, "max_experts": args.max_experts} if args.top_p is not None else {}
+def search_params(args: argparse.Namespace) -> SearchParams:
+    """The search options of the command line as the one checked record (ValueError naming the option)."""
+    options = {"top_experts": args.top_experts, "top_p": args.top_p, "max_experts": args.max_experts}
+    if args.command == "search":
+        options.update(k=args.k, per_expert=args.per_expert, prior_weight=args.prior_weight)
+    return SearchParams(**options)
 
 
 def confidence(p: float) -> str:
@@ -32,28 +36,15 @@ def confidence(p: float) -> str:
     return f"{p:.3f}"
 
 
-def _print_routes(router: Router, queries: list[str], top_experts: int, adaptive: dict) -> None:
-    for query, routes in zip(queries, router.route(queries, top_k=top_experts, **adaptive)):
+def _print_routes(router: Router, queries: list[str], params: SearchParams) -> None:
+    for query, routes in zip(queries, router.route(queries, params)):
         print(f'\nQuery: "{query}"')
         for r in routes:
             print(f"  {r.expert:<24} confidence {confidence(r.probability)}")
 
 
-def _print_hits(
-    router: Router,
-    queries: list[str],
-    k: int,
-    top_experts: int,
-    per_expert: bool,
-    adaptive: dict,
-    prior_weight: float | None = None,
-) -> None:
-    for query, hits in zip(
-        queries,
-        router.search(
-            queries, k=k, top_experts=top_experts, per_expert=per_expert, prior_weight=prior_weight, **adaptive
-        ),
-    ):
+def _print_hits(router: Router, queries: list[str], params: SearchParams) -> None:
+    for query, hits in zip(queries, router.search(queries, params)):
         print(f'\nQuery: "{query}"')
         if hits.missing_experts:  # a Ray expert actor that did not answer: the hits are the others'
             print(f"  (no answer from {', '.join(hits.missing_experts)}: hits from the other experts only)")
@@ -115,13 +106,12 @@ def main(argv: list[str] | None = None) -> int:
             )
     args = parser.parse_args(argv)
     try:
+        params = search_params(args) if args.command != "stats" else None  # checked before anything is loaded
         router = Router.load(args.ckpt, backend=args.backend, ray_address=args.ray_address)
         if args.command == "route":
-            _print_routes(router, args.queries, args.top_experts, _adaptive(args))
+            _print_routes(router, args.queries, params)
         elif args.command == "search":
-            _print_hits(
-                router, args.queries, args.k, args.top_experts, args.per_expert, _adaptive(args), args.prior_weight
-            )
+            _print_hits(router, args.queries, params)
         else:
             _print_stats(router)
     except (CheckpointError, ValueError, KeyError, ImportError) as exc:

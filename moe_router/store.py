@@ -204,7 +204,7 @@ class MetadataStore:
         return copy
 
 
-def payloads_or_none(payloads: Sequence[dict[str, Any]] | None, n: int) -> list[dict | None]:
+def check_payloads(payloads: Sequence[dict[str, Any]] | None, n: int) -> list[dict | None]:
     """One payload per vector, each checked: a dict with str keys whose values JSON can hold (no NaN/inf)."""
     if payloads is None:
         return [None] * n

@@ -1,11 +1,95 @@
-"""The records the library hands back: routing choices, hits, array results, per-expert stats."""
+"""The library's records: what a search is asked (SearchParams), what describes an expert (ExpertSpec),
+and what comes back (routing choices, hits, array results, per-expert stats, feedback rows).
+
+A record that comes from outside is checked once, when it is built (moe_router.checks); layers pass
+the checked record on instead of re-validating its fields.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+
+from moe_router import checks
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    """How a batch of queries is routed and searched. Checked when built: a wrong type or range is a ValueError.
+
+    What depends on the router (k at most its vectors, top_experts at most its experts) is checked
+    by Router.check_params when the router uses the record.
+    """
+
+    k: int = 10  # hits per query (per searched expert with per_expert)
+    top_experts: int = 2  # experts searched per query; unused with top_p
+    top_p: float | None = None  # adaptive: the fewest experts whose calibrated probability reaches this mass
+    max_experts: int = 4  # with top_p: the most experts per query (capped at the number of experts)
+    per_expert: bool = False  # k hits from each searched expert, most probable expert first (routeQuery)
+    with_text: bool = True  # fetch each hit's stored text and metadata
+    prior_weight: float | None = None  # merge by score + w * log p(expert); None: the router's own
+    abstain: bool = False  # no experts and no hits for queries under the calibrated in-scope threshold
+
+    def __post_init__(self) -> None:
+        for name in ("k", "top_experts", "max_experts"):
+            object.__setattr__(self, name, checks.check_count(getattr(self, name), name))
+        if self.top_p is not None:
+            object.__setattr__(self, "top_p", checks.check_probability_mass(self.top_p, "top_p"))
+        for name in ("per_expert", "with_text", "abstain"):
+            object.__setattr__(self, name, checks.check_bool(getattr(self, name), name))
+        if self.prior_weight is not None:
+            w = checks.check_real(
+                self.prior_weight, "prior_weight", 0.0, expected="a finite number >= 0 (0 = merge by score alone)"
+            )
+            object.__setattr__(self, "prior_weight", w)
+
+    @classmethod
+    def of(cls, params: SearchParams | None = None, **options: Any) -> SearchParams:
+        """`params` with `options` replacing its fields (or the defaults with `options`); unknown names refused."""
+        unknown = sorted(set(options) - set(FIELDS))
+        if unknown:
+            raise ValueError(f"unknown search option {unknown[0]!r}; expected some of {list(FIELDS)}")
+        if params is None:
+            return cls(**options)
+        if not isinstance(params, SearchParams):
+            raise ValueError(f"params must be a SearchParams, got {type(params).__name__}")
+        return dataclasses.replace(params, **options) if options else params
+
+    @property
+    def adaptive(self) -> bool:
+        return self.top_p is not None
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(SearchParams))
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    """What describes an expert: its name, its specialization (default: the name) and its parent group.
+
+    Checked when built (checks.check_name and friends), wherever an expert enters: add_expert, merge,
+    split, a parent change, the HTTP API and a checkpoint being read.
+    """
+
+    name: str
+    specialization: str = ""
+    parent: str | None = None
+
+    def __post_init__(self) -> None:
+        checks.check_name(self.name)
+        spec = checks.check_specialization(self.specialization, f"specialization of expert {self.name!r}")
+        object.__setattr__(self, "specialization", spec or self.name)
+        checks.check_parent(self.parent, self.name, f"parent of expert {self.name!r}")
+
+    def with_parent(self, parent: str | None) -> ExpertSpec:
+        return dataclasses.replace(self, parent=parent)
+
+    def as_dict(self) -> Mapping[str, Any]:
+        return {"name": self.name, "specialization": self.specialization, "parent": self.parent}
 
 
 @dataclass(frozen=True)

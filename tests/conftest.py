@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from moe_router import HashingEmbedder, Router
+from moe_router.gate import initial_gate
 from tests.helpers import DIM, SIZES, VOCAB, clusters, make_router, sentence, write_jsonl
 
 
@@ -46,7 +47,9 @@ def text_router() -> Router:
     for domain in VOCAB:
         texts = [sentence(domain, rng) for _ in range(15)]
         router.add_expert(domain, texts=texts, metadata=[{"domain": domain, "i": i} for i in range(15)])
-    router.init_gate(hidden_dims=[], dropout=0.0)  # linear gate at the centroids: nearest-centroid routing
+    router.set_gate(
+        initial_gate(router.experts, hidden_dims=[], dropout=0.0)
+    )  # linear gate at the centroids: nearest-centroid routing
     return router
 
 

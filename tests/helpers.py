@@ -14,6 +14,7 @@ import torch
 
 from moe_router import Router
 from moe_router.checkpoint.format import MANIFEST, POINTER, version_dir
+from moe_router.gate import initial_gate
 
 DIM = 32  # small vectors keep every FAISS and gate call in the microseconds
 SIZES = (3, 40, 57, 80)  # expert sizes; the 3-vector expert exercises -1 padding in the merge
@@ -105,7 +106,7 @@ def make_router(metric: str = "ip", seed: int = 0, gate: bool = True) -> Router:
         )
     if gate:
         torch.manual_seed(seed)  # the gate's MLP body starts from torch's (seeded) random init
-        router.init_gate(hidden_dims=[64], dropout=0.0)
+        router.set_gate(initial_gate(router.experts, hidden_dims=[64], dropout=0.0))
     return router
 
 

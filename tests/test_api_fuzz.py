@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moe_router import HashingEmbedder, Router
+from moe_router.gate import initial_gate
 from moe_router.lifecycle.merge_split import merge_experts, split_expert
 from tests.helpers import brute_force
 
@@ -47,8 +48,8 @@ def router_digest(router: Router) -> str:
                 router.metric,
                 router.abstain_threshold,
                 [(e.name, e.specialization, e.parent) for e in router.experts],
-                router.routing_stats.counts.tolist(),
-                router.routing_stats.confidence_sums.tolist(),
+                router.parts().stats.counts.tolist(),
+                router.parts().stats.confidence_sums.tolist(),
             ]
         ).encode()
     )
@@ -59,7 +60,7 @@ def router_digest(router: Router) -> str:
         h.update(k.encode())
         h.update(v.detach().cpu().numpy().tobytes())
     for table in ("items", "feedback"):
-        h.update(repr(router.store.conn.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()).encode())
+        h.update(repr(router.parts().store.conn.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()).encode())
     return h.hexdigest()
 
 
@@ -77,9 +78,9 @@ def disk_digest(path: Path) -> dict[str, str]:
 def check_invariants(router: Router) -> None:
     ids = np.concatenate([e.ids for e in router.experts]) if router.experts else np.empty(0, np.int64)
     assert len(np.unique(ids)) == len(ids), "an id is stored twice"
-    owner = router.store.experts_of(ids.tolist())
+    owner = router.parts().store.experts_of(ids.tolist())
     assert owner == {int(i): e.name for e in router.experts for i in e.ids}, "store rows do not match the experts"
-    assert router.store.max_id() < router._next_id or not len(ids)
+    assert router.parts().store.max_id() < router.parts().next_id() or not len(ids)
     if router.gate is None or router.ntotal == 0:
         return
     xq = np.random.default_rng(router.ntotal).standard_normal((4, DIM)).astype(np.float32)
@@ -109,7 +110,7 @@ def base_router() -> Router:
             metadata=[{"i": i} for i in range(6)],
         )
     torch.manual_seed(0)
-    router.init_gate(hidden_dims=[8], dropout=0.0)
+    router.set_gate(initial_gate(router.experts, hidden_dims=[8], dropout=0.0))
     return router
 
 
@@ -173,8 +174,8 @@ def resolve(router: Router, name: Any) -> Any:
 
 
 def op_route(d) -> tuple[str, Callable, tuple[str, ...]]:
-    q, top_k = d(Vectors()), d(COUNT)
-    return "route", lambda r, ctx: r.route(q, top_k=top_k), ("top_k", "quer", "vector")
+    q, top = d(Vectors()), d(COUNT)
+    return "route", lambda r, ctx: r.route(q, top_experts=top), ("top_experts", "quer", "vector")
 
 
 def op_search(d):

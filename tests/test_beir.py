@@ -16,11 +16,12 @@ import torch
 from moe_router import Gate, Router
 from moe_router.apps.train import train
 from moe_router.data.beir import doc_text, load_beir
-from moe_router.data.build import router_from_dataset
-from moe_router.data.targets import Pairs, query_targets, weighted_pairs
 from moe_router.embed.hashing import HashingEmbedder
+from moe_router.gate import initial_gate, with_prototypes
 from moe_router.metrics import accuracy_at_k
+from moe_router.train.build import router_from_dataset
 from moe_router.train.fit import fit_router
+from moe_router.train.targets import Pairs, query_targets, weighted_pairs
 from tests.helpers import VOCAB, brute_force, write_beir
 from tests.test_training import _train_overrides, compose_config
 
@@ -156,7 +157,7 @@ def test_router_from_beir__stores_every_document_with_its_id_and_title(beir_root
     data = load_beir(beir_root)
     router = router_from_dataset(data, HashingEmbedder(dim=64, seed=0))
     assert router.expert_names == SOURCES and router.ntotal == 36
-    router.init_gate(hidden_dims=[], dropout=0.0)
+    router.set_gate(initial_gate(router.experts, hidden_dims=[], dropout=0.0))
     hits = router.search(data.queries("dev")[:4], k=5, top_experts=3)
     titles = {i: t for s in SOURCES for i, t in zip(data.docs[s].ids, data.docs[s].titles)}
     for row in hits:
@@ -194,7 +195,7 @@ def test_train_through_data_beir__never_opens_test_judgments(
     router = Router.load(tmp_path / "ckpt")
     hit = router.search("a question about oven and garlic", k=1, top_experts=1)[0]
     assert hit.metadata["_id"].startswith(hit.expert)
-    assert router.manifest["config"]["data"]["root"] == str(beir_root)
+    assert router.config["data"]["root"] == str(beir_root)
     with pytest.raises(ValueError, match="test.tsv:2: not UTF-8"):
         load_beir(beir_root).queries("test")  # the evaluation path reads them, and would see the damage
 
@@ -203,7 +204,7 @@ def test_train_through_data_beir__never_opens_test_judgments(
 
 
 def test_query_targets__gold_one_hot_mixed_with_the_sources_of_the_exhaustive_top_k(router_ip, queries) -> None:
-    xq = router_ip.prepare_queries(queries)[0]
+    xq = router_ip.prepare(queries)[0]
     gold = np.arange(len(xq)) % router_ip.num_experts
     one_hot = query_targets(router_ip, xq, gold)
     np.testing.assert_array_equal(one_hot, np.eye(router_ip.num_experts)[gold])
@@ -250,11 +251,11 @@ def test_fit_router_with_query_pairs_only__learns_where_the_queries_go_not_where
     router.add_expert("b", c[1] + 0.1 * rng.normal(size=(40, 8)).astype(np.float32))
     qa = c[2] + 0.1 * rng.normal(size=(60, 8)).astype(np.float32)  # questions for 'a'
     qb = c[3] + 0.1 * rng.normal(size=(60, 8)).astype(np.float32)
-    xq = router.prepare_queries(np.concatenate([qa, qb]))[0]
+    xq = router.prepare(np.concatenate([qa, qb]))[0]
     gold = np.repeat([0, 1], 60)
     pairs = Pairs(xq[::2], query_targets(router, xq[::2], gold[::2]), 1.0)
     val = [router.expert_names[g] for g in gold[1::2]]
-    router.install_gate(Gate(8, 2, hidden_dims=[16], dropout=0.0), seed=0)
+    router.set_gate(with_prototypes(Gate(8, 2, hidden_dims=[16], dropout=0.0), router.experts))
     fit_router(
         router,
         xq[1::2],

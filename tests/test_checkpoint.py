@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +13,8 @@ import pytest
 
 from moe_router import CheckpointError, HashingEmbedder, Router
 from moe_router.checkpoint.format import GATE_FILE, MANIFEST, STORE
-from moe_router.checkpoint.io import recover_checkpoint
+from moe_router.routing.parts import Change
 from tests.helpers import DIM, make_router, read_manifest, version_path, write_manifest
-
-FORMAT1 = Path(__file__).parent / "data" / "format1"  # written by moe_router at commit 3265d1d (format 1)
 
 
 def _hits_as_dicts(hits: list[list]) -> list[list[dict]]:
@@ -45,9 +42,10 @@ def _routes_as_lists(routes: list[list]) -> list[list]:
 
 @pytest.fixture
 def saved(text_router: Router, tmp_path: Path) -> Path:
-    text_router.expert("finance").parent = "money"
-    text_router.route(["a question about loan tax"] * 3, top_k=2)  # some stats to carry over
-    return text_router.save(tmp_path / "ckpt", config={"seed": 0}, metrics={"val/acc@1": 0.5})
+    text_router.set_parent("finance", "money")
+    text_router.route(["a question about loan tax"] * 3, top_experts=2)  # some stats to carry over
+    text_router.set_training_info({"seed": 0}, {"val/acc@1": 0.5})
+    return text_router.save(tmp_path / "ckpt")
 
 
 TEXT_QUERIES = ["a question about stock bond", "a question about comet orbit", "oven garlic and tax"]
@@ -65,8 +63,8 @@ def hits(rows):
               "metadata": h.metadata, "specialization": h.specialization, "parent": h.parent} for h in row]
             for row in rows]
 out = {
-    "probs": router.gate_probs(router.prepare_queries(xq)[0]).tolist(),
-    "routes": [[[r.expert, r.probability, r.weight] for r in row] for row in router.route(texts, top_k=3)],
+    "probs": router.gate_probs(router.prepare(xq)[0]).tolist(),
+    "routes": [[[r.expert, r.probability, r.weight] for r in row] for row in router.route(texts, top_experts=3)],
     "hits": hits(router.search(xq, k=5, top_experts=2)),
     "text_hits": hits(router.search(texts, k=4, top_experts=1)),
 }
@@ -89,8 +87,8 @@ def test_checkpoint_in_fresh_process__routes_and_searches_exactly_like_the_origi
     assert proc.returncode == 0, proc.stderr[-3000:]
     fresh = json.loads(proc.stdout.strip().splitlines()[-1])
     # JSON round-trips Python floats exactly, so these comparisons are bit-for-bit.
-    assert fresh["probs"] == text_router.gate_probs(text_router.prepare_queries(xq)[0]).tolist()
-    assert fresh["routes"] == _routes_as_lists(text_router.route(TEXT_QUERIES, top_k=3))
+    assert fresh["probs"] == text_router.gate_probs(text_router.prepare(xq)[0]).tolist()
+    assert fresh["routes"] == _routes_as_lists(text_router.route(TEXT_QUERIES, top_experts=3))
     assert fresh["hits"] == _hits_as_dicts(text_router.search(xq, k=5, top_experts=2))
     text_hits = _hits_as_dicts(text_router.search(TEXT_QUERIES, k=4, top_experts=1))
     assert fresh["text_hits"] == text_hits
@@ -110,29 +108,15 @@ def test_checkpoint_in_process__round_trips_everything(text_router: Router, save
     for a, b in zip(loaded.experts, text_router.experts):
         np.testing.assert_array_equal(a.vectors(), b.vectors())
         np.testing.assert_array_equal(a.ids, b.ids)
-    assert loaded.manifest["metrics"] == {"val/acc@1": 0.5} and loaded.manifest["config"] == {"seed": 0}
-    assert _routes_as_lists(loaded.route(TEXT_QUERIES, top_k=3)) == _routes_as_lists(
-        text_router.route(TEXT_QUERIES, top_k=3)
+    assert loaded.metrics == {"val/acc@1": 0.5} and loaded.config == {"seed": 0}
+    assert _routes_as_lists(loaded.route(TEXT_QUERIES, top_experts=3)) == _routes_as_lists(
+        text_router.route(TEXT_QUERIES, top_experts=3)
     )
     assert _hits_as_dicts(loaded.search(TEXT_QUERIES, k=6)) == _hits_as_dicts(text_router.search(TEXT_QUERIES, k=6))
 
 
-def test_load_after_a_format1_save_killed_between_its_renames__names_the_directory_and_renames_nothing(
-    tmp_path: Path,
-) -> None:
-    # What a format-1 save left when killed between its two renames: the live checkpoint moved
-    # aside, nothing at `ckpt`. Loading only reads: it names the directory; the server's start recovers.
-    aside = tmp_path / ".ckpt.old-deadbeef"
-    shutil.copytree(FORMAT1, aside)
-    with pytest.raises(CheckpointError, match=r"\.ckpt\.old-deadbeef beside it holds one.*rename it back"):
-        Router.load(tmp_path / "ckpt")
-    assert aside.is_dir() and not (tmp_path / "ckpt").exists()
-    assert recover_checkpoint(tmp_path / "ckpt") == aside
-    assert Router.load(tmp_path / "ckpt").expert_names == ["alpha", "beta"]
-
-
 def test_checkpoint__preserves_stats(text_router: Router, tmp_path: Path) -> None:
-    text_router.route(TEXT_QUERIES * 4, top_k=2)
+    text_router.route(TEXT_QUERIES * 4, top_experts=2)
     before = text_router.stats()
     after = Router.load(text_router.save(tmp_path / "ckpt")).stats()
     assert [(s.name, s.vectors, s.queries, s.load_share) for s in after] == [
@@ -146,7 +130,7 @@ def test_checkpoint__router_without_gate_or_embedder_round_trips(tmp_path: Path)
     loaded = Router.load(router.save(tmp_path / "ckpt"))
     assert loaded.gate is None and loaded.embedder is None and loaded.metric == "l2"
     assert loaded.ntotal == router.ntotal
-    assert loaded.store.get([0])[0] == ("doc 0-0", {"expert": 0, "row": 0})
+    assert loaded.parts().store.get([0])[0] == ("doc 0-0", {"expert": 0, "row": 0})
 
 
 def test_loaded_router__new_ids_continue_after_stored_ones(saved: Path) -> None:
@@ -189,7 +173,14 @@ def test_save_after_adding_an_expert__links_unchanged_experts_and_round_trips(sa
 def test_save__rewrites_an_expert_whose_rows_or_files_changed(saved: Path, tmp_path: Path) -> None:
     loaded = Router.load(saved)
     files = _expert_files(saved)
-    loaded.expert("cooking").remove_ids(loaded.expert("cooking").ids[:2])  # rows changed in memory
+    cooking = loaded.expert("cooking")
+
+    def fewer_rows(parts):  # rows changed in memory: a new expert without two of them
+        i = parts.position("cooking")
+        experts = (*parts.experts[:i], cooking.without_ids(cooking.ids[:2]), *parts.experts[i + 1 :])
+        return Change(parts.replace(experts=experts))
+
+    loaded.update(fewer_rows)
     finance = next(e for e in read_manifest(saved)["experts"] if e["name"] == "finance")
     _flip_bytes(version_path(saved) / finance["vectors"])  # damaged on disk after the load
     out = loaded.save(tmp_path / "next")
@@ -217,7 +208,7 @@ def test_save__refuses_to_replace_a_non_checkpoint_directory(text_router: Router
     target = tmp_path / "precious"
     target.mkdir()
     (target / "notes.txt").write_text("keep me")
-    with pytest.raises(CheckpointError, match="refusing to replace"):
+    with pytest.raises(CheckpointError, match="refusing to save into .*not a moe_router checkpoint"):
         text_router.save(target)
     assert [p.name for p in target.iterdir()] == ["notes.txt"]
     assert (target / "notes.txt").read_text() == "keep me"

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from moe_router import Router
+from moe_router.gate import initial_gate
 from tests.helpers import REPO
 
 ROWS = 2000  # vectors per expert: big enough that a load spans many file opens while saves run
@@ -31,13 +32,13 @@ from moe_router import Router
 def digest(router):
     h = hashlib.sha256()
     h.update(json.dumps([router.dim, router.metric, router.expert_names, router.abstain_threshold,
-                         router.routing_stats.counts.tolist()]).encode())
+                         router.parts().stats.counts.tolist()]).encode())
     for e in router.experts:
         h.update(e.vectors().tobytes()); h.update(e.ids.tobytes())
     for k, v in sorted((router.gate.state_dict() if router.gate is not None else {}).items()):
         h.update(k.encode()); h.update(v.detach().cpu().numpy().tobytes())
     for table in ("items", "feedback"):
-        h.update(repr(router.store.conn.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()).encode())
+        h.update(repr(router.parts().store.conn.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()).encode())
     return h.hexdigest()
 
 def wait_for(path):
@@ -106,7 +107,7 @@ def two_versions(tmp_path: Path, rows: int) -> tuple[Path, Path]:
                 texts=[f"{name}{e}{i}" for i in range(rows)],
                 metadata=[{"v": name}] * rows,
             )
-        router.init_gate(hidden_dims=[8], dropout=0.0)
+        router.set_gate(initial_gate(router.experts, hidden_dims=[8], dropout=0.0))
         router.record_feedback(rng.standard_normal(8).astype(np.float32), "a", name == "A")
         router.abstain_threshold = 0.25 if name == "A" else 0.75
         out.append(router.save(tmp_path / name))

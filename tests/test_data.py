@@ -10,8 +10,8 @@ import pytest
 
 from moe_router.data.datasets import Record, VectorDataset, carve_validation, demo_path, load_dataset, load_jsonl
 from moe_router.data.synthetic import synthetic_dataset
-from moe_router.data.targets import make_targets
 from moe_router.index.exact import exact_neighbours, neighbour_counts
+from moe_router.train.targets import make_targets
 from tests.helpers import REPO, VOCAB, brute_force, clusters
 
 ROW = {"text": "a question about stars", "domain": "astronomy", "label": "stars", "split": "train"}

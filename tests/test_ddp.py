@@ -45,8 +45,8 @@ def _train(tmp_path: Path, name: str, *overrides: str) -> tuple[subprocess.Compl
 
 def _test_acc1(router: Router) -> float:
     data = load_dataset()  # the demo corpus, as trained on
-    xq, _ = router.prepare_queries(data.texts("test"))
-    gold = np.array([router.expert_index(e) for e in (r.domain for r in data.split("test"))])
+    xq, _ = router.prepare(data.texts("test"))
+    gold = np.array([router.expert_indices([e])[0] for e in (r.domain for r in data.split("test"))])
     return accuracy_at_k(router.gate_probs(xq), gold, 1)
 
 
@@ -65,14 +65,14 @@ def test_trainer_ddp__two_cpu_processes_match_one_process_and_write_one_checkpoi
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ddp", "single"]  # no temporary leftovers
 
     one, two = Router.load(single), Router.load(ddp)
-    assert two.manifest["config"]["trainer"]["strategy"] == "ddp"
-    assert two.manifest["config"]["trainer"]["devices"] == 2
+    assert two.config["trainer"]["strategy"] == "ddp"
+    assert two.config["trainer"]["devices"] == 2
     assert two.expert_names == one.expert_names
     for key in ("val/acc@1", "val/recall@10"):
-        assert abs(two.manifest["metrics"][key] - one.manifest["metrics"][key]) <= TOLERANCE, (
+        assert abs(two.metrics[key] - one.metrics[key]) <= TOLERANCE, (
             key,
-            one.manifest["metrics"],
-            two.manifest["metrics"],
+            one.metrics,
+            two.metrics,
         )
     assert abs(_test_acc1(two) - _test_acc1(one)) <= TOLERANCE, (_test_acc1(one), _test_acc1(two))
     assert _test_acc1(two) > 0.3  # a trained gate (10 experts: chance is 0.1; measured 0.69 and 0.71), not a fresh one

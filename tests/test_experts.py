@@ -11,6 +11,7 @@ import pytest
 
 from moe_router.index.expert import Expert, sample_vectors
 from moe_router.store import MetadataStore
+from moe_router.types import ExpertSpec
 from moe_router.vectors import prepare, worst_score
 from tests.helpers import DIM, clusters, make_router
 
@@ -18,9 +19,7 @@ from tests.helpers import DIM, clusters, make_router
 def _expert(metric: str, n: int = 60, first_id: int = 1000) -> tuple[Expert, np.ndarray, np.ndarray]:
     xb = prepare(np.concatenate(clusters(3, 20, DIM, seed=3))[:n], DIM, metric)
     ids = np.arange(first_id, first_id + n, dtype=np.int64) * 7  # global ids: not row numbers
-    expert = Expert("e", DIM, metric)
-    expert.add(xb, ids)
-    return expert, xb, ids
+    return Expert.build(ExpertSpec("e"), xb, ids, metric), xb, ids
 
 
 def _flat(metric: str, xb: np.ndarray) -> faiss.Index:
@@ -53,7 +52,8 @@ def test_expert_search_k_above_ntotal__pads_with_minus_one_and_worst_score(metri
 
 
 def test_empty_expert_search__is_all_padding() -> None:
-    D, I = Expert("empty", DIM).search(np.ones((2, DIM), dtype=np.float32), 3)
+    empty = Expert.build(ExpertSpec("empty"), np.empty((0, DIM), np.float32), np.empty(0, np.int64))
+    D, I = empty.search(np.ones((2, DIM), dtype=np.float32), 3)
     assert (I == -1).all() and (D == -np.inf).all()
 
 
@@ -71,10 +71,11 @@ def test_expert_centroid__is_unit_mean_direction_for_ip() -> None:
     np.testing.assert_allclose(expert.centroid(), mean / np.linalg.norm(mean), rtol=1e-5)
 
 
-def test_expert_remove_ids__drops_exactly_those_rows() -> None:
-    expert, xb, ids = _expert("l2")
+def test_expert_without_ids__drops_exactly_those_rows_and_leaves_the_original() -> None:
+    original, xb, ids = _expert("l2")
     drop = ids[[0, 5, 59]]
-    assert expert.remove_ids([*drop, 123456789]) == 3  # an unknown id is ignored
+    expert = original.without_ids([*drop, 123456789])  # an unknown id is ignored
+    assert expert.ntotal == len(ids) - 3 and original.ntotal == len(ids) and expert.content is not original.content
     keep = ~np.isin(ids, drop)
     np.testing.assert_array_equal(expert.ids, ids[keep])
     np.testing.assert_array_equal(expert.vectors(), xb[keep])
@@ -84,12 +85,12 @@ def test_expert_remove_ids__drops_exactly_those_rows() -> None:
 
 def test_expert_add__rejects_mismatched_ids() -> None:
     with pytest.raises(ValueError, match="3 vectors but 2 ids"):
-        Expert("e", DIM).add(np.ones((3, DIM), dtype=np.float32), np.arange(2))
+        Expert.build(ExpertSpec("e"), np.ones((3, DIM), dtype=np.float32), np.arange(2))
 
 
 def test_expert__rejects_unknown_metric() -> None:
     with pytest.raises(ValueError, match="metric must be one of"):
-        Expert("e", DIM, metric="cosine")
+        Expert.build(ExpertSpec("e"), np.ones((3, DIM), dtype=np.float32), np.arange(3), metric="cosine")
 
 
 def test_metadata_store_get__returns_text_and_payload_beyond_sqlite_parameter_limit() -> None:

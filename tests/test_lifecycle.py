@@ -18,8 +18,10 @@ import torch
 from moe_router import HashingEmbedder, Router
 from moe_router import lifecycle as lc
 from moe_router.eval.plots import plot_load
+from moe_router.gate import initial_gate
 from moe_router.index.clustering import balanced_kmeans
 from moe_router.metrics import recall_at_k, top_experts
+from moe_router.routing.parts import Change
 from moe_router.routing.stats import RoutingStats
 from tests.helpers import DIM, REPO, assert_same_topk, brute_force, clusters, make_router
 
@@ -33,7 +35,9 @@ def router(request: pytest.FixtureRequest) -> Router:
 def hybrid_router() -> Router:
     r = make_router("ip", gate=False)
     torch.manual_seed(0)
-    r.init_gate(hidden_dims=[64], dropout=0.0, prototypes_per_expert=4)  # k-means prototypes; expert0 has 3
+    r.set_gate(
+        initial_gate(r.experts, hidden_dims=[64], dropout=0.0, prototypes_per_expert=4)
+    )  # k-means prototypes; expert0 has 3
     return r
 
 
@@ -44,8 +48,12 @@ def snapshot(router: Router) -> dict:
             (e.name, e.specialization, e.parent, e.ids.tolist(), e.vectors().tobytes()) for e in router.experts
         ],
         "gate": {k: v.clone() for k, v in router.gate.state_dict().items()} if router.gate is not None else None,
-        "items": router.store.conn.execute("SELECT id, expert, text, payload FROM items ORDER BY id").fetchall(),
-        "feedback": router.store.conn.execute("SELECT seq, expert, positive FROM feedback ORDER BY seq").fetchall(),
+        "items": router.parts()
+        .store.conn.execute("SELECT id, expert, text, payload FROM items ORDER BY id")
+        .fetchall(),
+        "feedback": router.parts()
+        .store.conn.execute("SELECT seq, expert, positive FROM feedback ORDER BY seq")
+        .fetchall(),
         "stats": router.stats(),
     }
 
@@ -90,16 +98,16 @@ def test_merge__searching_merged_expert_equals_searching_both(router: Router) ->
 def test_merge__keeps_ids_metadata_and_feedback_and_sums_probability(router: Router) -> None:
     a, b = router.expert("expert1"), router.expert("expert2")
     ids = np.concatenate([a.ids, b.ids])
-    meta = router.store.get(ids.tolist())
+    meta = router.parts().store.get(ids.tolist())
     fid = router.record_feedback(a.vectors()[0], "expert1", True)
     xb = np.concatenate([a.vectors(), b.vectors()])
     p_before = router.gate_probs(xb)
     merged = lc.merge_experts(router, "expert1", "expert2", name="merged")
     assert router.expert_names == ["expert0", "merged", "expert3"] and router.gate.num_experts == 3
     assert sorted(merged.ids.tolist()) == sorted(ids.tolist())
-    assert router.store.get(ids.tolist()) == meta
-    assert set(router.store.experts_of(ids).values()) == {"merged"}
-    assert [r.seq for r in router.store.feedback("merged")] == [fid]
+    assert router.parts().store.get(ids.tolist()) == meta
+    assert set(router.parts().store.experts_of(ids).values()) == {"merged"}
+    assert [r.seq for r in router.parts().store.feedback("merged")] == [fid]
     # The merged row carries (about) the two old rows' summed probability on their vectors.
     p_after = router.gate_probs(xb)
     np.testing.assert_allclose(p_after[:, 1], p_before[:, 1] + p_before[:, 2], atol=0.05)
@@ -131,7 +139,7 @@ def test_merge__bad_input_is_a_clear_error_and_changes_nothing(router_ip: Router
 def test_split__preserves_every_id_and_vector(router: Router) -> None:
     old = router.expert("expert3")
     ids, xb = old.ids.copy(), old.vectors()
-    meta = router.store.get(ids.tolist())
+    meta = router.parts().store.get(ids.tolist())
     parts = lc.split_expert(router, "expert3", 3, seed=1)
     assert [p.name for p in parts] == ["expert3/0", "expert3/1", "expert3/2"]
     assert router.expert_names == ["expert0", "expert1", "expert2", "expert3/0", "expert3/1", "expert3/2"]
@@ -140,8 +148,8 @@ def test_split__preserves_every_id_and_vector(router: Router) -> None:
     by_id = {int(i): v for p in parts for i, v in zip(p.ids, p.vectors())}
     np.testing.assert_array_equal(np.stack([by_id[int(i)] for i in ids]), xb)
     assert all(p.ntotal > 0 for p in parts) and router.gate.num_experts == 6
-    assert router.store.get(ids.tolist()) == meta
-    owners = router.store.experts_of(ids)
+    assert router.parts().store.get(ids.tolist()) == meta
+    owners = router.parts().store.experts_of(ids)
     assert all(owners[int(i)] == p.name for p in parts for i in p.ids)
 
 
@@ -174,7 +182,7 @@ def test_split__moves_feedback_to_the_nearest_part(router_ip: Router) -> None:
     xb = router_ip.expert("expert3").vectors()
     seqs = [router_ip.record_feedback(x, "expert3", True) for x in xb[:6]]
     parts = lc.split_expert(router_ip, "expert3", 2)
-    moved = {r.seq: r.expert for r in router_ip.store.feedback()}
+    moved = {r.seq: r.expert for r in router_ip.parts().store.feedback()}
     for s, x in zip(seqs, xb[:6]):
         nearest = max(parts, key=lambda p: float(p.centroid() @ x))
         assert moved[s] == nearest.name
@@ -185,7 +193,7 @@ def test_split__duplicate_vectors_still_give_non_empty_parts() -> None:
     v = np.ones((3, DIM), np.float32)
     router.add_expert("dup", v)
     router.add_expert("other", -v)
-    router.init_gate(hidden_dims=[], dropout=0.0)
+    router.set_gate(initial_gate(router.experts, hidden_dims=[], dropout=0.0))
     parts = lc.split_expert(router, "dup", 3)
     assert [p.ntotal for p in parts] == [1, 1, 1]
 
@@ -214,7 +222,7 @@ def test_failed_store_write__leaves_router_unchanged(router_ip: Router, monkeypa
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(router_ip.store, "apply_changes", broken)
+    monkeypatch.setattr(router_ip.parts().store, "apply_changes", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         lc.merge_experts(router_ip, "expert1", "expert2")
     with pytest.raises(RuntimeError, match="disk full"):
@@ -258,7 +266,7 @@ def test_auto_create_by_category__skips_small_categories() -> None:
     assert report.created == [("Frontend Expert", 6), ("Backend Expert", 5)]
     assert report.skipped == [("Go", 2)]
     assert router.expert("Backend Expert").specialization == "backend"
-    hits = router.store.get(router.expert("Backend Expert").ids.tolist())
+    hits = router.parts().store.get(router.expert("Backend Expert").ids.tolist())
     assert sorted(t for t, _ in hits.values()) == sorted(texts[6:11])
 
 
@@ -299,13 +307,13 @@ def test_remove__no_hit_ever_comes_from_the_removed_expert(router: Router) -> No
         assert all(h.expert != "expert2" and h.id not in gone_ids for h in hits)
     probs = router.gate_probs(xq)
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)  # routing renormalised over the rest
-    assert router.store.get(gone_ids) == {}
+    assert router.parts().store.get(gone_ids) == {}
 
 
 def test_add__new_expert_is_routable_at_once(router_ip: Router) -> None:
     x = clusters(5, 40, DIM, seed=11)[4]  # a fifth, unseen cluster
     router_ip.add_expert("fresh", x[:30])
-    top1 = np.array([r[0].expert for r in router_ip.route(x[30:], top_k=1)])
+    top1 = np.array([r[0].expert for r in router_ip.route(x[30:], top_experts=1)])
     assert (top1 == "fresh").mean() >= 0.5
 
 
@@ -336,16 +344,16 @@ def test_remove__unknown_expert_is_a_clear_error(router_ip: Router) -> None:
 
 
 def parented(router: Router) -> Router:
-    lc.set_parent(router, "expert0", "left")
-    lc.set_parent(router, "expert1", "left")
-    lc.set_parent(router, "expert2", "right")
-    lc.set_parent(router, "expert3", "right")
+    router.set_parent("expert0", "left")
+    router.set_parent("expert1", "left")
+    router.set_parent("expert2", "right")
+    router.set_parent("expert3", "right")
     return router
 
 
 def test_two_level__parent_probability_is_the_sum_and_leaves_stay_inside(router: Router) -> None:
     parented(router)
-    xq, _ = router.prepare_queries(probe())
+    xq, _ = router.prepare(probe())
     r = lc.route_two_level(router, xq, top_parents=1, top_children=2)
     assert r.parents == ["left", "right"]
     probs = router.gate_probs(xq)
@@ -358,7 +366,7 @@ def test_two_level__parent_probability_is_the_sum_and_leaves_stay_inside(router:
 
 
 def test_two_level__fills_rows_when_the_parent_has_too_few_children(router_ip: Router) -> None:
-    lc.set_parent(router_ip, "expert0", "solo")  # 'solo' has one child; the others are their own groups
+    router_ip.set_parent("expert0", "solo")  # 'solo' has one child; the others are their own groups
     r = lc.route_two_level(router_ip, probe(), top_parents=1, top_children=3)
     assert r.top.shape == (100, 3) and (np.sort(r.top, 1)[:, 1:] != np.sort(r.top, 1)[:, :-1]).all()
 
@@ -375,7 +383,7 @@ def test_two_level__search_hits_come_only_from_chosen_children_and_group_by_pare
     with pytest.raises(ValueError, match="top_parents must be between 1 and 2"):
         lc.route_two_level(router_ip, xq, top_parents=3)
     with pytest.raises(ValueError, match="cannot be its own parent"):
-        lc.set_parent(router_ip, "expert0", "expert0")
+        router_ip.set_parent("expert0", "expert0")
 
 
 # ---------------------------------------------------------------- feedback and recommendations
@@ -413,8 +421,8 @@ def test_feedback_of_a_removed_expert__is_kept_apart_from_a_new_expert_of_that_n
     stats = {s.expert: s for s in lc.feedback_stats(router_ip)}
     assert (stats["expert0"].total, stats["expert0"].positive) == (1, 1)
     loaded = Router.load(router_ip.save(tmp_path / "ckpt"))
-    assert len(loaded.store.feedback("expert0")) == 1
-    assert len(loaded.store.feedback("expert0", include_removed=True)) == 5  # the audit log keeps all
+    assert len(loaded.parts().store.feedback("expert0")) == 1
+    assert len(loaded.parts().store.feedback("expert0", include_removed=True)) == 5  # the audit log keeps all
 
 
 def test_recommendations__follow_the_tutorial_rules_at_their_boundaries(router_ip: Router) -> None:
@@ -433,7 +441,8 @@ def test_recommendations__follow_the_tutorial_rules_at_their_boundaries(router_i
 
 
 def test_load_report__flags_experts_over_and_under_the_average(router_ip: Router, tmp_path: Path) -> None:
-    router_ip.routing_stats = RoutingStats(np.array([50, 30, 10, 10]), np.array([25.0, 15.0, 9.0, 1.0]))  # average 25:
+    counts = RoutingStats(np.array([50, 30, 10, 10]), np.array([25.0, 15.0, 9.0, 1.0]))  # average 25:
+    router_ip.update(lambda parts: Change(parts.replace(stats=counts)))
     # 2.0x over, 1.2x fine, 0.4x under
     give(router_ip, "expert0", 1, 1)
     rep = lc.load_report(router_ip)
@@ -456,7 +465,7 @@ def test_load_report__from_queries_does_not_touch_live_stats(router_ip: Router) 
     xq = probe()
     rep = lc.load_report(router_ip, xq, top_k=2)
     assert rep.total == 2 * len(xq) and sum(r.queries for r in rep.rows) == rep.total
-    top = torch.topk(torch.from_numpy(router_ip.gate_probs(router_ip.prepare_queries(xq)[0])), 2, dim=1).indices
+    top = torch.topk(torch.from_numpy(router_ip.gate_probs(router_ip.prepare(xq)[0])), 2, dim=1).indices
     assert [r.queries for r in rep.rows] == np.bincount(top.numpy().ravel(), minlength=4).tolist()
     assert all(s.queries == 0 for s in router_ip.stats())
 
@@ -466,7 +475,7 @@ def test_load_report__from_queries_does_not_touch_live_stats(router_ip: Router) 
 
 def measured_recall(router: Router, xq: np.ndarray, t: int, k: int = 10) -> float:
     """recall@k of the router's routed search vs a brute-force exhaustive search (independent of lifecycle)."""
-    xq, _ = router.prepare_queries(xq)
+    xq, _ = router.prepare(xq)
     xb = np.concatenate([e.vectors() for e in router.experts])
     ids = np.concatenate([e.ids for e in router.experts])
     _, exact = brute_force(xq, xb, ids, k, router.metric)
@@ -484,7 +493,7 @@ def duplicated_router() -> Router:
     router.add_expert("solo1", xs[1])
     router.add_expert("solo2", xs[2])
     torch.manual_seed(0)
-    router.init_gate(hidden_dims=[], dropout=0.0)
+    router.set_gate(initial_gate(router.experts, hidden_dims=[], dropout=0.0))
     return router
 
 
@@ -545,8 +554,8 @@ def test_optimize__nothing_to_do_reports_zero(router_ip: Router) -> None:
 def lifecycle_chain(router: Router) -> Router:
     lc.merge_experts(router, "expert1", "expert2", name="merged")
     lc.split_expert(router, "expert3", 2, names=["left3", "right3"])
-    lc.set_parent(router, "left3", "three")
-    lc.set_parent(router, "right3", "three")
+    router.set_parent("left3", "three")
+    router.set_parent("right3", "three")
     give(router, "merged", 2, 1)
     return router
 

@@ -16,6 +16,8 @@ from hydra import compose, initialize_config_dir
 from moe_router import Router
 from moe_router import lifecycle as lc
 from moe_router.apps.experts import run
+from moe_router.gate import initial_gate
+from moe_router.routing import router as router_module
 from moe_router.train.finetune import FineTuneConfig, feedback_pairs, fine_tune, fine_tune_from_feedback
 from tests.helpers import CONFIGS, DIM, clusters
 
@@ -29,12 +31,12 @@ def five_clusters(prototypes: int = 0) -> tuple[Router, list[np.ndarray]]:
     for i in range(4):
         router.add_expert(f"e{i}", xs[i][:80])
     torch.manual_seed(0)
-    router.init_gate(hidden_dims=[32], dropout=0.0, prototypes_per_expert=prototypes)
+    router.set_gate(initial_gate(router.experts, hidden_dims=[32], dropout=0.0, prototypes_per_expert=prototypes))
     return router, xs
 
 
 def acc(router: Router, x: np.ndarray, expert: str) -> float:
-    return float(np.mean([r[0].expert == expert for r in router.route(x, top_k=1)]))
+    return float(np.mean([r[0].expert == expert for r in router.route(x, top_experts=1)]))
 
 
 @pytest.mark.parametrize("prototypes", [0, 4])
@@ -58,10 +60,10 @@ def test_fitted_row__failure_removes_the_new_expert_again(monkeypatch: pytest.Mo
     def broken(*args, **kwargs):
         raise RuntimeError("no memory")
 
-    monkeypatch.setattr(Router, "fit_expert_rows", broken)
+    monkeypatch.setattr(router_module, "fitted_new_rows", broken)
     with pytest.raises(RuntimeError, match="no memory"):
         router.add_expert("new", xs[4][:80])
-    assert router.expert_names == names and router.store.max_id() == 4 * 80 - 1
+    assert router.expert_names == names and router.parts().store.max_id() == 4 * 80 - 1
     assert all(torch.equal(v, gate[k]) for k, v in router.gate.state_dict().items())
 
 
@@ -82,7 +84,7 @@ def test_fine_tune__unknown_expert_or_no_gate_fails_without_change() -> None:
     with pytest.raises(KeyError, match="unknown expert 'ghost'"):
         fine_tune(router, ["ghost"], FAST)
     assert all(torch.equal(v, state[k]) for k, v in router.gate.state_dict().items())
-    router.gate = None
+    router.set_gate(None)
     with pytest.raises(RuntimeError, match="needs a gate"):
         fine_tune(router, ["e0"], FAST)
 
@@ -107,7 +109,7 @@ def test_fine_tune_from_feedback__fixes_a_misrouted_region() -> None:
         router.gate.head.weight[1] += 2.0 * router.gate.head.weight[0]
     assert acc(router, xs[0][80:], "e0") < 0.2
     others = [acc(router, xs[i][80:], f"e{i}") for i in (1, 2, 3)]
-    for x, routes in zip(xs[0][:40], router.route(xs[0][:40], top_k=2)):  # a stream of user feedback
+    for x, routes in zip(xs[0][:40], router.route(xs[0][:40], top_experts=2)):  # a stream of user feedback
         for r in routes:
             router.record_feedback(x, r.expert, r.expert == "e0")
     res = fine_tune_from_feedback(router, FineTuneConfig(steps=30, lr=1e-2, replay=1.0, min_replay=200))

@@ -54,7 +54,7 @@ def test_recall_from_counts__equals_recall_at_k_of_an_actual_routed_search(metri
     router = Router(d, metric)
     for e in range(5):  # overlapping clusters, so neighbours straddle experts
         router.add_expert(f"e{e}", rng.normal(size=d) * 0.5 + rng.normal(size=(60 + 10 * e, d)))
-    xq, _ = router.prepare_queries(rng.normal(size=(200, d)))
+    xq, _ = router.prepare(rng.normal(size=(200, d)))
     probs = rng.dirichlet(np.ones(5), size=len(xq))  # any routing decision will do
     top = top_experts(probs, t)
 

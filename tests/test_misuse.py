@@ -18,6 +18,7 @@ import torch
 
 from moe_router import Gate, HashingEmbedder, Router
 from moe_router.data.datasets import load_jsonl
+from moe_router.gate import initial_gate
 from moe_router.vectors import MAX_SQUARED_NORM, flat_index
 from tests.helpers import DIM, brute_force, make_router, read_manifest, sentence, write_jsonl
 
@@ -29,7 +30,7 @@ def text_router() -> Router:
     router = Router(TEXT_DIM, "ip", embedder=HashingEmbedder(TEXT_DIM, seed=0))
     for domain in ("astronomy", "cooking", "finance"):
         router.add_expert(domain, texts=[sentence(domain, rng) for _ in range(6)])
-    router.init_gate(hidden_dims=[], dropout=0.0)
+    router.set_gate(initial_gate(router.experts, hidden_dims=[], dropout=0.0))
     return router
 
 
@@ -192,8 +193,8 @@ def _state(router: Router) -> tuple:
     return (
         router.expert_names,
         router.ntotal,
-        router.store.max_id(),
-        len(router.store.feedback()),
+        router.parts().store.max_id(),
+        len(router.parts().store.feedback()),
         [p.detach().clone() for p in router.gate.parameters()],
     )
 
@@ -242,13 +243,13 @@ def test_l2_vectors_at_the_bound__search_finite_and_exact():
     router = Router(DIM, "l2")
     router.add_expert("big", xb[:30])
     router.add_expert("also-big", xb[30:])
-    router.init_gate(hidden_dims=[], dropout=0.0)
+    router.set_gate(initial_gate(router.experts, hidden_dims=[], dropout=0.0))
     xq = (rng.standard_normal((6, DIM)) * np.sqrt(MAX_SQUARED_NORM / DIM) * 0.5).astype(np.float32)
     hits = router.search(xq, k=5, top_experts=2, with_text=False)
     D, I = brute_force(xq, xb, np.arange(50), 5, "l2")
     assert [[h.id for h in row] for row in hits] == I.tolist()
     np.testing.assert_allclose([[h.score for h in row] for row in hits], D, rtol=1e-4)
-    assert np.isfinite([s.probability for row in router.route(xq, top_k=2) for s in row]).all()
+    assert np.isfinite([s.probability for row in router.route(xq, top_experts=2) for s in row]).all()
     with pytest.raises(ValueError, match="too large for metric 'l2'"):
         router.add_expert("over", xb[:1] * 1.01)
 
@@ -257,24 +258,24 @@ def test_huge_l2_expert__never_makes_routing_nan():
     """Before the fix an expert of values near 3e38 made every route NaN; now it is refused and routing stays finite."""
     router = make_router("l2")
     xq = np.random.default_rng(1).standard_normal((8, DIM)).astype(np.float32)
-    want = router.route(xq, top_k=2)
+    want = router.route(xq, top_experts=2)
     for values in (np.full((4, DIM), 3e38, np.float32), np.full((4, DIM), 1e19, np.float32)):
         with pytest.raises(ValueError, match="too large for metric 'l2'"):
             router.add_expert("huge", values)
-    assert router.route(xq, top_k=2) == want
+    assert router.route(xq, top_experts=2) == want
 
 
 def test_gate_overflowing_on_an_accepted_l2_expert__is_refused_and_removed():
     """Vectors inside the index bound can still overflow a prototype gate's products: the add is undone, not saved."""
     router = make_router("l2", gate=False)
-    router.init_gate(hidden_dims=[], dropout=0.0, prototypes_per_expert=2)
+    router.set_gate(initial_gate(router.experts, hidden_dims=[], dropout=0.0, prototypes_per_expert=2))
     names, xq = router.expert_names, np.random.default_rng(2).standard_normal((4, DIM)).astype(np.float32)
-    want = router.route(xq, top_k=2)
+    want = router.route(xq, top_experts=2)
     big = np.random.default_rng(3).standard_normal((6, DIM))
     big *= np.sqrt(MAX_SQUARED_NORM * 0.9) / np.linalg.norm(big, axis=1, keepdims=True)
     with pytest.raises(ValueError, match="non-finite"):
         router.add_expert("big", big.astype(np.float32))
-    assert router.expert_names == names and router.route(xq, top_k=2) == want
+    assert router.expert_names == names and router.route(xq, top_experts=2) == want
     assert not router.gate.nonfinite()
 
 

@@ -14,6 +14,7 @@ from moe_router.eval.baselines import (
     SemanticRouterStyle,
     ivf_recall,
 )
+from moe_router.gate import initial_gate
 from moe_router.gate.calibrate import choose_threshold, fit_temperature, load_floor_bias, reliability_bins, softmax
 from moe_router.index.exact import exact_neighbours, neighbour_counts
 from moe_router.metrics import assign_with_capacity, load_stats, recall_at_k, recall_from_counts, top_experts
@@ -31,7 +32,7 @@ def clustered() -> tuple[Router, np.ndarray, np.ndarray]:
         router.add_expert(f"e{i}", g[:50])
     xq = np.concatenate([g[50:] for g in groups])
     gold = np.repeat(np.arange(4), 10)
-    return router, router.prepare_queries(xq)[0], gold
+    return router, router.prepare(xq)[0], gold
 
 
 def test_prototype_logits__equal_logsumexp_over_each_experts_prototypes() -> None:
@@ -46,7 +47,8 @@ def test_prototype_logits__equal_logsumexp_over_each_experts_prototypes() -> Non
 
 def test_prototype_gate_at_init__routes_like_its_prototypes(clustered) -> None:
     router, xq, _ = clustered
-    gate = router.init_gate(hidden_dims=[8], prototypes_per_expert=4, prototype_scale=50.0)
+    gate = initial_gate(router.experts, hidden_dims=[8], prototypes_per_expert=4, prototype_scale=50.0)
+    router.set_gate(gate)
     best_proto = np.stack(
         [(xq @ gate.prototypes[gate.prototype_owner == e].detach().numpy().T).max(1) for e in range(4)], axis=1
     )
@@ -56,7 +58,7 @@ def test_prototype_gate_at_init__routes_like_its_prototypes(clustered) -> None:
 
 def test_prototype_gate__add_remove_and_round_trip(clustered, tmp_path) -> None:
     router, xq, _ = clustered
-    router.init_gate(hidden_dims=[8], prototypes_per_expert=4)
+    router.set_gate(initial_gate(router.experts, hidden_dims=[8], prototypes_per_expert=4))
     extra = clusters(1, 30, DIM, seed=9, noise=0.3)[0]
     router.add_expert("new", extra)
     gate = router.gate
@@ -65,6 +67,7 @@ def test_prototype_gate__add_remove_and_round_trip(clustered, tmp_path) -> None:
     router.save(tmp_path / "ck")
     assert np.allclose(Router.load(tmp_path / "ck").gate_probs(xq), before, atol=1e-6)
     router.remove_expert("e1")
+    gate = router.gate
     assert sorted(gate.prototype_owner.unique().tolist()) == [0, 1, 2, 3]
     assert gate.prototypes.shape[0] == 16
     router.save(tmp_path / "ck2")
@@ -153,7 +156,7 @@ def test_capacity__rejects_factors_below_one() -> None:
 
 def test_recall_from_counts__matches_a_routed_search(clustered) -> None:
     router, xq, _ = clustered
-    router.init_gate(hidden_dims=[8], prototypes_per_expert=3)
+    router.set_gate(initial_gate(router.experts, hidden_dims=[8], prototypes_per_expert=3))
     xb = np.concatenate([e.vectors() for e in router.experts])
     ids = np.concatenate([e.ids for e in router.experts])
     nbrs = exact_neighbours(xq, xb, 10)
@@ -166,19 +169,19 @@ def test_recall_from_counts__matches_a_routed_search(clustered) -> None:
 
 def test_abstain__refuses_queries_far_from_every_prototype(clustered) -> None:
     router, xq, _ = clustered
-    router.init_gate(hidden_dims=[8], prototypes_per_expert=4)
+    router.set_gate(initial_gate(router.experts, hidden_dims=[8], prototypes_per_expert=4))
     far = -np.concatenate([e.vectors() for e in router.experts]).mean(0)  # opposite to every cluster
     scores_in = router.in_scope_scores(xq)
     router.abstain_threshold = float(np.min(scores_in))
-    assert router.route(far, top_k=1, abstain=True) == []
+    assert router.route(far, top_experts=1, abstain=True) == []
     assert router.search(far, k=3, top_experts=1, abstain=True) == []
-    assert all(len(r) == 1 for r in router.route(xq, top_k=1, abstain=True))
+    assert all(len(r) == 1 for r in router.route(xq, top_experts=1, abstain=True))
     assert len(router.search(far, k=3, top_experts=1)) == 3  # abstention is opt-in
 
 
 def test_abstain_without_threshold__is_a_clear_error(clustered) -> None:
     router, xq, _ = clustered
-    router.init_gate(hidden_dims=[8])
+    router.set_gate(initial_gate(router.experts, hidden_dims=[8]))
     with pytest.raises(ValueError, match="abstain_threshold"):
         router.route(xq, abstain=True)
 

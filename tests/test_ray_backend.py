@@ -24,12 +24,15 @@ from hydra.utils import instantiate
 
 from moe_router import CheckpointError, Router
 from moe_router.cli import main as cli_main
-from moe_router.data.synthetic import cluster_layout, clustered_router, held_out_queries
+from moe_router.data.synthetic import cluster_layout, held_out_queries
+from moe_router.gate import initial_gate
 from moe_router.lifecycle.merge_split import merge_experts, split_expert
 from moe_router.routing.backends import make_backend
 from moe_router.serving import BatchConfig
 from moe_router.serving.app import create_app
 from moe_router.serving.state import RouterState
+from moe_router.train.build import clustered_router
+from moe_router.types import SearchParams
 from tests.helpers import version_path
 
 HAVE_RAY = importlib.util.find_spec("ray") is not None
@@ -41,7 +44,7 @@ D, E, N = 32, 6, 6_000  # dim, experts, stored vectors (1,000 an expert)
 def _make_checkpoint(path: Path) -> Path:
     layout = cluster_layout(D, E, seed=0)
     router = clustered_router(N, D, E, seed=0, layout=layout)
-    router.init_gate(hidden_dims=[], dropout=0.0)  # linear gate at the centroids
+    router.set_gate(initial_gate(router.experts, hidden_dims=[], dropout=0.0))  # linear gate at the centroids
     return router.save(path)
 
 
@@ -104,7 +107,7 @@ def _same_hits(a, b) -> None:
 @pytest.mark.parametrize("top", [1, 2, 3])
 def test_ray_route_and_search__equal_local_backend(ckpt: Path, ray_router: Router, xq: np.ndarray, top: int) -> None:
     local = Router.load(ckpt)
-    assert local.route(xq, top_k=top) == ray_router.route(xq, top_k=top)
+    assert local.route(xq, top_experts=top) == ray_router.route(xq, top_experts=top)
     ray_hits = ray_router.search(xq, k=10, top_experts=top)
     _same_hits(local.search(xq, k=10, top_experts=top), ray_hits)
     assert all(h.missing_experts == () for h in ray_hits)
@@ -125,8 +128,8 @@ def test_ray_router__holds_no_vectors_in_this_process(ray_router: Router, cluste
     pids = cluster.get([e.replicas[0].pid.remote() for e in ray_router.experts])
     assert os.getpid() not in pids and len(set(pids)) == E  # one actor process per expert
     assert ray_router.ntotal == N
-    with pytest.raises(TypeError, match="never changed in place"):
-        ray_router.experts[0].add(np.zeros((1, D), np.float32), np.zeros(1, np.int64))
+    moved = ray_router.experts[0].with_spec(ray_router.experts[0].spec.with_parent("group"))
+    assert moved.replicas is ray_router.experts[0].replicas and moved.parent == "group"  # no new actor
 
 
 def _oracle_generations(ckpt: Path, steps) -> list[Router]:
@@ -202,7 +205,7 @@ def test_killed_expert_actor__search_returns_the_others_names_it_and_recovers(
     local = Router.load(ckpt)
     victim = ray_router.expert("shard-04")
     old_pid = cluster.get(victim.replicas[0].pid.remote())
-    _, top = local.decide(xq, 2, record=False)  # (nq, 2) the experts each query is sent to
+    top = local.select(xq, SearchParams(top_experts=2), record=False).top  # (nq, 2) the experts each query is sent to
     chose = (top == 4).any(axis=1)
     complete = local.search(xq, k=10, top_experts=2)
     partial = _without(local, xq, 10, top, drop=4)
@@ -261,7 +264,7 @@ def test_http_search__names_missing_experts(ckpt: Path, served: RouterState, xq:
         assert cluster.get(group.pid.remote()) != old_pid
         assert [key for key, *_ in cluster.get(group.describe.remote())] == ["shard-04", "shard-05"]
         cluster.kill(group, no_restart=True)  # gone for good: shard-04 and shard-05 both go
-        _, top = local.decide(xq[:40], 2, record=False)
+        top = local.select(xq[:40], SearchParams(top_experts=2), record=False).top
         names = np.array(local.expert_names)
         reply = client.post("/search", json=body).json()
         want = [[n for n in names[row] if n in ("shard-04", "shard-05")] for row in top]
@@ -273,7 +276,7 @@ def test_backend_ray__without_ray_says_how_to_install(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     router = clustered_router(600, D, 3, seed=0)
-    router.init_gate(hidden_dims=[], dropout=0.0)
+    router.set_gate(initial_gate(router.experts, hidden_dims=[], dropout=0.0))
     path = router.save(tmp_path / "ckpt")
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails as if it were not installed
     monkeypatch.delitem(sys.modules, "moe_router.routing.backends.ray", raising=False)
@@ -291,7 +294,7 @@ def test_backend_ray__without_ray_says_how_to_install(
 def test_core_import_path__never_imports_ray(tmp_path: Path) -> None:
     """Loading, searching and changing experts with the default backend never imports Ray."""
     router = clustered_router(600, D, 3, seed=0)
-    router.init_gate(hidden_dims=[], dropout=0.0)
+    router.set_gate(initial_gate(router.experts, hidden_dims=[], dropout=0.0))
     path = router.save(tmp_path / "ckpt")
     code = (
         "import sys, numpy as np; import moe_router, moe_router.lifecycle, moe_router.serving; "
@@ -345,7 +348,7 @@ def test_cli_on_ray__stats_and_a_clear_error_when_actors_do_not_fit(
 @needs_ray
 def test_replicas__a_dead_replica_fails_over_and_a_removed_expert_retires_its_actors(cluster, tmp_path: Path) -> None:
     small = clustered_router(900, D, 3, seed=0)
-    small.init_gate(hidden_dims=[], dropout=0.0)
+    small.set_gate(initial_gate(small.experts, hidden_dims=[], dropout=0.0))
     path = small.save(tmp_path / "small")
     router = Router.load(path, backend=make_backend("ray", num_cpus=0.1, replicas=2, timeout_s=20.0))
     ours = {a._actor_id.hex() for e in router.experts for a in e.replicas}  # 3 experts x 2 replicas
@@ -376,7 +379,7 @@ def test_replicas__a_dead_replica_fails_over_and_a_removed_expert_retires_its_ac
 @needs_ray
 def test_corrupted_expert_file__ray_load_fails_like_a_local_load(cluster, tmp_path: Path) -> None:
     small = clustered_router(900, D, 3, seed=0)
-    small.init_gate(hidden_dims=[], dropout=0.0)
+    small.set_gate(initial_gate(small.experts, hidden_dims=[], dropout=0.0))
     path = small.save(tmp_path / "bad")
     with open(version_path(path) / "experts" / "0001.npy", "r+b") as f:  # flip bytes inside the vectors
         f.seek(300)

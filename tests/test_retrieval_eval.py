@@ -15,7 +15,6 @@ from moe_router import Router
 from moe_router.apps.evaluate import evaluate as evaluate_app
 from moe_router.apps.train import train
 from moe_router.data.beir import BeirDataset, load_beir
-from moe_router.data.build import router_from_dataset
 from moe_router.data.datasets import load_dataset
 from moe_router.embed.hashing import HashingEmbedder
 from moe_router.eval.adaptive import (
@@ -30,7 +29,9 @@ from moe_router.eval.baselines import KnnVoteRouter, RagRouteStyle, ReddeStyle
 from moe_router.eval.evaluate import GATE, evaluate
 from moe_router.eval.ir import ir_metrics
 from moe_router.eval.retrieval import EXHAUSTIVE, ORACLE, evaluate_retrieval
+from moe_router.gate import initial_gate
 from moe_router.metrics import recall_at_k, top_experts
+from moe_router.train.build import router_from_dataset
 from moe_router.vectors import prepare
 from tests.helpers import clusters, write_beir, write_jsonl
 from tests.test_training import _train_overrides, compose_config
@@ -43,7 +44,7 @@ def beir(tmp_path: Path) -> tuple[Router, BeirDataset]:
     """Three sources of 20 documents, a hashing embedder and a linear gate at the centroids."""
     data = load_beir(write_beir(tmp_path / "beir", docs=20, queries={"train": 4, "dev": 4, "test": 5}))
     router = router_from_dataset(data, HashingEmbedder(dim=64, seed=0))
-    router.init_gate(hidden_dims=[], dropout=0.0)
+    router.set_gate(initial_gate(router.experts, hidden_dims=[], dropout=0.0))
     return router, data
 
 
@@ -83,7 +84,7 @@ def test_exhaustive_row__equals_a_brute_force_numpy_search(beir: tuple[Router, B
 def test_oracle_row__searches_only_the_gold_source(beir: tuple[Router, BeirDataset]) -> None:
     router, data = beir
     report, _ = evaluate_retrieval(router, data, "test", baselines=[])
-    gold = np.array([router.expert_index(s) for s in data.gold_sources("test")])
+    gold = np.array([router.expert_indices([s])[0] for s in data.gold_sources("test")])
     allowed = np.eye(3, dtype=bool)[gold]  # (n, E): only the gold source
     expected = brute_force_metrics(router, data, "test", allowed)
     for m in METRICS:
@@ -91,7 +92,7 @@ def test_oracle_row__searches_only_the_gold_source(beir: tuple[Router, BeirDatas
     assert report["relevant_share@oracle"] == 1.0 and report["sources@oracle"] == 1.0
     sizes = np.array([e.ntotal for e in router.experts])
     assert report["scanned@oracle"] == pytest.approx(sizes[gold].mean() / sizes.sum())
-    xq = router.prepare_queries(data.queries("test"))[0]
+    xq = router.prepare(data.queries("test"))[0]
     _, owner, _ = prefix_search(router, xq, 10, fixed_selection(gold[:, None]))
     assert (owner == gold[:, None]).all()  # every hit comes from the query's gold source
 
@@ -109,7 +110,7 @@ def test_gate_rows__equal_brute_force_over_the_gates_sources(beir: tuple[Router,
         for m in METRICS:
             assert report[f"{m}@{setting}"] == pytest.approx(expected[m]), (setting, m)
         assert report[f"sources@{setting}"] == pytest.approx(sel.mean_experts)
-    gold = np.array([router.expert_index(s) for s in data.gold_sources("test")])
+    gold = np.array([router.expert_indices([s])[0] for s in data.gold_sources("test")])
     assert report["source_acc@1"] == pytest.approx(float((probs.argmax(1) == gold).mean()))
     assert report["relevant_share@1"] == pytest.approx(
         report["source_acc@1"]
@@ -227,7 +228,7 @@ def test_prefix_search__equals_search_experts_per_count(router_ip: Router, queri
 def test_intent_report__adaptive_rows_and_frontier_agree_with_top_k(tmp_path: Path) -> None:
     data = load_dataset(str(write_jsonl(tmp_path / "d.jsonl", train=30, val=8, test=10)))
     router = router_from_dataset(data, HashingEmbedder(dim=64, seed=0))
-    router.init_gate(hidden_dims=[], dropout=0.0)
+    router.set_gate(initial_gate(router.experts, hidden_dims=[], dropout=0.0))
     report, scores = evaluate(
         router,
         data,
@@ -243,7 +244,7 @@ def test_intent_report__adaptive_rows_and_frontier_agree_with_top_k(tmp_path: Pa
         assert by["top-1"]["quality"] == pytest.approx(report["routers"][name]["recall@10@1"]), name
         assert by["top-2"]["quality"] == pytest.approx(report["routers"][name]["recall@10@2"]), name
         assert by["top-3"]["quality"] == 1.0 and by["top-3"]["scanned"] == 1.0  # every expert = exhaustive
-    xq = router.prepare_queries(data.queries("test"))[0]
+    xq = router.prepare(data.queries("test"))[0]
     sel = top_p_selection(scores[GATE], 0.9, 3)
     exact = brute_force_ids(router, xq, 10)
     assert report["recall@10@adaptive"] == pytest.approx(recall_at_k(prefix_search(router, xq, 10, sel)[0], exact))

@@ -12,15 +12,16 @@ import torch
 from moe_router import Gate, Router
 from moe_router.apps.train import resolve_monitor, train
 from moe_router.data.beir import load_beir
-from moe_router.data.build import router_from_dataset
 from moe_router.embed.hashing import HashingEmbedder
 from moe_router.eval.adaptive import prefix_search, top_k_selection
 from moe_router.eval.evaluate import GATE
 from moe_router.eval.ir import ir_metrics
 from moe_router.eval.retrieval import DocLookup, evaluate_retrieval
+from moe_router.gate import initial_gate, with_prototypes
 from moe_router.gate.calibrate import fit_bias_temperature, fit_temperature, softmax
 from moe_router.index.exact import stacked
 from moe_router.metrics import accuracy_at_k
+from moe_router.train.build import router_from_dataset
 from moe_router.train.fit import fit_router
 from moe_router.train.module import GateModule
 from tests.helpers import brute_force, make_router, write_beir
@@ -66,7 +67,7 @@ def test_train_on_beir__installs_the_prior_correction_in_the_gate(tmp_path: Path
     cfg = compose_config("train", [*_train_overrides(tmp_path), "data=beir", f"data.root={root}"])
     train(cfg)
     router = Router.load(tmp_path / "ckpt")
-    m = router.manifest["metrics"]
+    m = router.metrics
     assert "bias_max_abs" in m and m["temperature"] == pytest.approx(float(router.gate.temperature))
     assert router.prior_weight == pytest.approx(0.1)  # prior_weight=auto on BEIR data
     cfg = compose_config(
@@ -75,7 +76,7 @@ def test_train_on_beir__installs_the_prior_correction_in_the_gate(tmp_path: Path
     )
     train(cfg)
     router = Router.load(tmp_path / "ckpt")
-    assert "bias_max_abs" not in router.manifest["metrics"] and router.prior_weight == 0.25
+    assert "bias_max_abs" not in router.metrics and router.prior_weight == 0.25
 
 
 def test_resolve_monitor__auto_picks_by_data_and_unknown_names_raise() -> None:
@@ -96,8 +97,11 @@ def test_fit_router__never_installs_a_gate_worse_on_validation_than_the_untraine
     x, _, owner = stacked(router.experts)
     pick = rng.choice(len(x), size=80, replace=False)
     xq, gold = x[pick] + 0.05 * rng.normal(size=(80, x.shape[1])).astype(np.float32), owner[pick]
-    gate = router.install_gate(Gate(router.dim, router.num_experts, hidden_dims=[16], prototypes_per_expert=8), seed=0)
-    before = accuracy_at_k(router.gate_probs(router.prepare_queries(xq)[0]), gold, 1)
+    gate = with_prototypes(
+        Gate(router.dim, router.num_experts, hidden_dims=[16], prototypes_per_expert=8), router.experts
+    )
+    router.set_gate(gate)
+    before = accuracy_at_k(router.gate_probs(router.prepare(xq)[0]), gold, 1)
     wreck = GateModule(gate, optimizer=lambda p: torch.optim.SGD(p, lr=1e4))
     result = fit_router(
         router,
@@ -114,11 +118,14 @@ def test_fit_router__never_installs_a_gate_worse_on_validation_than_the_untraine
             enable_checkpointing=False,
         ),
     )
-    after = accuracy_at_k(router.gate_probs(router.prepare_queries(xq)[0]), gold, 1)
+    after = accuracy_at_k(router.gate_probs(router.prepare(xq)[0]), gold, 1)
     assert after >= before > 0.5
     assert result.metrics.get("untrained_kept") == 1.0 and result.metrics["val/acc@1"] == pytest.approx(before)
     # Without the candidate (validation rows that are stored vectors), the wrecked gate stays.
-    gate = router.install_gate(Gate(router.dim, router.num_experts, hidden_dims=[16], prototypes_per_expert=8), seed=0)
+    gate = with_prototypes(
+        Gate(router.dim, router.num_experts, hidden_dims=[16], prototypes_per_expert=8), router.experts
+    )
+    router.set_gate(gate)
     result = fit_router(
         router,
         xq,
@@ -136,7 +143,7 @@ def test_fit_router__never_installs_a_gate_worse_on_validation_than_the_untraine
         ),
     )
     assert "untrained_kept" not in result.metrics
-    assert accuracy_at_k(router.gate_probs(router.prepare_queries(xq)[0]), gold, 1) < before
+    assert accuracy_at_k(router.gate_probs(router.prepare(xq)[0]), gold, 1) < before
 
 
 # ---------------------------------------------------------------- prior-weighted merging
@@ -145,7 +152,7 @@ def test_fit_router__never_installs_a_gate_worse_on_validation_than_the_untraine
 def test_search_experts_prior_weight__ranks_by_score_plus_weighted_log_probability() -> None:
     router = make_router()
     rng = np.random.default_rng(0)
-    xq = router.prepare_queries(rng.normal(size=(7, router.dim)).astype(np.float32))[0]
+    xq = router.prepare(rng.normal(size=(7, router.dim)).astype(np.float32))[0]
     probs = router.gate_probs(xq)
     top = np.argsort(-probs, 1)[:, :3]
     k, w = 5, 0.3
@@ -205,7 +212,7 @@ def test_holdout_folds__split_dev_into_disjoint_per_source_folds(tmp_path: Path)
 def test_gate_rows_with_prior_weight__equal_a_brute_force_fused_ranking(tmp_path: Path) -> None:
     data = load_beir(write_beir(tmp_path / "beir", docs=20, queries={"dev": 4, "test": 5}))
     router = router_from_dataset(data, HashingEmbedder(dim=64, seed=0))
-    router.init_gate(hidden_dims=[], dropout=0.0)
+    router.set_gate(initial_gate(router.experts, hidden_dims=[], dropout=0.0))
     router.prior_weight = 5.0  # large: the top source's hits first (the ranking must differ from by-score)
     report, scores = evaluate_retrieval(router, data, "test", baselines=[])
     probs = scores[GATE]
@@ -216,7 +223,7 @@ def test_gate_rows_with_prior_weight__equal_a_brute_force_fused_ranking(tmp_path
     assert report["ndcg@10@2"] == pytest.approx(ir_metrics(fused, data.qrels("test"))["ndcg@10"])
     rows, _, _ = prefix_search(
         router,
-        router.prepare_queries(data.queries("test"))[0],
+        router.prepare(data.queries("test"))[0],
         10,
         top_k_selection(probs, 2),
         probs,
@@ -229,7 +236,7 @@ def test_gate_rows_with_prior_weight__equal_a_brute_force_fused_ranking(tmp_path
 def test_evaluate_on_heldout__scores_only_the_held_out_fold(tmp_path: Path) -> None:
     data = load_beir(write_beir(tmp_path / "beir", docs=20, queries={"dev": 6}), holdout_folds=2, holdout_fold=1)
     router = router_from_dataset(data, HashingEmbedder(dim=64, seed=0))
-    router.init_gate(hidden_dims=[], dropout=0.0)
+    router.set_gate(initial_gate(router.experts, hidden_dims=[], dropout=0.0))
     report, _ = evaluate_retrieval(router, data, "heldout", baselines=["centroid"])
     assert report["split"] == "heldout" and report["queries"] == len(data.query_ids("heldout")) == 9
 

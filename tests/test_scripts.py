@@ -41,7 +41,7 @@ def test_train_then_evaluate_scripts__write_checkpoint_and_report(tmp_path: Path
     )
     assert train.returncode == 0, train.stderr[-3000:]
     assert "Trained a gate over 10 experts (400 vectors)" in train.stdout and str(ckpt) in train.stdout
-    assert Router.load(ckpt).manifest["config"]["trainer"]["max_epochs"] == 2
+    assert Router.load(ckpt).config["trainer"]["max_epochs"] == 2
 
     evaluate = _run(
         [
@@ -136,8 +136,9 @@ def test_cli_stats__lists_every_expert(saved_ckpt: Path, capsys: pytest.CaptureF
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["route", "--top-experts", "9", "query"], "top_k must be between 1 and 3"),
-        (["search", "-k", "0", "query"], "k must be between 1 and 45"),
+        (["route", "--top-experts", "9", "query"], "top_experts must be between 1 and 3"),
+        (["search", "-k", "0", "query"], "k must be an integer >= 1, got int 0"),
+        (["search", "-k", "46", "query"], "k must be between 1 and 45"),
         (["search", "--prior-weight", "-1", "query"], "prior_weight must be a finite number >= 0"),
     ],
 )

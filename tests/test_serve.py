@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from moe_router import HashingEmbedder, Router, lifecycle
 from moe_router.apps.serve import serve
+from moe_router.gate import initial_gate
 from moe_router.serving import AuthConfig, BatchConfig, Limits, Query, RouterState, create_app, run_queries
 from moe_router.serving.config import check_exposure
 
@@ -42,7 +43,7 @@ def build_checkpoint(path: Path, per_expert: int = 30) -> Path:
     for j, (name, words) in enumerate(TOPICS.items()):
         texts = topic_texts(words, per_expert, seed=j)
         router.add_expert(name, texts=texts, metadata=[{"topic": name, "i": i} for i in range(len(texts))])
-    router.init_gate(hidden_dims=[], dropout=0.0)
+    router.set_gate(initial_gate(router.experts, hidden_dims=[], dropout=0.0))
     return router.save(path)
 
 
@@ -85,7 +86,7 @@ def client(tmp_path_factory):
 def test_run_queries__batched_pass_equals_one_call_per_request(ckpt):
     router = Router.load(ckpt)
     rng = np.random.default_rng(0)
-    xq = router.prepare_queries(rng.standard_normal((6, DIM)).astype(np.float32))[0]
+    xq = router.prepare(rng.standard_normal((6, DIM)).astype(np.float32))[0]
     queries = [
         Query("search", xq=xq[:2], k=3, top_experts=2),
         Query("search", texts=["sql join index", "docker helm build"], k=7, top_experts=2),
@@ -102,7 +103,7 @@ def test_run_queries__batched_pass_equals_one_call_per_request(ckpt):
                 q.xq if q.xq is not None else q.texts, k=q.k, top_experts=q.top_experts, per_expert=q.per_expert
             )
             if q.op == "search"
-            else router.route(q.xq, top_k=q.top_experts)
+            else router.route(q.xq, top_experts=q.top_experts)
         )
         if q.op == "search":
             assert [[(h.id, h.expert) for h in row] for row in res] == [[(h.id, h.expert) for h in row] for row in want]
@@ -304,10 +305,10 @@ def test_add_and_remove_expert__persist_and_route(ckpt):
     router = Router.load(ckpt)
     assert router.expert_names == list(TOPICS)
     # the removed expert's feedback stays as an audit log, set apart from the live experts' feedback
-    assert [(r.seq, r.query, r.expert, r.positive) for r in router.store.feedback(include_removed=True)] == [
+    assert [(r.seq, r.query, r.expert, r.positive) for r in router.parts().store.feedback(include_removed=True)] == [
         (fid, texts[0], "rust", False)
     ]
-    assert router.store.feedback() == [] and router.store.feedback_counts() == {}
+    assert router.parts().store.feedback() == [] and router.parts().store.feedback_counts() == {}
 
 
 def test_merge_and_split_over_http__persist_and_equal_the_library(ckpt, tmp_path):
@@ -361,11 +362,11 @@ def test_failed_save__is_503_and_changes_nothing(ckpt, monkeypatch):
         r = c.post("/feedback", json={"text": "sql", "expert": "databases", "positive": True})
         assert r.status_code == 503 and "No space left" in r.json()["error"]
         with state.lease() as snap:
-            assert snap.router.store.feedback(include_removed=True) == []
+            assert snap.router.parts().store.feedback(include_removed=True) == []
     monkeypatch.undo()
     state.close()
     loaded = Router.load(ckpt)
-    assert loaded.expert_names == list(TOPICS) and loaded.store.feedback(include_removed=True) == []
+    assert loaded.expert_names == list(TOPICS) and loaded.parts().store.feedback(include_removed=True) == []
 
 
 def test_expert_changes__searches_see_old_or_new_set_never_a_mix(ckpt):
@@ -375,7 +376,7 @@ def test_expert_changes__searches_see_old_or_new_set_never_a_mix(ckpt):
     'rust' at an even generation, a hit whose text is not its own, or any error would be a mix.
     """
     base = Router.load(ckpt)
-    text_of = base.store.get(range(base.ntotal))
+    text_of = base.parts().store.get(range(base.ntotal))
     churn = topic_texts(CHURN_WORDS, 20, seed=7)
     probes = [text for text, _ in list(text_of.values())[::7]] + churn[:5]
     state = RouterState(ckpt)
@@ -513,7 +514,7 @@ def test_cross_origin_simple_post__changes_nothing(ckpt):
     state.close()
     assert checkpoint_bytes(ckpt) == before
     router = Router.load(ckpt)
-    assert router.expert_names == list(TOPICS) and router.store.feedback() == []
+    assert router.expert_names == list(TOPICS) and router.parts().store.feedback() == []
 
 
 def test_same_and_allowed_origins_with_json__are_served(ckpt):
@@ -533,7 +534,7 @@ def test_same_and_allowed_origins_with_json__are_served(ckpt):
         assert r.status_code == 201
         assert c.delete("/experts/rust", headers={"origin": "https://app.example:8443"}).status_code == 200
     state.close()
-    assert len(Router.load(ckpt).store.feedback()) == 12
+    assert len(Router.load(ckpt).parts().store.feedback()) == 12
 
 
 def test_origin_config__rejects_what_is_not_an_origin():
@@ -590,9 +591,11 @@ def test_search__answers_stored_payloads_the_door_now_refuses(tmp_path):
     router.add_expert("old", texts=["sql join index", "sql table schema", "docker helm"])
     router.add_expert("other", texts=["css grid layout", "css flexbox"])
     ids = [int(i) for i in router.expert("old").ids]
-    router.store.delete_expert("old")  # rewrite its rows as an older version stored them (no check at the door)
-    router.store.add(ids, "old", ["sql join index", "sql table schema", "docker helm"], [5, {"x": float("nan")}, ["s"]])
-    router.init_gate(hidden_dims=[], dropout=0.0)
+    router.parts().store.delete_expert("old")  # rewrite its rows as an older version stored them (no check at the door)
+    router.parts().store.add(
+        ids, "old", ["sql join index", "sql table schema", "docker helm"], [5, {"x": float("nan")}, ["s"]]
+    )
+    router.set_gate(initial_gate(router.experts, hidden_dims=[], dropout=0.0))
     state = RouterState(router.save(tmp_path / "ckpt"))
     with TestClient(create_app(state)) as c:
         r = c.post("/search", json={"text": "sql join", "k": 5, "top_experts": 2})
@@ -624,7 +627,7 @@ def test_l2_server__huge_vectors_are_422_never_null_probabilities(tmp_path):
     router = Router(DIM, "l2")
     for name in ("a", "b"):
         router.add_expert(name, rng.standard_normal((10, DIM)).astype(np.float32))
-    router.init_gate(hidden_dims=[], dropout=0.0)
+    router.set_gate(initial_gate(router.experts, hidden_dims=[], dropout=0.0))
     state = RouterState(router.save(tmp_path / "ckpt"))
     with TestClient(create_app(state)) as c:
         for path, body in [

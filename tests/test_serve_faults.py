@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -16,11 +15,10 @@ import numpy as np
 import pytest
 
 from moe_router import CheckpointError, HashingEmbedder, Router
-from moe_router.serving import RouterState
+from moe_router.gate import initial_gate
 from tests.helpers import read_manifest, version_path, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
-FORMAT1 = REPO / "tests" / "data" / "format1"  # written by moe_router at commit 3265d1d (format 1)
 DIM = 32
 
 
@@ -30,7 +28,7 @@ def build_checkpoint(path: Path) -> Path:
     for name in ("alpha", "beta", "gamma"):
         words = [f"{name}{i}" for i in range(8)]
         router.add_expert(name, texts=[" ".join(rng.choice(words, 3)) + f" {i}" for i in range(20)])
-    router.init_gate(hidden_dims=[16], dropout=0.0)
+    router.set_gate(initial_gate(router.experts, hidden_dims=[16], dropout=0.0))
     return router.save(path)
 
 
@@ -158,7 +156,7 @@ def test_sigkill_mid_stream__every_acknowledged_write_survives(tmp_path):
             proc.wait(30)
 
     router = Router.load(ckpt)  # loads and verifies every file
-    stored = {r.seq: (r.query, r.expert, r.positive) for r in router.store.feedback(include_removed=True)}
+    stored = {r.seq: (r.query, r.expert, r.positive) for r in router.parts().store.feedback(include_removed=True)}
     missing = {i: v for i, v in acked_feedback.items() if stored.get(i) != v}
     assert not missing, f"{len(missing)} acknowledged feedback rows lost, e.g. {list(missing.items())[:3]}"
     assert router.expert_names[:3] == ["alpha", "beta", "gamma"]
@@ -220,20 +218,6 @@ def test_load__forged_gate_width__is_a_checkpoint_error(tmp_path):
     write_manifest(ckpt, manifest)
     with pytest.raises(CheckpointError):
         Router.load(ckpt)
-
-
-def test_format1_save_killed_between_renames__is_recovered_at_start(tmp_path):
-    ckpt = tmp_path / "ckpt"
-    # What a format-1 save left when killed between its renames: the live checkpoint moved aside
-    # and the new one (never acknowledged) still under its temporary name.
-    aside = tmp_path / ".ckpt.old-deadbeef"
-    shutil.copytree(FORMAT1, aside)
-    (tmp_path / ".ckpt.tmp-0badf00d").mkdir()
-    state = RouterState(ckpt)
-    assert ckpt.is_dir() and not aside.exists()
-    with state.lease() as snap:
-        assert snap.router.expert_names == ["alpha", "beta"]
-    state.close()
 
 
 @pytest.mark.slow

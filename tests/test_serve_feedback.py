@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from moe_router import HashingEmbedder, Router
+from moe_router.gate import initial_gate
 from moe_router.serving import RouterState
 from moe_router.serving.state import PersistError
 
@@ -20,7 +21,7 @@ def ckpt(tmp_path: Path) -> Path:
     router = Router(DIM, "ip", embedder=HashingEmbedder(DIM, seed=0))
     for name in ("alpha", "beta"):
         router.add_expert(name, texts=[f"{name} topic {i}" for i in range(10)])
-    router.init_gate(hidden_dims=[8], dropout=0.0)
+    router.set_gate(initial_gate(router.experts, hidden_dims=[8], dropout=0.0))
     return router.save(tmp_path / "ckpt")
 
 
@@ -60,7 +61,7 @@ def test_concurrent_feedback__shares_saves_and_every_acknowledged_row_is_on_disk
     state.close()
     assert refused == [] and len(acked) == 80
     assert len(saves) < 80  # grouped: rows that arrived during a save shared the next one
-    stored = {r.seq: r.query for r in Router.load(ckpt).store.feedback()}
+    stored = {r.seq: r.query for r in Router.load(ckpt).parts().store.feedback()}
     assert stored == acked
 
 
@@ -81,8 +82,8 @@ def test_feedback_whose_save_fails__is_refused_and_kept_nowhere(ckpt: Path, monk
     state = RouterState(ckpt)
     acked, refused = feedback_storm(state, threads=6, each=8)
     with state.lease() as snap:
-        in_memory = {r.seq: r.query for r in snap.router.store.feedback()}
+        in_memory = {r.seq: r.query for r in snap.router.parts().store.feedback()}
     state.close()
     assert refused and acked and len(acked) + len(refused) == 48
     assert all("No space left" in m or "was not kept" in m for m in refused)
-    assert {r.seq: r.query for r in Router.load(ckpt).store.feedback()} == acked == in_memory
+    assert {r.seq: r.query for r in Router.load(ckpt).parts().store.feedback()} == acked == in_memory

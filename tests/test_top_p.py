@@ -62,14 +62,14 @@ def test_router_search_top_p_over_every_expert__equals_exact_flat_search(router,
     hits = router.search(queries, k=7, top_p=1.0, max_experts=router.num_experts, with_text=False)
     xb = np.concatenate([e.vectors() for e in router.experts])
     ids = np.concatenate([e.ids for e in router.experts])
-    D_ref, I_ref = brute_force(router.prepare_queries(queries)[0], xb, ids, 7, router.metric)
+    D_ref, I_ref = brute_force(router.prepare(queries)[0], xb, ids, 7, router.metric)
     D = np.array([[h.score for h in row] for row in hits])
     I = np.array([[h.id for h in row] for row in hits])
     assert_same_topk(D, I, D_ref, I_ref)
 
 
 def test_router_search_top_p__searches_exactly_the_selected_experts(router_ip, queries) -> None:
-    probs = router_ip.gate_probs(router_ip.prepare_queries(queries)[0])
+    probs = router_ip.gate_probs(router_ip.prepare(queries)[0])
     experts, counts = top_p_experts(probs, 0.8, 3)
     hits = router_ip.search(queries, k=router_ip.ntotal, top_p=0.8, max_experts=3, with_text=False)
     for row, chosen, c in zip(hits, experts, counts):
@@ -79,9 +79,9 @@ def test_router_search_top_p__searches_exactly_the_selected_experts(router_ip, q
     routes = router_ip.route(queries, top_p=0.8, max_experts=3)
     assert [len(r) for r in routes] == counts.tolist()
     assert all(abs(sum(s.weight for s in r) - 1.0) < 1e-5 for r in routes)
-    before = router_ip.routing_stats.counts.sum()
+    before = router_ip.parts().stats.counts.sum()
     router_ip.search(queries, k=3, top_p=0.8, max_experts=3)
-    assert router_ip.routing_stats.counts.sum() - before == counts.sum()  # padding is not counted
+    assert router_ip.parts().stats.counts.sum() - before == counts.sum()  # padding is not counted
 
 
 def test_router_top_p_bad_arguments__raise_naming_them(router_ip, queries) -> None:

@@ -17,12 +17,12 @@ from omegaconf import DictConfig
 from moe_router import Gate, Router
 from moe_router.apps.evaluate import evaluate
 from moe_router.apps.train import train
-from moe_router.data.build import router_from_dataset
-from moe_router.data.targets import routing_pairs
 from moe_router.index.exact import exact_counts
 from moe_router.metrics import accuracy_at_k, recall_from_counts, top_experts
+from moe_router.train.build import router_from_dataset
 from moe_router.train.fit import fit_router
 from moe_router.train.module import GateModule
+from moe_router.train.targets import routing_pairs
 from tests.helpers import CONFIGS, VOCAB, clusters, write_jsonl
 
 E = 4
@@ -123,12 +123,12 @@ def test_fit_router__learns_to_route_held_out_queries_far_above_chance(tmp_path:
         trainer=_cpu_trainer(tmp_path, epochs=12),
         seed=0,
     )
-    probs = router.gate_probs(router.prepare_queries(xq)[0])
+    probs = router.gate_probs(router.prepare(xq)[0])
     acc = accuracy_at_k(probs, gold, 1)
     assert acc >= 0.8  # chance is 1/4
     # The reported metrics are the installed gate's, computed the way evaluation computes them.
     assert result.metrics["val/acc@1"] == pytest.approx(acc, abs=1e-6)
-    counts = exact_counts(router.experts, router.prepare_queries(xq)[0], 10)
+    counts = exact_counts(router.experts, router.prepare(xq)[0], 10)
     assert result.metrics["val/recall@10"] == pytest.approx(recall_from_counts(top_experts(probs, 2), counts), abs=1e-6)
     assert result.epochs == 12 and result.seconds > 0
     assert not router.gate.training and router.gate.num_experts == E
@@ -175,13 +175,12 @@ def test_train_fast_dev_run_on_jsonl__writes_a_checkpoint_that_loads_and_routes(
     router = Router.load(root / "ckpt")
     assert router.expert_names == sorted(VOCAB) and router.ntotal == 36
     assert router.embedder.spec() == {"type": "hashing", "dim": 256, "seed": 0}
-    routes = router.route(["a question about comet orbit", "a question about flour"], top_k=2)
+    routes = router.route(["a question about comet orbit", "a question about flour"], top_experts=2)
     assert all(len(r) == 2 and {s.expert for s in r} <= set(VOCAB) for r in routes)
     hits = router.search("a question about loan and tax", k=3, top_experts=3)
     assert hits[0].text is not None and hits[0].metadata["domain"] == hits[0].expert
-    manifest = router.manifest
-    assert manifest["config"]["data"]["path"] == str(data)
-    assert {"val/acc@1", "val/recall@10"} <= set(manifest["metrics"])
+    assert router.config["data"]["path"] == str(data)
+    assert {"val/acc@1", "val/recall@10"} <= set(router.metrics)
     assert (root / "cache" / "embeddings.sqlite").is_file() and not (root / "env_cache").exists()
 
 
@@ -209,8 +208,8 @@ def test_evaluate_on_trained_checkpoint__reports_metrics_consistent_with_the_rou
 
     router = Router.load(root / "ckpt")
     test_rows = [json.loads(line) for line in data.read_text().splitlines() if json.loads(line)["split"] == "test"]
-    probs = router.gate_probs(router.prepare_queries([r["text"] for r in test_rows])[0])
-    gold = np.array([router.expert_index(r["domain"]) for r in test_rows])
+    probs = router.gate_probs(router.prepare([r["text"] for r in test_rows])[0])
+    gold = np.array([router.expert_indices([r["domain"]])[0] for r in test_rows])
     assert report["acc@1"] == pytest.approx(accuracy_at_k(probs, gold, 1))
     assert report["acc@2"] == pytest.approx(accuracy_at_k(probs, gold, 2))
     sizes = np.array([e.ntotal for e in router.experts])
@@ -232,9 +231,9 @@ def test_train_fast_dev_run_on_default_demo_data__checkpoint_loads_and_routes(tm
     summary = train(cfg)
     router = Router.load(summary.out)
     assert router.num_experts == summary.experts == 10 and router.ntotal == summary.vectors == 400
-    route = router.route("How do I fix an auth bug?", top_k=2)
+    route = router.route("How do I fix an auth bug?", top_experts=2)
     assert len(route) == 2 and route[0].probability >= route[1].probability
-    assert router.manifest["config"]["embedder"]["_target_"] == "moe_router.embed.HashingEmbedder"
+    assert router.config["embedder"]["_target_"] == "moe_router.embed.HashingEmbedder"
 
 
 def test_train_without_validation_rows__raises_clear_error(tmp_path: Path) -> None:
@@ -319,8 +318,8 @@ def test_train_ensemble__assembles_members_into_one_gate_that_saves_loads_and_gr
     cfg = compose_config("train", [*_train_overrides(tmp_path), "model=ensemble", "model.members=2"])
     summary = train(cfg)
     router = Router.load(summary.out)
-    assert router.gate.members == 2 and router.manifest["metrics"]["members"] == 2
+    assert router.gate.members == 2 and router.metrics["members"] == 2
     assert router.gate.prototypes_per_expert * router.num_experts <= 4096  # the members share one budget
     assert {"val/acc@1", "val/recall@10"} <= set(summary.metrics)
     router.add_expert("extra", texts=["a question about gardening roses", "a question about tulips"])
-    assert router.route("a question about tulips", top_k=1)[0].expert == "extra"
+    assert router.route("a question about tulips", top_experts=1)[0].expert == "extra"

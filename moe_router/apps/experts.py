@@ -223,8 +223,7 @@ def run(cfg: Any) -> ExpertsRun:
         )
     out = Path(cfg.out or cfg.ckpt)
     # The training config still describes how the gate was first trained; its metrics no longer apply.
-    router.save(
-        out, config=dict(router.manifest.get("config") or {}), metrics={"last_lifecycle_op": "; ".join(lines[-2:])}
-    )
+    router.set_training_info(router.config, {**router.metrics, "last_lifecycle_op": "; ".join(lines[-2:])})
+    router.save(out)
     lines.append(f"checkpoint: {out} ({router.num_experts} experts, {router.ntotal} vectors)")
     return ExpertsRun(op, lines, out, change.data)

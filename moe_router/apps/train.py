@@ -16,17 +16,18 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from moe_router.data.beir import BeirDataset
-from moe_router.data.build import router_from_dataset
 from moe_router.data.datasets import TextDataset, VectorDataset
-from moe_router.data.targets import Pairs, query_targets
 from moe_router.embed.cache import CachedEmbedder, default_cache_dir
+from moe_router.gate.init import with_prototypes
 from moe_router.gate.model import Gate
 from moe_router.index.clustering import nearest_centroid
 from moe_router.index.expert import centroids
 from moe_router.logs import quiet_libraries
 from moe_router.routing.calibrate import calibrate, validation_metrics
 from moe_router.routing.router import Router, check_prior_weight
+from moe_router.train.build import router_from_dataset
 from moe_router.train.fit import fit_router
+from moe_router.train.targets import Pairs, query_targets
 
 # prior_weight=auto on BEIR data: merged hits ranked by similarity + 0.1 * log p(source). Measured on dev
 # (docs/retrieval.md): 0.05 to 0.2 all beat 0 when 2+ sources are searched, on both benchmarks.
@@ -61,7 +62,7 @@ def train(cfg: DictConfig) -> TrainSummary:
     if cfg.partition:  # learned sharding: a query's gold expert is the shard of its nearest centroid
         val_queries = dataset.queries("val")
         gold = (
-            nearest_centroid(router.prepare_queries(val_queries)[0], centroids(router.experts), router.metric)
+            nearest_centroid(router.prepare(val_queries)[0], centroids(router.experts), router.metric)
             if len(val_queries)
             else []
         )
@@ -103,7 +104,7 @@ def train(cfg: DictConfig) -> TrainSummary:
             members=1,
             max_prototypes=cfg.model.get("max_prototypes", 4096) // members,
         )
-        gate = router.install_gate(model, cfg.seed + i)
+        gate = with_prototypes(model, router.experts, cfg.seed + i)
         if extra and cfg.targets.query_prototypes and gate.prototypes_per_expert:
             add_query_prototypes(gate, extra[0])
         trainer = instantiate(
@@ -134,7 +135,7 @@ def train(cfg: DictConfig) -> TrainSummary:
     fit = fits[0]
     metrics = {**fit.metrics, "fit_seconds": sum(f.seconds for f in fits)}
     if members > 1:
-        router.gate = Gate.assemble(gates).eval()
+        router.set_gate(Gate.assemble(gates))
         metrics.update(validation_metrics(router, val_queries, val_experts, cfg.targets.neighbours, cfg.module.top_k))
         metrics["members"] = members
     if cfg.calibrate:
@@ -146,7 +147,8 @@ def train(cfg: DictConfig) -> TrainSummary:
         else check_prior_weight(cfg.prior_weight)
     )
     if trainer.is_global_zero:
-        router.save(cfg.out, config=OmegaConf.to_container(cfg, resolve=True), metrics=metrics)
+        router.set_training_info(OmegaConf.to_container(cfg, resolve=True), metrics)
+        router.save(cfg.out)
     return TrainSummary(
         Path(cfg.out),
         router.num_experts,
@@ -184,8 +186,8 @@ def training_queries(router, dataset, targets: DictConfig) -> list[Pairs]:
     texts = dataset.queries(dataset.train_split)
     if not texts:
         return []
-    xq, _ = router.prepare_queries(texts)
-    gold = np.array([router.expert_index(s) for s in dataset.gold_sources(dataset.train_split)])
+    xq, _ = router.prepare(texts)
+    gold = router.expert_indices(dataset.gold_sources(dataset.train_split))
     target = query_targets(router, xq, gold, float(targets.query_exhaustive), int(targets.neighbours))
     return [Pairs(xq, target, float(targets.query_weight))]
 
@@ -198,8 +200,8 @@ def pseudo_query_pairs(router: Router, dataset, targets: DictConfig) -> list[Pai
     texts, sources = dataset.pseudo_queries(view)
     if not texts:
         return []
-    xq, _ = router.prepare_queries(texts)
-    gold = np.array([router.expert_index(s) for s in sources])
+    xq, _ = router.prepare(texts)
+    gold = router.expert_indices(sources)
     return [Pairs(xq, query_targets(router, xq, gold), float(targets.pseudo_weight))]
 
 

@@ -1,62 +1,67 @@
-"""Writing and reading checkpoint directories: versioned atomic save, read-only verified load.
+"""Saving and loading routers as checkpoint directories: versioned atomic save, read-only verified load.
 
-A save writes a complete new version directory under a temporary name, renames it to
-versions/NNNNNN (a name no other version has), then replaces the pointer file CURRENT atomically
-(temporary file, fsync, os.replace, fsync of the directory). A load reads CURRENT once and then
-only files of that version, which are never changed; it opens every file with O_NOFOLLOW as a
-regular file, writes nothing, renames nothing, and works on read-only storage. If a save
-collects the version being read meanwhile, the load starts again from the new pointer.
+A save writes a complete new version directory under a temporary name, checks its manifest with
+the reader's schema, renames it to versions/NNNNNN (a name no other version has), then replaces
+the pointer file CURRENT atomically (temporary file, fsync, os.replace, fsync of the directory).
+A load reads CURRENT once and then only files of that version, which are never changed; it opens
+every file with O_NOFOLLOW as a regular file, writes nothing, renames nothing, and works on
+read-only storage. If a save collects the version being read meanwhile, the load starts again.
+
+A save writes only into an empty directory or one of this project's checkpoints (a CURRENT that
+parses as our pointer), and only ever removes names it writes itself (numbered versions,
+`.tmp-*` directories, `.CURRENT.tmp-*` files): a user's files are never touched.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
-import sqlite3
 import stat
+import threading
 import time
 import uuid
-from collections.abc import Callable
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors
 
-from moe_router.checkpoint.expert_files import fingerprint, read_experts
 from moe_router.checkpoint.format import (
-    FORMAT,
-    FORMAT_VERSION,
     GATE_FILE,
-    LEGACY_VERSION,
     MANIFEST,
-    MAX_POINTER_BYTES,
     POINTER,
     STORE,
     VERSIONS,
     CheckpointError,
-    CheckpointParts,
+    ExpertEntry,
     FileMissing,
     Located,
     Manifest,
+    build_manifest,
+    current_version,
+    is_ours,
     locate,
-    lstat_inside,
-    parse_pointer,
+    parse_manifest,
     pointer_bytes,
     read_checked,
-    read_inside,
     read_located_manifest,
-    sha256_file,
     version_dir,
     version_number,
 )
+from moe_router.checkpoint.stored import StoredExpert, fingerprint
 from moe_router.embed.registry import embedder_from_spec
 from moe_router.gate.model import Gate
-from moe_router.index.expert import SavedCopy
+from moe_router.index.expert import Content
+from moe_router.routing.backends import ExpertBackend, LocalBackend
+from moe_router.routing.parts import RouterParts
+from moe_router.routing.router import Router
+from moe_router.routing.stats import RoutingStats
+from moe_router.safe_files import kind, lstat_inside, sha256_file
 from moe_router.store import MetadataStore
 
 log = logging.getLogger(__name__)
@@ -68,7 +73,35 @@ KEEP_VERSIONS = 3  # versions kept on disk: the current one and the two before i
 READ_ATTEMPTS = 50  # loads started again because saves collected the version being read, before giving up
 
 
-LEGACY_FILES = (MANIFEST, GATE_FILE, STORE, f"{STORE}-wal", f"{STORE}-shm", "experts")
+# ---------------------------------------------------------------- files known to hold an expert's rows
+
+
+@dataclass(frozen=True)
+class SavedFiles:
+    """Files that hold exactly an expert's rows, with their sha256 and stat when last checked or written."""
+
+    vectors: Path
+    ids: Path
+    vectors_sha256: str
+    ids_sha256: str
+    vectors_stat: tuple[int, int, int, int]
+    ids_stat: tuple[int, int, int, int]
+
+
+# Keyed by the rows' identity (Expert.content), not by the expert: a parent change keeps the rows and
+# their files. Weak: the entry goes when the last expert holding those rows does.
+_saved: weakref.WeakKeyDictionary[Content, SavedFiles] = weakref.WeakKeyDictionary()
+_saved_lock = threading.Lock()
+
+
+def _remember(content: Content, files: SavedFiles) -> None:
+    with _saved_lock:
+        _saved[content] = files
+
+
+def _known(content: Content) -> SavedFiles | None:
+    with _saved_lock:
+        return _saved.get(content)
 
 
 # ---------------------------------------------------------------- save
@@ -82,8 +115,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
+def _write_bytes(path: Path, data: bytes) -> None:
+    """A new file holding `data`, fsynced; its mode follows the umask, as every file of a checkpoint's does."""
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
         os.fsync(f.fileno())
 
 
@@ -94,17 +130,17 @@ def _write_npy(path: Path, arr: np.ndarray) -> None:
         os.fsync(f.fileno())
 
 
-def _unchanged(file: Path, digest: str, recorded: tuple | None, recheck: bool) -> bool:
+def _unchanged(file: Path, digest: str, recorded: tuple, recheck: bool) -> bool:
     """Whether `file` still holds what had `digest`: re-hashed, or (recheck=False) the same inode, size and mtime."""
     st = os.lstat(file)
     if not stat.S_ISREG(st.st_mode):
         return False
-    if not recheck and recorded is not None:
+    if not recheck:
         return fingerprint(st) == recorded
     return sha256_file(file) == digest
 
 
-def _link_saved(saved: SavedCopy | None, vectors: Path, ids: Path, recheck: bool) -> bool:
+def _link_saved(saved: SavedFiles | None, vectors: Path, ids: Path, recheck: bool) -> bool:
     """Hard-link an expert's saved files to `vectors` and `ids` if they still hold what was saved.
 
     Each file is re-hashed first (cheaper than writing it again, and a file damaged on disk since
@@ -129,48 +165,71 @@ def _link_saved(saved: SavedCopy | None, vectors: Path, ids: Path, recheck: bool
         return False
 
 
+def _ours_only(path: Path) -> bool:
+    """Whether a directory without a pointer holds only what a first save killed before its commit leaves."""
+    for name in os.listdir(path):
+        if name.startswith(f".{POINTER}.tmp-"):
+            continue
+        if name != VERSIONS or not stat.S_ISDIR(os.lstat(path / name).st_mode):
+            return False
+        if any(version_number(v) is None and not v.startswith(".tmp-") for v in os.listdir(path / VERSIONS)):
+            return False
+    return True
+
+
 def _prepare_root(path: Path) -> None:
-    """Make `path` ready to take a new version, refusing anything that is not a checkpoint (or empty)."""
-    if path.exists() and not path.is_dir():
-        raise CheckpointError(f"cannot save a checkpoint to {path}: it exists and is not a directory")
-    if not path.exists():
-        try:
-            path.mkdir(parents=True)
-        except FileExistsError:  # created meanwhile, or a parent is a file
-            if not path.is_dir():
-                raise CheckpointError(f"cannot save a checkpoint to {path}: a parent is not a directory") from None
-        except NotADirectoryError:
-            raise CheckpointError(f"cannot save a checkpoint to {path}: a parent is not a directory") from None
-    names = set(os.listdir(path))
-    if names and not names & {POINTER, VERSIONS, MANIFEST}:
-        raise CheckpointError(f"refusing to replace {path}: it exists, is not empty and is not a moe_router checkpoint")
+    """Make `path` ready to take a new version, refusing anything that is not empty or one of our checkpoints."""
+    for p in (path, *path.parents):
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                where = "it" if p == path else p
+                raise CheckpointError(
+                    f"save: cannot write a checkpoint directory at {path}: {where} is a file, not a directory"
+                )
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise CheckpointError(
+            f"save: cannot write a checkpoint directory at {path}: a parent is not a directory"
+        ) from None
+    if os.listdir(path) and not is_ours(path) and not _ours_only(path):
+        raise CheckpointError(
+            f"save: refusing to save into {path}: it is not empty and is not a moe_router checkpoint (no valid "
+            f"{POINTER}); choose an empty or new directory"
+        )
     st = lstat_inside(path, VERSIONS)
     if st is not None and not stat.S_ISDIR(st.st_mode):
-        raise CheckpointError(f"refusing to save into {path}: {VERSIONS} is not a directory (a link or special file)")
+        raise CheckpointError(
+            f"save: refusing to save into {path}: {VERSIONS} is a {kind(st.st_mode)}, not a directory"
+        )
     st = lstat_inside(path, POINTER)
     if st is not None and not stat.S_ISREG(st.st_mode):
-        raise CheckpointError(f"refusing to save into {path}: {POINTER} is not a regular file")
+        raise CheckpointError(
+            f"save: refusing to save into {path}: {POINTER} is a {kind(st.st_mode)}, not a regular file"
+        )
 
 
-def current_version(path: Path) -> int | None:
-    """The version CURRENT points to; None without a (readable) pointer."""
-    try:
-        return parse_pointer(read_inside(path, POINTER, MAX_POINTER_BYTES), f"{path}/{POINTER}")[0]
-    except (OSError, CheckpointError):
-        return None
+def save_router(router: Router, path: str | Path, recheck: bool = True, link: bool = True) -> Path:
+    """Write `router` as a new version of the checkpoint `path`, switched to atomically; returns `path`.
 
-
-def write_checkpoint(path: Path, router: CheckpointParts, recheck: bool = True) -> dict:
-    """Write the parts of a router as a new version of the checkpoint `path`, switched to atomically; the manifest.
-
-    An expert whose rows have not changed since it was last loaded or saved has its files
+    An expert whose rows have not changed since they were last loaded or saved has its files
     hard-linked (after a sha256 check; `recheck=False`: a stat check) instead of written again, so
     saving after adding or removing one expert costs little more than writing that expert.
     Readers see the previous version until CURRENT is replaced, and the new one after.
+    The manifest is checked with the reader's schema before anything is committed. `link=False`
+    writes every file (what a first save costs; the benchmarks measure it).
     """
     path = Path(path)
+    parts = router.parts()
+    if parts.gate is not None:
+        broken = parts.gate.nonfinite()
+        if broken:
+            raise CheckpointError(
+                f"save: the gate holds NaN or inf in {', '.join(broken)}; refusing to save a gate "
+                "that cannot route (retrain it, or load the last good checkpoint)"
+            )
     _prepare_root(path)
-    legacy = lstat_inside(path, POINTER) is None and lstat_inside(path, MANIFEST) is not None  # format 1 saved over
     versions = path / VERSIONS
     versions.mkdir(exist_ok=True)
     taken = [n for n in map(version_number, os.listdir(versions)) if n is not None]
@@ -183,80 +242,54 @@ def write_checkpoint(path: Path, router: CheckpointParts, recheck: bool = True) 
     try:
         (tmp / "experts").mkdir()
         files: dict[str, str] = {}
-        experts = []
-        for i, e in enumerate(router.experts):
+        entries = []
+        for i, e in enumerate(parts.experts):
             vec_rel, ids_rel = f"experts/{i:04d}.npy", f"experts/{i:04d}.ids.npy"
-            if _link_saved(e.saved, tmp / vec_rel, tmp / ids_rel, recheck):
-                files[vec_rel], files[ids_rel] = e.saved.vectors_sha256, e.saved.ids_sha256
+            saved = _known(e.content) if link else None
+            if _link_saved(saved, tmp / vec_rel, tmp / ids_rel, recheck):
+                files[vec_rel], files[ids_rel] = saved.vectors_sha256, saved.ids_sha256
             else:
                 _write_npy(tmp / vec_rel, e.vectors())
                 _write_npy(tmp / ids_rel, e.ids)
-            experts.append(
-                {
-                    "name": e.name,
-                    "specialization": e.specialization,
-                    "parent": e.parent,
-                    "size": e.ntotal,
-                    "vectors": vec_rel,
-                    "ids": ids_rel,
-                }
-            )
+            entries.append(ExpertEntry(e.spec, e.ntotal, vec_rel, ids_rel))
         gate_info = None
-        if router.gate is not None:
-            state = {k: v.detach().cpu().contiguous() for k, v in router.gate.state_dict().items()}
-            save_file(state, str(tmp / GATE_FILE))
-            _fsync_file(tmp / GATE_FILE)
-            gate_info = {"config": router.gate.config(), "file": GATE_FILE}
-        image = router.store.image()  # written and hashed from memory: one pass, no re-read
-        with open(tmp / STORE, "xb") as f:
-            f.write(image)
-            f.flush()
-            os.fsync(f.fileno())
+        if parts.gate is not None:
+            state = {k: v.detach().cpu().contiguous() for k, v in parts.gate.state_dict().items()}
+            data = save_safetensors(state)
+            _write_bytes(tmp / GATE_FILE, data)
+            files[GATE_FILE] = hashlib.sha256(data).hexdigest()
+            gate_info = {"config": parts.gate.config(), "file": GATE_FILE}
+        image = parts.store.image()  # written and hashed from memory: one pass, no re-read
+        _write_bytes(tmp / STORE, image)
         files[STORE] = hashlib.sha256(image).hexdigest()
         del image
-        for rel in [
-            *(x["vectors"] for x in experts),
-            *(x["ids"] for x in experts),
-            *([GATE_FILE] if gate_info else []),
-            STORE,
-        ]:
-            if rel not in files:
-                files[rel] = sha256_file(tmp / rel)
-        stats = {
-            e.name: {"queries": int(c), "confidence_sum": float(m)}
-            for e, c, m in zip(router.experts, router.counts, router.confidence_sums)
-        }
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "dim": router.dim,
-            "metric": router.metric,
-            "embedder": router.embedder.spec() if router.embedder is not None else None,
-            "embedder_name": router.embedder.name if router.embedder is not None else None,
-            "gate": gate_info,
-            "experts": experts,
-            "files": files,
-            "stats": stats,
-            "abstain_threshold": router.abstain_threshold,
-            "prior_weight": router.prior_weight,
-            "metrics": router.metrics,
-            "config": router.config,
-        }
-        raw = json.dumps(manifest, indent=2, default=str).encode()
-        manifest = json.loads(raw)  # what a reader will see (default=str applied)
-        with open(tmp / MANIFEST, "xb") as f:
-            f.write(raw)
-            f.flush()
-            os.fsync(f.fileno())
+        for entry in entries:
+            for rel in (entry.vectors, entry.ids):
+                if rel not in files:
+                    files[rel] = sha256_file(tmp / rel)
+        counts, sums = parts.stats.counts, parts.stats.confidence_sums
+        raw = build_manifest(
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            dim=parts.dim,
+            metric=parts.metric,
+            embedder=parts.embedder.spec() if parts.embedder is not None else None,
+            embedder_name=parts.embedder.name if parts.embedder is not None else None,
+            gate=gate_info,
+            experts=entries,
+            files=files,
+            stats={e.name: (int(c), float(s)) for e, c, s in zip(parts.experts, counts, sums)},
+            abstain_threshold=parts.abstain_threshold,
+            prior_weight=parts.prior_weight,
+            config=parts.config,
+            metrics=parts.metrics,
+        )
+        parse_manifest(raw, f"save to {path}: the manifest about to be written", path)  # the reader's own schema
+        _write_bytes(tmp / MANIFEST, raw)
         _fsync_dir(tmp / "experts")
         _fsync_dir(tmp)
         os.rename(tmp, final)  # `final` is a new name: nothing is replaced, readers never look here yet
         _fsync_dir(versions)
-        with open(pointer_tmp, "xb") as f:
-            f.write(pointer_bytes(n, hashlib.sha256(raw).hexdigest()))
-            f.flush()
-            os.fsync(f.fileno())
+        _write_bytes(pointer_tmp, pointer_bytes(n, hashlib.sha256(raw).hexdigest()))
         os.replace(pointer_tmp, path / POINTER)  # the commit: readers switch to version n
         committed = True
         _fsync_dir(path)
@@ -267,27 +300,32 @@ def write_checkpoint(path: Path, router: CheckpointParts, recheck: bool = True) 
             shutil.rmtree(final, ignore_errors=True)
         raise
     where = final.absolute()  # a later save may run from another working directory
-    for e, info in zip(router.experts, experts):
-        vec, ids = where / info["vectors"], where / info["ids"]
-        e.saved = SavedCopy(
-            vec, ids, files[info["vectors"]], files[info["ids"]], fingerprint(os.lstat(vec)), fingerprint(os.lstat(ids))
+    for e, entry in zip(parts.experts, entries):
+        vec, ids = where / entry.vectors, where / entry.ids
+        _remember(
+            e.content,
+            SavedFiles(
+                vec, ids, files[entry.vectors], files[entry.ids], fingerprint(os.lstat(vec)), fingerprint(os.lstat(ids))
+            ),
         )
-    collect_garbage(path, n, legacy=legacy)
-    return manifest
+    collect_garbage(path, n)
+    return path
 
 
-def collect_garbage(path: Path, current: int, keep: int = KEEP_VERSIONS, legacy: bool = False) -> None:
-    """Delete versions but the current one and the `keep - 1` before it, unfinished saves, format-1 files if `legacy`.
+def collect_garbage(path: Path, current: int, keep: int = KEEP_VERSIONS) -> None:
+    """Delete versions but the current one and the `keep - 1` before it, and unfinished saves' leftovers.
 
     Why keep more than one: a reader that read the pointer just before a save must still find
     its version's files; with `keep` versions it does unless `keep - 1` more saves finish during
-    its load, and then it starts again from the new pointer (read_checkpoint), so nothing is lost
+    its load, and then it starts again from the new pointer (load_router), so nothing is lost
     either way. Old versions cost little: unchanged experts are hard links to the same files.
-    Never raises (a failure to delete costs disk space, not correctness); never follows a link.
+    Only names this module writes are removed. Never raises (a failure to delete costs disk space,
+    not correctness); never follows a link.
     """
     versions = path / VERSIONS
     try:
         names = os.listdir(versions)
+        top = os.listdir(path)
     except OSError:
         return
     older = sorted(n for n in map(version_number, names) if n is not None and n < current)
@@ -296,95 +334,35 @@ def collect_garbage(path: Path, current: int, keep: int = KEEP_VERSIONS, legacy:
         n = version_number(name)
         if (n is not None and n not in kept) or name.startswith(".tmp-"):
             shutil.rmtree(versions / name, ignore_errors=True)  # refuses links: nothing outside is touched
-    for name in LEGACY_FILES if legacy else ():  # a format-1 checkpoint saved over: versions/ replaces its flat files
-        target = path / name
-        try:
-            if target.is_symlink() or target.is_file():
-                target.unlink()
-            elif target.is_dir():
-                shutil.rmtree(target, ignore_errors=True)
-        except OSError as exc:
-            log.warning("could not remove %s of the format-1 checkpoint: %s", target, exc)
-
-
-def convert_legacy(path: str | Path) -> Path:
-    """Rewrite a format-1 checkpoint in place as format 2, first merging its store's write-ahead log.
-
-    A write, run once by hand (no server on the checkpoint): format-1 servers committed feedback
-    to store.sqlite-wal, which a read-only load cannot apply.
-    """
-    path = Path(path)
-    if lstat_inside(path, POINTER) is not None:
-        return path
-    st = lstat_inside(path, STORE)
-    if st is None or not stat.S_ISREG(st.st_mode):
-        raise CheckpointError(f"checkpoint {path}: {STORE} is missing or not a regular file")
-    conn = sqlite3.connect(str(path / STORE))
-    try:
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        conn.execute("PRAGMA journal_mode=DELETE")
-    finally:
-        conn.close()
-    parts = read_checkpoint(path)
-    write_checkpoint(path, parts)
-    return path
-
-
-def recover_checkpoint(path: Path) -> Path | None:
-    """Undo a format-1 save killed between its two renames; returns the directory restored, if any.
-
-    Format-1 saves renamed the live checkpoint to `.NAME.old-XXXX` and then the new one into
-    place. A kill between the two left no checkpoint at `path`; the `.old` one holds every
-    acknowledged write, so it goes back. A write: the server calls it at start; Router.load never
-    does (it names the directory in its error instead). Format-2 saves never rename a checkpoint.
-    """
-    path = Path(path)
-    if path.exists():
-        return None
-    olds = _legacy_asides(path)
-    if not olds:
-        return None
-    newest = max(olds, key=lambda p: p.stat().st_mtime_ns)
-    os.rename(newest, path)
-    log.warning("restored %s from %s (a format-1 save was interrupted between its renames)", path, newest.name)
-    return newest
-
-
-def _legacy_asides(path: Path) -> list[Path]:
-    return [
-        p
-        for p in path.parent.glob(f".{path.name}.old-*")
-        if not p.is_symlink() and p.is_dir() and (p / MANIFEST).is_file()
-    ]
+    for name in top:  # pointers of saves killed before their os.replace
+        if name.startswith(f".{POINTER}.tmp-"):
+            try:
+                (path / name).unlink()
+            except OSError:
+                pass
 
 
 # ---------------------------------------------------------------- load
 
 
-# (checkpoint dir, expert entries of the manifest with names relative to the dir, dim, metric, sha256
-# to check, sha256 of every file) -> experts; a backend that keeps experts elsewhere opens them there.
-OpenExperts = Callable[[Path, list[dict], int, str, dict, dict], list]
-
-
-def read_checkpoint(
-    path: Path, verify: bool = True, cache_dir: str | Path | None = None, open_experts: OpenExperts | None = None
-) -> CheckpointParts:
-    """The parts of a router from a checkpoint directory, read-only. `verify` checks every file's sha256 as it is read.
+def load_router(
+    path: str | Path,
+    verify: bool = True,
+    cache_dir: str | Path | None = None,
+    backend: ExpertBackend | None = None,
+) -> Router:
+    """A router from a checkpoint directory, read-only. `verify` checks every file's sha256 as it is read.
 
     Reads the pointer once, then that version's files. If one is missing and the pointer has moved
-    on (a save collected the version meanwhile), starts again from the new pointer. `open_experts`
-    opens the experts (default expert_files.read_experts: into this process).
+    on (a save collected the version meanwhile), starts again from the new pointer. The experts
+    are opened by `backend` (default: into this process) from their descriptions (StoredExpert).
     """
     path = Path(path)
-    if not path.exists() and _legacy_asides(path):
-        raise CheckpointError(
-            f"no checkpoint at {path}, but {_legacy_asides(path)[0].name} beside it holds one: a format-1 save was "
-            f"interrupted between its renames; rename it back (moe_router.checkpoint.io.recover_checkpoint does)"
-        )
+    backend = backend if backend is not None else LocalBackend()
     for _ in range(READ_ATTEMPTS):
         where = locate(path)
         try:
-            return _read_version(path, where, verify, cache_dir, open_experts or read_experts)
+            return _read_version(path, where, verify, cache_dir, backend)
         except FileMissing:
             if locate(path) == where:
                 raise
@@ -396,52 +374,83 @@ def read_checkpoint(
 
 
 def _read_version(
-    path: Path, where: Located, verify: bool, cache_dir: str | Path | None, open_experts: OpenExperts
-) -> CheckpointParts:
+    path: Path, where: Located, verify: bool, cache_dir: str | Path | None, backend: ExpertBackend
+) -> Router:
     pre = where.prefix
     m = read_located_manifest(path, where, verify)
+    root = str(path.absolute())
+    sources = [
+        StoredExpert(
+            root,
+            e.spec,
+            e.size,
+            m.dim,
+            m.metric,
+            pre + e.vectors,
+            pre + e.ids,
+            m.files[e.vectors],
+            m.files[e.ids],
+            verify,
+        )
+        for e in m.experts
+    ]
     try:
-        digests = {pre + rel: d for rel, d in m.files.items()}  # names relative to `path`, as expert_files reads
-        infos = [
-            {
-                "name": e.name,
-                "specialization": e.specialization,
-                "parent": e.parent,
-                "size": e.size,
-                "vectors": pre + e.vectors,
-                "ids": pre + e.ids,
-            }
-            for e in m.experts
-        ]
-        experts = open_experts(path, infos, m.dim, m.metric, digests if verify else {}, digests)
+        experts = backend.open(sources)
+        check_ids_unique(path, [e.ids for e in experts], [e.name for e in experts])
+        if verify:  # checked: a later save may link these files instead of writing them again
+            for src, e in zip(sources, experts):
+                vec, ids = Path(root) / src.vectors, Path(root) / src.ids
+                files = SavedFiles(
+                    vec, ids, src.vectors_sha256, src.ids_sha256, fingerprint(os.lstat(vec)), fingerprint(os.lstat(ids))
+                )
+                _remember(e.content, files)
         try:
             embedder = embedder_from_spec(m.embedder, cache_dir=cache_dir)
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"checkpoint {path}: cannot rebuild its embedder {m.embedder!r} ({exc})") from None
         check = m.files if verify else {}
-        store = _read_store(path, pre, m, check)
+        store = _read_store(path, pre, check)
         gate = _load_gate(path, pre, m, check, len(experts)) if m.gate_config is not None else None
         counts = np.array([m.stats.get(e.name, (0, 0.0))[0] for e in experts], dtype=np.int64)
         sums = np.array([m.stats.get(e.name, (0, 0.0))[1] for e in experts], dtype=np.float64)
-        return CheckpointParts(
+        parts = RouterParts(
             dim=m.dim,
             metric=m.metric,
-            embedder=embedder,
+            experts=tuple(experts),
             gate=gate,
-            experts=experts,
+            embedder=embedder,
             store=store,
-            counts=counts,
-            confidence_sums=sums,
+            stats=RoutingStats(counts, sums),
             abstain_threshold=m.abstain_threshold,
             prior_weight=m.prior_weight,
             config=m.config,
             metrics=m.metrics,
-            manifest=m.raw,
+            backend=backend,
         )
+        return Router.from_parts(parts)
     except CheckpointError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise CheckpointError(f"checkpoint {path} has an invalid manifest or files: {exc}") from None
+
+
+def check_ids_unique(path: Path, ids: list[np.ndarray], names: list[str]) -> None:
+    """Ids are global: one id stored twice (in one expert or two) would make hits ambiguous."""
+    if not ids:
+        return
+    every = np.sort(np.concatenate(ids))
+    if len(every) and every[0] < 0:
+        owner = next(n for n, x in zip(names, ids) if (x < 0).any())
+        raise CheckpointError(
+            f"checkpoint {path}: expert {owner!r} holds the negative id {int(every[0])}; ids are >= 0"
+        )
+    dup = every[1:][every[1:] == every[:-1]]
+    if len(dup):
+        owners = [n for n, x in zip(names, ids) if (x == dup[0]).any()]
+        raise CheckpointError(
+            f"checkpoint {path}: id {int(dup[0])} is stored more than once (experts {owners}); "
+            f"ids must be unique across experts"
+        )
 
 
 def _check_digest(path: Path, rel: str, data: bytes, digest: str | None) -> None:
@@ -449,15 +458,8 @@ def _check_digest(path: Path, rel: str, data: bytes, digest: str | None) -> None
         raise CheckpointError(f"checkpoint {path}: {rel} is corrupted (sha256 does not match the manifest)")
 
 
-def _read_store(path: Path, pre: str, m: Manifest, digests: dict[str, str]) -> MetadataStore:
+def _read_store(path: Path, pre: str, digests: dict[str, str]) -> MetadataStore:
     """The store as a private in-memory database, loaded from the file's bytes (no SQLite file is opened)."""
-    if m.format_version == LEGACY_VERSION:
-        wal = lstat_inside(path, f"{STORE}-wal")
-        if wal is not None and wal.st_size > 0:
-            raise CheckpointError(
-                f"checkpoint {path} is in format 1 and {STORE}-wal holds writes not yet in {STORE} (feedback a "
-                f"format-1 server committed); convert it once with moe_router.checkpoint.convert_legacy({str(path)!r})"
-            )
     data = read_checked(path, pre + STORE)
     _check_digest(path, pre + STORE, data, digests.get(STORE))
     try:

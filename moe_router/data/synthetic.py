@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from moe_router.data.datasets import VectorDataset
-from moe_router.routing.router import Router
 from moe_router.vectors import normalize_rows
 
 
@@ -72,21 +71,6 @@ def sample_points(
     centre = layout.centres[layout.slots[expert, slot]]  # (n, d)
     d = layout.centres.shape[1]
     return normalize_rows(centre + rng.standard_normal(centre.shape, dtype=np.float32) * (point_noise / np.sqrt(d)))
-
-
-def clustered_router(n: int, d: int, experts: int, seed: int, layout: ClusterLayout | None = None) -> Router:
-    """A Router ('ip') with `experts` equal experts of synthetic clustered vectors (n // experts each)."""
-    if n % experts:
-        raise ValueError(f"n={n} must be a multiple of experts={experts} (equal experts)")
-    layout = layout if layout is not None else cluster_layout(d, experts, seed)
-    router = Router(d, "ip")
-    for e in range(experts):
-        size = n // experts
-        slots = np.arange(size) % layout.slots.shape[1]  # spread evenly over the expert's slots
-        xb = sample_points(layout, e, slots, np.random.default_rng([seed, 1, e]))  # (n/E, d)
-        router.add_expert(f"shard-{e:02d}", xb)
-        del xb
-    return router
 
 
 def held_out_queries(layout: ClusterLayout, nq: int, seed: int, perturb: float = 0.3) -> np.ndarray:

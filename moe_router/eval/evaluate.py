@@ -34,6 +34,7 @@ from moe_router.eval.baselines import (
     ivf_recall,
 )
 from moe_router.gate.calibrate import reliability_bins, softmax
+from moe_router.gate.model import infer
 from moe_router.index.clustering import nearest_centroid
 from moe_router.index.exact import exhaustive_index
 from moe_router.index.expert import centroids
@@ -49,6 +50,7 @@ from moe_router.metrics import (
     top_experts,
 )
 from moe_router.routing.router import Router
+from moe_router.types import SearchParams
 
 
 def gold_experts(router: Router, dataset: TextDataset, split: str) -> np.ndarray:
@@ -169,8 +171,8 @@ def evaluate(
     queries = dataset.queries(split)
     if not len(queries):
         raise ValueError(f"dataset {dataset.name!r} has no {split!r} rows to evaluate on")
-    xq, _ = router.prepare_queries(queries)
-    partition = router.manifest.get("config", {}).get("partition")
+    xq, _ = router.prepare(queries)
+    partition = router.config.get("partition")
     if partition:
         gold = nearest_centroid(
             xq, centroids(router.experts), router.metric
@@ -182,7 +184,7 @@ def evaluate(
         )
     else:
         gold = gold_experts(router, dataset, split)
-    k = router.check_k(int(k))
+    k = router.check_params(SearchParams(k=int(k))).k
     searched = [t for t in experts_searched if t <= router.num_experts]
     flat, ids = exhaustive_index(router.experts)
     _, rows = flat.search(xq, k)
@@ -258,8 +260,8 @@ def calibration_labels(router: Router, dataset: TextDataset | VectorDataset) -> 
     queries = dataset.queries("val")
     if not len(queries):
         return None
-    xv, _ = router.prepare_queries(queries)
-    if router.manifest.get("config", {}).get("partition"):
+    xv, _ = router.prepare(queries)
+    if router.config.get("partition"):
         return xv, nearest_centroid(xv, centroids(router.experts), router.metric)
     if isinstance(dataset, VectorDataset):
         return None
@@ -362,7 +364,7 @@ def capacity_report(
 def calibration_report(router: Router, xq: np.ndarray, probs: np.ndarray, gold: np.ndarray) -> dict[str, Any]:
     """ECE and reliability bins of the top-1 probability, at the checkpoint's temperature and at T = 1."""
     known = gold >= 0
-    raw = softmax(router.gate_logits(xq))
+    raw = softmax(infer(router.gate, xq, "logits"))
     out: dict[str, Any] = {"temperature": float(router.gate.temperature)}
     for name, p in (("calibrated", probs), ("uncalibrated (T=1)", raw)):
         conf, correct = p.max(axis=1)[known], (p.argmax(axis=1) == gold)[known]
@@ -381,7 +383,7 @@ def oos_report(
     routers: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
     """AUROC of each router's top-1 score, in-scope (positive) vs out-of-scope; the gate's abstention at its threshold."""
-    xo, _ = router.prepare_queries(oos_texts)
+    xo, _ = router.prepare(oos_texts)
     out: dict[str, Any] = {"queries": len(oos_texts)}
     for name, fn in scorers.items():
         if name == GATE:  # the gate's own in-scope score (prototype similarity, or top-1 probability)

@@ -36,6 +36,7 @@ from moe_router.eval.ir import ir_metrics
 from moe_router.index.exact import exhaustive_index, stacked
 from moe_router.metrics import accuracy_at_k
 from moe_router.routing.router import Router
+from moe_router.types import SearchParams
 
 DEPTH = 100  # hits kept per query: recall@100 needs the top 100
 
@@ -49,7 +50,7 @@ class DocLookup:
 
     def __init__(self, router: Router) -> None:
         _, ids, owner = stacked(router.experts)
-        meta = router.store.get(ids.tolist())
+        meta = router.lookup(ids.tolist())
         missing = [int(i) for i in ids if "_id" not in meta.get(int(i), (None, {}))[1]]
         if missing:
             raise ValueError(
@@ -85,7 +86,7 @@ def labelled_queries(router: Router, dataset: BeirDataset, split: str) -> tuple[
     """(x (m, d), gold (m,)) of a split's judged queries, or None when the split has none."""
     if split == "test" or not dataset.has_split(split) or not dataset.query_ids(split):
         return None  # test queries never train or calibrate anything
-    return router.prepare_queries(dataset.queries(split))[0], gold_sources(router, dataset, split)
+    return router.prepare(dataset.queries(split))[0], gold_sources(router, dataset, split)
 
 
 def build_baselines(router: Router, dataset: BeirDataset, names: Sequence[str], seed: int = 0) -> list[Any]:
@@ -122,11 +123,11 @@ def evaluate_retrieval(
     ndcg@10@exhaustive, ndcg@10@oracle, ...); `routers` holds every router's rows, `frontier` its curve.
     """
     check_top_p(top_p, p_grid)
-    max_experts = router.check_top(min(int(max_experts), router.num_experts), "max_experts")  # 4 of 3 sources = all 3
+    max_experts = min(SearchParams(max_experts=max_experts).max_experts, router.num_experts)  # 4 of 3 sources = all 3
     qids, qrels = dataset.query_ids(split), dataset.qrels(split)
     if not qids:
         raise ValueError(f"dataset {dataset.name!r} has no judged {split!r} queries (qrels/{split}.tsv in its sources)")
-    xq, _ = router.prepare_queries(dataset.queries(split))
+    xq, _ = router.prepare(dataset.queries(split))
     gold = gold_sources(router, dataset, split)
     if (gold < 0).any():
         raise ValueError(

@@ -1,5 +1,6 @@
-"""The gate: the routing network (model), its surgery when experts change, and calibration."""
+"""The gate: the routing network (model), its starting point (init), its surgery when experts change, and calibration."""
 
-from moe_router.gate.model import Gate, GateOutput, balance_loss, z_loss
+from moe_router.gate.init import initial_gate, with_prototypes
+from moe_router.gate.model import Gate, GateOutput, balance_loss, infer, z_loss
 
-__all__ = ["Gate", "GateOutput", "balance_loss", "z_loss"]
+__all__ = ["Gate", "GateOutput", "balance_loss", "infer", "initial_gate", "with_prototypes", "z_loss"]

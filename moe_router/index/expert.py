@@ -1,4 +1,9 @@
-"""One expert = a FAISS flat index over its vectors + their global ids.
+"""One expert = a FAISS flat index over its vectors + their global ids, described by an ExpertSpec.
+
+An Expert is not changed once it is built: a change of its description makes a new Expert that
+shares the index (with_spec), a change of its rows a new one with its own (without_ids). Routers
+that share an Expert (forks, the server's copy-on-write snapshots) therefore never see each
+other's changes. `content` identifies the rows: Experts that share it hold the same vectors and ids.
 
 FAISS vocabulary: xb stored vectors (n, d), xq queries (nq, d), results (D, I) of shape (nq, k).
 """
@@ -6,49 +11,77 @@ FAISS vocabulary: xb stored vectors (n, d), xq queries (nq, d), results (D, I) o
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import faiss
 import numpy as np
 
 from moe_router.index.clustering import kmeans_centroids
+from moe_router.types import ExpertSpec
 from moe_router.vectors import check_metric, flat_index, worst_score
 
 
-@dataclass(frozen=True)
-class SavedCopy:
-    """Files that hold exactly an expert's current vectors and ids, with their sha256 (set by save/load).
+class Content:
+    """Identity of an expert's rows (vectors + ids); weak-referenceable, so a cache can key on it."""
 
-    A later save links these files into the new checkpoint (after checking them) instead of
-    writing them again; any change to the expert's rows clears it.
-    """
-
-    vectors: Path
-    ids: Path
-    vectors_sha256: str
-    ids_sha256: str
-    # (st_dev, st_ino, st_size, st_mtime_ns) of each file when its sha256 was last checked or it was
-    # written: Router.save(recheck=False) links a file whose stat still matches without re-hashing it.
-    vectors_stat: tuple[int, int, int, int] | None = None
-    ids_stat: tuple[int, int, int, int] | None = None
+    __slots__ = ("__weakref__",)
 
 
-@dataclass
 class Expert:
     """A named FAISS flat index. Vectors are expected already checked (and normalised for 'ip')."""
 
-    name: str
-    dim: int
-    metric: str = "ip"
-    specialization: str = ""
-    parent: str | None = None
-    saved: SavedCopy | None = field(default=None, repr=False, compare=False)
+    def __init__(self, spec: ExpertSpec, index: faiss.Index, ids: np.ndarray, content: Content | None = None) -> None:
+        if index.ntotal != len(ids):
+            raise ValueError(f"expert {spec.name!r}: {index.ntotal} vectors but {len(ids)} ids")
+        self.spec = spec
+        self.index = index
+        self.ids = ids  # (n,) global id of each stored row
+        self.content = content if content is not None else Content()
 
-    def __post_init__(self) -> None:
-        check_metric(self.metric)
-        self.index = flat_index(self.dim, self.metric)
-        self.ids = np.empty(0, dtype=np.int64)  # (n,) global id of each stored row
+    @classmethod
+    def build(cls, spec: ExpertSpec, xb: np.ndarray, ids: np.ndarray, metric: str = "ip") -> Expert:
+        """An expert holding the prepared vectors xb (n, d) with global ids (n,)."""
+        xb = np.ascontiguousarray(xb, dtype=np.float32)
+        index = flat_index(xb.shape[1], check_metric(metric))
+        if len(xb) != len(ids):
+            raise ValueError(f"expert {spec.name!r}: {len(xb)} vectors but {len(ids)} ids")
+        index.add(xb)
+        return cls(spec, index, np.asarray(ids, dtype=np.int64).copy())
+
+    @classmethod
+    def to_fill(cls, spec: ExpertSpec, dim: int, metric: str, ids: np.ndarray) -> tuple[Expert, np.ndarray]:
+        """An expert of len(ids) zero rows and a writable (n, d) float32 view of them, to fill before it is searched.
+
+        Lets a reader put vectors straight into the index, without a second copy in memory.
+        """
+        index = flat_index(dim, check_metric(metric))
+        n = len(ids)
+        index.codes.resize(n * index.code_size)
+        index.ntotal = n
+        expert = cls(spec, index, np.asarray(ids, dtype=np.int64).copy())
+        view = faiss.rev_swig_ptr(index.get_xb(), n * dim) if n else np.empty(0, np.float32)
+        return expert, view.reshape(n, dim)
+
+    # ------------------------------------------------------------ description
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def specialization(self) -> str:
+        return self.spec.specialization
+
+    @property
+    def parent(self) -> str | None:
+        return self.spec.parent
+
+    @property
+    def dim(self) -> int:
+        return self.index.d
+
+    @property
+    def metric(self) -> str:
+        return "ip" if self.index.metric_type == faiss.METRIC_INNER_PRODUCT else "l2"
 
     @property
     def ntotal(self) -> int:
@@ -59,26 +92,16 @@ class Expert:
         """The largest global id stored (-1 when empty)."""
         return int(self.ids.max()) if len(self.ids) else -1
 
-    def add(self, xb: np.ndarray, ids: np.ndarray) -> None:
-        if xb.shape[0] != len(ids):
-            raise ValueError(f"expert {self.name!r}: {xb.shape[0]} vectors but {len(ids)} ids")
-        self.index.add(np.ascontiguousarray(xb, dtype=np.float32))
-        self.ids = np.concatenate([self.ids, np.asarray(ids, dtype=np.int64)])
-        self.saved = None
+    def with_spec(self, spec: ExpertSpec) -> Expert:
+        """This expert's rows under another description (shared, not copied)."""
+        return Expert(spec, self.index, self.ids, self.content)
 
-    def add_in_place(self, ids: np.ndarray) -> np.ndarray:
-        """Append len(ids) zero rows with these ids; return them as a writable (n, d) float32 view to fill.
+    def without_ids(self, ids: Iterable[int]) -> Expert:
+        """A new expert without the rows of these global ids."""
+        keep = ~np.isin(self.ids, np.fromiter(ids, dtype=np.int64))
+        return Expert.build(self.spec, self.vectors()[keep], self.ids[keep], self.metric)
 
-        Lets a checkpoint be read straight into the index, without a second copy of the vectors in
-        memory. Fill the rows before the expert is searched.
-        """
-        start, n = self.ntotal, len(ids)
-        self.index.codes.resize((start + n) * self.index.code_size)
-        self.index.ntotal = start + n
-        self.ids = np.concatenate([self.ids, np.asarray(ids, dtype=np.int64)])
-        self.saved = None
-        xb = faiss.rev_swig_ptr(self.index.get_xb(), (start + n) * self.dim)  # a view of the index's memory
-        return xb.reshape(start + n, self.dim)[start:]
+    # ------------------------------------------------------------ reads
 
     def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k over this expert: (D, I) of shape (nq, k) with global ids, -1 padded."""
@@ -106,7 +129,7 @@ class Expert:
         return self._view()[np.asarray(idx, dtype=np.int64)]
 
     def _view(self) -> np.ndarray:
-        """(n, d) view of the index's own memory: valid until the index changes."""
+        """(n, d) view of the index's own memory."""
         return faiss.rev_swig_ptr(self.index.get_xb(), self.ntotal * self.dim).reshape(self.ntotal, self.dim)
 
     def centroid(self) -> np.ndarray:
@@ -120,18 +143,8 @@ class Expert:
         """(min(m, n), d) k-means centroids of this expert's vectors (spherical for 'ip'); all vectors if n <= m."""
         return kmeans_centroids(self.vectors(), m, self.metric, seed)
 
-    def remove_ids(self, ids: Iterable[int]) -> int:
-        """Delete the rows with these global ids; returns how many were removed."""
-        drop = np.isin(self.ids, np.fromiter(ids, dtype=np.int64))
-        if not drop.any():
-            return 0
-        keep_vectors = self.vectors()[~drop]
-        self.index.reset()
-        self.index.add(keep_vectors)
-        removed = int(drop.sum())
-        self.ids = self.ids[~drop]
-        self.saved = None
-        return removed
+    def __repr__(self) -> str:
+        return f"Expert({self.name!r}, ntotal={self.ntotal}, dim={self.dim}, metric={self.metric!r})"
 
 
 def sample_vectors(experts: Sequence[Expert], skip: Sequence[int], limit: int = 4096, seed: int = 0) -> np.ndarray:

@@ -21,13 +21,7 @@ from moe_router.lifecycle.feedback import (
 from moe_router.lifecycle.load_report import LoadReport, LoadRow, load_chart, load_report
 from moe_router.lifecycle.merge_split import merge_experts, split_expert
 from moe_router.lifecycle.optimize import OptimizeAction, OptimizeReport, RoutingQuality, optimize_routing
-from moe_router.routing.hierarchy import (
-    group_by_parent,
-    hierarchy,
-    route_two_level,
-    search_two_level,
-    set_parent,
-)
+from moe_router.routing.hierarchy import group_by_parent, hierarchy, route_two_level, search_two_level
 
 __all__ = [
     "AutoCreateReport",
@@ -53,6 +47,5 @@ __all__ = [
     "recommendations",
     "route_two_level",
     "search_two_level",
-    "set_parent",
     "split_expert",
 ]

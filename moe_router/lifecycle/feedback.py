@@ -40,7 +40,7 @@ class Recommendation:
 
 def feedback_stats(router: Router) -> list[FeedbackStats]:
     """Per current expert: feedback records, positive ones and the success rate (from the SQLite store)."""
-    counts = router.store.feedback_counts()
+    counts = router.feedback_counts()
     out = []
     for name in router.expert_names:
         total, pos = counts.get(name, (0, 0))
@@ -50,7 +50,7 @@ def feedback_stats(router: Router) -> list[FeedbackStats]:
 
 def nearest_expert(router: Router, name: str) -> str | None:
     """The other expert whose centroid is closest to `name`'s."""
-    i = router.expert_index(name)
+    i = router.expert_indices([name])[0]
     if router.num_experts < 2:
         return None
     c = centroids(router.experts)  # (E, d)

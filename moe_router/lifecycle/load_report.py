@@ -9,6 +9,7 @@ import numpy as np
 
 from moe_router.lifecycle.feedback import feedback_stats
 from moe_router.routing.router import Router
+from moe_router.types import SearchParams
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,9 @@ def load_report(
     the report covers them; otherwise it uses the router's live stats.
     """
     if queries is not None:
-        xq, _ = router.prepare_queries(queries)
-        probs, top = router.decide(xq, top_k, record=False)
+        xq, _ = router.prepare(queries)
+        r = router.select(xq, SearchParams(top_experts=top_k), record=False)
+        probs, top = r.probs, r.top
         counts = np.bincount(top.ravel(), minlength=router.num_experts)
         sums = np.bincount(top.ravel(), weights=np.take_along_axis(probs, top, 1).ravel(), minlength=router.num_experts)
     else:

@@ -7,55 +7,53 @@ from typing import Any
 
 import numpy as np
 
-from moe_router.checks import check_new_name
+from moe_router.checks import check_count, check_new_name, check_real
 from moe_router.gate.surgery import merged_head, split_head
 from moe_router.index.clustering import balanced_kmeans, nearest_centroid
 from moe_router.index.expert import Expert, centroids, sample_vectors
-from moe_router.lifecycle.plan import Plan, State, apply_plan, new_expert, position, state_of
+from moe_router.lifecycle.plan import new_expert
+from moe_router.routing.parts import Change, RouterParts
 from moe_router.routing.router import Router
-from moe_router.store import MetadataStore
+from moe_router.types import ExpertSpec
 
 
 def plan_merge(
-    state: State,
-    store: MetadataStore,
+    parts: RouterParts,
     a: str,
     b: str,
-    name: str | None,
-    specialization: str | None,
-    parent: str | None | type[Ellipsis],
-) -> Plan:
-    ia, ib = position(state.experts, a), position(state.experts, b)
+    name: str | None = None,
+    specialization: str | None = None,
+    parent: Any = ...,
+) -> Change:
+    """Experts a and b as one (see merge_experts), in the place of the first of the two."""
+    ia, ib = parts.position(a), parts.position(b)
     if ia == ib:
         raise ValueError(f"cannot merge expert {a!r} with itself; name two different experts")
     name = name if name is not None else f"{a}+{b}"
-    check_new_name(name, {e.name for e in state.experts} - {a, b}, f"merging {a!r} and {b!r}")
-    ea, eb = state.experts[ia], state.experts[ib]
+    check_new_name(name, set(parts.names) - {a, b}, f"merging {a!r} and {b!r}")
+    ea, eb = parts.experts[ia], parts.experts[ib]
     if parent is ...:
         parent = ea.parent if ea.parent == eb.parent else None
+    if specialization is None:
+        same = ea.specialization == eb.specialization
+        specialization = ea.specialization if same else f"{ea.specialization}+{eb.specialization}"
+    spec = ExpertSpec(name, specialization, parent)  # checked before any work
     xb = np.concatenate([ea.vectors(), eb.vectors()])  # (na + nb, d)
     ids = np.concatenate([ea.ids, eb.ids])
-    spec = (
-        specialization
-        if specialization is not None
-        else (
-            ea.specialization if ea.specialization == eb.specialization else f"{ea.specialization}+{eb.specialization}"
-        )
-    )
-    merged = new_expert(state, ea, name, xb, ids, spec, parent)
+    merged = new_expert(parts, spec, xb, ids)
     gate = None
-    if state.gate is not None:
-        gate = merged_head(state.gate, ia, ib, xb, sample_vectors(state.experts, (ia, ib)), ea.ntotal, eb.ntotal)
+    if parts.gate is not None:
+        gate = merged_head(parts.gate, ia, ib, xb, sample_vectors(parts.experts, (ia, ib)), ea.ntotal, eb.ntotal)
     lo, hi = min(ia, ib), max(ia, ib)
-    experts = list(state.experts)
+    experts = list(parts.experts)
     experts[lo] = merged
     del experts[hi]
-    seqs = [r.seq for r in store.feedback(a)] + [r.seq for r in store.feedback(b)]
-    return Plan(
-        State(experts, gate, state.stats.merged(ia, ib), state.backend),
+    seqs = [r.seq for r in parts.store.feedback(a)] + [r.seq for r in parts.store.feedback(b)]
+    return Change(
+        parts.replace(experts=tuple(experts), gate=gate, stats=parts.stats.merged(ia, ib)),
         [(ids, name)],
         [(seqs, name)] if seqs else [],
-        [name],
+        (name,),
     )
 
 
@@ -67,58 +65,56 @@ def merge_experts(
     specialization: str | None = None,
     parent: Any = ...,
 ) -> Expert:
-    """Merge experts `a` and `b` into one (default name 'a+b') in a's place.
+    """Merge experts `a` and `b` into one (default name 'a+b'), in the place of the first of the two.
 
     Vectors, ids and metadata are combined, feedback moves to the merged expert, and the gate's
     two rows become one fitted so that, on their vectors, it carries the summed probability of
     the two (so routing is as before, with the two treated as one). `parent` defaults to the
     shared parent of the two (None when they differ). Follow with a short fine-tune
-    (moe_router.adaptation.fine_tune).
+    (moe_router.train.fine_tune).
     """
-    with router.lock:
-        plan = plan_merge(state_of(router), router.store, a, b, name, specialization, parent)
-        apply_plan(router, plan)
-        return router.expert(plan.created[0])
+    change = router.update(lambda parts: plan_merge(parts, a, b, name, specialization, parent))
+    return router.expert(change.created[0])
 
 
 def plan_split(
-    state: State,
-    store: MetadataStore,
+    parts: RouterParts,
     name: str,
-    parts: int,
-    names: Sequence[str] | None,
-    seed: int,
-    max_imbalance: float | None,
-) -> Plan:
-    i = position(state.experts, name)
-    ex = state.experts[i]
-    if isinstance(parts, bool) or not isinstance(parts, (int, np.integer)) or parts < 2:
-        raise ValueError(f"splitting expert {name!r}: parts must be an integer >= 2, got {parts!r}")
-    if parts > ex.ntotal:
-        raise ValueError(f"cannot split expert {name!r} into {parts} parts: it holds only {ex.ntotal} vectors")
-    names = list(names) if names is not None else [f"{name}/{j}" for j in range(parts)]
-    if len(names) != parts:
-        raise ValueError(f"splitting expert {name!r} into {parts} parts needs {parts} names, got {len(names)}")
-    taken = {e.name for e in state.experts} - {name}
+    count: int = 2,
+    names: Sequence[str] | None = None,
+    seed: int = 0,
+    max_imbalance: float | None = None,
+) -> Change:
+    """Expert `name` as `count` experts by k-means (see split_expert), in its place."""
+    i = parts.position(name)
+    ex = parts.experts[i]
+    what = f"splitting expert {name!r}"
+    count = check_count(count, f"{what}: parts", low=2)
+    if max_imbalance is not None:
+        max_imbalance = check_real(max_imbalance, f"{what}: max_imbalance", 1.0, expected="a number >= 1 or None")
+    if count > ex.ntotal:
+        raise ValueError(f"cannot split expert {name!r} into {count} parts: it holds only {ex.ntotal} vectors")
+    if names is None:
+        names = [f"{name}/{j}" for j in range(count)]
+    elif isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
+        raise ValueError(f"{what}: names must be a list of {count} names, got {type(names).__name__} {names!r:.40}")
+    names = list(names)
+    if len(names) != count:
+        raise ValueError(f"{what} into {count} parts needs {count} names, got {len(names)}")
+    taken = set(parts.names) - {name}
     for n in names:
-        check_new_name(n, taken, f"splitting expert {name!r}")
+        check_new_name(n, taken, what)
         taken.add(n)
+    specs = [ExpertSpec(n, f"{ex.specialization} ({j + 1}/{count})", ex.parent) for j, n in enumerate(names)]
     xb = ex.vectors()
-    labels = balanced_kmeans(xb, parts, metric=ex.metric, seed=seed, max_imbalance=max_imbalance)
-    children = [
-        new_expert(
-            state, ex, n, xb[labels == j], ex.ids[labels == j], f"{ex.specialization} ({j + 1}/{parts})", ex.parent
-        )
-        for j, n in enumerate(names)
-    ]
-    gate = (
-        split_head(state.gate, i, xb, labels, parts, sample_vectors(state.experts, (i,), seed=seed))
-        if state.gate is not None
-        else None
-    )
-    experts = state.experts[:i] + children + state.experts[i + 1 :]
+    labels = balanced_kmeans(xb, count, metric=ex.metric, seed=seed, max_imbalance=max_imbalance)
+    children = [new_expert(parts, s, xb[labels == j], ex.ids[labels == j]) for j, s in enumerate(specs)]
+    gate = None
+    if parts.gate is not None:
+        gate = split_head(parts.gate, i, xb, labels, count, sample_vectors(parts.experts, (i,), seed=seed))
+    experts = (*parts.experts[:i], *children, *parts.experts[i + 1 :])
     # Feedback on the old expert goes to the part nearest its query.
-    rows = store.feedback(name)
+    rows = parts.store.feedback(name)
     feedback_moves: list[tuple[list[int], str]] = []
     if rows:
         xq = np.stack([r.vector for r in rows])
@@ -127,7 +123,8 @@ def plan_split(
             ([rows[r].seq for r in np.flatnonzero(near == j)], n) for j, n in enumerate(names) if (near == j).any()
         ]
     item_moves = [(ex.ids[labels == j], n) for j, n in enumerate(names)]
-    return Plan(State(experts, gate, state.stats.split(i, parts), state.backend), item_moves, feedback_moves, names)
+    new = parts.replace(experts=experts, gate=gate, stats=parts.stats.split(i, count))
+    return Change(new, item_moves, feedback_moves, tuple(names))
 
 
 def split_expert(
@@ -144,7 +141,5 @@ def split_expert(
     parts share the old expert's probability by cluster. `max_imbalance` bounds the largest
     part at that multiple of the mean part size. Follow with a short fine-tune.
     """
-    with router.lock:
-        plan = plan_split(state_of(router), router.store, name, parts, names, seed, max_imbalance)
-        apply_plan(router, plan)
-        return [router.expert(n) for n in plan.created]
+    change = router.update(lambda p: plan_split(p, name, parts, names, seed, max_imbalance))
+    return [router.expert(n) for n in change.created]

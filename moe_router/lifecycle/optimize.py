@@ -6,7 +6,7 @@ Dimension legend: nq queries, E experts, t experts searched per query, k hits.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -15,9 +15,11 @@ from moe_router.gate.calibrate import softmax
 from moe_router.gate.model import Gate, infer
 from moe_router.index.exact import exact_ids, stacked
 from moe_router.lifecycle.merge_split import plan_merge, plan_split
-from moe_router.lifecycle.plan import FineTune, Plan, State, apply_plan, position, state_of, view
+from moe_router.lifecycle.plan import FineTune, then, view
 from moe_router.metrics import load_stats, recall_from_counts, top_experts
+from moe_router.routing.parts import Change, RouterParts
 from moe_router.routing.router import Router
+from moe_router.types import SearchParams
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ class OptimizeReport:
 
 
 def _quality(
-    state: State, xq: np.ndarray, exact: np.ndarray, t: int, probs: np.ndarray | None = None
+    state: RouterParts, xq: np.ndarray, exact: np.ndarray, t: int, probs: np.ndarray | None = None
 ) -> RoutingQuality:
     """recall@k of searching each query's top-t experts (from which expert holds each exact neighbour), cost and load."""
     if probs is None:
@@ -95,7 +97,7 @@ def _better(new: RoutingQuality, cur: RoutingQuality, tolerance: float, max_scan
 
 
 def _rebalanced_gate(
-    state: State,
+    state: RouterParts,
     xq: np.ndarray,
     exact: np.ndarray,
     t: int,
@@ -173,77 +175,71 @@ def optimize_routing(
     """
     if router.gate is None:
         raise RuntimeError("optimize_routing needs a trained gate; the router has none")
-    t = router.check_top(top_experts_searched, "top_experts_searched")
-    k = router.check_k(k)
-    xq, _ = router.prepare_queries(val_queries)
+    checked = router.check_params(SearchParams(k=k, top_experts=top_experts_searched))
+    t, k = checked.top_experts, checked.k
+    xq, _ = router.prepare(val_queries)
     exact = exact_ids(router.experts, xq, k)  # (nq, k)
+    actions: list[OptimizeAction] = []
+    quality: dict[str, RoutingQuality] = {}
 
-    with router.lock:
-        plan = Plan(state_of(router))
-        start = cur = _quality(plan.state, xq, exact, t)
-        actions: list[OptimizeAction] = []
+    def plan(parts: RouterParts) -> Change:
+        best = Change(parts)
+        cur = quality["start"] = _quality(parts, xq, exact, t)
         touched: set[str] = set()
 
-        def consider(kind: str, names: tuple[str, ...], candidate: Plan, note: str) -> None:
-            nonlocal plan, cur
+        def consider(kind: str, names: tuple[str, ...], candidate: Change, note: str) -> None:
+            nonlocal best, cur
             if fine_tune is not None and candidate.created:
-                v = view(router, candidate.state)
+                v = view(candidate.parts)
                 fine_tune(v, candidate.created)
-                candidate.state.gate = v.gate
-            q = _quality(candidate.state, xq, exact, t)
+                candidate = Change(v.parts(), candidate.item_moves, candidate.feedback_moves, candidate.created)
+            q = _quality(candidate.parts, xq, exact, t)
             kept = _better(q, cur, tolerance, max_scan_increase)
             actions.append(OptimizeAction(kind, names, kept, cur, q, note))
             if kept:
-                plan = Plan(
-                    candidate.state,
-                    plan.item_moves + candidate.item_moves,
-                    plan.feedback_moves + candidate.feedback_moves,
-                    plan.created + candidate.created,
-                )
-                cur = q
+                best, cur = then(best, candidate), q
                 if kind != "rebalance":  # a bias shift does not stop experts from being merged or split
                     touched.update(names, candidate.created)
 
-        def current_names() -> list[str]:
-            return [e.name for e in plan.state.experts]
-
         if rebalance:
-            found = _rebalanced_gate(plan.state, xq, exact, t, cur, tolerance, max_scan_increase, overload, underload)
+            found = _rebalanced_gate(best.parts, xq, exact, t, cur, tolerance, max_scan_increase, overload, underload)
             if found is not None:
                 gate, flagged = found
                 consider(
-                    "rebalance", flagged, Plan(replace(plan.state, gate=gate)), "head biases shifted against the load"
+                    "rebalance", flagged, Change(best.parts.replace(gate=gate)), "head biases shifted against the load"
                 )
-        if merge and len(plan.state.experts) > 2:
-            names = current_names()
-            pairs = [(s, names[a], names[b]) for s, a, b in _co_routing(_probs(plan.state.gate, xq), len(names))]
+        if merge and len(best.parts.experts) > 2:
+            names = best.parts.names
+            pairs = [(s, names[a], names[b]) for s, a, b in _co_routing(_probs(best.parts.gate, xq), len(names))]
             for share, a, b in [p for p in pairs if p[0] > merge_overlap][:max_candidates]:
-                if {a, b} & touched or not {a, b} <= set(current_names()):
+                if {a, b} & touched or not {a, b} <= set(best.parts.names):
                     continue
                 consider(
                     "merge",
                     (a, b),
-                    plan_merge(plan.state, router.store, a, b, None, None, ...),
+                    plan_merge(best.parts, a, b),
                     f"co-routed on {100 * share:.0f}% of their queries",
                 )
         if split:
-            names = current_names()
-            ratio = np.bincount(top_experts(_probs(plan.state.gate, xq), t).ravel(), minlength=len(names)) / (
+            names = best.parts.names
+            ratio = np.bincount(top_experts(_probs(best.parts.gate, xq), t).ravel(), minlength=len(names)) / (
                 len(xq) * t
             )
             ratio *= len(names)
             for j in np.argsort(-ratio, kind="stable")[:max_candidates]:
                 name = names[j]
-                if ratio[j] <= overload or name in touched or name not in current_names():
+                if ratio[j] <= overload or name in touched or name not in best.parts.names:
                     continue
-                if plan.state.experts[position(plan.state.experts, name)].ntotal < 2:
+                if best.parts.experts[best.parts.position(name)].ntotal < 2:
                     continue
                 consider(
                     "split",
                     (name,),
-                    plan_split(plan.state, router.store, name, 2, None, seed, overload),
+                    plan_split(best.parts, name, 2, None, seed, overload),
                     f"load {ratio[j]:.2f}x average",
                 )
-        if any(a.kept for a in actions):
-            apply_plan(router, plan)
-    return OptimizeReport(actions, start, cur)
+        quality["end"] = cur
+        return best  # nothing kept: the parts as they were (the router is unchanged)
+
+    router.update(plan)
+    return OptimizeReport(actions, quality["start"], quality["end"])

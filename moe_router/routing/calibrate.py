@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
 
 from moe_router.gate.calibrate import choose_threshold, fit_bias_temperature, fit_temperature, load_floor_bias
+from moe_router.gate.model import infer
 from moe_router.index.exact import exact_counts
 from moe_router.metrics import accuracy_at_k, recall_from_counts, top_experts
 from moe_router.routing.router import Router
@@ -29,23 +31,25 @@ def calibrate(
     that do not reach the experts in proportion to their stored vectors); with out-of-scope
     queries, the abstain threshold is set.
     """
-    xv, _ = router.prepare_queries(queries)
-    gold = np.array([router.expert_index(e) for e in experts])
+    xv, _ = router.prepare(queries)
+    gold = router.expert_indices(experts)
+    gate = copy.deepcopy(router.gate)  # the router's gate is never changed in place
     out: dict[str, float] = {}
     if load_floor:
-        lift = load_floor_bias(router.gate_logits(xv), float(load_floor), gold)
-        router.gate.shift_bias(lift)
+        lift = load_floor_bias(infer(gate, xv, "logits"), float(load_floor), gold)
+        gate.shift_bias(lift)
         out["load_floor_experts_raised"] = int((lift > 0).sum())
     if bias:
-        offsets, temperature = fit_bias_temperature(router.gate_logits(xv), gold)
-        router.gate.shift_bias(offsets * temperature)  # logits / T + b = (logits + b * T) / T
+        offsets, temperature = fit_bias_temperature(infer(gate, xv, "logits"), gold)
+        gate.shift_bias(offsets * temperature)  # logits / T + b = (logits + b * T) / T
         out["bias_max_abs"] = float(np.abs(offsets).max())
     else:
-        temperature = fit_temperature(router.gate_logits(xv), gold)
-    router.gate.set_temperature(temperature)
+        temperature = fit_temperature(infer(gate, xv, "logits"), gold)
+    gate.set_temperature(temperature)
+    router.set_gate(gate)
     out["temperature"] = temperature
     if oos_texts:
-        xo, _ = router.prepare_queries(oos_texts)
+        xo, _ = router.prepare(oos_texts)
         router.abstain_threshold = choose_threshold(router.in_scope_scores(xv), router.in_scope_scores(xo))
         out["abstain_threshold"] = router.abstain_threshold
     return out
@@ -55,8 +59,8 @@ def validation_metrics(
     router: Router, queries: Any, experts: list[str], neighbours: int, top_k: int
 ) -> dict[str, float]:
     """val/acc@1 and val/recall@10 (at top_k experts) of the router's current gate, as the training loop logs them."""
-    xv, _ = router.prepare_queries(queries)
-    gold = np.array([router.expert_index(e) for e in experts])
+    xv, _ = router.prepare(queries)
+    gold = router.expert_indices(experts)
     probs = router.gate_probs(xv)
     counts = exact_counts(router.experts, xv, neighbours)
     return {

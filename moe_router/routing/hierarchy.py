@@ -11,10 +11,11 @@ from typing import Any
 
 import numpy as np
 
+from moe_router.checks import check_int
 from moe_router.index.expert import Expert
 from moe_router.metrics import top_experts
 from moe_router.routing.router import Router
-from moe_router.types import Hit
+from moe_router.types import Hit, SearchParams
 
 
 def group_key(expert: Expert) -> str:
@@ -28,16 +29,6 @@ def hierarchy(router: Router) -> dict[str, list[str]]:
     for e in router.experts:
         out.setdefault(group_key(e), []).append(e.name)
     return out
-
-
-def set_parent(router: Router, expert: str, parent: str | None) -> None:
-    """Put `expert` under `parent` (None: no parent); saved with the checkpoint."""
-    ex = router.expert(expert)
-    if parent is not None and (not isinstance(parent, str) or not parent.strip()):
-        raise ValueError(f"parent of expert {expert!r} must be a non-empty string or None, got {parent!r}")
-    if parent == expert:
-        raise ValueError(f"expert {expert!r} cannot be its own parent")
-    ex.parent = parent
 
 
 def group_by_parent(hits: Sequence[Hit]) -> dict[str, list[Hit]]:
@@ -87,13 +78,13 @@ def route_two_level(
         raise ValueError(
             f"top_parents must be between 1 and {len(names)} (the number of parent groups), got {top_parents}"
         )
-    top_children = router.check_top(top_children, "top_children")
-    xq, _ = router.prepare_queries(queries)
+    top_children = check_int(top_children, 1, router.num_experts, "top_children", "the number of experts")
+    xq, _ = router.prepare(queries)
     probs = router.gate_probs(xq)
     groups = np.array([names.index(group_key(e)) for e in router.experts])
     pprobs, tp, top = two_level_top(probs, groups, top_parents, top_children)
     if record:
-        router.routing_stats.record(top, probs)
+        router.record_routing(top, probs)
     return TwoLevelRouting(names, probs, pprobs, tp, top)
 
 
@@ -106,8 +97,8 @@ def search_two_level(
     with_text: bool = True,
 ) -> list[Hit] | list[list[Hit]]:
     """Search the best `top_children` experts inside the best `top_parents` parent groups."""
-    k = router.check_k(k)
-    xq, single = router.prepare_queries(queries)
+    k = router.check_params(SearchParams(k=k)).k
+    xq, single = router.prepare(queries)
     routing = route_two_level(router, xq, top_parents, top_children)
     out = router.hits(router.search_experts(xq, k, routing.top), routing.probs, with_text)
     return out[0] if single else out

@@ -70,6 +70,26 @@ class RoutingStats:
                 np.concatenate([sums[:i], np.zeros(parts), sums[i + 1 :]]),
             )
 
+    def since(self, earlier: RoutingStats) -> RoutingStats:
+        """What was recorded after `earlier` was copied from these stats (same experts)."""
+        with self._lock:
+            return RoutingStats(self.counts - earlier.counts, self.confidence_sums - earlier.confidence_sums)
+
+    def carried(self, delta: RoutingStats, delta_names: Sequence[str], names: Sequence[str]) -> RoutingStats:
+        """These stats (of experts `names`) plus `delta` (of experts `delta_names`), matched by name.
+
+        How counts recorded while a change was planned reach the changed router: an expert that kept
+        its name keeps them; those of experts the change removed, merged or split are dropped.
+        """
+        where = {n: i for i, n in enumerate(names)}
+        with self._lock:
+            counts, sums = self.counts.copy(), self.confidence_sums.copy()
+        for j, n in enumerate(delta_names):
+            if n in where:
+                counts[where[n]] += delta.counts[j]
+                sums[where[n]] += delta.confidence_sums[j]
+        return RoutingStats(counts, sums)
+
     def reset(self) -> None:
         with self._lock:
             self.counts[:] = 0

@@ -83,7 +83,7 @@ def run_queries(router: Router, queries: list[Query]) -> list[list[Any] | Except
     texted = [i for i, q in enumerate(queries) if out[i] is None and q.texts is not None]
     if texted:
         try:
-            xq, _ = router.prepare_queries([t for i in texted for t in queries[i].texts])  # (N, d): one embedder call
+            xq, _ = router.prepare([t for i in texted for t in queries[i].texts])  # (N, d): one embedder call
             bounds = np.cumsum([0] + [queries[i].n for i in texted])
             for i, start, stop in zip(texted, bounds[:-1], bounds[1:]):
                 xqs[i] = xq[start:stop]
@@ -111,7 +111,7 @@ def run_queries(router: Router, queries: list[Query]) -> list[list[Any] | Except
         xq = np.concatenate([xqs[i] for i in idx])  # (N, d)
         try:
             if op == "route":
-                rows = router.route(xq, top_k=top_experts, **adaptive)
+                rows = router.route(xq, top_experts=top_experts, **adaptive)
             else:
                 k = max(queries[i].k for i in idx)
                 rows = router.search(

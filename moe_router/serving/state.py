@@ -25,13 +25,13 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import faiss
 import numpy as np
 import torch
 
-from moe_router.checkpoint.io import current_version, recover_checkpoint
+from moe_router.checkpoint.format import current_version
 from moe_router.index.expert import Expert
 from moe_router.lifecycle.merge_split import merge_experts, split_expert
 from moe_router.routing.backends import ExpertBackend
@@ -80,7 +80,6 @@ class RouterState:
         self.threads = threads  # torch + FAISS threads per pass (None: the libraries' defaults)
         if threads is not None:
             torch.set_num_threads(int(threads))
-        recover_checkpoint(self.ckpt)
         router = Router.load(self.ckpt, cache_dir=cache_dir, backend=backend)  # where the experts live
         if router.gate is None:
             raise ValueError(f"checkpoint {self.ckpt} has no gate; train one first (scripts/train.py)")
@@ -122,7 +121,7 @@ class RouterState:
                 snap.leases -= 1
                 close = snap.retired and snap.leases == 0
             if close:
-                snap.router.store.close()
+                snap.router.close()
 
     def record_feedback(self, query: str | np.ndarray, expert: str, positive: bool) -> int:
         """Record one feedback row and save the checkpoint with it; returns its id. KeyError: unknown expert.
@@ -155,7 +154,7 @@ class RouterState:
                             self._save(snap.router, recheck=False)  # expert files were hashed when loaded or written
                         except BaseException:
                             for row in batch:
-                                snap.router.store.delete_feedback(row)
+                                snap.router.forget_feedback(row)
                             with self._saved:
                                 self._lost |= batch - {seq}  # this request gets the error itself
                             raise
@@ -193,7 +192,7 @@ class RouterState:
         """Remove an expert, save the checkpoint, swap it in; returns the new generation."""
 
         def check(router: Router) -> None:
-            router.expert_index(name)  # KeyError naming the known experts
+            router.expert_indices([name])[0]  # KeyError naming the known experts
             if router.num_experts == 1:
                 raise ExpertConflict(f"{name!r} is the only expert; a router needs at least one")
 
@@ -205,7 +204,7 @@ class RouterState:
         """Merge two experts into one (lifecycle.merge_experts), save, swap in; the merged expert and the generation."""
 
         def check(router: Router) -> None:
-            router.expert_index(a), router.expert_index(b)  # KeyError naming the known experts
+            router.expert_indices([a])[0], router.expert_indices([b])[0]  # KeyError naming the known experts
             if name is not None and name not in (a, b):
                 _free_names(router, [name])
 
@@ -215,7 +214,7 @@ class RouterState:
         """Split an expert by k-means (lifecycle.split_expert), save, swap in; the parts and the generation."""
 
         def check(router: Router) -> None:
-            router.expert_index(name)
+            router.expert_indices([name])[0]
             _free_names(router, [n for n in (names or []) if n != name])
 
         return self._change(check, lambda fork: split_expert(fork, name, parts, names))
@@ -234,7 +233,7 @@ class RouterState:
                 result = change(fork)
                 self._persist(fork)
             except BaseException:
-                fork.store.close()
+                fork.close()
                 raise
             self._pending.clear()  # the fork's store held them: they are saved now
             generation = self._swap(fork)
@@ -250,10 +249,9 @@ class RouterState:
 
     def _save(self, router: Router, recheck: bool) -> None:
         """Save `router` as the checkpoint's new version; PersistError (nothing changed on disk) when it cannot be."""
-        manifest: dict[str, Any] = router.manifest or {}
         before = current_version(self.ckpt)
         try:
-            router.save(self.ckpt, config=manifest.get("config"), metrics=manifest.get("metrics"), recheck=recheck)
+            router.save(self.ckpt, recheck=recheck)
         except OSError as exc:
             if current_version(self.ckpt) != before:
                 # CURRENT was switched but the save failed after (an fsync): the disk holds a version the
@@ -269,11 +267,11 @@ class RouterState:
             old.retired = True
             close = old.leases == 0
         if close:
-            old.router.store.close()  # else the last lease closes it
+            old.router.close()  # else the last lease closes it
         return old.generation + 1
 
     def close(self) -> None:
         with self._write_lock, self._swap_lock:
             self._current.retired = True
             if self._current.leases == 0:
-                self._current.router.store.close()
+                self._current.router.close()

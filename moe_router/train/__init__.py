@@ -1,7 +1,19 @@
-"""Training with PyTorch Lightning: the LightningModule, fit_router and short fine-tunes."""
+"""Training: routers built from data, targets, the LightningModule, fit_router and short fine-tunes.
 
-from moe_router.train.finetune import FineTuneConfig, fine_tune, fine_tune_from_feedback
-from moe_router.train.fit import FitResult, fit_router
-from moe_router.train.module import GateModule
+Names are imported on first use (moe_router.lazy): building a router from data needs no Lightning.
+"""
 
-__all__ = ["FineTuneConfig", "FitResult", "GateModule", "fine_tune", "fine_tune_from_feedback", "fit_router"]
+from moe_router.lazy import lazy_exports
+
+_EXPORTS = {
+    "FineTuneConfig": "moe_router.train.finetune",
+    "fine_tune": "moe_router.train.finetune",
+    "fine_tune_from_feedback": "moe_router.train.finetune",
+    "FitResult": "moe_router.train.fit",
+    "fit_router": "moe_router.train.fit",
+    "GateModule": "moe_router.train.module",
+    "router_from_dataset": "moe_router.train.build",
+    "clustered_router": "moe_router.train.build",
+}
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

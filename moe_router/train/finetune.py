@@ -21,10 +21,10 @@ import lightning as L
 import numpy as np
 import torch
 
-from moe_router.data.targets import make_targets
 from moe_router.index.exact import neighbour_counts, neighbours_excluding_rows, stacked
 from moe_router.routing.router import Router
 from moe_router.train.module import GateModule, RoutingDataModule, fit_quietly
+from moe_router.train.targets import make_targets
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ def _fit_pairs(router: Router, x: np.ndarray, target: np.ndarray, cfg: FineTuneC
     )
     seconds = fit_quietly(trainer, module, data)
     gate.freeze_body(False)
-    router.gate = module.gate.cpu().eval()
+    router.set_gate(module.gate.cpu().eval())
     return seconds, int(trainer.global_step)
 
 
@@ -134,7 +134,7 @@ def fine_tune(router: Router, focus: Sequence[str] = (), config: FineTuneConfig 
     """
     cfg = config or FineTuneConfig()
     wall, cpu = time.perf_counter(), time.process_time()
-    idx = np.array([router.expert_index(n) for n in focus], dtype=np.int64)  # unknown names fail here
+    idx = router.expert_indices(focus)  # unknown names fail here
     xb, _, owner = stacked(router.experts)
     rng = np.random.default_rng(cfg.seed)
     focus_rows = np.flatnonzero(np.isin(owner, idx))
@@ -159,7 +159,7 @@ def fine_tune_pairs(
     """Fine-tune the gate on given (query vectors x (n, d), target distributions (n, E)), plus replay when asked."""
     cfg = config or FineTuneConfig()
     wall, cpu = time.perf_counter(), time.process_time()
-    xq, _ = router.prepare_queries(x)
+    xq, _ = router.prepare(x)
     target = np.asarray(target, dtype=np.float32)
     if target.shape != (len(xq), router.num_experts):
         raise ValueError(
@@ -186,7 +186,7 @@ def feedback_pairs(router: Router, since: int = 0) -> tuple[np.ndarray, np.ndarr
     ranks the others). Records for experts that no longer exist are ignored.
     """
     names = {n: i for i, n in enumerate(router.expert_names)}
-    rows = [r for r in router.store.feedback() if r.seq > since and r.expert in names]
+    rows = [r for r in router.feedback() if r.seq > since and r.expert in names]
     if not rows:
         return np.empty((0, router.dim), np.float32), np.empty((0, router.num_experts), np.float32)
     x = np.stack([r.vector for r in rows]).astype(np.float32)  # (n, d), stored prepared

@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from moe_router.data.targets import Pairs, make_targets, routing_pairs, weighted_pairs
-from moe_router.gate.model import Gate
+from moe_router.gate.init import initial_gate
 from moe_router.index.exact import exact_counts
 from moe_router.routing.router import Router
 from moe_router.train.module import GateModule, RoutingDataModule, default_optimizer, fit_quietly
+from moe_router.train.targets import Pairs, make_targets, routing_pairs, weighted_pairs
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +67,10 @@ def fit_router(
         pick = np.random.default_rng(seed).choice(len(train_x), size=max(1, len(train_x) // 10), replace=False)
         val_x, val_gold, val_counts = train_x[pick], train_gold[pick], train_counts[pick]
     else:
-        val_x, _ = router.prepare_queries(val_queries)
+        val_x, _ = router.prepare(val_queries)
         if val_experts is None or len(val_experts) != len(val_x):
             raise ValueError("val_experts must name the gold expert of each validation query")
-        val_gold = np.array([router.expert_index(e) for e in val_experts], dtype=np.int64)
+        val_gold = router.expert_indices(val_experts)
         val_counts = exact_counts(router.experts, val_x, neighbours)
     target = make_targets(targets, train_gold, train_counts, router.num_experts, label_weight)
     for group in extra:
@@ -81,7 +81,7 @@ def fit_router(
             )
     train_x, target = weighted_pairs([Pairs(train_x, target, stored_weight), *extra])
     if module is None:  # the default gate of configs/model/hybrid.yaml, prototypes from k-means
-        gate = router.install_gate(Gate(router.dim, router.num_experts, prototypes_per_expert=64), seed)
+        gate = initial_gate(router.experts, seed, prototypes_per_expert=64)
         module = GateModule(gate, optimizer=default_optimizer)
     module.recall_k = neighbours
     if module.gate.num_experts != router.num_experts or module.gate.dim != router.dim:
@@ -123,7 +123,7 @@ def fit_router(
         module.gate.load_state_dict(before[1])
         best = {**before[0], "untrained_kept": 1.0}
         log.info("kept the untrained gate: its %s %.4f beats every epoch's", monitor, before[0][monitor])
-    router.gate = module.gate.cpu().eval()
+    router.set_gate(module.gate.cpu().eval())
     return FitResult(best, seconds, trainer.current_epoch)
 
 

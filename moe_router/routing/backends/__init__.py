@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from moe_router.routing.backends.base import Answer, ExpertBackend
+from moe_router.routing.backends.base import Answer, ExpertBackend, ExpertSource, VectorSource
 from moe_router.routing.backends.local import LocalBackend
 
 RAY_INSTALL = "pip install -e '.[ray]'"
@@ -33,4 +33,4 @@ def make_backend(name: str = "local", **options: Any) -> ExpertBackend:
     raise ValueError(f"backend must be 'local' or 'ray', got {name!r}")
 
 
-__all__ = ["Answer", "ExpertBackend", "LocalBackend", "RAY_INSTALL", "make_backend"]
+__all__ = ["Answer", "ExpertBackend", "ExpertSource", "LocalBackend", "RAY_INSTALL", "VectorSource", "make_backend"]

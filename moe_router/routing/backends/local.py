@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from moe_router.checkpoint.expert_files import read_experts
 from moe_router.index.expert import Expert
 from moe_router.index.parallel import search_each
-from moe_router.routing.backends.base import Answer
+from moe_router.routing.backends.base import Answer, ExpertSource
+from moe_router.types import ExpertSpec
 
 
 class LocalBackend:
@@ -18,17 +19,15 @@ class LocalBackend:
 
     name = "local"
 
-    def open(
-        self, path: Path, infos: list[dict], dim: int, metric: str, files: dict[str, str], digests: dict
-    ) -> list[Expert]:
-        return read_experts(path, infos, dim, metric, files, digests)
+    def open(self, sources: Sequence[ExpertSource]) -> list[Expert]:
+        """Every source read side by side (reading and sha256 release the GIL)."""
+        if len(sources) < 2:
+            return [s.read() for s in sources]
+        with ThreadPoolExecutor(max(1, min(len(sources), os.cpu_count() or 1))) as pool:
+            return list(pool.map(lambda s: s.read(), sources))
 
-    def create(
-        self, name: str, dim: int, metric: str, specialization: str, parent: str | None, xb: np.ndarray, ids: np.ndarray
-    ) -> Expert:
-        expert = Expert(name, dim, metric, specialization, parent)
-        expert.add(xb, ids)
-        return expert
+    def create(self, spec: ExpertSpec, dim: int, metric: str, xb: np.ndarray, ids: np.ndarray) -> Expert:
+        return Expert.build(spec, xb, ids, metric)
 
     def search(self, jobs: Sequence[tuple[Expert, np.ndarray]], k: int) -> list[Answer]:
         return list(search_each(jobs, k))

@@ -1,4 +1,7 @@
-"""Experts in Ray actors: each expert (or a group of experts) lives in an actor that reads its own files.
+"""Experts in Ray actors: each expert (or a group of experts) lives in an actor that builds it from its source.
+
+Sources are descriptions (routing.backends.ExpertSource): a checkpoint's StoredExpert, which the
+actor reads from the checkpoint's files itself, or vectors sent with it (VectorSource).
 
 The router process keeps the gate, the manifest and the metadata store; the vectors live only in
 the actors. A routed search sends each chosen expert its own queries, all experts at once, and
@@ -21,8 +24,6 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import faiss
@@ -30,11 +31,11 @@ import numpy as np
 import ray
 from ray.exceptions import GetTimeoutError, RayError
 
-from moe_router.checkpoint.expert_files import read_expert
-from moe_router.checkpoint.format import CheckpointError, read_manifest
-from moe_router.index.expert import Expert, SavedCopy
+from moe_router.errors import CheckpointError
+from moe_router.index.expert import Content, Expert
 from moe_router.index.parallel import lower_blas_threshold
-from moe_router.routing.backends.base import Answer
+from moe_router.routing.backends.base import Answer, ExpertSource, VectorSource
+from moe_router.types import ExpertSpec
 
 log = logging.getLogger(__name__)
 
@@ -43,87 +44,28 @@ class ExpertUnavailable(RuntimeError):
     """No replica of an expert answered within the backend's timeout."""
 
 
-@dataclass(frozen=True)
-class FileSource:
-    """An expert read from a checkpoint: its manifest entry, the sha256 to check and those to record."""
-
-    path: str  # absolute checkpoint directory (actors may run in another working directory)
-    info: dict
-    dim: int
-    metric: str
-    files: dict  # sha256 checked while reading (empty when the load does not verify)
-    digests: dict  # sha256 of the expert's two files, recorded (Expert.saved) and used to find them again
-
-
-@dataclass(frozen=True)
-class VectorSource:
-    """An expert built from vectors (add / merge / split on the cluster)."""
-
-    name: str
-    dim: int
-    metric: str
-    specialization: str
-    parent: str | None
-    xb: np.ndarray  # (n, d) prepared vectors
-    ids: np.ndarray  # (n,) global ids
-
-
-def _read_by_content(src: FileSource) -> Expert:
-    """Read a FileSource; if its files were replaced (a later save renumbers experts), find them by sha256.
-
-    A restarted actor must hold exactly the expert it held before, so it always checks the sha256
-    then, and looks the expert's files up by content in the current manifest when the path moved.
-    """
-    path = Path(src.path)
-    pair = src.digests.get(src.info["vectors"]), src.digests.get(src.info["ids"])
-    try:
-        return read_expert(path, src.info, src.dim, src.metric, src.files, src.digests)
-    except CheckpointError:
-        if not src.files:
-            raise
-        manifest = read_manifest(path)
-        for info in manifest["experts"]:
-            if (manifest["files"].get(info["vectors"]), manifest["files"].get(info["ids"])) == pair:
-                return read_expert(
-                    path,
-                    {**src.info, "vectors": info["vectors"], "ids": info["ids"]},
-                    src.dim,
-                    src.metric,
-                    manifest["files"],
-                    manifest["files"],
-                )
-        raise
-
-
 class ExpertGroup:
     """The body of an expert actor: some experts' FAISS indexes, built once from their sources."""
 
-    def __init__(self, sources: list[tuple[str, FileSource | VectorSource]]) -> None:
+    def __init__(self, sources: list[tuple[str, ExpertSource]]) -> None:
         faiss.omp_set_num_threads(1)  # many actors share the cores; parallelism comes from the actors
         lower_blas_threshold()  # each actor gets a slice of the batch (see index.parallel)
         restarted = ray.get_runtime_context().was_current_actor_reconstructed
         self.experts: dict[str, Expert] = {}
         for key, src in sources:
-            if isinstance(src, FileSource):
-                if not restarted:
-                    self.experts[key] = _read_by_content(src)
-                    continue
-                try:  # always check what a restarted actor reads
-                    self.experts[key] = _read_by_content(
-                        FileSource(src.path, src.info, src.dim, src.metric, src.digests, src.digests)
-                    )
-                except CheckpointError as exc:
-                    # Removed from the checkpoint since (a retired expert of this group): no router
-                    # asks for it any more; the group's other experts must still come back.
-                    log.warning("expert %r is not in the checkpoint any more; restarted without it (%s)", key, exc)
-            else:
-                e = Expert(src.name, src.dim, src.metric, src.specialization, src.parent)
-                e.add(src.xb, src.ids)
-                self.experts[key] = e
+            if not restarted:
+                self.experts[key] = src.read()
+                continue
+            try:  # a restarted actor must hold exactly what it held: it checks what it reads
+                self.experts[key] = src.read(recheck=True)
+            except CheckpointError as exc:
+                # Removed from the checkpoint since (a retired expert of this group): no router
+                # asks for it any more; the group's other experts must still come back.
+                log.warning("expert %r is not in the checkpoint any more; restarted without it (%s)", key, exc)
 
-    def describe(self) -> list[tuple[str, int, int, SavedCopy | None]]:
-        """(key, ntotal, max_id, saved files) of each expert held."""
-        return [(key, e.ntotal, e.max_id, e.saved) for key, e in self.experts.items()]
+    def describe(self) -> list[tuple[str, int, int]]:
+        """(key, ntotal, max_id) of each expert held."""
+        return [(key, e.ntotal, e.max_id) for key, e in self.experts.items()]
 
     def search_many(self, jobs: list[tuple[str, np.ndarray]], k: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """(D, I) of each (expert key, xq (m, d)) job: a routed search's jobs for this actor in one call."""
@@ -150,28 +92,58 @@ class RemoteExpert:
 
     def __init__(
         self,
-        name: str,
+        spec: ExpertSpec,
+        key: str,
         dim: int,
         metric: str,
-        specialization: str,
-        parent: str | None,
         ntotal: int,
         max_id: int,
-        saved: SavedCopy | None,
         replicas: list[Any],
         pinned: Any,
         group: int,
         timeout_s: float,
+        content: Content | None = None,
     ) -> None:
-        self.name, self.dim, self.metric = name, dim, metric
-        self.specialization, self.parent = specialization, parent
+        self.spec = spec
+        self.key = key  # what the actors call it (its name when it was created)
+        self.dim, self.metric = dim, metric
         self.ntotal, self.max_id = ntotal, max_id
-        self.saved = saved  # files holding exactly this expert: a save links them instead of fetching the vectors
         self.replicas = replicas  # actor handles; holding them keeps the actors alive
         self.pinned = pinned  # ObjectRef of the actors' constructor arguments, needed to restart them
         self.group = group  # experts of one group share their actors (and a search's call to them)
         self.timeout_s = timeout_s
+        self.content = content if content is not None else Content()
         self._turn = itertools.count()
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def specialization(self) -> str:
+        return self.spec.specialization
+
+    @property
+    def parent(self) -> str | None:
+        return self.spec.parent
+
+    def with_spec(self, spec: ExpertSpec) -> RemoteExpert:
+        """The same actors under another description."""
+        out = RemoteExpert(
+            spec,
+            self.key,
+            self.dim,
+            self.metric,
+            self.ntotal,
+            self.max_id,
+            self.replicas,
+            self.pinned,
+            self.group,
+            self.timeout_s,
+            self.content,
+        )
+        out._turn = self._turn
+        return out
 
     def turn(self) -> int:
         """Where this call starts in the replicas: round-robin over calls; a retry takes the next one."""
@@ -185,7 +157,7 @@ class RemoteExpert:
         for attempt in range(len(self.replicas)):
             try:  # whole vectors may be large: more time than a search
                 return ray.get(
-                    self.replica(turn, attempt).read.remote(self.name, what, *args), timeout=self.timeout_s * 10
+                    self.replica(turn, attempt).read.remote(self.key, what, *args), timeout=self.timeout_s * 10
                 )
             except (RayError, GetTimeoutError) as exc:
                 last = exc
@@ -212,14 +184,6 @@ class RemoteExpert:
         if answer is None:
             raise ExpertUnavailable(f"expert {self.name!r} did not answer within {self.timeout_s} s")
         return answer
-
-    def add(self, xb: np.ndarray, ids: np.ndarray) -> None:
-        raise TypeError(
-            f"expert {self.name!r} lives in a Ray actor and is never changed in place; "
-            f"lifecycle operations create a new expert instead"
-        )
-
-    remove_ids = add
 
     def __repr__(self) -> str:
         return f"RemoteExpert({self.name!r}, ntotal={self.ntotal}, replicas={len(self.replicas)})"
@@ -272,7 +236,7 @@ class RayBackend:
             num_cpus=self.num_cpus, max_restarts=self.max_restarts, max_task_retries=0
         )
 
-    def _start(self, groups: list[list[tuple[str, FileSource | VectorSource]]]) -> tuple[list[list[Any]], list[Any]]:
+    def _start(self, groups: list[list[tuple[str, ExpertSource]]]) -> tuple[list[list[Any]], list[Any]]:
         """Start `replicas` actors per group; (their handles per group, each group's pinned sources),
         once every actor has opened its experts."""
         need = self.num_cpus * self.replicas * len(groups)
@@ -306,41 +270,27 @@ class RayBackend:
             raise RuntimeError(f"an expert actor failed to start: {text.strip().splitlines()[-1]}") from exc
         return actors, pinned
 
-    def _handles(
-        self, groups: list[list[tuple[str, FileSource | VectorSource]]], meta: list[list[tuple]]
-    ) -> list[RemoteExpert]:
+    def _handles(self, groups: list[list[tuple[str, ExpertSource]]], dim: int, metric: str) -> list[RemoteExpert]:
         actors, pinned = self._start(groups)
         described = ray.get([row[0].describe.remote() for row in actors])
         out = []
-        for row, ref, group_meta, desc in zip(actors, pinned, meta, described):
+        for row, ref, group_sources, desc in zip(actors, pinned, groups, described):
             group = next(self._groups)
-            for (name, dim, metric, spec, parent), (_, ntotal, max_id, saved) in zip(group_meta, desc):
-                out.append(
-                    RemoteExpert(
-                        name, dim, metric, spec, parent, ntotal, max_id, saved, row, ref, group, self.timeout_s
-                    )
-                )
+            for (key, src), (_, ntotal, max_id) in zip(group_sources, desc):
+                out.append(RemoteExpert(src.spec, key, dim, metric, ntotal, max_id, row, ref, group, self.timeout_s))
         return out
 
-    def open(
-        self, path: Path, infos: list[dict], dim: int, metric: str, files: dict[str, str], digests: dict
-    ) -> list[RemoteExpert]:
-        where = str(Path(path).absolute())
-        sources = [(str(info["name"]), FileSource(where, info, dim, metric, files, digests)) for info in infos]
-        meta = [(str(i["name"]), dim, metric, str(i.get("specialization", "")), i.get("parent")) for i in infos]
+    def open(self, sources: Sequence[ExpertSource]) -> list[RemoteExpert]:
+        if not sources:
+            return []
+        keyed = [(src.spec.name, src) for src in sources]
         step = self.experts_per_actor
-        return self._handles(
-            [sources[a : a + step] for a in range(0, len(sources), step)],
-            [meta[a : a + step] for a in range(0, len(meta), step)],
-        )
+        first = sources[0]
+        return self._handles([keyed[a : a + step] for a in range(0, len(keyed), step)], first.dim, first.metric)
 
-    def create(
-        self, name: str, dim: int, metric: str, specialization: str, parent: str | None, xb: np.ndarray, ids: np.ndarray
-    ) -> RemoteExpert:
-        src = VectorSource(
-            name, dim, metric, specialization, parent, np.ascontiguousarray(xb, np.float32), np.asarray(ids, np.int64)
-        )
-        return self._handles([[(name, src)]], [[(name, dim, metric, specialization, parent)]])[0]
+    def create(self, spec: ExpertSpec, dim: int, metric: str, xb: np.ndarray, ids: np.ndarray) -> RemoteExpert:
+        src = VectorSource(spec, metric, np.ascontiguousarray(xb, np.float32), np.asarray(ids, np.int64))
+        return self._handles([[(spec.name, src)]], dim, metric)[0]
 
     def search(self, jobs: Sequence[tuple[RemoteExpert, np.ndarray]], k: int) -> list[Answer]:
         self.sent_bytes += sum(int(xq.nbytes) for _, xq in jobs)
@@ -365,7 +315,7 @@ class RayBackend:
         def send(g: int, attempt: int) -> Any:
             idx = groups[g]
             actor = jobs[idx[0]][0].replica(turns[g], attempt)
-            return actor.search_many.remote([(jobs[j][0].name, jobs[j][1]) for j in idx], k)
+            return actor.search_many.remote([(jobs[j][0].key, jobs[j][1]) for j in idx], k)
 
         pending = {send(g, 0): (g, 0) for g in groups}
         while pending:

@@ -1,4 +1,4 @@
-"""A router built from a dataset: one expert per expert key, or k-means shards (learned sharding)."""
+"""Routers built from data: one expert per expert key of a dataset, k-means shards (learned sharding), or synthetic clusters."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import numpy as np
 
 from moe_router.data.beir import BeirDataset
 from moe_router.data.datasets import TextDataset, VectorDataset
+from moe_router.data.synthetic import ClusterLayout, cluster_layout, sample_points
 from moe_router.embed.base import Embedder
 from moe_router.index.clustering import balanced_kmeans, kmeans_assign
 from moe_router.routing.router import Router
@@ -32,7 +33,7 @@ def router_from_dataset(
                 f"dataset {dataset.name!r} is vectors without labels: set partition=N to cut it into N k-means experts"
             )
         router = Router(dataset.dim, metric)
-        vectors = router.prepare_queries(dataset.vectors["train"])[0]
+        vectors = router.prepare(dataset.vectors["train"])[0]
         train, texts, meta = None, None, None
     else:
         if embedder is None:
@@ -61,4 +62,19 @@ def router_from_dataset(
             parent=None if kmeans_experts else dataset.parents.get(name),
             metadata=None if meta is None else [meta[i] for i in rows],
         )
+    return router
+
+
+def clustered_router(n: int, d: int, experts: int, seed: int, layout: ClusterLayout | None = None) -> Router:
+    """A Router ('ip') with `experts` equal experts of synthetic clustered vectors (n // experts each)."""
+    if n % experts:
+        raise ValueError(f"n={n} must be a multiple of experts={experts} (equal experts)")
+    layout = layout if layout is not None else cluster_layout(d, experts, seed)
+    router = Router(d, "ip")
+    for e in range(experts):
+        size = n // experts
+        slots = np.arange(size) % layout.slots.shape[1]  # spread evenly over the expert's slots
+        xb = sample_points(layout, e, slots, np.random.default_rng([seed, 1, e]))  # (n/E, d)
+        router.add_expert(f"shard-{e:02d}", xb)
+        del xb
     return router

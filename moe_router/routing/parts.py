@@ -1,0 +1,123 @@
+"""RouterParts: the one record of what a router is made of (what a checkpoint holds, what a change replaces).
+
+Checked once when built: a checkpoint reader, a lifecycle change and Router.from_parts all go through
+the same consistency rules (unique names, a gate that fits the experts, stats for every expert).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from moe_router.checks import check_real, ensure_unique
+from moe_router.embed.base import Embedder
+from moe_router.gate.model import Gate
+from moe_router.index.expert import Expert
+from moe_router.routing.backends import ExpertBackend, LocalBackend
+from moe_router.routing.stats import RoutingStats
+from moe_router.store import MetadataStore
+from moe_router.vectors import check_dim, check_metric
+
+
+def check_abstain_threshold(value: Any) -> float | None:
+    """None (no abstention) or a finite in-scope score threshold."""
+    if value is None:
+        return None
+    return check_real(value, "abstain_threshold", expected="a finite number (an in-scope score) or None")
+
+
+def check_prior_weight(value: Any) -> float:
+    """A merge prior weight: a finite number >= 0."""
+    return check_real(value, "prior_weight", 0.0, expected="a finite number >= 0 (0 = merge by score alone)")
+
+
+def json_object(value: Any, what: str) -> dict:
+    """A dict (a training config or metrics) as saved in a manifest: str keys, or a ValueError."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or any(not isinstance(k, str) for k in value):
+        raise ValueError(f"{what} must be a mapping with str keys, got {type(value).__name__}")
+    return dict(value)
+
+
+@dataclass(frozen=True)
+class RouterParts:
+    """Everything a router holds. `experts` are in routing order (the gate's outputs)."""
+
+    dim: int
+    metric: str = "ip"
+    experts: tuple[Expert, ...] = ()
+    gate: Gate | None = None
+    embedder: Embedder | None = None
+    store: MetadataStore = field(default_factory=MetadataStore)
+    stats: RoutingStats | None = None  # None: zeros (nothing routed yet)
+    abstain_threshold: float | None = None  # in-scope score under which abstain=True answers "no expert"
+    prior_weight: float = 0.0  # merge: score + prior_weight * log p(expert); 0 = by score alone
+    config: dict = field(default_factory=dict)  # the resolved training config (saved with the checkpoint)
+    metrics: dict = field(default_factory=dict)  # what training measured
+    backend: ExpertBackend = field(default_factory=LocalBackend)  # where the experts' indexes live
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dim", check_dim(self.dim))
+        check_metric(self.metric)
+        object.__setattr__(self, "experts", tuple(self.experts))
+        ensure_unique(e.name for e in self.experts)
+        for e in self.experts:
+            if e.dim != self.dim or e.metric != self.metric:
+                raise ValueError(
+                    f"expert {e.name!r} holds {e.dim}-d {e.metric!r} vectors; the router's are {self.dim}-d "
+                    f"{self.metric!r}"
+                )
+        if self.embedder is not None and self.embedder.dim != self.dim:
+            raise ValueError(
+                f"embedder {self.embedder.name!r} gives {self.embedder.dim}-d vectors, but the router's dim is {self.dim}"
+            )
+        if self.gate is not None and (self.gate.dim != self.dim or self.gate.num_experts != len(self.experts)):
+            raise ValueError(
+                f"the gate has dim {self.gate.dim} and {self.gate.num_experts} outputs; "
+                f"the router needs dim {self.dim} and {len(self.experts)}"
+            )
+        stats = self.stats if self.stats is not None else RoutingStats.zeros(len(self.experts))
+        if len(stats.counts) != len(self.experts):
+            raise ValueError(f"stats for {len(stats.counts)} experts, but {len(self.experts)} experts given")
+        object.__setattr__(self, "stats", stats)
+        object.__setattr__(self, "abstain_threshold", check_abstain_threshold(self.abstain_threshold))
+        object.__setattr__(self, "prior_weight", check_prior_weight(self.prior_weight))
+        object.__setattr__(self, "config", json_object(self.config, "config"))
+        object.__setattr__(self, "metrics", json_object(self.metrics, "metrics"))
+
+    def replace(self, **changes: Any) -> RouterParts:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def names(self) -> list[str]:
+        return [e.name for e in self.experts]
+
+    def position(self, name: str) -> int:
+        """Index of the expert called `name`; KeyError naming the known experts."""
+        for i, e in enumerate(self.experts):
+            if e.name == name:
+                return i
+        raise KeyError(f"unknown expert {name!r}; known experts: {self.names}")
+
+    def next_id(self) -> int:
+        """The first global id no expert and no stored row uses."""
+        return max([self.store.max_id(), *(e.max_id for e in self.experts)]) + 1
+
+    def counts(self) -> np.ndarray:
+        return self.stats.counts
+
+
+@dataclass(frozen=True)
+class Change:
+    """A change to a router's parts, applied by Router.update in one step: store moves first, in one
+    transaction, then the parts swapped in (nothing changes if the store fails)."""
+
+    parts: RouterParts
+    item_moves: Sequence[tuple[Sequence[int], str]] = ()  # (ids, the expert now holding them)
+    feedback_moves: Sequence[tuple[Sequence[int], str]] = ()  # (feedback seqs, their expert now)
+    created: tuple[str, ...] = ()  # names of the experts the change made
