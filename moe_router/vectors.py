@@ -53,7 +53,8 @@ def as_array(x: Any, what: str = "vectors") -> np.ndarray:
     """x (numpy array, torch tensor, nested lists of numbers) as a real float32 array of any shape, or a ValueError.
 
     Refuses what numpy would silently change or reject with an internal message: complex values (the
-    imaginary part would be dropped), strings, None and other objects, ragged lists.
+    imaginary part would be dropped), booleans (True would become 1.0), strings, None and other
+    objects, ragged lists.
     """
     if hasattr(x, "detach"):  # torch.Tensor without importing torch here
         x = x.detach().cpu().numpy()
@@ -65,7 +66,9 @@ def as_array(x: Any, what: str = "vectors") -> np.ndarray:
         raise ValueError(f"{what} must be numeric arrays of shape (n, d): {_first_bad_element(x)}") from None
     if raw.dtype.kind == "c":
         raise ValueError(f"{what} are complex ({raw.dtype}); expected real numbers (take .real or abs() first)")
-    if raw.dtype.kind not in "biuf":
+    if raw.dtype.kind == "b":
+        raise ValueError(f"{what} are booleans; expected real numbers (convert them with .astype(float) if meant)")
+    if raw.dtype.kind not in "iuf":
         raise ValueError(
             f"{what} must be numeric arrays of shape (n, d), got dtype {raw.dtype}: {_first_bad_element(x)}"
         )

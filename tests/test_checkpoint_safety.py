@@ -158,11 +158,16 @@ def test_load__performs_no_write(ckpt: Path, monkeypatch: pytest.MonkeyPatch) ->
 
 READ_ONLY_LOAD = """
 import json, os, sys
-from moe_router import Router  # imported first: the interpreter's own files may not be readable by nobody
+from moe_router import Router
+queries = json.loads(sys.argv[3])
+# The same load and search once before the switch, so every module they import lazily is loaded
+# while this process may still read the interpreter's files (a virtualenv in root's 0700 home is
+# not readable by nobody); after it, only the read-only checkpoint is read.
+Router.load(sys.argv[1]).search(queries, k=5, top_experts=2)
 if os.geteuid() == 0:
     os.setgid(65534); os.setuid(65534)  # nobody: permissions apply
-router = Router.load(sys.argv[1])
-hits = router.search(json.loads(sys.argv[2]), k=5, top_experts=2)
+router = Router.load(sys.argv[2])
+hits = router.search(queries, k=5, top_experts=2)
 print(json.dumps([[[h.id, h.expert, h.text] for h in row] for row in hits]))
 """
 
@@ -173,7 +178,7 @@ def test_load__on_read_only_storage_serves_reads(ckpt: Path, tmp_path: Path) -> 
     try:
         subprocess.run(["chmod", "-R", "a-w,a+rX", str(ro)], check=True)
         proc = subprocess.run(
-            [sys.executable, "-c", READ_ONLY_LOAD, str(ro / "ckpt"), json.dumps(QUERIES)],
+            [sys.executable, "-c", READ_ONLY_LOAD, str(ckpt), str(ro / "ckpt"), json.dumps(QUERIES)],
             capture_output=True,
             text=True,
             timeout=120,

@@ -165,7 +165,7 @@ def test_gate_config__rebuilds_an_identical_gate(gate: Gate, x: torch.Tensor) ->
     [
         ({"dim": 0, "num_experts": 3}, "Gate dim must be an integer >= 1"),
         ({"dim": 4, "num_experts": 0}, "Gate num_experts must be an integer >= 1"),
-        ({"dim": 4, "num_experts": 3, "temperature": 0.0}, "temperature must be > 0"),
+        ({"dim": 4, "num_experts": 3, "temperature": 0.0}, "temperature must be a finite number > 0"),
     ],
 )
 def test_gate__rejects_invalid_construction(kwargs: dict, message: str) -> None:

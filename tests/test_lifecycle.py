@@ -249,7 +249,7 @@ def test_balanced_kmeans__bad_input() -> None:
     x = np.zeros((5, 4), np.float32)
     with pytest.raises(ValueError, match="cannot make 6 clusters from 5 vectors"):
         balanced_kmeans(x, 6)
-    with pytest.raises(ValueError, match="must be >= 1"):
+    with pytest.raises(ValueError, match="must be a number >= 1"):
         balanced_kmeans(x, 2, max_imbalance=0.8)
 
 

@@ -287,7 +287,7 @@ def test_nan_gate__route_raises_and_save_refuses(tmp_path):
         ValueError, match=r"the gate gave non-finite logits for query 0: its weights hold NaN or inf \(head.weight\)"
     ):
         router.route(np.ones(DIM, dtype=np.float32))
-    with pytest.raises(ValueError, match=r"save: the gate holds NaN or inf in head.weight"):
+    with pytest.raises(ValueError, match=r"save: the gate cannot route \(head.weight holds NaN or inf\)"):
         router.save(tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists() and not list(tmp_path.glob("*ckpt*"))  # not even a temporary
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
@@ -223,11 +224,11 @@ def save_router(router: Router, path: str | Path, recheck: bool = True, link: bo
     path = Path(path)
     parts = router.parts()
     if parts.gate is not None:
-        broken = parts.gate.nonfinite()
-        if broken:
+        defects = parts.gate.defects()
+        if defects:
             raise CheckpointError(
-                f"save: the gate holds NaN or inf in {', '.join(broken)}; refusing to save a gate "
-                "that cannot route (retrain it, or load the last good checkpoint)"
+                f"save: the gate cannot route ({'; '.join(defects)}); refusing to save it "
+                "(retrain it, or load the last good checkpoint)"
             )
     _prepare_root(path)
     versions = path / VERSIONS
@@ -490,10 +491,25 @@ def _load_gate(path: Path, pre: str, m: Manifest, digests: dict[str, str], num_e
             f"cannot fit the {len(state)} tensors of {rel}"
         )
     try:
-        gate = Gate(**config)
-        if "prototypes" in state:
-            gate.resize_prototypes(int(state["prototypes"].shape[0]))
+        with torch.device("meta"):  # the config's shapes, without allocating them: a forged config costs nothing
+            skeleton = _gate_for(config, state)
+        want = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in state.items()}
+        if want != got:
+            wrong = next(k for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k))
+            raise ValueError(f"{wrong}: the config needs {want.get(wrong)}, {rel} holds {got.get(wrong)}")
+        gate = _gate_for(config, state)
         gate.load_state_dict(state, strict=True)
-    except (RuntimeError, TypeError, ValueError) as exc:
+    except (RuntimeError, TypeError, ValueError, OverflowError) as exc:
         raise CheckpointError(f"checkpoint {path}: gate weights do not fit the gate config ({exc})") from None
+    defects = gate.defects()
+    if defects:
+        raise CheckpointError(f"checkpoint {path}: the gate cannot route ({'; '.join(defects)})")
     return gate.eval()
+
+
+def _gate_for(config: dict, state: dict) -> Gate:
+    gate = Gate(**config)
+    if "prototypes" in state:  # the experts changed since training: the saved count, not the config's
+        gate.resize_prototypes(int(state["prototypes"].shape[0]))
+    return gate

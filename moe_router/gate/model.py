@@ -94,8 +94,8 @@ class Gate(nn.Module):
         check_dim(dim, "Gate dim")
         if isinstance(num_experts, bool) or not isinstance(num_experts, (int, np.integer)) or num_experts < 1:
             raise ValueError(f"Gate num_experts must be an integer >= 1, got {num_experts!r}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not _positive(temperature):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
         self.dim = int(dim)
         self.hidden_dims = [int(h) for h in hidden_dims]
         self.dropout = float(dropout)
@@ -393,8 +393,8 @@ class Gate(nn.Module):
     @torch.no_grad()
     def set_temperature(self, temperature: float) -> None:
         """The softmax temperature (calibration); > 0."""
-        if not float(temperature) > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not _positive(temperature):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
         self.temperature.fill_(float(temperature))
 
     def freeze_body(self, frozen: bool = True) -> None:
@@ -403,10 +403,18 @@ class Gate(nn.Module):
             p.requires_grad_(not frozen)
 
     def nonfinite(self) -> list[str]:
-        """Names of the parameters and buffers holding NaN or inf (empty for a usable gate)."""
+        """Names of the parameters and buffers holding NaN or inf."""
         return [
             name for name, t in self.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())
         ]
+
+    def defects(self) -> list[str]:
+        """What makes this gate unusable, in words (empty for a usable gate): the one rule that
+        set_gate, a save and a load apply. A gate with NaN weights or a temperature of 0 routes NaN."""
+        out = [f"{name} holds NaN or inf" for name in self.nonfinite()]
+        if "temperature" not in self.nonfinite() and not float(self.temperature) > 0:
+            out.append(f"temperature is {float(self.temperature)} (it must be > 0)")
+        return out
 
     @torch.no_grad()
     def add_prototypes(self, prototypes: Tensor, expert: int) -> None:
@@ -421,6 +429,16 @@ class Gate(nn.Module):
         self.prototype_owner = torch.cat(
             [self.prototype_owner, torch.full((len(prototypes),), expert, device=self.prototype_owner.device)]
         )
+
+
+def _positive(value: object) -> bool:
+    """A finite real number > 0 (not a bool)."""
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float, np.integer, np.floating))
+        and math.isfinite(value)
+        and value > 0
+    )
 
 
 @torch.inference_mode()

@@ -10,6 +10,7 @@ import math
 import faiss
 import numpy as np
 
+from moe_router.checks import check_real
 from moe_router.vectors import similarity
 
 
@@ -75,9 +76,12 @@ def balanced_kmeans(
         raise ValueError(f"number of clusters must be an integer >= 1, got {n!r}")
     if n > N:
         raise ValueError(f"cannot make {n} clusters from {N} vectors; expected at most {N}")
-    if max_imbalance is not None and max_imbalance < 1.0:
-        raise ValueError(
-            f"max_imbalance is the largest cluster over the mean size, so it must be >= 1, got {max_imbalance}"
+    if max_imbalance is not None:
+        max_imbalance = check_real(
+            max_imbalance,
+            "max_imbalance",
+            1.0,
+            expected="a number >= 1 (the largest cluster over the mean size) or None",
         )
     if n == 1:
         return np.zeros(N, dtype=np.int64)

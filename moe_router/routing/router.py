@@ -313,9 +313,9 @@ class Router:
     def set_gate(self, gate: Gate | None) -> None:
         """Route with `gate` from now on (None: no gate). The router owns it: copy it to derive another."""
         if gate is not None:
-            broken = gate.nonfinite()
-            if broken:
-                raise ValueError(f"set_gate: the gate holds NaN or inf in {', '.join(broken[:3])}")
+            defects = gate.defects()
+            if defects:
+                raise ValueError(f"set_gate: the gate cannot route: {'; '.join(defects[:3])}")
             gate = gate.eval()
         self.update(lambda parts: Change(parts.replace(gate=gate)))
 
@@ -392,22 +392,7 @@ class Router:
     def check_params(self, params: SearchParams) -> SearchParams:
         """`params` if this router can answer them (k at most its vectors, top_experts at most its experts,
         a threshold for abstain), else a ValueError. The one check of what depends on the router."""
-        parts = self._parts
-        _require_gate(parts)
-        ntotal = sum(e.ntotal for e in parts.experts)
-        if params.k > ntotal:
-            raise ValueError(f"k must be between 1 and {ntotal} (the number of stored vectors), got {params.k}")
-        if params.top_p is None and params.top_experts > len(parts.experts):
-            raise ValueError(
-                f"top_experts must be between 1 and {len(parts.experts)} (the number of experts), "
-                f"got {params.top_experts}"
-            )
-        if params.abstain and parts.abstain_threshold is None:
-            raise ValueError(
-                "abstain=True needs a calibrated abstain_threshold (set by training on data with "
-                "out-of-scope validation queries, or assign router.abstain_threshold)"
-            )
-        return params
+        return _check(self._parts, params)
 
     def select(self, xq: np.ndarray, params: SearchParams, record: bool = True) -> Routing:
         """The experts each prepared query goes to (array form); counted in the stats when `record`.
@@ -415,19 +400,8 @@ class Router:
         Top `params.top_experts`, or with `params.top_p` the smallest set whose probability reaches
         top_p (1 to max_experts, capped at E; rows padded with -1).
         """
-        params = self.check_params(params)
         parts = self._parts
-        probs = infer(parts.gate, xq, "probs")
-        if params.top_p is None:
-            top = np.argsort(-probs, axis=1, kind="stable")[:, : params.top_experts]  # (nq, t)
-        else:
-            top, _ = top_p_experts(probs, params.top_p, min(params.max_experts, len(parts.experts)))  # (nq, t)
-        refused = np.zeros(len(xq), dtype=bool)
-        if params.abstain:
-            refused = self.in_scope_scores(xq) < parts.abstain_threshold
-        if record:
-            parts.stats.record(np.where(refused[:, None], -1, top), probs)
-        return Routing(probs, top, refused)
+        return _select(parts, xq, _check(parts, params), record)
 
     def route(
         self, queries: Any, params: SearchParams | None = None, **options: Any
@@ -437,26 +411,15 @@ class Router:
         `params` or the SearchParams fields as keywords: top_experts (2), or top_p with max_experts
         (adaptive), abstain (an empty list for queries under the calibrated in-scope threshold).
         """
-        params = SearchParams.of(params, **options)
+        parts = self._parts  # one snapshot for the whole call: a change meanwhile is not seen half-way
+        params = _check(parts, SearchParams.of(params, **options))
         xq, single = self.prepare(queries)
-        r = self.select(xq, params)
-        experts = self._parts.experts
+        r = _select(parts, xq, params, record=True)
         out = []
         for p, row, no in zip(r.probs, r.top, r.refused):
             row = [] if no else row[row >= 0]
             total = float(p[row].sum()) if len(row) else 0.0
-            out.append(
-                [
-                    ExpertScore(
-                        experts[e].name,
-                        float(p[e]),
-                        float(p[e]) / total if total > 0 else 0.0,
-                        experts[e].specialization,
-                        experts[e].parent,
-                    )
-                    for e in row
-                ]
-            )
+            out.append([_score(parts.experts[e], float(p[e]), total) for e in row])
         return out[0] if single else out
 
     def search(self, queries: Any, params: SearchParams | None = None, **options: Any) -> SearchHits | list[SearchHits]:
@@ -469,12 +432,13 @@ class Router:
         (SearchHits) whose `missing_experts` names chosen experts that did not answer (remote
         backends only). prior_weight (default: the router's) weighs the gate's probability into the merge.
         """
-        params = SearchParams.of(params, **options)
+        parts = self._parts  # one snapshot for the whole call
+        params = _check(parts, SearchParams.of(params, **options))
         xq, single = self.prepare(queries)
-        r = self.select(xq, params)
-        w = self._parts.prior_weight if params.prior_weight is None else params.prior_weight
-        res = self.search_experts(xq, params.k, r.top, merge=not params.per_expert, probs=r.probs, prior_weight=w)
-        out = self.hits(res, r.probs, params.with_text, r.refused)
+        r = _select(parts, xq, params, record=True)
+        w = parts.prior_weight if params.prior_weight is None else params.prior_weight
+        res = _search_experts(parts, xq, params.k, r.top, not params.per_expert, r.probs, w)
+        out = _hits(parts, res, r.probs, params.with_text, r.refused)
         return out[0] if single else out
 
     def search_experts(
@@ -495,51 +459,13 @@ class Router:
         expert in the order of `experts`, each best first. An expert that did not answer (remote
         backend only) leaves its slots padded and is named in `missing`.
         """
-        parts = self._parts
-        nq, t = experts.shape
-        D = np.full((nq, t * k), worst_score(parts.metric), dtype=np.float32)
-        I = np.full((nq, t * k), -1, dtype=np.int64)
-        E = np.full((nq, t * k), -1, dtype=np.int64)
-        scanned = np.zeros(nq, dtype=np.int64)
-        lower_blas_threshold()
-        groups = [(e, *np.nonzero(experts == e)) for e in np.unique(experts) if e >= 0]  # (expert, rows, slot)
-        found = parts.backend.search([(parts.experts[e], xq[rows]) for e, rows, _ in groups], k)
-        missing = None
-        for (e, rows, slot), answer in zip(groups, found):  # rows: queries that chose e; slot: in which position
-            if answer is None:
-                if missing is None:
-                    missing = np.full((nq, t), -1, dtype=np.int64)
-                missing[rows, slot] = e
-                continue
-            De, Ie = answer
-            cols = slot[:, None] * k + np.arange(k)[None, :]  # (m, k)
-            D[rows[:, None], cols] = De
-            I[rows[:, None], cols] = Ie
-            E[rows[:, None], cols] = np.where(Ie >= 0, e, -1)
-            scanned[rows] += parts.experts[e].ntotal
-        if merge:
-            D, I, E = merge_hits(D, I, E, k, parts.metric, probs, prior_weight)
-        return RoutedSearch(D, I, E, scanned, missing)
+        return _search_experts(self._parts, xq, k, experts, merge, probs, prior_weight)
 
     def hits(
         self, res: RoutedSearch, probs: np.ndarray, with_text: bool = True, refused: np.ndarray | None = None
     ) -> list[SearchHits]:
         """Per query, the Hit of each found row of a routed search (skipping padding and refused queries)."""
-        parts = self._parts
-        meta = parts.store.get(res.I[res.I >= 0].tolist()) if with_text else {}
-        out = []
-        for q in range(res.I.shape[0]):
-            row = []
-            for score, i, e in zip(res.D[q], res.I[q], res.E[q]):
-                if i < 0 or (refused is not None and refused[q]):
-                    continue
-                ex = parts.experts[e]
-                text, payload = meta.get(int(i), (None, {}))
-                row.append(
-                    Hit(int(i), float(score), ex.name, ex.specialization, ex.parent, float(probs[q, e]), text, payload)
-                )
-            out.append(SearchHits(row, [parts.experts[e].name for e in res.missing_of(q)]))
-        return out
+        return _hits(self._parts, res, probs, with_text, refused)
 
     def gate_probs(self, xq: np.ndarray) -> np.ndarray:
         """(nq, E) the gate's probabilities for prepared queries, at its temperature (nothing counted)."""
@@ -547,9 +473,7 @@ class Router:
 
     def in_scope_scores(self, xq: np.ndarray) -> np.ndarray:
         """(nq,) the gate's in-scope score per prepared query (see Gate.in_scope_score); abstention thresholds it."""
-        gate = _require_gate(self._parts)
-        with torch.inference_mode():
-            return gate.in_scope_score(torch.from_numpy(xq).to(gate.head.weight.device)).float().cpu().numpy()
+        return _in_scope(self._parts, xq)
 
     # ---------------------------------------------------------------- stats
 
@@ -601,6 +525,101 @@ class Router:
 
     def __repr__(self) -> str:
         return f"Router(dim={self.dim}, metric={self.metric!r}, experts={self.num_experts}, vectors={self.ntotal})"
+
+
+def _check(parts: RouterParts, params: SearchParams) -> SearchParams:
+    _require_gate(parts)
+    ntotal = sum(e.ntotal for e in parts.experts)
+    if params.k > ntotal:
+        raise ValueError(f"k must be between 1 and {ntotal} (the number of stored vectors), got {params.k}")
+    if params.top_p is None and params.top_experts > len(parts.experts):
+        raise ValueError(
+            f"top_experts must be between 1 and {len(parts.experts)} (the number of experts), got {params.top_experts}"
+        )
+    if params.abstain and parts.abstain_threshold is None:
+        raise ValueError(
+            "abstain=True needs a calibrated abstain_threshold (set by training on data with "
+            "out-of-scope validation queries, or assign router.abstain_threshold)"
+        )
+    return params
+
+
+def _select(parts: RouterParts, xq: np.ndarray, params: SearchParams, record: bool) -> Routing:
+    probs = infer(parts.gate, xq, "probs")
+    if params.top_p is None:
+        top = np.argsort(-probs, axis=1, kind="stable")[:, : params.top_experts]  # (nq, t)
+    else:
+        top, _ = top_p_experts(probs, params.top_p, min(params.max_experts, len(parts.experts)))  # (nq, t)
+    refused = np.zeros(len(xq), dtype=bool)
+    if params.abstain:
+        refused = _in_scope(parts, xq) < parts.abstain_threshold
+    if record:
+        parts.stats.record(np.where(refused[:, None], -1, top), probs)
+    return Routing(probs, top, refused)
+
+
+def _search_experts(
+    parts: RouterParts,
+    xq: np.ndarray,
+    k: int,
+    experts: np.ndarray,
+    merge: bool,
+    probs: np.ndarray | None,
+    prior_weight: float,
+) -> RoutedSearch:
+    nq, t = experts.shape
+    D = np.full((nq, t * k), worst_score(parts.metric), dtype=np.float32)
+    I = np.full((nq, t * k), -1, dtype=np.int64)
+    E = np.full((nq, t * k), -1, dtype=np.int64)
+    scanned = np.zeros(nq, dtype=np.int64)
+    lower_blas_threshold()
+    groups = [(e, *np.nonzero(experts == e)) for e in np.unique(experts) if e >= 0]  # (expert, rows, slot)
+    found = parts.backend.search([(parts.experts[e], xq[rows]) for e, rows, _ in groups], k)
+    missing = None
+    for (e, rows, slot), answer in zip(groups, found):  # rows: queries that chose e; slot: in which position
+        if answer is None:
+            if missing is None:
+                missing = np.full((nq, t), -1, dtype=np.int64)
+            missing[rows, slot] = e
+            continue
+        De, Ie = answer
+        cols = slot[:, None] * k + np.arange(k)[None, :]  # (m, k)
+        D[rows[:, None], cols] = De
+        I[rows[:, None], cols] = Ie
+        E[rows[:, None], cols] = np.where(Ie >= 0, e, -1)
+        scanned[rows] += parts.experts[e].ntotal
+    if merge:
+        D, I, E = merge_hits(D, I, E, k, parts.metric, probs, prior_weight)
+    return RoutedSearch(D, I, E, scanned, missing)
+
+
+def _hits(
+    parts: RouterParts, res: RoutedSearch, probs: np.ndarray, with_text: bool, refused: np.ndarray | None
+) -> list[SearchHits]:
+    meta = parts.store.get(res.I[res.I >= 0].tolist()) if with_text else {}
+    out = []
+    for q in range(res.I.shape[0]):
+        row = []
+        for score, i, e in zip(res.D[q], res.I[q], res.E[q]):
+            if i < 0 or (refused is not None and refused[q]):
+                continue
+            ex = parts.experts[e]
+            text, payload = meta.get(int(i), (None, {}))
+            row.append(
+                Hit(int(i), float(score), ex.name, ex.specialization, ex.parent, float(probs[q, e]), text, payload)
+            )
+        out.append(SearchHits(row, [parts.experts[e].name for e in res.missing_of(q)]))
+    return out
+
+
+def _in_scope(parts: RouterParts, xq: np.ndarray) -> np.ndarray:
+    gate = _require_gate(parts)
+    with torch.inference_mode():
+        return gate.in_scope_score(torch.from_numpy(xq).to(gate.head.weight.device)).float().cpu().numpy()
+
+
+def _score(expert: Expert, p: float, total: float) -> ExpertScore:
+    return ExpertScore(expert.name, p, p / total if total > 0 else 0.0, expert.specialization, expert.parent)
 
 
 def _require_gate(parts: RouterParts) -> Gate:
