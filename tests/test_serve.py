@@ -20,6 +20,7 @@ from moe_router.apps.serve import serve
 from moe_router.gate import initial_gate
 from moe_router.serving import AuthConfig, BatchConfig, Limits, Query, RouterState, create_app, run_queries
 from moe_router.serving.config import check_exposure
+from moe_router.types import SearchParams
 
 DIM = 64
 TOPICS = {
@@ -88,23 +89,18 @@ def test_run_queries__batched_pass_equals_one_call_per_request(ckpt):
     rng = np.random.default_rng(0)
     xq = router.prepare(rng.standard_normal((6, DIM)).astype(np.float32))[0]
     queries = [
-        Query("search", xq=xq[:2], k=3, top_experts=2),
-        Query("search", texts=["sql join index", "docker helm build"], k=7, top_experts=2),
-        Query("search", xq=xq[2:3], k=5, top_experts=1),
-        Query("route", xq=xq[3:6], top_experts=3),
-        Query("search", xq=xq[:1], k=10_000, top_experts=2),  # k over the stored vectors: fails alone
-        Query("search", xq=xq[:2], k=2, top_experts=2, per_expert=True),  # beside k=3 and k=7 of the same kind
+        Query("search", SearchParams(k=3, top_experts=2), xq=xq[:2]),
+        Query("search", SearchParams(k=7, top_experts=2), texts=["sql join index", "docker helm build"]),
+        Query("search", SearchParams(k=5, top_experts=1), xq=xq[2:3]),
+        Query("route", SearchParams(top_experts=3), xq=xq[3:6]),
+        Query("search", SearchParams(k=10_000, top_experts=2), xq=xq[:1]),  # k over the stored vectors: fails alone
+        Query("search", SearchParams(k=2, per_expert=True), xq=xq[:2]),  # beside k=3 and k=7 of the same kind
     ]
     got = run_queries(router, queries)
     assert [h.id for h in got[0][1]] == [h.id for h in router.search(xq[1], k=3, top_experts=2)]
     for q, res in [*zip(queries[:4], got[:4]), (queries[5], got[5])]:
-        want = (
-            router.search(
-                q.xq if q.xq is not None else q.texts, k=q.k, top_experts=q.top_experts, per_expert=q.per_expert
-            )
-            if q.op == "search"
-            else router.route(q.xq, top_experts=q.top_experts)
-        )
+        queried = q.xq if q.xq is not None else q.texts
+        want = router.search(queried, q.params) if q.op == "search" else router.route(queried, q.params)
         if q.op == "search":
             assert [[(h.id, h.expert) for h in row] for row in res] == [[(h.id, h.expert) for h in row] for row in want]
             np.testing.assert_allclose(
@@ -425,7 +421,7 @@ def test_expert_changes__searches_see_old_or_new_set_never_a_mix(ckpt):
     assert {a["generation"] % 2 for a in answers} == {0, 1}
 
 
-# ---------------------------------------------------------------- load (short; benchmarks/serve_load.py is the real one)
+# ---------------------------------------------------------- load (short; benchmarks/serve_load.py is the real one)
 
 
 def test_short_load__all_answered_and_batched(ckpt):
