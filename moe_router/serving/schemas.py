@@ -10,7 +10,7 @@ and filled into the app's OpenAPI document (fill_served), so a client or a fuzze
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Annotated, Any, ClassVar
 
 import numpy as np
@@ -43,7 +43,7 @@ def fill_served(node: Any, bounds: Mapping[str, int]) -> Any:
     return node
 
 
-def _schema(combinator: str | None = None, fields: tuple[str, ...] = ()):
+def _schema(combinator: str | None = None, fields: tuple[str, ...] = ()) -> Callable[[dict, type], None]:
     """json_schema_extra: no null defaults on non-null fields; with `combinator`, anyOf or oneOf `fields` required."""
 
     def extra(schema: dict, cls: type) -> None:
