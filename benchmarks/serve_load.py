@@ -125,15 +125,16 @@ def synthetic_checkpoint(path: Path, n: int, dim: int, experts: int, seed: int) 
 
 
 def query_vectors(ckpt: Path, count: int, seed: int) -> np.ndarray:
-    """Stored vectors plus noise, normalised (vectors are read from the checkpoint's .npy files)."""
-    from moe_router.checkpoint.format import read_manifest
+    """Stored vectors plus noise, normalised."""
+    from moe_router import Router
 
-    manifest = read_manifest(ckpt)  # the current version's, file names relative to ckpt
+    router = Router.load(ckpt, verify=False)
+    xbs = [e.vectors() for e in router.experts]  # (n_e, d) each
+    router.close()
     rng = np.random.default_rng(seed)
     rows = []
     for _ in range(count):
-        info = manifest["experts"][rng.integers(len(manifest["experts"]))]
-        xb = np.load(ckpt / info["vectors"], mmap_mode="r")
+        xb = xbs[rng.integers(len(xbs))]
         rows.append(xb[rng.integers(len(xb))] + 0.05 * rng.standard_normal(xb.shape[1]))
     xq = np.array(rows, dtype=np.float32)
     return xq / np.linalg.norm(xq, axis=1, keepdims=True)

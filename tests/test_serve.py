@@ -20,6 +20,7 @@ from moe_router.apps.serve import serve
 from moe_router.gate import initial_gate
 from moe_router.serving import AuthConfig, BatchConfig, Limits, Query, RouterState, create_app, run_queries
 from moe_router.serving.config import check_exposure
+from moe_router.types import SearchParams
 
 DIM = 64
 TOPICS = {
@@ -88,23 +89,18 @@ def test_run_queries__batched_pass_equals_one_call_per_request(ckpt):
     rng = np.random.default_rng(0)
     xq = router.prepare(rng.standard_normal((6, DIM)).astype(np.float32))[0]
     queries = [
-        Query("search", xq=xq[:2], k=3, top_experts=2),
-        Query("search", texts=["sql join index", "docker helm build"], k=7, top_experts=2),
-        Query("search", xq=xq[2:3], k=5, top_experts=1),
-        Query("route", xq=xq[3:6], top_experts=3),
-        Query("search", xq=xq[:1], k=10_000, top_experts=2),  # k over the stored vectors: fails alone
-        Query("search", xq=xq[:2], k=2, top_experts=2, per_expert=True),  # beside k=3 and k=7 of the same kind
+        Query("search", SearchParams(k=3, top_experts=2), xq=xq[:2]),
+        Query("search", SearchParams(k=7, top_experts=2), texts=["sql join index", "docker helm build"]),
+        Query("search", SearchParams(k=5, top_experts=1), xq=xq[2:3]),
+        Query("route", SearchParams(top_experts=3), xq=xq[3:6]),
+        Query("search", SearchParams(k=10_000, top_experts=2), xq=xq[:1]),  # k over the stored vectors: fails alone
+        Query("search", SearchParams(k=2, per_expert=True), xq=xq[:2]),  # beside k=3 and k=7 of the same kind
     ]
     got = run_queries(router, queries)
     assert [h.id for h in got[0][1]] == [h.id for h in router.search(xq[1], k=3, top_experts=2)]
     for q, res in [*zip(queries[:4], got[:4]), (queries[5], got[5])]:
-        want = (
-            router.search(
-                q.xq if q.xq is not None else q.texts, k=q.k, top_experts=q.top_experts, per_expert=q.per_expert
-            )
-            if q.op == "search"
-            else router.route(q.xq, top_experts=q.top_experts)
-        )
+        queried = q.xq if q.xq is not None else q.texts
+        want = router.search(queried, q.params) if q.op == "search" else router.route(queried, q.params)
         if q.op == "search":
             assert [[(h.id, h.expert) for h in row] for row in res] == [[(h.id, h.expert) for h in row] for row in want]
             np.testing.assert_allclose(
@@ -250,6 +246,87 @@ def test_bad_input__is_a_4xx_json_error_and_the_server_keeps_serving(client, met
     if status >= 400:
         assert isinstance(r.json()["error"], str) and r.json()["error"]
     assert client.post("/search", json={"text": "sql join", "k": 2}).status_code == 200
+
+
+def searchparams_error(**options) -> str:
+    with pytest.raises(ValueError) as exc:
+        SearchParams(**options)
+    return str(exc.value)
+
+
+@pytest.mark.parametrize(
+    "path, option, value",
+    [
+        ("/search", "per_expert", "no"),  # once read as true
+        ("/search", "with_text", "no"),
+        ("/search", "max_experts", -5),  # once passed
+        ("/route", "max_experts", -5),
+        ("/search", "top_p", 0),
+        ("/route", "top_p", 0),
+        ("/search", "k", 0),
+        ("/search", "k", None),
+        ("/search", "prior_weight", "0.1"),
+    ],
+)
+def test_search_option_refused__is_422_with_searchparams_own_message(client, path, option, value):
+    r = client.post(path, json={"text": "sql join", option: value})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"] == searchparams_error(**{option: value})
+    assert r.json()["error"].startswith(option)
+
+
+@pytest.mark.parametrize(
+    "path, body, field",
+    [
+        ("/route", {"vector": [1.0] * (DIM - 1)}, "vector"),
+        ("/search", {"vector": [1.0] * (DIM + 1)}, "vector"),
+        ("/search", {"vectors": [[1.0] * DIM, [1.0] * 3]}, "vectors.1"),
+        ("/feedback", {"vector": [1.0] * 3, "expert": "devops", "positive": True}, "vector"),
+        ("/experts", {"name": "short", "vectors": [[1.0] * (DIM - 1)]}, "vectors.0"),
+    ],
+)
+def test_vectors_of_the_wrong_dimension__are_422_naming_the_field(client, path, body, field):
+    r = client.post(path, json=body)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"].startswith(f"{field}: expected {DIM} numbers")
+    assert client.get("/experts").json()["generation"] == 0
+
+
+def test_openapi__states_the_served_dim_and_limits(client):
+    doc = client.get("/openapi.json").json()
+    assert "x-served" not in json.dumps(doc)
+    search = doc["paths"]["/search"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    assert search["vector"]["minItems"] == search["vector"]["maxItems"] == DIM
+    assert search["vectors"]["maxItems"] == 8 and search["texts"]["items"]["maxLength"] == 4096
+    assert search["k"]["maximum"] == 50 and search["k"]["minimum"] == 1
+
+
+def test_run_queries__requests_equal_but_for_k_share_one_search(ckpt, monkeypatch):
+    router = Router.load(ckpt)
+    xq = router.prepare(np.random.default_rng(1).standard_normal((5, DIM)).astype(np.float32))[0]
+    calls = []
+    real_search = Router.search
+    monkeypatch.setattr(Router, "search", lambda self, *a, **kw: (calls.append(a[1]), real_search(self, *a, **kw))[1])
+    merged = [
+        Query("search", SearchParams(k=2, top_experts=2), xq=xq[:2]),
+        Query("search", SearchParams(k=6, top_experts=2), xq=xq[2:3]),
+        Query("search", SearchParams(k=4, top_experts=2), texts=["sql join", "   "]),  # a blank text fails alone
+        Query("search", SearchParams(k=3, top_experts=2), texts=["docker helm"]),
+    ]
+    got = run_queries(router, merged)
+    assert calls == [SearchParams(k=6, top_experts=2)]  # one pass for the three good requests, at their largest k
+    assert isinstance(got[2], ValueError) and "text 1 is empty" in str(got[2])
+    monkeypatch.undo()
+    for q, res in zip(merged, got):
+        if q is not merged[2]:
+            want = router.search(q.xq if q.xq is not None else q.texts, q.params)
+            assert [[h.id for h in row] for row in res] == [[h.id for h in row] for row in want]
+    monkeypatch.setattr(Router, "search", lambda self, *a, **kw: (calls.append(a[1]), real_search(self, *a, **kw))[1])
+    calls.clear()
+    per_expert = [Query("search", SearchParams(k=k, per_expert=True), xq=xq[:1]) for k in (2, 3, 2)]
+    got = run_queries(router, per_expert)
+    assert sorted(p.k for p in calls) == [2, 3]  # per-expert hits are grouped by expert: no cutting back, k apart
+    assert [len(res[0]) for res in got] == [4, 6, 4]
 
 
 def test_k_over_stored_vectors__is_422(tmp_path):
@@ -425,7 +502,7 @@ def test_expert_changes__searches_see_old_or_new_set_never_a_mix(ckpt):
     assert {a["generation"] % 2 for a in answers} == {0, 1}
 
 
-# ---------------------------------------------------------------- load (short; benchmarks/serve_load.py is the real one)
+# ---------------------------------------------------------- load (short; benchmarks/serve_load.py is the real one)
 
 
 def test_short_load__all_answered_and_batched(ckpt):

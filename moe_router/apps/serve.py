@@ -30,8 +30,8 @@ def serve(cfg: DictConfig) -> None:
     with state.lease() as snap:
         router = snap.router
     print(
-        f"Serving {cfg.ckpt}: {router.num_experts} experts, {router.ntotal} vectors, dim {router.dim}, {router.backend}, "
-        f"on http://{cfg.host}:{cfg.port} (OpenAPI at /docs)",
+        f"Serving {cfg.ckpt}: {router.num_experts} experts, {router.ntotal} vectors, dim {router.dim}, "
+        f"{router.backend}, on http://{cfg.host}:{cfg.port} (OpenAPI at /docs)",
         flush=True,
     )
     try:

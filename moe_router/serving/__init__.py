@@ -13,7 +13,5 @@ __all__ = [
     "Query",
     "RouterState",
     "create_app",
-    "fork_router",
-    "recover_checkpoint",
     "run_queries",
 ]

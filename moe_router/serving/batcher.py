@@ -1,5 +1,5 @@
 """Micro-batching: queries from concurrent requests share one embedder call, one gate pass and one
-grouped FAISS pass (Router.route / Router.search over the stacked queries).
+grouped FAISS pass (Router.route / Router.search over the stacked queries), grouped by their SearchParams.
 
 Dimension legend: n queries in one request, N queries in one pass, d vector dim.
 """
@@ -11,14 +11,16 @@ import threading
 import time
 from collections import defaultdict, deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
+from moe_router.embed.base import check_text_list
 from moe_router.routing.router import Router
 from moe_router.serving.config import BatchConfig
 from moe_router.serving.state import RouterState
+from moe_router.types import SearchParams
 
 log = logging.getLogger(__name__)
 
@@ -29,57 +31,48 @@ class Overloaded(RuntimeError):
 
 @dataclass
 class Query:
-    """One request's queries: texts (embedded in the pass) or prepared vectors (n, d)."""
+    """One request's queries, texts (embedded in the pass) or prepared vectors (n, d), and what they ask (params)."""
 
     op: str  # "route" | "search"
+    params: SearchParams  # checked when built; what depends on the router is checked in the pass
     texts: list[str] | None = None
     xq: np.ndarray | None = None  # (n, d) float32, already checked and normalised
-    k: int = 10  # hits per query (search only)
-    top_experts: int = 2  # experts routed to / searched per query
-    top_p: float | None = None  # set: the smallest set of experts whose probability reaches top_p instead
-    max_experts: int = 4  # with top_p: the most experts per query (capped at the number of experts)
-    with_text: bool = True  # search only: fetch each hit's text and metadata from the store
-    per_expert: bool = False  # search only: k hits from each searched expert instead of k in all
-    prior_weight: float | None = None  # search only: weight of log p(expert) in the merge; None = the router's
     submitted: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        if self.op not in ("route", "search") or (self.texts is None) == (self.xq is None) or self.n == 0:
+            raise ValueError(f"a Query is a 'route' or 'search' of some texts or of some xq, got op={self.op!r}")
 
     @property
     def n(self) -> int:
         return len(self.texts) if self.texts is not None else int(self.xq.shape[0])
 
 
-def _check(router: Router, q: Query) -> None:
-    if q.top_p is not None:
-        if not 0.0 < q.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {q.top_p}")
-        if q.max_experts < 1:
-            raise ValueError(f"max_experts must be >= 1, got {q.max_experts}")
-    elif not 1 <= q.top_experts <= router.num_experts:
-        raise ValueError(
-            f"top_experts must be between 1 and {router.num_experts} (the number of experts), got {q.top_experts}"
-        )
-    if q.op == "search" and not 1 <= q.k <= router.ntotal:
-        raise ValueError(f"k must be between 1 and {router.ntotal} (the number of stored vectors), got {q.k}")
+def _asked(q: Query) -> SearchParams:
+    """`q.params`, with k=1 for a route: it finds no hits, but Router.check_params bounds k by the stored vectors."""
+    return q.params if q.op == "search" else replace(q.params, k=1)
 
 
 def run_queries(router: Router, queries: list[Query]) -> list[list[Any] | Exception]:
     """Answer every query against one router: per request, a list (one entry per query) or its error.
 
-    A bad request fails alone; the rest of the pass goes on. Requests are grouped by
-    (op, top_experts, top_p, max_experts, with_text, per_expert, prior_weight) - one group in the common case - and each group is
-    one Router.route or Router.search call over the stacked queries, searched with the group's
-    largest k and cut back to each request's k (exact search: the top k of the top K). Per-expert
-    searches are grouped by their k too, so nothing needs cutting.
+    A bad request fails alone (Router.check_params and the texts' check run per request); the rest
+    of the pass goes on. Text queries share one embedder call. Requests are grouped by (op, params),
+    one group in the common case, and each group is one Router.route or Router.search call over the
+    stacked queries. A merged search's k is left out of its group's key: the group is searched with
+    its largest k and each request's hits cut back to its own k (exact search: the top k of the top K).
+    Per-expert searches are grouped by their k too, so nothing needs cutting.
     """
     out: list[list[Any] | Exception | None] = [None] * len(queries)
-    xqs: dict[int, np.ndarray] = {}
+    asked: dict[int, SearchParams] = {}
     for i, q in enumerate(queries):
         try:
-            _check(router, q)
-            if q.xq is not None:
-                xqs[i] = q.xq
+            asked[i] = router.check_params(_asked(q))
+            if q.texts is not None:  # here, or one bad text would fail the pass's shared embedder call
+                check_text_list(q.texts, "texts")
         except ValueError as exc:
             out[i] = exc
+    xqs = {i: q.xq for i, q in enumerate(queries) if out[i] is None and q.xq is not None}
     texted = [i for i, q in enumerate(queries) if out[i] is None and q.texts is not None]
     if texted:
         try:
@@ -90,39 +83,19 @@ def run_queries(router: Router, queries: list[Query]) -> list[list[Any] | Except
         except ValueError as exc:
             for i in texted:
                 out[i] = exc
-    groups: dict[tuple, list[int]] = defaultdict(list)
+    groups: dict[tuple[str, SearchParams], list[int]] = defaultdict(list)
     for i in xqs:
         if out[i] is None:
-            q = queries[i]
-            adaptive = (q.top_p, q.max_experts) if q.top_p is not None else (None, None)
-            groups[
-                (
-                    q.op,
-                    q.top_experts,
-                    *adaptive,
-                    q.with_text,
-                    q.per_expert,
-                    q.prior_weight,
-                    q.k if q.per_expert else None,
-                )
-            ].append(i)
-    for (op, top_experts, top_p, max_experts, with_text, per_expert, prior_weight, _), idx in groups.items():
-        adaptive = {"top_p": top_p, "max_experts": max_experts} if top_p is not None else {}
+            q, params = queries[i], asked[i]
+            merged = q.op == "search" and not params.per_expert
+            groups[(q.op, replace(params, k=1) if merged else params)].append(i)
+    for (op, params), idx in groups.items():
         xq = np.concatenate([xqs[i] for i in idx])  # (N, d)
         try:
             if op == "route":
-                rows = router.route(xq, top_experts=top_experts, **adaptive)
+                rows = router.route(xq, params)
             else:
-                k = max(queries[i].k for i in idx)
-                rows = router.search(
-                    xq,
-                    k=k,
-                    top_experts=top_experts,
-                    with_text=with_text,
-                    per_expert=per_expert,
-                    prior_weight=prior_weight,
-                    **adaptive,
-                )
+                rows = router.search(xq, replace(params, k=max(asked[i].k for i in idx)))
         except ValueError as exc:
             for i in idx:
                 out[i] = exc
@@ -131,7 +104,7 @@ def run_queries(router: Router, queries: list[Query]) -> list[list[Any] | Except
         for i in idx:
             q = queries[i]
             part = rows[start : start + q.n]
-            out[i] = [hits[: q.k] for hits in part] if op == "search" and not per_expert else part
+            out[i] = [hits[: q.params.k] for hits in part] if op == "search" and not params.per_expert else part
             start += q.n
     return out  # type: ignore[return-value]
 

@@ -1,27 +1,232 @@
-"""Request and response bodies. Built per server, so the OpenAPI schema states this checkpoint's
-vector dimension and this config's limits (a client or a fuzzer reads the real bounds)."""
+"""Request and response bodies: static models whose fields are typed strictly (no coercion: "3" is not 3).
+
+The value rules live where their records are built: search options in SearchParams (built here, from
+the fields as sent), what describes an expert in ExpertSpec (or the lifecycle call that builds one),
+texts in the embedder's check, vectors in the body dependency (serving.deps) against the served
+checkpoint, sizes in serving.deps.check_limits against serving.config.Limits. The schema only
+describes them; bounds that belong to the served checkpoint or config are marked with `served(...)`
+and filled into the app's OpenAPI document (fill_served), so a client or a fuzzer reads the real ones.
+"""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-from typing import Annotated, Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Annotated, Any, ClassVar
 
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    StringConstraints,
-    TypeAdapter,
-    WithJsonSchema,
-    model_validator,
-)
+import numpy as np
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, WithJsonSchema, model_validator
+from pydantic_core import PydanticCustomError
 
-from moe_router.serving.config import Limits
-from moe_router.types import ExpertScore, Hit
+from moe_router.checks import MAX_NAME_CHARS, MAX_SPECIALIZATION_CHARS
+from moe_router.types import FIELDS, ExpertScore, Hit, SearchParams
 
 QUERY_FIELDS = ("text", "texts", "vector", "vectors")
-FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+SERVED = "x-served"
+
+
+def served(**bounds: str) -> dict[str, dict[str, str]]:
+    """json_schema_extra: each JSON Schema keyword's value is the served `dim` or a Limits field (fill_served)."""
+    return {SERVED: bounds}
+
+
+def fill_served(node: Any, bounds: Mapping[str, int]) -> Any:
+    """`node` (an OpenAPI document) with every served(...) marker replaced by its value in `bounds`, in place."""
+    if isinstance(node, dict):
+        for keyword, bound in node.pop(SERVED, {}).items():
+            node[keyword] = bounds[bound]
+        for value in node.values():
+            fill_served(value, bounds)
+    elif isinstance(node, list):
+        for value in node:
+            fill_served(value, bounds)
+    return node
+
+
+def _schema(combinator: str | None = None, fields: tuple[str, ...] = ()) -> Callable[[dict, type], None]:
+    """json_schema_extra: no null defaults on non-null fields; with `combinator`, anyOf or oneOf `fields` required."""
+
+    def extra(schema: dict, cls: type) -> None:
+        if combinator is not None:
+            schema[combinator] = [{"required": [f]} for f in fields]
+        for prop in schema["properties"].values():
+            if "default" in prop and prop["default"] is None and "anyOf" not in prop:
+                del prop["default"]
+
+    return extra
+
+
+def _integral(v: Any) -> Any:
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+Text = Annotated[str, Field(json_schema_extra={"minLength": 1, **served(maxLength="max_text_chars")})]
+Number = Annotated[float, Field(json_schema_extra={"minimum": -FLOAT32_MAX, "maximum": FLOAT32_MAX})]  # float32
+Vector = Annotated[list[Number], Field(json_schema_extra=served(minItems="dim", maxItems="dim"))]
+Name = Annotated[str, Field(json_schema_extra={"minLength": 1, "maxLength": MAX_NAME_CHARS})]
+Specialization = Annotated[str, Field(json_schema_extra={"maxLength": MAX_SPECIALIZATION_CHARS})]
+# JSON Schema counts 3.0 as an integer; strict mode still rejects "3", true and 2.5.
+Int = Annotated[int, BeforeValidator(_integral)]
+
+# Search options reach SearchParams as sent (an integral float made an int, as above): it is the one
+# check of their types and values, so `"per_expert": "no"` is refused with its message, never read as true.
+Count = Annotated[Any, BeforeValidator(_integral), WithJsonSchema({"type": "integer", "minimum": 1})]
+Flag = Annotated[Any, WithJsonSchema({"type": "boolean"})]
+Mass = Annotated[
+    Any, WithJsonSchema({"anyOf": [{"type": "number", "exclusiveMinimum": 0, "maximum": 1}, {"type": "null"}]})
+]
+Weight = Annotated[Any, WithJsonSchema({"anyOf": [{"type": "number", "minimum": 0}, {"type": "null"}]})]
+
+
+def _sizes(name: str, rows: list | None, limit: str) -> Iterator[tuple[str, int, str]]:
+    """The size of a list field and, for texts, of each text."""
+    if rows is None:
+        return
+    yield name, len(rows), limit
+    for i, row in enumerate(rows):
+        if isinstance(row, str):
+            yield f"{name}.{i}", len(row), "max_text_chars"
+
+
+class Body(BaseModel):
+    """A request body: JSON types checked strictly, unknown fields refused (the values: see the module docstring)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra=_schema())
+    VECTORS: ClassVar[tuple[str, ...]] = ()  # fields holding vectors, checked against the served checkpoint (deps)
+
+    def sizes(self) -> Iterator[tuple[str, int, str]]:
+        """(field, size, the Limits field bounding it) for each size of the body the server limits."""
+        return iter(())
+
+
+class Queries(Body):
+    """One query or a batch (exactly one of text, texts, vector, vectors) and the search options, as `params`."""
+
+    model_config = ConfigDict(json_schema_extra=_schema("oneOf", QUERY_FIELDS))
+    VECTORS: ClassVar[tuple[str, ...]] = ("vector", "vectors")
+
+    # Optional fields are typed without None (`text: Text = None`): left out they default to None,
+    # an explicit null is refused, and the schema does not offer null.
+    text: Text = None  # one query text
+    texts: Annotated[list[Text], Field(min_length=1, json_schema_extra=served(maxItems="max_queries"))] = None
+    vector: Vector = None  # one query vector
+    vectors: Annotated[list[Vector], Field(min_length=1, json_schema_extra=served(maxItems="max_queries"))] = None
+    top_experts: Annotated[Count, Field(description="experts per query; at most the number of experts")] = 2
+    top_p: Annotated[
+        Mass, Field(description="adaptive expert count: the smallest set of experts whose probability reaches top_p")
+    ] = None
+    max_experts: Annotated[
+        Count, Field(description="with top_p: the most experts per query (capped at the number of experts)")
+    ] = 4
+    _params: SearchParams = PrivateAttr()
+
+    @model_validator(mode="after")
+    def _checked(self) -> Queries:
+        given = [f for f in QUERY_FIELDS if getattr(self, f) is not None]
+        if len(given) != 1:
+            raise PydanticCustomError(
+                "query_fields",
+                "give exactly one of {fields}; got {given}",
+                {"fields": ", ".join(QUERY_FIELDS), "given": ", ".join(given) or "none"},
+            )
+        try:
+            self._params = SearchParams(**{f: getattr(self, f) for f in type(self).model_fields if f in FIELDS})
+        except ValueError as exc:
+            raise PydanticCustomError("search_params", "{error}", {"error": str(exc)}) from None
+        return self
+
+    @property
+    def params(self) -> SearchParams:
+        """The search options, checked by SearchParams when the body was parsed."""
+        return self._params
+
+    @property
+    def query_texts(self) -> list[str] | None:
+        return [self.text] if self.text is not None else self.texts
+
+    def sizes(self) -> Iterator[tuple[str, int, str]]:
+        if self.text is not None:
+            yield "text", len(self.text), "max_text_chars"
+        yield from _sizes("texts", self.texts, "max_queries")
+        yield from _sizes("vectors", self.vectors, "max_queries")
+
+
+class RouteRequest(Queries):
+    """Queries to route: each one's experts, with the gate's probabilities."""
+
+
+class SearchRequest(Queries):
+    """Queries to route and search: each one's k best hits in its chosen experts."""
+
+    k: Annotated[
+        Count,
+        Field(description="hits per query; at most the stored vectors", json_schema_extra=served(maximum="max_k")),
+    ] = 10
+    with_text: Annotated[Flag, Field(description="fetch each hit's text and metadata")] = True
+    per_expert: Annotated[
+        Flag, Field(description="k hits from each searched expert (grouped, most probable first), not k in all")
+    ] = False
+    prior_weight: Annotated[
+        Weight,
+        Field(description="merge by score + w * log p(expert); null = the checkpoint's (0 = by score alone)"),
+    ] = None
+
+    def sizes(self) -> Iterator[tuple[str, int, str]]:
+        yield from super().sizes()
+        yield "k", self.params.k, "max_k"
+
+
+class FeedbackRequest(Body):
+    model_config = ConfigDict(json_schema_extra=_schema("oneOf", ("text", "vector")))
+    VECTORS: ClassVar[tuple[str, ...]] = ("vector",)
+
+    text: Text = None  # the query, as text
+    vector: Vector = None  # or as a vector
+    expert: str  # the expert that served it
+    positive: bool  # did this expert serve the query well
+
+    @model_validator(mode="after")
+    def _one_query(self) -> FeedbackRequest:
+        if (self.text is None) == (self.vector is None):
+            raise PydanticCustomError("query_fields", "give exactly one of text, vector")
+        return self
+
+    def sizes(self) -> Iterator[tuple[str, int, str]]:
+        if self.text is not None:
+            yield "text", len(self.text), "max_text_chars"
+
+
+class AddExpertRequest(Body):
+    """texts (embedded by the checkpoint's embedder) or vectors, or both (one text per vector)."""
+
+    model_config = ConfigDict(json_schema_extra=_schema("anyOf", ("texts", "vectors")))
+    VECTORS: ClassVar[tuple[str, ...]] = ("vectors",)
+
+    name: Name
+    texts: Annotated[list[Text], Field(min_length=1, json_schema_extra=served(maxItems="max_expert_vectors"))] = None
+    vectors: Annotated[list[Vector], Field(min_length=1, json_schema_extra=served(maxItems="max_expert_vectors"))] = (
+        None
+    )
+    specialization: Specialization = ""
+    parent: Name | None = None
+    metadata: Annotated[list[dict[str, Any]], Field(json_schema_extra=served(maxItems="max_expert_vectors"))] = None
+
+    def sizes(self) -> Iterator[tuple[str, int, str]]:
+        for name in ("texts", "vectors", "metadata"):
+            yield from _sizes(name, getattr(self, name), "max_expert_vectors")
+
+
+class MergeExpertsRequest(Body):
+    a: Name  # the two experts to merge; the merged one takes a's place
+    b: Name
+    name: Name | None = None  # the merged expert's name (default "a+b"; may be a or b)
+    specialization: Specialization | None = None  # default: the two's, joined when they differ
+
+
+class SplitExpertRequest(Body):
+    name: Name  # the expert to split by k-means over its vectors
+    parts: Annotated[Int, Field(json_schema_extra={"minimum": 2})] = 2
+    names: Annotated[list[Name], Field(json_schema_extra={"minItems": 2})] | None = None  # default name/0, name/1, ...
 
 
 class ErrorResponse(BaseModel):
@@ -111,151 +316,3 @@ class ReadyResponse(BaseModel):
     generation: int
     experts: int
     vectors: int
-
-
-def _exactly_one(body: BaseModel, fields: tuple[str, ...]) -> None:
-    given = [f for f in fields if getattr(body, f) is not None]
-    if len(given) != 1:
-        raise ValueError(f"give exactly one of {', '.join(fields)}; got {', '.join(given) or 'none'}")
-
-
-def _schema(combinator: str, fields: tuple[str, ...]):
-    """json_schema_extra: at least one (anyOf) or exactly one (oneOf) of `fields`; no null defaults on non-null fields."""
-
-    def extra(schema: dict, cls: type) -> None:
-        schema[combinator] = [{"required": [f]} for f in fields]
-        for prop in schema["properties"].values():
-            if "default" in prop and prop["default"] is None and "anyOf" not in prop:
-                del prop["default"]
-
-    return extra
-
-
-def _integral(v: Any) -> Any:
-    return int(v) if isinstance(v, float) and v.is_integer() else v
-
-
-# JSON Schema counts 3.0 as an integer; strict mode still rejects "3", true and 2.5.
-Int = Annotated[int, BeforeValidator(_integral)]
-
-
-def build_models(dim: int, limits: Limits, nonzero: bool = True) -> SimpleNamespace:
-    """Request models for vectors of `dim` and the bounds in `limits`; `nonzero` for metric ip.
-
-    Optional query fields are typed without None (`text: Text = None`): left out they default
-    to None, but an explicit null is rejected, and the schema does not offer null.
-    """
-    Text = Annotated[str, StringConstraints(min_length=1, max_length=limits.max_text_chars, pattern=r"\S")]
-    Number = Annotated[float, Field(allow_inf_nan=False, ge=-FLOAT32_MAX, le=FLOAT32_MAX)]  # vectors are float32
-    Vector = Annotated[list[Number], Field(min_length=dim, max_length=dim)]
-    if nonzero:  # metric ip normalises every vector: the zero vector has no direction
-        Vector = Annotated[
-            Vector, WithJsonSchema({**TypeAdapter(Vector).json_schema(), "not": {"items": {"const": 0}}})
-        ]
-    Texts = Annotated[list[Text], Field(min_length=1, max_length=limits.max_queries)]
-    Vectors = Annotated[list[Vector], Field(min_length=1, max_length=limits.max_queries)]
-    TopExperts = Annotated[Int, Field(ge=1, le=1024, description="experts per query; at most the number of experts")]
-    TopP = Annotated[
-        float,
-        Field(
-            gt=0.0,
-            le=1.0,
-            allow_inf_nan=False,
-            description="adaptive expert count: the smallest set of experts whose probability reaches top_p",
-        ),
-    ]
-    PriorWeight = Annotated[
-        float,
-        Field(
-            ge=0.0, le=100.0, allow_inf_nan=False, description="weight of the log gate probability when merging hits"
-        ),
-    ]
-    MaxExperts = Annotated[
-        Int,
-        Field(ge=1, le=1024, description="with top_p: the most experts per query (capped at the number of experts)"),
-    ]
-
-    class Queries(BaseModel):
-        model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra=_schema("oneOf", QUERY_FIELDS))
-
-        text: Text = None  # one query text
-        texts: Texts = None  # a batch of query texts
-        vector: Vector = None  # one query vector
-        vectors: Vectors = None  # a batch of query vectors
-
-        @model_validator(mode="after")
-        def _one_query_field(self) -> Queries:
-            _exactly_one(self, QUERY_FIELDS)
-            return self
-
-    class RouteRequest(Queries):
-        top_experts: TopExperts = 2
-        top_p: TopP = None  # set: adaptive expert count instead of top_experts
-        max_experts: MaxExperts = 4  # with top_p only
-
-    class SearchRequest(Queries):
-        k: Annotated[Int, Field(ge=1, le=limits.max_k, description="hits per query; at most the stored vectors")] = 10
-        top_experts: TopExperts = 2
-        top_p: TopP = None  # set: adaptive expert count instead of top_experts
-        max_experts: MaxExperts = 4  # with top_p only
-        with_text: bool = True  # fetch each hit's text and metadata
-        per_expert: bool = False  # k hits from each searched expert (grouped, most probable first), not k in all
-        prior_weight: PriorWeight = None  # merge by score + w * log p(expert); None = the checkpoint's (0 = by score)
-
-    class FeedbackRequest(BaseModel):
-        model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra=_schema("oneOf", ("text", "vector")))
-
-        text: Text = None  # the query, as text
-        vector: Vector = None  # or as a vector
-        expert: Annotated[str, StringConstraints(min_length=1, max_length=256)]
-        positive: bool  # did this expert serve the query well
-
-        @model_validator(mode="after")
-        def _one_query(self) -> FeedbackRequest:
-            _exactly_one(self, ("text", "vector"))
-            return self
-
-    ExpertName = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^\S(.*\S)?$")]
-    Specialization = Annotated[str, StringConstraints(max_length=1024)]
-
-    class AddExpertRequest(BaseModel):
-        model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra=_schema("anyOf", ("texts", "vectors")))
-
-        name: ExpertName
-        texts: Annotated[list[Text], Field(min_length=1, max_length=limits.max_expert_vectors)] = None
-        vectors: Annotated[list[Vector], Field(min_length=1, max_length=limits.max_expert_vectors)] = None
-        specialization: Specialization = ""
-        parent: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
-        metadata: Annotated[list[dict[str, Any]], Field(max_length=limits.max_expert_vectors)] = None
-
-        @model_validator(mode="after")
-        def _has_vectors(self) -> AddExpertRequest:
-            if self.texts is None and self.vectors is None:
-                raise ValueError("give texts (embedded by the checkpoint's embedder) or vectors, or both")
-            return self
-
-    class MergeExpertsRequest(BaseModel):
-        model_config = ConfigDict(strict=True, extra="forbid")
-
-        a: ExpertName  # the two experts to merge; the merged one takes a's place
-        b: ExpertName
-        name: ExpertName | None = None  # the merged expert's name (default "a+b"; may be a or b)
-        specialization: Specialization | None = None  # default: the two's, joined when they differ
-
-    class SplitExpertRequest(BaseModel):
-        model_config = ConfigDict(strict=True, extra="forbid")
-
-        name: ExpertName  # the expert to split by k-means over its vectors
-        parts: Annotated[Int, Field(ge=2, le=64)] = 2
-        names: Annotated[list[ExpertName], Field(min_length=2, max_length=64)] | None = (
-            None  # default name/0, name/1, ...
-        )
-
-    return SimpleNamespace(
-        RouteRequest=RouteRequest,
-        SearchRequest=SearchRequest,
-        FeedbackRequest=FeedbackRequest,
-        AddExpertRequest=AddExpertRequest,
-        MergeExpertsRequest=MergeExpertsRequest,
-        SplitExpertRequest=SplitExpertRequest,
-    )

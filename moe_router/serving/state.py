@@ -33,9 +33,10 @@ import torch
 
 from moe_router.checkpoint.format import current_version
 from moe_router.index.expert import Expert
-from moe_router.lifecycle.merge_split import merge_experts, split_expert
+from moe_router.lifecycle import merge_experts, split_expert
 from moe_router.routing.backends import ExpertBackend
 from moe_router.routing.router import Router
+from moe_router.types import ExpertSpec
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -174,19 +175,20 @@ class RouterState:
 
     def add_expert(
         self,
-        name: str,
+        spec: ExpertSpec,
         vectors: np.ndarray | None = None,
         texts: Sequence[str] | None = None,
-        specialization: str = "",
-        parent: str | None = None,
         metadata: Sequence[dict] | None = None,
     ) -> tuple[Expert, int]:
-        """Add an expert, save the checkpoint, swap it in; returns the expert and the new generation."""
+        """Add the expert `spec` describes, save the checkpoint, swap it in; the expert and the new generation."""
 
         def check(router: Router) -> None:
-            _free_names(router, [name])
+            _free_names(router, [spec.name])
 
-        return self._change(check, lambda fork: fork.add_expert(name, vectors, texts, specialization, parent, metadata))
+        def change(fork: Router) -> Expert:
+            return fork.add_expert(spec.name, vectors, texts, spec.specialization, spec.parent, metadata)
+
+        return self._change(check, change)
 
     def remove_expert(self, name: str) -> int:
         """Remove an expert, save the checkpoint, swap it in; returns the new generation."""
@@ -231,7 +233,7 @@ class RouterState:
                 fork = snap.router.fork(private_store=True)
             try:
                 result = change(fork)
-                self._persist(fork)
+                self._save(fork, recheck=True)
             except BaseException:
                 fork.close()
                 raise
@@ -243,9 +245,6 @@ class RouterState:
     def _check_writable(self) -> None:
         if self.failed is not None:
             raise PersistError(f"writes are off until a restart: {self.failed}")
-
-    def _persist(self, fork: Router) -> None:
-        self._save(fork, recheck=True)
 
     def _save(self, router: Router, recheck: bool) -> None:
         """Save `router` as the checkpoint's new version; PersistError (nothing changed on disk) when it cannot be."""

@@ -1,0 +1,45 @@
+"""GET /health and /ready (never behind the API key), and /stats."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from moe_router.serving.deps import SERVER, Server
+from moe_router.serving.errors import error, responses
+from moe_router.serving.schemas import HealthResponse, ReadyResponse, StatsResponse
+
+public, reads = APIRouter(), APIRouter()
+
+
+@public.get("/health", response_model=HealthResponse)
+async def health() -> dict:
+    """Liveness: the process answers."""
+    return {"status": "ok"}
+
+
+@public.get("/ready", response_model=ReadyResponse, responses=responses(503))
+async def ready(srv: Server = SERVER) -> Any:
+    """Readiness: a checkpoint is loaded and, with batching on, the batch worker runs."""
+    if srv.batcher is not None and not srv.batcher.running:
+        return error(503, "the batch worker is not running")
+    if srv.state.failed is not None:
+        return error(503, srv.state.failed)
+    with srv.state.lease() as snap:
+        r = snap.router
+        return {"status": "ready", "generation": snap.generation, "experts": r.num_experts, "vectors": r.ntotal}
+
+
+@reads.get("/stats", response_model=StatsResponse)
+async def stats(srv: Server = SERVER) -> dict:
+    """Per expert: vectors, queries routed to it, load share, mean confidence; and batching counters."""
+    with srv.state.lease() as snap:
+        experts = [vars(s) for s in snap.router.stats()]
+    b = srv.batcher
+    server_stats = {"batching": b is not None, "passes": 0, "queries": 0, "mean_pass": 0.0, "largest_pass": 0}
+    if b is not None:
+        server_stats.update(
+            passes=b.passes, queries=b.queries, largest_pass=b.largest_pass, mean_pass=b.queries / max(b.passes, 1)
+        )
+    return {"generation": snap.generation, "experts": experts, "server": server_stats}

@@ -1,0 +1,84 @@
+"""POST /route and /search: a request's queries become one Query, answered in a micro-batch pass (or alone)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import asdict, replace
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, HTTPException
+from fastapi.concurrency import run_in_threadpool
+
+from moe_router.serving.batcher import Overloaded, Query, run_now
+from moe_router.serving.deps import SERVER, Server, json_body
+from moe_router.serving.errors import responses
+from moe_router.serving.schemas import RouteRequest, RouteResponse, SearchRequest, SearchResponse
+from moe_router.types import Hit
+
+reads = APIRouter()
+ROUTE, SEARCH = json_body(RouteRequest), json_body(SearchRequest)
+
+
+async def answer(srv: Server, query: Query) -> tuple[int, list]:
+    """(generation, one result per query) from the batcher, or from a pool thread when batching is off."""
+    try:
+        if srv.batcher is None:
+            return await run_in_threadpool(run_now, srv.state, query)
+        return await asyncio.wrap_future(srv.batcher.submit(query))
+    except Overloaded as exc:
+        raise HTTPException(503, f"overloaded: {exc}; retry shortly", headers={"Retry-After": "1"}) from None
+    except ValueError as exc:  # what the router refuses (k over its vectors, top_experts over its experts), texts
+        raise HTTPException(422, str(exc)) from None
+
+
+def _json_safe(value: Any) -> Any:
+    """`value` with the floats JSON cannot carry (NaN, inf) as strings, so an answer never fails to encode."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _hit(h: Hit) -> dict:
+    """A hit as JSON, its stored text and payload in the form the schema promises.
+
+    Payloads are checked at the door (dicts of JSON values), but a checkpoint written before that may
+    hold others: a non-dict comes back as {"value": payload}.
+    """
+    text = h.text if h.text is None or isinstance(h.text, str) else str(h.text)
+    metadata = _json_safe(h.metadata if isinstance(h.metadata, dict) else {"value": h.metadata})
+    return asdict(replace(h, text=text, metadata=metadata))
+
+
+@reads.post(
+    "/route",
+    response_model=RouteResponse,
+    openapi_extra=ROUTE.openapi,
+    responses=responses(400, 403, 413, 415, 422, 503),
+)
+async def route(body: RouteRequest = ROUTE.body, xq: np.ndarray | None = ROUTE.vectors, srv: Server = SERVER) -> dict:
+    """Each query's top_experts experts (or, with top_p, the fewest reaching that mass), with their probabilities."""
+    generation, rows = await answer(srv, Query("route", body.params, body.query_texts, xq))
+    return {"generation": generation, "results": [{"experts": [asdict(s) for s in row]} for row in rows]}
+
+
+@reads.post(
+    "/search",
+    response_model=SearchResponse,
+    openapi_extra=SEARCH.openapi,
+    responses=responses(400, 403, 413, 415, 422, 503),
+)
+async def search(
+    body: SearchRequest = SEARCH.body, xq: np.ndarray | None = SEARCH.vectors, srv: Server = SERVER
+) -> dict:
+    """Route each query and search only its top_experts experts (or the fewest reaching top_p): its k best hits."""
+    generation, rows = await answer(srv, Query("search", body.params, body.query_texts, xq))
+    return {
+        "generation": generation,
+        "results": [{"hits": [_hit(h) for h in hits], "missing_experts": list(hits.missing_experts)} for hits in rows],
+    }
