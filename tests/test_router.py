@@ -10,6 +10,7 @@ import torch
 from moe_router import HashingEmbedder, Router
 from moe_router.gate import initial_gate
 from moe_router.metrics import top_experts
+from moe_router.types import ExpertSpec
 from tests.helpers import DIM, SIZES, assert_same_topk, brute_force, clusters, make_router
 
 NTOTAL = sum(SIZES)
@@ -296,3 +297,21 @@ def test_initial_gate_without_experts__raises() -> None:
 def test_gate_probs__accepts_torch_queries(router_ip: Router, queries: np.ndarray) -> None:
     from_torch = router_ip.route(torch.from_numpy(queries[:3].astype(np.float32)), top_experts=1)
     assert from_torch == router_ip.route(queries[:3], top_experts=1)
+
+
+def test_route__does_not_bound_k_by_the_stored_vectors() -> None:
+    router = Router(DIM)
+    router.add_expert("a", np.eye(DIM, dtype=np.float32)[:2])
+    router.add_expert("b", np.eye(DIM, dtype=np.float32)[2:5])
+    router.set_gate(initial_gate(router.experts))
+    assert [s.expert for s in router.route(np.eye(DIM, dtype=np.float32)[0])] == ["a", "b"]  # k=10 > 5 vectors
+    with pytest.raises(ValueError, match="k must be between 1 and 5"):
+        router.search(np.eye(DIM, dtype=np.float32)[0])
+
+
+def test_add_expert__takes_a_checked_expert_spec() -> None:
+    router = make_router()
+    router.add_expert(ExpertSpec("new", "a topic", parent="expert0"), np.ones((2, DIM)))
+    assert (router.expert("new").specialization, router.expert("new").parent) == ("a topic", "expert0")
+    with pytest.raises(ValueError, match="in the ExpertSpec, not beside it"):
+        router.add_expert(ExpertSpec("other"), np.ones((2, DIM)), parent="expert0")

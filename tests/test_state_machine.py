@@ -214,7 +214,17 @@ def test_state_machine__ran_both_outcomes_of_the_operations() -> None:
     """The machine above ran (pytest orders tests by position in the file): every operation succeeded
     and was refused at least once, so neither path was left out."""
     print("state machine calls:", dict(sorted(COUNTS.items())))
-    for op in ("add", "remove", "merge", "split", "feedback", "abstain_threshold", "prior_weight", "set_parent",
-               "calibrate", "search"):
+    for op in (
+        "add",
+        "remove",
+        "merge",
+        "split",
+        "feedback",
+        "abstain_threshold",
+        "prior_weight",
+        "set_parent",
+        "calibrate",
+        "search",
+    ):
         assert COUNTS[f"{op} ok"] > 0 and COUNTS[f"{op} refused"] > 0, (op, dict(COUNTS))
     assert COUNTS["save ok"] > 0 and COUNTS["load ok"] > 0

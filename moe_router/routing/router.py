@@ -184,7 +184,7 @@ class Router:
 
     def add_expert(
         self,
-        name: str,
+        name: str | ExpertSpec,
         vectors: Any = None,
         texts: Sequence[str] | None = None,
         specialization: str = "",
@@ -198,10 +198,17 @@ class Router:
         output is fitted against the other experts (fit_expert_rows): the new expert takes its own
         queries without drawing the others'. `fit_row=False` only points the new row at its vectors'
         mean feature (Gate.add_expert), which can draw many of the other experts' queries until the
-        gate is fine-tuned. Nothing changes when any argument is refused or the fit fails.
+        gate is fine-tuned. Nothing changes when any argument is refused or the fit fails. `name` may
+        be an ExpertSpec (already checked where it entered), then without specialization or parent.
         """
+        if isinstance(name, ExpertSpec):
+            if specialization or parent is not None:
+                raise ValueError("add_expert: give specialization and parent in the ExpertSpec, not beside it")
+            spec = name
+        else:
+            spec = ExpertSpec(name, specialization, parent)
+        name = spec.name
         check_new_name(name, self.expert_names, "add_expert")
-        spec = ExpertSpec(name, specialization, parent)
         fit_row = check_bool(fit_row, "fit_row")
         xb = self.vectors_from(texts, vectors, f"expert {name!r}")
         payloads = check_payloads(metadata, xb.shape[0])
@@ -389,10 +396,11 @@ class Router:
             single = vectors.ndim == 1
         return prepare(vectors, self.dim, self.metric, what="query vectors"), single
 
-    def check_params(self, params: SearchParams) -> SearchParams:
+    def check_params(self, params: SearchParams, hits: bool = True) -> SearchParams:
         """`params` if this router can answer them (k at most its vectors, top_experts at most its experts,
-        a threshold for abstain), else a ValueError. The one check of what depends on the router."""
-        return _check(self._parts, params)
+        a threshold for abstain), else a ValueError. The one check of what depends on the router.
+        `hits=False`: for routing alone (k is not used)."""
+        return _check(self._parts, params, hits)
 
     def select(self, xq: np.ndarray, params: SearchParams, record: bool = True) -> Routing:
         """The experts each prepared query goes to (array form); counted in the stats when `record`.
@@ -401,7 +409,7 @@ class Router:
         top_p (1 to max_experts, capped at E; rows padded with -1).
         """
         parts = self._parts
-        return _select(parts, xq, _check(parts, params), record)
+        return _select(parts, xq, _check(parts, params, hits=False), record)
 
     def route(
         self, queries: Any, params: SearchParams | None = None, **options: Any
@@ -412,7 +420,7 @@ class Router:
         (adaptive), abstain (an empty list for queries under the calibrated in-scope threshold).
         """
         parts = self._parts  # one snapshot for the whole call: a change meanwhile is not seen half-way
-        params = _check(parts, SearchParams.of(params, **options))
+        params = _check(parts, SearchParams.of(params, **options), hits=False)
         xq, single = self.prepare(queries)
         r = _select(parts, xq, params, record=True)
         out = []
@@ -527,10 +535,11 @@ class Router:
         return f"Router(dim={self.dim}, metric={self.metric!r}, experts={self.num_experts}, vectors={self.ntotal})"
 
 
-def _check(parts: RouterParts, params: SearchParams) -> SearchParams:
+def _check(parts: RouterParts, params: SearchParams, hits: bool = True) -> SearchParams:
+    """The router-dependent check; `hits=False` for routing alone, where k plays no part."""
     _require_gate(parts)
     ntotal = sum(e.ntotal for e in parts.experts)
-    if params.k > ntotal:
+    if hits and params.k > ntotal:
         raise ValueError(f"k must be between 1 and {ntotal} (the number of stored vectors), got {params.k}")
     if params.top_p is None and params.top_experts > len(parts.experts):
         raise ValueError(

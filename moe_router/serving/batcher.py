@@ -48,11 +48,6 @@ class Query:
         return len(self.texts) if self.texts is not None else int(self.xq.shape[0])
 
 
-def _asked(q: Query) -> SearchParams:
-    """`q.params`, with k=1 for a route: it finds no hits, but Router.check_params bounds k by the stored vectors."""
-    return q.params if q.op == "search" else replace(q.params, k=1)
-
-
 def run_queries(router: Router, queries: list[Query]) -> list[list[Any] | Exception]:
     """Answer every query against one router: per request, a list (one entry per query) or its error.
 
@@ -67,7 +62,7 @@ def run_queries(router: Router, queries: list[Query]) -> list[list[Any] | Except
     asked: dict[int, SearchParams] = {}
     for i, q in enumerate(queries):
         try:
-            asked[i] = router.check_params(_asked(q))
+            asked[i] = router.check_params(q.params, hits=q.op == "search")
             if q.texts is not None:  # here, or one bad text would fail the pass's shared embedder call
                 check_text_list(q.texts, "texts")
         except ValueError as exc:
@@ -87,8 +82,8 @@ def run_queries(router: Router, queries: list[Query]) -> list[list[Any] | Except
     for i in xqs:
         if out[i] is None:
             q, params = queries[i], asked[i]
-            merged = q.op == "search" and not params.per_expert
-            groups[(q.op, replace(params, k=1) if merged else params)].append(i)
+            no_k = q.op == "route" or not params.per_expert  # k plays no part, or each request is cut to its own
+            groups[(q.op, replace(params, k=1) if no_k else params)].append(i)
     for (op, params), idx in groups.items():
         xq = np.concatenate([xqs[i] for i in idx])  # (N, d)
         try:

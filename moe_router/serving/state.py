@@ -186,7 +186,7 @@ class RouterState:
             _free_names(router, [spec.name])
 
         def change(fork: Router) -> Expert:
-            return fork.add_expert(spec.name, vectors, texts, spec.specialization, spec.parent, metadata)
+            return fork.add_expert(spec, vectors, texts, metadata=metadata)
 
         return self._change(check, change)
 
