@@ -26,7 +26,7 @@ from moe_router.embed.cache import CachedEmbedder, default_cache_dir
 from moe_router.embed.minilm import MiniLMEmbedder
 from moe_router.gate import with_prototypes
 from moe_router.index.exact import exhaustive_index
-from moe_router.metrics import accuracy_at_k, recall_at_k, top_experts
+from moe_router.metrics import accuracy_at_k, overlap_at_k, top_experts
 from moe_router.routing.router import Router
 from moe_router.train.fit import fit_router
 
@@ -121,7 +121,7 @@ def routing_report(
     out = {"n": int(len(rows)), "acc@1": accuracy_at_k(probs, gold[rows], 1)}
     for t in (1, 2):
         res = router.search_experts(xq[rows], 10, top_experts(probs, t))
-        out[f"recall@10@{t}"] = recall_at_k(res.I, flat_ids[rows])
+        out[f"recall@10@{t}"] = overlap_at_k(res.I, flat_ids[rows])
     return out
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from lifecycle_common import CLINC, clinc, embedder, exact_top10, trained
 
 from moe_router import lifecycle
-from moe_router.metrics import recall_at_k, top_experts
+from moe_router.metrics import overlap_at_k, top_experts
 from moe_router.train.build import router_from_dataset
 
 
@@ -87,7 +87,7 @@ def main() -> None:
         out[name] = {
             "leaf acc@1": float((leaf == leaf_gold).mean()),
             "parent acc@1": float((parent == parent_gold).mean()),
-            "recall@10@2": recall_at_k(res.I, exact),
+            "recall@10@2": overlap_at_k(res.I, exact),
         }
         print(
             f"{name:<30}{out[name]['leaf acc@1']:>11.4f}{out[name]['parent acc@1']:>13.4f}{out[name]['recall@10@2']:>12.4f}"

@@ -21,7 +21,7 @@ from lifecycle_common import CLINC, clinc, embedder, exact_top10, trained
 
 from moe_router import lifecycle
 from moe_router.embed.cache import default_cache_dir
-from moe_router.metrics import load_stats, recall_at_k, top_experts
+from moe_router.metrics import load_stats, overlap_at_k, top_experts
 from moe_router.routing.router import Router
 from moe_router.train.build import router_from_dataset
 from moe_router.train.finetune import FineTuneConfig, fine_tuner
@@ -31,7 +31,7 @@ def test_recall(router: Router, xq: np.ndarray) -> tuple[float, float]:
     """(recall@10 at 2 experts vs exhaustive, load max/mean at 2 experts) on the test queries."""
     top = top_experts(router.gate_probs(xq), 2)
     res = router.search_experts(xq, 10, top)
-    return recall_at_k(res.I, exact_top10(router, xq)), load_stats(top, router.num_experts)["max_over_mean"]
+    return overlap_at_k(res.I, exact_top10(router, xq)), load_stats(top, router.num_experts)["max_over_mean"]
 
 
 def main() -> None:

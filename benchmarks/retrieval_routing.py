@@ -25,7 +25,7 @@ from hydra.utils import instantiate
 
 from moe_router.apps.train import train
 from moe_router.eval.baselines import CentroidRouter, MultiPrototypeRouter, SemanticRouterStyle
-from moe_router.gate.calibrate import fit_temperature, softmax
+from moe_router.gate.confidence import fit_temperature, softmax
 from moe_router.gate.model import infer
 from moe_router.metrics import accuracy_at_k, expected_calibration_error
 from moe_router.routing.router import Router

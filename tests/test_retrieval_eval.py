@@ -30,7 +30,7 @@ from moe_router.eval.evaluate import GATE, evaluate
 from moe_router.eval.ir import ir_metrics
 from moe_router.eval.retrieval import EXHAUSTIVE, ORACLE, evaluate_retrieval
 from moe_router.gate import initial_gate
-from moe_router.metrics import recall_at_k, top_experts
+from moe_router.metrics import overlap_at_k, top_experts
 from moe_router.train.build import router_from_dataset
 from moe_router.vectors import prepare
 from tests.helpers import clusters, write_beir, write_jsonl
@@ -247,7 +247,7 @@ def test_intent_report__adaptive_rows_and_frontier_agree_with_top_k(tmp_path: Pa
     xq = router.prepare(data.queries("test"))[0]
     sel = top_p_selection(scores[GATE], 0.9, 3)
     exact = brute_force_ids(router, xq, 10)
-    assert report["recall@10@adaptive"] == pytest.approx(recall_at_k(prefix_search(router, xq, 10, sel)[0], exact))
+    assert report["recall@10@adaptive"] == pytest.approx(overlap_at_k(prefix_search(router, xq, 10, sel)[0], exact))
     assert report["experts@adaptive"] == pytest.approx(sel.mean_experts)
     assert "recall@10@1.5_experts" in report and "recall@10@top2_scanned" in report
 

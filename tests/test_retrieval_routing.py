@@ -18,7 +18,7 @@ from moe_router.eval.evaluate import GATE
 from moe_router.eval.ir import ir_metrics
 from moe_router.eval.retrieval import DocLookup, evaluate_retrieval
 from moe_router.gate import initial_gate, with_prototypes
-from moe_router.gate.calibrate import fit_bias_temperature, fit_temperature, softmax
+from moe_router.gate.confidence import fit_bias_temperature, fit_temperature, softmax
 from moe_router.index.exact import stacked
 from moe_router.metrics import accuracy_at_k
 from moe_router.train.build import router_from_dataset

@@ -18,7 +18,7 @@ from moe_router import Gate, Router
 from moe_router.apps.evaluate import evaluate
 from moe_router.apps.train import train
 from moe_router.index.exact import exact_counts
-from moe_router.metrics import accuracy_at_k, recall_from_counts, top_experts
+from moe_router.metrics import accuracy_at_k, overlap_from_counts, top_experts
 from moe_router.train.build import router_from_dataset
 from moe_router.train.fit import fit_router
 from moe_router.train.module import GateModule
@@ -129,7 +129,9 @@ def test_fit_router__learns_to_route_held_out_queries_far_above_chance(tmp_path:
     # The reported metrics are the installed gate's, computed the way evaluation computes them.
     assert result.metrics["val/acc@1"] == pytest.approx(acc, abs=1e-6)
     counts = exact_counts(router.experts, router.prepare(xq)[0], 10)
-    assert result.metrics["val/recall@10"] == pytest.approx(recall_from_counts(top_experts(probs, 2), counts), abs=1e-6)
+    assert result.metrics["val/recall@10"] == pytest.approx(
+        overlap_from_counts(top_experts(probs, 2), counts), abs=1e-6
+    )
     assert result.epochs == 12 and result.seconds > 0
     assert not router.gate.training and router.gate.num_experts == E
 

@@ -23,9 +23,9 @@ from moe_router.gate.model import Gate
 from moe_router.index.clustering import nearest_centroid
 from moe_router.index.expert import centroids
 from moe_router.logs import quiet_libraries
-from moe_router.routing.calibrate import calibrate, validation_metrics
 from moe_router.routing.router import Router, check_prior_weight
 from moe_router.train.build import router_from_dataset
+from moe_router.train.calibrate import calibrate_router, router_validation
 from moe_router.train.fit import fit_router
 from moe_router.train.targets import Pairs, query_targets
 
@@ -136,11 +136,13 @@ def train(cfg: DictConfig) -> TrainSummary:
     metrics = {**fit.metrics, "fit_seconds": sum(f.seconds for f in fits)}
     if members > 1:
         router.set_gate(Gate.assemble(gates))
-        metrics.update(validation_metrics(router, val_queries, val_experts, cfg.targets.neighbours, cfg.module.top_k))
+        metrics.update(router_validation(router, val_queries, val_experts, cfg.targets.neighbours, cfg.module.top_k))
         metrics["members"] = members
     if cfg.calibrate:
         bias = retrieval if cfg.calibrate_bias == "auto" else bool(cfg.calibrate_bias)
-        metrics.update(calibrate(router, val_queries, val_experts, dataset.oos_texts("val"), cfg.load_floor, bias))
+        metrics.update(
+            calibrate_router(router, val_queries, val_experts, dataset.oos_texts("val"), cfg.load_floor, bias)
+        )
     router.prior_weight = (
         (PRIOR_WEIGHT if isinstance(dataset, BeirDataset) else 0.0)
         if cfg.prior_weight == "auto"

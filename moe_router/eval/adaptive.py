@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moe_router.gate.calibrate import fit_temperature, softmax
+from moe_router.gate.confidence import fit_temperature, softmax
 from moe_router.metrics import top_experts, top_p_experts
 from moe_router.routing.router import Router
 

@@ -33,7 +33,7 @@ from moe_router.eval.baselines import (
     SemanticRouterStyle,
     ivf_recall,
 )
-from moe_router.gate.calibrate import reliability_bins, softmax
+from moe_router.gate.confidence import reliability_bins, softmax
 from moe_router.gate.model import infer
 from moe_router.index.clustering import nearest_centroid
 from moe_router.index.exact import exhaustive_index
@@ -46,7 +46,7 @@ from moe_router.metrics import (
     ece_noise_floor,
     expected_calibration_error,
     load_stats,
-    recall_at_k,
+    overlap_at_k,
     top_experts,
 )
 from moe_router.routing.router import Router
@@ -76,7 +76,7 @@ def routing_metrics(
         if t > router.num_experts:
             continue
         res = router.search_experts(xq, k, top_experts(probs, t))
-        out[f"recall@{k}@{t}"] = recall_at_k(res.I, exact_ids)
+        out[f"recall@{k}@{t}"] = overlap_at_k(res.I, exact_ids)
         out[f"scanned@{t}"] = float(res.scanned.mean() / router.ntotal)
     out["load@1"] = load_stats(top_experts(probs, 1), router.num_experts)
     return out
@@ -294,7 +294,7 @@ def adaptive_report(
 
     def quality(sel: Selection) -> tuple[float, float]:
         ids, _, scanned = prefix_search(router, xq, k, sel)
-        return recall_at_k(ids, exact), float(scanned.mean() / router.ntotal)
+        return overlap_at_k(ids, exact), float(scanned.mean() / router.ntotal)
 
     curves: dict[str, list[dict[str, Any]]] = {}
     for name, fn in scorers.items():
@@ -356,8 +356,8 @@ def capacity_report(
         "experts_searched": t,
         "max_over_mean": load_stats(capped, router.num_experts)["max_over_mean"],
         "max_over_mean_uncapped": load_stats(free, router.num_experts)["max_over_mean"],
-        f"recall@{k}": recall_at_k(router.search_experts(xq, k, capped).I, exact_ids),
-        f"recall@{k}_uncapped": recall_at_k(router.search_experts(xq, k, free).I, exact_ids),
+        f"recall@{k}": overlap_at_k(router.search_experts(xq, k, capped).I, exact_ids),
+        f"recall@{k}_uncapped": overlap_at_k(router.search_experts(xq, k, free).I, exact_ids),
     }
 
 

@@ -14,6 +14,7 @@ _EXPORTS = {
     "GateModule": "moe_router.train.module",
     "router_from_dataset": "moe_router.train.build",
     "clustered_router": "moe_router.train.build",
+    "calibrate_router": "moe_router.train.calibrate",
 }
 __getattr__ = lazy_exports(__name__, _EXPORTS)
 __all__ = sorted(_EXPORTS)
