@@ -14,7 +14,7 @@ from moe_router.apps.train import resolve_monitor, train
 from moe_router.data.beir import load_beir
 from moe_router.embed.hashing import HashingEmbedder
 from moe_router.eval.adaptive import prefix_search, top_k_selection
-from moe_router.eval.evaluate import GATE
+from moe_router.eval.baselines import GATE
 from moe_router.eval.ir import ir_metrics
 from moe_router.eval.retrieval import DocLookup, evaluate_retrieval
 from moe_router.gate import initial_gate, with_prototypes

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from moe_router import Gate, Router
-from moe_router.apps.evaluate import evaluate
+from moe_router.apps.evaluate import evaluate_checkpoint
 from moe_router.apps.train import train
 from moe_router.index.exact import exact_counts
 from moe_router.metrics import accuracy_at_k, overlap_from_counts, top_experts
@@ -202,7 +202,7 @@ def test_evaluate_on_trained_checkpoint__reports_metrics_consistent_with_the_rou
             "++out_dir=null",
         ],
     )
-    report = evaluate(cfg)
+    report = evaluate_checkpoint(cfg)
     assert json.loads((root / "report.json").read_text()) == report
     for key in ("acc@1", "acc@2", "recall@10@1", "recall@10@2", "scanned@2"):
         assert isinstance(report[key], float) and 0.0 <= report[key] <= 1.0, key
@@ -224,7 +224,7 @@ def test_evaluate_k_above_stored_vectors__raises_clear_error(jsonl_run: tuple[Pa
     data, root = jsonl_run
     cfg = compose_config("eval", ["data=jsonl", f"data.path={data}", f"ckpt={root}/ckpt", "k=50", "++out_dir=null"])
     with pytest.raises(ValueError, match=r"k must be between 1 and 36"):
-        evaluate(cfg)
+        evaluate_checkpoint(cfg)
 
 
 def test_train_fast_dev_run_on_default_demo_data__checkpoint_loads_and_routes(tmp_path: Path) -> None:
@@ -261,7 +261,7 @@ def test_train_and_evaluate_on_synthetic_vectors__kmeans_experts_and_a_full_repo
     ecfg = compose_config(
         "eval", [*SYNTHETIC, f"ckpt={summary.out}", f"out_dir={tmp_path}/report", "speed_batches=[100]"]
     )
-    report = evaluate(ecfg)
+    report = evaluate_checkpoint(ecfg)
     assert report["dataset"] == "synthetic" and report["queries"] == 300 and report["experts"] == 6
     assert report["partition"] == 6
     assert report["unknown_gold"] == 0 and report["recall@10@1"] <= report["recall@10@2"] <= report["recall@10@4"]
@@ -282,7 +282,7 @@ def test_synthetic_vectors_without_partition__raise_clear_errors(tmp_path: Path)
     with pytest.raises(
         ValueError, match=r"has no labels, so it can only evaluate a checkpoint whose experts are a k-means"
     ):
-        evaluate(compose_config("eval", [*SYNTHETIC, "data.dim=256", f"ckpt={out}", "++out_dir=null"]))
+        evaluate_checkpoint(compose_config("eval", [*SYNTHETIC, "data.dim=256", f"ckpt={out}", "++out_dir=null"]))
 
 
 def test_router_from_dataset_with_max_imbalance__caps_every_shard_and_keeps_every_vector() -> None:
@@ -313,7 +313,7 @@ def test_evaluate_unknown_baseline__raises_clear_error_naming_it(jsonl_run: tupl
         ],
     )
     with pytest.raises(ValueError, match=r"unknown baseline\(s\) \['bogus'\]; expected some of \['centroid'"):
-        evaluate(cfg)
+        evaluate_checkpoint(cfg)
 
 
 def test_train_ensemble__assembles_members_into_one_gate_that_saves_loads_and_grows(tmp_path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
+from moe_router.apps.common import run_dir
 from moe_router.data.beir import BeirDataset
 from moe_router.data.datasets import TextDataset, VectorDataset
 from moe_router.embed.cache import CachedEmbedder, default_cache_dir
@@ -212,13 +212,3 @@ def add_query_prototypes(gate: Gate, queries: Pairs) -> None:
     owner = queries.target.argmax(axis=1)
     for e in np.unique(owner):
         gate.add_prototypes(torch.from_numpy(queries.x[owner == e]), int(e))
-
-
-def run_dir() -> Path:
-    """Hydra's output directory when running under @hydra.main, else a fresh temporary one."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return Path(HydraConfig.get().runtime.output_dir)
-    except ValueError:
-        return Path(tempfile.mkdtemp(prefix="moe_router-"))

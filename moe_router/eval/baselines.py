@@ -263,3 +263,16 @@ def ivf_recall(
             float(sizes[lists].sum(axis=1).mean() / len(xb)),
         )
     return out
+
+
+GATE = "gate (ours)"  # the row of the router under evaluation, beside the baselines'
+
+BASELINES = {
+    "random": RandomRouter,
+    "centroid": CentroidRouter,
+    "multi_prototype": MultiPrototypeRouter,
+    "semantic_router": SemanticRouterStyle,
+    "knn_vote": KnnVoteRouter,
+    "ragroute": RagRouteStyle,
+    "redde": ReddeStyle,
+}
