@@ -8,6 +8,7 @@ What depends on the kind of data (validation queries, judged training queries, p
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -20,7 +21,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from moe_router.data.base import Dataset
+from moe_router.data.base import Dataset, ValidationSet
 from moe_router.embed.base import Embedder
 from moe_router.gate.init import with_prototypes
 from moe_router.gate.model import Gate
@@ -107,16 +108,7 @@ def train_router(
     router = router_from_dataset(
         dataset, embedder, config.metric, config.partition, config.seed, config.partition_max_imbalance
     )
-    val = dataset.validation(config.seed)
-    val_experts = val.experts
-    if config.partition and len(val.queries):  # learned sharding: a query's gold expert is its nearest centroid's
-        gold = nearest_centroid(router.prepare(val.queries)[0], centroids(router.experts), router.metric)
-        val_experts = [router.expert_names[g] for g in gold]
-    if not len(val.queries):
-        raise ValueError(
-            f"dataset {dataset.name!r} has no validation rows for its experts; add split 'val' rows "
-            "or set data.val_fraction > 0 to carve them from train"
-        )
+    val = _validation(router, dataset, config)
     extra = _query_pairs(router, dataset, targets)
     stored_weight = 1.0 - float(targets.query_weight) if extra else 1.0
     views = _pseudo_pairs(router, dataset, targets)
@@ -147,7 +139,7 @@ def train_router(
             fit_router(
                 router,
                 val_queries=val.queries,
-                val_experts=val_experts,
+                val_experts=val.experts,
                 targets=targets.kind,
                 label_weight=targets.label_weight,
                 neighbours=targets.neighbours,
@@ -167,12 +159,12 @@ def train_router(
     metrics = {**fit.metrics, "fit_seconds": sum(f.seconds for f in fits)}
     if members > 1:
         router.set_gate(Gate.assemble(gates))
-        metrics.update(router_validation(router, val.queries, val_experts, targets.neighbours, wrapped.top_k))
+        metrics.update(router_validation(router, val.queries, val.experts, targets.neighbours, wrapped.top_k))
         metrics["members"] = members
     if config.calibrate:
         bias = defaults.calibrate_bias if config.calibrate_bias == "auto" else bool(config.calibrate_bias)
         metrics.update(
-            calibrate_router(router, val.queries, val_experts, dataset.oos_texts("val"), config.load_floor, bias)
+            calibrate_router(router, val.queries, val.experts, dataset.oos_texts("val"), config.load_floor, bias)
         )
     router.prior_weight = (
         defaults.prior_weight if config.prior_weight == "auto" else check_prior_weight(config.prior_weight)
@@ -189,6 +181,20 @@ def resolve_monitor(monitor: str, default: str, neighbours: int) -> str:
     if monitor not in choices.values():
         raise ValueError(f"monitor must be 'auto', {VAL_ACC1!r} or {val_recall(neighbours)!r}, got {monitor!r}")
     return monitor
+
+
+def _validation(router: Router, dataset: Dataset, config: TrainConfig) -> ValidationSet:
+    """The dataset's validation queries; with k-means experts (learned sharding) gold is the nearest centroid's."""
+    val = dataset.validation(config.seed)
+    if not len(val.queries):
+        raise ValueError(
+            f"dataset {dataset.name!r} has no validation rows for its experts; add split 'val' rows "
+            "or set data.val_fraction > 0 to carve them from train"
+        )
+    if config.partition:
+        gold = nearest_centroid(router.prepare(val.queries)[0], centroids(router.experts), router.metric)
+        return dataclasses.replace(val, experts=[router.expert_names[g] for g in gold])
+    return val
 
 
 def _members(gate: Callable[..., Gate], dim: int, num_experts: int) -> tuple[int, Callable[[], Gate]]:
