@@ -16,7 +16,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from moe_router.apps.evaluate import evaluate
+from moe_router.apps.evaluate import evaluate_checkpoint
 from moe_router.apps.train import train
 
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
@@ -63,7 +63,7 @@ def main() -> None:
                 ecfg = compose(
                     "eval", overrides=[*data, f"ckpt={ckpt}", "out_dir=null", "baselines=[]", "speed_batches=[]"]
                 )
-                r = evaluate(ecfg)
+                r = evaluate_checkpoint(ecfg)
             load = r["load@1"]
             cap = r.get("capacity", {})
             rows.append(

@@ -23,7 +23,6 @@ from lifecycle_common import CLINC, clinc, embedder, exact_top10, full_train, ro
 from moe_router.data.datasets import TextDataset
 from moe_router.embed.cache import default_cache_dir
 from moe_router.routing.router import Router
-from moe_router.train.build import router_from_dataset
 from moe_router.train.finetune import FineTuneConfig, fine_tune
 
 
@@ -50,27 +49,13 @@ def main() -> None:
     if new not in ds.experts:
         raise SystemExit(f"--new-domain {new!r} is not a domain of {args.data}; domains: {ds.experts}")
     ds9 = TextDataset(ds.name, [r for r in ds.records if not (r.split == "train" and r.domain == new)], "domain")
-    val = ds.split("val")
     cache = Path(args.cache_dir)
 
-    r9, t9, _ = trained(
-        cache / f"clinc150-without-{new}",
-        lambda: router_from_dataset(ds9, emb),
-        [r.text for r in val if r.domain != new],
-        [r.domain for r in val if r.domain != new],
-        args.seed,
-    )
+    r9, t9, _ = trained(cache / f"clinc150-without-{new}", ds9, emb, args.seed)  # validates on the 9 domains' rows
     if args.fresh_full:  # time the full retrain in this run, next to the fine-tune (not cached)
-        r10 = router_from_dataset(ds, emb)
-        t10, cached10 = full_train(r10, [r.text for r in val], [r.domain for r in val], seed=args.seed), False
+        (r10, t10), cached10 = full_train(ds, emb, seed=args.seed), False
     else:
-        r10, t10, cached10 = trained(
-            cache / "clinc150-10",
-            lambda: router_from_dataset(ds, emb),
-            [r.text for r in val],
-            [r.domain for r in val],
-            args.seed,
-        )
+        r10, t10, cached10 = trained(cache / "clinc150-10", ds, emb, args.seed)
 
     test = ds.split("test")
     xq = emb.encode([r.text for r in test])
@@ -123,7 +108,8 @@ def main() -> None:
         f"train texts), other 9 domains ({len(is_old)} queries). recall@10 at t experts searched vs exhaustive."
     )
     print(
-        f"{'router':<38}{'new acc@1':>10}{'new r@10@1':>11}{'new r@10@2':>11}{'old acc@1':>10}{'old r@10@1':>11}{'old r@10@2':>11}"
+        f"{'router':<38}{'new acc@1':>10}{'new r@10@1':>11}{'new r@10@2':>11}"
+        f"{'old acc@1':>10}{'old r@10@1':>11}{'old r@10@2':>11}"
     )
     for name, r in results.items():
         n = r.get("new")
@@ -135,7 +121,8 @@ def main() -> None:
     fo, bo = results["add_expert + fine-tune"]["old"], results["9 experts (before)"]["old"]
     ro = results["full retrain, 10 experts"]["old"]
     print(
-        f"\nnew expert after add_expert + fine-tune vs full retrain: acc@1 {100 * (fn['acc@1'] - rn['acc@1']):+.2f} points, "
+        "\nnew expert after add_expert + fine-tune vs full retrain: "
+        f"acc@1 {100 * (fn['acc@1'] - rn['acc@1']):+.2f} points, "
         f"recall@10@2 {100 * (fn['recall@10@2'] - rn['recall@10@2']):+.2f} (goal: within 2 points)"
     )
     print(
@@ -145,7 +132,8 @@ def main() -> None:
     print(
         f"add_expert: {results['after add_expert']['seconds']:.2f} s ({len(train_new)} texts, "
         f"embeddings cached); fine-tune: {ft.pairs} pairs "
-        f"({ft.focus} new + {ft.replayed} replayed), {ft.steps} steps, {ft.seconds:.2f} s wall / {ft.cpu_seconds:.2f} s CPU"
+        f"({ft.focus} new + {ft.replayed} replayed), {ft.steps} steps, "
+        f"{ft.seconds:.2f} s wall / {ft.cpu_seconds:.2f} s CPU"
     )
     print(
         f"full training of the 10-expert router: {t10.seconds:.1f} s wall / {t10.cpu_seconds:.1f} s CPU"

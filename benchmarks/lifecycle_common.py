@@ -1,12 +1,14 @@
 """Shared pieces of the lifecycle benchmarks: CLINC150 with cached MiniLM vectors, the project's
-full training (configs/train.yaml as scripts/train.py uses it: the hybrid MLP + prototype gate,
-30 epochs, mix targets, best epoch by val/recall@10), cached trained routers, the metrics of moe_router.metrics.
+full training (train_router with configs/train.yaml as scripts/train.py composes it: the hybrid MLP +
+prototype gate, its trainer, mix targets, best epoch by val/recall@10), cached trained routers, the
+metrics of moe_router.metrics.
 
 Dimension legend: n queries, E experts, t experts searched, k hits.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
@@ -15,20 +17,19 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import lightning as L  # noqa: E402
 import numpy as np  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
-from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
-from moe_router.apps.train import resolve_monitor
+from moe_router.apps.train import train_config
+from moe_router.checkpoint.format import POINTER
 from moe_router.data.datasets import TextDataset, load_dataset
 from moe_router.embed.cache import CachedEmbedder, default_cache_dir
 from moe_router.embed.minilm import MiniLMEmbedder
-from moe_router.gate import with_prototypes
 from moe_router.index.exact import exhaustive_index
-from moe_router.metrics import accuracy_at_k, recall_at_k, top_experts
+from moe_router.metrics import accuracy_at_k, overlap_at_k, top_experts
 from moe_router.routing.router import Router
-from moe_router.train.fit import fit_router
+from moe_router.train.pipeline import train_router
 
 REPO = Path(__file__).resolve().parents[1]
 CLINC = REPO.parent / "shared" / "datasets" / "clinc150" / "clinc150.jsonl"
@@ -49,61 +50,36 @@ class Timed:
     cpu_seconds: float  # process CPU time
 
 
-def train_config(**overrides: str):
-    """configs/train.yaml as scripts/train.py composes it (model=hybrid, 30 epochs, mix targets, ...)."""
-    from hydra import compose, initialize_config_dir
-
+def full_train(dataset: TextDataset, emb: CachedEmbedder, seed: int = 0) -> tuple[Router, Timed]:
+    """The project's full training as scripts/train.py runs it (configs/train.yaml's model, module, trainer and
+    targets; no calibration: the benchmarks compare routing, and the load floor would move it), timed end to end
+    (building the experts from the cached embeddings included). Validation: the dataset's 'val' rows of its experts."""
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
-        return compose("train", overrides=[f"{k}={v}" for k, v in overrides.items()])
-
-
-def full_train(router: Router, val_texts: list[str], val_experts: list[str], seed: int = 0) -> Timed:
-    """The project's full training as scripts/train.py runs it (its config's model, module, trainer and
-    targets; no temperature calibration, which changes no ranking), timed end to end."""
-    cfg = train_config(seed=str(seed))
-    monitor = resolve_monitor(cfg.monitor, retrieval=False)
+        cfg = compose("train", overrides=[f"seed={seed}"])
+    make_trainer = instantiate(cfg.trainer, _partial_=True)
     wall, cpu = time.perf_counter(), time.process_time()
-    L.seed_everything(seed, workers=True, verbose=False)
-    gate = with_prototypes(instantiate(cfg.model, dim=router.dim, num_experts=router.num_experts), router.experts, seed)
-    module = instantiate(cfg.module)(gate=gate)
-    trainer = instantiate(
-        cfg.trainer,
-        enable_progress_bar=False,
-        logger=False,
-        callbacks=[
-            ModelCheckpoint(
-                dirpath=tempfile.mkdtemp(prefix="lifecycle-bench-"), monitor=monitor, mode="max", save_top_k=1
-            )
-        ],
+    result = train_router(
+        dataset,
+        emb,
+        dataclasses.replace(train_config(cfg), calibrate=False),
+        gate=instantiate(cfg.model, _partial_=True),
+        trainer=lambda callbacks, logger: make_trainer(callbacks=callbacks, logger=False, enable_progress_bar=False),
+        module=instantiate(cfg.module),
+        log_dir=tempfile.mkdtemp(prefix="lifecycle-bench-"),
     )
-    fit_router(
-        router,
-        val_queries=val_texts,
-        val_experts=val_experts,
-        targets=cfg.targets.kind,
-        label_weight=cfg.targets.label_weight,
-        neighbours=cfg.targets.neighbours,
-        max_queries=cfg.targets.max_queries,
-        module=module,
-        trainer=trainer,
-        batch_size=cfg.batch_size,
-        monitor=monitor,
-        seed=seed,
-    )
-    return Timed(time.perf_counter() - wall, time.process_time() - cpu)
+    return result.router, Timed(time.perf_counter() - wall, time.process_time() - cpu)
 
 
-def trained(
-    path: Path, build, val_texts: list[str], val_experts: list[str], seed: int = 0
-) -> tuple[Router, Timed, bool]:
-    """Load the router cached at `path`, or build it, fully train it and cache it. (router, training time, was cached)."""
-    if (path / "manifest.json").is_file():
+def trained(path: Path, dataset: TextDataset, emb: CachedEmbedder, seed: int = 0) -> tuple[Router, Timed, bool]:
+    """The router cached at `path`, or else `dataset` fully trained and cached: (router, training time, was cached)."""
+    if (path / POINTER).is_file():  # a saved checkpoint
         router = Router.load(path, cache_dir=default_cache_dir())
         m = router.metrics
         return router, Timed(m["train_seconds"], m["train_cpu_seconds"]), True
-    router = build()
-    t = full_train(router, val_texts, val_experts, seed=seed)
-    router.set_training_info(router.config, {"train_seconds": t.seconds, "train_cpu_seconds": t.cpu_seconds})
+    router, t = full_train(dataset, emb, seed=seed)
+    router.set_training_info(
+        router.config, {**router.metrics, "train_seconds": t.seconds, "train_cpu_seconds": t.cpu_seconds}
+    )
     router.save(path)
     return Router.load(path, cache_dir=default_cache_dir()), t, False
 
@@ -121,12 +97,12 @@ def routing_report(
     out = {"n": int(len(rows)), "acc@1": accuracy_at_k(probs, gold[rows], 1)}
     for t in (1, 2):
         res = router.search_experts(xq[rows], 10, top_experts(probs, t))
-        out[f"recall@10@{t}"] = recall_at_k(res.I, flat_ids[rows])
+        out[f"recall@10@{t}"] = overlap_at_k(res.I, flat_ids[rows])
     return out
 
 
 def exact_top10(router: Router, xq: np.ndarray) -> np.ndarray:
     """(n, 10) global ids of the exhaustive top-10 over every expert's vectors."""
-    index, ids = exhaustive_index(router)
+    index, ids = exhaustive_index(router.experts)
     _, I = index.search(xq, 10)
     return ids[I]

@@ -1,6 +1,7 @@
 """Feedback fixes routing (issue 4, measurement 6): a simulated feedback stream on CLINC150.
 
-    python benchmarks/lifecycle_feedback.py [--intent translate --wrong-domain utility] [--cache-dir reports/tmp/lifecycle_hybrid]
+    python benchmarks/lifecycle_feedback.py [--intent translate --wrong-domain utility]
+                                            [--cache-dir reports/tmp/lifecycle_hybrid]
 
 Two scenarios on the fully trained 10-domain router (cached in --cache-dir; trained if missing):
   A. a region routed wrong on purpose: the gate is fine-tuned to send one intent's training
@@ -27,7 +28,6 @@ from lifecycle_common import CLINC, clinc, embedder, trained
 from moe_router import lifecycle
 from moe_router.embed.cache import default_cache_dir
 from moe_router.routing.router import Router
-from moe_router.train.build import router_from_dataset
 from moe_router.train.finetune import FineTuneConfig, fine_tune_from_feedback, fine_tune_pairs
 
 
@@ -91,7 +91,7 @@ def main() -> None:
     ds = clinc(args.data)
     val, test, train = ds.split("val"), ds.split("test"), ds.split("train")
     path = Path(args.cache_dir) / "clinc150-10"
-    trained(path, lambda: router_from_dataset(ds, emb), [r.text for r in val], [r.domain for r in val], args.seed)
+    trained(path, ds, emb, args.seed)
     xq_val, xq_test = emb.encode([r.text for r in val]), emb.encode([r.text for r in test])
     index = {d: i for i, d in enumerate(ds.experts)}
     gold_val = np.array([index[r.domain] for r in val])

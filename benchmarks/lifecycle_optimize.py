@@ -21,9 +21,8 @@ from lifecycle_common import CLINC, clinc, embedder, exact_top10, trained
 
 from moe_router import lifecycle
 from moe_router.embed.cache import default_cache_dir
-from moe_router.metrics import load_stats, recall_at_k, top_experts
+from moe_router.metrics import load_stats, overlap_at_k, top_experts
 from moe_router.routing.router import Router
-from moe_router.train.build import router_from_dataset
 from moe_router.train.finetune import FineTuneConfig, fine_tuner
 
 
@@ -31,7 +30,7 @@ def test_recall(router: Router, xq: np.ndarray) -> tuple[float, float]:
     """(recall@10 at 2 experts vs exhaustive, load max/mean at 2 experts) on the test queries."""
     top = top_experts(router.gate_probs(xq), 2)
     res = router.search_experts(xq, 10, top)
-    return recall_at_k(res.I, exact_top10(router, xq)), load_stats(top, router.num_experts)["max_over_mean"]
+    return overlap_at_k(res.I, exact_top10(router, xq)), load_stats(top, router.num_experts)["max_over_mean"]
 
 
 def main() -> None:
@@ -46,7 +45,7 @@ def main() -> None:
     ds = clinc(args.data)
     val, test = ds.split("val"), ds.split("test")
     path = Path(args.cache_dir) / "clinc150-10"
-    trained(path, lambda: router_from_dataset(ds, emb), [r.text for r in val], [r.domain for r in val], args.seed)
+    trained(path, ds, emb, args.seed)
     xv, xt = emb.encode([r.text for r in val]), emb.encode([r.text for r in test])
 
     for name in ("trained", "skewed"):
@@ -64,17 +63,20 @@ def main() -> None:
         for a in rep.actions:
             print(
                 f"  {a.kind:<9} {', '.join(a.experts)[:60]:<60} {'KEPT' if a.kept else 'rejected':<8} val recall@10 "
-                f"{a.before.recall:.4f} -> {a.after.recall:.4f}, scanned {a.before.scanned:.4f} -> {a.after.scanned:.4f}, "
+                f"{a.before.recall:.4f} -> {a.after.recall:.4f}, "
+                f"scanned {a.before.scanned:.4f} -> {a.after.scanned:.4f}, "
                 f"load max/mean {a.before.max_over_mean:.2f} -> {a.after.max_over_mean:.2f}  ({a.note})"
             )
         if not rep.actions:
             print("  no candidate: no expert over/under loaded, no pair confused above the threshold")
         print(
-            f"  reported: rebalanced {rep.count('rebalance')}, merged {rep.count('merge')}, split {rep.count('split')}, "
+            f"  reported: rebalanced {rep.count('rebalance')}, merged {rep.count('merge')}, "
+            f"split {rep.count('split')}, "
             f"improvement {100 * rep.improvement:+.2f} points of val recall@10"
         )
         print(
-            f"  test recall@10@2 {before[0]:.4f} -> {after[0]:.4f}; test load max/mean {before[1]:.2f} -> {after[1]:.2f}"
+            f"  test recall@10@2 {before[0]:.4f} -> {after[0]:.4f}; "
+            f"test load max/mean {before[1]:.2f} -> {after[1]:.2f}"
         )
 
 

@@ -25,7 +25,7 @@ from hydra.utils import instantiate
 
 from moe_router.apps.train import train
 from moe_router.eval.baselines import CentroidRouter, MultiPrototypeRouter, SemanticRouterStyle
-from moe_router.gate.calibrate import fit_temperature, softmax
+from moe_router.gate.confidence import fit_temperature, softmax
 from moe_router.gate.model import infer
 from moe_router.metrics import accuracy_at_k, expected_calibration_error
 from moe_router.routing.router import Router
@@ -58,9 +58,9 @@ def run(data: str, overrides: list[str], work: Path) -> dict:
             ],
         )
     start = time.perf_counter()
-    summary = train(cfg)
+    result = train(cfg)
     train_seconds = time.perf_counter() - start
-    router = Router.load(summary.out)
+    router = Router.load(cfg.out)
     dataset = instantiate(cfg.data)
     xq, _ = router.prepare(dataset.queries("dev"))
     gold = np.array([router.expert_indices([s])[0] for s in dataset.gold_sources("dev")])
@@ -88,7 +88,7 @@ def run(data: str, overrides: list[str], work: Path) -> dict:
         "experts": router.num_experts,
         "documents": router.ntotal,
         "train_seconds": train_seconds,
-        "fit_seconds": summary.fit_seconds,
+        "fit_seconds": result.metrics["fit_seconds"],
         "temperature": float(router.gate.temperature),
         "routers": rows,
     }

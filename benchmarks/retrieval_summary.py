@@ -69,11 +69,13 @@ def main() -> None:
             print(
                 f"| {name} | {label} | {r['source_acc@1']:.3f} | {r['ndcg@10@1']:.4f} | {r['ndcg@10@2']:.4f} | "
                 f"{r['ndcg@10@adaptive']:.4f} ({r['sources@adaptive']:.2f}) | {r['ndcg@10@1.5_sources']:.4f} | "
-                f"{r['ndcg@10@exhaustive']:.4f} | {r['ndcg@10@oracle']:.4f} | {r['ece']:.3f} ({r['ece_noise_floor']:.3f}) |"
+                f"{r['ndcg@10@exhaustive']:.4f} | {r['ndcg@10@oracle']:.4f} | "
+                f"{r['ece']:.3f} ({r['ece_noise_floor']:.3f}) |"
             )
         b, row = best_baseline(full)
         print(
-            f"| {name} | best baseline: {b} | {row['source_acc@1']:.3f} | {row['ndcg@10@1']:.4f} | {row['ndcg@10@2']:.4f} | "
+            f"| {name} | best baseline: {b} | {row['source_acc@1']:.3f} | "
+            f"{row['ndcg@10@1']:.4f} | {row['ndcg@10@2']:.4f} | "
             f"{row['ndcg@10@adaptive']:.4f} ({row['sources@adaptive']:.2f}) | {row['ndcg@10@1.5_sources']:.4f} | | | |"
         )
 

@@ -45,7 +45,7 @@ from moe_router.data.synthetic import cluster_layout, held_out_queries
 from moe_router.gate.model import Gate
 from moe_router.index.exact import exhaustive_index
 from moe_router.index.parallel import lower_blas_threshold
-from moe_router.metrics import load_stats, recall_at_k
+from moe_router.metrics import load_stats, overlap_at_k
 from moe_router.routing.router import Router
 from moe_router.train.build import clustered_router
 from moe_router.train.fit import fit_router
@@ -191,8 +191,8 @@ def batch_speed(router, flat, ids: np.ndarray, xq: np.ndarray, k: int, top: int,
         "speedup": float(np.median([row["exhaustive"] / row["routed"] for row in rows])),
         "speedup_vs_faiss_default": float(np.median([row["exhaustive_default"] / row["routed"] for row in rows])),
         "gate_share": float(np.median([row["gate"] / row["routed"] for row in rows])),
-        f"recall@{k}": recall_at_k(res.I, exact_ids),
-        f"recall@{k}@1": recall_at_k(one.I, exact_ids),
+        f"recall@{k}": overlap_at_k(res.I, exact_ids),
+        f"recall@{k}@1": overlap_at_k(one.I, exact_ids),
         "scanned": float(res.scanned.mean() / router.ntotal),
         "load": {key: v for key, v in load_stats(experts, router.num_experts).items() if key != "shares"},
     }

@@ -21,21 +21,41 @@ def accuracy_at_k(probs: np.ndarray, gold: np.ndarray, k: int) -> float:
     return float((top == gold[:, None]).any(axis=1).mean())
 
 
-def recall_from_counts(top: np.ndarray, counts: np.ndarray, k: int = 10) -> float:
-    """recall@k of a routed search from neighbour counts (n, E) of the exhaustive top-k.
+def overlap_from_counts(top: np.ndarray, counts: np.ndarray, k: int = 10) -> float:
+    """overlap_at_k of a routed search, from neighbour counts (n, E) of the exhaustive top-k.
 
     Exact: a true top-k neighbour inside a searched expert is always in the routed top-k
     (at most k-1 vectors anywhere outrank it), and nothing outside the searched experts is.
     """
-    reached = np.take_along_axis(counts, top, axis=1).sum(axis=1)  # (n,)
-    return float((reached / k).mean())
+    reached = np.take_along_axis(counts, top, axis=1).sum(axis=1, dtype=np.float64)  # (n,) whatever counts' dtype
+    return float(reached.mean() / k)
 
 
-def recall_at_k(routed_ids: np.ndarray, exact_ids: np.ndarray) -> float:
-    """Mean |routed ∩ exact| / k over queries, from two (n, k) id arrays (-1 = no hit)."""
+def overlap_at_k(routed_ids: np.ndarray, exact_ids: np.ndarray) -> float:
+    """recall@k against exhaustive search: mean |routed ∩ exact| / k, from two (n, k) id arrays (-1 = no hit).
+
+    Not recall against relevance judgments: that is eval.ir.recall_at_k.
+    """
     k = exact_ids.shape[1]
     hits = [len(set(r[r >= 0].tolist()) & set(e[e >= 0].tolist())) for r, e in zip(routed_ids, exact_ids)]
     return float(np.mean(hits) / k)
+
+
+VAL_ACC1 = "val/acc@1"  # the validation routing accuracy (the gold expert first)
+
+
+def val_recall(k: int) -> str:
+    """The key of the validation recall@k against exhaustive search: it names its neighbour count."""
+    return f"val/recall@{k}"
+
+
+def validation_metrics(probs: np.ndarray, gold: np.ndarray, counts: np.ndarray, top: int, k: int) -> dict[str, float]:
+    """val/acc@1 and val/recall@{k} at `top` experts searched (capped at E): what training validates and selects by.
+
+    probs (n, E) routing scores, gold (n,) expert indices, counts (n, E) each query's exact top-k per expert.
+    """
+    searched = top_experts(probs, min(int(top), probs.shape[1]))  # (n, t)
+    return {VAL_ACC1: accuracy_at_k(probs, gold, 1), val_recall(k): overlap_from_counts(searched, counts, k)}
 
 
 def load_stats(top: np.ndarray, num_experts: int) -> dict[str, float | list[float]]:

@@ -1,14 +1,17 @@
-"""Evaluate a checkpoint against the baselines: python scripts/evaluate.py ckpt=checkpoints/clinc150 data=clinc150 report=/tmp/r.json"""
+"""Evaluate a checkpoint against the baselines.
+
+python scripts/evaluate.py ckpt=checkpoints/clinc150 data=clinc150 report=/tmp/r.json
+"""
 
 import hydra
 from omegaconf import DictConfig
 
-from moe_router.apps.evaluate import evaluate
+from moe_router.apps.evaluate import evaluate_checkpoint
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    r = evaluate(cfg)
+    r = evaluate_checkpoint(cfg)
     print(f"\n{r['dataset']} {r['split']}: {r['queries']} queries, {r['experts']} experts, {r['vectors']} vectors")
     if r.get("kind") == "retrieval":
         for key in (
@@ -45,7 +48,8 @@ def main(cfg: DictConfig) -> None:
         )
     if cfg.out_dir:
         print(
-            f"Tables and plots: {cfg.out_dir}/ (table.md, report.json, recall.png, frontier.png, load.png, reliability.png)"
+            f"Tables and plots: {cfg.out_dir}/ "
+            "(table.md, report.json, recall.png, frontier.png, load.png, reliability.png)"
         )
     if cfg.report:
         print(f"Report: {cfg.report}")

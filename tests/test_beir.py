@@ -187,8 +187,8 @@ def test_train_through_data_beir__never_opens_test_judgments(
         (beir_root / source / "qrels" / "test.tsv").write_bytes(b"query-id\tcorpus-id\tscore\n\xff\xfe broken\n")
     opened.clear()  # the writes above went through open too
     cfg = compose_config("train", [*_train_overrides(tmp_path), "data=beir", f"data.root={beir_root}"])
-    summary = train(cfg)
-    assert summary.experts == 3 and summary.vectors == 36
+    result = train(cfg)
+    assert result.router.num_experts == 3 and result.router.ntotal == 36
     read = [p for p in opened if str(beir_root) in p]
     assert any(p.endswith("train.tsv") for p in read) and any(p.endswith("dev.tsv") for p in read)
     assert not [p for p in read if p.endswith("test.tsv")]
@@ -332,4 +332,4 @@ def test_train_with_pseudo_queries__weights_over_one_raise(beir_root: Path, tmp_
     with pytest.raises(ValueError, match="targets.query_weight \\+ targets.pseudo_weight must be <= 1"):
         train(cfg)
     cfg.targets.pseudo_weight = 0.3
-    assert train(cfg).experts == 3
+    assert train(cfg).router.num_experts == 3

@@ -1,4 +1,4 @@
-"""Dataset files (load_jsonl / load_dataset) and routing targets (exact neighbours, counts, label/mix targets)."""
+"""Dataset files (load_jsonl / load_dataset), what each kind of data answers the training pipeline, routing targets."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from moe_router.data.base import Dataset, TrainingDefaults
+from moe_router.data.beir import load_beir
 from moe_router.data.datasets import Record, VectorDataset, carve_validation, demo_path, load_dataset, load_jsonl
 from moe_router.data.synthetic import synthetic_dataset
 from moe_router.index.exact import exact_neighbours, neighbour_counts
 from moe_router.train.targets import make_targets
-from tests.helpers import REPO, VOCAB, brute_force, clusters
+from tests.helpers import REPO, VOCAB, brute_force, clusters, write_beir, write_jsonl
 
 ROW = {"text": "a question about stars", "domain": "astronomy", "label": "stars", "split": "train"}
 
@@ -104,6 +106,65 @@ def test_shared_banking77__loads_with_label_experts() -> None:
 
 
 # ---------------------------------------------------------------- routing targets
+
+
+# ---------------------------------------------------------------- what the training pipeline asks of each kind
+
+
+def _answers(data: Dataset, seed: int = 0) -> tuple:
+    return data.stored(), data.validation(seed), data.training_queries(), data.defaults()
+
+
+def test_text_dataset__stores_train_rows_and_validates_on_val_rows_of_its_experts(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", train=4, val=2, test=1)
+    with open(path, "a") as f:  # a val row of an expert train does not have: no gold expert to validate against
+        f.write(json.dumps({**ROW, "domain": "music", "label": "jazz", "split": "val"}) + "\n")
+    data = load_dataset(str(path))
+    stored, val, queries, defaults = _answers(data)
+    train = data.split("train")
+    assert stored.texts == [r.text for r in train] and stored.vectors is None
+    assert stored.experts == [r.domain for r in train] and stored.metadata == data.metadata()
+    known = [r for r in data.split("val") if r.domain != "music"]
+    assert val.queries == [r.text for r in known] and val.experts == [r.domain for r in known] and not val.stored
+    assert data.gold_experts("val")[-1] == "music"  # evaluation sees it (and scores it as unknown)
+    assert queries == ([], []) and data.pseudo_queries("title") == ([], [])
+    assert defaults == TrainingDefaults(monitor="recall", calibrate_bias=False, prior_weight=0.0)
+    assert data.needs_embedder and not data.has_judgments
+
+
+def test_vector_dataset__stores_vectors_without_labels() -> None:
+    data = synthetic_dataset(vectors=60, dim=8, sources=2, val=5, test=3)
+    stored, val, queries, defaults = _answers(data)
+    assert stored.texts is None and stored.experts is None and stored.metadata is None
+    np.testing.assert_array_equal(stored.vectors, data.vectors["train"])
+    np.testing.assert_array_equal(val.queries, data.vectors["val"])
+    assert val.experts is None and not val.stored and data.gold_experts("test") is None
+    assert queries == ([], []) and defaults.monitor == "recall" and defaults.prior_weight == 0.0
+    assert not data.needs_embedder and not data.has_judgments
+
+
+def test_beir_dataset__validates_on_dev_judgments_and_trains_on_judged_train_queries(tmp_path: Path) -> None:
+    data = load_beir(write_beir(tmp_path / "b", queries={"train": 2, "dev": 3, "test": 1}))
+    stored, val, queries, defaults = _answers(data)
+    assert stored.texts == [t for s in data.sources for t in data.documents(s)]
+    assert stored.experts == [s for s in data.sources for _ in data.docs[s].ids]
+    assert [m["_id"] for m in stored.metadata] == [i for s in data.sources for i in data.docs[s].ids]
+    assert val.queries == data.queries("dev") and val.experts == data.gold_sources("dev") and not val.stored
+    assert queries == (data.queries("train"), data.gold_sources("train"))
+    assert data.gold_experts("test") == data.gold_sources("test")
+    assert defaults == TrainingDefaults(monitor="acc@1", calibrate_bias=True, prior_weight=0.1)
+    assert data.pseudo_queries("title")[0] and data.needs_embedder and data.has_judgments
+
+
+def test_beir_dataset_without_dev__validates_on_a_seeded_tenth_of_its_documents(tmp_path: Path) -> None:
+    data = load_beir(write_beir(tmp_path / "b", docs=20, queries={"test": 2}))
+    val = data.validation(seed=3)
+    rows = {(r.text, r.domain) for r in data.split("train")}
+    assert len(val.queries) == 6 and set(zip(val.queries, val.experts)) <= rows  # 60 documents, with their source
+    assert val.stored  # a prototype gate holds these: the untrained gate is no candidate
+    assert data.validation(seed=3) == val and data.validation(seed=4) != val
+    assert data.training_queries() == ([], [])
+    assert data.defaults() == TrainingDefaults(monitor="recall", calibrate_bias=False, prior_weight=0.1)
 
 
 @pytest.mark.parametrize("metric", ["ip", "l2"])

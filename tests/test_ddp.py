@@ -57,8 +57,7 @@ def test_trainer_ddp__two_cpu_processes_match_one_process_and_write_one_checkpoi
 
     log = ddp_run.stdout + ddp_run.stderr
     # Two processes ran the training (Lightning's own "distributed_backend=gloo" INFO lines are silenced by the
-    # entry points): rank 1 re-ran the script under Hydra and finished, and the validation ran sharded.
-    assert "DistributedSampler" in log, log[-3000:]
+    # entry points): rank 1 re-ran the script under Hydra and finished.
     assert log.count("Trained a gate over 10 experts") == 2, log[-3000:]
     # Rank 1 shares rank 0's Hydra run directory and writes no second .hydra config there.
     assert sorted(p.name for p in (tmp_path / "hydra_ddp").iterdir() if p.name.startswith(".")) == [".hydra"]

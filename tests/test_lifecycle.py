@@ -20,7 +20,7 @@ from moe_router import lifecycle as lc
 from moe_router.eval.plots import plot_load
 from moe_router.gate import initial_gate
 from moe_router.index.clustering import balanced_kmeans
-from moe_router.metrics import recall_at_k, top_experts
+from moe_router.metrics import overlap_at_k, top_experts
 from moe_router.routing.parts import Change
 from moe_router.routing.stats import RoutingStats
 from tests.helpers import DIM, REPO, assert_same_topk, brute_force, clusters, make_router
@@ -480,7 +480,7 @@ def measured_recall(router: Router, xq: np.ndarray, t: int, k: int = 10) -> floa
     ids = np.concatenate([e.ids for e in router.experts])
     _, exact = brute_force(xq, xb, ids, k, router.metric)
     res = router.search_experts(xq, k, top_experts(router.gate_probs(xq), t))
-    return recall_at_k(res.I, exact)
+    return overlap_at_k(res.I, exact)
 
 
 def duplicated_router() -> Router:

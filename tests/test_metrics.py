@@ -1,4 +1,4 @@
-"""Metrics against hand-computed cases, and recall_from_counts against an actual routed search."""
+"""Metrics against hand-computed cases, and overlap_from_counts against an actual routed search."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ from moe_router.metrics import (
     ece_noise_floor,
     expected_calibration_error,
     load_stats,
-    recall_at_k,
-    recall_from_counts,
+    overlap_at_k,
+    overlap_from_counts,
     top_experts,
+    validation_metrics,
 )
 
 PROBS = np.array([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2], [0.2, 0.3, 0.5], [0.4, 0.4, 0.2]])
@@ -34,21 +35,21 @@ def test_accuracy_at_k__hand_computed() -> None:
     assert accuracy_at_k(PROBS, gold, 3) == 0.75
 
 
-def test_recall_at_k__hand_computed_with_padding() -> None:
+def test_overlap_at_k__hand_computed_with_padding() -> None:
     routed = np.array([[1, 2, 3], [4, -1, -1], [7, 8, 9]])
     exact = np.array([[3, 2, 9], [4, 5, 6], [1, 2, 3]])
-    assert recall_at_k(routed, exact) == pytest.approx((2 / 3 + 1 / 3 + 0) / 3)
+    assert overlap_at_k(routed, exact) == pytest.approx((2 / 3 + 1 / 3 + 0) / 3)
 
 
-def test_recall_from_counts__hand_computed() -> None:
+def test_overlap_from_counts__hand_computed() -> None:
     counts = np.array([[6.0, 3.0, 1.0], [0.0, 0.0, 10.0]])
-    assert recall_from_counts(np.array([[0], [0]]), counts, k=10) == pytest.approx(0.3)
-    assert recall_from_counts(np.array([[0, 1], [2, 1]]), counts, k=10) == pytest.approx(0.95)
+    assert overlap_from_counts(np.array([[0], [0]]), counts, k=10) == pytest.approx(0.3)
+    assert overlap_from_counts(np.array([[0, 1], [2, 1]]), counts, k=10) == pytest.approx(0.95)
 
 
 @pytest.mark.parametrize("metric", ["ip", "l2"])
 @pytest.mark.parametrize("t", [1, 2, 3])
-def test_recall_from_counts__equals_recall_at_k_of_an_actual_routed_search(metric: str, t: int) -> None:
+def test_overlap_from_counts__equals_overlap_at_k_of_an_actual_routed_search(metric: str, t: int) -> None:
     rng = np.random.default_rng(11)
     d, k = 16, 10
     router = Router(d, metric)
@@ -64,11 +65,23 @@ def test_recall_from_counts__equals_recall_at_k_of_an_actual_routed_search(metri
     rows = exact_neighbours(xq, xb, k, metric)
     routed = router.search_experts(xq, k, top)
 
-    expected = recall_at_k(routed.I, ids[rows])
-    assert recall_from_counts(top, neighbour_counts(rows, owner, 5), k) == pytest.approx(
+    expected = overlap_at_k(routed.I, ids[rows])
+    assert overlap_from_counts(top, neighbour_counts(rows, owner, 5), k) == pytest.approx(
         expected, abs=1e-6
     )  # float32 counts
     assert 0.0 < expected < 1.0  # a case where routing loses some neighbours, not a trivial one
+
+
+def test_validation_metrics__key_names_k_and_equal_acc_at_1_and_overlap_at_top_t() -> None:
+    counts = np.array([[2.0, 1.0, 0.0], [0.0, 0.0, 3.0], [1.0, 1.0, 1.0], [3.0, 0.0, 0.0]])  # exact top-3 per expert
+    gold = np.array([1, 1, 2, 0])
+    out = validation_metrics(PROBS, gold, counts, top=2, k=3)
+    assert out == {
+        "val/acc@1": accuracy_at_k(PROBS, gold, 1),
+        "val/recall@3": overlap_from_counts(top_experts(PROBS, 2), counts, 3),
+    }
+    assert out["val/recall@3"] == pytest.approx((1 / 3 + 0 + 2 / 3 + 1) / 4)  # top 2 of PROBS: [1 2] [0 1] [2 1] [0 1]
+    assert validation_metrics(PROBS, gold, counts, top=5, k=3)["val/recall@3"] == 1.0  # capped at E: exhaustive
 
 
 def test_load_stats__hand_computed_with_dead_expert() -> None:

@@ -15,9 +15,9 @@ from moe_router.eval.baselines import (
     ivf_recall,
 )
 from moe_router.gate import initial_gate
-from moe_router.gate.calibrate import choose_threshold, fit_temperature, load_floor_bias, reliability_bins, softmax
+from moe_router.gate.confidence import choose_threshold, fit_temperature, load_floor_bias, reliability_bins, softmax
 from moe_router.index.exact import exact_neighbours, neighbour_counts
-from moe_router.metrics import assign_with_capacity, load_stats, recall_at_k, recall_from_counts, top_experts
+from moe_router.metrics import assign_with_capacity, load_stats, overlap_at_k, overlap_from_counts, top_experts
 from tests.helpers import clusters
 
 DIM = 16
@@ -88,9 +88,9 @@ def test_knn_vote__scores_are_the_neighbour_counts(clustered) -> None:
     scores = KnnVoteRouter(router, k=10).scores(xq)
     assert np.array_equal(np.floor(scores), counts)
     # Voting with the exact neighbours reaches the recall ceiling: no routing does better.
-    ceiling = recall_from_counts(top_experts(scores, 1), counts)
+    ceiling = overlap_from_counts(top_experts(scores, 1), counts)
     for other in (CentroidRouter(router), MultiPrototypeRouter(router, per_expert=5)):
-        assert recall_from_counts(top_experts(other.scores(xq), 1), counts) <= ceiling + 1e-9
+        assert overlap_from_counts(top_experts(other.scores(xq), 1), counts) <= ceiling + 1e-9
 
 
 def test_multi_prototype_with_every_vector__is_nearest_neighbour_routing(clustered) -> None:
@@ -154,7 +154,7 @@ def test_capacity__rejects_factors_below_one() -> None:
         assign_with_capacity(np.ones((3, 2)), 1, 0.5)
 
 
-def test_recall_from_counts__matches_a_routed_search(clustered) -> None:
+def test_overlap_from_counts__matches_a_routed_search(clustered) -> None:
     router, xq, _ = clustered
     router.set_gate(initial_gate(router.experts, hidden_dims=[8], prototypes_per_expert=3))
     xb = np.concatenate([e.vectors() for e in router.experts])
@@ -162,8 +162,8 @@ def test_recall_from_counts__matches_a_routed_search(clustered) -> None:
     nbrs = exact_neighbours(xq, xb, 10)
     top = top_experts(router.gate_probs(xq), 2)
     counts = neighbour_counts(nbrs, np.repeat(np.arange(4), 50), 4)
-    assert recall_from_counts(top, counts) == pytest.approx(
-        recall_at_k(router.search_experts(xq, 10, top).I, ids[nbrs])
+    assert overlap_from_counts(top, counts) == pytest.approx(
+        overlap_at_k(router.search_experts(xq, 10, top).I, ids[nbrs])
     )
 
 

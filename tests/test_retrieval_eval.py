@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from moe_router import Router
-from moe_router.apps.evaluate import evaluate as evaluate_app
+from moe_router.apps.evaluate import evaluate_checkpoint
 from moe_router.apps.train import train
 from moe_router.data.beir import BeirDataset, load_beir
 from moe_router.data.datasets import load_dataset
@@ -25,12 +25,12 @@ from moe_router.eval.adaptive import (
     top_k_selection,
     top_p_selection,
 )
-from moe_router.eval.baselines import KnnVoteRouter, RagRouteStyle, ReddeStyle
-from moe_router.eval.evaluate import GATE, evaluate
+from moe_router.eval.baselines import GATE, KnnVoteRouter, RagRouteStyle, ReddeStyle
+from moe_router.eval.intents import evaluate_intents
 from moe_router.eval.ir import ir_metrics
 from moe_router.eval.retrieval import EXHAUSTIVE, ORACLE, evaluate_retrieval
 from moe_router.gate import initial_gate
-from moe_router.metrics import recall_at_k, top_experts
+from moe_router.metrics import overlap_at_k, top_experts
 from moe_router.train.build import router_from_dataset
 from moe_router.vectors import prepare
 from tests.helpers import clusters, write_beir, write_jsonl
@@ -163,7 +163,7 @@ def test_evaluate_script_form__writes_the_checked_keys(tmp_path: Path) -> None:
             f"++out_dir={tmp_path}/out",
         ],
     )
-    evaluate_app(cfg)
+    evaluate_checkpoint(cfg)
     report = json.loads((tmp_path / "R.json").read_text())
     for key in ("source_acc@1", "ndcg@10@1", "ndcg@10@2", "ndcg@10@adaptive", "ndcg@10@exhaustive", "ndcg@10@oracle"):
         assert isinstance(report[key], float) and 0.0 <= report[key] <= 1.0, key
@@ -208,7 +208,7 @@ def test_p_at_cost__largest_mass_within_the_budget() -> None:
     for target, by in ((1.5, None), (2.5, None), (0.3, sizes)):
         p = p_at_cost(probs, target, 4, by)
 
-        def cost(q: float) -> float:
+        def cost(q: float, by: np.ndarray | None = by) -> float:
             sel = top_p_selection(probs, q, 4)
             return sel.mean_experts if by is None else float((sel.mask(8) * by).sum(1).mean() / by.sum())
 
@@ -229,7 +229,7 @@ def test_intent_report__adaptive_rows_and_frontier_agree_with_top_k(tmp_path: Pa
     data = load_dataset(str(write_jsonl(tmp_path / "d.jsonl", train=30, val=8, test=10)))
     router = router_from_dataset(data, HashingEmbedder(dim=64, seed=0))
     router.set_gate(initial_gate(router.experts, hidden_dims=[], dropout=0.0))
-    report, scores = evaluate(
+    report, scores = evaluate_intents(
         router,
         data,
         "test",
@@ -247,7 +247,7 @@ def test_intent_report__adaptive_rows_and_frontier_agree_with_top_k(tmp_path: Pa
     xq = router.prepare(data.queries("test"))[0]
     sel = top_p_selection(scores[GATE], 0.9, 3)
     exact = brute_force_ids(router, xq, 10)
-    assert report["recall@10@adaptive"] == pytest.approx(recall_at_k(prefix_search(router, xq, 10, sel)[0], exact))
+    assert report["recall@10@adaptive"] == pytest.approx(overlap_at_k(prefix_search(router, xq, 10, sel)[0], exact))
     assert report["experts@adaptive"] == pytest.approx(sel.mean_experts)
     assert "recall@10@1.5_experts" in report and "recall@10@top2_scanned" in report
 

@@ -10,20 +10,21 @@ import pytest
 import torch
 
 from moe_router import Gate, Router
-from moe_router.apps.train import resolve_monitor, train
+from moe_router.apps.train import train
 from moe_router.data.beir import load_beir
 from moe_router.embed.hashing import HashingEmbedder
 from moe_router.eval.adaptive import prefix_search, top_k_selection
-from moe_router.eval.evaluate import GATE
+from moe_router.eval.baselines import GATE
 from moe_router.eval.ir import ir_metrics
 from moe_router.eval.retrieval import DocLookup, evaluate_retrieval
 from moe_router.gate import initial_gate, with_prototypes
-from moe_router.gate.calibrate import fit_bias_temperature, fit_temperature, softmax
+from moe_router.gate.confidence import fit_bias_temperature, fit_temperature, softmax
 from moe_router.index.exact import stacked
 from moe_router.metrics import accuracy_at_k
 from moe_router.train.build import router_from_dataset
 from moe_router.train.fit import fit_router
 from moe_router.train.module import GateModule
+from moe_router.train.pipeline import resolve_monitor
 from tests.helpers import brute_force, make_router, write_beir
 from tests.test_retrieval_eval import brute_force_run
 from tests.test_training import _train_overrides, compose_config
@@ -79,12 +80,15 @@ def test_train_on_beir__installs_the_prior_correction_in_the_gate(tmp_path: Path
     assert "bias_max_abs" not in router.metrics and router.prior_weight == 0.25
 
 
-def test_resolve_monitor__auto_picks_by_data_and_unknown_names_raise() -> None:
-    assert resolve_monitor("auto", retrieval=True) == "val/acc@1"
-    assert resolve_monitor("auto", retrieval=False) == "val/recall@10"
-    assert resolve_monitor("val/recall@10", retrieval=True) == "val/recall@10"
+def test_resolve_monitor__auto_takes_the_data_default_and_the_recall_key_names_its_k() -> None:
+    assert resolve_monitor("auto", "acc@1", 10) == "val/acc@1"
+    assert resolve_monitor("auto", "recall", 10) == "val/recall@10"
+    assert resolve_monitor("auto", "recall", 5) == "val/recall@5"
+    assert resolve_monitor("val/recall@10", "acc@1", 10) == "val/recall@10"
+    with pytest.raises(ValueError, match="monitor must be 'auto', 'val/acc@1' or 'val/recall@5', got 'val/recall@10'"):
+        resolve_monitor("val/recall@10", "recall", 5)  # a recall key that does not name targets.neighbours
     with pytest.raises(ValueError, match="monitor must be 'auto'"):
-        resolve_monitor("val/loss", retrieval=False)
+        resolve_monitor("val/loss", "recall", 10)
 
 
 # ---------------------------------------------------------------- the untrained gate is a candidate

@@ -12,7 +12,7 @@ import pytest
 
 from moe_router import Router
 from moe_router.cli import main as cli_main
-from tests.helpers import REPO
+from tests.helpers import REPO, write_jsonl
 
 BIN = Path(sys.executable).parent
 
@@ -73,6 +73,25 @@ def test_train_then_evaluate_scripts__write_checkpoint_and_report(tmp_path: Path
 @pytest.fixture
 def saved_ckpt(text_router: Router, tmp_path: Path) -> Path:
     return text_router.save(tmp_path / "ckpt")
+
+
+def test_evaluate_script__evaluates_a_checkpoint_without_importing_lightning(saved_ckpt: Path, tmp_path: Path) -> None:
+    """scripts/evaluate.py and the whole evaluation it runs never load the training framework."""
+    code = f"""
+import importlib.util, sys
+from hydra import compose, initialize_config_dir
+spec = importlib.util.spec_from_file_location("evaluate_script", "scripts/evaluate.py")
+spec.loader.exec_module(importlib.util.module_from_spec(spec))
+with initialize_config_dir(config_dir={str(REPO / "configs")!r}, version_base="1.3"):
+    cfg = compose("eval", ["data=jsonl", "data.path={write_jsonl(tmp_path / "d.jsonl")}", "ckpt={saved_ckpt}",
+                           "speed_batches=[1]", "out_dir={tmp_path / "out"}"])
+report = sys.modules["moe_router.apps.evaluate"].evaluate_checkpoint(cfg)
+assert report["queries"] == 12, report["queries"]
+print(sorted(m for m in sys.modules if m == "lightning" or m.startswith(("lightning.", "pytorch_lightning"))))
+"""
+    proc = _run([sys.executable, "-c", code])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_cli_entry_point_route__prints_expert_names_with_confidence(saved_ckpt: Path) -> None:

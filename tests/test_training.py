@@ -1,10 +1,15 @@
-"""Training: the LightningModule's loss, routing pairs, fit_router, and train/evaluate through the real Hydra configs."""
+"""Training: the module's loss, routing pairs, fit_router, train_router, train/evaluate via the real Hydra configs."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from functools import partial
 from pathlib import Path
 
+import faiss
 import lightning as L
 import numpy as np
 import pytest
@@ -14,16 +19,18 @@ from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
-from moe_router import Gate, Router
-from moe_router.apps.evaluate import evaluate
+from moe_router import Gate, HashingEmbedder, Router
+from moe_router.apps.evaluate import evaluate_checkpoint
 from moe_router.apps.train import train
+from moe_router.data.datasets import load_dataset
 from moe_router.index.exact import exact_counts
-from moe_router.metrics import accuracy_at_k, recall_from_counts, top_experts
+from moe_router.metrics import accuracy_at_k, overlap_from_counts, top_experts
 from moe_router.train.build import router_from_dataset
 from moe_router.train.fit import fit_router
 from moe_router.train.module import GateModule
+from moe_router.train.pipeline import TrainConfig, train_router
 from moe_router.train.targets import routing_pairs
-from tests.helpers import CONFIGS, VOCAB, clusters, write_jsonl
+from tests.helpers import CONFIGS, REPO, VOCAB, clusters, write_jsonl
 
 E = 4
 
@@ -129,7 +136,9 @@ def test_fit_router__learns_to_route_held_out_queries_far_above_chance(tmp_path:
     # The reported metrics are the installed gate's, computed the way evaluation computes them.
     assert result.metrics["val/acc@1"] == pytest.approx(acc, abs=1e-6)
     counts = exact_counts(router.experts, router.prepare(xq)[0], 10)
-    assert result.metrics["val/recall@10"] == pytest.approx(recall_from_counts(top_experts(probs, 2), counts), abs=1e-6)
+    assert result.metrics["val/recall@10"] == pytest.approx(
+        overlap_from_counts(top_experts(probs, 2), counts), abs=1e-6
+    )
     assert result.epochs == 12 and result.seconds > 0
     assert not router.gate.training and router.gate.num_experts == E
 
@@ -153,7 +162,7 @@ def test_fit_router__rejects_bad_setups() -> None:
         fit_router(router, module=wrong)
 
 
-# ---------------------------------------------------------------- train(cfg) and evaluate(cfg) via the real configs
+# ---------------------------------------------------------------- train(cfg) and evaluate_checkpoint(cfg), real configs
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +174,8 @@ def jsonl_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         mp.chdir(root)
         mp.setenv("MOE_ROUTER_CACHE", str(root / "env_cache"))
         cfg = compose_config("train", [*_train_overrides(root), "data=jsonl", f"data.path={data}"])
-        summary = train(cfg)
-    assert summary.out == root / "ckpt" and summary.experts == 3 and summary.vectors == 36
+        result = train(cfg)
+    assert result.router.num_experts == 3 and result.router.ntotal == 36 and (root / "ckpt").is_dir()
     return data, root
 
 
@@ -200,7 +209,7 @@ def test_evaluate_on_trained_checkpoint__reports_metrics_consistent_with_the_rou
             "++out_dir=null",
         ],
     )
-    report = evaluate(cfg)
+    report = evaluate_checkpoint(cfg)
     assert json.loads((root / "report.json").read_text()) == report
     for key in ("acc@1", "acc@2", "recall@10@1", "recall@10@2", "scanned@2"):
         assert isinstance(report[key], float) and 0.0 <= report[key] <= 1.0, key
@@ -222,15 +231,15 @@ def test_evaluate_k_above_stored_vectors__raises_clear_error(jsonl_run: tuple[Pa
     data, root = jsonl_run
     cfg = compose_config("eval", ["data=jsonl", f"data.path={data}", f"ckpt={root}/ckpt", "k=50", "++out_dir=null"])
     with pytest.raises(ValueError, match=r"k must be between 1 and 36"):
-        evaluate(cfg)
+        evaluate_checkpoint(cfg)
 
 
 def test_train_fast_dev_run_on_default_demo_data__checkpoint_loads_and_routes(tmp_path: Path) -> None:
     cfg = compose_config("train", _train_overrides(tmp_path))
     assert cfg.data.name == "demo" and cfg.model.hidden_dims == [512]
-    summary = train(cfg)
-    router = Router.load(summary.out)
-    assert router.num_experts == summary.experts == 10 and router.ntotal == summary.vectors == 400
+    result = train(cfg)
+    router = Router.load(cfg.out)
+    assert router.num_experts == result.router.num_experts == 10 and router.ntotal == result.router.ntotal == 400
     route = router.route("How do I fix an auth bug?", top_experts=2)
     assert len(route) == 2 and route[0].probability >= route[1].probability
     assert router.config["embedder"]["_target_"] == "moe_router.embed.HashingEmbedder"
@@ -252,14 +261,12 @@ SYNTHETIC = ["data=synthetic", "data.vectors=3000", "data.dim=32", "data.sources
 
 def test_train_and_evaluate_on_synthetic_vectors__kmeans_experts_and_a_full_report(tmp_path: Path) -> None:
     cfg = compose_config("train", [*_train_overrides(tmp_path), *SYNTHETIC, "partition=6"])
-    summary = train(cfg)
-    router = Router.load(summary.out)
+    train(cfg)
+    router = Router.load(cfg.out)
     assert router.embedder is None and router.num_experts == 6 and router.ntotal == 3000
     assert router.expert_names == [f"shard_{i:02d}" for i in range(6)]
-    ecfg = compose_config(
-        "eval", [*SYNTHETIC, f"ckpt={summary.out}", f"out_dir={tmp_path}/report", "speed_batches=[100]"]
-    )
-    report = evaluate(ecfg)
+    ecfg = compose_config("eval", [*SYNTHETIC, f"ckpt={cfg.out}", f"out_dir={tmp_path}/report", "speed_batches=[100]"])
+    report = evaluate_checkpoint(ecfg)
     assert report["dataset"] == "synthetic" and report["queries"] == 300 and report["experts"] == 6
     assert report["partition"] == 6
     assert report["unknown_gold"] == 0 and report["recall@10@1"] <= report["recall@10@2"] <= report["recall@10@4"]
@@ -276,11 +283,12 @@ def test_synthetic_vectors_without_partition__raise_clear_errors(tmp_path: Path)
     train_cfg = compose_config(
         "train", [*_train_overrides(tmp_path), "data=jsonl", f"data.path={write_jsonl(tmp_path / 'd.jsonl')}"]
     )
-    out = train(train_cfg).out
+    train(train_cfg)
+    out = train_cfg.out
     with pytest.raises(
         ValueError, match=r"has no labels, so it can only evaluate a checkpoint whose experts are a k-means"
     ):
-        evaluate(compose_config("eval", [*SYNTHETIC, "data.dim=256", f"ckpt={out}", "++out_dir=null"]))
+        evaluate_checkpoint(compose_config("eval", [*SYNTHETIC, "data.dim=256", f"ckpt={out}", "++out_dir=null"]))
 
 
 def test_router_from_dataset_with_max_imbalance__caps_every_shard_and_keeps_every_vector() -> None:
@@ -311,15 +319,94 @@ def test_evaluate_unknown_baseline__raises_clear_error_naming_it(jsonl_run: tupl
         ],
     )
     with pytest.raises(ValueError, match=r"unknown baseline\(s\) \['bogus'\]; expected some of \['centroid'"):
-        evaluate(cfg)
+        evaluate_checkpoint(cfg)
 
 
 def test_train_ensemble__assembles_members_into_one_gate_that_saves_loads_and_grows(tmp_path: Path) -> None:
     cfg = compose_config("train", [*_train_overrides(tmp_path), "model=ensemble", "model.members=2"])
-    summary = train(cfg)
-    router = Router.load(summary.out)
+    result = train(cfg)
+    router = Router.load(cfg.out)
     assert router.gate.members == 2 and router.metrics["members"] == 2
     assert router.gate.prototypes_per_expert * router.num_experts <= 4096  # the members share one budget
-    assert {"val/acc@1", "val/recall@10"} <= set(summary.metrics)
+    assert {"val/acc@1", "val/recall@10"} <= set(result.val_metrics)
     router.add_expert("extra", texts=["a question about gardening roses", "a question about tulips"])
     assert router.route("a question about tulips", top_experts=1)[0].expert == "extra"
+
+
+# ---------------------------------------------------------------- train_router: the library call of scripts/train.py
+
+
+# FAISS's process-wide BLAS threshold as a fresh process has it (read at collection, before any evaluation
+# in this process lowers it for speed: its exact search then takes the BLAS path, whose float sums differ).
+FAISS_BLAS_THRESHOLD = faiss.cvar.distance_compute_blas_threshold
+
+
+@pytest.mark.slow  # scripts/train.py in a subprocess (torch + Lightning + Hydra start-up): about 15 s
+def test_train_router_called_directly__equals_scripts_train_py_with_the_same_seed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(faiss.cvar, "distance_compute_blas_threshold", FAISS_BLAS_THRESHOLD)  # as the subprocess
+    ckpt = tmp_path / "script_ckpt"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "scripts/train.py",
+            "embedder=hashing",
+            "model=mlp",  # no prototypes: the untrained gate is a poor router, so trained epochs are what is compared
+            "trainer.max_epochs=3",
+            "trainer.accelerator=cpu",
+            "trainer.enable_progress_bar=false",
+            f"out={ckpt}",
+            f"cache_dir={tmp_path}/cache",
+            f"hydra.run.dir={tmp_path}/hydra",
+        ],
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # configs/train.yaml's defaults written out by hand: the demo data, the mlp gate, the default trainer and module
+    result = train_router(
+        load_dataset(),
+        HashingEmbedder(dim=256, seed=0),
+        TrainConfig(),
+        gate=Gate,
+        trainer=partial(
+            L.Trainer,
+            accelerator="cpu",
+            devices=1,
+            max_epochs=3,
+            deterministic=True,
+            log_every_n_steps=20,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        ),
+        module=partial(GateModule, optimizer=partial(torch.optim.AdamW, lr=0.001, weight_decay=0.01)),
+        log_dir=tmp_path / "logs",
+    )
+    script = Router.load(ckpt)
+    assert not result.untrained_kept and result.epochs == 3
+    assert {k: v for k, v in result.metrics.items() if k != "fit_seconds"} == {
+        k: v for k, v in script.metrics.items() if k != "fit_seconds"
+    }
+    assert set(result.val_metrics) == {"val/acc@1", "val/recall@10"}
+    direct, saved = result.router.gate.state_dict(), script.gate.state_dict()
+    assert direct.keys() == saved.keys() and all(torch.equal(direct[k], saved[k]) for k in direct)
+    assert (
+        result.router.config["targets"]["neighbours"] == 10 and result.router.prior_weight == script.prior_weight == 0
+    )
+
+
+def test_train_with_other_neighbour_count__names_it_in_the_recall_key_and_the_monitor(tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "d.jsonl")
+    shrunk = [o for o in _train_overrides(tmp_path) if "fast_dev_run" not in o]  # one real epoch: its CSV log is kept
+    overrides = [*shrunk, "trainer.max_epochs=1", "data=jsonl", f"data.path={data}", "targets.neighbours=5"]
+    result = train(compose_config("train", overrides))
+    assert set(result.val_metrics) == {"val/acc@1", "val/recall@5"}
+    assert {"val/acc@1", "val/recall@5"} <= set(Router.load(tmp_path / "ckpt").metrics)
+    logged = (tmp_path / "logs" / "logs" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "val/recall@5" in logged and "val/recall@10" not in logged  # what the epoch is picked by
+    with pytest.raises(ValueError, match="monitor must be 'auto', 'val/acc@1' or 'val/recall@5'"):
+        train(compose_config("train", [*overrides, "monitor=val/recall@10"]))

@@ -9,18 +9,17 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from moe_router.apps.train import run_dir
-from moe_router.data.beir import BeirDataset
+from moe_router.apps.common import run_dir
 from moe_router.embed.cache import default_cache_dir
-from moe_router.eval.evaluate import evaluate as evaluate_router
+from moe_router.eval.intents import evaluate_intents
 from moe_router.eval.report import write_outputs, write_retrieval_outputs
 from moe_router.eval.retrieval import evaluate_retrieval
 from moe_router.logs import quiet_libraries
 from moe_router.routing.router import Router
 
 
-def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Evaluate cfg.ckpt on cfg.data's cfg.split against the baselines (BEIR data: against its judgments).
+def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate cfg.ckpt on cfg.data's cfg.split against the baselines (data with judgments: against them).
 
     Tables and plots go to cfg.out_dir (default: Hydra's run directory, never the published
     reports/), the JSON report also to cfg.report when set.
@@ -29,7 +28,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     router = Router.load(cfg.ckpt, cache_dir=cfg.cache_dir or default_cache_dir())
     dataset = instantiate(cfg.data)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else run_dir()
-    if isinstance(dataset, BeirDataset):  # documents and judged queries: IR metrics against the qrels
+    if dataset.has_judgments:  # documents and judged queries: IR metrics against the qrels
         report, _ = evaluate_retrieval(
             router,
             dataset,
@@ -43,7 +42,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         )
         write_retrieval_outputs(report, out_dir)
     else:
-        report, scores = evaluate_router(
+        report, scores = evaluate_intents(
             router,
             dataset,
             split=cfg.split,

@@ -12,6 +12,7 @@ Malformed files raise ValueError("file:line: what is wrong").
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,13 +21,23 @@ from pathlib import Path
 import numpy as np
 
 from moe_router.checks import check_int
-from moe_router.data.datasets import Record
+from moe_router.data.base import StoredRows, TrainingDefaults, ValidationSet
+from moe_router.data.datasets import HELD_OUT_DEFAULTS, Record
 from moe_router.data.jsonl import json_objects, lines
 
 QUERY_SPLITS = ("train", "dev", "test")
 
 # The part of dev set aside when the dataset is loaded with holdout_folds > 0 (see BeirDataset).
 HELDOUT = "heldout"
+
+# Merged hits ranked by similarity + 0.1 * log p(source) on any BEIR data. Measured on dev
+# (docs/retrieval.md): 0.05 to 0.2 all beat 0 when 2+ sources are searched, on both benchmarks.
+PRIOR_WEIGHT = 0.1
+
+# Validating on judged real questions (dev): the epoch is picked by routing them to their source, as
+# recall@k against exhaustive neighbours rewards sources that merely hold near documents (distractors);
+# the sources' logits get a prior correction, as questions do not reach them in proportion to their documents.
+JUDGED_DEFAULTS = TrainingDefaults(monitor="acc@1", calibrate_bias=True, prior_weight=PRIOR_WEIGHT)
 
 
 @dataclass(frozen=True)
@@ -177,6 +188,9 @@ class BeirDataset:
                     )
                 owner[did] = source
 
+    needs_embedder = True
+    has_judgments = True
+
     # ----------------------------------------------------------------- documents
 
     def doc_text(self, title: str, text: str) -> str:
@@ -213,6 +227,11 @@ class BeirDataset:
     def metadata(self) -> list[dict]:
         """The stored metadata of each row of split('train'): the document's _id and title."""
         return [{"_id": i, "title": t} for s in self.sources for i, t in zip(self.docs[s].ids, self.docs[s].titles)]
+
+    def stored(self) -> StoredRows:
+        """The documents, as rows of their source, with their _id and title."""
+        rows = self.split("train")
+        return StoredRows([r.text for r in rows], None, [r.domain for r in rows], self.metadata())
 
     # ----------------------------------------------------------------- queries
 
@@ -252,8 +271,31 @@ class BeirDataset:
         """The source holding each query's relevant documents (in the order of queries(split))."""
         return list(self._query_split(split).sources)
 
+    def gold_experts(self, split: str) -> list[str]:
+        return self.gold_sources(split)
+
     def oos_texts(self, split: str) -> list[str]:
         return []  # retrieval sources have no out-of-scope queries
+
+    # ----------------------------------------------------------------- what training asks
+
+    def validation(self, seed: int) -> ValidationSet:
+        """The judged validation queries; without any (cold start), a seeded 10% of the documents."""
+        if self.queries("val"):
+            return ValidationSet(self.queries("val"), self.gold_sources("val"), stored=False)
+        rows = self.split("train")
+        pick = np.sort(np.random.default_rng(seed).choice(len(rows), size=max(1, len(rows) // 10), replace=False))
+        return ValidationSet([rows[i].text for i in pick], [rows[i].domain for i in pick], stored=True)
+
+    def training_queries(self) -> tuple[list[str], list[str]]:
+        """The judged queries of the training split (never test) with their source."""
+        return self.queries(self.train_split), self.gold_sources(self.train_split)
+
+    def defaults(self) -> TrainingDefaults:
+        """Dev judgments: epochs by source acc@1, a prior correction; else as held-out rows. Prior weight 0.1 always."""
+        if self.queries("val"):
+            return JUDGED_DEFAULTS
+        return dataclasses.replace(HELD_OUT_DEFAULTS, prior_weight=PRIOR_WEIGHT)
 
     def _query_split(self, split: str) -> QuerySplit:
         split = self.resolve(split)
@@ -330,7 +372,7 @@ def load_beir(
     holdout_fold: int = 0,
     holdout_seed: int = 0,
 ) -> BeirDataset:
-    """Every subfolder of `root` (or those listed in `sources`) as a source; documents read now, queries per split later.
+    """Every subfolder of `root` (or those in `sources`) as a source; documents read now, queries per split later.
 
     `splits_for_training`: the query splits training may read: the first gives training queries
     (when it has judgments), the second validation (BEIR's 'dev'). `holdout_folds` > 0 sets fold

@@ -13,12 +13,17 @@ from pathlib import Path
 
 import numpy as np
 
+from moe_router.data.base import StoredRows, TrainingDefaults, ValidationSet
 from moe_router.data.jsonl import json_objects
 
 REQUIRED_FIELDS = ("text", "domain", "label", "split")
 
 
 SPLITS = ("train", "val", "test")
+
+# Validation on held-out rows (intent data, query vectors): the epoch is picked by recall@k against
+# exhaustive search, the routing target there; hits of several experts are merged by score alone.
+HELD_OUT_DEFAULTS = TrainingDefaults(monitor="recall", calibrate_bias=False, prior_weight=0.0)
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,9 @@ class TextDataset:
             for r in self.split("train"):
                 self.parents[getattr(r, self.expert_key)] = getattr(r, self.parent_key)
 
+    needs_embedder = True
+    has_judgments = False
+
     def split(self, name: str) -> list[Record]:
         return [r for r in self.records if r.split == name]
 
@@ -61,12 +69,34 @@ class TextDataset:
         """What a router is asked with, for a split: here, its texts."""
         return self.texts(split)
 
+    def gold_experts(self, split: str) -> list[str]:
+        return [getattr(r, self.expert_key) for r in self.split(split)]
+
     def oos_texts(self, split: str) -> list[str]:
         return [r.text for r in self.oos if r.split == split]
 
     def metadata(self) -> list[dict]:
         """The stored metadata of each row of split('train')."""
         return [{"label": r.label, "domain": r.domain} for r in self.split("train")]
+
+    def stored(self) -> StoredRows:
+        """The train rows: their texts, experts and metadata."""
+        return StoredRows(self.texts("train"), None, self.gold_experts("train"), self.metadata())
+
+    def validation(self, seed: int) -> ValidationSet:
+        """The 'val' rows of experts that train has (`seed` is unused: the rows were carved when loading)."""
+        known = set(self.experts)
+        rows = [r for r in self.split("val") if getattr(r, self.expert_key) in known]
+        return ValidationSet([r.text for r in rows], [getattr(r, self.expert_key) for r in rows], stored=False)
+
+    def training_queries(self) -> tuple[list[str], list[str]]:
+        return [], []  # the train rows are the stored rows; there are no other queries
+
+    def pseudo_queries(self, view: str) -> tuple[list[str], list[str]]:
+        return [], []  # intent rows are queries already
+
+    def defaults(self) -> TrainingDefaults:
+        return HELD_OUT_DEFAULTS
 
     def expert_ids(self, split: str, unknown: int = -1) -> np.ndarray:
         """(n,) index of each record's expert; `unknown` for experts absent from train."""
@@ -84,6 +114,7 @@ class VectorDataset:
     name: str
     vectors: dict[str, np.ndarray]
     experts: list[str] = field(default_factory=list)  # none: there are no labels to group by
+    parents: dict[str, str | None] = field(default_factory=dict)  # none: experts come from k-means
 
     def __post_init__(self) -> None:
         unknown = set(self.vectors) - set(SPLITS)
@@ -99,6 +130,9 @@ class VectorDataset:
                     f"expected (n, {train.shape[1]}) like 'train'"
                 )
 
+    needs_embedder = False
+    has_judgments = False
+
     @property
     def dim(self) -> int:
         return int(self.vectors["train"].shape[1])
@@ -107,8 +141,26 @@ class VectorDataset:
         """(n, d) query vectors of a split (0 rows when the split is absent)."""
         return self.vectors.get(split, np.empty((0, self.dim), dtype=np.float32))
 
+    def gold_experts(self, split: str) -> None:
+        return None  # no labels: only a k-means partition gives queries a gold expert
+
     def oos_texts(self, split: str) -> list[str]:
         return []
+
+    def stored(self) -> StoredRows:
+        return StoredRows(None, self.vectors["train"], None, None)
+
+    def validation(self, seed: int) -> ValidationSet:
+        return ValidationSet(self.queries("val"), None, stored=False)
+
+    def training_queries(self) -> tuple[list[str], list[str]]:
+        return [], []
+
+    def pseudo_queries(self, view: str) -> tuple[list[str], list[str]]:
+        return [], []
+
+    def defaults(self) -> TrainingDefaults:
+        return HELD_OUT_DEFAULTS
 
 
 def load_jsonl(path: str | Path) -> list[Record]:

@@ -12,12 +12,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moe_router.gate.calibrate import fit_temperature, softmax
+from moe_router.gate.confidence import fit_temperature, softmax
 from moe_router.metrics import top_experts, top_p_experts
 from moe_router.routing.router import Router
 
 TOP_K = (1, 2, 3, 4)  # fixed expert counts on the frontier
 P_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)  # probability masses on the frontier
+
+
+def check_top_p(top_p: float, p_grid: Sequence[float]) -> None:
+    """top_p and every p of the frontier grid in (0, 1], else a ValueError naming them."""
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < float(top_p) <= 1.0:
+        raise ValueError(f"top_p must be a probability mass in (0, 1], got {top_p!r}")
+    if any(isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < float(p) <= 1.0 for p in p_grid):
+        raise ValueError(f"p_grid values must be probability masses in (0, 1], got {list(p_grid)}")
 
 
 @dataclass(frozen=True)

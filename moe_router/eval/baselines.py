@@ -14,7 +14,7 @@ from torch import nn
 from moe_router.index.clustering import kmeans_centroids
 from moe_router.index.exact import exact_neighbours, stacked
 from moe_router.index.expert import centroids
-from moe_router.metrics import recall_at_k
+from moe_router.metrics import overlap_at_k
 from moe_router.routing.router import Router
 from moe_router.vectors import flat_index, similarity
 
@@ -259,7 +259,20 @@ def ivf_recall(
         _, rows = ivf.search(xq, k)
         _, lists = quantizer.search(xq, t)
         out[t] = (
-            recall_at_k(np.where(rows >= 0, ids[np.maximum(rows, 0)], -1), exact_ids),
+            overlap_at_k(np.where(rows >= 0, ids[np.maximum(rows, 0)], -1), exact_ids),
             float(sizes[lists].sum(axis=1).mean() / len(xb)),
         )
     return out
+
+
+GATE = "gate (ours)"  # the row of the router under evaluation, beside the baselines'
+
+BASELINES = {
+    "random": RandomRouter,
+    "centroid": CentroidRouter,
+    "multi_prototype": MultiPrototypeRouter,
+    "semantic_router": SemanticRouterStyle,
+    "knn_vote": KnnVoteRouter,
+    "ragroute": RagRouteStyle,
+    "redde": ReddeStyle,
+}

@@ -43,7 +43,7 @@ def recall_curve(rows: dict[str, dict[str, Any]], experts_searched: list[int], k
     return _save(fig, ax, path, title)
 
 
-def frontier(
+def plot_frontier(
     curves: dict[str, list[dict[str, Any]]],
     path: Path,
     title: str,

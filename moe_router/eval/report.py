@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 
 from moe_router.eval import plots
-from moe_router.eval.evaluate import FLAT, GATE
+from moe_router.eval.baselines import GATE
+from moe_router.eval.intents import FLAT
 from moe_router.metrics import load_stats, top_experts
 from moe_router.routing.router import Router
 
@@ -114,11 +115,12 @@ def write_retrieval_outputs(report: dict[str, Any], out_dir: Path) -> None:
         f"### {title}\n\n{retrieval_table(report)}\n\nGate ECE of the top-1 probability: {report['ece']:.4f} "
         f"(a perfectly calibrated gate with these confidences: {report['ece_noise_floor']:.4f} on average, sampling "
         f"noise alone). Baselines' probabilities for top-p: {report['baseline_temperature_fit']}. The gate's hits of "
-        f"several sources are merged by score + {report['prior_weight']:g} * log p(source), the baselines' by score.\n\n"
+        f"several sources are merged by score + {report['prior_weight']:g} * log p(source), "
+        "the baselines' by score.\n\n"
         f"#### Frontier: nDCG@10 against mean sources searched\n\n{frontier_table(report['frontier'], 'nDCG@10')}\n"
     )
     curves = {n: c for n, c in report["frontier"].items() if not n.startswith("random")}
-    plots.frontier(
+    plots.plot_frontier(
         curves,
         out_dir / "frontier.png",
         f"nDCG@10 vs sources searched: {title}",
@@ -181,12 +183,13 @@ def write_outputs(
     adaptive = _adaptive_summary(report, k)
     (out_dir / "table.md").write_text(
         f"### {title}\n\n{table}\n\nECE of the top-1 probability: {cal['calibrated']['ece']:.4f} at T = "
-        f"{cal['temperature']:.3f} ({cal['uncalibrated (T=1)']['ece']:.4f} at T = 1).\n{extra}\nSpeed (same run):\n{speed}\n"
+        f"{cal['temperature']:.3f} ({cal['uncalibrated (T=1)']['ece']:.4f} at T = 1).\n"
+        f"{extra}\nSpeed (same run):\n{speed}\n"
         f"\n#### Frontier: recall@{k} vs exhaustive against mean experts searched\n\n{adaptive}\n\n"
         f"{frontier_table(report['frontier'], f'recall@{k}')}\n"
     )
     curves = {n: c for n, c in report["frontier"].items() if not n.startswith("random")}
-    plots.frontier(
+    plots.plot_frontier(
         curves, out_dir / "frontier.png", f"recall@{k} vs experts searched: {title}", f"recall@{k} vs exhaustive search"
     )
     curves = {n: r for n, r in report["routers"].items() if not n.startswith("random")}

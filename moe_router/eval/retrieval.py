@@ -23,6 +23,7 @@ from moe_router.eval.adaptive import (
     FrontierPoint,
     Selection,
     baseline_probs,
+    check_top_p,
     fixed_selection,
     frontier,
     p_at_cost,
@@ -30,8 +31,8 @@ from moe_router.eval.adaptive import (
     top_k_selection,
     top_p_selection,
 )
-from moe_router.eval.baselines import RagRouteStyle
-from moe_router.eval.evaluate import BASELINES, GATE, calibration_report, check_top_p
+from moe_router.eval.baselines import BASELINES, GATE, RagRouteStyle
+from moe_router.eval.calibration import calibration_report
 from moe_router.eval.ir import ir_metrics
 from moe_router.index.exact import exhaustive_index, stacked
 from moe_router.metrics import accuracy_at_k

@@ -1,4 +1,4 @@
-"""The gate: the routing network (model), its starting point (init), its surgery when experts change, and calibration."""
+"""The gate: the routing network (model), its start (init), its surgery when experts change, confidence calibration."""
 
 from moe_router.gate.init import initial_gate, with_prototypes
 from moe_router.gate.model import Gate, GateOutput, balance_loss, infer, z_loss

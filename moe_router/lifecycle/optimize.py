@@ -11,12 +11,12 @@ from typing import Any
 
 import numpy as np
 
-from moe_router.gate.calibrate import softmax
+from moe_router.gate.confidence import softmax
 from moe_router.gate.model import Gate, infer
 from moe_router.index.exact import exact_ids, stacked
 from moe_router.lifecycle.merge_split import plan_merge, plan_split
 from moe_router.lifecycle.plan import FineTune, then, view
-from moe_router.metrics import load_stats, recall_from_counts, top_experts
+from moe_router.metrics import load_stats, overlap_from_counts, top_experts
 from moe_router.routing.parts import Change, RouterParts
 from moe_router.routing.router import Router
 from moe_router.types import SearchParams
@@ -72,7 +72,7 @@ def _quality(
     sizes = np.array([e.ntotal for e in state.experts])
     load = load_stats(top, len(state.experts))
     return RoutingQuality(
-        recall_from_counts(top, counts[:, :-1], exact.shape[1]),
+        overlap_from_counts(top, counts[:, :-1], exact.shape[1]),
         float(sizes[top].sum(1).mean() / sizes.sum()),
         float(load["max_over_mean"]),
         float(load["cv"]),

@@ -1,4 +1,4 @@
-"""Routing: the Router (experts + gate: route, grouped search, stats, fork), backends, hierarchy, calibration."""
+"""Routing: the Router (experts + gate: route, grouped search, stats, fork), backends, hierarchy."""
 
 from moe_router.lazy import lazy_exports
 

@@ -1,4 +1,4 @@
-"""Training: routers built from data, targets, the LightningModule, fit_router and short fine-tunes.
+"""Training: routers from data, targets, the LightningModule, fit_router, calibration, fine-tunes, train_router.
 
 Names are imported on first use (moe_router.lazy): building a router from data needs no Lightning.
 """
@@ -14,6 +14,11 @@ _EXPORTS = {
     "GateModule": "moe_router.train.module",
     "router_from_dataset": "moe_router.train.build",
     "clustered_router": "moe_router.train.build",
+    "calibrate_router": "moe_router.train.calibrate",
+    "TargetsConfig": "moe_router.train.pipeline",
+    "TrainConfig": "moe_router.train.pipeline",
+    "TrainResult": "moe_router.train.pipeline",
+    "train_router": "moe_router.train.pipeline",
 }
 __getattr__ = lazy_exports(__name__, _EXPORTS)
 __all__ = sorted(_EXPORTS)

@@ -1,11 +1,10 @@
-"""Routers built from data: one expert per expert key of a dataset, k-means shards (learned sharding), or synthetic clusters."""
+"""Routers built from data: one expert per expert key, k-means shards (learned sharding), or synthetic clusters."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from moe_router.data.beir import BeirDataset
-from moe_router.data.datasets import TextDataset, VectorDataset
+from moe_router.data.base import Dataset
 from moe_router.data.synthetic import ClusterLayout, cluster_layout, sample_points
 from moe_router.embed.base import Embedder
 from moe_router.index.clustering import balanced_kmeans, kmeans_assign
@@ -13,7 +12,7 @@ from moe_router.routing.router import Router
 
 
 def router_from_dataset(
-    dataset: TextDataset | BeirDataset | VectorDataset,
+    dataset: Dataset,
     embedder: Embedder | None,
     metric: str = "ip",
     kmeans_experts: int | None = None,
@@ -24,25 +23,22 @@ def router_from_dataset(
 
     With `kmeans_experts=n`, labels are ignored and the train vectors are cut into n experts by
     FAISS k-means (learned sharding): experts shard_00 .. shard_{n-1}; with `max_imbalance`, by
-    k-means with a size cap (no shard above max_imbalance x the mean size). A VectorDataset has no
+    k-means with a size cap (no shard above max_imbalance x the mean size). Data of vectors has no
     labels, so it needs `kmeans_experts`; its router has no embedder and is queried with vectors.
     """
-    if isinstance(dataset, VectorDataset):
-        if not kmeans_experts:
-            raise ValueError(
-                f"dataset {dataset.name!r} is vectors without labels: set partition=N to cut it into N k-means experts"
-            )
-        router = Router(dataset.dim, metric)
-        vectors = router.prepare(dataset.vectors["train"])[0]
-        train, texts, meta = None, None, None
+    rows = dataset.stored()
+    if rows.experts is None and not kmeans_experts:
+        raise ValueError(
+            f"dataset {dataset.name!r} is vectors without labels: set partition=N to cut it into N k-means experts"
+        )
+    if rows.texts is None:
+        router = Router(rows.vectors.shape[1], metric)
+        vectors = router.prepare(rows.vectors)[0]
     else:
         if embedder is None:
             raise ValueError(f"dataset {dataset.name!r} is texts: it needs an embedder")
         router = Router(embedder.dim, metric, embedder=embedder)
-        train = dataset.split("train")
-        texts = [r.text for r in train]
-        meta = dataset.metadata()  # BEIR documents: their _id and title, so every hit names its document
-        vectors = embedder.encode(texts)
+        vectors = embedder.encode(rows.texts)
     if kmeans_experts:
         if max_imbalance is None:
             shards = kmeans_assign(vectors, kmeans_experts, metric, seed)
@@ -51,16 +47,16 @@ def router_from_dataset(
         keys = np.array([f"shard_{i:02d}" for i in shards])
         names = sorted(set(keys))
     else:
-        keys = np.array([getattr(r, dataset.expert_key) for r in train])
+        keys = np.array(rows.experts)
         names = dataset.experts
     for name in names:
-        rows = np.flatnonzero(keys == name)
+        picked = np.flatnonzero(keys == name)
         router.add_expert(
             name,
-            vectors[rows],
-            texts=None if texts is None else [texts[i] for i in rows],
+            vectors[picked],
+            texts=None if rows.texts is None else [rows.texts[i] for i in picked],
             parent=None if kmeans_experts else dataset.parents.get(name),
-            metadata=None if meta is None else [meta[i] for i in rows],
+            metadata=None if rows.metadata is None else [rows.metadata[i] for i in picked],
         )
     return router
 

@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from moe_router.gate.init import initial_gate
 from moe_router.index.exact import exact_counts
+from moe_router.metrics import VAL_ACC1, val_recall
 from moe_router.routing.router import Router
 from moe_router.train.module import GateModule, RoutingDataModule, default_optimizer, fit_quietly
 from moe_router.train.targets import Pairs, make_targets, routing_pairs, weighted_pairs
@@ -41,7 +42,7 @@ def fit_router(
     module: GateModule | None = None,
     trainer: L.Trainer | None = None,
     batch_size: int = 256,
-    monitor: str = "val/recall@10",
+    monitor: str | None = None,
     seed: int = 0,
     extra: Sequence[Pairs] = (),
     stored_weight: float = 1.0,
@@ -54,11 +55,15 @@ def fit_router(
     its exact neighbours in each expert ('neighbours'), or a mix. `extra` adds groups of
     (query, target) pairs, e.g. real queries with their judged sources (data.targets.query_targets);
     each group carries its weight, the stored vectors `stored_weight` (0 = train on `extra` only).
-    Validation uses `val_queries` with their gold `val_experts`, or else a seeded 10% of the stored vectors.
+    Validation uses `val_queries` with their gold `val_experts`, or else a seeded 10% of the stored vectors;
+    `monitor` is val/acc@1 or val/recall@{neighbours} (the default).
     With `untrained_candidate` and `val_queries`, the gate as it starts is one more candidate: kept
     when no epoch beats it on `monitor` (pass False when the validation queries are stored vectors,
     which a prototype gate holds as prototypes and so routes perfectly before any training).
     """
+    monitor = val_recall(neighbours) if monitor is None else monitor
+    if monitor not in (VAL_ACC1, val_recall(neighbours)):
+        raise ValueError(f"monitor must be {VAL_ACC1!r} or {val_recall(neighbours)!r}, got {monitor!r}")
     L.seed_everything(seed, workers=True, verbose=False)
     if router.num_experts < 2:
         raise ValueError(f"training a gate needs at least 2 experts, the router has {router.num_experts}")
@@ -115,8 +120,8 @@ def fit_router(
         )
     before = _untrained(module, data) if val_queries is not None and untrained_candidate else None
     seconds = fit_quietly(trainer, module, data)
-    best = _restore_best(trainer, module, monitor)
-    if before is not None and before[0].get(monitor, -np.inf) > best.get(monitor, -np.inf):
+    best = _restore_best(trainer, module, data)
+    if before is not None and before[0][monitor] > best[monitor]:
         # Training made the gate worse on the validation queries than it started (a prototype gate
         # is a working router before any step: on classic, documents as pseudo-queries teach it the
         # documents, not the questions). The starting point is a candidate like any epoch.
@@ -127,26 +132,17 @@ def fit_router(
     return FitResult(best, seconds, trainer.current_epoch)
 
 
-@torch.no_grad()
 def _untrained(module: GateModule, data: RoutingDataModule) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """The gate's validation metrics before training and a copy of its weights (epoch 0 as a candidate)."""
     state = {k: v.detach().clone() for k, v in module.gate.state_dict().items()}
-    was_training = module.gate.training
-    module.gate.eval()
-    x, gold, counts = data.val_set.tensors
-    device = module.gate.head.weight.device
-    metrics = {k: float(v) for k, v in module.val_metrics(x.to(device), gold.to(device), counts.to(device)).items()}
-    module.gate.train(was_training)
-    return metrics, state
+    return module.val_metrics(*data.val_set.tensors), state
 
 
-def _restore_best(trainer: L.Trainer, module: GateModule, monitor: str) -> dict[str, float]:
+def _restore_best(trainer: L.Trainer, module: GateModule, data: RoutingDataModule) -> dict[str, float]:
     """Load the best checkpoint's gate weights into `module`; return its validation metrics."""
     ckpt = trainer.checkpoint_callback
     path = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
     if path and Path(path).is_file():
         state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
-    # Re-run validation on the restored weights so the reported numbers are the best model's.
-    results = trainer.validate(module, datamodule=trainer.datamodule, verbose=False)
-    return {k: float(v) for k, v in (results[0] if results else {}).items()}
+    return module.val_metrics(*data.val_set.tensors)  # the restored weights' numbers, over the whole set

@@ -16,6 +16,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from moe_router.gate.model import Gate
+from moe_router.metrics import validation_metrics
+
+VAL_BATCH = 4096  # validation queries per forward pass
 
 
 class GateModule(L.LightningModule):
@@ -35,6 +38,7 @@ class GateModule(L.LightningModule):
         self.top_k = min(top_k, gate.num_experts)
         self.recall_k = recall_k
         self.input_noise = input_noise  # std of Gaussian noise added to query vectors while training
+        self._val_batches: list[tuple[torch.Tensor, ...]] = []  # (probs, gold, counts) of this epoch's batches
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, target = batch  # (b, d), (b, E)
@@ -47,18 +51,33 @@ class GateModule(L.LightningModule):
         self.log_dict({"train/task_loss": task, "train/balance_loss": out.balance_loss, "train/z_loss": out.z_loss})
         return loss
 
-    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
-        self.log_dict(
-            self.val_metrics(*batch), prog_bar=True, on_epoch=True, batch_size=batch[0].shape[0], sync_dist=True
-        )
+    def on_validation_epoch_start(self) -> None:
+        self._val_batches.clear()
 
-    def val_metrics(self, x: torch.Tensor, gold: torch.Tensor, counts: torch.Tensor) -> dict[str, torch.Tensor]:
-        """val/acc@1 and val/recall@10 (at top_k experts) of queries x (b, d), gold (b,), neighbour counts (b, E)."""
-        probs = self.gate(x, top_k=1).probs
-        top = probs.topk(self.top_k, dim=-1).indices  # (b, t)
-        acc1 = (top[:, 0] == gold).float().mean()
-        recall = (counts.gather(1, top).sum(dim=1) / self.recall_k).mean()
-        return {"val/acc@1": acc1, "val/recall@10": recall}
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        x, gold, counts = batch  # (b, d), (b,), (b, E)
+        self._val_batches.append((self.gate(x, top_k=1).probs, gold, counts))
+
+    def on_validation_epoch_end(self) -> None:
+        """The metrics over the whole validation set (every rank's share of it), logged for the epoch choice."""
+        probs, gold, counts = (torch.cat(parts) for parts in zip(*self._val_batches))
+        self._val_batches.clear()
+        if self.trainer.world_size > 1:  # (ranks, b, ...) -> (ranks * b, ...): each rank validated a shard
+            probs, gold, counts = (self.all_gather(t).flatten(0, 1) for t in (probs, gold, counts))
+        metrics = validation_metrics(
+            probs.float().cpu().numpy(), gold.cpu().numpy(), counts.cpu().numpy(), self.top_k, self.recall_k
+        )
+        self.log_dict(metrics, prog_bar=True, sync_dist=True)  # identical on every rank after the gather
+
+    @torch.no_grad()
+    def val_metrics(self, x: torch.Tensor, gold: torch.Tensor, counts: torch.Tensor) -> dict[str, float]:
+        """The validation metrics of the gate as it is now, for queries x (n, d), gold (n,), neighbour counts (n, E)."""
+        was_training = self.gate.training
+        self.gate.eval()  # as Lightning validates
+        device = self.gate.head.weight.device
+        probs = torch.cat([self.gate(xb.to(device), top_k=1).probs for xb in x.split(VAL_BATCH)])  # (n, E)
+        self.gate.train(was_training)
+        return validation_metrics(probs.float().cpu().numpy(), gold.numpy(), counts.numpy(), self.top_k, self.recall_k)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory(self.gate.parameters())
@@ -87,7 +106,7 @@ class RoutingDataModule(L.LightningDataModule):
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=4096, num_workers=self.num_workers)
+        return DataLoader(self.val_set, batch_size=VAL_BATCH, num_workers=self.num_workers)
 
 
 def fit_quietly(trainer: L.Trainer, module: GateModule, data: RoutingDataModule) -> float:
@@ -97,6 +116,8 @@ def fit_quietly(trainer: L.Trainer, module: GateModule, data: RoutingDataModule)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*number of training batches.*")
+        # Lightning's all_gather (validation under DDP) still calls torch's deprecated functional all_gather
+        warnings.filterwarnings("ignore", message=".*all_gather is deprecated.*")
         trainer.fit(module, datamodule=data)
     return time.perf_counter() - start
 

@@ -1,4 +1,4 @@
-"""Calibrating a trained router on validation queries: load floor, temperature, abstention."""
+"""A trained router on its validation queries: calibration (load floor, temperature, abstention), its metrics."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ from typing import Any
 
 import numpy as np
 
-from moe_router.gate.calibrate import choose_threshold, fit_bias_temperature, fit_temperature, load_floor_bias
+from moe_router.gate.confidence import choose_threshold, fit_bias_temperature, fit_temperature, load_floor_bias
 from moe_router.gate.model import infer
 from moe_router.index.exact import exact_counts
-from moe_router.metrics import accuracy_at_k, recall_from_counts, top_experts
+from moe_router.metrics import validation_metrics
 from moe_router.routing.router import Router
 
 
-def calibrate(
+def calibrate_router(
     router: Router,
     queries: Any,
     experts: list[str],
@@ -22,12 +22,12 @@ def calibrate(
     load_floor: float | None = None,
     bias: bool = False,
 ) -> dict[str, float]:
-    """Fit the gate to validation queries (texts or vectors) after training.
+    """Fit the gate to validation queries (texts or vectors) after training; the fitted values by name.
 
     With `load_floor`, experts whose top-1 share of the queries is below load_floor / E (and below
     their share of the gold experts) get their logit raised just enough to reach it (see
-    gate.calibrate.load_floor_bias); then the temperature is fitted, with `bias` together with one
-    logit offset per expert (gate.calibrate.fit_bias_temperature: a prior correction for queries
+    gate.confidence.load_floor_bias); then the temperature is fitted, with `bias` together with one
+    logit offset per expert (gate.confidence.fit_bias_temperature: a prior correction for queries
     that do not reach the experts in proportion to their stored vectors); with out-of-scope
     queries, the abstain threshold is set.
     """
@@ -55,15 +55,10 @@ def calibrate(
     return out
 
 
-def validation_metrics(
+def router_validation(
     router: Router, queries: Any, experts: list[str], neighbours: int, top_k: int
 ) -> dict[str, float]:
-    """val/acc@1 and val/recall@10 (at top_k experts) of the router's current gate, as the training loop logs them."""
+    """val/acc@1 and val/recall@{neighbours} (at top_k experts) of the router's gate, as the training loop logs them."""
     xv, _ = router.prepare(queries)
-    gold = router.expert_indices(experts)
-    probs = router.gate_probs(xv)
-    counts = exact_counts(router.experts, xv, neighbours)
-    return {
-        "val/acc@1": accuracy_at_k(probs, gold, 1),
-        "val/recall@10": recall_from_counts(top_experts(probs, min(top_k, router.num_experts)), counts, neighbours),
-    }
+    counts = exact_counts(router.experts, xv, neighbours)  # (n, E)
+    return validation_metrics(router.gate_probs(xv), router.expert_indices(experts), counts, top_k, neighbours)

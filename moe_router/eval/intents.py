@@ -1,4 +1,7 @@
-"""Offline evaluation of a router: routing accuracy, recall@10 vs exhaustive search, cost, speed.
+"""Evaluation of a router on queries with a gold expert (intent data, vectors of a k-means partition).
+
+Routing accuracy, recall@k against exhaustive search, scanned share, load, calibration, out-of-scope
+detection and speed, for the gate and every baseline side by side.
 
 Dimension legend: n test queries, E experts, t experts searched.
 """
@@ -13,28 +16,19 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
-from moe_router.data.datasets import TextDataset, VectorDataset
+from moe_router.data.base import Dataset
 from moe_router.eval.adaptive import (
     P_GRID,
     Selection,
     baseline_probs,
+    check_top_p,
     frontier,
     p_at_cost,
     prefix_search,
     top_p_selection,
 )
-from moe_router.eval.baselines import (
-    CentroidRouter,
-    KnnVoteRouter,
-    MultiPrototypeRouter,
-    RagRouteStyle,
-    RandomRouter,
-    ReddeStyle,
-    SemanticRouterStyle,
-    ivf_recall,
-)
-from moe_router.gate.calibrate import reliability_bins, softmax
-from moe_router.gate.model import infer
+from moe_router.eval.baselines import BASELINES, GATE, ivf_recall
+from moe_router.eval.calibration import calibration_report
 from moe_router.index.clustering import nearest_centroid
 from moe_router.index.exact import exhaustive_index
 from moe_router.index.expert import centroids
@@ -43,20 +37,18 @@ from moe_router.metrics import (
     accuracy_at_k,
     assign_with_capacity,
     auroc,
-    ece_noise_floor,
-    expected_calibration_error,
     load_stats,
-    recall_at_k,
+    overlap_at_k,
     top_experts,
 )
 from moe_router.routing.router import Router
 from moe_router.types import SearchParams
 
 
-def gold_experts(router: Router, dataset: TextDataset, split: str) -> np.ndarray:
-    """(n,) index into router.experts of each record's expert (-1 when the router has no such expert)."""
+def gold_indices(router: Router, labels: list[str]) -> np.ndarray:
+    """(n,) index into router.experts of each query's expert (-1 when the router has no such expert)."""
     index = {name: i for i, name in enumerate(router.expert_names)}
-    return np.array([index.get(getattr(r, dataset.expert_key), -1) for r in dataset.split(split)], dtype=np.int64)
+    return np.array([index.get(label, -1) for label in labels], dtype=np.int64)
 
 
 def routing_metrics(
@@ -76,7 +68,7 @@ def routing_metrics(
         if t > router.num_experts:
             continue
         res = router.search_experts(xq, k, top_experts(probs, t))
-        out[f"recall@{k}@{t}"] = recall_at_k(res.I, exact_ids)
+        out[f"recall@{k}@{t}"] = overlap_at_k(res.I, exact_ids)
         out[f"scanned@{t}"] = float(res.scanned.mean() / router.ntotal)
     out["load@1"] = load_stats(top_experts(probs, 1), router.num_experts)
     return out
@@ -127,29 +119,15 @@ def latency(
     }
 
 
-BASELINES = {
-    "random": RandomRouter,
-    "centroid": CentroidRouter,
-    "multi_prototype": MultiPrototypeRouter,
-    "semantic_router": SemanticRouterStyle,
-    "knn_vote": KnnVoteRouter,
-    "ragroute": RagRouteStyle,
-    "redde": ReddeStyle,
-}
-
-
-GATE = "gate (ours)"
-
-
 IVF = "FAISS IVF-Flat (own k-means, nprobe = experts)"
 
 
 FLAT = "exhaustive flat"
 
 
-def evaluate(
+def evaluate_intents(
     router: Router,
-    dataset: TextDataset | VectorDataset,
+    dataset: Dataset,
     split: str = "test",
     k: int = 10,
     experts_searched: Sequence[int] = (1, 2, 4),
@@ -173,17 +151,16 @@ def evaluate(
         raise ValueError(f"dataset {dataset.name!r} has no {split!r} rows to evaluate on")
     xq, _ = router.prepare(queries)
     partition = router.config.get("partition")
-    if partition:
-        gold = nearest_centroid(
-            xq, centroids(router.experts), router.metric
-        )  # k-means experts: the shard of the nearest centroid
-    elif isinstance(dataset, VectorDataset):
+    labels = dataset.gold_experts(split)
+    if partition:  # k-means experts: the gold expert is the shard of the nearest centroid
+        gold = nearest_centroid(xq, centroids(router.experts), router.metric)
+    elif labels is None:
         raise ValueError(
             f"dataset {dataset.name!r} has no labels, so it can only evaluate a checkpoint whose "
             f"experts are a k-means partition (trained with partition=N); {checkpoint or 'this one'} is not"
         )
     else:
-        gold = gold_experts(router, dataset, split)
+        gold = gold_indices(router, labels)
     k = router.check_params(SearchParams(k=int(k))).k
     searched = [t for t in experts_searched if t <= router.num_experts]
     flat, ids = exhaustive_index(router.experts)
@@ -247,30 +224,21 @@ def evaluate(
     return report, scores
 
 
-def check_top_p(top_p: float, p_grid: Sequence[float]) -> None:
-    """top_p and every p of the frontier grid in (0, 1], else a ValueError naming them."""
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < float(top_p) <= 1.0:
-        raise ValueError(f"top_p must be a probability mass in (0, 1], got {top_p!r}")
-    if any(isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < float(p) <= 1.0 for p in p_grid):
-        raise ValueError(f"p_grid values must be probability masses in (0, 1], got {list(p_grid)}")
-
-
-def calibration_labels(router: Router, dataset: TextDataset | VectorDataset) -> tuple[np.ndarray, np.ndarray] | None:
-    """(xq, gold) of the validation split the gate's temperature is fitted on; None when there is none or it is unlabelled."""
+def calibration_labels(router: Router, dataset: Dataset) -> tuple[np.ndarray, np.ndarray] | None:
+    """(xq, gold) of the validation split the gate's temperature is fitted on; None when it is absent or unlabelled."""
     queries = dataset.queries("val")
     if not len(queries):
         return None
     xv, _ = router.prepare(queries)
     if router.config.get("partition"):
         return xv, nearest_centroid(xv, centroids(router.experts), router.metric)
-    if isinstance(dataset, VectorDataset):
-        return None
-    return xv, gold_experts(router, dataset, "val")
+    labels = dataset.gold_experts("val")
+    return None if labels is None else (xv, gold_indices(router, labels))
 
 
 def adaptive_report(
     router: Router,
-    dataset: TextDataset | VectorDataset,
+    dataset: Dataset,
     xq: np.ndarray,
     exact: np.ndarray,
     scorers: dict[str, Callable[[np.ndarray], np.ndarray]],
@@ -294,7 +262,7 @@ def adaptive_report(
 
     def quality(sel: Selection) -> tuple[float, float]:
         ids, _, scanned = prefix_search(router, xq, k, sel)
-        return recall_at_k(ids, exact), float(scanned.mean() / router.ntotal)
+        return overlap_at_k(ids, exact), float(scanned.mean() / router.ntotal)
 
     curves: dict[str, list[dict[str, Any]]] = {}
     for name, fn in scorers.items():
@@ -356,22 +324,9 @@ def capacity_report(
         "experts_searched": t,
         "max_over_mean": load_stats(capped, router.num_experts)["max_over_mean"],
         "max_over_mean_uncapped": load_stats(free, router.num_experts)["max_over_mean"],
-        f"recall@{k}": recall_at_k(router.search_experts(xq, k, capped).I, exact_ids),
-        f"recall@{k}_uncapped": recall_at_k(router.search_experts(xq, k, free).I, exact_ids),
+        f"recall@{k}": overlap_at_k(router.search_experts(xq, k, capped).I, exact_ids),
+        f"recall@{k}_uncapped": overlap_at_k(router.search_experts(xq, k, free).I, exact_ids),
     }
-
-
-def calibration_report(router: Router, xq: np.ndarray, probs: np.ndarray, gold: np.ndarray) -> dict[str, Any]:
-    """ECE and reliability bins of the top-1 probability, at the checkpoint's temperature and at T = 1."""
-    known = gold >= 0
-    raw = softmax(infer(router.gate, xq, "logits"))
-    out: dict[str, Any] = {"temperature": float(router.gate.temperature)}
-    for name, p in (("calibrated", probs), ("uncalibrated (T=1)", raw)):
-        conf, correct = p.max(axis=1)[known], (p.argmax(axis=1) == gold)[known]
-        out[name] = {"ece": expected_calibration_error(conf, correct), "bins": reliability_bins(conf, correct)}
-    floor, floor90 = ece_noise_floor(probs.max(axis=1)[known])
-    out["calibrated"].update({"ece_noise_floor": floor, "ece_noise_floor_q90": floor90})
-    return out
 
 
 def oos_report(
@@ -382,7 +337,8 @@ def oos_report(
     scores: dict[str, np.ndarray],
     routers: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
-    """AUROC of each router's top-1 score, in-scope (positive) vs out-of-scope; the gate's abstention at its threshold."""
+    """AUROC of each router's top-1 score, in-scope (positive) vs out-of-scope; the gate's
+    abstention at its threshold."""
     xo, _ = router.prepare(oos_texts)
     out: dict[str, Any] = {"queries": len(oos_texts)}
     for name, fn in scorers.items():
