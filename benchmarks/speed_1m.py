@@ -44,7 +44,6 @@ from moe_router.checkpoint.io import save_router
 from moe_router.data.synthetic import cluster_layout, held_out_queries
 from moe_router.gate.model import Gate
 from moe_router.index.exact import exhaustive_index
-from moe_router.index.parallel import lower_blas_threshold
 from moe_router.metrics import load_stats, overlap_at_k
 from moe_router.routing.router import Router
 from moe_router.train.build import clustered_router
@@ -146,7 +145,6 @@ def train_gate(router, train_queries: int, epochs: int, seed: int, workdir: Path
 
 def batch_speed(router, flat, ids: np.ndarray, xq: np.ndarray, k: int, top: int, rounds: int) -> dict[str, Any]:
     """Gate + routed search vs exhaustive search of the same batch, alternating order each round."""
-    lower_blas_threshold()
 
     def routed() -> tuple[float, float, Any]:
         t_gate, experts = timed(lambda: router.select(xq, SearchParams(top_experts=top), record=False).top)
@@ -200,7 +198,6 @@ def batch_speed(router, flat, ids: np.ndarray, xq: np.ndarray, k: int, top: int,
 
 def latency(router, flat, xq: np.ndarray, k: int, top: int) -> dict[str, Any]:
     """Batch 1: p50/p99 of routed (gate + search) vs exhaustive, alternating query by query."""
-    lower_blas_threshold()
     times: dict[str, list[float]] = {"routed": [], "exhaustive": [], "gate": []}
     for i in range(len(xq)):
         q = xq[i : i + 1]  # (1, d)

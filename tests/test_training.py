@@ -9,7 +9,6 @@ import sys
 from functools import partial
 from pathlib import Path
 
-import faiss
 import lightning as L
 import numpy as np
 import pytest
@@ -336,16 +335,10 @@ def test_train_ensemble__assembles_members_into_one_gate_that_saves_loads_and_gr
 # ---------------------------------------------------------------- train_router: the library call of scripts/train.py
 
 
-# FAISS's process-wide BLAS threshold as a fresh process has it (read at collection, before any evaluation
-# in this process lowers it for speed: its exact search then takes the BLAS path, whose float sums differ).
-FAISS_BLAS_THRESHOLD = faiss.cvar.distance_compute_blas_threshold
-
-
 @pytest.mark.slow  # scripts/train.py in a subprocess (torch + Lightning + Hydra start-up): about 15 s
 def test_train_router_called_directly__equals_scripts_train_py_with_the_same_seed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(faiss.cvar, "distance_compute_blas_threshold", FAISS_BLAS_THRESHOLD)  # as the subprocess
     ckpt = tmp_path / "script_ckpt"
     proc = subprocess.run(
         [

@@ -401,10 +401,11 @@ def _read_version(
         if verify:  # checked: a later save may link these files instead of writing them again
             for src, e in zip(sources, experts):
                 vec, ids = Path(root) / src.vectors, Path(root) / src.ids
-                files = SavedFiles(
-                    vec, ids, src.vectors_sha256, src.ids_sha256, fingerprint(os.lstat(vec)), fingerprint(os.lstat(ids))
-                )
-                _remember(e.content, files)
+                try:
+                    stats = fingerprint(os.lstat(vec)), fingerprint(os.lstat(ids))
+                except OSError:  # a save collected this version after it was read: nothing to link from
+                    continue
+                _remember(e.content, SavedFiles(vec, ids, src.vectors_sha256, src.ids_sha256, *stats))
         try:
             embedder = embedder_from_spec(m.embedder, cache_dir=cache_dir)
         except (TypeError, ValueError) as exc:

@@ -32,7 +32,6 @@ from moe_router.eval.calibration import calibration_report
 from moe_router.index.clustering import nearest_centroid
 from moe_router.index.exact import exhaustive_index
 from moe_router.index.expert import centroids
-from moe_router.index.parallel import lower_blas_threshold
 from moe_router.metrics import (
     accuracy_at_k,
     assign_with_capacity,
@@ -89,7 +88,6 @@ def latency(
     Both run on the same batches in the same loop (interleaved), so machine noise hits both alike.
     Also reports the gate's share of the routed time.
     """
-    lower_blas_threshold()
     batches = [xq[i : i + batch] for i in range(0, len(xq) - batch + 1, batch)][:max_batches] or [xq]
     gate_t, routed_t, flat_t = [], [], []
     for _ in range(repeats):

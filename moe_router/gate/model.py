@@ -442,6 +442,18 @@ def _positive(value: object) -> bool:
 
 
 @torch.inference_mode()
+def in_scope(gate: Gate, xq: np.ndarray) -> np.ndarray:
+    """(nq,) the gate's in-scope score (Gate.in_scope_score) of prepared queries xq (nq, d), in eval mode."""
+    gate.eval()
+    return (
+        gate.in_scope_score(torch.from_numpy(np.ascontiguousarray(xq)).to(gate.head.weight.device))
+        .float()
+        .cpu()
+        .numpy()
+    )
+
+
+@torch.inference_mode()
 def infer(gate: Gate, xq: np.ndarray, field: str = "probs", batch_size: int = 8192) -> np.ndarray:
     """The gate's `field` ('probs' or 'logits'), (nq, E) float32, for prepared query vectors xq (nq, d), in eval mode."""
     gate.eval()

@@ -1,4 +1,4 @@
-"""Several experts' FAISS searches side by side on the cores, and FAISS's BLAS threshold."""
+"""Several experts' FAISS searches side by side on the cores."""
 
 from __future__ import annotations
 
@@ -11,18 +11,6 @@ import faiss
 import numpy as np
 
 from moe_router.index.expert import Expert
-
-# FAISS only takes its BLAS path at >= 128000 / d queries per call (334 at d = 384). A routed
-# search sends each expert a slice of the batch, so we lower the threshold: measured here,
-# 20 turned a 0.65x slowdown into a 6x speed-up for 2-of-16 shards (measured at 1M x 384; docs/speed.md).
-BLAS_THRESHOLD = 20
-
-
-def lower_blas_threshold(threshold: int = BLAS_THRESHOLD) -> None:
-    """Lower FAISS's process-wide BLAS threshold to `threshold` (never raises it)."""
-    if faiss.cvar.distance_compute_blas_threshold > threshold:
-        faiss.cvar.distance_compute_blas_threshold = threshold
-
 
 # One FAISS search parallelises inside itself with OpenMP, two barriers per block of 1024 stored
 # vectors; on a busy, shared CPU a barrier waits for a descheduled thread. Several experts'

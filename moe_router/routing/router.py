@@ -26,11 +26,10 @@ import torch
 
 from moe_router.checks import check_bool, check_new_name
 from moe_router.embed.base import Embedder, check_text_list
-from moe_router.gate.model import Gate, infer
+from moe_router.gate.model import Gate, in_scope, infer
 from moe_router.gate.surgery import fitted_new_rows
 from moe_router.index.expert import Expert, sample_vectors
 from moe_router.index.merge import merge_hits
-from moe_router.index.parallel import lower_blas_threshold
 from moe_router.metrics import top_p_experts
 from moe_router.routing.backends import ExpertBackend, make_backend
 from moe_router.routing.parts import Change, RouterParts, check_abstain_threshold, check_prior_weight, json_object
@@ -581,7 +580,6 @@ def _search_experts(
     I = np.full((nq, t * k), -1, dtype=np.int64)
     E = np.full((nq, t * k), -1, dtype=np.int64)
     scanned = np.zeros(nq, dtype=np.int64)
-    lower_blas_threshold()
     groups = [(e, *np.nonzero(experts == e)) for e in np.unique(experts) if e >= 0]  # (expert, rows, slot)
     found = parts.backend.search([(parts.experts[e], xq[rows]) for e, rows, _ in groups], k)
     missing = None
@@ -622,9 +620,7 @@ def _hits(
 
 
 def _in_scope(parts: RouterParts, xq: np.ndarray) -> np.ndarray:
-    gate = _require_gate(parts)
-    with torch.inference_mode():
-        return gate.in_scope_score(torch.from_numpy(xq).to(gate.head.weight.device)).float().cpu().numpy()
+    return in_scope(_require_gate(parts), xq)
 
 
 def _score(expert: Expert, p: float, total: float) -> ExpertScore:

@@ -7,10 +7,13 @@ from typing import Any
 
 import numpy as np
 
+from moe_router.checks import check_bool, check_real
+from moe_router.embed.base import check_text_list
 from moe_router.gate.confidence import choose_threshold, fit_bias_temperature, fit_temperature, load_floor_bias
-from moe_router.gate.model import infer
+from moe_router.gate.model import in_scope, infer
 from moe_router.index.exact import exact_counts
 from moe_router.metrics import validation_metrics
+from moe_router.routing.parts import Change, check_abstain_threshold
 from moe_router.routing.router import Router
 
 
@@ -30,13 +33,27 @@ def calibrate_router(
     logit offset per expert (gate.confidence.fit_bias_temperature: a prior correction for queries
     that do not reach the experts in proportion to their stored vectors); with out-of-scope
     queries, the abstain threshold is set.
+
+    Everything is fitted on a copy of the gate and checked before the router changes, in one step:
+    a refused argument or a failed fit leaves the router as it was.
     """
+    if router.gate is None:
+        raise RuntimeError("calibrate_router needs a trained gate; the router has none")
     xv, _ = router.prepare(queries)
-    gold = router.expert_indices(experts)
+    if isinstance(experts, (str, bytes)) or len(experts) != len(xv):
+        raise ValueError(f"calibrate_router: {len(xv)} queries but {len(experts)} gold experts; expected one per query")
+    gold = router.expert_indices(experts)  # unknown names: KeyError
+    oos = check_text_list(oos_texts, "calibrate_router: oos_texts") if len(oos_texts) else []
+    if load_floor is not None:
+        load_floor = check_real(
+            load_floor, "load_floor", 0.0, expected="a number >= 0 (a share of the mean load) or None"
+        )
+    bias = check_bool(bias, "bias")
+    xo = router.prepare(oos)[0] if oos else None
     gate = copy.deepcopy(router.gate)  # the router's gate is never changed in place
     out: dict[str, float] = {}
     if load_floor:
-        lift = load_floor_bias(infer(gate, xv, "logits"), float(load_floor), gold)
+        lift = load_floor_bias(infer(gate, xv, "logits"), load_floor, gold)
         gate.shift_bias(lift)
         out["load_floor_experts_raised"] = int((lift > 0).sum())
     if bias:
@@ -46,12 +63,15 @@ def calibrate_router(
     else:
         temperature = fit_temperature(infer(gate, xv, "logits"), gold)
     gate.set_temperature(temperature)
-    router.set_gate(gate)
     out["temperature"] = temperature
-    if oos_texts:
-        xo, _ = router.prepare(oos_texts)
-        router.abstain_threshold = choose_threshold(router.in_scope_scores(xv), router.in_scope_scores(xo))
-        out["abstain_threshold"] = router.abstain_threshold
+    threshold = router.abstain_threshold
+    if xo is not None:
+        threshold = out["abstain_threshold"] = choose_threshold(in_scope(gate, xv), in_scope(gate, xo))
+    defects = gate.defects()
+    if defects:
+        raise ValueError(f"calibrate_router: the fitted gate cannot route ({'; '.join(defects)}); nothing changed")
+    threshold = check_abstain_threshold(threshold)
+    router.update(lambda parts: Change(parts.replace(gate=gate.eval(), abstain_threshold=threshold)))
     return out
 
 

@@ -33,7 +33,6 @@ from ray.exceptions import GetTimeoutError, RayError
 
 from moe_router.errors import CheckpointError
 from moe_router.index.expert import Content, Expert
-from moe_router.index.parallel import lower_blas_threshold
 from moe_router.routing.backends.base import Answer, ExpertSource, VectorSource
 from moe_router.types import ExpertSpec
 
@@ -49,7 +48,6 @@ class ExpertGroup:
 
     def __init__(self, sources: list[tuple[str, ExpertSource]]) -> None:
         faiss.omp_set_num_threads(1)  # many actors share the cores; parallelism comes from the actors
-        lower_blas_threshold()  # each actor gets a slice of the batch (see index.parallel)
         restarted = ray.get_runtime_context().was_current_actor_reconstructed
         self.experts: dict[str, Expert] = {}
         for key, src in sources:
