@@ -5,7 +5,8 @@
 
 Trains one gate per (setting, alpha) through the real Hydra configs, with the default load floor
 (calibration lifts experts starving on validation queries), plus one run at alpha = 0.01 without
-the floor; evaluates each on the test split; prints a Markdown table (acc@1, recall@10 at 2 experts, max/mean load, CV, dead experts,
+the floor; evaluates each on the test split; prints a Markdown table (acc@1, recall@10 at 2 experts, max/mean
+load, CV, dead experts,
 and recall/load under a serving-time capacity factor) and writes it to --out.
 """
 
@@ -74,7 +75,8 @@ def main() -> None:
             print(rows[-1], flush=True)
     table = "\n".join(
         [
-            "| setting | alpha | load floor | acc@1 | recall@10@2 | load max/mean | load CV | dead | capped max/mean (c=1.25) | capped recall@10@2 |",
+            "| setting | alpha | load floor | acc@1 | recall@10@2 | load max/mean | load CV | dead "
+            "| capped max/mean (c=1.25) | capped recall@10@2 |",
             "|---|---|---|---|---|---|---|---|---|---|",
             *rows,
         ]

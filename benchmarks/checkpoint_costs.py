@@ -48,7 +48,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--feedback", type=int, default=20, help="served feedback writes timed (median reported)")
     p.add_argument("--out", type=Path)
+    p.add_argument("--smoke", action="store_true", help="toy sizes, in seconds (the tests run it)")
     args = p.parse_args()
+    if args.smoke:
+        args.n, args.experts, args.dim, args.repeats, args.feedback = 2000, 4, 16, 1, 2
     rng = np.random.default_rng(0)
     router = Router(args.dim, "ip")
     for e in range(args.experts):

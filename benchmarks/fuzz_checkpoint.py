@@ -428,7 +428,8 @@ def main() -> int:
     for target, counts in report["outcomes"].items():
         print(f"{target:<40} " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     print(
-        f"{report['cases']} damaged checkpoints ({report['case_kinds']}), {report['loads']} loads in {report['seconds']:.0f} s; "
+        f"{report['cases']} damaged checkpoints ({report['case_kinds']}), {report['loads']} loads in "
+        f"{report['seconds']:.0f} s; "
         f"{len(report['failures'])} failures"
     )
     for f in report["failures"][:20]:

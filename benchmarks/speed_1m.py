@@ -68,6 +68,18 @@ GOALS = {  # issue 3, "Speed goals"
     "load_memory_ratio": 1.3,  # peak resident memory of a load / raw vector bytes
 }
 
+SMOKE = {  # --smoke: toy sizes that still run every step (the numbers mean nothing)
+    "n": 8000,
+    "d": 32,
+    "experts": 4,
+    "batch": 200,
+    "rounds": 1,
+    "latency_queries": 5,
+    "train_queries": 256,
+    "epochs": 2,
+    "load_rounds": 1,
+}
+
 # ---------------------------------------------------------------- measurements
 
 
@@ -162,7 +174,7 @@ def batch_speed(router, flat, ids: np.ndarray, xq: np.ndarray, k: int, top: int,
                 row["routed"] = row["gate"] + row["search"]
             else:
                 threads, block = EXHAUSTIVE[step]
-                row[step], (_, I) = timed(lambda: with_faiss(threads, block, lambda: flat.search(xq, k)))
+                row[step], (_, I) = timed(functools.partial(with_faiss, threads, block, lambda: flat.search(xq, k)))
                 exact_ids = ids[I]
         row["exhaustive"] = min(row[name] for name in EXHAUSTIVE)
         row["load_avg_1m"] = os.getloadavg()[0]
@@ -201,9 +213,10 @@ def latency(router, flat, xq: np.ndarray, k: int, top: int) -> dict[str, Any]:
     times: dict[str, list[float]] = {"routed": [], "exhaustive": [], "gate": []}
     for i in range(len(xq)):
         q = xq[i : i + 1]  # (1, d)
-        t_gate, experts = timed(lambda: router.select(q, SearchParams(top_experts=top), record=False).top)
-        t_search, _ = timed(lambda: router.search_experts(q, k, experts))
-        t_flat, _ = timed(lambda: flat.search(q, k))
+        t_gate, routing = timed(functools.partial(router.select, q, SearchParams(top_experts=top), record=False))
+        experts = routing.top
+        t_search, _ = timed(functools.partial(router.search_experts, q, k, experts))
+        t_flat, _ = timed(functools.partial(flat.search, q, k))
         times["gate"].append(t_gate)
         times["routed"].append(t_gate + t_search)
         times["exhaustive"].append(t_flat)
@@ -375,7 +388,11 @@ def main() -> None:
     parser.add_argument("--ckpt", type=Path, default=None, help="checkpoint directory (default: a temporary one)")
     parser.add_argument("--keep-ckpt", action="store_true", help="keep the checkpoint after the run")
     parser.add_argument("--json", type=Path, default=None, help="write the report here")
+    parser.add_argument("--smoke", action="store_true", help="every step at toy sizes, in seconds (the tests run it)")
     args = parser.parse_args()
+    if args.smoke:
+        for name, value in SMOKE.items():
+            setattr(args, name, value)
 
     start = time.perf_counter()
     report: dict[str, Any] = {
@@ -400,7 +417,7 @@ def main() -> None:
         print(f"Training the gate on neighbour targets of {args.train_queries:,} sampled vectors ...", flush=True)
         report["train"] = train_gate(router, args.train_queries, args.epochs, args.seed, workdir)
 
-        flat, ids = exhaustive_index(router)
+        flat, ids = exhaustive_index(router.experts)
         print(f"Batch {args.batch:,}: routed vs exhaustive, {args.rounds} rounds ...", flush=True)
         report["batch"] = batch_speed(router, flat, ids, xq, args.k, args.top, args.rounds)
         print(f"Batch 1: {args.latency_queries} queries ...", flush=True)

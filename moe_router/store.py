@@ -113,7 +113,7 @@ class MetadataStore:
         return -1 if row[0] is None else int(row[0])
 
     def delete_expert(self, name: str) -> None:
-        """Delete the expert's items; its feedback stays as an audit log, set apart from any later expert of that name."""
+        """Delete the expert's items; its feedback stays as an audit log, apart from any later expert of that name."""
         with self._lock, self.conn:
             self.conn.execute("DELETE FROM items WHERE expert = ?", (name,))
             self.conn.execute(

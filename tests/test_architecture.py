@@ -18,7 +18,7 @@ CONFIGS = REPO / "configs"
 
 
 def test_import_contracts__are_kept() -> None:
-    """Layers one way, no Lightning/Hydra in the core, no Lightning in evaluation (pyproject.toml [tool.importlinter])."""
+    """Layers one way, no Lightning/Hydra in the core, no Lightning in evaluation (pyproject's [tool.importlinter])."""
     lint = Path(sys.executable).with_name("lint-imports")
     proc = subprocess.run([str(lint)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]

@@ -95,7 +95,8 @@ MISUSE: list[tuple[str, Callable[[Router, Router, Path], Any], str]] = [
     (
         "ragged vectors",
         lambda r, l2, tmp: r.search([V.tolist(), [1.0, 2.0]], k=1),
-        r"query vectors must be numeric arrays of shape \(n, d\): the rows have different lengths \(first rows: \[64, 2\]\)",
+        r"query vectors must be numeric arrays of shape \(n, d\): "
+        r"the rows have different lengths \(first rows: \[64, 2\]\)",
     ),
     (
         "None inside a vector",

@@ -1,4 +1,4 @@
-"""Checkpoint directories: the format (pointer, versions, the manifest schema writer and reader share), saving and loading.
+"""Checkpoint directories: the format (pointer, versions, the one manifest schema), saving and loading.
 
 Router.save / Router.load delegate here; this layer sits above routing (it builds Routers from
 their parts) and routing never imports it.

@@ -455,7 +455,7 @@ def in_scope(gate: Gate, xq: np.ndarray) -> np.ndarray:
 
 @torch.inference_mode()
 def infer(gate: Gate, xq: np.ndarray, field: str = "probs", batch_size: int = 8192) -> np.ndarray:
-    """The gate's `field` ('probs' or 'logits'), (nq, E) float32, for prepared query vectors xq (nq, d), in eval mode."""
+    """The gate's `field` ('probs' or 'logits'), (nq, E) float32, of prepared query vectors xq (nq, d), in eval mode."""
     gate.eval()
     device = gate.head.weight.device
     out = []

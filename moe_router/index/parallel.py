@@ -65,7 +65,7 @@ def search_each(jobs: Sequence[tuple[Expert, np.ndarray]], k: int) -> list[tuple
     work = [len(xq) * expert.ntotal for expert, xq in jobs]
     share = sum(work) / workers
     pieces = []  # (job, first row, end row)
-    for j, (expert, xq) in enumerate(jobs):
+    for j, (_, xq) in enumerate(jobs):
         n = max(1, min(int(np.ceil(work[j] / share)), len(xq) // _MIN_SPLIT_ROWS))
         bounds = np.linspace(0, len(xq), n + 1).astype(int)
         pieces += [(j, a, b) for a, b in zip(bounds[:-1], bounds[1:])]
@@ -73,6 +73,6 @@ def search_each(jobs: Sequence[tuple[Expert, np.ndarray]], k: int) -> list[tuple
     pool = _expert_pool(workers)
     futures = [pool.submit(jobs[j][0].search, jobs[j][1][a:b], k) for j, a, b in pieces]
     parts: list[list] = [[] for _ in jobs]
-    for (j, a, _), f in sorted(zip(pieces, futures), key=lambda pf: (pf[0][0], pf[0][1])):
+    for (j, _, _), f in sorted(zip(pieces, futures), key=lambda pf: (pf[0][0], pf[0][1])):
         parts[j].append(f.result())
     return [(np.concatenate([D for D, _ in p]), np.concatenate([I for _, I in p])) for p in parts]

@@ -60,7 +60,7 @@ class OptimizeReport:
 def _quality(
     state: RouterParts, xq: np.ndarray, exact: np.ndarray, t: int, probs: np.ndarray | None = None
 ) -> RoutingQuality:
-    """recall@k of searching each query's top-t experts (from which expert holds each exact neighbour), cost and load."""
+    """recall@k of searching each query's top-t experts (from the expert holding each exact neighbour), cost, load."""
     if probs is None:
         probs = _probs(state.gate, xq)
     _, ids, owner = stacked(state.experts)
@@ -130,7 +130,7 @@ def _rebalanced_gate(
 
 
 def _co_routing(probs: np.ndarray, E: int) -> list[tuple[float, int, int]]:
-    """(share, a, b) for expert pairs: queries whose top-2 is {a, b} over queries whose top-1 is a or b, highest first."""
+    """(share, a, b) per expert pair: queries whose top-2 is {a, b} over those whose top-1 is a or b, highest first."""
     top = top_experts(probs, 2)
     pair = np.zeros((E, E))
     np.add.at(pair, (top[:, 0], top[:, 1]), 1)

@@ -74,7 +74,8 @@ class RouterParts:
                 )
         if self.embedder is not None and self.embedder.dim != self.dim:
             raise ValueError(
-                f"embedder {self.embedder.name!r} gives {self.embedder.dim}-d vectors, but the router's dim is {self.dim}"
+                f"embedder {self.embedder.name!r} gives {self.embedder.dim}-d vectors, "
+                f"but the router's dim is {self.dim}"
             )
         if self.gate is not None and (self.gate.dim != self.dim or self.gate.num_experts != len(self.experts)):
             raise ValueError(
