@@ -18,7 +18,17 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from lifecycle_common import CLINC, clinc, embedder, exact_top10, full_train, routing_report, trained
+from lifecycle_common import (
+    CLINC,
+    add_smoke_flag,
+    apply_smoke,
+    clinc,
+    embedder,
+    exact_top10,
+    full_train,
+    routing_report,
+    trained,
+)
 
 from moe_router.data.datasets import TextDataset
 from moe_router.embed.cache import default_cache_dir
@@ -41,7 +51,9 @@ def main() -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    add_smoke_flag(p)
     args = p.parse_args()
+    apply_smoke(args)
 
     emb = embedder()
     ds = clinc(args.data)

@@ -8,7 +8,9 @@ Dimension legend: n queries, E experts, t experts searched, k hits.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 import os
 import tempfile
 import time
@@ -25,6 +27,7 @@ from moe_router.apps.train import train_config
 from moe_router.checkpoint.format import POINTER
 from moe_router.data.datasets import TextDataset, load_dataset
 from moe_router.embed.cache import CachedEmbedder, default_cache_dir
+from moe_router.embed.hashing import HashingEmbedder
 from moe_router.embed.minilm import MiniLMEmbedder
 from moe_router.index.exact import exhaustive_index
 from moe_router.metrics import accuracy_at_k, overlap_at_k, top_experts
@@ -36,8 +39,39 @@ CLINC = REPO.parent / "shared" / "datasets" / "clinc150" / "clinc150.jsonl"
 CONFIGS = REPO / "configs"
 
 
+# --smoke: a seconds-long run of a benchmark's every step (its numbers mean nothing): a few CLINC150 rows
+# per intent and split, a hashing embedder instead of MiniLM, one training epoch, fresh caches.
+SMOKE_ROWS = 3  # rows kept per (intent, split)
+_smoke = False
+
+
+def add_smoke_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--smoke", action="store_true", help="every step on toy data, in seconds (the tests run it)")
+
+
+def apply_smoke(args: argparse.Namespace) -> None:
+    """With --smoke: point args.data at a small CLINC150 sample and args.cache_dir at a fresh directory."""
+    global _smoke
+    if not getattr(args, "smoke", False):
+        return
+    _smoke = True
+    work = Path(tempfile.mkdtemp(prefix="lifecycle-smoke-"))
+    kept: dict[tuple[str, str], int] = {}
+    with open(args.data) as src, open(work / "clinc150.jsonl", "w") as out:
+        for line in src:
+            row = json.loads(line)
+            key = (row["label"], row["split"])
+            if kept.get(key, 0) < SMOKE_ROWS:
+                kept[key] = kept.get(key, 0) + 1
+                out.write(line)
+    args.data, args.cache_dir = str(work / "clinc150.jsonl"), str(work / "cache")
+    if hasattr(args, "steps"):
+        args.steps = 5
+
+
 def embedder() -> CachedEmbedder:
-    return CachedEmbedder(MiniLMEmbedder(), default_cache_dir())
+    inner = HashingEmbedder(384) if _smoke else MiniLMEmbedder()
+    return CachedEmbedder(inner, default_cache_dir())
 
 
 def clinc(path: str | Path = CLINC, expert_key: str = "domain", parent_key: str | None = None) -> TextDataset:
@@ -55,7 +89,7 @@ def full_train(dataset: TextDataset, emb: CachedEmbedder, seed: int = 0) -> tupl
     targets; no calibration: the benchmarks compare routing, and the load floor would move it), timed end to end
     (building the experts from the cached embeddings included). Validation: the dataset's 'val' rows of its experts."""
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
-        cfg = compose("train", overrides=[f"seed={seed}"])
+        cfg = compose("train", overrides=[f"seed={seed}", *(["trainer.max_epochs=1"] if _smoke else [])])
     make_trainer = instantiate(cfg.trainer, _partial_=True)
     wall, cpu = time.perf_counter(), time.process_time()
     result = train_router(

@@ -23,7 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from lifecycle_common import CLINC, clinc, embedder, trained
+from lifecycle_common import CLINC, add_smoke_flag, apply_smoke, clinc, embedder, trained
 
 from moe_router import lifecycle
 from moe_router.embed.cache import default_cache_dir
@@ -85,7 +85,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=FineTuneConfig.steps)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
+    add_smoke_flag(p)
     args = p.parse_args()
+    apply_smoke(args)
 
     emb = embedder()
     ds = clinc(args.data)

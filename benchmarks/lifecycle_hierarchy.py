@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from lifecycle_common import CLINC, clinc, embedder, exact_top10, trained
+from lifecycle_common import CLINC, add_smoke_flag, apply_smoke, clinc, embedder, exact_top10, trained
 
 from moe_router import lifecycle
 from moe_router.metrics import overlap_at_k, top_experts
@@ -33,7 +33,9 @@ def main() -> None:
     p.add_argument("--cache-dir", default="reports/tmp/lifecycle_hybrid")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
+    add_smoke_flag(p)
     args = p.parse_args()
+    apply_smoke(args)
 
     emb = embedder()
     ds = clinc(args.data, expert_key="label", parent_key="domain")

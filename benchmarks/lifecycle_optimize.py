@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from lifecycle_common import CLINC, clinc, embedder, exact_top10, trained
+from lifecycle_common import CLINC, add_smoke_flag, apply_smoke, clinc, embedder, exact_top10, trained
 
 from moe_router import lifecycle
 from moe_router.embed.cache import default_cache_dir
@@ -39,7 +39,9 @@ def main() -> None:
     p.add_argument("--cache-dir", default="reports/tmp/lifecycle_hybrid")
     p.add_argument("--skew-expert", default="banking")
     p.add_argument("--seed", type=int, default=0)
+    add_smoke_flag(p)
     args = p.parse_args()
+    apply_smoke(args)
 
     emb = embedder()
     ds = clinc(args.data)

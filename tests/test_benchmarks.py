@@ -18,6 +18,11 @@ REPO = Path(__file__).resolve().parents[1]
 SMOKE = {  # benchmark -> arguments of its smoke run
     "speed_1m.py": ["--smoke"],
     "checkpoint_costs.py": ["--smoke"],
+    "balance.py": ["--smoke"],
+    "lifecycle_add.py": ["--smoke"],
+    "lifecycle_feedback.py": ["--smoke"],
+    "lifecycle_hierarchy.py": ["--smoke"],
+    "lifecycle_optimize.py": ["--smoke"],
 }
 
 
