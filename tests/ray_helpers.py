@@ -11,6 +11,10 @@ import ipaddress
 import os
 from pathlib import Path
 
+import numpy as np
+
+from moe_router import Router
+
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 LOOPBACK = "127.0.0.1"
@@ -42,6 +46,27 @@ def start_cluster(head_cpus: int, worker_cpus: list[int]):
 def add_worker(cluster, num_cpus: int = 1):
     """A worker node of `num_cpus` CPUs on loopback; its ray._private.node.Node."""
     return cluster.add_node(num_cpus=num_cpus, node_ip_address=LOOPBACK)
+
+
+def same_hits(a, b) -> None:
+    """Two batches of hits are equal: ids, experts and scores (to float32 rounding) in order."""
+    assert len(a) == len(b)
+    for ha, hb in zip(a, b):
+        assert [(h.id, h.expert) for h in ha] == [(h.id, h.expert) for h in hb]
+        np.testing.assert_allclose([h.score for h in ha], [h.score for h in hb], rtol=1e-6, atol=1e-6)
+
+
+def merged_without(
+    local: Router, xq: np.ndarray, k: int, top: np.ndarray, drop: np.ndarray
+) -> list[list[tuple[int, str]]]:
+    """Per query, the (id, expert) of the local merge over its chosen experts `top` (nq, t) but those `drop` marks."""
+    res = local.search_experts(xq, k, top, merge=False)  # (nq, t * k): expert blocks in the order of top
+    out = []
+    for q in range(len(xq)):
+        keep = np.repeat(~drop[q], k) & (res.I[q] >= 0)
+        order = np.argsort(-res.D[q][keep], kind="stable")[:k]
+        out.append([(int(i), local.experts[e].name) for i, e in zip(res.I[q][keep][order], res.E[q][keep][order])])
+    return out
 
 
 def _tree(root: int) -> set[int]:

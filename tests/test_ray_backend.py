@@ -37,7 +37,7 @@ from moe_router.serving.state import RouterState
 from moe_router.train.build import clustered_router
 from moe_router.types import SearchParams
 from tests.helpers import version_path
-from tests.ray_helpers import LOOPBACK, off_loopback, sockets, start_local
+from tests.ray_helpers import LOOPBACK, merged_without, off_loopback, same_hits, sockets, start_local
 
 HAVE_RAY = importlib.util.find_spec("ray") is not None
 needs_ray = pytest.mark.skipif(not HAVE_RAY, reason="Ray is not installed (pip install -e '.[ray]')")
@@ -96,14 +96,6 @@ STEPS = [
 ]  # the lifecycle test's changes, in order
 
 
-def _same_hits(a, b) -> None:
-    """Two batches of hits are equal: ids, experts and scores (to float32 rounding) in order."""
-    assert len(a) == len(b)
-    for ha, hb in zip(a, b):
-        assert [(h.id, h.expert) for h in ha] == [(h.id, h.expert) for h in hb]
-        np.testing.assert_allclose([h.score for h in ha], [h.score for h in hb], rtol=1e-6, atol=1e-6)
-
-
 @pytest.mark.ray
 @needs_ray
 @pytest.mark.parametrize("top", [1, 2, 3])
@@ -111,14 +103,14 @@ def test_ray_route_and_search__equal_local_backend(ckpt: Path, ray_router: Route
     local = Router.load(ckpt)
     assert local.route(xq, top_experts=top) == ray_router.route(xq, top_experts=top)
     ray_hits = ray_router.search(xq, k=10, top_experts=top)
-    _same_hits(local.search(xq, k=10, top_experts=top), ray_hits)
+    same_hits(local.search(xq, k=10, top_experts=top), ray_hits)
     assert all(h.missing_experts == () for h in ray_hits)
-    _same_hits(
+    same_hits(
         local.search(xq[:50], k=5, top_experts=top, per_expert=True),
         ray_router.search(xq[:50], k=5, top_experts=top, per_expert=True),
     )
     for q in xq[:5]:  # batch 1, as a server without micro-batching sends it
-        _same_hits([local.search(q, k=10, top_experts=top)], [ray_router.search(q, k=10, top_experts=top)])
+        same_hits([local.search(q, k=10, top_experts=top)], [ray_router.search(q, k=10, top_experts=top)])
 
 
 @pytest.mark.ray
@@ -155,7 +147,7 @@ def test_lifecycle_on_cluster__each_search_sees_the_old_or_the_new_experts(
     expected = [o.search(xq[:40], k=10, top_experts=2) for o in oracles]
     with state.lease() as snap:  # six experts in two actors: a search over all of them is two calls
         before = snap.router.backend.calls
-        _same_hits(oracles[0].search(xq, k=10, top_experts=E), snap.router.search(xq, k=10, top_experts=E))
+        same_hits(oracles[0].search(xq, k=10, top_experts=E), snap.router.search(xq, k=10, top_experts=E))
         assert snap.router.backend.calls - before == 2
     seen: list[tuple[int, list]] = []
     stop = threading.Event()
@@ -178,23 +170,12 @@ def test_lifecycle_on_cluster__each_search_sees_the_old_or_the_new_experts(
     assert state.generation == 3
     assert {g for g, _ in seen} >= {0, 3}  # searches ran before and after the changes
     for generation, hits in seen:  # each search answered exactly as one whole expert set does
-        _same_hits(expected[generation], hits)
+        same_hits(expected[generation], hits)
     with state.lease() as snap:
         assert snap.router.expert_names == oracles[-1].expert_names
         assert all(h.missing_experts == () for h in snap.router.search(xq, k=10, top_experts=2))
     reloaded = Router.load(state.ckpt)  # the cluster's changes were saved: a local load answers the same
-    _same_hits(expected[-1], reloaded.search(xq[:40], k=10, top_experts=2))
-
-
-def _without(local: Router, xq: np.ndarray, k: int, top: np.ndarray, drop: int) -> list[list[tuple[int, str]]]:
-    """Per query, the (id, expert) of the local merge over its chosen experts other than `drop`."""
-    res = local.search_experts(xq, k, top, merge=False)  # (nq, t * k): expert blocks in the order of top
-    out = []
-    for q in range(len(xq)):
-        keep = np.repeat(top[q] != drop, k) & (res.I[q] >= 0)
-        order = np.argsort(-res.D[q][keep], kind="stable")[:k]
-        out.append([(int(i), local.experts[e].name) for i, e in zip(res.I[q][keep][order], res.E[q][keep][order])])
-    return out
+    same_hits(expected[-1], reloaded.search(xq[:40], k=10, top_experts=2))
 
 
 def _stopped(pid: int) -> bool:
@@ -220,14 +201,14 @@ def test_hung_then_killed_expert_actor__search_returns_the_others_names_it_and_r
     top = local.select(xq, SearchParams(top_experts=2), record=False).top  # (nq, 2) the experts each query is sent to
     chose = (top == 4).any(axis=1)
     complete = local.search(xq, k=10, top_experts=2)
-    partial = _without(local, xq, 10, top, drop=4)
+    partial = merged_without(local, xq, 10, top, drop=top == 4)
 
     def search() -> str:
         start = time.monotonic()
         hits = ray_router.search(xq, k=10, top_experts=2)
         assert time.monotonic() - start < timeout + 5  # bounded: never waits on the dead actor
         if {h.missing_experts for h in hits} == {()}:
-            _same_hits(complete, hits)
+            same_hits(complete, hits)
             return "complete"
         # Down: every query that chose shard-04 names it and gets the other expert's hits; the rest are whole.
         for q, h in enumerate(hits):
@@ -383,7 +364,7 @@ def test_default_ray_load__fits_two_cpus_says_what_it_chose_and_equals_local(
     assert plan.groups * plan.replicas * plan.num_cpus <= 0.5 * 2  # half the cluster's CPUs, at most
     assert len({id(e.group) for e in router.experts}) == plan.groups
     assert f"num_cpus=auto:{plan.num_cpus:g}" in repr(router.backend)
-    _same_hits(Router.load(ckpt).search(xq, k=10, top_experts=2), router.search(xq, k=10, top_experts=2))
+    same_hits(Router.load(ckpt).search(xq, k=10, top_experts=2), router.search(xq, k=10, top_experts=2))
     del router
     _wait_released(cluster, free)  # its placement group went with it
     # The CLI's --backend ray has no option to give: it must work as it is.
@@ -436,7 +417,7 @@ def test_replicas__a_dead_replica_fails_over_and_a_removed_expert_retires_its_ac
     cluster.kill(router.expert("shard-01").replicas[0], no_restart=True)
     for _ in range(4):  # round-robin reaches the dead replica: the call goes to the other one
         hits = router.search(queries, k=5, top_experts=3)
-        _same_hits(want, hits)
+        same_hits(want, hits)
         assert all(h.missing_experts == () for h in hits)
     fork = router.fork()
     fork.remove_expert("shard-02")
