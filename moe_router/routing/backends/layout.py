@@ -140,11 +140,11 @@ def _auto_cpus(layout: Layout, cpu_nodes: list[NodeCpus]) -> tuple[float, str]:
         counts = sorted(layout.actors_per_bundle(), reverse=True)
         room = [n.capacity for n in cpu_nodes[: len(counts)]]
         share = min(r / c for r, c in zip(room, counts))
-        why = f"auto: up to half of a node's CPUs, {room[0]:g} free on the roomiest, over its {counts[0]} actors"
+        why = f"auto: half of each node's CPUs at most, free ones only: {room[0]:g} for a node's {counts[0]} actors"
     else:
         room_all = min(SHARE * sum(n.total for n in cpu_nodes), sum(n.free for n in cpu_nodes))
         share = room_all / (layout.groups * layout.replicas)
-        why = f"auto: up to half of the cluster's CPUs, {room_all:g} of them, over {layout.groups * layout.replicas}"
+        why = f"auto: half of the cluster's CPUs at most, free ones only: {room_all:g} for all actors"
     share = math.floor(min(1.0, share) / _GRAIN) * _GRAIN
     if share <= 0:
         raise ValueError(
