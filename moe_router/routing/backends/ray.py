@@ -375,7 +375,9 @@ def search_remote(
         if now >= deadline:
             break
         wake = min([deadline, *(t for g, t in hedge_at.items() if asked[g] < len(order[g]))])
-        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=max(0.0, wake - now))
+        # One answer a group: a hung call next to its group's hedge must not be waited for.
+        waiting = len({g for g, _ in pending.values()})
+        ready, _ = ray.wait(list(pending), num_returns=waiting, timeout=max(0.0, wake - now))
         for ref in ready:
             if ref not in pending:
                 continue  # its group was answered by another replica
