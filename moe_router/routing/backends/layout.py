@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 # An actor searches with one FAISS thread, so actors beyond the cores add processes, not
 # parallelism; but about half of an actor call is the round trip and (de)serialisation (docs/scaling.md:
-# c ~ 1.6 ms vs s ~ 2 ms a search), so two actors a core keep it busy while the other waits on its call.
+# c ~ 1.4 ms vs s ~ 1.7 ms a search), so two actors a core keep it busy while the other waits on its call.
 ACTORS_PER_CPU = 2
 # Part of each node's CPUs an automatic plan reserves: a lifecycle change starts its new actors before the
 # old ones retire (copy-on-write snapshots), so a whole new generation must fit next to the old one.
