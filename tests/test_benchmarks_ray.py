@@ -35,6 +35,7 @@ def test_ray_scaleout_smoke__multi_node_routed_vs_broadcast_and_node_loss_on_loo
     assert proc.returncode == 0, log[-4000:]
     assert stray == [] and {"raylet", "gcs_server"} <= listeners  # seen, and only ever on loopback
     report = json.loads(out.read_text())
+    print(log[-3000:], json.dumps(report, indent=1), sep="\n")  # shown when an assertion below fails
     assert report["node_addresses"] == [LOOPBACK] and report["ray results equal local"]
     rows = {(r["mode"], r["batch"]): r for r in report["rows"]}
     routed, broadcast = rows[("ray routed", 1)], rows[("ray broadcast", 1)]
