@@ -1,6 +1,7 @@
 """The Ray backend: experts in Ray actors on a local 2-CPU cluster, checked against the local backend.
 
-One cluster and one checkpoint per module (starting actors costs seconds on a shared machine).
+One cluster and one checkpoint per module (starting actors costs seconds on a shared machine). The
+cluster binds loopback only (tests.ray_helpers); tests/test_ray_cluster.py covers several nodes.
 """
 
 from __future__ import annotations
@@ -8,8 +9,10 @@ from __future__ import annotations
 import gc
 import importlib.util
 import inspect
+import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -34,6 +37,7 @@ from moe_router.serving.state import RouterState
 from moe_router.train.build import clustered_router
 from moe_router.types import SearchParams
 from tests.helpers import version_path
+from tests.ray_helpers import LOOPBACK, merged_without, off_loopback, same_hits, sockets, start_local
 
 HAVE_RAY = importlib.util.find_spec("ray") is not None
 needs_ray = pytest.mark.skipif(not HAVE_RAY, reason="Ray is not installed (pip install -e '.[ray]')")
@@ -60,17 +64,15 @@ def xq() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def cluster():
-    import ray  # only the Ray tests need it: the module must import without it
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray = start_local(num_cpus=2)  # only the Ray tests import Ray: the module must import without it
     yield ray
     ray.shutdown()
 
 
 @pytest.fixture(scope="module")
 def backend(cluster):
-    # 0.1 CPU an actor: six experts (and the lifecycle's new ones) share the two cores.
-    return make_backend("ray", num_cpus=0.1, max_restarts=3, timeout_s=20.0)
+    # One expert an actor, 0.1 CPU each: six experts (and the lifecycle's new ones) share the two cores.
+    return make_backend("ray", num_cpus=0.1, experts_per_actor=1, max_restarts=3, timeout_s=20.0)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +82,7 @@ def ray_router(ckpt: Path, backend) -> Router:
 
 @pytest.fixture(scope="module")
 def served(ckpt: Path, cluster, tmp_path_factory: pytest.TempPathFactory) -> RouterState:
-    """A served copy of the checkpoint, three experts an actor (the lifecycle test changes it, the HTTP test reads it)."""
+    """A served copy of the checkpoint, three experts an actor (changed by the lifecycle test, read by the HTTP one)."""
     grouped = make_backend("ray", num_cpus=0.1, experts_per_actor=3, timeout_s=20.0)
     state = RouterState(shutil.copytree(ckpt, tmp_path_factory.mktemp("served") / "ckpt"), backend=grouped)
     yield state
@@ -94,14 +96,6 @@ STEPS = [
 ]  # the lifecycle test's changes, in order
 
 
-def _same_hits(a, b) -> None:
-    """Two batches of hits are equal: ids, experts and scores (to float32 rounding) in order."""
-    assert len(a) == len(b)
-    for ha, hb in zip(a, b):
-        assert [(h.id, h.expert) for h in ha] == [(h.id, h.expert) for h in hb]
-        np.testing.assert_allclose([h.score for h in ha], [h.score for h in hb], rtol=1e-6, atol=1e-6)
-
-
 @pytest.mark.ray
 @needs_ray
 @pytest.mark.parametrize("top", [1, 2, 3])
@@ -109,14 +103,14 @@ def test_ray_route_and_search__equal_local_backend(ckpt: Path, ray_router: Route
     local = Router.load(ckpt)
     assert local.route(xq, top_experts=top) == ray_router.route(xq, top_experts=top)
     ray_hits = ray_router.search(xq, k=10, top_experts=top)
-    _same_hits(local.search(xq, k=10, top_experts=top), ray_hits)
+    same_hits(local.search(xq, k=10, top_experts=top), ray_hits)
     assert all(h.missing_experts == () for h in ray_hits)
-    _same_hits(
+    same_hits(
         local.search(xq[:50], k=5, top_experts=top, per_expert=True),
         ray_router.search(xq[:50], k=5, top_experts=top, per_expert=True),
     )
     for q in xq[:5]:  # batch 1, as a server without micro-batching sends it
-        _same_hits([local.search(q, k=10, top_experts=top)], [ray_router.search(q, k=10, top_experts=top)])
+        same_hits([local.search(q, k=10, top_experts=top)], [ray_router.search(q, k=10, top_experts=top)])
 
 
 @pytest.mark.ray
@@ -153,7 +147,7 @@ def test_lifecycle_on_cluster__each_search_sees_the_old_or_the_new_experts(
     expected = [o.search(xq[:40], k=10, top_experts=2) for o in oracles]
     with state.lease() as snap:  # six experts in two actors: a search over all of them is two calls
         before = snap.router.backend.calls
-        _same_hits(oracles[0].search(xq, k=10, top_experts=E), snap.router.search(xq, k=10, top_experts=E))
+        same_hits(oracles[0].search(xq, k=10, top_experts=E), snap.router.search(xq, k=10, top_experts=E))
         assert snap.router.backend.calls - before == 2
     seen: list[tuple[int, list]] = []
     stop = threading.Event()
@@ -176,31 +170,30 @@ def test_lifecycle_on_cluster__each_search_sees_the_old_or_the_new_experts(
     assert state.generation == 3
     assert {g for g, _ in seen} >= {0, 3}  # searches ran before and after the changes
     for generation, hits in seen:  # each search answered exactly as one whole expert set does
-        _same_hits(expected[generation], hits)
+        same_hits(expected[generation], hits)
     with state.lease() as snap:
         assert snap.router.expert_names == oracles[-1].expert_names
         assert all(h.missing_experts == () for h in snap.router.search(xq, k=10, top_experts=2))
     reloaded = Router.load(state.ckpt)  # the cluster's changes were saved: a local load answers the same
-    _same_hits(expected[-1], reloaded.search(xq[:40], k=10, top_experts=2))
+    same_hits(expected[-1], reloaded.search(xq[:40], k=10, top_experts=2))
 
 
-def _without(local: Router, xq: np.ndarray, k: int, top: np.ndarray, drop: int) -> list[list[tuple[int, str]]]:
-    """Per query, the (id, expert) of the local merge over its chosen experts other than `drop`."""
-    res = local.search_experts(xq, k, top, merge=False)  # (nq, t * k): expert blocks in the order of top
-    out = []
-    for q in range(len(xq)):
-        keep = np.repeat(top[q] != drop, k) & (res.I[q] >= 0)
-        order = np.argsort(-res.D[q][keep], kind="stable")[:k]
-        out.append([(int(i), local.experts[e].name) for i, e in zip(res.I[q][keep][order], res.E[q][keep][order])])
-    return out
+def _stopped(pid: int) -> bool:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
 
 
 @pytest.mark.ray
 @needs_ray
-def test_killed_expert_actor__search_returns_the_others_names_it_and_recovers(
+def test_hung_then_killed_expert_actor__search_returns_the_others_names_it_and_recovers(
     ckpt: Path, ray_router: Router, xq: np.ndarray, cluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    timeout = 0.5  # a restarted actor starts a Python process: far longer than this
+    """An actor that stops answering is left out at once after one timeout; killed, it comes back as a new process.
+
+    The actor's process is stopped (SIGSTOP, checked in /proc before the searches start) rather than
+    ray.kill-ed: a kill takes effect later and a restart may beat the timeout, so the outage would not
+    be seen for sure. The stopped process is then killed and Ray restarts it (max_restarts).
+    """
+    timeout = 0.5
     monkeypatch.setattr(ray_router.backend, "timeout_s", timeout)
     local = Router.load(ckpt)
     victim = ray_router.expert("shard-04")
@@ -208,27 +201,39 @@ def test_killed_expert_actor__search_returns_the_others_names_it_and_recovers(
     top = local.select(xq, SearchParams(top_experts=2), record=False).top  # (nq, 2) the experts each query is sent to
     chose = (top == 4).any(axis=1)
     complete = local.search(xq, k=10, top_experts=2)
-    partial = _without(local, xq, 10, top, drop=4)
-    cluster.kill(victim.replicas[0], no_restart=False)  # Ray restarts it (max_restarts)
-    outcomes = []
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
+    partial = merged_without(local, xq, 10, top, drop=top == 4)
+
+    def search() -> str:
         start = time.monotonic()
         hits = ray_router.search(xq, k=10, top_experts=2)
         assert time.monotonic() - start < timeout + 5  # bounded: never waits on the dead actor
-        missing = {h.missing_experts for h in hits}
-        if missing == {()}:
-            _same_hits(complete, hits)
-            outcomes.append("complete")
-            if "partial" in outcomes:
-                break
-            continue
+        if {h.missing_experts for h in hits} == {()}:
+            same_hits(complete, hits)
+            return "complete"
         # Down: every query that chose shard-04 names it and gets the other expert's hits; the rest are whole.
         for q, h in enumerate(hits):
             assert h.missing_experts == (("shard-04",) if chose[q] else ())
             assert [(x.id, x.expert) for x in h] == partial[q]
-        outcomes.append("partial")
-    assert outcomes[0] == "partial" and outcomes[-1] == "complete", outcomes  # down at once, then back
+        return "partial"
+
+    os.kill(old_pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    while not _stopped(old_pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _stopped(old_pid)
+    start = time.monotonic()
+    assert search() == "partial"  # waited timeout_s for it
+    assert time.monotonic() - start >= timeout
+    start = time.monotonic()
+    assert [search() for _ in range(3)] == ["partial"] * 3  # left out at once until it answers a ping
+    assert time.monotonic() - start < timeout
+    os.kill(old_pid, signal.SIGKILL)  # Ray restarts it; the ping on the dead process fails and is sent again
+    outcomes = []
+    deadline = time.monotonic() + 90
+    while "complete" not in outcomes and time.monotonic() < deadline:
+        outcomes.append(search())
+        time.sleep(0.02)
+    assert outcomes[-1] == "complete", outcomes  # back
     assert cluster.get(victim.replicas[0].pid.remote()) != old_pid  # a new process read the expert's files again
 
 
@@ -262,7 +267,8 @@ def test_http_search__names_missing_experts(ckpt: Path, served: RouterState, xq:
             [h.id for h in hits] for hits in local.search(xq[:40], k=5, top_experts=2)
         ]
         assert cluster.get(group.pid.remote()) != old_pid
-        assert [key for key, *_ in cluster.get(group.describe.remote())] == ["shard-04", "shard-05"]
+        _, held = cluster.get(group.describe.remote())
+        assert [key for key, *_ in held] == ["shard-04", "shard-05"]
         cluster.kill(group, no_restart=True)  # gone for good: shard-04 and shard-05 both go
         top = local.select(xq[:40], SearchParams(top_experts=2), record=False).top
         names = np.array(local.expert_names)
@@ -333,15 +339,62 @@ def test_expert_actor_import_path__never_imports_torch() -> None:
     assert out.stdout.strip() == "[]"
 
 
+def _wait_released(ray, free: float, within_s: float = 30.0) -> None:
+    """Wait until the cluster's free CPUs are back to `free` (dropped routers' reservations removed)."""
+    gc.collect()
+    deadline = time.monotonic() + within_s
+    while ray.available_resources().get("CPU", 0.0) < free - 1e-6 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ray.available_resources().get("CPU", 0.0) >= free - 1e-6
+
+
 @pytest.mark.ray
 @needs_ray
-def test_cli_on_ray__stats_and_a_clear_error_when_actors_do_not_fit(
-    ckpt: Path, cluster, capsys: pytest.CaptureFixture
+def test_default_ray_load__fits_two_cpus_says_what_it_chose_and_equals_local(
+    ckpt: Path, xq: np.ndarray, cluster, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture
 ) -> None:
-    # RayBackend's default is one CPU an actor: six experts do not fit on the two-CPU cluster.
-    assert cli_main(["stats", "--ckpt", str(ckpt), "--backend", "ray"]) == 2
-    err = capsys.readouterr().err
-    assert "needs 6 CPUs" in err and "the cluster has 2" in err and "num_cpus" in err
+    """Router.load(path, backend="ray") with no option: six experts on two CPUs (one CPU an actor would need six)."""
+    free = cluster.available_resources().get("CPU", 0.0)
+    with caplog.at_level(logging.INFO, logger="moe_router.routing.backends.ray"):
+        router = Router.load(ckpt, backend="ray")
+    plan = router.backend.plan
+    chosen = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Ray backend: ")]
+    assert chosen == [f"Ray backend: {plan.reason}"] and "auto" in plan.reason  # one line: what and why
+    assert plan.groups * plan.experts_per_actor >= E and plan.groups <= 2 * 2  # at most two actors a CPU
+    assert plan.groups * plan.replicas * plan.num_cpus <= 0.5 * 2  # half the cluster's CPUs, at most
+    assert len({id(e.group) for e in router.experts}) == plan.groups
+    assert f"num_cpus=auto:{plan.num_cpus:g}" in repr(router.backend)
+    same_hits(Router.load(ckpt).search(xq, k=10, top_experts=2), router.search(xq, k=10, top_experts=2))
+    del router
+    _wait_released(cluster, free)  # its placement group went with it
+    # The CLI's --backend ray has no option to give: it must work as it is.
+    assert cli_main(["stats", "--ckpt", str(ckpt), "--backend", "ray"]) == 0
+    assert "shard-05" in capsys.readouterr().out
+
+
+@pytest.mark.ray
+@needs_ray
+def test_explicit_ray_options__keep_their_meaning_and_fail_clearly_when_they_do_not_fit(
+    ckpt: Path, ray_router: Router, cluster
+) -> None:
+    plan = ray_router.backend.plan  # num_cpus=0.1, experts_per_actor=1 given
+    assert (plan.num_cpus, plan.experts_per_actor, plan.groups) == (0.1, 1, E) and "given" in plan.reason
+    with pytest.raises(ValueError, match=r"needs 6 CPUs \(6 actors x 1 replicas x num_cpus=1\) but the cluster has 2"):
+        Router.load(ckpt, backend=make_backend("ray", num_cpus=1, experts_per_actor=1))
+    with pytest.raises(ValueError, match=r"placement='spread' puts the 2 replicas of each expert on distinct nodes"):
+        Router.load(ckpt, backend=make_backend("ray", replicas=2))  # one node
+    with pytest.raises(ValueError, match=r"needs 3 CPUs \(1 actors x 1 replicas x num_cpus=3\)"):
+        Router.load(ckpt, backend=make_backend("ray", num_cpus=3))  # even one actor of all experts does not fit
+
+
+@pytest.mark.ray
+@needs_ray
+def test_local_cluster__binds_loopback_only(ray_router: Router, cluster) -> None:
+    """Every node, listener and connection of the test cluster is on 127.0.0.1 (the machine has another address)."""
+    assert {n["NodeManagerAddress"] for n in cluster.nodes()} == {LOOPBACK}
+    names = {name for name, *_ in sockets(os.getpid())}
+    assert {"gcs_server", "raylet"} <= names  # the check sees the cluster's own processes
+    assert off_loopback(os.getpid()) == []
 
 
 @pytest.mark.ray
@@ -350,7 +403,9 @@ def test_replicas__a_dead_replica_fails_over_and_a_removed_expert_retires_its_ac
     small = clustered_router(900, D, 3, seed=0)
     small.set_gate(initial_gate(small.experts, hidden_dims=[], dropout=0.0))
     path = small.save(tmp_path / "small")
-    router = Router.load(path, backend=make_backend("ray", num_cpus=0.1, replicas=2, timeout_s=20.0))
+    router = Router.load(
+        path, backend=make_backend("ray", num_cpus=0.1, replicas=2, experts_per_actor=1, placement=None, timeout_s=20.0)
+    )
     ours = {a._actor_id.hex() for e in router.experts for a in e.replicas}  # 3 experts x 2 replicas
 
     def alive() -> int:  # of this router's actors (GCS actor table)
@@ -362,7 +417,7 @@ def test_replicas__a_dead_replica_fails_over_and_a_removed_expert_retires_its_ac
     cluster.kill(router.expert("shard-01").replicas[0], no_restart=True)
     for _ in range(4):  # round-robin reaches the dead replica: the call goes to the other one
         hits = router.search(queries, k=5, top_experts=3)
-        _same_hits(want, hits)
+        same_hits(want, hits)
         assert all(h.missing_experts == () for h in hits)
     fork = router.fork()
     fork.remove_expert("shard-02")
