@@ -13,10 +13,10 @@ the reported improvement, and recall@10 at 2 experts on test before and after.
 from __future__ import annotations
 
 import argparse
+import copy
 from pathlib import Path
 
 import numpy as np
-import torch
 from lifecycle_common import CLINC, add_smoke_flag, apply_smoke, clinc, embedder, exact_top10, trained
 
 from moe_router import lifecycle
@@ -50,16 +50,18 @@ def main() -> None:
     trained(path, ds, emb, args.seed)
     xv, xt = emb.encode([r.text for r in val]), emb.encode([r.text for r in test])
 
+    tune = FineTuneConfig(seed=args.seed, steps=5 if args.smoke else FineTuneConfig.steps)
     for name in ("trained", "skewed"):
         router = Router.load(path, cache_dir=default_cache_dir())
         router = router.fork(private_store=True)
-        if name == "skewed":
-            with torch.no_grad():
-                router.gate.head.bias[router.expert_indices([args.skew_expert])[0]] += 2.0
+        if name == "skewed":  # a gate that sends too much to one expert (derived from a copy, as gates are)
+            gate = copy.deepcopy(router.gate)
+            shift = np.zeros(router.num_experts)
+            shift[router.expert_indices([args.skew_expert])[0]] = 2.0
+            gate.shift_bias(shift)
+            router.set_gate(gate)
         before = test_recall(router, xt)
-        rep = lifecycle.optimize_routing(
-            router, xv, top_experts_searched=2, fine_tune=fine_tuner(FineTuneConfig(seed=args.seed)), seed=args.seed
-        )
+        rep = lifecycle.optimize_routing(router, xv, top_experts_searched=2, fine_tune=fine_tuner(tune), seed=args.seed)
         after = test_recall(router, xt)
         print(f"\n{name}: {len(xv)} validation queries, top-2 experts searched")
         for a in rep.actions:
