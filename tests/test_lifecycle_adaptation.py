@@ -60,7 +60,7 @@ def test_fitted_row__failure_removes_the_new_expert_again(monkeypatch: pytest.Mo
     def broken(*args, **kwargs):
         raise RuntimeError("no memory")
 
-    monkeypatch.setattr(router_module, "fitted_new_rows", broken)
+    monkeypatch.setattr(router_module, "refit_rows", broken)
     with pytest.raises(RuntimeError, match="no memory"):
         router.add_expert("new", xs[4][:80])
     assert router.expert_names == names and router.parts().store.max_id() == 4 * 80 - 1

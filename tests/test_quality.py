@@ -16,6 +16,7 @@ from moe_router.eval.baselines import (
 )
 from moe_router.gate import initial_gate
 from moe_router.gate.confidence import choose_threshold, fit_temperature, load_floor_bias, reliability_bins, softmax
+from moe_router.gate.model import in_scope
 from moe_router.index.exact import exact_neighbours, neighbour_counts
 from moe_router.metrics import assign_with_capacity, load_stats, overlap_at_k, overlap_from_counts, top_experts
 from tests.helpers import clusters
@@ -171,7 +172,7 @@ def test_abstain__refuses_queries_far_from_every_prototype(clustered) -> None:
     router, xq, _ = clustered
     router.set_gate(initial_gate(router.experts, hidden_dims=[8], prototypes_per_expert=4))
     far = -np.concatenate([e.vectors() for e in router.experts]).mean(0)  # opposite to every cluster
-    scores_in = router.in_scope_scores(xq)
+    scores_in = in_scope(router.gate, xq)
     router.abstain_threshold = float(np.min(scores_in))
     assert router.route(far, top_experts=1, abstain=True) == []
     assert router.search(far, k=3, top_experts=1, abstain=True) == []

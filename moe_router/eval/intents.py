@@ -29,6 +29,7 @@ from moe_router.eval.adaptive import (
 )
 from moe_router.eval.baselines import BASELINES, GATE, ivf_recall
 from moe_router.eval.calibration import calibration_report
+from moe_router.gate.model import in_scope
 from moe_router.index.clustering import nearest_centroid
 from moe_router.index.exact import exhaustive_index
 from moe_router.index.expert import centroids
@@ -341,7 +342,7 @@ def oos_report(
     out: dict[str, Any] = {"queries": len(oos_texts)}
     for name, fn in scorers.items():
         if name == GATE:  # the gate's own in-scope score (prototype similarity, or top-1 probability)
-            gi, go = router.in_scope_scores(xq), router.in_scope_scores(xo)
+            gi, go = in_scope(router.gate, xq), in_scope(router.gate, xo)
             routers[name]["oos_auroc"] = auroc(gi, go)
             routers[name]["oos_auroc_top1_prob"] = auroc(scores[name].max(axis=1), fn(xo).max(axis=1))
         elif name != "random":

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from moe_router.gate.model import Gate
+from moe_router.index.expert import Expert, sample_vectors
 
 
 @torch.no_grad()
@@ -163,3 +164,29 @@ def fitted_new_rows(
     W[list(idx)], b[list(idx)] = rows, biases
     g.set_head(W, b)
     return g
+
+
+def refit_rows(
+    gate: Gate,
+    experts: Sequence[Expert],
+    idx: Sequence[int],
+    own_share: float = 0.9,
+    other_share: float = 0.01,
+    seed: int = 0,
+) -> Gate:
+    """A gate copy whose rows `idx` (e.g. experts just added) are fitted from their vectors and a sample of the others'.
+
+    Each row is fitted so that its expert gets `own_share` of the probability on its own vectors
+    and `other_share` on a sample of the other experts' vectors (fitted_new_rows): routable at once
+    without taking over everyone else's queries. A prototype gate's rows get k-means prototypes.
+    """
+    if len(set(idx)) != len(idx):
+        raise ValueError(f"experts to refit must be distinct, got positions {list(idx)}")
+    if len(idx) == len(experts):
+        raise ValueError("fitting rows needs at least one other expert to compare with")
+    own = [experts[i].vectors() for i in idx]
+    protos = None
+    if gate.prototypes_per_expert:  # k-means prototypes, as a trained gate's experts have
+        protos = [experts[i].prototypes(gate.prototypes_per_expert, seed + i) for i in idx]
+    context = sample_vectors(experts, idx, seed=seed)
+    return fitted_new_rows(gate, idx, own, context, protos, own_share, other_share).eval()

@@ -9,7 +9,9 @@ from typing import Any
 import numpy as np
 
 from moe_router.checks import check_new_name
+from moe_router.gate.surgery import refit_rows
 from moe_router.index.clustering import balanced_kmeans
+from moe_router.routing.parts import Change, RouterParts
 from moe_router.routing.router import Router
 
 
@@ -43,7 +45,12 @@ def _add_all(
             )
             added.append(name)
         if fit_rows and added and router.gate is not None and router.num_experts > len(added):
-            router.fit_expert_rows(added)
+
+            def refit(parts: RouterParts) -> Change:
+                idx = [parts.position(n) for n in added]
+                return Change(parts.replace(gate=refit_rows(parts.gate, parts.experts, idx)))
+
+            router.update(refit)
     except BaseException:
         for name in reversed(added):
             router.remove_expert(name)
@@ -69,10 +76,10 @@ def auto_create_by_category(
     """One expert per category with at least `min_docs` documents (the others are skipped and reported).
 
     The expert is named name_format.format(category=...) and specialised as the category's slug.
-    With a gate, the new rows are fitted (fit_expert_rows; `fit_rows`). All names are checked
+    With a gate, the new rows are fitted together (gate.surgery.refit_rows; `fit_rows`). All names are checked
     before anything is added; a failure part-way removes what was added.
     """
-    xb = router.vectors_from(texts, vectors, "auto-create by category")
+    xb = router.prepare_rows(texts, vectors, "auto-create by category")
     if len(categories) != xb.shape[0]:
         raise ValueError(f"auto-create by category: {xb.shape[0]} documents but {len(categories)} categories")
     if metadata is not None and len(metadata) != xb.shape[0]:
@@ -104,7 +111,7 @@ def auto_create_by_clustering(
     fit_rows: bool = True,
 ) -> AutoCreateReport:
     """`n` experts from unlabelled documents by FAISS k-means, no expert above max_imbalance x the mean size."""
-    xb = router.vectors_from(texts, vectors, "auto-create by clustering")
+    xb = router.prepare_rows(texts, vectors, "auto-create by clustering")
     if metadata is not None and len(metadata) != xb.shape[0]:
         raise ValueError(f"auto-create by clustering: {len(metadata)} metadata entries for {xb.shape[0]} documents")
     labels = balanced_kmeans(xb, n, metric=router.metric, seed=seed, max_imbalance=max_imbalance)

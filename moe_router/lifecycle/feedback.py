@@ -40,7 +40,10 @@ class Recommendation:
 
 def feedback_stats(router: Router) -> list[FeedbackStats]:
     """Per current expert: feedback records, positive ones and the success rate (from the SQLite store)."""
-    counts = router.feedback_counts()
+    counts: dict[str, tuple[int, int]] = {}
+    for r in router.feedback():
+        total, pos = counts.get(r.expert, (0, 0))
+        counts[r.expert] = (total + 1, pos + int(r.positive))
     out = []
     for name in router.expert_names:
         total, pos = counts.get(name, (0, 0))

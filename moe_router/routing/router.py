@@ -27,8 +27,8 @@ import torch
 from moe_router.checks import check_bool, check_new_name
 from moe_router.embed.base import Embedder, check_text_list
 from moe_router.gate.model import Gate, in_scope, infer
-from moe_router.gate.surgery import fitted_new_rows
-from moe_router.index.expert import Expert, sample_vectors
+from moe_router.gate.surgery import refit_rows
+from moe_router.index.expert import Expert
 from moe_router.index.merge import merge_hits
 from moe_router.metrics import top_p_experts
 from moe_router.routing.backends import ExpertBackend, make_backend
@@ -148,10 +148,6 @@ class Router:
         """Feedback records (FeedbackRecord), oldest first; only `expert`'s when given."""
         return self._parts.store.feedback(expert)
 
-    def feedback_counts(self) -> dict[str, tuple[int, int]]:
-        """expert -> (feedback records, positive ones)."""
-        return self._parts.store.feedback_counts()
-
     # ---------------------------------------------------------------- settings
 
     @property
@@ -194,7 +190,7 @@ class Router:
         """Add an expert from vectors and/or texts (texts are embedded when no vectors are given).
 
         With a gate present, the gate grows an output for it at once. With `fit_row` (default) that
-        output is fitted against the other experts (fit_expert_rows): the new expert takes its own
+        output is fitted against the other experts (gate.surgery.refit_rows): the new expert takes its own
         queries without drawing the others'. `fit_row=False` only points the new row at its vectors'
         mean feature (Gate.add_expert), which can draw many of the other experts' queries until the
         gate is fine-tuned. Nothing changes when any argument is refused or the fit fails. `name` may
@@ -209,7 +205,7 @@ class Router:
         name = spec.name
         check_new_name(name, self.expert_names, "add_expert")
         fit_row = check_bool(fit_row, "fit_row")
-        xb = self.vectors_from(texts, vectors, f"expert {name!r}")
+        xb = self.prepare_rows(texts, vectors, f"expert {name!r}")
         payloads = check_payloads(metadata, xb.shape[0])
         rows = list(texts) if texts is not None else [None] * len(xb)
 
@@ -224,7 +220,7 @@ class Router:
                 gate.add_expert(torch.from_numpy(xb), prototypes=torch.from_numpy(expert.prototypes(m)) if m else None)
             new = parts.replace(experts=(*parts.experts, expert), gate=gate, stats=parts.stats.appended(1))
             if fit_row and gate is not None and len(new.experts) > 1:
-                new = new.replace(gate=self._fitted(new, [name]))
+                new = new.replace(gate=refit_rows(new.gate, new.experts, [len(new.experts) - 1]))
             broken = new.gate.nonfinite() if new.gate is not None else []
             if broken:  # e.g. huge 'l2' vectors overflowing the gate's products: never route or save on NaN
                 raise ValueError(
@@ -237,7 +233,7 @@ class Router:
         self.update(plan)
         return self.expert(name)
 
-    def vectors_from(self, texts: Sequence[str] | None, vectors: Any, what: str) -> np.ndarray:
+    def prepare_rows(self, texts: Sequence[str] | None, vectors: Any, what: str) -> np.ndarray:
         """Prepared (n, d) vectors: `vectors` if given, else `texts` embedded; one text per vector when both."""
         if texts is not None:
             texts = check_text_list(texts, f"{what}: texts")
@@ -251,34 +247,6 @@ class Router:
         if texts is not None and len(texts) != xb.shape[0]:
             raise ValueError(f"{what}: {xb.shape[0]} vectors but {len(texts)} texts; expected one text per vector")
         return xb
-
-    def fit_expert_rows(
-        self, names: Sequence[str], own_share: float = 0.9, other_share: float = 0.01, seed: int = 0
-    ) -> None:
-        """Refit the gate rows of experts `names` (e.g. just added) from their vectors and a sample of the others'.
-
-        Each row is fitted so that its expert gets `own_share` of the probability on its own vectors
-        and `other_share` on a sample of the other experts' vectors (gate.surgery.fitted_new_rows):
-        routable at once without taking over everyone else's queries.
-        """
-        self.update(lambda parts: Change(parts.replace(gate=self._fitted(parts, names, own_share, other_share, seed))))
-
-    @staticmethod
-    def _fitted(
-        parts: RouterParts, names: Sequence[str], own_share: float = 0.9, other_share: float = 0.01, seed: int = 0
-    ) -> Gate:
-        gate = _require_gate(parts)
-        idx = [parts.position(n) for n in names]
-        if len(set(idx)) != len(idx):
-            raise ValueError(f"expert names must be distinct, got {list(names)}")
-        if len(idx) == len(parts.experts):
-            raise ValueError("fitting rows needs at least one other expert to compare with")
-        own = [parts.experts[i].vectors() for i in idx]
-        protos = None
-        if gate.prototypes_per_expert:  # k-means prototypes, as a trained gate's experts have
-            protos = [parts.experts[i].prototypes(gate.prototypes_per_expert, seed + i) for i in idx]
-        context = sample_vectors(parts.experts, idx, seed=seed)
-        return fitted_new_rows(gate, idx, own, context, protos, own_share, other_share).eval()
 
     def remove_expert(self, name: str) -> None:
         """Remove an expert: its index, its gate output and its metadata; routing renormalises over the rest."""
@@ -477,10 +445,6 @@ class Router:
     def gate_probs(self, xq: np.ndarray) -> np.ndarray:
         """(nq, E) the gate's probabilities for prepared queries, at its temperature (nothing counted)."""
         return infer(_require_gate(self._parts), xq, "probs")
-
-    def in_scope_scores(self, xq: np.ndarray) -> np.ndarray:
-        """(nq,) the gate's in-scope score per prepared query (see Gate.in_scope_score); abstention thresholds it."""
-        return _in_scope(self._parts, xq)
 
     # ---------------------------------------------------------------- stats
 
