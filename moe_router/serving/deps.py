@@ -76,23 +76,32 @@ def check_vectors(field: str, raw: list, dim: int, metric: str) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class JsonBody:
-    """The dependencies of one request model and the OpenAPI entry that declares its body."""
+class Parsed:
+    """A request body within the server's limits, and its vectors prepared (check_vectors)."""
 
-    body: Any  # Depends: the parsed body, within the server's limits
-    vectors: Any  # Depends: its vectors prepared (n, d) float32 (check_vectors), or None when it has none
+    body: Body
+    vectors: np.ndarray | None  # (n, d) float32, or None when the body has none
+
+
+@dataclass(frozen=True)
+class JsonBody:
+    """The dependency that reads one request model's body and the OpenAPI entry that declares it."""
+
+    read: Any  # Depends: the Parsed body
     openapi: dict  # openapi_extra: FastAPI sees no body parameter, so the schema is declared here
 
 
 @functools.cache
 def json_body(model: type[Body]) -> JsonBody:
-    """The body of `model` read with pydantic's own JSON parser.
+    """The body of `model` read with pydantic's own JSON parser, held to the limits, its vectors prepared.
 
     One pass of Rust code instead of json.loads + validation: about 5x less CPU for a body of 384
-    numbers, measured here (the largest per-request cost next to the search).
+    numbers, measured here. One dependency for all of it: each one FastAPI solves costs about as
+    much as parsing a small body.
     """
 
-    async def parse(request: Request, srv: Server = SERVER) -> Body:
+    async def read(request: Request) -> Parsed:
+        srv = await server(request)
         try:
             body = model.model_validate_json(await request.body())
         except ValidationError as exc:
@@ -100,16 +109,11 @@ def json_body(model: type[Body]) -> JsonBody:
                 [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False, include_context=False)]
             ) from None
         check_limits(body, srv.limits)
-        return body
-
-    parsed = Depends(parse)  # one parse per request: FastAPI caches a dependency within a request
-
-    async def vectors(body: Body = parsed, srv: Server = SERVER) -> np.ndarray | None:
         field = next((f for f in model.VECTORS if getattr(body, f) is not None), None)
         if field is None:
-            return None
-        return check_vectors(field, getattr(body, field), srv.state.dim, srv.state.metric)
+            return Parsed(body, None)
+        return Parsed(body, check_vectors(field, getattr(body, field), srv.state.dim, srv.state.metric))
 
     schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
     extra = {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
-    return JsonBody(parsed, Depends(vectors), extra)
+    return JsonBody(Depends(read), extra)

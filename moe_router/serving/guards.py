@@ -27,10 +27,9 @@ class BodyLimit:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_large = error(413, f"request body over {self.max_bytes} bytes (limits.max_body_bytes)")
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await too_large(scope, receive, send)
+            return await self._too_large(scope, receive, send)
         body = bytearray()
         while True:
             message = await receive()
@@ -38,7 +37,7 @@ class BodyLimit:
                 return
             body += message.get("body", b"")
             if len(body) > self.max_bytes:
-                return await too_large(scope, receive, send)
+                return await self._too_large(scope, receive, send)
             if not message.get("more_body", False):
                 break
         replayed = False
@@ -51,6 +50,9 @@ class BodyLimit:
             return await receive()  # after the body: wait for the disconnect, as a real receive would
 
         await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: dict, receive: Any, send: Any) -> None:
+        await error(413, f"request body over {self.max_bytes} bytes (limits.max_body_bytes)")(scope, receive, send)
 
 
 def _foreign(origin: str, host: str | None, allowed: tuple[str, ...]) -> bool:

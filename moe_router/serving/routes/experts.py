@@ -9,12 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 from fastapi import APIRouter, HTTPException
 from fastapi.concurrency import run_in_threadpool
 
 from moe_router.index.expert import Expert
-from moe_router.serving.deps import SERVER, Server, json_body
+from moe_router.serving.deps import SERVER, Parsed, Server, json_body
 from moe_router.serving.errors import responses
 from moe_router.serving.schemas import (
     AddExpertRequest,
@@ -64,11 +63,10 @@ async def list_experts(srv: Server = SERVER) -> dict:
     openapi_extra=FEEDBACK.openapi,
     responses=responses(400, 403, 404, 413, 415, 422, 503),
 )
-async def feedback(
-    body: FeedbackRequest = FEEDBACK.body, xq: np.ndarray | None = FEEDBACK.vectors, srv: Server = SERVER
-) -> dict:
+async def feedback(req: Parsed = FEEDBACK.read, srv: Server = SERVER) -> dict:
     """Record whether an expert served a query well; committed to the checkpoint before the reply."""
-    query: Any = body.text if xq is None else xq[0]
+    body = req.body
+    query: Any = body.text if req.vectors is None else req.vectors[0]
     return {"id": await write(srv.state.record_feedback, query, body.expert, body.positive)}
 
 
@@ -79,18 +77,17 @@ async def feedback(
     openapi_extra=ADD.openapi,
     responses=responses(400, 403, 409, 413, 415, 422, 503),
 )
-async def add_expert(
-    body: AddExpertRequest = ADD.body, xb: np.ndarray | None = ADD.vectors, srv: Server = SERVER
-) -> dict:
+async def add_expert(req: Parsed = ADD.read, srv: Server = SERVER) -> dict:
     """Add an expert from vectors and/or texts; the gate grows an output for it at once.
 
     Saved to the checkpoint (atomically) before the reply; searches see the old or the new expert set.
     """
+    body = req.body
     try:
         spec = ExpertSpec(body.name, body.specialization, body.parent)
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from None
-    expert, generation = await write(srv.state.add_expert, spec, xb, body.texts, body.metadata)
+    expert, generation = await write(srv.state.add_expert, spec, req.vectors, body.texts, body.metadata)
     return {"generation": generation, "expert": _expert(expert)}
 
 
@@ -100,11 +97,12 @@ async def add_expert(
     openapi_extra=MERGE.openapi,
     responses=responses(400, 403, 404, 409, 413, 415, 422, 503),
 )
-async def merge_experts(body: MergeExpertsRequest = MERGE.body, srv: Server = SERVER) -> dict:
+async def merge_experts(req: Parsed = MERGE.read, srv: Server = SERVER) -> dict:
     """Merge two experts into one (vectors, metadata and feedback combined; the gate's two rows fitted into one).
 
     Saved to the checkpoint before the reply. No fine-tune runs here: use scripts/experts.py for one.
     """
+    body = req.body
     expert, generation = await write(srv.state.merge_experts, body.a, body.b, body.name, body.specialization)
     return {"generation": generation, "experts": [_expert(expert)]}
 
@@ -115,11 +113,12 @@ async def merge_experts(body: MergeExpertsRequest = MERGE.body, srv: Server = SE
     openapi_extra=SPLIT.openapi,
     responses=responses(400, 403, 404, 409, 413, 415, 422, 503),
 )
-async def split_expert(body: SplitExpertRequest = SPLIT.body, srv: Server = SERVER) -> dict:
+async def split_expert(req: Parsed = SPLIT.read, srv: Server = SERVER) -> dict:
     """Split an expert into `parts` by k-means over its vectors (the gate's row fitted into one per part).
 
     Saved to the checkpoint before the reply.
     """
+    body = req.body
     parts, generation = await write(srv.state.split_expert, body.name, body.parts, body.names)
     return {"generation": generation, "experts": [_expert(e) for e in parts]}
 
