@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
+from moe_router.serving.batcher import PassCounters
 from moe_router.serving.deps import SERVER, Server
 from moe_router.serving.errors import error, responses
 from moe_router.serving.schemas import HealthResponse, ReadyResponse, StatsResponse
@@ -36,10 +37,11 @@ async def stats(srv: Server = SERVER) -> dict:
     """Per expert: vectors, queries routed to it, load share, mean confidence; and batching counters."""
     with srv.state.lease() as snap:
         experts = [vars(s) for s in snap.router.stats()]
-    b = srv.batcher
-    server_stats = {"batching": b is not None, "passes": 0, "queries": 0, "mean_pass": 0.0, "largest_pass": 0}
-    if b is not None:
-        server_stats.update(
-            passes=b.passes, queries=b.queries, largest_pass=b.largest_pass, mean_pass=b.queries / max(b.passes, 1)
-        )
+    counters = srv.batcher.counters if srv.batcher is not None else PassCounters()
+    server_stats = {
+        "batching": srv.batcher is not None,
+        **vars(counters),
+        "mean_pass": counters.queries / max(counters.passes, 1),
+        "embed_share": counters.embed_s / counters.pass_s if counters.pass_s > 0 else 0.0,
+    }
     return {"generation": snap.generation, "experts": experts, "server": server_stats}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
 from dataclasses import replace
 from typing import Any
@@ -26,7 +25,7 @@ async def answer(srv: Server, query: Query) -> tuple[int, list]:
     try:
         if srv.batcher is None:
             return await run_in_threadpool(run_now, srv.state, query)
-        return await asyncio.wrap_future(srv.batcher.submit(query))
+        return await srv.batcher.submit(query)
     except Overloaded as exc:
         raise HTTPException(503, f"overloaded: {exc}; retry shortly", headers={"Retry-After": "1"}) from None
     except ValueError as exc:  # what the router refuses (k over its vectors, top_experts over its experts), texts
