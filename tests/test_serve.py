@@ -422,6 +422,28 @@ def test_merge_and_split_over_http__persist_and_equal_the_library(ckpt, tmp_path
     assert [[h.id for h in row] for row in served.search(q, k=5)] == [[h.id for h in row] for row in lib.search(q, k=5)]
 
 
+def test_expert_names__dot_segments_are_422_and_a_name_with_a_slash_can_be_deleted(ckpt):
+    """'.' and '..' cannot be path segments (clients drop them from /experts/{name}); 'a/b' is one path."""
+    state = RouterState(ckpt)
+    with TestClient(create_app(state)) as c:
+        for name in (".", ".."):
+            for path, body in [
+                ("/experts", {"name": name, "texts": ["x y"]}),
+                ("/merge", {"a": "security", "b": "devops", "name": name}),
+                ("/split", {"name": "frontend", "names": [name, "other"]}),
+            ]:
+                r = c.post(path, json=body)
+                assert r.status_code == 422 and f"cannot be {name!r}" in r.json()["error"], (path, r.text)
+        r = c.post("/experts", json={"name": "a/b", "texts": ["x y", "y z"]})
+        assert r.status_code == 201 and r.json()["expert"]["name"] == "a/b"
+        assert "a/b" in Router.load(ckpt).expert_names
+        r = c.delete("/experts/a/b")
+        assert r.status_code == 200 and r.json()["generation"] == 2
+        assert [e["name"] for e in c.get("/experts").json()["experts"]] == list(TOPICS)
+    state.close()
+    assert Router.load(ckpt).expert_names == list(TOPICS)
+
+
 def test_failed_save__is_503_and_changes_nothing(ckpt, monkeypatch):
     state = RouterState(ckpt)
 

@@ -24,15 +24,16 @@ from moe_router.serving.state import RouterState
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """The micro-batcher runs while the app does."""
-    batcher = app.state.server.batcher
-    if batcher is not None:
-        batcher.start()
+    """The micro-batcher runs while the app does; at the end (a graceful shutdown) routing counts are saved."""
+    server = app.state.server
+    if server.batcher is not None:
+        server.batcher.start()
     try:
         yield
     finally:
-        if batcher is not None:
-            await run_in_threadpool(batcher.stop)
+        if server.batcher is not None:
+            await run_in_threadpool(server.batcher.stop)
+        await run_in_threadpool(server.state.flush)
 
 
 def create_app(

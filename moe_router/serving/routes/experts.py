@@ -25,7 +25,7 @@ from moe_router.serving.schemas import (
     MergeExpertsRequest,
     SplitExpertRequest,
 )
-from moe_router.serving.state import ExpertConflict, PersistError
+from moe_router.serving.state import ExpertConflict, PersistError, UnknownExpert
 from moe_router.types import ExpertSpec
 
 reads, writes = APIRouter(), APIRouter()
@@ -43,7 +43,7 @@ async def write(fn: Callable[..., Any], *args: Any) -> Any:
         return await run_in_threadpool(fn, *args)
     except ExpertConflict as exc:
         raise HTTPException(409, str(exc)) from None
-    except KeyError as exc:
+    except UnknownExpert as exc:  # any other KeyError is a bug: a 500, not a 404
         raise HTTPException(404, str(exc.args[0])) from None
     except PersistError as exc:
         raise HTTPException(503, str(exc)) from None
