@@ -303,7 +303,7 @@ def load_point(port: int, bodies: Path, clients: int, seconds: float, warmup: fl
     after = server_counters(port)
     point = json.loads(out.strip().splitlines()[-1])
     # warm-up passes included: the generator's clients all run the whole time, so passes look alike
-    point["server"] = {key: after[key] - before[key] for key in ("passes", "queries", "pass_s", "embed_s")}
+    point["server"] = {k: after.get(k, 0) - before.get(k, 0) for k in ("passes", "queries", "pass_s", "embed_s")}
     return point
 
 

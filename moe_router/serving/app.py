@@ -16,7 +16,7 @@ from moe_router.serving.batcher import MicroBatcher
 from moe_router.serving.config import AuthConfig, BatchConfig, Limits
 from moe_router.serving.deps import Server
 from moe_router.serving.errors import http_error, invalid_request, responses, server_error
-from moe_router.serving.guards import BodyLimit, browser_guard, check_key
+from moe_router.serving.guards import FrontDoor, check_key
 from moe_router.serving.routes import experts, health, query
 from moe_router.serving.schemas import fill_served
 from moe_router.serving.state import RouterState
@@ -49,10 +49,9 @@ def create_app(
         version=__version__,
         description="Route queries to experts with a learned gate and search only the chosen experts.",
         lifespan=lifespan,
-        dependencies=[Depends(browser_guard)],  # before the key check and the body: see browser_refusal
     )
     app.state.server = Server(state, MicroBatcher(state, batching) if batching.enabled else None, limits, auth)
-    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(FrontDoor, max_bytes=limits.max_body_bytes, allowed_origins=auth.allowed_origins)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, server_error)

@@ -1,4 +1,4 @@
-"""Who may drive the server: the body size limit, the browser guard and the API key."""
+"""Who may drive the server: the front door (browser guard, body size limit) and the API key."""
 
 from __future__ import annotations
 
@@ -10,23 +10,29 @@ from fastapi.security import APIKeyHeader
 from starlette.datastructures import Headers
 
 from moe_router.serving.config import normalise_origin
-from moe_router.serving.deps import SERVER, Server
+from moe_router.serving.deps import server_of
 from moe_router.serving.errors import error
 
 
-class BodyLimit:
-    """ASGI middleware: a body over `max_bytes` gets a 413 before any of it is parsed.
+class FrontDoor:
+    """ASGI middleware, every request's first checks: what a web page of another site could send
+    (browser_refusal: 403 or 415), then a body over `max_bytes` (413), before any of it is parsed.
 
-    uvicorn has no body limit of its own; this reads the body (bounded) and replays it.
+    uvicorn has no body limit of its own; this reads the body (bounded) and replays it. A middleware
+    rather than FastAPI dependencies: it runs before routing and costs no dependency solving per request.
     """
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
+    def __init__(self, app: Any, max_bytes: int, allowed_origins: tuple[str, ...]) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.allowed_origins = allowed_origins
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        refusal = browser_refusal(scope["method"], Headers(scope=scope), self.allowed_origins)
+        if refusal is not None:
+            return await error(refusal.status_code, refusal.detail)(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             return await self._too_large(scope, receive, send)
@@ -97,17 +103,10 @@ def browser_refusal(method: str, headers: Headers, allowed: tuple[str, ...]) -> 
     return None
 
 
-async def browser_guard(request: Request, srv: Server = SERVER) -> None:
-    """Every request's first check, before the key and the body (see browser_refusal)."""
-    refusal = browser_refusal(request.method, request.headers, srv.auth.allowed_origins)
-    if refusal is not None:
-        raise refusal
-
-
 KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, description="the key set in auth.api_key")
 
 
-async def check_key(key: str | None = Security(KEY_HEADER), srv: Server = SERVER) -> None:
+async def check_key(request: Request, key: str | None = Security(KEY_HEADER)) -> None:
     """401 unless the request carries auth.api_key (create_app adds this only to servers with a key)."""
-    if key is None or not secrets.compare_digest(key.encode(), str(srv.auth.api_key).encode()):
+    if key is None or not secrets.compare_digest(key.encode(), str(server_of(request).auth.api_key).encode()):
         raise HTTPException(401, "missing or wrong API key (send it in the X-API-Key header)")

@@ -9,11 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 
 from moe_router.index.expert import Expert
-from moe_router.serving.deps import SERVER, Parsed, Server, json_body
+from moe_router.serving.deps import json_body, server_of
 from moe_router.serving.errors import responses
 from moe_router.serving.schemas import (
     AddExpertRequest,
@@ -52,8 +52,8 @@ async def write(fn: Callable[..., Any], *args: Any) -> Any:
 
 
 @reads.get("/experts", response_model=ExpertsResponse)
-async def list_experts(srv: Server = SERVER) -> dict:
-    with srv.state.lease() as snap:
+async def list_experts(request: Request) -> dict:
+    with server_of(request).state.lease() as snap:
         return {"generation": snap.generation, "experts": [_expert(e) for e in snap.router.experts]}
 
 
@@ -63,8 +63,9 @@ async def list_experts(srv: Server = SERVER) -> dict:
     openapi_extra=FEEDBACK.openapi,
     responses=responses(400, 403, 404, 413, 415, 422, 503),
 )
-async def feedback(req: Parsed = FEEDBACK.read, srv: Server = SERVER) -> dict:
+async def feedback(request: Request) -> dict:
     """Record whether an expert served a query well; committed to the checkpoint before the reply."""
+    srv, req = server_of(request), await FEEDBACK.read(request)
     body = req.body
     query: Any = body.text if req.vectors is None else req.vectors[0]
     return {"id": await write(srv.state.record_feedback, query, body.expert, body.positive)}
@@ -77,11 +78,12 @@ async def feedback(req: Parsed = FEEDBACK.read, srv: Server = SERVER) -> dict:
     openapi_extra=ADD.openapi,
     responses=responses(400, 403, 409, 413, 415, 422, 503),
 )
-async def add_expert(req: Parsed = ADD.read, srv: Server = SERVER) -> dict:
+async def add_expert(request: Request) -> dict:
     """Add an expert from vectors and/or texts; the gate grows an output for it at once.
 
     Saved to the checkpoint (atomically) before the reply; searches see the old or the new expert set.
     """
+    srv, req = server_of(request), await ADD.read(request)
     body = req.body
     try:
         spec = ExpertSpec(body.name, body.specialization, body.parent)
@@ -97,12 +99,12 @@ async def add_expert(req: Parsed = ADD.read, srv: Server = SERVER) -> dict:
     openapi_extra=MERGE.openapi,
     responses=responses(400, 403, 404, 409, 413, 415, 422, 503),
 )
-async def merge_experts(req: Parsed = MERGE.read, srv: Server = SERVER) -> dict:
+async def merge_experts(request: Request) -> dict:
     """Merge two experts into one (vectors, metadata and feedback combined; the gate's two rows fitted into one).
 
     Saved to the checkpoint before the reply. No fine-tune runs here: use scripts/experts.py for one.
     """
-    body = req.body
+    srv, body = server_of(request), (await MERGE.read(request)).body
     expert, generation = await write(srv.state.merge_experts, body.a, body.b, body.name, body.specialization)
     return {"generation": generation, "experts": [_expert(expert)]}
 
@@ -113,12 +115,12 @@ async def merge_experts(req: Parsed = MERGE.read, srv: Server = SERVER) -> dict:
     openapi_extra=SPLIT.openapi,
     responses=responses(400, 403, 404, 409, 413, 415, 422, 503),
 )
-async def split_expert(req: Parsed = SPLIT.read, srv: Server = SERVER) -> dict:
+async def split_expert(request: Request) -> dict:
     """Split an expert into `parts` by k-means over its vectors (the gate's row fitted into one per part).
 
     Saved to the checkpoint before the reply.
     """
-    body = req.body
+    srv, body = server_of(request), (await SPLIT.read(request)).body
     parts, generation = await write(srv.state.split_expert, body.name, body.parts, body.names)
     return {"generation": generation, "experts": [_expert(e) for e in parts]}
 
@@ -126,6 +128,6 @@ async def split_expert(req: Parsed = SPLIT.read, srv: Server = SERVER) -> dict:
 @writes.delete(
     "/experts/{name:path}", response_model=ExpertChangeResponse, responses=responses(403, 404, 409, 422, 503)
 )
-async def remove_expert(name: str, srv: Server = SERVER) -> dict:
+async def remove_expert(name: str, request: Request) -> dict:
     """Remove an expert (its index, gate output and metadata); saved to the checkpoint before the reply."""
-    return {"generation": await write(srv.state.remove_expert, name), "expert": None}
+    return {"generation": await write(server_of(request).state.remove_expert, name), "expert": None}

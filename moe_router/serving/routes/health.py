@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from moe_router.serving.batcher import PassCounters
-from moe_router.serving.deps import SERVER, Server
+from moe_router.serving.deps import server_of
 from moe_router.serving.errors import error, responses
 from moe_router.serving.schemas import HealthResponse, ReadyResponse, StatsResponse
 
@@ -21,8 +21,9 @@ async def health() -> dict:
 
 
 @public.get("/ready", response_model=ReadyResponse, responses=responses(503))
-async def ready(srv: Server = SERVER) -> Any:
+async def ready(request: Request) -> Any:
     """Readiness: a checkpoint is loaded and, with batching on, the batch worker runs."""
+    srv = server_of(request)
     if srv.batcher is not None and not srv.batcher.running:
         return error(503, "the batch worker is not running")
     if srv.state.failed is not None:
@@ -33,8 +34,9 @@ async def ready(srv: Server = SERVER) -> Any:
 
 
 @reads.get("/stats", response_model=StatsResponse)
-async def stats(srv: Server = SERVER) -> dict:
+async def stats(request: Request) -> dict:
     """Per expert: vectors, queries routed to it, load share, mean confidence; and batching counters."""
+    srv = server_of(request)
     with srv.state.lease() as snap:
         experts = [vars(s) for s in snap.router.stats()]
     counters = srv.batcher.counters if srv.batcher is not None else PassCounters()

@@ -6,12 +6,12 @@ import math
 from dataclasses import replace
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Response
+from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic_core import to_json
 
 from moe_router.serving.batcher import Overloaded, Query, run_now
-from moe_router.serving.deps import SERVER, Parsed, Server, json_body
+from moe_router.serving.deps import Server, json_body, server_of
 from moe_router.serving.errors import responses
 from moe_router.serving.schemas import RouteRequest, RouteResponse, SearchRequest, SearchResponse
 from moe_router.types import Hit
@@ -72,10 +72,11 @@ def _hit(h: Hit) -> Hit:
     openapi_extra=ROUTE.openapi,
     responses=responses(400, 403, 413, 415, 422, 503),
 )
-async def route(req: Parsed = ROUTE.read, srv: Server = SERVER) -> Response:
+async def route(request: Request) -> Response:
     """Each query's top_experts experts (or, with top_p, the fewest reaching that mass), with their probabilities."""
+    req = await ROUTE.read(request)
     body = req.body
-    generation, rows = await answer(srv, Query("route", body.params, body.query_texts, req.vectors))
+    generation, rows = await answer(server_of(request), Query("route", body.params, body.query_texts, req.vectors))
     return _json({"generation": generation, "results": [{"experts": row} for row in rows]})
 
 
@@ -85,9 +86,11 @@ async def route(req: Parsed = ROUTE.read, srv: Server = SERVER) -> Response:
     openapi_extra=SEARCH.openapi,
     responses=responses(400, 403, 413, 415, 422, 503),
 )
-async def search(req: Parsed = SEARCH.read, srv: Server = SERVER) -> Response:
+async def search(request: Request) -> Response:
     """Route each query and search only its top_experts experts (or the fewest reaching top_p): its k best hits."""
+    req = await SEARCH.read(request)
     body = req.body
-    generation, rows = await answer(srv, Query("search", body.params, body.query_texts, req.vectors))
+    query = Query("search", body.params, body.query_texts, req.vectors)
+    generation, rows = await answer(server_of(request), query)
     results = [{"hits": [_hit(h) for h in hits], "missing_experts": hits.missing_experts} for hits in rows]
     return _json({"generation": generation, "results": results})
