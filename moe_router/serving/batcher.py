@@ -149,7 +149,8 @@ class MicroBatcher:
     pass held more than one request, the pass starts at once (no wait for one client).
 
     After a busy pass (at least busy_pass queries: the batcher is what clients wait for), the next
-    one also waits up to busy_wait x that pass's duration for max_batch queries. Without it a
+    one also waits, up to busy_wait x that pass's duration, until as many queries wait as that pass
+    answered plus those that were already waiting (the answered clients come back). Without it a
     closed loop of many clients settles into two cohorts that alternate, each pass taking the half
     that queued while the other half was being answered; a routed search scans each chosen expert
     once per pass, so one pass of both halves costs little more than a pass of one (docs/serving.md).
@@ -167,6 +168,7 @@ class MicroBatcher:
         self._thread: threading.Thread | None = None
         self._last_pass = 0  # requests in the previous pass
         self._busy_until = 0.0  # after a busy pass: how long the next one may wait for company (monotonic)
+        self._expected = 0  # after a busy pass: the queries the next one waits for
         self.counters = PassCounters()
 
     @property
@@ -210,11 +212,14 @@ class MicroBatcher:
                 if self._stopping:
                     return None
                 self._cond.wait()
-            deadline = max(self._queue[0][0].submitted + max_wait, self._busy_until)
+            deadline = self._queue[0][0].submitted + max_wait
+            wanted = max_batch
+            if time.monotonic() < self._busy_until:
+                deadline, wanted = self._busy_until, self._expected
             # Wait for company only when there is some: a lone client (last pass and queue of one
             # request) would pay max_wait on every request for nothing.
             expect_more = len(self._queue) > 1 or self._last_pass > 1
-            while expect_more and self._waiting < max_batch and not self._stopping:
+            while expect_more and self._waiting < wanted and not self._stopping:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -245,8 +250,10 @@ class MicroBatcher:
                 answers = [exc] * len(live)
             seconds = time.monotonic() - started
             n = sum(q.n for q, _ in live)
-            busy = n >= self.config.busy_pass
-            self._busy_until = time.monotonic() + self.config.busy_wait * seconds if busy else 0.0
+            with self._cond:
+                busy = n >= self.config.busy_pass
+                self._busy_until = time.monotonic() + self.config.busy_wait * seconds if busy else 0.0
+                self._expected = min(self.config.max_batch, n + self._waiting)
             self.counters.add(n, sum(q.n for q, _ in live if q.texts is not None), seconds, times)
             by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, Any]]] = defaultdict(list)
             for (_, fut), answer in zip(live, answers):

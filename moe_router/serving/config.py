@@ -17,7 +17,7 @@ class BatchConfig:
     max_wait_ms: float = 1.0  # how long a batch's first query waits for company
     max_queue: int = 4096  # queries waiting for a pass; past it requests get 503 (backpressure)
     busy_pass: int = 16  # a pass of at least this many queries is busy: the next may wait for company (busy_wait)
-    busy_wait: float = 0.5  # after a busy pass, wait up to this fraction of its duration for max_batch queries
+    busy_wait: float = 1.0  # after a busy pass, wait up to this x its duration for its queries to come back
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_queue < 1 or self.max_wait_ms < 0 or self.busy_pass < 1 or self.busy_wait < 0:
