@@ -506,7 +506,7 @@ def table(label: str, rows: dict, clients: list[int]) -> str:
                 if r is None:
                     continue
                 err = f" ({r['errors']} errors)" if r.get("errors") else ""
-                per_pass = f"{r['queries_per_pass']:.1f}" if "queries_per_pass" in r else ""
+                per_pass = f"{r['queries_per_pass']:.1f}" if r.get("queries_per_pass") else ""
                 share = f"{r['embed_share']:.0%}" if r.get("queries_per_pass") else ""
                 lines.append(
                     f"| {name} | {top} | {c} | {r['qps']:.0f}{err} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "

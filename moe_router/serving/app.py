@@ -51,7 +51,6 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.server = Server(state, MicroBatcher(state, batching) if batching.enabled else None, limits, auth)
-    app.add_middleware(FrontDoor, max_bytes=limits.max_body_bytes, allowed_origins=auth.allowed_origins)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, server_error)
@@ -63,6 +62,9 @@ def create_app(
     app.include_router(experts.writes, **keyed)
     routers = (health.public, query.reads, experts.reads, health.reads, experts.writes)
     app.state.api_routes = tuple(route for r in routers for route in r.routes)  # for the Allow header of a 405
+    app.add_middleware(
+        FrontDoor, max_bytes=limits.max_body_bytes, allowed_origins=auth.allowed_origins, routes=app.state.api_routes
+    )
     app.openapi = served_openapi(app, {"dim": state.dim, **asdict(limits)})
     return app
 

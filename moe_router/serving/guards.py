@@ -8,31 +8,40 @@ from typing import Any
 from fastapi import HTTPException, Request, Security
 from fastapi.security import APIKeyHeader
 from starlette.datastructures import Headers
+from starlette.routing import BaseRoute, Match
 
 from moe_router.serving.config import normalise_origin
 from moe_router.serving.deps import server_of
 from moe_router.serving.errors import error
 
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")  # a page cannot read their answers without CORS headers (never sent)
+
 
 class FrontDoor:
     """ASGI middleware, every request's first checks: what a web page of another site could send
-    (browser_refusal: 403 or 415), then a body over `max_bytes` (413), before any of it is parsed.
+    (browser_refusal: 403 or 415) to one of `routes` with a method it has, then a body over
+    `max_bytes` (413), before any of it is parsed.
 
     uvicorn has no body limit of its own; this reads the body (bounded) and replays it. A middleware
-    rather than FastAPI dependencies: it runs before routing and costs no dependency solving per request.
+    rather than FastAPI dependencies: it costs no dependency solving per request. A method or path
+    the API does not have is left to routing (405 or 404), as it was when the guard was a dependency.
     """
 
-    def __init__(self, app: Any, max_bytes: int, allowed_origins: tuple[str, ...]) -> None:
+    def __init__(
+        self, app: Any, max_bytes: int, allowed_origins: tuple[str, ...], routes: tuple[BaseRoute, ...]
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.allowed_origins = allowed_origins
+        self.routes = routes
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        refusal = browser_refusal(scope["method"], Headers(scope=scope), self.allowed_origins)
-        if refusal is not None:
-            return await error(refusal.status_code, refusal.detail)(scope, receive, send)
+        if scope["method"] not in SAFE_METHODS and any(r.matches(scope)[0] is Match.FULL for r in self.routes):
+            refusal = browser_refusal(scope["method"], Headers(scope=scope), self.allowed_origins)
+            if refusal is not None:
+                return await error(refusal.status_code, refusal.detail)(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             return await self._too_large(scope, receive, send)
@@ -82,7 +91,7 @@ def browser_refusal(method: str, headers: Headers, allowed: tuple[str, ...]) -> 
     a POST or DELETE carrying an Origin other than the server's own or one of `allowed` gets 403.
     Requests without an Origin (curl, SDKs, other servers) are not browsers' and pass.
     """
-    if method in ("GET", "HEAD", "OPTIONS"):
+    if method in SAFE_METHODS:
         return None
     origin = headers.get("origin")
     if origin is not None and _foreign(origin, headers.get("host"), allowed):
