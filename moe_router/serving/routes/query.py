@@ -36,8 +36,8 @@ def _json(content: Any) -> Response:
     """`content` (dicts, lists and the library's dataclasses) as a JSON answer, encoded by pydantic's Rust core.
 
     Encoded here rather than validated against the response model first (what FastAPI does with a
-    returned dict): the answer is built from checked records, and validating and dumping a search
-    answer cost about 20x more CPU than encoding it (dataclasses.asdict alone 300 us for 10 hits).
+    returned dict): the answer is built from checked records, and for 10 hits dataclasses.asdict +
+    json.dumps took 304 us against 19 us for encoding the dataclasses (FastAPI's validation on top).
     """
     return Response(to_json(content, inf_nan_mode="null"), media_type="application/json")
 
