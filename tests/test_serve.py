@@ -1,5 +1,6 @@
 """The HTTP server: batching matches direct calls, bad input is a 4xx, expert changes are atomic to readers."""
 
+import asyncio
 import json
 import socket
 import sqlite3
@@ -18,7 +19,17 @@ from omegaconf import OmegaConf
 from moe_router import HashingEmbedder, Router, lifecycle
 from moe_router.apps.serve import serve
 from moe_router.gate import initial_gate
-from moe_router.serving import AuthConfig, BatchConfig, Limits, Query, RouterState, create_app, run_queries
+from moe_router.serving import (
+    AuthConfig,
+    BatchConfig,
+    Limits,
+    MicroBatcher,
+    Query,
+    RouterState,
+    create_app,
+    run_queries,
+)
+from moe_router.serving.batcher import PassTimes
 from moe_router.serving.config import check_exposure
 from moe_router.types import SearchParams
 
@@ -422,6 +433,28 @@ def test_merge_and_split_over_http__persist_and_equal_the_library(ckpt, tmp_path
     assert [[h.id for h in row] for row in served.search(q, k=5)] == [[h.id for h in row] for row in lib.search(q, k=5)]
 
 
+def test_expert_names__dot_segments_are_422_and_a_name_with_a_slash_can_be_deleted(ckpt):
+    """'.' and '..' cannot be path segments (clients drop them from /experts/{name}); 'a/b' is one path."""
+    state = RouterState(ckpt)
+    with TestClient(create_app(state)) as c:
+        for name in (".", ".."):
+            for path, body in [
+                ("/experts", {"name": name, "texts": ["x y"]}),
+                ("/merge", {"a": "security", "b": "devops", "name": name}),
+                ("/split", {"name": "frontend", "names": [name, "other"]}),
+            ]:
+                r = c.post(path, json=body)
+                assert r.status_code == 422 and f"cannot be {name!r}" in r.json()["error"], (path, r.text)
+        r = c.post("/experts", json={"name": "a/b", "texts": ["x y", "y z"]})
+        assert r.status_code == 201 and r.json()["expert"]["name"] == "a/b"
+        assert "a/b" in Router.load(ckpt).expert_names
+        r = c.delete("/experts/a/b")
+        assert r.status_code == 200 and r.json()["generation"] == 2
+        assert [e["name"] for e in c.get("/experts").json()["experts"]] == list(TOPICS)
+    state.close()
+    assert Router.load(ckpt).expert_names == list(TOPICS)
+
+
 def test_failed_save__is_503_and_changes_nothing(ckpt, monkeypatch):
     state = RouterState(ckpt)
 
@@ -505,6 +538,49 @@ def test_expert_changes__searches_see_old_or_new_set_never_a_mix(ckpt):
 # ---------------------------------------------------------- load (short; benchmarks/serve_load.py is the real one)
 
 
+def test_run_queries__embeds_a_pass_of_text_requests_in_one_call_and_times_it(ckpt, monkeypatch):
+    router = Router.load(ckpt)
+    calls = []
+    real_encode = HashingEmbedder.encode
+    monkeypatch.setattr(
+        HashingEmbedder, "encode", lambda self, texts: (calls.append(len(texts)), real_encode(self, texts))[1]
+    )
+    queries = [
+        Query("search", SearchParams(k=3), texts=["sql join", "docker helm"]),
+        Query("route", SearchParams(top_experts=1), texts=["css grid"]),
+        Query("search", SearchParams(k=2, per_expert=True), texts=["token login", "sql index", "flexbox"]),
+    ]
+    times = PassTimes()
+    got = run_queries(router, queries, times)
+    assert calls == [6]  # one embedder call for the pass's six texts, whatever their requests ask
+    assert all(isinstance(r, list) for r in got)
+    assert times.embed_s > 0 and times.search_s > 0
+
+
+def test_micro_batcher__after_a_busy_pass_waits_for_its_clients_to_come_back(ckpt):
+    """The second wave arrives a request at a time (as answered clients do); the batcher gathers it whole."""
+    state = RouterState(ckpt)
+    batcher = MicroBatcher(state, BatchConfig(max_wait_ms=0.0, busy_pass=4, busy_wait=1000.0))
+    xq = Router.load(ckpt).prepare(np.eye(DIM, dtype=np.float32)[:8])[0]
+
+    async def waves() -> None:
+        first = [batcher.submit(Query("route", SearchParams(top_experts=1), xq=xq[i : i + 1])) for i in range(8)]
+        await asyncio.gather(*first)
+        second = []
+        for i in range(8):
+            second.append(batcher.submit(Query("route", SearchParams(top_experts=1), xq=xq[i : i + 1])))
+            await asyncio.sleep(0.002)
+        await asyncio.gather(*second)
+
+    batcher.start()
+    try:
+        asyncio.run(waves())
+    finally:
+        batcher.stop()
+    assert (batcher.counters.passes, batcher.counters.queries, batcher.counters.largest_pass) == (2, 16, 8)
+    state.close()
+
+
 def test_short_load__all_answered_and_batched(ckpt):
     state = RouterState(ckpt)
     rng = np.random.default_rng(1)
@@ -530,6 +606,7 @@ def test_short_load__all_answered_and_batched(ckpt):
     assert codes.count(200) == 16 * 25, set(codes)
     assert server["queries"] == 16 * 25
     assert server["mean_pass"] > 1.5, server  # 16 concurrent clients really share passes
+    assert server["texts"] == 0 and server["embed_s"] == 0.0 and 0 < server["search_s"] <= server["pass_s"]
     print(f"\nshort load: {len(codes) / seconds:.0f} req/s, mean pass {server['mean_pass']:.1f} queries")
 
 

@@ -81,7 +81,7 @@ def test_sigkill_mid_stream__every_acknowledged_write_survives(tmp_path):
         expert_ops = [0]
         errors: list[str] = []
 
-        def feedback_stream(worker: int) -> None:
+        def feedback_stream(worker: int, url: str = url, round_: int = round_, stop: threading.Event = stop) -> None:
             with httpx.Client(base_url=url, timeout=10) as http:
                 i = 0
                 while not stop.is_set():
@@ -98,7 +98,13 @@ def test_sigkill_mid_stream__every_acknowledged_write_survives(tmp_path):
                         acked_feedback[r.json()["id"]] = (text, expert, positive)
                     i += 1
 
-        def expert_stream() -> None:
+        def expert_stream(
+            url: str = url,
+            round_: int = round_,
+            stop: threading.Event = stop,
+            errors: list = errors,
+            ops: list = expert_ops,
+        ) -> None:
             """Add r{round}x{i}; remove it again when i is even (so some experts stay)."""
             with httpx.Client(base_url=url, timeout=30) as http:
                 for i in range(10_000):
@@ -121,7 +127,7 @@ def test_sigkill_mid_stream__every_acknowledged_write_survives(tmp_path):
                             return
                         expert_state[name] = adding
                         in_doubt.discard(name)
-                        expert_ops[0] += 1
+                        ops[0] += 1
 
         threads = [threading.Thread(target=feedback_stream, args=(w,)) for w in range(2)]
         threads.append(threading.Thread(target=expert_stream))

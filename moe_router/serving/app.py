@@ -16,7 +16,7 @@ from moe_router.serving.batcher import MicroBatcher
 from moe_router.serving.config import AuthConfig, BatchConfig, Limits
 from moe_router.serving.deps import Server
 from moe_router.serving.errors import http_error, invalid_request, responses, server_error
-from moe_router.serving.guards import BodyLimit, browser_guard, check_key
+from moe_router.serving.guards import FrontDoor, check_key
 from moe_router.serving.routes import experts, health, query
 from moe_router.serving.schemas import fill_served
 from moe_router.serving.state import RouterState
@@ -24,15 +24,16 @@ from moe_router.serving.state import RouterState
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """The micro-batcher runs while the app does."""
-    batcher = app.state.server.batcher
-    if batcher is not None:
-        batcher.start()
+    """The micro-batcher runs while the app does; at the end (a graceful shutdown) routing counts are saved."""
+    server = app.state.server
+    if server.batcher is not None:
+        server.batcher.start()
     try:
         yield
     finally:
-        if batcher is not None:
-            await run_in_threadpool(batcher.stop)
+        if server.batcher is not None:
+            await run_in_threadpool(server.batcher.stop)
+        await run_in_threadpool(server.state.flush)
 
 
 def create_app(
@@ -48,10 +49,8 @@ def create_app(
         version=__version__,
         description="Route queries to experts with a learned gate and search only the chosen experts.",
         lifespan=lifespan,
-        dependencies=[Depends(browser_guard)],  # before the key check and the body: see browser_refusal
     )
     app.state.server = Server(state, MicroBatcher(state, batching) if batching.enabled else None, limits, auth)
-    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, server_error)
@@ -63,6 +62,9 @@ def create_app(
     app.include_router(experts.writes, **keyed)
     routers = (health.public, query.reads, experts.reads, health.reads, experts.writes)
     app.state.api_routes = tuple(route for r in routers for route in r.routes)  # for the Allow header of a 405
+    app.add_middleware(
+        FrontDoor, max_bytes=limits.max_body_bytes, allowed_origins=auth.allowed_origins, routes=app.state.api_routes
+    )
     app.openapi = served_openapi(app, {"dim": state.dim, **asdict(limits)})
     return app
 

@@ -16,10 +16,15 @@ class BatchConfig:
     max_batch: int = 256  # queries per pass; a request is never split, so one request may exceed it alone
     max_wait_ms: float = 1.0  # how long a batch's first query waits for company
     max_queue: int = 4096  # queries waiting for a pass; past it requests get 503 (backpressure)
+    busy_pass: int = 16  # a pass of at least this many queries is busy: the next may wait for company (busy_wait)
+    busy_wait: float = 1.0  # after a busy pass, wait up to this x its duration for its queries to come back
 
     def __post_init__(self) -> None:
-        if self.max_batch < 1 or self.max_queue < 1 or self.max_wait_ms < 0:
-            raise ValueError(f"batching needs max_batch >= 1, max_queue >= 1 and max_wait_ms >= 0, got {self}")
+        if self.max_batch < 1 or self.max_queue < 1 or self.max_wait_ms < 0 or self.busy_pass < 1 or self.busy_wait < 0:
+            raise ValueError(
+                "batching needs max_batch >= 1, max_queue >= 1, max_wait_ms >= 0, busy_pass >= 1 and "
+                f"busy_wait >= 0, got {self}"
+            )
 
 
 @dataclass(frozen=True)

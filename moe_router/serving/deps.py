@@ -2,18 +2,18 @@
 
 A body is parsed by pydantic's own JSON parser (its search options into SearchParams), held to the
 server's limits (check_limits, the one check of serving.config.Limits but the body size, which
-BodyLimit bounds) and its vectors made ready against the served checkpoint (check_vectors, the one
+FrontDoor bounds) and its vectors made ready against the served checkpoint (check_vectors, the one
 check of their dimension and range).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
-from fastapi import Depends, HTTPException, Request
+from fastapi import HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
@@ -34,13 +34,10 @@ class Server:
     auth: AuthConfig
 
 
-# The dependencies are coroutines: FastAPI runs a plain function in its thread pool, a thread hop per
-# request that costs more than the work they do.
-async def server(request: Request) -> Server:
+def server_of(request: Request) -> Server:
+    """The server's shared parts. Endpoints take the request and read what they need themselves: each
+    dependency FastAPI solves costs about as much as parsing a 384-number body (measured here)."""
     return request.app.state.server
-
-
-SERVER = Depends(server)
 
 
 def check_limits(body: Body, limits: Limits) -> None:
@@ -76,23 +73,31 @@ def check_vectors(field: str, raw: list, dim: int, metric: str) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class JsonBody:
-    """The dependencies of one request model and the OpenAPI entry that declares its body."""
+class Parsed:
+    """A request body within the server's limits, and its vectors prepared (check_vectors)."""
 
-    body: Any  # Depends: the parsed body, within the server's limits
-    vectors: Any  # Depends: its vectors prepared (n, d) float32 (check_vectors), or None when it has none
+    body: Body
+    vectors: np.ndarray | None  # (n, d) float32, or None when the body has none
+
+
+@dataclass(frozen=True)
+class JsonBody:
+    """How one request model's body is read (`await read(request)`) and the OpenAPI entry that declares it."""
+
+    read: Callable[[Request], Awaitable[Parsed]]
     openapi: dict  # openapi_extra: FastAPI sees no body parameter, so the schema is declared here
 
 
 @functools.cache
 def json_body(model: type[Body]) -> JsonBody:
-    """The body of `model` read with pydantic's own JSON parser.
+    """The body of `model` read with pydantic's own JSON parser, held to the limits, its vectors prepared.
 
     One pass of Rust code instead of json.loads + validation: about 5x less CPU for a body of 384
-    numbers, measured here (the largest per-request cost next to the search).
+    numbers, measured here.
     """
 
-    async def parse(request: Request, srv: Server = SERVER) -> Body:
+    async def read(request: Request) -> Parsed:
+        srv = server_of(request)
         try:
             body = model.model_validate_json(await request.body())
         except ValidationError as exc:
@@ -100,16 +105,11 @@ def json_body(model: type[Body]) -> JsonBody:
                 [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False, include_context=False)]
             ) from None
         check_limits(body, srv.limits)
-        return body
-
-    parsed = Depends(parse)  # one parse per request: FastAPI caches a dependency within a request
-
-    async def vectors(body: Body = parsed, srv: Server = SERVER) -> np.ndarray | None:
         field = next((f for f in model.VECTORS if getattr(body, f) is not None), None)
         if field is None:
-            return None
-        return check_vectors(field, getattr(body, field), srv.state.dim, srv.state.metric)
+            return Parsed(body, None)
+        return Parsed(body, check_vectors(field, getattr(body, field), srv.state.dim, srv.state.metric))
 
     schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
     extra = {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
-    return JsonBody(parsed, Depends(vectors), extra)
+    return JsonBody(read, extra)

@@ -1,4 +1,4 @@
-"""Who may drive the server: the body size limit, the browser guard and the API key."""
+"""Who may drive the server: the front door (browser guard, body size limit) and the API key."""
 
 from __future__ import annotations
 
@@ -8,29 +8,43 @@ from typing import Any
 from fastapi import HTTPException, Request, Security
 from fastapi.security import APIKeyHeader
 from starlette.datastructures import Headers
+from starlette.routing import BaseRoute, Match
 
 from moe_router.serving.config import normalise_origin
-from moe_router.serving.deps import SERVER, Server
+from moe_router.serving.deps import server_of
 from moe_router.serving.errors import error
 
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")  # a page cannot read their answers without CORS headers (never sent)
 
-class BodyLimit:
-    """ASGI middleware: a body over `max_bytes` gets a 413 before any of it is parsed.
 
-    uvicorn has no body limit of its own; this reads the body (bounded) and replays it.
+class FrontDoor:
+    """ASGI middleware, every request's first checks: what a web page of another site could send
+    (browser_refusal: 403 or 415) to one of `routes` with a method it has, then a body over
+    `max_bytes` (413), before any of it is parsed.
+
+    uvicorn has no body limit of its own; this reads the body (bounded) and replays it. A middleware
+    rather than FastAPI dependencies: it costs no dependency solving per request. A method or path
+    the API does not have is left to routing (405 or 404), as it was when the guard was a dependency.
     """
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
+    def __init__(
+        self, app: Any, max_bytes: int, allowed_origins: tuple[str, ...], routes: tuple[BaseRoute, ...]
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.allowed_origins = allowed_origins
+        self.routes = routes
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_large = error(413, f"request body over {self.max_bytes} bytes (limits.max_body_bytes)")
+        if scope["method"] not in SAFE_METHODS and any(r.matches(scope)[0] is Match.FULL for r in self.routes):
+            refusal = browser_refusal(scope["method"], Headers(scope=scope), self.allowed_origins)
+            if refusal is not None:
+                return await error(refusal.status_code, refusal.detail)(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await too_large(scope, receive, send)
+            return await self._too_large(scope, receive, send)
         body = bytearray()
         while True:
             message = await receive()
@@ -38,7 +52,7 @@ class BodyLimit:
                 return
             body += message.get("body", b"")
             if len(body) > self.max_bytes:
-                return await too_large(scope, receive, send)
+                return await self._too_large(scope, receive, send)
             if not message.get("more_body", False):
                 break
         replayed = False
@@ -51,6 +65,9 @@ class BodyLimit:
             return await receive()  # after the body: wait for the disconnect, as a real receive would
 
         await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: dict, receive: Any, send: Any) -> None:
+        await error(413, f"request body over {self.max_bytes} bytes (limits.max_body_bytes)")(scope, receive, send)
 
 
 def _foreign(origin: str, host: str | None, allowed: tuple[str, ...]) -> bool:
@@ -74,7 +91,7 @@ def browser_refusal(method: str, headers: Headers, allowed: tuple[str, ...]) -> 
     a POST or DELETE carrying an Origin other than the server's own or one of `allowed` gets 403.
     Requests without an Origin (curl, SDKs, other servers) are not browsers' and pass.
     """
-    if method in ("GET", "HEAD", "OPTIONS"):
+    if method in SAFE_METHODS:
         return None
     origin = headers.get("origin")
     if origin is not None and _foreign(origin, headers.get("host"), allowed):
@@ -95,17 +112,10 @@ def browser_refusal(method: str, headers: Headers, allowed: tuple[str, ...]) -> 
     return None
 
 
-async def browser_guard(request: Request, srv: Server = SERVER) -> None:
-    """Every request's first check, before the key and the body (see browser_refusal)."""
-    refusal = browser_refusal(request.method, request.headers, srv.auth.allowed_origins)
-    if refusal is not None:
-        raise refusal
-
-
 KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, description="the key set in auth.api_key")
 
 
-async def check_key(key: str | None = Security(KEY_HEADER), srv: Server = SERVER) -> None:
+async def check_key(request: Request, key: str | None = Security(KEY_HEADER)) -> None:
     """401 unless the request carries auth.api_key (create_app adds this only to servers with a key)."""
-    if key is None or not secrets.compare_digest(key.encode(), str(srv.auth.api_key).encode()):
+    if key is None or not secrets.compare_digest(key.encode(), str(server_of(request).auth.api_key).encode()):
         raise HTTPException(401, "missing or wrong API key (send it in the X-API-Key header)")

@@ -293,8 +293,13 @@ class ServerStatsOut(BaseModel):
     batching: bool
     passes: int  # micro-batch passes run
     queries: int  # queries answered through passes
+    texts: int  # of them, queries sent as text (embedded in their pass, one embedder call per pass)
     mean_pass: float  # queries per pass
     largest_pass: int
+    pass_s: float  # seconds spent in passes
+    embed_s: float  # of them, embedding texts
+    search_s: float  # of them, routing and searching (the gate, FAISS, the hits' texts)
+    embed_share: float  # embed_s / pass_s
 
 
 class StatsResponse(BaseModel):

@@ -9,12 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 
 from moe_router.index.expert import Expert
-from moe_router.serving.deps import SERVER, Server, json_body
+from moe_router.serving.deps import json_body, server_of
 from moe_router.serving.errors import responses
 from moe_router.serving.schemas import (
     AddExpertRequest,
@@ -26,7 +25,7 @@ from moe_router.serving.schemas import (
     MergeExpertsRequest,
     SplitExpertRequest,
 )
-from moe_router.serving.state import ExpertConflict, PersistError
+from moe_router.serving.state import ExpertConflict, PersistError, UnknownExpert
 from moe_router.types import ExpertSpec
 
 reads, writes = APIRouter(), APIRouter()
@@ -44,7 +43,7 @@ async def write(fn: Callable[..., Any], *args: Any) -> Any:
         return await run_in_threadpool(fn, *args)
     except ExpertConflict as exc:
         raise HTTPException(409, str(exc)) from None
-    except KeyError as exc:
+    except UnknownExpert as exc:  # any other KeyError is a bug: a 500, not a 404
         raise HTTPException(404, str(exc.args[0])) from None
     except PersistError as exc:
         raise HTTPException(503, str(exc)) from None
@@ -53,8 +52,8 @@ async def write(fn: Callable[..., Any], *args: Any) -> Any:
 
 
 @reads.get("/experts", response_model=ExpertsResponse)
-async def list_experts(srv: Server = SERVER) -> dict:
-    with srv.state.lease() as snap:
+async def list_experts(request: Request) -> dict:
+    with server_of(request).state.lease() as snap:
         return {"generation": snap.generation, "experts": [_expert(e) for e in snap.router.experts]}
 
 
@@ -64,11 +63,11 @@ async def list_experts(srv: Server = SERVER) -> dict:
     openapi_extra=FEEDBACK.openapi,
     responses=responses(400, 403, 404, 413, 415, 422, 503),
 )
-async def feedback(
-    body: FeedbackRequest = FEEDBACK.body, xq: np.ndarray | None = FEEDBACK.vectors, srv: Server = SERVER
-) -> dict:
+async def feedback(request: Request) -> dict:
     """Record whether an expert served a query well; committed to the checkpoint before the reply."""
-    query: Any = body.text if xq is None else xq[0]
+    srv, req = server_of(request), await FEEDBACK.read(request)
+    body = req.body
+    query: Any = body.text if req.vectors is None else req.vectors[0]
     return {"id": await write(srv.state.record_feedback, query, body.expert, body.positive)}
 
 
@@ -79,18 +78,18 @@ async def feedback(
     openapi_extra=ADD.openapi,
     responses=responses(400, 403, 409, 413, 415, 422, 503),
 )
-async def add_expert(
-    body: AddExpertRequest = ADD.body, xb: np.ndarray | None = ADD.vectors, srv: Server = SERVER
-) -> dict:
+async def add_expert(request: Request) -> dict:
     """Add an expert from vectors and/or texts; the gate grows an output for it at once.
 
     Saved to the checkpoint (atomically) before the reply; searches see the old or the new expert set.
     """
+    srv, req = server_of(request), await ADD.read(request)
+    body = req.body
     try:
         spec = ExpertSpec(body.name, body.specialization, body.parent)
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from None
-    expert, generation = await write(srv.state.add_expert, spec, xb, body.texts, body.metadata)
+    expert, generation = await write(srv.state.add_expert, spec, req.vectors, body.texts, body.metadata)
     return {"generation": generation, "expert": _expert(expert)}
 
 
@@ -100,11 +99,12 @@ async def add_expert(
     openapi_extra=MERGE.openapi,
     responses=responses(400, 403, 404, 409, 413, 415, 422, 503),
 )
-async def merge_experts(body: MergeExpertsRequest = MERGE.body, srv: Server = SERVER) -> dict:
+async def merge_experts(request: Request) -> dict:
     """Merge two experts into one (vectors, metadata and feedback combined; the gate's two rows fitted into one).
 
     Saved to the checkpoint before the reply. No fine-tune runs here: use scripts/experts.py for one.
     """
+    srv, body = server_of(request), (await MERGE.read(request)).body
     expert, generation = await write(srv.state.merge_experts, body.a, body.b, body.name, body.specialization)
     return {"generation": generation, "experts": [_expert(expert)]}
 
@@ -115,11 +115,12 @@ async def merge_experts(body: MergeExpertsRequest = MERGE.body, srv: Server = SE
     openapi_extra=SPLIT.openapi,
     responses=responses(400, 403, 404, 409, 413, 415, 422, 503),
 )
-async def split_expert(body: SplitExpertRequest = SPLIT.body, srv: Server = SERVER) -> dict:
+async def split_expert(request: Request) -> dict:
     """Split an expert into `parts` by k-means over its vectors (the gate's row fitted into one per part).
 
     Saved to the checkpoint before the reply.
     """
+    srv, body = server_of(request), (await SPLIT.read(request)).body
     parts, generation = await write(srv.state.split_expert, body.name, body.parts, body.names)
     return {"generation": generation, "experts": [_expert(e) for e in parts]}
 
@@ -127,6 +128,6 @@ async def split_expert(body: SplitExpertRequest = SPLIT.body, srv: Server = SERV
 @writes.delete(
     "/experts/{name:path}", response_model=ExpertChangeResponse, responses=responses(403, 404, 409, 422, 503)
 )
-async def remove_expert(name: str, srv: Server = SERVER) -> dict:
+async def remove_expert(name: str, request: Request) -> dict:
     """Remove an expert (its index, gate output and metadata); saved to the checkpoint before the reply."""
-    return {"generation": await write(srv.state.remove_expert, name), "expert": None}
+    return {"generation": await write(server_of(request).state.remove_expert, name), "expert": None}

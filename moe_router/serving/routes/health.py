@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
-from moe_router.serving.deps import SERVER, Server
+from moe_router.serving.batcher import PassCounters
+from moe_router.serving.deps import server_of
 from moe_router.serving.errors import error, responses
 from moe_router.serving.schemas import HealthResponse, ReadyResponse, StatsResponse
 
@@ -20,8 +21,9 @@ async def health() -> dict:
 
 
 @public.get("/ready", response_model=ReadyResponse, responses=responses(503))
-async def ready(srv: Server = SERVER) -> Any:
+async def ready(request: Request) -> Any:
     """Readiness: a checkpoint is loaded and, with batching on, the batch worker runs."""
+    srv = server_of(request)
     if srv.batcher is not None and not srv.batcher.running:
         return error(503, "the batch worker is not running")
     if srv.state.failed is not None:
@@ -32,14 +34,16 @@ async def ready(srv: Server = SERVER) -> Any:
 
 
 @reads.get("/stats", response_model=StatsResponse)
-async def stats(srv: Server = SERVER) -> dict:
+async def stats(request: Request) -> dict:
     """Per expert: vectors, queries routed to it, load share, mean confidence; and batching counters."""
+    srv = server_of(request)
     with srv.state.lease() as snap:
         experts = [vars(s) for s in snap.router.stats()]
-    b = srv.batcher
-    server_stats = {"batching": b is not None, "passes": 0, "queries": 0, "mean_pass": 0.0, "largest_pass": 0}
-    if b is not None:
-        server_stats.update(
-            passes=b.passes, queries=b.queries, largest_pass=b.largest_pass, mean_pass=b.queries / max(b.passes, 1)
-        )
+    counters = srv.batcher.counters if srv.batcher is not None else PassCounters()
+    server_stats = {
+        "batching": srv.batcher is not None,
+        **vars(counters),
+        "mean_pass": counters.queries / max(counters.passes, 1),
+        "embed_share": counters.embed_s / counters.pass_s if counters.pass_s > 0 else 0.0,
+    }
     return {"generation": snap.generation, "experts": experts, "server": server_stats}

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
-from dataclasses import asdict, replace
+from dataclasses import replace
 from typing import Any
 
-import numpy as np
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from pydantic_core import to_json
 
 from moe_router.serving.batcher import Overloaded, Query, run_now
-from moe_router.serving.deps import SERVER, Server, json_body
+from moe_router.serving.deps import Server, json_body, server_of
 from moe_router.serving.errors import responses
 from moe_router.serving.schemas import RouteRequest, RouteResponse, SearchRequest, SearchResponse
 from moe_router.types import Hit
@@ -26,11 +25,21 @@ async def answer(srv: Server, query: Query) -> tuple[int, list]:
     try:
         if srv.batcher is None:
             return await run_in_threadpool(run_now, srv.state, query)
-        return await asyncio.wrap_future(srv.batcher.submit(query))
+        return await srv.batcher.submit(query)
     except Overloaded as exc:
         raise HTTPException(503, f"overloaded: {exc}; retry shortly", headers={"Retry-After": "1"}) from None
     except ValueError as exc:  # what the router refuses (k over its vectors, top_experts over its experts), texts
         raise HTTPException(422, str(exc)) from None
+
+
+def _json(content: Any) -> Response:
+    """`content` (dicts, lists and the library's dataclasses) as a JSON answer, encoded by pydantic's Rust core.
+
+    Encoded here rather than validated against the response model first (what FastAPI does with a
+    returned dict): the answer is built from checked records, and for 10 hits dataclasses.asdict +
+    json.dumps took 304 us against 19 us for encoding the dataclasses (FastAPI's validation on top).
+    """
+    return Response(to_json(content, inf_nan_mode="null"), media_type="application/json")
 
 
 def _json_safe(value: Any) -> Any:
@@ -44,15 +53,17 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _hit(h: Hit) -> dict:
-    """A hit as JSON, its stored text and payload in the form the schema promises.
+def _hit(h: Hit) -> Hit:
+    """A hit whose stored text and payload are in the form the schema promises.
 
     Payloads are checked at the door (dicts of JSON values), but a checkpoint written before that may
     hold others: a non-dict comes back as {"value": payload}.
     """
+    if (h.text is None or isinstance(h.text, str)) and isinstance(h.metadata, dict) and not h.metadata:
+        return h  # the common case: nothing to convert
     text = h.text if h.text is None or isinstance(h.text, str) else str(h.text)
     metadata = _json_safe(h.metadata if isinstance(h.metadata, dict) else {"value": h.metadata})
-    return asdict(replace(h, text=text, metadata=metadata))
+    return replace(h, text=text, metadata=metadata)
 
 
 @reads.post(
@@ -61,10 +72,12 @@ def _hit(h: Hit) -> dict:
     openapi_extra=ROUTE.openapi,
     responses=responses(400, 403, 413, 415, 422, 503),
 )
-async def route(body: RouteRequest = ROUTE.body, xq: np.ndarray | None = ROUTE.vectors, srv: Server = SERVER) -> dict:
+async def route(request: Request) -> Response:
     """Each query's top_experts experts (or, with top_p, the fewest reaching that mass), with their probabilities."""
-    generation, rows = await answer(srv, Query("route", body.params, body.query_texts, xq))
-    return {"generation": generation, "results": [{"experts": [asdict(s) for s in row]} for row in rows]}
+    req = await ROUTE.read(request)
+    body = req.body
+    generation, rows = await answer(server_of(request), Query("route", body.params, body.query_texts, req.vectors))
+    return _json({"generation": generation, "results": [{"experts": row} for row in rows]})
 
 
 @reads.post(
@@ -73,12 +86,11 @@ async def route(body: RouteRequest = ROUTE.body, xq: np.ndarray | None = ROUTE.v
     openapi_extra=SEARCH.openapi,
     responses=responses(400, 403, 413, 415, 422, 503),
 )
-async def search(
-    body: SearchRequest = SEARCH.body, xq: np.ndarray | None = SEARCH.vectors, srv: Server = SERVER
-) -> dict:
+async def search(request: Request) -> Response:
     """Route each query and search only its top_experts experts (or the fewest reaching top_p): its k best hits."""
-    generation, rows = await answer(srv, Query("search", body.params, body.query_texts, xq))
-    return {
-        "generation": generation,
-        "results": [{"hits": [_hit(h) for h in hits], "missing_experts": list(hits.missing_experts)} for hits in rows],
-    }
+    req = await SEARCH.read(request)
+    body = req.body
+    query = Query("search", body.params, body.query_texts, req.vectors)
+    generation, rows = await answer(server_of(request), query)
+    results = [{"hits": [_hit(h) for h in hits], "missing_experts": hits.missing_experts} for hits in rows]
+    return _json({"generation": generation, "results": results})
