@@ -225,18 +225,28 @@ def test_counts_recorded_while_a_change_is_planned__are_kept() -> None:
 # ---------------------------------------------------------------- 6. hostile checkpoints, before memory is spent
 
 MEMORY_PROBE = """
-import resource, sys
+import sys
 from moe_router import Router, CheckpointError
+
+def peak_mb():  # VmHWM: this process's own peak; ru_maxrss would carry the parent's (pytest's) across exec
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) // 1024
+
+before = peak_mb()
 try:
     Router.load(sys.argv[1], verify=sys.argv[2] == "1")
     print("loaded")
 except CheckpointError as exc:
     print("refused:", exc)
-print("maxrss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+print("grown_mb", peak_mb() - before)
 """
 
 
 def _probe(ckpt: Path, verify: bool) -> tuple[str, int]:
+    """Load in a fresh process: the outcome, and how far its peak memory grew during the load (MB).
+
+    The growth is asserted, not the peak: what importing torch costs differs by machine."""
     out = subprocess.run(
         [sys.executable, "-c", MEMORY_PROBE, str(ckpt), "1" if verify else "0"],
         capture_output=True,
@@ -255,7 +265,7 @@ def test_forged_gate_config__is_refused_before_its_layers_are_allocated(tmp_path
     write_manifest(tmp_path / "ckpt", manifest)
     outcome, rss_mb = _probe(tmp_path / "ckpt", verify=True)
     assert outcome.startswith("refused:") and "do not fit the gate config" in outcome
-    assert rss_mb < 1200, f"{rss_mb} MB: the forged layers were allocated"
+    assert rss_mb < 400, f"grew {rss_mb} MB during the load: the forged layers were allocated"
 
 
 def test_sparse_expert_files__are_refused_before_they_are_read(tmp_path: Path) -> None:
@@ -276,7 +286,7 @@ def test_sparse_expert_files__are_refused_before_they_are_read(tmp_path: Path) -
     for verify in (True, False):
         outcome, rss_mb = _probe(tmp_path / "ckpt", verify)
         assert outcome.startswith("refused:") and "sparse file" in outcome, outcome
-        assert rss_mb < 1200, f"{rss_mb} MB spent on a sparse file"
+        assert rss_mb < 400, f"grew {rss_mb} MB during the load: spent on a sparse file"
 
 
 # ---------------------------------------------------------------- 7. sharing
