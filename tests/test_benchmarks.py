@@ -39,3 +39,48 @@ def test_benchmark_smoke_mode__runs_to_the_end(script: str, tmp_path: Path) -> N
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def _lifecycle_common():
+    """benchmarks/lifecycle_common.py, the lifecycle benchmarks' shared module, imported as they import it."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import lifecycle_common
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return lifecycle_common
+
+
+def test_lifecycle_common_smoke_sample__keeps_a_few_rows_of_every_label_and_split(tmp_path: Path) -> None:
+    import argparse
+    import json
+
+    common = _lifecycle_common()
+    rows = [{"text": f"t{i}", "domain": "d", "label": f"l{i % 4}", "split": ("train", "val")[i % 2]} for i in range(80)]
+    (tmp_path / "full.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = argparse.Namespace(smoke=True, data=str(tmp_path / "full.jsonl"), cache_dir=None, steps=100)
+    try:
+        common.apply_smoke(args)
+    finally:
+        common._smoke = False  # the module flag would switch later importers to the hashing embedder
+    kept = [json.loads(line) for line in Path(args.data).read_text().splitlines()]
+    counts: dict[tuple[str, str], int] = {}
+    for r in kept:
+        counts[r["label"], r["split"]] = counts.get((r["label"], r["split"]), 0) + 1
+    # labels l0, l2 only in train and l1, l3 only in val (i % 2 picks both): 4 (label, split) pairs, 3 rows each
+    assert counts == {key: common.SMOKE_ROWS for key in counts} and len(counts) == 4
+    assert args.steps == 5 and Path(args.cache_dir).parent == Path(args.data).parent
+
+
+def test_lifecycle_common_exact_top10__equals_brute_force_over_every_expert() -> None:
+    import numpy as np
+
+    from tests.helpers import brute_force, make_router
+
+    common = _lifecycle_common()
+    router = make_router()
+    xb = np.concatenate([e.vectors() for e in router.experts])
+    ids = np.concatenate([e.ids for e in router.experts])
+    xq = xb[::7][:20] + 0.01
+    _, want = brute_force(xq, xb, ids, 10, router.metric)
+    assert np.array_equal(np.sort(common.exact_top10(router, xq.astype(np.float32)), 1), np.sort(want, 1))
