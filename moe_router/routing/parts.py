@@ -64,7 +64,6 @@ class CalibrationSet:
             raise ValueError(f"calibration queries must be a 2-d (n, d) array, got shape {x.shape}")
         x = as_matrix(x, None, "calibration queries") if len(x) else np.empty(x.shape, np.float32)
         x = np.array(x, dtype=np.float32, order="C")  # a private copy
-        x.setflags(write=False)  # shared between router snapshots: never changed in place
         object.__setattr__(self, "x", x)
         experts = tuple(self.experts)
         if any(not isinstance(e, str) for e in experts):
