@@ -4,10 +4,11 @@
 
 For each held-out source S of classic and each dev fold f (data.holdout_folds=2): a router is trained
 as scripts/train.py trains it (configs/train.yaml, data=classic, calibrated on the 'dev' part of the
-other sources' dev queries) on the other 7 sources; then S's documents are embedded and added with
-add_expert and the gate fine-tuned. Measured on the 'heldout' part of dev (never test, never seen by
-training or calibration): the old sources' source acc@1 and nDCG@10 (1 source, adaptive) before the
-add, after it and after each fine-tune, and S's own queries' acc@1 and nDCG@10. The fine-tunes:
+other sources' dev queries) on the other sources (--sources: all 8 by default); then S's documents
+are embedded and added with add_expert and the gate fine-tuned. Measured on the 'heldout' part of
+dev (never test, never seen by training or calibration): the old sources' source acc@1 and nDCG@10
+(1 source, adaptive) before the add, after it and after each fine-tune, and S's own queries' acc@1
+and nDCG@10. The fine-tunes:
 
 - documents only: FineTuneConfig(query_weight=0, recalibrate=False, keep_margin=None), what fine_tune
   did before the router kept its calibration queries;
