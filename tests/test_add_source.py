@@ -21,11 +21,13 @@ from moe_router import lifecycle as lc
 from moe_router.checkpoint.format import CALIBRATION_FILE
 from moe_router.errors import CheckpointError
 from moe_router.gate import initial_gate
+from moe_router.gate.confidence import fit_bias_temperature
 from moe_router.gate.model import infer
 from moe_router.index.clustering import nearest_centroid
 from moe_router.index.expert import centroids
 from moe_router.metrics import accuracy_at_k
 from moe_router.routing.parts import CalibrationSet
+from moe_router.train.calibrate import MIN_BIAS_QUERIES, unjudged_at_mean
 from moe_router.train.finetune import FineTuneConfig, _keep_better, fine_tune, judged_queries
 from tests.helpers import DIM, MANIFEST, clusters, version_path, write_manifest
 
@@ -181,6 +183,18 @@ def test_fine_tune_from_a_worse_gate__is_refused_by_the_margin_and_kept_by_none(
     assert result.new_acc < result.old_acc - 0.01 and result.kept_old_gate and router.gate is before
     result = fine_tune(router, ["e4"], FineTuneConfig(**{**vars(harsh), "keep_margin": None}))
     assert not result.kept_old_gate and router.gate is not before
+
+
+def test_bias_refit_without_an_experts_queries__leaves_it_at_the_others_mean_offset() -> None:
+    router, xs = calibrated_router()
+    router.add_expert("e4", xs[0][:80] + 0.3 * xs[4][:80])  # near e0; no calibration query belongs to e4
+    cal = router.calibration
+    gold = router.expert_indices(cal.experts)
+    raw, _ = fit_bias_temperature(infer(router.gate, cal.x, "logits"), gold, min_queries=MIN_BIAS_QUERIES)
+    assert raw[4] == 0.0 and raw[:4].mean() > 0.05  # fitted alone, the others all rise against e4
+    fixed = unjudged_at_mean(raw, gold)
+    assert fixed[4] == pytest.approx(raw[:4].mean()) and np.array_equal(fixed[:4], raw[:4])
+    assert np.array_equal(unjudged_at_mean(raw[:4], gold), raw[:4])  # every expert judged: unchanged
 
 
 # ---------------------------------------------------------------- judged queries that arrive later
