@@ -113,7 +113,8 @@ def run_one(args: argparse.Namespace, new: str, fold: int, cache_dir: Path) -> d
     """One held-out source and fold: the table rows (old / new queries per stage) and the timings."""
     old = [s for s in args.sources if s != new]
     cfg = compose_train(args, old, fold)
-    path = Path(args.cache_dir) / f"{cfg.data.name}-without-{new}-fold{fold}{'-smoke' if args.smoke else ''}"
+    name = f"{cfg.data.name}-{'-'.join(old)}-fold{fold}{'-smoke' if args.smoke else ''}"  # the sources it holds
+    path = Path(args.cache_dir) / name
     base, old_data, train_seconds = trained(cfg, path, cache_dir)
     new_data = instantiate(compose_train(args, [new], fold).data)  # S's documents and its own two dev folds
     emb = base.embedder
