@@ -140,7 +140,7 @@ def test_fine_tune__replays_the_calibration_queries_and_recalibrates() -> None:
     router, xs = calibrated_router()
     router.add_expert("e4", xs[4][:80])
     temperature = float(router.gate.temperature)
-    result = fine_tune(router, ["e4"], FAST)
+    result = fine_tune(router, ["e4"], FineTuneConfig(**{**vars(FAST), "query_weight": 0.5}))
     assert result.queries == 80 and result.recalibrated
     assert result.pairs == 80 + 80 + 80  # e4's vectors, as many replayed, the judged queries
     assert result.old_acc is not None and result.new_acc is not None
