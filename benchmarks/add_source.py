@@ -12,8 +12,9 @@ and nDCG@10. The fine-tunes:
 
 - documents only: FineTuneConfig(query_weight=0, recalibrate=False, keep_margin=None), what fine_tune
   did before the router kept its calibration queries;
-- the default fine_tune: the calibration queries replayed, the calibration refitted, the old gate kept
-  when worse on the old sources' calibration queries;
+- the default fine_tune: the calibration refitted on the kept calibration queries (replayed as
+  training pairs only with FineTuneConfig.query_weight > 0), the old gate kept when worse on the old
+  sources' calibration queries;
 - then S's 'dev'-part queries given as judged queries (lifecycle.add_judged_queries) and the default
   fine_tune run again; S's 'heldout' part is what is measured.
 
@@ -142,7 +143,10 @@ def run_one(args: argparse.Namespace, new: str, fold: int, cache_dir: Path) -> d
         "new": measure(docs_only, new_data),
     }
     tuned["default"] = tune(router, new, FineTuneConfig(**steps))
-    rows["+ fine_tune (replay + recalibrate)"] = {"old": measure(router, old_data), "new": measure(router, new_data)}
+    rows["+ fine_tune (default: recalibrate, guard)"] = {
+        "old": measure(router, old_data),
+        "new": measure(router, new_data),
+    }
     judged = add_judged_queries(router, new_data.queries("dev"), new_data.gold_sources("dev"))
     tuned["with judged"] = tune(router, new, FineTuneConfig(**steps))
     rows[f"+ {judged} judged {new} queries, fine_tune again"] = {

@@ -256,4 +256,4 @@ def test_add_source_benchmark_smoke_mode__runs_to_the_end(tmp_path: Path) -> Non
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "+ fine_tune (replay + recalibrate)" in proc.stdout
+    assert "+ fine_tune (default: recalibrate, guard)" in proc.stdout

@@ -8,9 +8,10 @@ new outputs sharpen while the old ones are not forgotten. The router's gate is r
 training finished.
 
 A router trained with calibration keeps the judged queries it was calibrated on (router.calibration;
-queries judged later join them, lifecycle.judged). fine_tune replays them as training pairs beside
-the stored vectors, then refits the calibration on them, and keeps the gate it started from when the
-new one routes the unchanged experts' judged queries worse (FineTuneConfig.keep_margin): stored
+queries judged later join them, lifecycle.judged). fine_tune refits the calibration on them after
+training (and replays them as training pairs with FineTuneConfig.query_weight > 0), and keeps the
+gate it started from when the new one routes the unchanged experts' judged queries worse
+(FineTuneConfig.keep_margin): stored
 vectors are not queries, and training on them alone undid the calibration that made retrieval
 routing work (classic: acc@1 0.876 -> 0.765 after adding a source).
 """
