@@ -4,7 +4,8 @@ Layout (format 2), LevelDB-style: immutable version directories and one small po
 
     CURRENT                        {"format", "version": n, "manifest_sha256"}; replaced atomically by save
     versions/NNNNNN/manifest.json  dims, metric, embedder, gate, experts, sha256 of every other file
-    versions/NNNNNN/gate.safetensors, store.sqlite, experts/EEEE.npy, experts/EEEE.ids.npy
+    versions/NNNNNN/gate.safetensors, store.sqlite, experts/EEEE.npy, experts/EEEE.ids.npy,
+    versions/NNNNNN/calibration.npy (optional: the judged queries the gate was calibrated on)
 
 A reader reads CURRENT once and then only files of that version, which are never changed after
 they are written. The writer builds the manifest with build_manifest and checks it with the
@@ -45,6 +46,9 @@ STORE = "store.sqlite"
 
 
 GATE_FILE = "gate.safetensors"
+
+
+CALIBRATION_FILE = "calibration.npy"  # float32 (n, d): the judged queries the gate was calibrated on
 
 
 MAX_DIM = 1 << 16  # no embedding model comes close; a hostile dim must not reach FAISS
@@ -180,7 +184,9 @@ _TOP_KEYS = {
     "prior_weight",
     "metrics",
     "config",
+    "calibration",
 }
+_CALIBRATION_KEYS = {"file", "size", "experts", "load_floor", "bias"}
 _EXPERT_KEYS = {"name", "specialization", "parent", "size", "vectors", "ids"}
 
 
@@ -192,6 +198,16 @@ class ExpertEntry:
     size: int
     vectors: str
     ids: str
+
+
+@dataclass(frozen=True)
+class CalibrationEntry:
+    """The calibration queries as the manifest lists them: their file, and each one's expert, in order."""
+
+    file: str
+    experts: list[str]
+    load_floor: float | None
+    bias: bool
 
 
 @dataclass(frozen=True)
@@ -210,6 +226,7 @@ class Manifest:
     prior_weight: float
     config: dict
     metrics: dict
+    calibration: CalibrationEntry | None = None  # None: an older checkpoint, or none kept
 
 
 class _Schema:
@@ -317,7 +334,16 @@ def parse_manifest(raw: bytes, where: str, root: Path) -> Manifest:
     for rel, digest in files.items():
         if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
             raise s.fail(f"files[{rel!r}] must be a sha256 (64 hex digits), got {digest!r}")
-    used = [*(x for e in experts for x in (e.vectors, e.ids)), *([gate_file] if gate_file else []), STORE]
+    names = {e.spec.name for e in experts}
+    calibration = _calibration(s, obj.get("calibration"), names, root)
+    if calibration is not None and calibration.file in {*seen, gate_file, STORE}:
+        raise s.fail(f"calibration.file {calibration.file} is also another part's file; it holds the queries alone")
+    used = [
+        *(x for e in experts for x in (e.vectors, e.ids)),
+        *([gate_file] if gate_file else []),
+        *([calibration.file] if calibration else []),
+        STORE,
+    ]
     unlisted = [rel for rel in used if rel not in files]
     if unlisted:
         raise CheckpointError(
@@ -328,7 +354,6 @@ def parse_manifest(raw: bytes, where: str, root: Path) -> Manifest:
     if unused:
         raise s.fail(f"'files' lists {unused[0]}, which no part of the checkpoint uses")
     stats_obj = s.obj(obj.get("stats", {}), "'stats'")
-    names = {e.spec.name for e in experts}
     stats = {}
     for name, entry in stats_obj.items():
         if name not in names:
@@ -353,6 +378,32 @@ def parse_manifest(raw: bytes, where: str, root: Path) -> Manifest:
         prior_weight=s.real(obj.get("prior_weight", 0.0), "'prior_weight'", 0.0),
         config=s.obj(obj.get("config") or {}, "'config'"),
         metrics=s.obj(obj.get("metrics") or {}, "'metrics'"),
+        calibration=calibration,
+    )
+
+
+def _calibration(s: _Schema, obj: Any, names: set[str], root: Path) -> CalibrationEntry | None:
+    """The 'calibration' entry: a file, its row count, one known expert name per row, the calibration settings."""
+    if obj is None:
+        return None
+    s.obj(obj, "'calibration'")
+    s.keys(obj, _CALIBRATION_KEYS, _CALIBRATION_KEYS, "'calibration'")
+    size = s.int(obj["size"], "calibration.size", 0, 1 << 40)
+    experts = obj["experts"]
+    if not isinstance(experts, list) or len(experts) != size:
+        raise s.fail(f"calibration.experts must be a list of {size} expert names (calibration.size)")
+    for i, name in enumerate(experts):
+        if not isinstance(name, str) or name not in names:
+            raise s.fail(f"calibration.experts[{i}] is {name!r:.60}, which is not an expert")
+    floor = obj["load_floor"]
+    bias = obj["bias"]
+    if not isinstance(bias, bool):
+        raise s.fail(f"calibration.bias must be true or false, got {bias!r}")
+    return CalibrationEntry(
+        "/".join(check_rel(root, s.str(obj["file"], "calibration.file"))),
+        list(experts),
+        None if floor is None else s.real(floor, "calibration.load_floor", 0.0),
+        bias,
     )
 
 
@@ -371,6 +422,7 @@ def build_manifest(
     prior_weight: float,
     config: dict,
     metrics: dict,
+    calibration: CalibrationEntry | None = None,
 ) -> bytes:
     """The manifest's bytes as the writer commits them (parse_manifest reads them back)."""
     manifest = {
@@ -390,6 +442,14 @@ def build_manifest(
         "metrics": metrics,
         "config": config,
     }
+    if calibration is not None:
+        manifest["calibration"] = {
+            "file": calibration.file,
+            "size": len(calibration.experts),
+            "experts": calibration.experts,
+            "load_floor": calibration.load_floor,
+            "bias": calibration.bias,
+        }
     # default=str: a config may hold paths and other objects; allow_nan=False: JSON has no NaN,
     # and a value a reader refuses must fail here, before anything is committed.
     try:

@@ -33,11 +33,13 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from moe_router.checkpoint.format import (
+    CALIBRATION_FILE,
     GATE_FILE,
     MANIFEST,
     POINTER,
     STORE,
     VERSIONS,
+    CalibrationEntry,
     CheckpointError,
     ExpertEntry,
     FileMissing,
@@ -54,12 +56,12 @@ from moe_router.checkpoint.format import (
     version_dir,
     version_number,
 )
-from moe_router.checkpoint.stored import StoredExpert, fingerprint
+from moe_router.checkpoint.stored import StoredExpert, fingerprint, read_npy
 from moe_router.embed.registry import embedder_from_spec
 from moe_router.gate.model import Gate
 from moe_router.index.expert import Content
 from moe_router.routing.backends import ExpertBackend, LocalBackend
-from moe_router.routing.parts import RouterParts
+from moe_router.routing.parts import CalibrationSet, RouterParts
 from moe_router.routing.router import Router
 from moe_router.routing.stats import RoutingStats
 from moe_router.safe_files import kind, lstat_inside, sha256_file
@@ -260,6 +262,12 @@ def save_router(router: Router, path: str | Path, recheck: bool = True, link: bo
             _write_bytes(tmp / GATE_FILE, data)
             files[GATE_FILE] = hashlib.sha256(data).hexdigest()
             gate_info = {"config": parts.gate.config(), "file": GATE_FILE}
+        calibration = None
+        cal = parts.calibration
+        if len(cal):
+            _write_npy(tmp / CALIBRATION_FILE, cal.x)
+            files[CALIBRATION_FILE] = sha256_file(tmp / CALIBRATION_FILE)
+            calibration = CalibrationEntry(CALIBRATION_FILE, list(cal.experts), cal.load_floor, cal.bias)
         image = parts.store.image()  # written and hashed from memory: one pass, no re-read
         _write_bytes(tmp / STORE, image)
         files[STORE] = hashlib.sha256(image).hexdigest()
@@ -283,6 +291,7 @@ def save_router(router: Router, path: str | Path, recheck: bool = True, link: bo
             prior_weight=parts.prior_weight,
             config=parts.config,
             metrics=parts.metrics,
+            calibration=calibration,
         )
         parse_manifest(raw, f"save to {path}: the manifest about to be written", path)  # the reader's own schema
         _write_bytes(tmp / MANIFEST, raw)
@@ -413,6 +422,7 @@ def _read_version(
         check = m.files if verify else {}
         store = _read_store(path, pre, check)
         gate = _load_gate(path, pre, m, check, len(experts)) if m.gate_config is not None else None
+        calibration = _read_calibration(path, pre, m, check) if m.calibration is not None else None
         counts = np.array([m.stats.get(e.name, (0, 0.0))[0] for e in experts], dtype=np.int64)
         sums = np.array([m.stats.get(e.name, (0, 0.0))[1] for e in experts], dtype=np.float64)
         parts = RouterParts(
@@ -428,6 +438,7 @@ def _read_version(
             config=m.config,
             metrics=m.metrics,
             backend=backend,
+            calibration=calibration,
         )
         return Router.from_parts(parts)
     except CheckpointError:
@@ -468,6 +479,16 @@ def _read_store(path: Path, pre: str, digests: dict[str, str]) -> MetadataStore:
         return MetadataStore.from_image(data, f"{path}/{pre}{STORE}")
     except ValueError as exc:
         raise CheckpointError(f"checkpoint {path}: {exc}") from None
+
+
+def _read_calibration(path: Path, pre: str, m: Manifest, digests: dict[str, str]) -> CalibrationSet:
+    """The calibration queries: float32 (n, d) with n the manifest's count of expert names."""
+    entry = m.calibration
+    x = np.empty((len(entry.experts), m.dim), dtype=np.float32)
+    read_npy(path, pre + entry.file, x, digests.get(entry.file))
+    if not np.isfinite(x).all():
+        raise CheckpointError(f"checkpoint {path}: {pre + entry.file} holds NaN or inf; calibration queries are finite")
+    return CalibrationSet(x, tuple(entry.experts), entry.load_floor, entry.bias)
 
 
 def _load_gate(path: Path, pre: str, m: Manifest, digests: dict[str, str], num_experts: int) -> Gate:

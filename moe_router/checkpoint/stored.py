@@ -119,6 +119,13 @@ def check_npy_size(root: Path, rel: str, f: BinaryIO, rows: int, row_bytes: int)
         )
 
 
+def read_npy(root: Path, rel: str, out: np.ndarray, digest: str | None) -> None:
+    """Fill `out` (its dtype and shape only) from the .npy file `rel`, sha256-checked when `digest` is set."""
+    with open_checked(root, rel) as f:
+        check_npy_size(root, rel, f, out.shape[0], out.itemsize * int(np.prod(out.shape[1:])))
+        _read_npy_into(root, rel, f, out, digest)
+
+
 def _read_npy_into(path: Path, rel: str, f: BinaryIO, out: np.ndarray, digest: str | None) -> None:
     """Fill `out` from the open .npy file `rel` in one pass, checking the file's sha256 on the way when `digest` is set.
 

@@ -18,6 +18,7 @@ from moe_router.lifecycle.feedback import (
     nearest_expert,
     recommendations,
 )
+from moe_router.lifecycle.judged import add_judged_file, add_judged_queries, read_judged_file
 from moe_router.lifecycle.load_report import LoadReport, LoadRow, load_chart, load_report
 from moe_router.lifecycle.merge_split import merge_experts, split_expert
 from moe_router.lifecycle.optimize import OptimizeAction, OptimizeReport, RoutingQuality, optimize_routing
@@ -33,6 +34,8 @@ __all__ = [
     "Recommendation",
     "RecommendationRules",
     "RoutingQuality",
+    "add_judged_file",
+    "add_judged_queries",
     "auto_create_by_category",
     "auto_create_by_clustering",
     "auto_create_experts",
@@ -44,6 +47,7 @@ __all__ = [
     "merge_experts",
     "nearest_expert",
     "optimize_routing",
+    "read_judged_file",
     "recommendations",
     "route_two_level",
     "search_two_level",

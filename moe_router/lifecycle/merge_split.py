@@ -50,7 +50,12 @@ def plan_merge(
     del experts[hi]
     seqs = [r.seq for r in parts.store.feedback(a)] + [r.seq for r in parts.store.feedback(b)]
     return Change(
-        parts.replace(experts=tuple(experts), gate=gate, stats=parts.stats.merged(ia, ib)),
+        parts.replace(
+            experts=tuple(experts),
+            gate=gate,
+            stats=parts.stats.merged(ia, ib),
+            calibration=parts.calibration.renamed({a: name, b: name}),
+        ),
         [(ids, name)],
         [(seqs, name)] if seqs else [],
         (name,),
@@ -123,7 +128,13 @@ def plan_split(
             ([rows[r].seq for r in np.flatnonzero(near == j)], n) for j, n in enumerate(names) if (near == j).any()
         ]
     item_moves = [(ex.ids[labels == j], n) for j, n in enumerate(names)]
-    new = parts.replace(experts=experts, gate=gate, stats=parts.stats.split(i, count))
+    # Calibration queries of the old expert, like its feedback, go to the part nearest them.
+    cal = parts.calibration
+    mine = np.flatnonzero(np.array(cal.experts) == name) if len(cal) else np.empty(0, np.int64)
+    if len(mine):
+        near = nearest_centroid(cal.x[mine], centroids(children), ex.metric)
+        cal = cal.reassigned(mine, [names[j] for j in near])
+    new = parts.replace(experts=experts, gate=gate, stats=parts.stats.split(i, count), calibration=cal)
     return Change(new, item_moves, feedback_moves, tuple(names))
 
 

@@ -1,7 +1,7 @@
 """The router: a gate over named experts; routes queries and searches only the chosen experts.
 
 Query-time work (prepare, route, search) plus a small set of documented changes (add_expert,
-remove_expert, set_parent, record_feedback, set_gate, fit_expert_rows, update, the two settings
+remove_expert, set_parent, record_feedback, set_gate, set_calibration, update, the two settings
 abstain_threshold and prior_weight, set_training_info, reset_stats). A Router holds one
 RouterParts record; a change builds a new record and swaps it in under the router's lock, so a
 search never sees half a change. Persistence lives above routing: save/load delegate to
@@ -32,7 +32,14 @@ from moe_router.index.expert import Expert
 from moe_router.index.merge import merge_hits
 from moe_router.metrics import top_p_experts
 from moe_router.routing.backends import ExpertBackend, make_backend
-from moe_router.routing.parts import Change, RouterParts, check_abstain_threshold, check_prior_weight, json_object
+from moe_router.routing.parts import (
+    CalibrationSet,
+    Change,
+    RouterParts,
+    check_abstain_threshold,
+    check_prior_weight,
+    json_object,
+)
 from moe_router.store import check_payloads
 from moe_router.types import ExpertScore, ExpertSpec, ExpertStats, Hit, RoutedSearch, SearchHits, SearchParams
 from moe_router.vectors import as_array, check_dim, check_metric, prepare, worst_score
@@ -128,6 +135,11 @@ class Router:
     def metrics(self) -> dict:
         """What training measured (saved with the router)."""
         return self._parts.metrics
+
+    @property
+    def calibration(self) -> CalibrationSet:
+        """The judged queries the gate was calibrated on (replayed and refitted by train.fine_tune; may be empty)."""
+        return self._parts.calibration
 
     def expert(self, name: str) -> Expert:
         return self._parts.experts[self._parts.position(name)]
@@ -259,7 +271,10 @@ class Router:
                 gate.remove_expert(i)
             experts = parts.experts[:i] + parts.experts[i + 1 :]
             parts.store.delete_expert(name)  # last: nothing can fail after it
-            return Change(parts.replace(experts=experts, gate=gate, stats=parts.stats.without(i)))
+            calibration = parts.calibration.without([name])
+            return Change(
+                parts.replace(experts=experts, gate=gate, stats=parts.stats.without(i), calibration=calibration)
+            )
 
         self.update(plan)
 
@@ -292,6 +307,12 @@ class Router:
                 raise ValueError(f"set_gate: the gate cannot route: {'; '.join(defects[:3])}")
             gate = gate.eval()
         self.update(lambda parts: Change(parts.replace(gate=gate)))
+
+    def set_calibration(self, calibration: CalibrationSet | None) -> None:
+        """Keep `calibration` as the judged queries the gate is calibrated on (None: keep none)."""
+        if calibration is not None and not isinstance(calibration, CalibrationSet):
+            raise TypeError(f"set_calibration takes a CalibrationSet or None, got {type(calibration).__name__}")
+        self.update(lambda parts: Change(parts.replace(calibration=calibration)))
 
     def update(self, plan: Callable[[RouterParts], Change]) -> Change:
         """Apply a change: `plan` gets a snapshot of the parts and returns the Change to make.

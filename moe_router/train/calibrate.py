@@ -16,6 +16,23 @@ from moe_router.metrics import validation_metrics
 from moe_router.routing.parts import Change, check_abstain_threshold
 from moe_router.routing.router import Router
 
+MIN_BIAS_QUERIES = 5  # an expert with fewer gold queries gets no offset of its own (fit_bias_temperature)
+
+
+def unjudged_at_mean(offsets: np.ndarray, gold: np.ndarray) -> np.ndarray:
+    """(E,) offsets with each expert of fewer than MIN_BIAS_QUERIES gold queries at the others' mean offset.
+
+    Softmax ignores a common shift, so an offset of 0 means nothing by itself: fitted without any of
+    its queries (an expert added after training), the others' offsets all rise to take probability
+    from it. At their mean, it keeps its place among them.
+    """
+    judged = np.bincount(gold, minlength=len(offsets))[: len(offsets)] >= MIN_BIAS_QUERIES
+    if judged.all() or not judged.any():
+        return offsets
+    out = np.array(offsets, dtype=np.float64)
+    out[~judged] = out[judged].mean()
+    return out
+
 
 def calibrate_router(
     router: Router,
@@ -57,7 +74,8 @@ def calibrate_router(
         gate.shift_bias(lift)
         out["load_floor_experts_raised"] = int((lift > 0).sum())
     if bias:
-        offsets, temperature = fit_bias_temperature(infer(gate, xv, "logits"), gold)
+        offsets, temperature = fit_bias_temperature(infer(gate, xv, "logits"), gold, min_queries=MIN_BIAS_QUERIES)
+        offsets = unjudged_at_mean(offsets, gold)
         gate.shift_bias(offsets * temperature)  # logits / T + b = (logits + b * T) / T
         out["bias_max_abs"] = float(np.abs(offsets).max())
     else:

@@ -6,6 +6,14 @@ A fine-tune trains a copy of the current gate (not a fresh one) for a few optimi
 vectors of the experts that changed plus a replayed sample of the other experts' vectors, so the
 new outputs sharpen while the old ones are not forgotten. The router's gate is replaced only when
 training finished.
+
+A router trained with calibration keeps the judged queries it was calibrated on (router.calibration;
+queries judged later join them, lifecycle.judged). fine_tune refits the calibration on them after
+training (and replays them as training pairs with FineTuneConfig.query_weight > 0), and keeps the
+gate it started from when the new one routes the unchanged experts' judged queries worse
+(FineTuneConfig.keep_margin): stored
+vectors are not queries, and training on them alone undid the calibration that made retrieval
+routing work (classic: acc@1 0.876 -> 0.765 after adding a source).
 """
 
 from __future__ import annotations
@@ -21,10 +29,15 @@ import lightning as L
 import numpy as np
 import torch
 
+from moe_router.checks import check_real
+from moe_router.gate.model import Gate, infer
 from moe_router.index.exact import neighbour_counts, neighbours_excluding_rows, stacked
+from moe_router.metrics import accuracy_at_k
+from moe_router.routing.parts import CalibrationSet
 from moe_router.routing.router import Router
+from moe_router.train.calibrate import calibrate_router
 from moe_router.train.module import GateModule, RoutingDataModule, fit_quietly
-from moe_router.train.targets import make_targets
+from moe_router.train.targets import Pairs, make_targets, query_targets, weighted_pairs
 
 
 @dataclass(frozen=True)
@@ -46,6 +59,16 @@ class FineTuneConfig:
     label_weight: float = 0.5  # mix only: weight of the one-hot expert
     neighbours: int = 10  # exact neighbours behind the neighbour-share targets
     seed: int = 0
+    # The router's judged queries (router.calibration, and with `feedback` the positive feedback records):
+    # Their share of the loss; 0 = not replayed (they still recalibrate). Held-out classic queries, med added
+    # to 4 sources: 0.5 cost the old sources 5 points of acc@1 and med 2 of 7 queries (trained on, then
+    # recalibrated on the same queries: in-sample); 0 kept both (docs/lifecycle.md). Chosen on that one run.
+    query_weight: float = 0.0
+    feedback: bool = True  # positive feedback records count as judged queries of their expert
+    recalibrate: bool = True  # refit the calibration (train.calibrate.calibrate_router) on them after training
+    # Keep the gate the fine-tune started from when the new one's acc@1 on the unchanged experts' judged
+    # queries is lower by more than this (a share: 0.01 = 1 point); None = always take the new one.
+    keep_margin: float | None = 0.01
 
 
 @dataclass(frozen=True)
@@ -57,6 +80,11 @@ class FineTuneResult:
     focus: int  # of which vectors of the changed experts (or feedback records)
     replayed: int  # of which replayed vectors of the other experts
     steps: int  # optimiser steps
+    queries: int = 0  # of the pairs, judged queries replayed (calibration set and positive feedback)
+    recalibrated: bool = False  # the calibration was refitted on the judged queries
+    kept_old_gate: bool = False  # the new gate routed the unchanged experts' judged queries worse: not installed
+    old_acc: float | None = None  # acc@1 on the unchanged experts' judged queries, gate before the fine-tune
+    new_acc: float | None = None  # ... and the fine-tuned (recalibrated) gate's, installed or not
 
 
 def _replay_rows(owner: np.ndarray, exclude: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -130,27 +158,80 @@ def _fit_pairs(router: Router, x: np.ndarray, target: np.ndarray, cfg: FineTuneC
 def fine_tune(router: Router, focus: Sequence[str] = (), config: FineTuneConfig | None = None) -> FineTuneResult:
     """Fine-tune the gate on all vectors of the `focus` experts plus a replayed sample of the others'.
 
-    With no focus, the replayed sample of stored vectors is all it trains on.
+    With no focus, the replayed sample of stored vectors is all it trains on. The router's judged
+    queries (judged_queries) are replayed beside them with `query_weight` of the loss, the
+    calibration is then refitted on them, and the new gate is installed unless it routes the judged
+    queries of the experts not in `focus` worse than the old one by more than `keep_margin`.
     """
     cfg = config or FineTuneConfig()
     wall, cpu = time.perf_counter(), time.process_time()
     idx = router.expert_indices(focus)  # unknown names fail here
+    check_real(cfg.query_weight, "FineTuneConfig.query_weight", 0.0, 1.0, expected="a share in [0, 1]")
     xb, _, owner = stacked(router.experts)
     rng = np.random.default_rng(cfg.seed)
     focus_rows = np.flatnonzero(np.isin(owner, idx))
     replay = _replay_rows(owner, idx, _replay_count(cfg, len(focus_rows)), rng)
     rows = np.concatenate([focus_rows, replay])
     x, target = _stored_pairs(router, rows, xb, owner, cfg)
+    judged = judged_queries(router, cfg.feedback)
+    gold = router.expert_indices(judged.experts)
+    replayed_queries = 0
+    if len(judged) and cfg.query_weight > 0:
+        groups = [
+            Pairs(x, target, 1.0 - cfg.query_weight),
+            Pairs(judged.x, query_targets(router, judged.x, gold), cfg.query_weight),
+        ]
+        x, target = weighted_pairs(groups)
+        replayed_queries = len(judged)
+    before = router.gate
     fit_seconds, steps = _fit_pairs(router, x, target, cfg)
+    recalibrated = bool(cfg.recalibrate and len(judged))
+    if recalibrated:
+        calibrate_router(router, judged.x, list(judged.experts), [], judged.load_floor, judged.bias)
+    kept, old_acc, new_acc = _keep_better(router, before, judged.x, gold, ~np.isin(gold, idx), cfg.keep_margin)
     return FineTuneResult(
         time.perf_counter() - wall,
         time.process_time() - cpu,
         fit_seconds,
-        len(rows),
+        len(x),
         len(focus_rows),
         len(replay),
         steps,
+        replayed_queries,
+        recalibrated,
+        kept,
+        old_acc,
+        new_acc,
     )
+
+
+def judged_queries(router: Router, feedback: bool = True) -> CalibrationSet:
+    """The router's judged queries: its calibration set, and with `feedback` its positive feedback on current experts.
+
+    Carries the calibration set's settings (load floor, bias) for a recalibration on them.
+    """
+    judged = router.calibration
+    if feedback:
+        names = set(router.expert_names)
+        rows = [r for r in router.feedback() if r.positive and r.expert in names]
+        if rows:
+            judged = judged.added(np.stack([r.vector for r in rows]), [r.expert for r in rows])
+    return judged
+
+
+def _keep_better(
+    router: Router, before: Gate, xq: np.ndarray, gold: np.ndarray, unchanged: np.ndarray, margin: float | None
+) -> tuple[bool, float | None, float | None]:
+    """Put `before` back if the new gate is worse on the unchanged experts' judged queries: (kept, old, new)."""
+    if not unchanged.any():
+        return False, None, None
+    xo, go = xq[unchanged], gold[unchanged]
+    old_acc = accuracy_at_k(infer(before, xo, "probs"), go, 1)
+    new_acc = accuracy_at_k(router.gate_probs(xo), go, 1)
+    kept = margin is not None and new_acc < old_acc - margin
+    if kept:
+        router.set_gate(before)
+    return kept, old_acc, new_acc
 
 
 def fine_tune_pairs(

@@ -28,6 +28,7 @@ from moe_router.gate.model import Gate
 from moe_router.index.clustering import nearest_centroid
 from moe_router.index.expert import centroids
 from moe_router.metrics import VAL_ACC1, val_recall
+from moe_router.routing.parts import CalibrationSet
 from moe_router.routing.router import Router, check_prior_weight
 from moe_router.train.build import router_from_dataset
 from moe_router.train.calibrate import calibrate_router, router_validation
@@ -165,6 +166,10 @@ def train_router(
         bias = defaults.calibrate_bias if config.calibrate_bias == "auto" else bool(config.calibrate_bias)
         metrics.update(
             calibrate_router(router, val.queries, val.experts, dataset.oos_texts("val"), config.load_floor, bias)
+        )
+        # Kept with the router: a later fine-tune replays these queries and recalibrates on them (train.finetune).
+        router.set_calibration(
+            CalibrationSet(router.prepare(val.queries)[0], tuple(val.experts), config.load_floor, bias)
         )
     router.prior_weight = (
         defaults.prior_weight if config.prior_weight == "auto" else check_prior_weight(config.prior_weight)
