@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from moe_router.data.base import Dataset
 from moe_router.gate.confidence import reliability_bins, softmax
 from moe_router.gate.model import infer
 from moe_router.metrics import ece_noise_floor, expected_calibration_error
@@ -26,3 +27,9 @@ def calibration_report(router: Router, xq: np.ndarray, probs: np.ndarray, gold: 
     floor, floor90 = ece_noise_floor(probs.max(axis=1)[known])
     out["calibrated"].update({"ece_noise_floor": floor, "ece_noise_floor_q90": floor90})
     return out
+
+
+def calibrated_with_bias(router: Router, dataset: Dataset) -> bool:
+    """Whether the gate's calibration fitted per-expert offsets with its temperature (its training config's choice)."""
+    setting = router.config.get("calibrate_bias", "auto")
+    return bool(dataset.defaults().calibrate_bias if setting == "auto" else setting)

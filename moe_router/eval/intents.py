@@ -27,8 +27,8 @@ from moe_router.eval.adaptive import (
     prefix_search,
     top_p_selection,
 )
-from moe_router.eval.baselines import BASELINES, GATE, ivf_recall
-from moe_router.eval.calibration import calibration_report
+from moe_router.eval.baselines import BASELINES, GATE, LogisticRegressionRouter, ivf_recall
+from moe_router.eval.calibration import calibrated_with_bias, calibration_report
 from moe_router.gate.model import in_scope
 from moe_router.index.clustering import nearest_centroid
 from moe_router.index.exact import exhaustive_index
@@ -37,6 +37,7 @@ from moe_router.metrics import (
     accuracy_at_k,
     assign_with_capacity,
     auroc,
+    expected_calibration_error,
     load_stats,
     overlap_at_k,
     top_experts,
@@ -172,16 +173,22 @@ def evaluate_intents(
     if unknown:
         raise ValueError(f"unknown baseline(s) {unknown}; expected some of {sorted(BASELINES)}")
     quiet = len(xq) * router.ntotal < 10**8  # progress bars only for runs that take more than a few seconds
+    calib = calibration_labels(router, dataset)
     for key in tqdm(baselines, desc="building baselines", disable=quiet):
-        baseline = BASELINES[key](router)
+        if key == "logreg":  # calibrated on the validation queries the gate's temperature is fitted on
+            baseline = LogisticRegressionRouter(
+                router, calib=calib, bias=calibrated_with_bias(router, dataset), seed=seed
+            )
+        else:
+            baseline = BASELINES[key](router)
         scorers[baseline.name] = baseline.scores
-        routers[baseline.name] = {"scans_everything": baseline.scans_everything}
+        routers[baseline.name] = {"scans_everything": baseline.scans_everything, **getattr(baseline, "facts", {})}
     scores: dict[str, np.ndarray] = {}
     for name, fn in tqdm(scorers.items(), desc="routing and searching", disable=quiet):
         scores[name] = fn(xq)
         routers[name].update(routing_metrics(router, xq, scores[name], gold, exact, searched, k))
     probs = scores[GATE]
-    adaptive = adaptive_report(router, dataset, xq, exact, scorers, scores, routers, k, top_p, max_experts, p_grid)
+    adaptive = adaptive_report(router, calib, xq, gold, exact, scorers, scores, routers, k, top_p, max_experts, p_grid)
     routers[IVF] = {"scans_everything": False}
     for t, (rec, scanned) in ivf_recall(router, xq, exact, searched, k, seed=seed).items():
         routers[IVF][f"recall@{k}@{t}"], routers[IVF][f"scanned@{t}"] = rec, scanned
@@ -237,8 +244,9 @@ def calibration_labels(router: Router, dataset: Dataset) -> tuple[np.ndarray, np
 
 def adaptive_report(
     router: Router,
-    dataset: Dataset,
+    calib: tuple[np.ndarray, np.ndarray] | None,
     xq: np.ndarray,
+    gold: np.ndarray,
     exact: np.ndarray,
     scorers: dict[str, Callable[[np.ndarray], np.ndarray]],
     scores: dict[str, np.ndarray],
@@ -248,15 +256,15 @@ def adaptive_report(
     max_experts: int,
     p_grid: Sequence[float],
 ) -> dict[str, Any]:
-    """Top-p rows (recall@k, experts and scanned share at p = top_p) and every router's frontier.
+    """Top-p rows (recall@k, experts and scanned share at p = top_p), each router's ECE and its frontier.
 
     The gate's probabilities are its calibrated ones; a baseline's scores go through softmax(s / T)
-    with T fitted by NLL on the validation split (adaptive.baseline_probs).
+    with T fitted by NLL on the validation split `calib` (adaptive.baseline_probs).
     """
     max_experts = min(int(max_experts), router.num_experts)
     if max_experts < 1:
         raise ValueError(f"max_experts must be at least 1, got {max_experts}")
-    calib = calibration_labels(router, dataset)
+    known = gold >= 0
     sizes = np.array([e.ntotal for e in router.experts], dtype=np.float64)  # (E,)
 
     def quality(sel: Selection) -> tuple[float, float]:
@@ -280,6 +288,7 @@ def adaptive_report(
                 "experts@adaptive": sel.mean_experts,
                 "scanned@adaptive": scanned,
                 "temperature": temperature,
+                "ece": expected_calibration_error(probs.max(axis=1)[known], (probs.argmax(axis=1) == gold)[known]),
             }
         )
         # top-p at matched cost: 1.5 experts on average, and the share top-2 scans (p found by bisection)

@@ -28,6 +28,7 @@ def markdown_table(report: dict[str, Any], searched: list[int], k: int) -> str:
         f"recall@{k}@top2_scanned",
         "load max/mean",
         "dead",
+        "ECE",
         "OOS AUROC",
     ]
     lines = ["| router | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -40,6 +41,8 @@ def markdown_table(report: dict[str, Any], searched: list[int], k: int) -> str:
                 v = row.get("load@1", {}).get("dead")
             elif c == "OOS AUROC":
                 v = row.get("oos_auroc")
+            elif c == "ECE":
+                v = row.get("ece")
             else:
                 v = row.get(c)
             cells.append("–" if v is None else (str(v) if isinstance(v, int) else f"{v:.3f}"))
@@ -71,6 +74,7 @@ def retrieval_table(report: dict[str, Any]) -> str:
         "router",
         "sources searched",
         "source acc@1",
+        "ECE",
         "nDCG@10",
         "recall@10",
         "recall@100",
@@ -92,7 +96,7 @@ def retrieval_table(report: dict[str, Any]) -> str:
         for setting, text in label.items():
             if f"ndcg@10@{setting}" not in row:
                 continue
-            acc = row.get("source_acc@1")
+            acc, ece = row.get("source_acc@1"), row.get("ece")
             cells = [
                 f"{row[f'{c}@{setting}']:.3f}" if c != "sources" else f"{row[f'{c}@{setting}']:.2f}"
                 for c in RETRIEVAL_COLUMNS
@@ -102,7 +106,8 @@ def retrieval_table(report: dict[str, Any]) -> str:
                 if row.get("scans_everything") and setting not in ("exhaustive",)
                 else name
             )
-            lines.append(f"| {shown} | {text} | {'–' if acc is None else f'{acc:.3f}'} | " + " | ".join(cells) + " |")
+            head_cells = " | ".join("–" if v is None else f"{v:.3f}" for v in (acc, ece))
+            lines.append(f"| {shown} | {text} | {head_cells} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

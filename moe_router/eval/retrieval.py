@@ -31,11 +31,11 @@ from moe_router.eval.adaptive import (
     top_k_selection,
     top_p_selection,
 )
-from moe_router.eval.baselines import BASELINES, GATE, RagRouteStyle
-from moe_router.eval.calibration import calibration_report
+from moe_router.eval.baselines import BASELINES, GATE, LogisticRegressionRouter, RagRouteStyle
+from moe_router.eval.calibration import calibrated_with_bias, calibration_report
 from moe_router.eval.ir import ir_metrics
 from moe_router.index.exact import exhaustive_index, stacked
-from moe_router.metrics import accuracy_at_k
+from moe_router.metrics import accuracy_at_k, expected_calibration_error
 from moe_router.routing.router import Router
 from moe_router.types import SearchParams
 
@@ -91,7 +91,8 @@ def labelled_queries(router: Router, dataset: BeirDataset, split: str) -> tuple[
 
 
 def build_baselines(router: Router, dataset: BeirDataset, names: Sequence[str], seed: int = 0) -> list[Any]:
-    """Each named baseline; RAGRoute style learns from the train split's judged queries, else the documents."""
+    """Each named baseline; RAGRoute style learns from the train split's judged queries, else the documents;
+    the logistic regression from both, as the gate does, calibrated on the gate's validation judgments."""
     unknown = [key for key in names if key not in BASELINES]
     if unknown:
         raise ValueError(f"unknown baseline(s) {unknown}; expected some of {sorted(BASELINES)}")
@@ -100,6 +101,17 @@ def build_baselines(router: Router, dataset: BeirDataset, names: Sequence[str], 
     for key in names:
         if key == "ragroute" and train is not None:
             out.append(RagRouteStyle(router, *train, seed=seed))
+        elif key == "logreg":
+            out.append(
+                LogisticRegressionRouter(
+                    router,
+                    *(train or (None, None)),
+                    calib=labelled_queries(router, dataset, "val"),
+                    bias=calibrated_with_bias(router, dataset),
+                    query_weight=float(router.config.get("targets", {}).get("query_weight", 0.5)),
+                    seed=seed,
+                )
+            )
         else:
             out.append(BASELINES[key](router))
     return out
@@ -166,7 +178,7 @@ def evaluate_retrieval(
     }
     quiet = len(xq) * router.ntotal < 10**8
     for b in tqdm(build_baselines(router, dataset, baselines, seed), desc="building baselines", disable=quiet):
-        facts = {"scans_everything": b.scans_everything}
+        facts = {"scans_everything": b.scans_everything, **getattr(b, "facts", {})}
         if hasattr(b, "scanned"):  # ReDDE style searches its sample to route: part of its cost
             facts["routing_scanned"] = b.scanned / router.ntotal
         scorers[b.name] = (b.scores, facts)
@@ -197,6 +209,7 @@ def evaluate_retrieval(
             "prior_weight": weight,
             "p@1.5_sources": p15,
             "source_acc@1": accuracy_at_k(probs, gold, 1),
+            "ece": expected_calibration_error(probs.max(axis=1), probs.argmax(axis=1) == gold),
         }
         for setting, sel in settings.items():
             row.update({f"{key}@{setting}": v for key, v in measure(sel, probs, weight).items()})
