@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 
 from moe_router.apps.train import train
 from moe_router.data.beir import HELDOUT, BeirDataset
+from moe_router.embed.cache import default_cache_dir
 from moe_router.eval.adaptive import P_GRID, OperatingPoint, cheapest_at_least
 from moe_router.eval.baselines import GATE
 from moe_router.eval.retrieval import evaluate_retrieval, gold_sources
@@ -46,6 +47,8 @@ OUTER_KEYS = (
     "ndcg@10@1",
     "ndcg@10@chosen",
     "sources@chosen",
+    "ndcg@10@best",
+    "sources@best",
     "ndcg@10@defaults",
     "sources@defaults",
     "ndcg@10@exhaustive",
@@ -109,21 +112,24 @@ def run_fold(args: argparse.Namespace, data: str, fold: int, work: Path, eval_cf
     trained = []
     for extra in candidates:
         name = "_".join(x.split("=")[-1] for x in extra)
-        cfg = compose_cfg("train", [*base, f"out={work}/{data}_{fold}_{name}", *extra])
-        router = train(cfg).router
+        out = (args.reuse or work) / f"{data}_{fold}_{name}"
+        cfg = compose_cfg("train", [*base, f"out={out}", *extra])
+        router = Router.load(out, cache_dir=cfg.cache_dir or default_cache_dir()) if args.reuse else train(cfg).router
         dataset = instantiate(cfg.data)
         default_weight = router.prior_weight
         points, inner = operating_points(router, dataset, INNER, args.prior_weights, args.max_experts)
         chosen = cheapest_at_least(points, inner["ndcg@10@exhaustive"])
-        trained.append((extra, cfg, router, dataset, default_weight, chosen, inner))
+        best = max(points, key=lambda p: (p.quality, -p.experts))  # the other rule: best on the inner folds
+        trained.append((extra, cfg, router, dataset, default_weight, chosen, best, inner))
         print(
             f"  {data} fold {fold} {' '.join(extra) or 'defaults'}: inner acc@1 {inner['source_acc@1']:.3f}, "
             f"chosen {chosen}"
         )
-    extra, cfg, router, dataset, default_weight, chosen, inner = max(trained, key=lambda t: t[6]["source_acc@1"])
+    extra, cfg, router, dataset, default_weight, chosen, best, inner = max(trained, key=lambda t: t[7]["source_acc@1"])
 
     outer, scores = at_point(router, dataset, HELDOUT, chosen)
     row = frontier_row(outer, chosen.setting)
+    best_row = frontier_row(at_point(router, dataset, HELDOUT, best)[0], best.setting)
     router.prior_weight = default_weight  # the configs' defaults, measured on the same fold
     defaults, _ = evaluate_retrieval(
         router, dataset, HELDOUT, top_p=eval_cfg.top_p, max_experts=eval_cfg.max_experts, baselines=()
@@ -137,12 +143,15 @@ def run_fold(args: argparse.Namespace, data: str, fold: int, work: Path, eval_cf
         "inner_queries": inner["queries"],
         "candidate": " ".join(extra) or "defaults",
         "chosen": vars(chosen),
+        "best": vars(best),
         "inner_ndcg@10@exhaustive": inner["ndcg@10@exhaustive"],
         "default_prior_weight": default_weight,
         "source_acc@1": outer["source_acc@1"],
         "ndcg@10@1": outer["ndcg@10@1"],
         "ndcg@10@chosen": row["quality"],
         "sources@chosen": row["experts"],
+        "ndcg@10@best": best_row["quality"],
+        "sources@best": best_row["experts"],
         "ndcg@10@defaults": defaults["ndcg@10@adaptive"],
         "sources@defaults": defaults["sources@adaptive"],
         "ndcg@10@exhaustive": outer["ndcg@10@exhaustive"],
@@ -164,6 +173,7 @@ def summarise(folds: list[dict[str, Any]], draws: int) -> dict[str, Any]:
         for k in OUTER_KEYS
     }
     out["held_exhaustive"] = sum(f["ndcg@10@chosen"] >= f["ndcg@10@exhaustive"] for f in folds)
+    out["best_held_exhaustive"] = sum(f["ndcg@10@best"] >= f["ndcg@10@exhaustive"] for f in folds)
     out["defaults_held_exhaustive"] = sum(f["ndcg@10@defaults"] >= f["ndcg@10@exhaustive"] for f in folds)
     conf = np.concatenate([f["confidence"] for f in folds])
     correct = np.concatenate([f["correct"] for f in folds])
@@ -189,6 +199,7 @@ def markdown(data: str, args: argparse.Namespace, folds: list[dict[str, Any]], s
         + (f" --prototypes {' '.join(map(str, args.prototypes))}" if args.prototypes else "")
         + "`. Each fold is measured by a router trained and tuned without it (see the script's docstring). "
         "`chosen`: the cheapest operating point whose nDCG@10 on the other folds reached exhaustive's there; "
+        "`best`: the point with the highest nDCG@10 there (ties: fewer sources); "
         "`defaults`: the configs' top_p / max_experts / prior_weight on the same fold. `ece_floor_q90`: the "
         "90th percentile of the ECE of a perfectly calibrated gate with the same confidences on as many queries.",
         "",
@@ -208,7 +219,9 @@ def markdown(data: str, args: argparse.Namespace, folds: list[dict[str, Any]], s
     lines += [
         "",
         f"Chosen point held exhaustive's nDCG@10 on the held-out fold in **{summary['held_exhaustive']} of "
-        f"{len(folds)}** folds (the configs' defaults: {summary['defaults_held_exhaustive']} of {len(folds)}).",
+        f"{len(folds)}** folds (`best`, the point with the highest nDCG@10 on the other folds: "
+        f"{summary['best_held_exhaustive']} of {len(folds)}; the configs' defaults: "
+        f"{summary['defaults_held_exhaustive']} of {len(folds)}).",
         "",
         f"Pooled over the folds ({p['queries']} queries, each scored by a router that never saw it): source acc@1 "
         f"{p['source_acc@1']:.3f}, ECE {p['ece']:.4f} against a noise floor of {p['ece_floor_mean']:.4f} "
@@ -217,17 +230,23 @@ def markdown(data: str, args: argparse.Namespace, folds: list[dict[str, Any]], s
         "",
         "## Settings chosen per fold (on the other folds only)",
         "",
-        "| fold | trained with | setting | max_experts | prior_weight | inner mean sources | inner nDCG@10 "
+        "| fold | rule | trained with | setting | max_experts | prior_weight | inner mean sources | inner nDCG@10 "
         "| inner exhaustive | configs' prior_weight |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for f in folds:
-        c = f["chosen"]
-        lines.append(
-            f"| {f['fold']} | {f['candidate']} | {c['setting']} | {c['max_experts']} | {c['prior_weight']:g} | "
-            f"{c['experts']:.2f} | {c['quality']:.3f} | {f['inner_ndcg@10@exhaustive']:.3f} | "
-            f"{f['default_prior_weight']:g} |"
-        )
+        for rule in ("chosen", "best"):
+            c = f[rule]
+            lines.append(
+                f"| {f['fold']} | {rule} | {f['candidate']} | {c['setting']} | {c['max_experts']} | "
+                f"{c['prior_weight']:g} | {c['experts']:.2f} | {c['quality']:.3f} | "
+                f"{f['inner_ndcg@10@exhaustive']:.3f} | {f['default_prior_weight']:g} |"
+            )
+    lines += [
+        "",
+        "prior_weight matters only where more than one source is searched (at top-1 every weight ties; the "
+        "first of the grid is listed). max_experts matters only for top-p.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -240,6 +259,7 @@ def main() -> None:
     p.add_argument("--max-experts", type=int, nargs="+", default=list(MAX_EXPERTS))
     p.add_argument("--datasets-dir", default=str(REPO.parent / "shared" / "datasets"))
     p.add_argument("--out", type=Path, default=REPO / "reports" / "cv")
+    p.add_argument("--reuse", type=Path, default=None, help="load the fold routers an earlier run saved here")
     p.add_argument("--draws", type=int, default=2000, help="simulated calibrated outcome sets behind the ECE floor")
     p.add_argument("--smoke", action="store_true", help="two tiny classic sources, hashing embedder, 2 folds, 1 epoch")
     args = p.parse_args()
@@ -248,6 +268,7 @@ def main() -> None:
     if args.folds < 2:
         p.error(f"--folds must be at least 2, got {args.folds}")
     work = Path(tempfile.mkdtemp(prefix="cv-"))
+    print(f"Fold routers: {work}/ (rerun with --reuse {work} to re-evaluate without training)")
     if args.smoke:
         args.data, args.folds, args.draws = ["classic"], 2, 50
         args.prior_weights, args.max_experts = (0.0, 0.1), (2,)
