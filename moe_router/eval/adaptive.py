@@ -147,3 +147,27 @@ def p_at_cost(
         mid = (low + high) / 2
         low, high = (mid, high) if mid > 0 and cost(mid) <= target else (low, mid)
     return max(low, 1e-6)
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """One query-time setting of routed search and what it gave on a set of queries."""
+
+    setting: str  # a frontier setting: "top-2" or "p=0.9"
+    max_experts: int  # the cap of top-p (top-k ignores it)
+    prior_weight: float  # merge by score + prior_weight * log p(expert)
+    experts: float  # mean sources searched per query
+    quality: float  # nDCG@10 (or another quality, higher is better)
+
+
+def cheapest_at_least(points: Sequence[OperatingPoint], reference: float, tol: float = 1e-9) -> OperatingPoint:
+    """The point searching the fewest experts whose quality is at least `reference`; ties go to higher quality.
+
+    When no point reaches it, the best-quality point (so a grid that holds the exhaustive setting always has an answer).
+    """
+    if not points:
+        raise ValueError("cheapest_at_least needs at least one operating point")
+    enough = [p for p in points if p.quality >= reference - tol]
+    if not enough:
+        return max(points, key=lambda p: (p.quality, -p.experts))
+    return min(enough, key=lambda p: (p.experts, -p.quality))

@@ -1,0 +1,80 @@
+"""benchmarks/cv.py: the folds, the operating-point rule, the ECE noise floor, the smoke run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moe_router.data.beir import HELDOUT, load_beir
+from moe_router.eval.adaptive import OperatingPoint, cheapest_at_least
+from moe_router.metrics import ece_noise_floor, expected_calibration_error
+from tests.helpers import VOCAB, write_beir
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("folds", [2, 4])
+def test_holdout_folds__partition_dev_per_source_and_never_overlap_the_rest(tmp_path: Path, folds: int) -> None:
+    root = write_beir(tmp_path / "beir", queries={"train": 2, "dev": 9, "test": 2})
+    dev = load_beir(root).query_ids("dev")
+    seen: list[str] = []
+    for f in range(folds):
+        data = load_beir(root, holdout_folds=folds, holdout_fold=f)
+        held, rest = data.query_ids(HELDOUT), data.query_ids("dev")
+        assert not set(held) & set(rest)  # training never sees the fold it is measured on
+        assert sorted(held + rest) == sorted(dev)
+        per_source = Counter(q.split("-")[0] for q in held)
+        assert set(per_source) == set(VOCAB)  # dealt per source: every fold keeps the sources' mix
+        assert max(per_source.values()) - min(per_source.values()) <= 1
+        assert data.query_ids("test") == load_beir(root).query_ids("test")
+        seen += held
+    assert sorted(seen) == sorted(dev)  # the folds cover dev once each
+    again = load_beir(root, holdout_folds=folds, holdout_fold=0).query_ids(HELDOUT)
+    assert again == load_beir(root, holdout_folds=folds, holdout_fold=0).query_ids(HELDOUT)  # seeded
+
+
+def point(setting: str, experts: float, quality: float, w: float = 0.0) -> OperatingPoint:
+    return OperatingPoint(setting, 4, w, experts, quality)
+
+
+def test_cheapest_at_least__fewest_sources_reaching_the_reference() -> None:
+    points = [point("top-1", 1.0, 0.40), point("p=0.8", 1.3, 0.52), point("p=0.9", 1.6, 0.55), point("top-8", 8, 0.5)]
+    assert cheapest_at_least(points, 0.50).setting == "p=0.8"
+    assert cheapest_at_least(points, 0.30).setting == "top-1"
+    tied = [point("p=0.8", 1.3, 0.52, w=0.1), point("p=0.8", 1.3, 0.53, w=0.2)]
+    assert cheapest_at_least(tied, 0.5).prior_weight == 0.2  # same cost: the better one
+    assert cheapest_at_least(points, 0.9).setting == "p=0.9"  # none reaches it: the best
+    with pytest.raises(ValueError, match="at least one operating point"):
+        cheapest_at_least([], 0.5)
+
+
+def test_ece_noise_floor__its_90th_percentile_bounds_a_calibrated_gate_nine_times_in_ten() -> None:
+    rng = np.random.default_rng(0)
+    conf = rng.uniform(0.5, 1.0, size=150)
+    floor = ece_noise_floor(conf, draws=400, seed=1)
+    # fresh calibrated outcomes (other seeds than the floor's own draws) fall under q90 about 90% of the time
+    inside = np.mean([expected_calibration_error(conf, rng.random(150) < conf) <= floor.q90 for _ in range(400)])
+    assert 0.85 <= inside <= 0.95
+    overconfident = expected_calibration_error(conf, rng.random(150) < conf - 0.2)  # 20 points less often right
+    assert overconfident > floor.q90
+    assert floor.mean < floor.q90
+
+
+def test_cv_smoke_mode__writes_a_report_per_fold() -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "cv.py"), "--smoke"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "| **mean ± sd** |" in proc.stdout and "## Settings chosen per fold" in proc.stdout
