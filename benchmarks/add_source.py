@@ -39,16 +39,15 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from moe_router.apps.train import train_config  # noqa: E402
+from moe_router.apps.train import train  # noqa: E402
 from moe_router.checkpoint.format import POINTER  # noqa: E402
 from moe_router.data.beir import BeirDataset  # noqa: E402
-from moe_router.embed.cache import CachedEmbedder, default_cache_dir  # noqa: E402
+from moe_router.embed.cache import default_cache_dir  # noqa: E402
 from moe_router.eval.retrieval import evaluate_retrieval  # noqa: E402
 from moe_router.lifecycle.judged import add_judged_queries  # noqa: E402
 from moe_router.logs import quiet_libraries  # noqa: E402
 from moe_router.routing.router import Router  # noqa: E402
 from moe_router.train.finetune import FineTuneConfig, fine_tune  # noqa: E402
-from moe_router.train.pipeline import train_router  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -76,23 +75,15 @@ def compose_train(args: argparse.Namespace, sources: list[str], fold: int) -> An
 
 
 def trained(cfg: Any, path: Path, cache_dir: Path) -> tuple[Router, BeirDataset, float]:
-    """The router of `cfg` (cached at `path`, else trained as scripts/train.py does), its data, training seconds."""
+    """The router of `cfg` (cached at `path`, else trained by scripts/train.py's train()), its data, train seconds."""
     dataset = instantiate(cfg.data)
     if not (path / POINTER).is_file():
-        emb = CachedEmbedder(instantiate(cfg.embedder), cache_dir)
-        start = time.perf_counter()
-        result = train_router(
-            dataset,
-            emb,
-            train_config(cfg),
-            gate=instantiate(cfg.model, _partial_=True),
-            trainer=instantiate(cfg.trainer, _partial_=True),
-            module=instantiate(cfg.module),
-            log_dir=tempfile.mkdtemp(prefix="add-source-"),
-            record=OmegaConf.to_container(cfg, resolve=True),
+        cfg = OmegaConf.merge(
+            cfg, {"out": str(path), "cache_dir": str(cache_dir), "log_dir": tempfile.mkdtemp(prefix="add-source-")}
         )
+        start = time.perf_counter()
+        router = train(cfg).router  # saved to `path`; saved again below with its training time
         seconds = time.perf_counter() - start
-        router = result.router
         router.set_training_info(router.config, {**router.metrics, "train_seconds": seconds})
         router.save(path)
     router = Router.load(path, cache_dir=cache_dir)
