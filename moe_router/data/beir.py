@@ -22,13 +22,10 @@ import numpy as np
 
 from moe_router.checks import check_int
 from moe_router.data.base import StoredRows, TrainingDefaults, ValidationSet
-from moe_router.data.datasets import HELD_OUT_DEFAULTS, Record
+from moe_router.data.datasets import HELD_OUT_DEFAULTS, HELDOUT, Record
 from moe_router.data.jsonl import json_objects, lines
 
 QUERY_SPLITS = ("train", "dev", "test")
-
-# The part of dev set aside when the dataset is loaded with holdout_folds > 0 (see BeirDataset).
-HELDOUT = "heldout"
 
 # Merged hits ranked by similarity + 0.1 * log p(source) on any BEIR data. Measured on dev
 # (docs/retrieval.md): 0.05 to 0.2 all beat 0 when 2+ sources are searched, on both benchmarks.

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moe_router.checks import check_int
 from moe_router.data.base import StoredRows, TrainingDefaults, ValidationSet
 from moe_router.data.jsonl import json_objects
 
@@ -20,6 +21,10 @@ REQUIRED_FIELDS = ("text", "domain", "label", "split")
 
 
 SPLITS = ("train", "val", "test")
+
+# The part of the validation rows set aside when a dataset is loaded with holdout_folds > 0:
+# training (epoch choice, calibration) never sees it, so it measures the whole pipeline (cross-validation).
+HELDOUT = "heldout"
 
 # Validation on held-out rows (intent data, query vectors): the epoch is picked by recall@k against
 # exhaustive search, the routing target there; hits of several experts are merged by score alone.
@@ -199,6 +204,28 @@ def carve_validation(records: list[Record], fraction: float, seed: int) -> list[
     return [Record(r.text, r.domain, r.label, "val") if i in moved else r for i, r in enumerate(records)]
 
 
+def deal_holdout(records: list[Record], folds: int, fold: int, expert_key: str, seed: int = 0) -> list[Record]:
+    """Fold `fold` of `folds` of the 'val' rows becomes split 'heldout'; 'val' keeps the others.
+
+    Each expert's val rows are dealt round-robin after a seeded shuffle, the deal continuing from one
+    expert to the next, so every fold keeps the experts' mix, the folds differ in size by at most one
+    row and they partition 'val'.
+    """
+    check_int(folds, 2, 1000, "holdout_folds", "at most 1000; 0 = no held-out part of val")
+    check_int(fold, 0, folds - 1, "holdout_fold", "holdout_folds - 1")
+    val = [i for i, r in enumerate(records) if r.split == "val"]
+    if len(val) < folds:
+        raise ValueError(f"holdout_folds={folds} needs at least {folds} 'val' rows, the data has {len(val)}")
+    rng = np.random.default_rng(seed)
+    held: set[int] = set()
+    dealt = 0
+    for expert in sorted({getattr(records[i], expert_key) for i in val}):
+        rows = rng.permutation([i for i in val if getattr(records[i], expert_key) == expert])
+        held.update(int(i) for i in rows[(dealt + np.arange(len(rows))) % folds == fold])
+        dealt += len(rows)
+    return [Record(r.text, r.domain, r.label, HELDOUT) if i in held else r for i, r in enumerate(records)]
+
+
 def load_dataset(
     path: str | None = None,
     name: str | None = None,
@@ -207,9 +234,19 @@ def load_dataset(
     val_fraction: float = 0.1,
     seed: int = 0,
     oos_path: str | None = None,
+    holdout_folds: int = 0,
+    holdout_fold: int = 0,
 ) -> TextDataset:
-    """Load a JSONL dataset (`path=None`: the built-in demo corpus)."""
+    """Load a JSONL dataset (`path=None`: the built-in demo corpus).
+
+    `holdout_folds = F > 0` sets fold `holdout_fold` of the validation rows aside as split 'heldout'
+    (see deal_holdout); the out-of-scope rows are not dealt (they stay in their own split).
+    """
     file = Path(path) if path else demo_path()
     records = carve_validation(load_jsonl(file), val_fraction, seed)
+    if holdout_folds:
+        if expert_key not in ("domain", "label"):
+            raise ValueError(f"expert_key/parent_key must be 'domain' or 'label', got {expert_key!r}")
+        records = deal_holdout(records, holdout_folds, holdout_fold, expert_key)
     oos = load_jsonl(oos_path) if oos_path and Path(oos_path).is_file() else []
     return TextDataset(name or file.stem, records, expert_key, parent_key, oos)
