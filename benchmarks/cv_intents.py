@@ -60,14 +60,15 @@ def quick(router: Any, dataset: Any, split: str, baselines: tuple[str, ...] = ()
     return evaluate_intents(router, dataset, split, baselines=baselines, capacity_factor=None, speed_batches=())[0]
 
 
-def with_logreg(router: Any, dataset: Any, gate: np.ndarray, logreg_logits: np.ndarray) -> dict[str, Any]:
+def with_logreg(
+    router: Any, dataset: Any, gold: np.ndarray, gate: np.ndarray, logreg_logits: np.ndarray
+) -> dict[str, Any]:
     """acc@1 and recall@10@2 of the gate and the logistic regression together on the held-out fold.
 
     Their calibrated probabilities are combined by a geometric mean with equal weights (fixed
     beforehand, not fitted): p proportional to sqrt(p_gate * p_logreg).
     """
     xq = router.prepare(dataset.queries(HELDOUT))[0]
-    gold = gold_indices(router, dataset.gold_experts(HELDOUT))
     flat, ids = exhaustive_index(router.experts)
     exact = ids[flat.search(xq, 10)[1]]
     probs = softmax(0.5 * np.log(np.maximum(gate, 1e-12)) + 0.5 * np.log(softmax(logreg_logits)))
@@ -118,9 +119,9 @@ def run_fold(args: argparse.Namespace, data: str, fold: int, work: Path) -> dict
     )
     routers = outer["routers"]
     gold = gold_indices(router, dataset.gold_experts(HELDOUT))
-    probs = router.gate_probs(router.prepare(dataset.queries(HELDOUT))[0])
+    probs = scores[GATE]
     other_acc, other_recall = best_other(routers, "acc@1"), best_other(routers, RECALL)
-    fixed = {str(c): quick(r, d, HELDOUT) for c, r, d, _ in trained}
+    fixed = {str(c): outer if c == w else quick(r, d, HELDOUT) for c, r, d, _ in trained}
     calibrated = outer["calibration"]["calibrated"]
     return {
         "fold": fold,
@@ -140,7 +141,7 @@ def run_fold(args: argparse.Namespace, data: str, fold: int, work: Path) -> dict
         "ece": calibrated["ece"],
         "ece_floor_q90": calibrated["ece_noise_floor_q90"],
         "logreg_ece": routers[LOGREG]["ece"],
-        "with_logreg": with_logreg(router, dataset, scores[GATE], scores[LOGREG]),
+        "with_logreg": with_logreg(router, dataset, gold, probs, scores[LOGREG]),
         "fixed": {c: {"acc@1": r["acc@1"], RECALL: r[RECALL], "ece": r["ece"]} for c, r in fixed.items()},
         "confidence": probs.max(axis=1)[gold >= 0].tolist(),
         "correct": (probs.argmax(axis=1) == gold)[gold >= 0].tolist(),

@@ -244,9 +244,8 @@ def load_dataset(
     """
     file = Path(path) if path else demo_path()
     records = carve_validation(load_jsonl(file), val_fraction, seed)
-    if holdout_folds:
-        if expert_key not in ("domain", "label"):
-            raise ValueError(f"expert_key/parent_key must be 'domain' or 'label', got {expert_key!r}")
-        records = deal_holdout(records, holdout_folds, holdout_fold, expert_key)
     oos = load_jsonl(oos_path) if oos_path and Path(oos_path).is_file() else []
-    return TextDataset(name or file.stem, records, expert_key, parent_key, oos)
+    data = TextDataset(name or file.stem, records, expert_key, parent_key, oos)  # checks expert_key
+    if holdout_folds:  # the experts come from train, so dealing val afterwards leaves them as they are
+        data.records = deal_holdout(data.records, holdout_folds, holdout_fold, expert_key)
+    return data
