@@ -1,14 +1,16 @@
 """Nested K-fold cross-validation on the intent sets' validation rows: the gate against logistic regression.
 
     python benchmarks/cv_intents.py --data stackoverflow20 banking77 clinc150 --folds 4 --out reports/cv
-    python benchmarks/cv_intents.py --data stackoverflow20 --label-weights 0.5 1.0
+    python benchmarks/cv_intents.py --data stackoverflow20 --label-weights 0.5 1.0 --linear-weights 0 1
     python benchmarks/cv_intents.py --smoke   # seconds: demo data, hashing embedder, one epoch (numbers mean nothing)
 
 The validation rows (banking77: the 10% of train carved out, seed 0) are dealt into K seeded folds per
-expert (data.holdout_folds, load_dataset). For each outer fold f and each candidate value of the
+expert (data.holdout_folds, load_dataset). For each outer fold f and each candidate pair of the
 training target's label weight (targets.label_weight: the share of the one-hot expert label in a
-stored vector's target, the rest its exact neighbours' experts), a router is trained on train with the
-other folds picking the epoch and fitting the calibration; the candidate with the best inner score
+stored vector's target, the rest its exact neighbours' experts) and the linear-head weight
+(linear_weight: 0 = the gate alone, w > 0 = the gate times a logistic regression's probabilities to
+the power w, served as one gate), a router is trained on train with the other folds picking the epoch,
+weighing the linear head and fitting the calibration; the candidate with the best inner score
 (acc@1 + recall@10 at 2 experts, on those other folds) is the fold's choice. Only then is fold f
 measured, for the chosen router and every baseline that does not scan everything (centroid,
 multi-prototype, RAGRoute style, ReDDE style, FAISS IVF and the logistic regression, whose L2 penalty
@@ -33,13 +35,12 @@ from omegaconf import DictConfig
 from moe_router.apps.train import train
 from moe_router.data.datasets import HELDOUT
 from moe_router.eval.baselines import GATE, LogisticRegressionRouter
-from moe_router.eval.intents import IVF, evaluate_intents, gold_indices, routing_metrics
-from moe_router.gate.confidence import softmax
-from moe_router.index.exact import exhaustive_index
+from moe_router.eval.intents import IVF, evaluate_intents, gold_indices
 from moe_router.metrics import ece_noise_floor, expected_calibration_error
 
 REPO = Path(__file__).resolve().parents[1]
 LABEL_WEIGHTS = (0.5, 0.75, 1.0)  # candidates for targets.label_weight (configs/train.yaml's default: 0.5)
+LINEAR_WEIGHTS = (0.0, 1.0)  # candidates for linear_weight: no linear head | the gate x the logistic regression
 NON_SCANNING = ("centroid", "multi_prototype", "ragroute", "redde", "logreg")  # + FAISS IVF, always measured
 LOGREG = LogisticRegressionRouter.name
 INNER = "val"  # with holdout_folds, 'val' is the validation rows without the held-out fold
@@ -51,6 +52,15 @@ def compose_cfg(name: str, overrides: list[str]) -> DictConfig:
         return compose(name, overrides=overrides)
 
 
+def candidates(args: argparse.Namespace) -> list[tuple[float, float]]:
+    """Every (targets.label_weight, linear_weight) pair tried."""
+    return [(w, lin) for lin in args.linear_weights for w in args.label_weights]
+
+
+def label(candidate: tuple[float, float]) -> str:
+    return f"label_weight {candidate[0]:g}, linear_weight {candidate[1]:g}"
+
+
 def score(report: dict[str, Any]) -> float:
     """The inner selection score: acc@1 + recall@10 at 2 experts (both goals of the gate count)."""
     return report["acc@1"] + report[RECALL]
@@ -58,22 +68,6 @@ def score(report: dict[str, Any]) -> float:
 
 def quick(router: Any, dataset: Any, split: str, baselines: tuple[str, ...] = ()) -> dict[str, Any]:
     return evaluate_intents(router, dataset, split, baselines=baselines, capacity_factor=None, speed_batches=())[0]
-
-
-def with_logreg(
-    router: Any, dataset: Any, gold: np.ndarray, gate: np.ndarray, logreg_logits: np.ndarray
-) -> dict[str, Any]:
-    """acc@1 and recall@10@2 of the gate and the logistic regression together on the held-out fold.
-
-    Their calibrated probabilities are combined by a geometric mean with equal weights (fixed
-    beforehand, not fitted): p proportional to sqrt(p_gate * p_logreg).
-    """
-    xq = router.prepare(dataset.queries(HELDOUT))[0]
-    flat, ids = exhaustive_index(router.experts)
-    exact = ids[flat.search(xq, 10)[1]]
-    probs = softmax(0.5 * np.log(np.maximum(gate, 1e-12)) + 0.5 * np.log(softmax(logreg_logits)))
-    m = routing_metrics(router, xq, probs, gold, exact, [2])
-    return {"acc@1": m["acc@1"], RECALL: m[RECALL]}
 
 
 def best_other(routers: dict[str, dict[str, Any]], metric: str) -> tuple[str, float]:
@@ -97,22 +91,26 @@ def run_fold(args: argparse.Namespace, data: str, fold: int, work: Path) -> dict
         *args.overrides,
     ]
     trained = []
-    for w in args.label_weights:
+    for w, lin in candidates(args):
+        name = f"{data}_{fold}_{w}_{lin}"
         cfg = compose_cfg(
             "train",
             [
                 *base,
                 f"targets.label_weight={w}",
-                f"out={work}/{data}_{fold}_{w}",
-                f"log_dir={work}/logs/{data}_{fold}_{w}",
+                f"linear_weight={lin}",
+                f"out={work}/{name}",
+                f"log_dir={work}/logs/{name}",
             ],
         )
         router = train(cfg).router
         dataset = instantiate(cfg.data)
         inner = quick(router, dataset, INNER)
-        trained.append((w, router, dataset, inner))
-        print(f"  {data} fold {fold} label_weight {w}: inner acc@1 {inner['acc@1']:.3f}, {RECALL} {inner[RECALL]:.3f}")
-    chosen = max(trained, key=lambda t: (score(t[3]), -abs(t[0] - args.label_weights[0])))
+        trained.append(((w, lin), router, dataset, inner))
+        print(f"  {data} fold {fold} {label((w, lin))}: inner acc@1 {inner['acc@1']:.3f}, {RECALL} {inner[RECALL]:.3f}")
+    first = (args.label_weights[0], args.linear_weights[0])
+    # Ties go to the candidate nearest the first one (the configs' default): no change without a reason.
+    chosen = max(trained, key=lambda t: (score(t[3]), -abs(t[0][0] - first[0]), -abs(t[0][1] - first[1])))
     w, router, dataset, inner = chosen
     outer, scores = evaluate_intents(
         router, dataset, HELDOUT, baselines=NON_SCANNING, capacity_factor=None, speed_batches=()
@@ -121,14 +119,16 @@ def run_fold(args: argparse.Namespace, data: str, fold: int, work: Path) -> dict
     gold = gold_indices(router, dataset.gold_experts(HELDOUT))
     probs = scores[GATE]
     other_acc, other_recall = best_other(routers, "acc@1"), best_other(routers, RECALL)
-    fixed = {str(c): outer if c == w else quick(r, d, HELDOUT) for c, r, d, _ in trained}
+    fixed = {label(c): outer if c == w else quick(r, d, HELDOUT) for c, r, d, _ in trained}
     calibrated = outer["calibration"]["calibrated"]
     return {
         "fold": fold,
         "queries": outer["queries"],
         "inner_queries": inner["queries"],
-        "label_weight": w,
-        "inner": {str(c): {"acc@1": i["acc@1"], RECALL: i[RECALL]} for c, _, _, i in trained},
+        "label_weight": w[0],
+        "linear_weight": w[1],
+        "chosen": label(w),
+        "inner": {label(c): {"acc@1": i["acc@1"], RECALL: i[RECALL]} for c, _, _, i in trained},
         "acc@1": outer["acc@1"],
         RECALL: outer[RECALL],
         "logreg_acc@1": routers[LOGREG]["acc@1"],
@@ -141,7 +141,6 @@ def run_fold(args: argparse.Namespace, data: str, fold: int, work: Path) -> dict
         "ece": calibrated["ece"],
         "ece_floor_q90": calibrated["ece_noise_floor_q90"],
         "logreg_ece": routers[LOGREG]["ece"],
-        "with_logreg": with_logreg(router, dataset, gold, probs, scores[LOGREG]),
         "fixed": {c: {"acc@1": r["acc@1"], RECALL: r[RECALL], "ece": r["ece"]} for c, r in fixed.items()},
         "confidence": probs.max(axis=1)[gold >= 0].tolist(),
         "correct": (probs.argmax(axis=1) == gold)[gold >= 0].tolist(),
@@ -175,10 +174,6 @@ def summarise(folds: list[dict[str, Any]], draws: int) -> dict[str, Any]:
         out[f"fixed {c}"] = {
             m: float(np.average([f["fixed"][c][m] for f in folds], weights=n)) for m in ("acc@1", RECALL, "ece")
         }
-    out["with_logreg"] = {
-        m: float(np.average([f["with_logreg"][m] for f in folds], weights=n)) for m in ("acc@1", RECALL)
-    }
-    out["with_logreg_beats_logreg_acc@1"] = sum(f["with_logreg"]["acc@1"] > f["logreg_acc@1"] for f in folds)
     out["gate_beats_logreg_acc@1"] = sum(f["acc@1"] > f["logreg_acc@1"] for f in folds)
     out["gate_at_least_best_other_recall"] = sum(f[RECALL] >= f[f"best_other_{RECALL}"] for f in folds)
     conf = np.concatenate([f["confidence"] for f in folds])
@@ -196,27 +191,30 @@ def summarise(folds: list[dict[str, Any]], draws: int) -> dict[str, Any]:
 
 def markdown(data: str, args: argparse.Namespace, folds: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     weights = " ".join(map(str, args.label_weights))
+    linear = " ".join(map(str, args.linear_weights))
     lines = [
         f"# {data}: {args.folds}-fold nested cross-validation on the validation rows",
         "",
-        f"Written by `python benchmarks/cv_intents.py --data {data} --folds {args.folds} --label-weights {weights}`. "
+        f"Written by `python benchmarks/cv_intents.py --data {data} --folds {args.folds} --label-weights {weights} "
+        f"--linear-weights {linear}`. "
         "Each fold is measured by routers trained and tuned without it (see the script's docstring): the gate with "
-        "the label weight its other folds chose, the logistic regression and the other routers that do not scan "
+        "the label weight and linear-head weight its other folds chose, the logistic regression and the other "
+        "routers that do not scan "
         "everything (best of centroid, multi-prototype, RAGRoute style, ReDDE style; for recall also FAISS IVF). "
         "`ece_floor_q90`: the 90th percentile of the ECE a perfectly calibrated gate with the same confidences "
         "shows on as many queries.",
         "",
-        "| fold | queries | chosen label_weight | " + " | ".join(KEYS) + " |",
-        "|" + "---|" * (len(KEYS) + 3),
+        "| fold | queries | chosen label_weight | chosen linear_weight | " + " | ".join(KEYS) + " |",
+        "|" + "---|" * (len(KEYS) + 4),
     ]
     for f in folds:
         lines.append(
-            f"| {f['fold']} | {f['queries']} | {f['label_weight']:g} | "
+            f"| {f['fold']} | {f['queries']} | {f['label_weight']:g} | {f['linear_weight']:g} | "
             + " | ".join(f"{f[k]:.3f}" for k in KEYS)
             + " |"
         )
     lines.append(
-        f"| **all (query-weighted) ± fold sd** | {sum(f['queries'] for f in folds)} | | "
+        f"| **all (query-weighted) ± fold sd** | {sum(f['queries'] for f in folds)} | | | "
         + " | ".join(f"**{summary[k]['mean']:.3f}** ± {summary[k]['sd']:.3f}" for k in KEYS)
         + " |"
     )
@@ -232,14 +230,9 @@ def markdown(data: str, args: argparse.Namespace, folds: list[dict[str, Any]], s
         f"noise floor of {p['ece_floor_mean']:.4f} (mean) / **{p['ece_floor_q90']:.4f}** (90th percentile): "
         + ("within the floor." if p["ece"] <= p["ece_floor_q90"] else "**above the floor**."),
         "",
-        "The gate and the logistic regression together (geometric mean of their calibrated probabilities, equal "
-        f"weights fixed beforehand; the chosen gate of each fold): acc@1 **{summary['with_logreg']['acc@1']:.3f}** "
-        f"(above the logistic regression alone in {summary['with_logreg_beats_logreg_acc@1']} of {k} folds), "
-        f"{RECALL} **{summary['with_logreg'][RECALL]:.3f}**. Not a router the library serves: a measured candidate.",
-        "",
         "## Every candidate at a fixed setting, on the same held-out folds (a comparison, not a choice)",
         "",
-        f"| label_weight | acc@1 | {RECALL} | ECE |",
+        f"| candidate | acc@1 | {RECALL} | ECE |",
         "|---|---|---|---|",
     ]
     for c in folds[0]["fixed"]:
@@ -249,12 +242,12 @@ def markdown(data: str, args: argparse.Namespace, folds: list[dict[str, Any]], s
         "",
         "## Inner scores per fold (on the other folds only; the choice maximises acc@1 + recall@10@2)",
         "",
-        "| fold | label_weight | inner acc@1 | inner " + RECALL + " |",
+        "| fold | candidate | inner acc@1 | inner " + RECALL + " |",
         "|---|---|---|---|",
     ]
     for f in folds:
         for c, r in f["inner"].items():
-            mark = " (chosen)" if float(c) == f["label_weight"] else ""
+            mark = " (chosen)" if c == f["chosen"] else ""
             lines.append(f"| {f['fold']} | {c}{mark} | {r['acc@1']:.3f} | {r[RECALL]:.3f} |")
     return "\n".join(lines) + "\n"
 
@@ -264,6 +257,7 @@ def main() -> None:
     p.add_argument("--data", nargs="+", default=["stackoverflow20", "banking77", "clinc150"], help="configs/data")
     p.add_argument("--folds", type=int, default=4, help="K: folds of the validation rows")
     p.add_argument("--label-weights", type=float, nargs="+", default=list(LABEL_WEIGHTS), help="candidates")
+    p.add_argument("--linear-weights", type=float, nargs="+", default=list(LINEAR_WEIGHTS), help="candidates")
     p.add_argument("--datasets-dir", default=str(REPO.parent / "shared" / "datasets"))
     p.add_argument("--out", type=Path, default=REPO / "reports" / "cv")
     p.add_argument("--draws", type=int, default=2000, help="simulated calibrated outcome sets behind the ECE floor")
@@ -274,9 +268,17 @@ def main() -> None:
         p.error(f"--folds must be at least 2, got {args.folds}")
     if any(not 0.0 <= w <= 1.0 for w in args.label_weights):
         p.error(f"--label-weights must lie in [0, 1], got {args.label_weights}")
+    if any(not w >= 0 for w in args.linear_weights):
+        p.error(f"--linear-weights must be >= 0, got {args.linear_weights}")
     work = Path(tempfile.mkdtemp(prefix="cv-intents-"))
     if args.smoke:
-        args.data, args.folds, args.draws, args.label_weights = ["demo"], 2, 50, [0.5, 1.0]
+        args.data, args.folds, args.draws, args.label_weights, args.linear_weights = (
+            ["demo"],
+            2,
+            50,
+            [0.5, 1.0],
+            [0.0, 1.0],
+        )
         args.out = work / "reports"
         args.overrides = ["embedder=hashing", "trainer.max_epochs=1", "trainer.accelerator=cpu", f"cache_dir={work}"]
     args.out.mkdir(parents=True, exist_ok=True)

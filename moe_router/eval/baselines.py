@@ -12,13 +12,13 @@ from collections.abc import Sequence
 import faiss
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moe_router.gate.confidence import fit_bias_temperature, fit_temperature
+from moe_router.gate.linear import L2_GRID, fit_linear, training_rows
 from moe_router.index.clustering import kmeans_centroids
 from moe_router.index.exact import exact_neighbours, stacked
-from moe_router.index.expert import centroids
+from moe_router.index.expert import centroids, labelled_sample
 from moe_router.metrics import overlap_at_k
 from moe_router.routing.router import Router
 from moe_router.vectors import flat_index, similarity
@@ -112,22 +112,6 @@ class KnnVoteRouter:
         return votes + 1e-3 * (c - c.min()) / (np.ptp(c) + 1e-12)  # ties go to the closer centroid
 
 
-def stored_labels(router: Router, per_expert: int = 1000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Stored vectors as pseudo-queries labelled with their expert: a seeded sample of up to per_expert each.
-
-    Returns (x (m, d), gold (m,) expert index).
-    """
-    rng = np.random.default_rng(seed)
-    xs, gold = [], []
-    for i, e in enumerate(router.experts):
-        x = e.vectors()
-        if len(x) > per_expert:
-            x = x[np.sort(rng.choice(len(x), size=per_expert, replace=False))]
-        xs.append(x)
-        gold.append(np.full(len(x), i, dtype=np.int64))
-    return np.concatenate(xs), np.concatenate(gold)
-
-
 class RagRouteStyle:
     """A per-source relevance classifier on [query embedding; source centroid] (as RAGRoute routes, Guerraoui et al.).
 
@@ -151,7 +135,7 @@ class RagRouteStyle:
         seed: int = 0,
     ) -> None:
         if xq is None or gold is None:  # no labelled queries: the stored vectors as pseudo-queries of their expert
-            xq, gold = stored_labels(router, per_expert, seed)
+            xq, gold = labelled_sample(router.experts, per_expert, seed)
         if len(xq) != len(gold) or not len(xq):
             raise ValueError(
                 f"RAGRoute-style baseline needs labelled queries: got {len(xq)} vectors and {len(gold)} labels"
@@ -240,42 +224,6 @@ class ReddeStyle:
         return (votes + 1e-3 * (c - c.min()) / (np.ptp(c) + 1e-12)).astype(np.float32)  # ties go to the closer centroid
 
 
-L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)  # L2 penalties on the weights tried by cross-validation (per unit of mean NLL)
-
-
-def fit_softmax(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    w: torch.Tensor,
-    num_classes: int,
-    l2: float,
-    max_iter: int = 200,
-    init: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W (E, d), b (E,)) minimising sum_i w_i NLL_i / sum_i w_i + l2 |W|^2: full-batch L-BFGS from zero or `init`.
-
-    x (m, d), y (m,) class index, w (m,) row weights. The objective is strictly convex, so the
-    result depends on the data alone (no seed); `init` only warm-starts the search.
-    """
-    W = torch.zeros(num_classes, x.shape[1], dtype=x.dtype) if init is None else init[0].clone()
-    b = torch.zeros(num_classes, dtype=x.dtype) if init is None else init[1].clone()
-    W.requires_grad_(True)
-    b.requires_grad_(True)
-    share = w / w.sum()
-    opt = torch.optim.LBFGS(
-        [W, b], max_iter=max_iter, tolerance_grad=1e-6, tolerance_change=1e-10, line_search_fn="strong_wolfe"
-    )
-
-    def objective() -> torch.Tensor:
-        opt.zero_grad()
-        loss = (F.cross_entropy(x @ W.T + b, y, reduction="none") * share).sum() + l2 * W.square().sum()
-        loss.backward()
-        return loss
-
-    opt.step(objective)
-    return W.detach(), b.detach()
-
-
 class LogisticRegressionRouter:
     """Multinomial logistic regression on the router's (normalised) embeddings, with its own calibration.
 
@@ -309,12 +257,7 @@ class LogisticRegressionRouter:
         self.dim, self.num_experts = router.dim, router.num_experts
         if not self.num_experts or not router.ntotal:
             raise ValueError("logistic regression needs stored vectors to train on; the router has none")
-        if not len(l2_grid) or min(l2_grid) < 0:
-            raise ValueError(f"l2_grid must be non-empty penalties >= 0, got {list(l2_grid)}")
-        if not 0.0 <= query_weight < 1.0:
-            raise ValueError(f"query_weight is a share of the loss in [0, 1), got {query_weight}")
-        x, y = stored_labels(router, per_expert, seed)
-        w = np.full(len(x), 1.0 / len(x))
+        queries = None
         if xq is not None and gold is not None:
             xq = self._check(xq, "training queries")
             gold = np.asarray(gold, dtype=np.int64)
@@ -323,14 +266,10 @@ class LogisticRegressionRouter:
                     f"logistic regression needs one gold expert in [0, {self.num_experts}) per training query "
                     f"(-1 = unknown): got {len(xq)} queries and {len(gold)} labels, max {gold.max(initial=-1)}"
                 )
-            keep = gold >= 0
-            if keep.any() and query_weight > 0:
-                x, y = np.concatenate([x, xq[keep]]), np.concatenate([y, gold[keep]])
-                w = np.concatenate([w * (1.0 - query_weight), np.full(keep.sum(), query_weight / keep.sum())])
-        X, Y, Wt = (torch.from_numpy(np.ascontiguousarray(a)) for a in (x.astype(np.float32), y, w.astype(np.float32)))
-        self.cv_accuracy = self._cross_validate(X, Y, Wt, sorted(l2_grid, reverse=True), folds, max_iter, seed)
-        self.l2 = max(self.cv_accuracy, key=lambda l2: (self.cv_accuracy[l2], l2))  # ties: the stronger penalty
-        self.W, self.b = fit_softmax(X, Y, Wt, self.num_experts, self.l2, max_iter)
+            queries = (xq, gold)
+        rows = training_rows(labelled_sample(router.experts, per_expert, seed), queries, query_weight)
+        self.fit = fit_linear(*rows, self.num_experts, l2_grid, folds, max_iter, seed)
+        self.l2, self.cv_accuracy = self.fit.l2, self.fit.cv_accuracy
         self.temperature, self.offsets = 1.0, np.zeros(self.num_experts)
         if calib is not None and (np.asarray(calib[1]) >= 0).any():
             logits, cgold = self._logits(self._check(calib[0], "calibration queries")), np.asarray(calib[1])
@@ -346,35 +285,8 @@ class LogisticRegressionRouter:
             raise ValueError(f"logistic regression {what}: expected an (n, {self.dim}) array, got shape {xq.shape}")
         return xq
 
-    def _cross_validate(
-        self,
-        X: torch.Tensor,
-        Y: torch.Tensor,
-        Wt: torch.Tensor,
-        grid: list[float],
-        folds: int,
-        max_iter: int,
-        seed: int,
-    ) -> dict[float, float]:
-        """{l2: held-out weighted accuracy} over `folds` seeded folds (one fit per fold when the grid has one value)."""
-        if len(grid) == 1:
-            return {grid[0]: float("nan")}
-        if not 2 <= folds <= len(X):
-            raise ValueError(f"cross-validation needs 2 <= folds <= {len(X)} training rows, got folds={folds}")
-        fold = torch.from_numpy(np.random.default_rng(seed).permutation(len(X)) % folds)
-        hits = dict.fromkeys(grid, 0.0)
-        for f in range(folds):
-            train, held = fold != f, fold == f
-            init = None
-            for l2 in grid:  # strongest penalty first: each fit warm-starts the next, weaker one
-                init = fit_softmax(X[train], Y[train], Wt[train], self.num_experts, l2, max_iter, init)
-                right = ((X[held] @ init[0].T + init[1]).argmax(1) == Y[held]).to(Wt.dtype)
-                hits[l2] += float((right * Wt[held]).sum())
-        return {l2: h / float(Wt.sum()) for l2, h in hits.items()}
-
     def _logits(self, xq: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(xq, dtype=np.float32))
-        return (x @ self.W.T + self.b).numpy().astype(np.float64)  # (n, E)
+        return self.fit.logits(xq)  # (n, E)
 
     def scores(self, xq: np.ndarray) -> np.ndarray:
         """(n, E) calibrated logits: softmax of them is the calibrated probability of each expert."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 from collections.abc import Sequence
@@ -59,6 +60,17 @@ class Parallel(nn.Module):
         return torch.cat([m(x) for m in self.members], dim=-1)
 
 
+class WithInput(nn.Module):
+    """A body whose features are followed by the input itself: the head then holds a linear term in x."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([self.inner(x), x], dim=-1)  # (b, h + d)
+
+
 class Gate(nn.Module):
     """Softmax top-k gate: MLP body -> one linear output per expert, plus optional prototypes.
 
@@ -71,6 +83,10 @@ class Gate(nn.Module):
     logsumexp_j(s * <x, p_j>) with a learned sharpness s. This is a differentiable
     multi-prototype router (k-means-initialised by the caller) that the MLP corrects; its cost
     is fixed (e * m dot products), not growing with the stored vectors.
+
+    With `linear_head` the features end with the query itself, so each expert's logit also holds
+    a linear term w_e . x: a logistic regression installed beside the MLP (with_linear), which
+    adding, removing, merging and splitting experts treat as part of the head.
     """
 
     def __init__(
@@ -87,6 +103,7 @@ class Gate(nn.Module):
         prototype_scale: float = 20.0,
         max_prototypes: int = 4096,
         members: int = 1,
+        linear_head: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(members, bool) or not isinstance(members, int) or members < 1:
@@ -103,6 +120,7 @@ class Gate(nn.Module):
         self.balance_coef = float(balance_coef)
         self.z_coef = float(z_coef)
         self.members = members
+        self.linear_head = bool(linear_head)
 
         def mlp() -> tuple[nn.Sequential, int]:
             layers: list[nn.Module] = []
@@ -117,6 +135,8 @@ class Gate(nn.Module):
         else:  # an ensemble's bodies side by side (see Gate.assemble): features are their concatenation
             bodies = [mlp() for _ in range(members)]
             self.body, width = Parallel([b for b, _ in bodies]), sum(w for _, w in bodies)
+        if self.linear_head:
+            self.body, width = WithInput(self.body), width + self.dim
         self.head = nn.Linear(width, num_experts)  # (b, h) -> (b, e)
         # A buffer, not a parameter: set by calibration, saved with the weights.
         self.register_buffer("temperature", torch.tensor(float(temperature)))
@@ -169,8 +189,8 @@ class Gate(nn.Module):
         prototype term is a soft maximum over all of them. Lifecycle operations treat it as any gate.
         """
         first = gates[0]
-        if any(g.members != 1 for g in gates):
-            raise ValueError("assemble takes single gates (members=1)")
+        if any(g.members != 1 or g.linear_head for g in gates):
+            raise ValueError("assemble takes single gates (members=1) without a linear head (add it afterwards)")
         shape = (first.dim, first.num_experts, first.hidden_dims, bool(first.prototypes_per_expert))
         if any((g.dim, g.num_experts, g.hidden_dims, bool(g.prototypes_per_expert)) != shape for g in gates):
             raise ValueError("assemble needs gates of the same dim, experts, hidden layers and prototype use")
@@ -193,8 +213,33 @@ class Gate(nn.Module):
             out.prototype_owner = torch.cat([g.prototype_owner for g in gates]).clone()
         return out.to(first.head.weight.device)
 
+    @torch.no_grad()
+    def with_linear(self, weight: Tensor, bias: Tensor, scale: float = 1.0) -> Gate:
+        """A copy whose logits gain scale * (x @ weight.T + bias): a logistic regression (E, d), (E,) beside the MLP.
+
+        A gate that already has a linear head adds it to the one it has. The temperature is kept;
+        recalibrate afterwards (train.calibrate).
+        """
+        if weight.shape != (self.num_experts, self.dim) or bias.shape != (self.num_experts,):
+            raise ValueError(
+                f"a linear head needs weight ({self.num_experts}, {self.dim}) and bias ({self.num_experts},), "
+                f"got {tuple(weight.shape)} and {tuple(bias.shape)}"
+            )
+        if not (_positive(scale) and bool(torch.isfinite(weight).all()) and bool(torch.isfinite(bias).all())):
+            raise ValueError(f"a linear head needs finite weights and a finite scale > 0, got scale={scale!r}")
+        g = copy.deepcopy(self)
+        head_w, head_b = g.head.weight.detach(), g.head.bias.detach()
+        if not g.linear_head:
+            g.body, g.linear_head = WithInput(g.body), True
+            head_w = torch.cat([head_w, head_w.new_zeros(self.num_experts, self.dim)], dim=1)
+        else:
+            head_w = head_w.clone()
+        head_w[:, -self.dim :] += float(scale) * weight.to(head_w)
+        g._resize_head(head_w, head_b + float(scale) * bias.to(head_b))
+        return g
+
     def features(self, x: Tensor) -> Tensor:
-        return self.body(x)  # (b, h)
+        return self.body(x)  # (b, h), or (b, h + d) with a linear head
 
     def prototype_logits(self, x: Tensor) -> Tensor:
         """(b, e) soft maximum over each expert's prototypes of scale * similarity; zeros without prototypes.
@@ -398,7 +443,7 @@ class Gate(nn.Module):
         self.temperature.fill_(float(temperature))
 
     def freeze_body(self, frozen: bool = True) -> None:
-        """Stop (or restart) gradient updates of the MLP body; the head and prototypes still train."""
+        """Stop (or restart) gradient updates of the MLP body; the head (linear term too) and prototypes train."""
         for p in self.body.parameters():
             p.requires_grad_(not frozen)
 

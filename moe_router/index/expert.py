@@ -164,6 +164,22 @@ def sample_vectors(experts: Sequence[Expert], skip: Sequence[int], limit: int = 
     )
 
 
+def labelled_sample(experts: Sequence[Expert], per_expert: int = 1000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Stored vectors as pseudo-queries labelled with their expert: a seeded sample of up to per_expert each.
+
+    Returns (x (m, d), gold (m,) expert index).
+    """
+    rng = np.random.default_rng(seed)
+    xs, gold = [], []
+    for i, e in enumerate(experts):
+        x = e.vectors()
+        if len(x) > per_expert:
+            x = x[np.sort(rng.choice(len(x), size=per_expert, replace=False))]
+        xs.append(x)
+        gold.append(np.full(len(x), i, dtype=np.int64))
+    return np.concatenate(xs), np.concatenate(gold)
+
+
 def centroids(experts: Sequence[Expert]) -> np.ndarray:
     """(E, d) each expert's centroid (Expert.centroid)."""
     return np.stack([e.centroid() for e in experts])

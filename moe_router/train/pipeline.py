@@ -33,6 +33,7 @@ from moe_router.routing.router import Router, check_prior_weight
 from moe_router.train.build import router_from_dataset
 from moe_router.train.calibrate import calibrate_router, router_validation
 from moe_router.train.fit import FitResult, fit_router
+from moe_router.train.linear_head import add_linear_head, check_linear_weight, query_labels
 from moe_router.train.module import GateModule
 from moe_router.train.targets import Pairs, query_targets
 
@@ -66,6 +67,7 @@ class TrainConfig:
     calibrate_bias: bool | str = "auto"  # with calibrate: one logit offset per expert fitted with the temperature
     prior_weight: float | str = "auto"  # merged hits of several experts ranked by score + w * log p(expert)
     load_floor: float | None = 0.4  # with calibrate: lift experts whose top-1 share is below load_floor / E
+    linear_weight: float | str = 0.0  # a logistic regression beside the MLP: p_gate * p_linear^w (0 = none)
     targets: TargetsConfig = field(default_factory=TargetsConfig)
 
 
@@ -162,6 +164,15 @@ def train_router(
         router.set_gate(Gate.assemble(gates))
         metrics.update(router_validation(router, val.queries, val.experts, targets.neighbours, wrapped.top_k))
         metrics["members"] = members
+    linear = defaults.linear_weight if config.linear_weight == "auto" else check_linear_weight(config.linear_weight)
+    if linear:
+        labelled = query_labels(router, *dataset.training_queries())
+        val_x = router.prepare(val.queries)[0]
+        metrics.update(
+            add_linear_head(
+                router, (val_x, router.expert_indices(val.experts)), labelled, linear, targets.query_weight, config.seed
+            )
+        )
     if config.calibrate:
         bias = defaults.calibrate_bias if config.calibrate_bias == "auto" else bool(config.calibrate_bias)
         metrics.update(
@@ -205,6 +216,11 @@ def _validation(router: Router, dataset: Dataset, config: TrainConfig) -> Valida
 def _members(gate: Callable[..., Gate], dim: int, num_experts: int) -> tuple[int, Callable[[], Gate]]:
     """The configured gate's member count, and a factory of one member with its share of the prototype budget."""
     configured = gate(dim=dim, num_experts=num_experts)  # read for its settings; each member is built anew
+    if configured.members > 1 and configured.linear_head:
+        raise ValueError(
+            "model.linear_head=true cannot be trained with model.members > 1 (members are assembled without one); "
+            "set linear_weight > 0 to add a fitted linear head to the assembled gate"
+        )
     share = configured.max_prototypes // configured.members
     return configured.members, lambda: gate(dim=dim, num_experts=num_experts, members=1, max_prototypes=share)
 

@@ -1,0 +1,116 @@
+"""The gate's linear head: a logistic regression installed beside the MLP, served, saved and grown as any gate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from moe_router import Router
+from moe_router.apps.train import train
+from moe_router.gate.confidence import fit_temperature, softmax
+from moe_router.gate.linear import fit_linear, training_rows
+from moe_router.gate.model import Gate, infer
+from moe_router.index.expert import labelled_sample
+from moe_router.train.linear_head import PER_EXPERT, add_linear_head
+from tests.helpers import DIM, clusters, make_router
+from tests.test_training import _train_overrides, compose_config
+
+
+def _linear(gate: Gate, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(gate.num_experts, gate.dim, generator=g), torch.randn(gate.num_experts, generator=g)
+
+
+def _queries(n: int = 40) -> np.ndarray:
+    x = np.concatenate(clusters(4, n // 4, DIM, seed=5, noise=0.6))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("prototypes", [0, 3])
+def test_with_linear__adds_exactly_scale_times_the_linear_logits(prototypes: int) -> None:
+    torch.manual_seed(0)
+    gate = Gate(DIM, 4, hidden_dims=[16], prototypes_per_expert=prototypes).eval()
+    if prototypes:
+        gate.init_prototypes([torch.randn(3, DIM) for _ in range(4)])
+    W, b = _linear(gate)
+    x = torch.from_numpy(_queries())
+    widened = gate.with_linear(W, b, 0.7)
+    assert widened.linear_head and not gate.linear_head  # a copy: the original is untouched
+    want = gate(x).logits + 0.7 * (x @ W.T + b)
+    torch.testing.assert_close(widened(x).logits, want, rtol=1e-5, atol=1e-5)
+    twice = widened.with_linear(W, b, 0.3)  # a second regression adds to the first, no second copy of x
+    assert twice.feature_dim == gate.feature_dim + DIM
+    torch.testing.assert_close(twice(x).logits, gate(x).logits + 1.0 * (x @ W.T + b), rtol=1e-4, atol=1e-4)
+
+
+def test_with_linear_bad_input__raises_saying_what_was_expected() -> None:
+    gate = Gate(DIM, 4, hidden_dims=[8])
+    W, b = _linear(gate)
+    with pytest.raises(ValueError, match=r"weight \(4, 32\) and bias \(4,\), got \(3, 32\)"):
+        gate.with_linear(W[:3], b)
+    with pytest.raises(ValueError, match="finite scale > 0"):
+        gate.with_linear(W, b, 0.0)
+    with pytest.raises(ValueError, match="finite weights"):
+        gate.with_linear(W * float("nan"), b)
+    with pytest.raises(ValueError, match="without a linear head"):
+        Gate.assemble([gate.with_linear(W, b), gate])
+
+
+def test_linear_head_router__saves_loads_routes_the_same_and_grows(tmp_path: Path) -> None:
+    router = make_router("ip")
+    W, b = _linear(router.gate)
+    router.set_gate(router.gate.with_linear(W, b, 2.0))
+    xq = _queries()
+    before = router.gate_probs(xq)
+    loaded = Router.load(router.save(tmp_path / "ckpt"))
+    assert loaded.gate.linear_head
+    np.testing.assert_allclose(loaded.gate_probs(xq), before, rtol=1e-6, atol=1e-7)
+    new = clusters(5, 30, DIM, seed=9, noise=0.2)[4] + 3.0  # a far-away cluster: a new expert
+    loaded.add_expert("new", new)
+    assert loaded.gate.num_experts == 5 and loaded.gate.linear_head
+    assert loaded.route(new[:5], top_experts=1)[0][0].expert == "new"
+    loaded.remove_expert("new")
+    np.testing.assert_allclose(loaded.gate_probs(xq), before, rtol=1e-5, atol=1e-6)  # its rows went with it
+
+
+def test_add_linear_head__serves_the_product_of_the_two_calibrated_models() -> None:
+    router = make_router("ip")
+    xv = _queries(80)
+    gold = np.repeat(np.arange(4), 20)
+    z_gate = infer(router.gate, xv, "logits").astype(np.float64)
+    facts = add_linear_head(router, (xv, gold), None, weight=0.5, seed=0)
+    # The same regression fitted independently, each model calibrated on the same queries.
+    fit = fit_linear(*training_rows(labelled_sample(router.experts, PER_EXPERT, 0)), 4, seed=0)
+    z_lin = fit.logits(xv)
+    t_gate, t_lin = fit_temperature(z_gate, gold), fit_temperature(z_lin, gold, low=1e-3, high=1e3)
+    want = softmax(z_gate / t_gate + 0.5 * z_lin / t_lin)
+    got = softmax(infer(router.gate, xv, "logits").astype(np.float64) / t_gate)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert facts["linear/l2"] == fit.l2 and facts["linear/weight"] == 0.5
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("inf"), True])
+def test_add_linear_head_bad_weight__raises_naming_the_setting(bad: object) -> None:
+    router = make_router("ip")
+    with pytest.raises(ValueError, match="linear_weight must be a finite number >= 0"):
+        add_linear_head(router, (_queries(), np.zeros(40, dtype=np.int64)), None, weight=bad)
+
+
+def test_train_with_linear_weight__checkpoint_has_a_linear_head_and_records_it(tmp_path: Path) -> None:
+    cfg = compose_config("train", [*_train_overrides(tmp_path), "linear_weight=1.0"])
+    result = train(cfg)
+    assert result.router.gate.linear_head and result.metrics["linear/weight"] == 1.0
+    loaded = Router.load(cfg.out)
+    assert loaded.gate.linear_head and loaded.config["linear_weight"] == 1.0
+    assert loaded.route("a question", top_experts=1)[0].expert in loaded.expert_names
+    cfg = compose_config("train", [*_train_overrides(tmp_path / "off"), "linear_weight=0"])
+    assert not train(cfg).router.gate.linear_head  # the default: no linear head
+
+
+def test_train_ensemble_with_model_linear_head__raises_pointing_to_linear_weight(tmp_path: Path) -> None:
+    overrides = [*_train_overrides(tmp_path), "model=ensemble", "model.members=2", "model.linear_head=true"]
+    with pytest.raises(ValueError, match="set linear_weight > 0"):
+        train(compose_config("train", overrides))
