@@ -2,6 +2,7 @@
 
     python benchmarks/cv.py --data classic stackexchange --folds 4 --out reports/cv
     python benchmarks/cv.py --data stackexchange --prototypes 128 512   # also the prototype count, by the same CV
+    python benchmarks/cv.py --data classic --linear-weights 0 1   # also the linear head, by the same CV
     python benchmarks/cv.py --smoke   # seconds: two small sources, hashing embedder, one epoch (numbers mean nothing)
 
 Dev's judged queries are dealt into K seeded folds per source (data.holdout_folds, BeirDataset). For
@@ -11,8 +12,10 @@ queries), choose the operating point of adaptive routing (top-k or top-p, its ca
 merge's prior_weight) as the cheapest one (fewest mean sources) whose nDCG@10 is at least exhaustive
 search's on those queries; then measure on fold f, which nothing has seen: source acc@1, nDCG@10 at 1
 source, at the chosen point (and its mean sources), exhaustive, oracle source, ECE against its noise
-floor, and the configs' own defaults beside them. With --prototypes, each count is trained per fold
-and the one with the best inner source acc@1 is the fold's; only that one is measured on fold f.
+floor, and the configs' own defaults beside them. With --prototypes and/or --linear-weights, each
+prototype count and linear-head weight (linear_weight: the gate times a logistic regression) is
+trained per fold and the one with the best inner source acc@1 is the fold's; only that one is
+measured on fold f.
 Writes reports/cv/<data>.md and <data>.json. Test judgments are never read.
 """
 
@@ -108,7 +111,9 @@ def run_fold(args: argparse.Namespace, data: str, fold: int, work: Path, eval_cf
         f"log_dir={work}/logs_{data}_{fold}",
         *args.overrides,
     ]
-    candidates = [[f"model.prototypes_per_expert={n}"] for n in args.prototypes] or [[]]
+    counts = [[f"model.prototypes_per_expert={n}"] for n in args.prototypes] or [[]]
+    linear = [[f"linear_weight={w:g}"] for w in args.linear_weights] or [[]]
+    candidates = [c + w for c in counts for w in linear]
     trained = []
     for extra in candidates:
         name = "_".join(x.split("=")[-1] for x in extra)
@@ -197,6 +202,7 @@ def markdown(data: str, args: argparse.Namespace, folds: list[dict[str, Any]], s
         + data
         + f" --folds {args.folds}"
         + (f" --prototypes {' '.join(map(str, args.prototypes))}" if args.prototypes else "")
+        + (f" --linear-weights {' '.join(f'{w:g}' for w in args.linear_weights)}" if args.linear_weights else "")
         + "`. Each fold is measured by a router trained and tuned without it (see the script's docstring). "
         "`chosen`: the cheapest operating point whose nDCG@10 on the other folds reached exhaustive's there; "
         "`best`: the point with the highest nDCG@10 there (ties: fewer sources); "
@@ -255,6 +261,9 @@ def main() -> None:
     p.add_argument("--data", nargs="+", default=["classic", "stackexchange"], help="retrieval configs (configs/data)")
     p.add_argument("--folds", type=int, default=4, help="K: folds of dev's judged queries")
     p.add_argument("--prototypes", type=int, nargs="*", default=[], help="prototype counts per source to choose from")
+    p.add_argument(
+        "--linear-weights", type=float, nargs="*", default=[], help="linear-head weights to choose from (0 = none)"
+    )
     p.add_argument("--prior-weights", type=float, nargs="+", default=list(PRIOR_WEIGHTS))
     p.add_argument("--max-experts", type=int, nargs="+", default=list(MAX_EXPERTS))
     p.add_argument("--datasets-dir", default=str(REPO.parent / "shared" / "datasets"))

@@ -14,6 +14,7 @@ from moe_router.gate.confidence import fit_temperature, softmax
 from moe_router.gate.linear import fit_linear, training_rows
 from moe_router.gate.model import Gate, infer
 from moe_router.index.expert import labelled_sample
+from moe_router.train.finetune import FineTuneConfig, fine_tune
 from moe_router.train.linear_head import PER_EXPERT, add_linear_head
 from tests.helpers import DIM, clusters, make_router
 from tests.test_training import _train_overrides, compose_config
@@ -114,3 +115,18 @@ def test_train_ensemble_with_model_linear_head__raises_pointing_to_linear_weight
     overrides = [*_train_overrides(tmp_path), "model=ensemble", "model.members=2", "model.linear_head=true"]
     with pytest.raises(ValueError, match="set linear_weight > 0"):
         train(compose_config("train", overrides))
+
+
+def test_fine_tune_of_a_linear_head_router__keeps_the_head_and_routes_the_new_expert() -> None:
+    router = make_router("ip")
+    stored, owner = labelled_sample(router.experts, PER_EXPERT, 0)
+    fit = fit_linear(*training_rows((stored, owner)), 4, seed=0)
+    router.set_gate(router.gate.with_linear(fit.W, fit.b, 1.0))
+    assert float((router.gate_probs(stored).argmax(1) == owner).mean()) >= 0.95
+    new = clusters(5, 40, DIM, seed=9, noise=0.3)[4] + 2.0
+    router.add_expert("new", new[:30])
+    fine_tune(router, ["new"], FineTuneConfig(steps=30, min_replay=100, keep_margin=None))
+    assert router.gate.linear_head and router.gate.num_experts == 5
+    hits = [h[0].expert for h in router.route(new[30:], top_experts=1)]
+    assert hits.count("new") >= 9  # held-out rows of the new expert (10) reach it
+    assert float((router.gate_probs(stored).argmax(1) == owner).mean()) >= 0.95  # the old experts' stays
