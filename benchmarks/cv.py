@@ -108,7 +108,6 @@ def run_fold(args: argparse.Namespace, data: str, fold: int, work: Path, eval_cf
         f"data.holdout_fold={fold}",
         f"datasets_dir={args.datasets_dir}",
         "trainer.enable_progress_bar=false",
-        f"log_dir={work}/logs_{data}_{fold}",
         *args.overrides,
     ]
     counts = [[f"model.prototypes_per_expert={n}"] for n in args.prototypes] or [[]]
@@ -118,7 +117,7 @@ def run_fold(args: argparse.Namespace, data: str, fold: int, work: Path, eval_cf
     for extra in candidates:
         name = "_".join(x.split("=")[-1] for x in extra)
         out = (args.reuse or work) / f"{data}_{fold}_{name}"
-        cfg = compose_cfg("train", [*base, f"out={out}", *extra])
+        cfg = compose_cfg("train", [*base, f"out={out}", f"log_dir={work}/logs_{data}_{fold}_{name}", *extra])
         router = Router.load(out, cache_dir=cfg.cache_dir or default_cache_dir()) if args.reuse else train(cfg).router
         dataset = instantiate(cfg.data)
         default_weight = router.prior_weight

@@ -38,7 +38,6 @@ class TrainingDefaults:
     monitor: str  # metric that picks the epoch: 'acc@1' (the gold expert first) | 'recall' (recall@k vs exhaustive)
     calibrate_bias: bool  # fit one logit offset per expert with the temperature (a prior correction)
     prior_weight: float  # merged hits of several experts ranked by score + w * log p(expert)
-    linear_weight: float = 0.0  # weight of the logistic regression beside the gate (Gate.with_linear); 0 = none
 
 
 class Dataset(Protocol):

@@ -67,7 +67,7 @@ class TrainConfig:
     calibrate_bias: bool | str = "auto"  # with calibrate: one logit offset per expert fitted with the temperature
     prior_weight: float | str = "auto"  # merged hits of several experts ranked by score + w * log p(expert)
     load_floor: float | None = 0.4  # with calibrate: lift experts whose top-1 share is below load_floor / E
-    linear_weight: float | str = 0.0  # a logistic regression beside the MLP: p_gate * p_linear^w (0 = none)
+    linear_weight: float = 0.0  # a logistic regression beside the MLP: p_gate * p_linear^w (0 = none)
     targets: TargetsConfig = field(default_factory=TargetsConfig)
 
 
@@ -164,7 +164,7 @@ def train_router(
         router.set_gate(Gate.assemble(gates))
         metrics.update(router_validation(router, val.queries, val.experts, targets.neighbours, wrapped.top_k))
         metrics["members"] = members
-    linear = defaults.linear_weight if config.linear_weight == "auto" else check_linear_weight(config.linear_weight)
+    linear = check_linear_weight(config.linear_weight)
     if linear:
         labelled = query_labels(router, *dataset.training_queries())
         val_x = router.prepare(val.queries)[0]

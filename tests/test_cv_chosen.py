@@ -1,0 +1,59 @@
+"""configs/cv_chosen: each dataset's settings are the ones its cross-validation report chose."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from tests.test_training import compose_config
+
+REPO = Path(__file__).resolve().parents[1]
+CHOSEN = REPO / "configs" / "cv_chosen"
+REPORTS = REPO / "reports" / "cv"
+
+
+def fold_choices(report: dict) -> dict[str, Counter]:
+    """setting -> Counter of the values the report's folds chose (both CV scripts' layouts)."""
+    choices: dict[str, Counter] = {}
+    for fold in report["folds"]:
+        picked = {k: fold[k] for k in ("label_weight", "linear_weight") if k in fold}
+        for part in (
+            fold.get("candidate") or ""
+        ).split():  # cv.py: 'defaults' | 'model.prototypes_per_expert=512 linear_weight=1'
+            key, _, value = part.partition("=")
+            if key == "linear_weight":
+                picked[key] = float(value)
+        for key, value in picked.items():
+            choices.setdefault(key, Counter())[float(value)] += 1
+    return choices
+
+
+def chosen_files() -> list[Path]:
+    return sorted(CHOSEN.glob("*.yaml"))
+
+
+def test_cv_chosen_files_exist_for_the_datasets_whose_reports_choose_a_linear_weight() -> None:
+    choosing = {p.stem for p in REPORTS.glob("*.json") if "linear_weight" in fold_choices(json.loads(p.read_text()))}
+    assert choosing and choosing == {p.stem for p in chosen_files()}
+
+
+@pytest.mark.parametrize("path", chosen_files(), ids=lambda p: p.stem)
+def test_cv_chosen_settings__are_the_most_common_fold_choice_of_the_report(path: Path) -> None:
+    choices = fold_choices(json.loads((REPORTS / f"{path.stem}.json").read_text()))
+    settings = OmegaConf.to_container(OmegaConf.load(path))
+    flat = {"linear_weight": settings.get("linear_weight"), **settings.get("targets", {})}
+    flat = {k: v for k, v in flat.items() if v is not None}
+    assert set(flat) == set(choices)  # every setting the report chose is set, and nothing else
+    for key, value in flat.items():
+        assert float(value) == choices[key].most_common(1)[0][0], (key, choices[key])
+
+
+def test_train_config__applies_the_dataset_choice_after_train_yaml_and_a_command_line_override_wins() -> None:
+    assert compose_config("train", ["data=stackoverflow20"]).linear_weight == 1.0
+    assert compose_config("train", ["data=clinc150"]).targets.label_weight == 0.75
+    assert compose_config("train", ["data=demo"]).linear_weight == 0.0  # no file: train.yaml's value
+    assert compose_config("train", ["data=classic", "linear_weight=0"]).linear_weight == 0.0
