@@ -15,6 +15,8 @@ and nDCG@10. The fine-tunes:
 - the default fine_tune: the calibration refitted on the kept calibration queries (replayed as
   training pairs only with FineTuneConfig.query_weight > 0), the old gate kept when worse on the old
   sources' calibration queries;
+- the new expert only: FineTuneConfig(train_only_focus=True), every other expert's output frozen,
+  then the default recalibration and guard;
 - then S's 'dev'-part queries given as judged queries (lifecycle.add_judged_queries) and the default
   fine_tune run again; S's 'heldout' part is what is measured.
 
@@ -133,6 +135,12 @@ def run_one(args: argparse.Namespace, new: str, fold: int, cache_dir: Path) -> d
         "old": measure(docs_only, old_data),
         "new": measure(docs_only, new_data),
     }
+    focus_only, _ = added()
+    tuned["new expert only"] = tune(focus_only, new, FineTuneConfig(train_only_focus=True, **steps))
+    rows["+ fine_tune, new expert only (train_only_focus)"] = {
+        "old": measure(focus_only, old_data),
+        "new": measure(focus_only, new_data),
+    }
     tuned["default"] = tune(router, new, FineTuneConfig(**steps))
     rows["+ fine_tune (default: recalibrate, guard)"] = {
         "old": measure(router, old_data),
@@ -158,6 +166,7 @@ def run_one(args: argparse.Namespace, new: str, fold: int, cache_dir: Path) -> d
             "embed_documents": embed_seconds,
             "add_expert": add_seconds,
             "fine_tune_documents_only": tuned["documents only"]["seconds"],
+            "fine_tune_new_expert_only": tuned["new expert only"]["seconds"],
             "fine_tune_default": tuned["default"]["seconds"],
             "fine_tune_with_judged": tuned["with judged"]["seconds"],
         },
@@ -185,7 +194,8 @@ def table(run: dict[str, Any]) -> str:
     out += [
         "",
         f"time: embedding {s['embed_documents']:.1f} s, add_expert {s['add_expert']:.2f} s, fine_tune "
-        f"{s['fine_tune_documents_only']:.1f} s (documents only) / {s['fine_tune_default']:.1f} s (default) / "
+        f"{s['fine_tune_documents_only']:.1f} s (documents only) / {s['fine_tune_new_expert_only']:.1f} s (new expert "
+        f"only) / {s['fine_tune_default']:.1f} s (default) / "
         f"{s['fine_tune_with_judged']:.1f} s (with judged); old gate kept: {kept}",
         "",
     ]

@@ -17,6 +17,7 @@ from moe_router import Router
 from moe_router import lifecycle as lc
 from moe_router.apps.experts import run
 from moe_router.gate import initial_gate
+from moe_router.gate.model import infer
 from moe_router.routing import router as router_module
 from moe_router.train.finetune import FineTuneConfig, feedback_pairs, fine_tune, fine_tune_from_feedback
 from tests.helpers import CONFIGS, DIM, clusters
@@ -76,6 +77,35 @@ def test_fine_tune__sharpens_the_new_expert_and_keeps_the_others() -> None:
     assert res.focus == 80 and res.replayed == 80 and res.pairs == 160 and res.steps == 30
     assert acc(router, xs[4][80:], "new") >= 0.9
     assert np.mean(after) > np.mean(before) + 0.2
+
+
+@pytest.mark.parametrize("prototypes", [0, 4])
+def test_fine_tune_train_only_focus__leaves_every_other_logit_exact_and_trains_the_new_expert(prototypes: int) -> None:
+    router, xs = five_clusters(prototypes)
+    router.add_expert("new", xs[4][:80], fit_row=False)
+    probe = np.concatenate([x[80:] for x in xs])  # held-out vectors of all five clusters
+    before = infer(router.gate, probe, "logits")
+    new_before = acc(router, xs[4][80:], "new")
+    cfg = FineTuneConfig(steps=30, replay=1.0, min_replay=0, train_only_focus=True, keep_margin=None)
+    fine_tune(router, ["new"], cfg)
+    after = infer(router.gate, probe, "logits")
+    # The old experts' logits: unchanged up to float rounding (prototype logits subtract a max over all prototypes).
+    np.testing.assert_allclose(after[:, :4], before[:, :4], rtol=0, atol=1e-5)
+    assert not np.allclose(after[:, 4], before[:, 4])
+    assert acc(router, xs[4][80:], "new") >= max(0.8, new_before)  # it learnt (from 0.5 with prototypes)
+    assert all(p.requires_grad for p in router.gate.parameters())  # the freeze was undone
+
+
+def test_train_only_focus__without_focus_or_on_feedback_pairs_is_a_clear_error() -> None:
+    router, xs = five_clusters()
+    cfg = FineTuneConfig(steps=2, train_only_focus=True)
+    with pytest.raises(ValueError, match="train_only_focus needs focus experts"):
+        fine_tune(router, [], cfg)
+    router.record_feedback(xs[0][0], "e0", True)
+    with pytest.raises(ValueError, match="train_only_focus is for fine_tune"):
+        fine_tune_from_feedback(router, cfg)
+    with pytest.raises(ValueError, match=r"expert indices in 0\.\.3"):
+        router.gate.train_only([4])
 
 
 def test_fine_tune__unknown_expert_or_no_gate_fails_without_change() -> None:

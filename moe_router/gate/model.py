@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -446,6 +446,39 @@ class Gate(nn.Module):
         """Stop (or restart) gradient updates of the MLP body; the head (linear term too) and prototypes train."""
         for p in self.body.parameters():
             p.requires_grad_(not frozen)
+
+    def train_only(self, experts: Sequence[int]) -> Callable[[], None]:
+        """Let gradients reach only the outputs of `experts` (their head rows and biases, their prototypes).
+
+        The body and the shared prototype scale are frozen and every other expert's gradient is zeroed,
+        so with an optimiser that leaves zero-gradient weights alone (Adam without weight decay) the
+        other experts' logits stay exactly as they were. Returns the call that undoes it.
+        """
+        keep = torch.zeros(self.num_experts, dtype=torch.bool, device=self.head.weight.device)
+        index = torch.as_tensor(list(experts), dtype=torch.long)
+        if index.numel() == 0 or bool(((index < 0) | (index >= self.num_experts)).any()):
+            raise ValueError(f"train_only needs expert indices in 0..{self.num_experts - 1}, got {list(experts)}")
+        keep[index.to(keep.device)] = True
+        row = keep.to(self.head.weight.dtype)  # (E,)
+        handles = [
+            self.head.weight.register_hook(lambda g: g * row[:, None]),
+            self.head.bias.register_hook(lambda g: g * row),
+        ]
+        frozen = [p for p in self.body.parameters() if p.requires_grad]
+        if self.prototypes_per_expert:
+            mine = keep[self.prototype_owner].to(self.prototypes.dtype)[:, None]  # (p, 1)
+            handles.append(self.prototypes.register_hook(lambda g: g * mine))
+            frozen += [self.log_prototype_scale] if self.log_prototype_scale.requires_grad else []
+        for p in frozen:
+            p.requires_grad_(False)
+
+        def undo() -> None:
+            for h in handles:
+                h.remove()
+            for p in frozen:
+                p.requires_grad_(True)
+
+        return undo
 
     def nonfinite(self) -> list[str]:
         """Names of the parameters and buffers holding NaN or inf."""

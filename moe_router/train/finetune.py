@@ -69,6 +69,12 @@ class FineTuneConfig:
     # Keep the gate the fine-tune started from when the new one's acc@1 on the unchanged experts' judged
     # queries is lower by more than this (a share: 0.01 = 1 point); None = always take the new one.
     keep_margin: float | None = 0.01
+    # True: only the focus experts' outputs train (Gate.train_only: the body, the other experts' rows and
+    # prototypes frozen, no weight decay), so before any recalibration every other expert's logit is exactly
+    # what it was: the old experts can only lose queries to the new one. Classic, 5 sources, med or cran
+    # added, 2 dev folds (docs/lifecycle.md): the old sources unchanged in fold 0 (the default lost 14 points
+    # there on cran), 4 to 5 points lost in fold 1 (where the default gained 1 to 7). Not the default.
+    train_only_focus: bool = False
 
 
 @dataclass(frozen=True)
@@ -112,8 +118,13 @@ def _stored_pairs(
     return xb[rows], make_targets(cfg.targets, owner[rows], counts, router.num_experts, cfg.label_weight)
 
 
-def _fit_pairs(router: Router, x: np.ndarray, target: np.ndarray, cfg: FineTuneConfig) -> tuple[float, int]:
-    """Train a copy of the router's gate on (x (n, d), target (n, E)); install it when done. (fit seconds, steps)"""
+def _fit_pairs(
+    router: Router, x: np.ndarray, target: np.ndarray, cfg: FineTuneConfig, only: Sequence[int] = ()
+) -> tuple[float, int]:
+    """Train a copy of the router's gate on (x (n, d), target (n, E)); install it when done. (fit seconds, steps)
+
+    With `only` (expert indices), nothing but those experts' outputs trains (Gate.train_only).
+    """
     if router.gate is None:
         raise RuntimeError("fine-tuning needs a gate; the router has none (train one first)")
     if router.gate.num_experts != router.num_experts:
@@ -125,7 +136,9 @@ def _fit_pairs(router: Router, x: np.ndarray, target: np.ndarray, cfg: FineTuneC
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     gate = copy.deepcopy(router.gate).train()
     gate.freeze_body(not cfg.train_body)
-    module = GateModule(gate, optimizer=partial(torch.optim.AdamW, lr=cfg.lr, weight_decay=0.01))
+    undo = gate.train_only(only) if len(only) else (lambda: None)
+    decay = 0.0 if len(only) else 0.01  # decay would move the frozen experts' weights too
+    module = GateModule(gate, optimizer=partial(torch.optim.AdamW, lr=cfg.lr, weight_decay=decay))
     x = np.ascontiguousarray(x, dtype=np.float32)
     # Validation is switched off (limit_val_batches=0); the data module still wants a validation set.
     data = RoutingDataModule(
@@ -150,6 +163,7 @@ def _fit_pairs(router: Router, x: np.ndarray, target: np.ndarray, cfg: FineTuneC
         num_sanity_val_steps=0,
     )
     seconds = fit_quietly(trainer, module, data)
+    undo()
     gate.freeze_body(False)
     router.set_gate(module.gate.cpu().eval())
     return seconds, int(trainer.global_step)
@@ -166,6 +180,8 @@ def fine_tune(router: Router, focus: Sequence[str] = (), config: FineTuneConfig 
     cfg = config or FineTuneConfig()
     wall, cpu = time.perf_counter(), time.process_time()
     idx = router.expert_indices(focus)  # unknown names fail here
+    if cfg.train_only_focus and not len(idx):
+        raise ValueError("FineTuneConfig.train_only_focus needs focus experts (the ones to train); none given")
     check_real(cfg.query_weight, "FineTuneConfig.query_weight", 0.0, 1.0, expected="a share in [0, 1]")
     xb, _, owner = stacked(router.experts)
     rng = np.random.default_rng(cfg.seed)
@@ -184,7 +200,7 @@ def fine_tune(router: Router, focus: Sequence[str] = (), config: FineTuneConfig 
         x, target = weighted_pairs(groups)
         replayed_queries = len(judged)
     before = router.gate
-    fit_seconds, steps = _fit_pairs(router, x, target, cfg)
+    fit_seconds, steps = _fit_pairs(router, x, target, cfg, only=idx if cfg.train_only_focus else ())
     recalibrated = bool(cfg.recalibrate and len(judged))
     if recalibrated:
         calibrate_router(router, judged.x, list(judged.experts), [], judged.load_floor, judged.bias)
@@ -239,6 +255,8 @@ def fine_tune_pairs(
 ) -> FineTuneResult:
     """Fine-tune the gate on given (query vectors x (n, d), target distributions (n, E)), plus replay when asked."""
     cfg = config or FineTuneConfig()
+    if cfg.train_only_focus:
+        raise ValueError("FineTuneConfig.train_only_focus is for fine_tune(router, focus); these pairs have no focus")
     wall, cpu = time.perf_counter(), time.process_time()
     xq, _ = router.prepare(x)
     target = np.asarray(target, dtype=np.float32)
