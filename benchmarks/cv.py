@@ -22,13 +22,12 @@ Writes reports/cv/<data>.md and <data>.json. Test judgments are never read.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from hydra import compose, initialize_config_dir
+from cv_common import compose_cfg, write_reports
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -59,11 +58,6 @@ OUTER_KEYS = (
     "ece",
     "ece_floor_q90",
 )
-
-
-def compose_cfg(name: str, overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose(name, overrides=overrides)
 
 
 def operating_points(
@@ -291,17 +285,14 @@ def main() -> None:
     eval_cfg = compose_cfg("eval", [])
     args.out.mkdir(parents=True, exist_ok=True)
     for data in args.data:
-        folds = []
-        for f in range(args.folds):
-            folds.append(run_fold(args, data, f, work, eval_cfg))
-            partial = [{k: v for k, v in r.items() if k not in ("confidence", "correct")} for r in folds]
-            (args.out / f"{data}.partial.json").write_text(json.dumps(partial, indent=1))  # survives a stopped run
-        summary = summarise(folds, args.draws)
-        (args.out / f"{data}.md").write_text(markdown(data, args, folds, summary))
-        slim = [{k: v for k, v in f.items() if k not in ("confidence", "correct")} for f in folds]
-        (args.out / f"{data}.json").write_text(json.dumps({"folds": slim, "summary": summary}, indent=1))
-        (args.out / f"{data}.partial.json").unlink()
-        print(markdown(data, args, folds, summary))
+        write_reports(
+            args.out,
+            data,
+            args.folds,
+            lambda f, data=data: run_fold(args, data, f, work, eval_cfg),
+            lambda folds: summarise(folds, args.draws),
+            lambda folds, summary, data=data: markdown(data, args, folds, summary),
+        )
     print(f"Reports: {args.out}/")
 
 

@@ -22,15 +22,13 @@ for comparison; not a choice). Writes reports/cv/<data>.md and <data>.json. Test
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from hydra import compose, initialize_config_dir
+from cv_common import compose_cfg, write_reports
 from hydra.utils import instantiate
-from omegaconf import DictConfig
 
 from moe_router.apps.train import train
 from moe_router.data.datasets import HELDOUT
@@ -45,11 +43,6 @@ NON_SCANNING = ("centroid", "multi_prototype", "ragroute", "redde", "logreg")  #
 LOGREG = LogisticRegressionRouter.name
 INNER = "val"  # with holdout_folds, 'val' is the validation rows without the held-out fold
 RECALL = "recall@10@2"
-
-
-def compose_cfg(name: str, overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose(name, overrides=overrides)
 
 
 def candidates(args: argparse.Namespace) -> list[tuple[float, float]]:
@@ -283,17 +276,14 @@ def main() -> None:
         args.overrides = ["embedder=hashing", "trainer.max_epochs=1", "trainer.accelerator=cpu", f"cache_dir={work}"]
     args.out.mkdir(parents=True, exist_ok=True)
     for data in args.data:
-        folds = []
-        for f in range(args.folds):
-            folds.append(run_fold(args, data, f, work))
-            partial = [{k: v for k, v in r.items() if k not in ("confidence", "correct")} for r in folds]
-            (args.out / f"{data}.partial.json").write_text(json.dumps(partial, indent=1))  # survives a stopped run
-        summary = summarise(folds, args.draws)
-        (args.out / f"{data}.md").write_text(markdown(data, args, folds, summary))
-        slim = [{k: v for k, v in f.items() if k not in ("confidence", "correct")} for f in folds]
-        (args.out / f"{data}.json").write_text(json.dumps({"folds": slim, "summary": summary}, indent=1))
-        (args.out / f"{data}.partial.json").unlink()
-        print(markdown(data, args, folds, summary))
+        write_reports(
+            args.out,
+            data,
+            args.folds,
+            lambda f, data=data: run_fold(args, data, f, work),
+            lambda folds: summarise(folds, args.draws),
+            lambda folds, summary, data=data: markdown(data, args, folds, summary),
+        )
     print(f"Reports: {args.out}/")
 
 

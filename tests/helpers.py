@@ -6,8 +6,11 @@ Dimension legend: n vectors, nq queries, d dim, E experts, k hits.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -155,3 +158,12 @@ def write_manifest(ckpt: Path, manifest: object) -> None:
 
 def read_manifest(ckpt: Path) -> dict:
     return json.loads((version_path(ckpt) / MANIFEST).read_text())
+
+
+def import_benchmark(name: str) -> ModuleType:
+    """benchmarks/<name>.py imported as the benchmark scripts import their shared modules (benchmarks/ on sys.path)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import import_benchmark
+
 REPO = Path(__file__).resolve().parents[1]
 
 SMOKE = {  # benchmark -> arguments of its smoke run
@@ -41,21 +43,11 @@ def test_benchmark_smoke_mode__runs_to_the_end(script: str, tmp_path: Path) -> N
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
 
 
-def _lifecycle_common():
-    """benchmarks/lifecycle_common.py, the lifecycle benchmarks' shared module, imported as they import it."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import lifecycle_common
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    return lifecycle_common
-
-
 def test_lifecycle_common_smoke_sample__keeps_a_few_rows_of_every_label_and_split(tmp_path: Path) -> None:
     import argparse
     import json
 
-    common = _lifecycle_common()
+    common = import_benchmark("lifecycle_common")
     rows = [{"text": f"t{i}", "domain": "d", "label": f"l{i % 4}", "split": ("train", "val")[i % 2]} for i in range(80)]
     (tmp_path / "full.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = argparse.Namespace(smoke=True, data=str(tmp_path / "full.jsonl"), cache_dir=None, steps=100)
@@ -77,7 +69,7 @@ def test_lifecycle_common_exact_top10__equals_brute_force_over_every_expert() ->
 
     from tests.helpers import brute_force, make_router
 
-    common = _lifecycle_common()
+    common = import_benchmark("lifecycle_common")
     router = make_router()
     xb = np.concatenate([e.vectors() for e in router.experts])
     ids = np.concatenate([e.ids for e in router.experts])

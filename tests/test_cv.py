@@ -14,7 +14,7 @@ import pytest
 from moe_router.data.beir import HELDOUT, load_beir
 from moe_router.eval.adaptive import OperatingPoint, cheapest_at_least
 from moe_router.metrics import ece_noise_floor, expected_calibration_error
-from tests.helpers import VOCAB, write_beir
+from tests.helpers import VOCAB, import_benchmark, write_beir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,3 +78,28 @@ def test_cv_smoke_mode__writes_a_report_per_fold() -> None:
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "| **mean ± sd** |" in proc.stdout and "## Settings chosen per fold" in proc.stdout
+
+
+def test_cv_common_write_reports__keeps_a_partial_file_meanwhile_and_writes_slim_reports(tmp_path: Path) -> None:
+    import json
+
+    common = import_benchmark("cv_common")
+    seen: list[bool] = []
+
+    def run_fold(f: int) -> dict:
+        seen.append((tmp_path / "x.partial.json").is_file())  # the folds done so far are on disk
+        return {"fold": f, "acc@1": 0.5 + f / 10, "confidence": [0.9], "correct": [True]}
+
+    common.write_reports(
+        tmp_path,
+        "x",
+        3,
+        run_fold,
+        lambda folds: {"mean": sum(f["acc@1"] for f in folds) / len(folds), "n": len(folds)},
+        lambda folds, summary: f"# x: {summary['n']} folds",
+    )
+    assert seen == [False, True, True]
+    report = json.loads((tmp_path / "x.json").read_text())
+    assert [f["fold"] for f in report["folds"]] == [0, 1, 2] and report["summary"]["n"] == 3
+    assert not any(k in f for f in report["folds"] for k in common.PER_QUERY)
+    assert (tmp_path / "x.md").read_text() == "# x: 3 folds" and not (tmp_path / "x.partial.json").exists()
