@@ -23,7 +23,9 @@ def search_params(args: argparse.Namespace) -> SearchParams:
     """The search options of the command line as the one checked record (ValueError naming the option)."""
     options = {"top_experts": args.top_experts, "top_p": args.top_p, "max_experts": args.max_experts}
     if args.command == "search":
-        options.update(k=args.k, per_expert=args.per_expert, prior_weight=args.prior_weight)
+        options.update(
+            k=args.k, per_expert=args.per_expert, prior_weight=args.prior_weight, decide_weight=args.decide_weight
+        )
     return SearchParams(**options)
 
 
@@ -103,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
                 type=float,
                 default=None,
                 help="merge hits by score + w * log p(expert) (default: the checkpoint's; 0 = by score)",
+            )
+            p.add_argument(
+                "--decide-weight",
+                type=float,
+                default=None,
+                help="> 0: keep one searched expert's hits, re-decided from them (default: the checkpoint's)",
             )
     args = parser.parse_args(argv)
     try:

@@ -33,6 +33,7 @@ class SearchParams:
     with_text: bool = True  # fetch each hit's stored text and metadata
     prior_weight: float | None = None  # merge by score + w * log p(expert); None: the router's own
     abstain: bool = False  # no experts and no hits for queries under the calibrated in-scope threshold
+    decide_weight: float | None = None  # > 0: only the searched expert its hits re-decide on; None: the router's
 
     def __post_init__(self) -> None:
         for name in ("k", "top_experts", "max_experts"):
@@ -46,6 +47,14 @@ class SearchParams:
                 self.prior_weight, "prior_weight", 0.0, expected="a finite number >= 0 (0 = merge by score alone)"
             )
             object.__setattr__(self, "prior_weight", w)
+        if self.decide_weight is not None:
+            w = checks.check_real(
+                self.decide_weight,
+                "decide_weight",
+                0.0,
+                expected="a finite number >= 0 (0 = merge every searched expert's hits)",
+            )
+            object.__setattr__(self, "decide_weight", w)
 
     @classmethod
     def of(cls, params: SearchParams | None = None, **options: Any) -> SearchParams:

@@ -20,8 +20,10 @@ from moe_router.eval.retrieval import DocLookup, evaluate_retrieval
 from moe_router.gate import initial_gate, with_prototypes
 from moe_router.gate.confidence import fit_bias_temperature, fit_temperature, softmax
 from moe_router.index.exact import stacked
+from moe_router.index.merge import DECIDE_HITS, redecide
 from moe_router.metrics import accuracy_at_k
 from moe_router.train.build import router_from_dataset
+from moe_router.train.calibrate import DECIDE_WEIGHT_MAX, fit_decide_weight
 from moe_router.train.fit import fit_router
 from moe_router.train.module import GateModule
 from moe_router.train.pipeline import resolve_monitor
@@ -189,6 +191,105 @@ def test_router_prior_weight__is_saved_used_by_search_and_checked(tmp_path: Path
     for bad in (-0.1, float("nan"), "x", True):
         with pytest.raises(ValueError, match="prior_weight must be a finite number >= 0"):
             loaded.search(xq, k=6, prior_weight=bad)
+
+
+# ---------------------------------------------------------------- re-deciding the source from its hits
+
+
+def test_redecide__keeps_the_expert_its_hits_and_the_gate_favour_together() -> None:
+    # Two queries, two searched experts of k=3 hits each (slot 0 = the gate's first choice).
+    D = np.array([[0.5, 0.4, 0.3, 0.9, 0.8, 0.7], [0.9, 0.8, 0.7, 0.2, -1.0, -1.0]], dtype=np.float32)
+    I = np.array([[1, 2, 3, 11, 12, 13], [1, 2, 3, 11, -1, -1]])
+    E = np.array([[0, 0, 0, 1, 1, 1], [0, 0, 0, 1, -1, -1]])
+    probs = np.array([[0.6, 0.4], [0.6, 0.4]])
+    # query 0: expert 0 scores log 0.6 + w*0.4, expert 1 log 0.4 + w*0.8: expert 1 wins once w > 1.01
+    _, I2, E2 = redecide(D, I, E, 2, "ip", probs, 5.0)
+    assert I2[0].tolist() == [-1, -1, -1, 11, 12, 13] and E2[0].tolist() == [-1, -1, -1, 1, 1, 1]
+    assert I2[1].tolist() == [1, 2, 3, -1, -1, -1]  # the gate's expert's hits are also the closer ones
+    _, I3, _ = redecide(D, I, E, 2, "ip", probs, 0.5)
+    assert I3[0].tolist() == [1, 2, 3, -1, -1, -1]  # a small weight: the gate's choice stands
+    empty = np.array([[0.5, 0.4, 0.3, -1.0, -1.0, -1.0]], dtype=np.float32)
+    _, I4, _ = redecide(
+        empty,
+        np.array([[1, 2, 3, -1, -1, -1]]),
+        np.array([[0, 0, 0, -1, -1, -1]]),
+        2,
+        "ip",
+        np.array([[0.01, 0.99]]),
+        100.0,
+    )
+    assert I4[0].tolist() == [1, 2, 3, -1, -1, -1]  # a slot with no hits never wins, however probable
+    # l2: the similarity is minus the distance; expert 1's hits are nearer
+    _, I5, _ = redecide(-D[:1], I[:1], E[:1], 2, "l2", probs[:1], 5.0)
+    assert I5[0].tolist() == [-1, -1, -1, 11, 12, 13]
+
+
+def test_search_with_decide_weight__returns_one_searched_expert_chosen_by_hand_oracle(tmp_path: Path) -> None:
+    router = make_router()
+    rng = np.random.default_rng(3)
+    xq = router.prepare(rng.normal(size=(9, router.dim)).astype(np.float32))[0]
+    probs = router.gate_probs(xq)
+    top = np.argsort(-probs, 1, kind="stable")[:, :2]
+    k, w = 6, 3.0
+    res = router.search_experts(xq, k, top, probs=probs, decide_weight=w)
+    winners = set()
+
+    def ids(rows: np.ndarray) -> list[list[int]]:
+        return [[int(i) for i in r if i >= 0] for r in rows]
+
+    for q in range(len(xq)):  # oracle: each searched expert's best hits by brute force, scored by hand
+        lists = {}
+        for e in top[q]:
+            ex = router.experts[e]
+            lists[e] = brute_force(xq[q : q + 1], ex.vectors(), ex.ids, k, "ip")
+        score = {e: np.log(probs[q, e]) + w * float(D[0][:DECIDE_HITS].mean()) for e, (D, _) in lists.items()}
+        win = max(top[q], key=lambda e: score[e])
+        winners.add(int(win != top[q][0]))
+        assert res.I[q].tolist() == lists[win][1][0].tolist() and set(res.E[q][res.I[q] >= 0].tolist()) == {win}
+    assert winners == {0, 1}  # the hits overruled the gate on some queries and not on others
+    router.decide_weight = w
+    router.save(tmp_path / "ck")
+    loaded = Router.load(tmp_path / "ck")
+    assert loaded.decide_weight == w
+    hits = loaded.search(xq, k=k, top_experts=2)
+    assert [[h.id for h in r] for r in hits] == ids(res.I)  # the saved weight is the search's default
+    merged = loaded.search(xq, k=k, top_experts=2, decide_weight=0.0)
+    assert [[h.id for h in r] for r in merged] == ids(router.search_experts(xq, k, top).I)  # 0 = merge all
+    one = loaded.search(xq, k=k, top_experts=1)
+    assert [[h.id for h in r] for r in one] == ids(router.search_experts(xq, k, top[:, :1]).I)  # nothing to decide
+    for bad in (-1.0, float("inf"), "2", False):
+        with pytest.raises(ValueError, match="decide_weight must be a finite number >= 0"):
+            loaded.search(xq, k=k, decide_weight=bad)
+        with pytest.raises(ValueError, match="decide_weight must be a finite number >= 0"):
+            loaded.decide_weight = bad
+    assert loaded.decide_weight == w  # a refused value changes nothing
+
+
+def test_fit_decide_weight__positive_where_hits_tell_the_source_zero_where_they_mislead() -> None:
+    router = make_router()
+    rng = np.random.default_rng(4)
+    # Queries near each expert's stored vectors: their hits say the source; a gate that is only
+    # slightly right (and often wrong) leaves the hits something to add.
+    gold = rng.integers(0, router.num_experts, size=60)
+    xq = np.stack([router.experts[g].vectors()[rng.integers(router.experts[g].ntotal)] for g in gold])
+    xq = router.prepare(xq + 0.05 * rng.normal(size=xq.shape).astype(np.float32))[0]
+    w = fit_decide_weight(router, xq, gold)
+    assert w is not None and w > 1.0
+    probs = router.gate_probs(xq)
+    top = np.argsort(-probs, 1, kind="stable")[:, :2]
+    decided = router.search_experts(xq, 3, top, probs=probs, decide_weight=w).E[:, 0]
+    reach = (top == gold[:, None]).any(1)
+    assert (decided == gold)[reach].mean() >= (top[:, 0] == gold)[reach].mean()  # never worse on what it fitted
+    # "gold" = whichever searched expert the hits do not favour: then the hits only mislead
+    near = router.search_experts(xq, 3, top, probs=probs, decide_weight=DECIDE_WEIGHT_MAX).E[:, 0]
+    liar = np.where(near == top[:, 0], top[:, 1], top[:, 0])
+    assert fit_decide_weight(router, xq, liar) == 0.0
+    one = Router(router.dim)
+    one.add_expert("only", router.experts[0].vectors())
+    one.set_gate(initial_gate(one.experts, hidden_dims=[8], dropout=0.0))
+    assert fit_decide_weight(one, xq, np.zeros(len(xq), int)) is None  # one expert: nothing to decide between
+    with pytest.raises(ValueError, match="one gold expert per query"):
+        fit_decide_weight(router, xq, gold[:3])
 
 
 # ---------------------------------------------------------------- cross-validation on dev

@@ -169,6 +169,19 @@ def test_prior_weight_over_http__equals_router_search_with_that_weight(client, c
         assert [[h["id"] for h in row["hits"]] for row in got] == [[h.id for h in row] for row in want]
 
 
+def test_decide_weight_over_http__equals_router_search_with_that_weight(client, ckpt):
+    router = Router.load(ckpt)
+    texts = ["password token login", "css grid layout", "sql docker css token"]
+    seen = set()
+    for w in (0.0, 1.0, 50.0):
+        body = {"texts": texts, "k": 6, "top_experts": 2, "decide_weight": w}
+        got = client.post("/search", json=body).json()["results"]
+        want = router.search(texts, k=6, top_experts=2, decide_weight=w)
+        assert [[h["id"] for h in row["hits"]] for row in got] == [[h.id for h in row] for row in want]
+        seen.add(tuple(len({h.expert for h in row}) for row in want))
+    assert len(seen) > 1  # re-deciding changed what came back (one expert's hits instead of two merged)
+
+
 def test_stats_and_experts__list_the_checkpoint(client):
     experts = client.get("/experts").json()["experts"]
     assert [e["name"] for e in experts] == list(TOPICS)
@@ -277,6 +290,8 @@ def searchparams_error(**options) -> str:
         ("/search", "k", 0),
         ("/search", "k", None),
         ("/search", "prior_weight", "0.1"),
+        ("/search", "decide_weight", -1.0),
+        ("/search", "decide_weight", "5"),
     ],
 )
 def test_search_option_refused__is_422_with_searchparams_own_message(client, path, option, value):

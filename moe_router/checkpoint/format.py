@@ -182,6 +182,7 @@ _TOP_KEYS = {
     "stats",
     "abstain_threshold",
     "prior_weight",
+    "decide_weight",
     "metrics",
     "config",
     "calibration",
@@ -227,6 +228,7 @@ class Manifest:
     config: dict
     metrics: dict
     calibration: CalibrationEntry | None = None  # None: an older checkpoint, or none kept
+    decide_weight: float = 0.0  # 0: an older checkpoint, or no re-decision
 
 
 class _Schema:
@@ -376,6 +378,7 @@ def parse_manifest(raw: bytes, where: str, root: Path) -> Manifest:
         stats=stats,
         abstain_threshold=None if threshold is None else s.real(threshold, "'abstain_threshold'"),
         prior_weight=s.real(obj.get("prior_weight", 0.0), "'prior_weight'", 0.0),
+        decide_weight=s.real(obj.get("decide_weight", 0.0), "'decide_weight'", 0.0),
         config=s.obj(obj.get("config") or {}, "'config'"),
         metrics=s.obj(obj.get("metrics") or {}, "'metrics'"),
         calibration=calibration,
@@ -423,6 +426,7 @@ def build_manifest(
     config: dict,
     metrics: dict,
     calibration: CalibrationEntry | None = None,
+    decide_weight: float = 0.0,
 ) -> bytes:
     """The manifest's bytes as the writer commits them (parse_manifest reads them back)."""
     manifest = {
@@ -439,6 +443,7 @@ def build_manifest(
         "stats": {name: {"queries": int(q), "confidence_sum": float(c)} for name, (q, c) in stats.items()},
         "abstain_threshold": abstain_threshold,
         "prior_weight": prior_weight,
+        "decide_weight": decide_weight,
         "metrics": metrics,
         "config": config,
     }

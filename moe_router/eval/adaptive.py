@@ -64,12 +64,19 @@ def fixed_selection(experts: np.ndarray) -> Selection:
 
 
 def prefix_search(
-    router: Router, xq: np.ndarray, k: int, sel: Selection, probs: np.ndarray | None = None, prior_weight: float = 0.0
+    router: Router,
+    xq: np.ndarray,
+    k: int,
+    sel: Selection,
+    probs: np.ndarray | None = None,
+    prior_weight: float = 0.0,
+    decide_weight: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Search each query's selected experts, merged: (ids (n, k) global ids, experts (n, k), scanned (n,)).
 
     Queries are grouped by how many experts they search, one routed search per group. With `probs`
-    (n, E) and `prior_weight`, the merge weighs in the router's probabilities (Router.search_experts).
+    (n, E) and `prior_weight`, the merge weighs in the router's probabilities; with `decide_weight` > 0,
+    a query that searches several experts keeps one's hits, re-decided from them (Router.search_experts).
     """
     ids = np.full((len(xq), k), -1, dtype=np.int64)
     owner = np.full((len(xq), k), -1, dtype=np.int64)
@@ -77,7 +84,12 @@ def prefix_search(
     for t in np.unique(sel.count):
         rows = np.nonzero(sel.count == t)[0]
         res = router.search_experts(
-            xq[rows], k, sel.order[rows, :t], probs=None if probs is None else probs[rows], prior_weight=prior_weight
+            xq[rows],
+            k,
+            sel.order[rows, :t],
+            probs=None if probs is None else probs[rows],
+            prior_weight=prior_weight,
+            decide_weight=decide_weight if probs is not None else 0.0,
         )
         ids[rows], owner[rows], scanned[rows] = res.I, res.E, res.scanned
     return ids, owner, scanned
@@ -158,6 +170,7 @@ class OperatingPoint:
     prior_weight: float  # merge by score + prior_weight * log p(expert)
     experts: float  # mean sources searched per query
     quality: float  # nDCG@10 (or another quality, higher is better)
+    decide_weight: float = 0.0  # > 0: one searched expert's hits kept, re-decided from them (index.merge.redecide)
 
 
 def cheapest_at_least(points: Sequence[OperatingPoint], reference: float, tol: float = 1e-9) -> OperatingPoint:
@@ -171,3 +184,20 @@ def cheapest_at_least(points: Sequence[OperatingPoint], reference: float, tol: f
     if not enough:
         return max(points, key=lambda p: (p.quality, -p.experts))
     return min(enough, key=lambda p: (p.experts, -p.quality))
+
+
+def safest_within(points: Sequence[OperatingPoint], budget: float, tol: float = 1e-3) -> OperatingPoint:
+    """Within `budget` mean experts, the best quality; of the points within `tol` of it, the one searching most.
+
+    The rule for choosing on a few hundred queries: a difference under `tol` is noise there, and
+    when the data cannot tell two settings apart the one that searches more is the safer bet (it
+    misses fewer relevant documents on queries the data did not show). Ties in cost go to higher
+    quality. When no point is within the budget, the cheapest point.
+    """
+    if not points:
+        raise ValueError("safest_within needs at least one operating point")
+    inside = [p for p in points if p.experts <= budget + 1e-9]
+    if not inside:
+        return min(points, key=lambda p: (p.experts, -p.quality))
+    best = max(p.quality for p in inside)
+    return max((p for p in inside if p.quality >= best - tol), key=lambda p: (p.experts, p.quality))

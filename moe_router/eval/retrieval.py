@@ -150,10 +150,13 @@ def evaluate_retrieval(
     lookup = DocLookup(router)
     E, depth = router.num_experts, min(DEPTH, router.ntotal)
 
-    def measure(sel: Selection, probs: np.ndarray | None = None, prior_weight: float = 0.0) -> dict[str, float]:
-        # The gate's hits are merged as its checkpoint says (score + prior_weight * log p); the baselines'
-        # by score, as they were designed (their probabilities are a softmax fitted afterwards)
-        rows, _, scanned = prefix_search(router, xq, depth, sel, probs, prior_weight)
+    def measure(
+        sel: Selection, probs: np.ndarray | None = None, prior_weight: float = 0.0, decide_weight: float = 0.0
+    ) -> dict[str, float]:
+        # The gate's hits are merged as its checkpoint says (score + prior_weight * log p, or re-decided
+        # with decide_weight); the baselines' by score, as they were designed (their probabilities are a
+        # softmax fitted afterwards)
+        rows, _, scanned = prefix_search(router, xq, depth, sel, probs, prior_weight, decide_weight)
         return {
             **ir_metrics(lookup.run(qids, rows), qrels),
             "relevant_share": relevant_share(sel, qids, qrels, lookup),
@@ -195,6 +198,7 @@ def evaluate_retrieval(
                 scores[name], fn(calib[0]) if calib else None, calib[1] if calib else None
             )
         weight = router.prior_weight if name == GATE else 0.0
+        decide = router.decide_weight if name == GATE else 0.0
         p15 = p_at_cost(probs, 1.5, max_experts)  # top-p at a matched cost: 1.5 sources on average
         settings = {
             "1": top_k_selection(probs, 1),
@@ -207,16 +211,19 @@ def evaluate_retrieval(
             **facts,
             "temperature": temperature,
             "prior_weight": weight,
+            "decide_weight": decide,
             "p@1.5_sources": p15,
             "source_acc@1": accuracy_at_k(probs, gold, 1),
             "ece": expected_calibration_error(probs.max(axis=1), probs.argmax(axis=1) == gold),
         }
         for setting, sel in settings.items():
-            row.update({f"{key}@{setting}": v for key, v in measure(sel, probs, weight).items()})
+            row.update({f"{key}@{setting}": v for key, v in measure(sel, probs, weight, decide).items()})
         routers[name] = row
 
-        def quality(sel: Selection, probs: np.ndarray = probs, weight: float = weight) -> tuple[float, float]:
-            m = measure(sel, probs, weight)
+        def quality(
+            sel: Selection, probs: np.ndarray = probs, weight: float = weight, decide: float = decide
+        ) -> tuple[float, float]:
+            m = measure(sel, probs, weight, decide)
             return m["ndcg@10"], m["scanned"]
 
         curves[name] = frontier(probs, quality, max_experts, top_k, p_grid)
@@ -239,6 +246,7 @@ def evaluate_retrieval(
         "top_p": float(top_p),
         "max_experts": max_experts,
         "prior_weight": router.prior_weight,
+        "decide_weight": router.decide_weight,
         **{key: v for key, v in gate.items() if key != "scans_everything"},
         **{f"{key}@exhaustive": v for key, v in exhaustive.items()},
         **{f"{key}@oracle": v for key, v in oracle.items()},

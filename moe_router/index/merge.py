@@ -34,3 +34,34 @@ def merge_hits(
     key = np.where(I >= 0, key, -np.inf)  # padding last
     order = np.argsort(-key, axis=1, kind="stable")[:, :k]  # (nq, k)
     return np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1), np.take_along_axis(E, order, 1)
+
+
+DECIDE_HITS = 3  # re-deciding reads each searched expert's mean similarity over its best this many hits
+
+
+def redecide(
+    D: np.ndarray, I: np.ndarray, E: np.ndarray, t: int, metric: str, probs: np.ndarray, weight: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Keep, per query, only the hits of the searched expert its hits and the gate favour most together.
+
+    D, I, E (nq, t * k) hold the t searched experts' own top-k lists side by side, each best first
+    (Router.search_experts before its merge; -1 = padding). Each searched expert scores
+    log p(expert) + weight * (the mean similarity of its best DECIDE_HITS hits); the best-scoring
+    one keeps its hits and every other hit becomes padding, so the merge that follows returns
+    that expert's list alone. weight 0 keeps the gate's most probable searched expert; an expert
+    slot with no hits never wins.
+    """
+    nq, m = D.shape
+    k = m // t
+    sim = (D if metric == "ip" else -D).reshape(nq, t, k)[:, :, :DECIDE_HITS].astype(np.float64)
+    valid = I.reshape(nq, t, k)[:, :, :DECIDE_HITS] >= 0
+    n = valid.sum(axis=2)
+    mean = np.where(valid, sim, 0.0).sum(axis=2) / np.maximum(n, 1)  # (nq, t)
+    owner = E.reshape(nq, t, k)[:, :, 0]  # the expert of each slot (-1: it found nothing)
+    p = np.take_along_axis(np.asarray(probs, dtype=np.float64), np.maximum(owner, 0), axis=1)
+    score = np.where(n > 0, np.log(np.maximum(p, PRIOR_FLOOR)) + weight * mean, -np.inf)
+    win = score.argmax(axis=1)  # (nq,)
+    keep = np.zeros((nq, t, k), dtype=bool)
+    keep[np.arange(nq), win] = True
+    keep = keep.reshape(nq, m)
+    return D, np.where(keep, I, -1), np.where(keep, E, -1)

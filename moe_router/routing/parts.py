@@ -35,6 +35,13 @@ def check_prior_weight(value: Any) -> float:
     return check_real(value, "prior_weight", 0.0, expected="a finite number >= 0 (0 = merge by score alone)")
 
 
+def check_decide_weight(value: Any) -> float:
+    """A re-decision weight: a finite number >= 0."""
+    return check_real(
+        value, "decide_weight", 0.0, expected="a finite number >= 0 (0 = merge every searched expert's hits)"
+    )
+
+
 def json_object(value: Any, what: str) -> dict:
     """A dict (a training config or metrics) as saved in a manifest: str keys, or a ValueError."""
     if value is None:
@@ -130,6 +137,7 @@ class RouterParts:
     stats: RoutingStats | None = None  # None: zeros (nothing routed yet)
     abstain_threshold: float | None = None  # in-scope score under which abstain=True answers "no expert"
     prior_weight: float = 0.0  # merge: score + prior_weight * log p(expert); 0 = by score alone
+    decide_weight: float = 0.0  # > 0: keep one searched expert's hits, re-decided from them (index.merge.redecide)
     config: dict = field(default_factory=dict)  # the resolved training config (saved with the checkpoint)
     metrics: dict = field(default_factory=dict)  # what training measured
     backend: ExpertBackend = field(default_factory=LocalBackend)  # where the experts' indexes live
@@ -162,6 +170,7 @@ class RouterParts:
         object.__setattr__(self, "stats", stats)
         object.__setattr__(self, "abstain_threshold", check_abstain_threshold(self.abstain_threshold))
         object.__setattr__(self, "prior_weight", check_prior_weight(self.prior_weight))
+        object.__setattr__(self, "decide_weight", check_decide_weight(self.decide_weight))
         object.__setattr__(self, "config", json_object(self.config, "config"))
         object.__setattr__(self, "metrics", json_object(self.metrics, "metrics"))
         cal = self.calibration if self.calibration is not None else CalibrationSet.empty(self.dim)

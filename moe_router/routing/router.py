@@ -29,7 +29,7 @@ from moe_router.embed.base import Embedder, check_text_list
 from moe_router.gate.model import Gate, in_scope, infer
 from moe_router.gate.surgery import refit_rows
 from moe_router.index.expert import Expert
-from moe_router.index.merge import merge_hits
+from moe_router.index.merge import merge_hits, redecide
 from moe_router.metrics import top_p_experts
 from moe_router.routing.backends import ExpertBackend, make_backend
 from moe_router.routing.parts import (
@@ -37,6 +37,7 @@ from moe_router.routing.parts import (
     Change,
     RouterParts,
     check_abstain_threshold,
+    check_decide_weight,
     check_prior_weight,
     json_object,
 )
@@ -181,6 +182,20 @@ class Router:
     def prior_weight(self, value: float) -> None:
         value = check_prior_weight(value)
         self.update(lambda parts: Change(parts.replace(prior_weight=value)))
+
+    @property
+    def decide_weight(self) -> float:
+        """> 0: a search that reaches several experts keeps only one's hits, re-decided from the hits (0 = merge all).
+
+        Each searched expert scores log p(expert) + decide_weight * the mean similarity of its best
+        3 hits (index.merge.redecide); training fits it on the calibration queries when asked.
+        """
+        return self._parts.decide_weight
+
+    @decide_weight.setter
+    def decide_weight(self, value: float) -> None:
+        value = check_decide_weight(value)
+        self.update(lambda parts: Change(parts.replace(decide_weight=value)))
 
     def set_training_info(self, config: dict | None = None, metrics: dict | None = None) -> None:
         """Record the config the router was trained with and what training measured (saved with it)."""
@@ -433,7 +448,8 @@ class Router:
         xq, single = self.prepare(queries)
         r = _select(parts, xq, params, record=True)
         w = parts.prior_weight if params.prior_weight is None else params.prior_weight
-        res = _search_experts(parts, xq, params.k, r.top, not params.per_expert, r.probs, w)
+        beta = parts.decide_weight if params.decide_weight is None else params.decide_weight
+        res = _search_experts(parts, xq, params.k, r.top, not params.per_expert, r.probs, w, beta)
         out = _hits(parts, res, r.probs, params.with_text, r.refused)
         return out[0] if single else out
 
@@ -445,6 +461,7 @@ class Router:
         merge: bool = True,
         probs: np.ndarray | None = None,
         prior_weight: float = 0.0,
+        decide_weight: float = 0.0,
     ) -> RoutedSearch:
         """Search, for each query, only the experts in its row of `experts` (nq, t; -1 = none); merge by score.
 
@@ -453,9 +470,12 @@ class Router:
         actor). The merge is index.merge.merge_hits (with `probs` and `prior_weight`: the log-prior).
         With `merge=False` the result keeps every expert's own top k: (nq, t * k) arrays, expert by
         expert in the order of `experts`, each best first. An expert that did not answer (remote
-        backend only) leaves its slots padded and is named in `missing`.
+        backend only) leaves its slots padded and is named in `missing`. With `decide_weight` > 0 and
+        `probs`, a merged search keeps one expert's hits per query (index.merge.redecide).
         """
-        return _search_experts(self._parts, xq, k, experts, merge, probs, prior_weight)
+        return _search_experts(
+            self._parts, xq, k, experts, merge, probs, prior_weight, check_decide_weight(decide_weight)
+        )
 
     def hits(
         self, res: RoutedSearch, probs: np.ndarray, with_text: bool = True, refused: np.ndarray | None = None
@@ -559,6 +579,7 @@ def _search_experts(
     merge: bool,
     probs: np.ndarray | None,
     prior_weight: float,
+    decide_weight: float = 0.0,
 ) -> RoutedSearch:
     nq, t = experts.shape
     D = np.full((nq, t * k), worst_score(parts.metric), dtype=np.float32)
@@ -580,6 +601,8 @@ def _search_experts(
         I[rows[:, None], cols] = Ie
         E[rows[:, None], cols] = np.where(Ie >= 0, e, -1)
         scanned[rows] += parts.experts[e].ntotal
+    if merge and decide_weight > 0 and probs is not None and t > 1:
+        D, I, E = redecide(D, I, E, t, parts.metric, probs, decide_weight)
     if merge:
         D, I, E = merge_hits(D, I, E, k, parts.metric, probs, prior_weight)
     return RoutedSearch(D, I, E, scanned, missing)

@@ -170,6 +170,13 @@ class SearchRequest(Queries):
         Weight,
         Field(description="merge by score + w * log p(expert); null = the checkpoint's (0 = by score alone)"),
     ] = None
+    decide_weight: Annotated[
+        Weight,
+        Field(
+            description="> 0: keep only the searched expert that log p(expert) + w * its best hits' mean similarity "
+            "favours; null = the checkpoint's (0 = merge every searched expert's hits)"
+        ),
+    ] = None
 
     def sizes(self) -> Iterator[tuple[str, int, str]]:
         yield from super().sizes()

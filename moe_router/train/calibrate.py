@@ -12,6 +12,7 @@ from moe_router.embed.base import check_text_list
 from moe_router.gate.confidence import choose_threshold, fit_bias_temperature, fit_temperature, load_floor_bias
 from moe_router.gate.model import in_scope, infer
 from moe_router.index.exact import exact_counts
+from moe_router.index.merge import DECIDE_HITS, PRIOR_FLOOR
 from moe_router.metrics import validation_metrics
 from moe_router.routing.parts import Change, check_abstain_threshold
 from moe_router.routing.router import Router
@@ -100,3 +101,59 @@ def router_validation(
     xv, _ = router.prepare(queries)
     counts = exact_counts(router.experts, xv, neighbours)  # (n, E)
     return validation_metrics(router.gate_probs(xv), router.expert_indices(experts), counts, top_k, neighbours)
+
+
+DECIDE_WEIGHT_MAX = 200.0  # the fit's upper bound: similarities are cosines, so 200 already lets hits overrule p
+
+
+def fit_decide_weight(router: Router, xq: np.ndarray, gold: np.ndarray, experts: int = 2) -> float | None:
+    """The decide_weight that best predicts judged queries' gold expert among the gate's top `experts`.
+
+    Per query, each of the gate's top `experts` experts scores log p(expert) + w * the mean
+    similarity of its best DECIDE_HITS hits (index.merge.redecide); w >= 0 minimises the
+    cross-entropy of the gold expert under the softmax of those scores, over the queries whose
+    gold expert is among them (the others cannot be re-decided right). The loss is convex in w,
+    so a golden-section search on [0, DECIDE_WEIGHT_MAX] finds it. None: no query can tell
+    (fewer than two experts, or no gold expert in reach with a rival beside it).
+    """
+    xq = np.asarray(xq, dtype=np.float32)
+    gold = np.asarray(gold, dtype=np.int64)
+    if xq.ndim != 2 or len(xq) != len(gold):
+        raise ValueError(f"need one gold expert per query: {len(xq)} queries, {len(gold)} gold experts")
+    t = min(int(experts), router.num_experts)
+    if t < 2 or not len(xq):
+        return None
+    probs = router.gate_probs(xq)
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :t]  # (n, t)
+    res = router.search_experts(xq, DECIDE_HITS, top, merge=False)
+    n = len(xq)
+    sim = (res.D if router.metric == "ip" else -res.D).reshape(n, t, DECIDE_HITS).astype(np.float64)
+    valid = res.I.reshape(n, t, DECIDE_HITS) >= 0
+    mean = np.where(valid, sim, 0.0).sum(axis=2) / np.maximum(valid.sum(axis=2), 1)
+    logp = np.log(np.maximum(np.take_along_axis(probs.astype(np.float64), top, axis=1), PRIOR_FLOOR))
+    hit = top == gold[:, None]
+    rows = hit.any(axis=1) & valid[:, :, 0].all(axis=1)
+    if not rows.any():
+        return None
+    logp, mean, target = logp[rows], mean[rows], hit[rows].argmax(axis=1)
+
+    def loss(w: float) -> float:
+        z = logp + w * mean
+        z = z - z.max(axis=1, keepdims=True)
+        return float(-(z[np.arange(len(z)), target] - np.log(np.exp(z).sum(axis=1))).mean())
+
+    lo, hi = 0.0, DECIDE_WEIGHT_MAX
+    g = (np.sqrt(5.0) - 1.0) / 2.0
+    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+    fa, fb = loss(a), loss(b)
+    for _ in range(60):  # the bracket shrinks to 200 * 0.618^60: far below any weight that matters
+        if fa <= fb:
+            hi, b, fb = b, a, fa
+            a = hi - g * (hi - lo)
+            fa = loss(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + g * (hi - lo)
+            fb = loss(b)
+    w = float((lo + hi) / 2.0)
+    return 0.0 if loss(0.0) <= loss(w) else w
