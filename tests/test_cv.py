@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from moe_router.data.beir import HELDOUT, load_beir
-from moe_router.eval.adaptive import OperatingPoint, cheapest_at_least
+from moe_router.eval.adaptive import OperatingPoint, cheapest_at_least, safest_within
 from moe_router.metrics import ece_noise_floor, expected_calibration_error
 from tests.helpers import VOCAB, import_benchmark, write_beir
 
@@ -52,6 +52,23 @@ def test_cheapest_at_least__fewest_sources_reaching_the_reference() -> None:
     assert cheapest_at_least(points, 0.9).setting == "p=0.9"  # none reaches it: the best
     with pytest.raises(ValueError, match="at least one operating point"):
         cheapest_at_least([], 0.5)
+
+
+def test_safest_within__best_inside_the_budget_widest_among_its_ties() -> None:
+    points = [
+        point("top-1", 1.0, 0.5240),
+        point("p=0.7", 1.03, 0.5262),
+        point("p=0.99", 1.14, 0.5258),  # within 0.001 of the best: the wider wins
+        point("p=0.99", 1.14, 0.5250),  # same cost, lower: loses the tie
+        point("top-2", 2.0, 0.5300),  # the best of all, but over the budget
+    ]
+    chosen = safest_within(points, 1.5, tol=1e-3)
+    assert (chosen.setting, chosen.experts, chosen.quality) == ("p=0.99", 1.14, 0.5258)
+    assert safest_within(points, 1.5, tol=0.0).setting == "p=0.7"  # no tolerance: the best inside
+    assert safest_within(points, 2.0, tol=1e-3).setting == "top-2"
+    assert safest_within(points, 0.5).setting == "top-1"  # nothing inside: the cheapest
+    with pytest.raises(ValueError, match="at least one operating point"):
+        safest_within([], 1.5)
 
 
 def test_ece_noise_floor__its_90th_percentile_bounds_a_calibrated_gate_nine_times_in_ten() -> None:

@@ -57,3 +57,42 @@ def test_train_config__applies_the_dataset_choice_after_train_yaml_and_a_command
     assert compose_config("train", ["data=clinc150"]).targets.label_weight == 0.75
     assert compose_config("train", ["data=demo"]).linear_weight == 0.0  # no file: train.yaml's value
     assert compose_config("train", ["data=classic", "linear_weight=0"]).linear_weight == 0.0
+
+
+CHOSEN_EVAL = REPO / "configs" / "cv_chosen_eval"
+
+
+def chosen_point(report: dict) -> tuple[tuple, int]:
+    """The most common operating point the report's folds chose, and in how many folds."""
+    points = Counter(
+        (p["setting"], int(p["max_experts"]), float(p["prior_weight"]), float(p.get("decide_weight", 0.0)))
+        for p in (fold["chosen"] for fold in report["folds"])
+    )
+    return points.most_common(1)[0]
+
+
+def retrieval_reports() -> list[Path]:
+    return sorted(p for p in REPORTS.glob("*.json") if "ndcg@10@chosen" in json.loads(p.read_text())["folds"][0])
+
+
+@pytest.mark.parametrize("path", retrieval_reports(), ids=lambda p: p.stem)
+def test_cv_chosen_eval__is_the_point_most_folds_chose_when_most_chose_one_top_p_point(path: Path) -> None:
+    report = json.loads(path.read_text())
+    (setting, cap, prior, decide), count = chosen_point(report)
+    file = CHOSEN_EVAL / f"{path.stem}.yaml"
+    majority = setting.startswith("p=") and decide == 0.0 and count > len(report["folds"]) / 2
+    assert file.exists() == majority, (path.stem, setting, count)
+    if majority:
+        point = OmegaConf.load(file)
+        assert (point.top_p, point.max_experts) == (float(setting[2:]), cap)
+        assert OmegaConf.load(CHOSEN / f"{path.stem}.yaml").prior_weight == prior  # the checkpoint's half
+
+
+def test_eval_config__applies_the_dataset_point_and_a_command_line_override_wins() -> None:
+    assert (
+        compose_config("eval", ["data=stackexchange"]).top_p,
+        compose_config("eval", ["data=stackexchange"]).max_experts,
+    ) == (0.99, 4)
+    assert compose_config("eval", ["data=classic"]).top_p == 0.8  # no file: eval.yaml's value
+    assert compose_config("eval", ["data=stackexchange", "top_p=0.9"]).top_p == 0.9
+    assert compose_config("train", ["data=stackexchange"]).prior_weight == 0.05
