@@ -292,6 +292,27 @@ def test_fit_decide_weight__positive_where_hits_tell_the_source_zero_where_they_
         fit_decide_weight(router, xq, gold[:3])
 
 
+def test_train_decide_weight__fit_on_val_is_saved_a_number_is_kept_and_a_bad_one_refused_before_training(
+    tmp_path: Path,
+) -> None:
+    root = write_beir(tmp_path / "beir", docs=12, queries={"train": 4, "dev": 6})
+    base = [*_train_overrides(tmp_path), "data=beir", f"data.root={root}"]
+    train(compose_config("train", [*base, "decide_weight=fit"]))
+    router = Router.load(tmp_path / "ckpt")
+    val = load_beir(root).queries("dev")
+    gold = router.expert_indices(load_beir(root).gold_sources("dev"))
+    want = fit_decide_weight(router, router.prepare(val)[0], gold)  # the same fit on the saved gate
+    assert (
+        router.decide_weight == pytest.approx(want or 0.0) and router.metrics["decide_weight"] == router.decide_weight
+    )
+    train(compose_config("train", [*base, "decide_weight=2.5"]))
+    assert Router.load(tmp_path / "ckpt").decide_weight == 2.5
+    for bad in ("-1", "often"):
+        with pytest.raises(ValueError, match="decide_weight must be a finite number >= 0"):
+            train(compose_config("train", [*base, f"decide_weight={bad}", f"out={tmp_path}/never"]))
+    assert not (tmp_path / "never").exists()
+
+
 # ---------------------------------------------------------------- cross-validation on dev
 
 

@@ -28,10 +28,10 @@ from moe_router.gate.model import Gate
 from moe_router.index.clustering import nearest_centroid
 from moe_router.index.expert import centroids
 from moe_router.metrics import VAL_ACC1, val_recall
-from moe_router.routing.parts import CalibrationSet
+from moe_router.routing.parts import CalibrationSet, check_decide_weight
 from moe_router.routing.router import Router, check_prior_weight
 from moe_router.train.build import router_from_dataset
-from moe_router.train.calibrate import calibrate_router, router_validation
+from moe_router.train.calibrate import calibrate_router, fit_decide_weight, router_validation
 from moe_router.train.fit import FitResult, fit_router
 from moe_router.train.linear_head import add_linear_head, check_linear_weight, query_labels
 from moe_router.train.module import GateModule
@@ -66,6 +66,7 @@ class TrainConfig:
     calibrate: bool = True  # fit the temperature (and abstain threshold) on the validation queries
     calibrate_bias: bool | str = "auto"  # with calibrate: one logit offset per expert fitted with the temperature
     prior_weight: float | str = "auto"  # merged hits of several experts ranked by score + w * log p(expert)
+    decide_weight: float | str = 0.0  # > 0: multi-source searches keep one source, re-decided from hits; 'fit': on val
     load_floor: float | None = 0.4  # with calibrate: lift experts whose top-1 share is below load_floor / E
     linear_weight: float = 0.0  # a logistic regression beside the MLP: p_gate * p_linear^w (0 = none)
     targets: TargetsConfig = field(default_factory=TargetsConfig)
@@ -106,6 +107,8 @@ def train_router(
     (default: a new temporary folder); `record` is the configuration kept in the checkpoint
     (default: `config`).
     """
+    if config.decide_weight != "fit":  # refused before any training, not after it
+        check_decide_weight(config.decide_weight)
     L.seed_everything(config.seed, workers=True, verbose=False)
     targets = config.targets
     router = router_from_dataset(
@@ -185,6 +188,12 @@ def train_router(
     router.prior_weight = (
         defaults.prior_weight if config.prior_weight == "auto" else check_prior_weight(config.prior_weight)
     )
+    if config.decide_weight == "fit":  # the weight that best re-decides val's queries among the gate's top two
+        gold = router.expert_indices(val.experts)
+        fitted = fit_decide_weight(router, router.prepare(val.queries)[0], gold) if len(gold) else None
+        router.decide_weight = metrics["decide_weight"] = fitted or 0.0
+    else:
+        router.decide_weight = config.decide_weight
     router.set_training_info(dict(record) if record is not None else asdict(config), metrics)
     return TrainResult(router, metrics, fit.epochs, bool(fit.metrics.get("untrained_kept")), run.is_global_zero)
 
