@@ -33,7 +33,7 @@ class SearchParams:
     with_text: bool = True  # fetch each hit's stored text and metadata
     prior_weight: float | None = None  # merge by score + w * log p(expert); None: the router's own
     abstain: bool = False  # no experts and no hits for queries under the calibrated in-scope threshold
-    decide_weight: float | None = None  # > 0: only the searched expert its hits re-decide on; None: the router's
+    decide_weight: float | None = None  # > 0: a merged search keeps one expert, re-decided from hits; None: router's
 
     def __post_init__(self) -> None:
         for name in ("k", "top_experts", "max_experts"):
