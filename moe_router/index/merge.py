@@ -39,6 +39,19 @@ def merge_hits(
 DECIDE_HITS = 3  # re-deciding reads each searched expert's mean similarity over its best this many hits
 
 
+def hit_evidence(D: np.ndarray, I: np.ndarray, t: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per query and searched expert (nq, t): the mean similarity of its best DECIDE_HITS hits, and whether it has any.
+
+    D, I (nq, t * k): the t experts' own top-k lists side by side, each best first (k >= 1).
+    """
+    nq, m = D.shape
+    k = m // t
+    sim = (D if metric == "ip" else -D).reshape(nq, t, k)[:, :, :DECIDE_HITS].astype(np.float64)
+    valid = I.reshape(nq, t, k)[:, :, :DECIDE_HITS] >= 0
+    n = valid.sum(axis=2)
+    return np.where(valid, sim, 0.0).sum(axis=2) / np.maximum(n, 1), n > 0
+
+
 def redecide(
     D: np.ndarray, I: np.ndarray, E: np.ndarray, t: int, metric: str, probs: np.ndarray, weight: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -53,13 +66,10 @@ def redecide(
     """
     nq, m = D.shape
     k = m // t
-    sim = (D if metric == "ip" else -D).reshape(nq, t, k)[:, :, :DECIDE_HITS].astype(np.float64)
-    valid = I.reshape(nq, t, k)[:, :, :DECIDE_HITS] >= 0
-    n = valid.sum(axis=2)
-    mean = np.where(valid, sim, 0.0).sum(axis=2) / np.maximum(n, 1)  # (nq, t)
+    mean, found = hit_evidence(D, I, t, metric)
     owner = E.reshape(nq, t, k)[:, :, 0]  # the expert of each slot (-1: it found nothing)
     p = np.take_along_axis(np.asarray(probs, dtype=np.float64), np.maximum(owner, 0), axis=1)
-    score = np.where(n > 0, np.log(np.maximum(p, PRIOR_FLOOR)) + weight * mean, -np.inf)
+    score = np.where(found, np.log(np.maximum(p, PRIOR_FLOOR)) + weight * mean, -np.inf)
     win = score.argmax(axis=1)  # (nq,)
     keep = np.zeros((nq, t, k), dtype=bool)
     keep[np.arange(nq), win] = True

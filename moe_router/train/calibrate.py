@@ -12,7 +12,7 @@ from moe_router.embed.base import check_text_list
 from moe_router.gate.confidence import choose_threshold, fit_bias_temperature, fit_temperature, load_floor_bias
 from moe_router.gate.model import in_scope, infer
 from moe_router.index.exact import exact_counts
-from moe_router.index.merge import DECIDE_HITS, PRIOR_FLOOR
+from moe_router.index.merge import DECIDE_HITS, PRIOR_FLOOR, hit_evidence
 from moe_router.metrics import validation_metrics
 from moe_router.routing.parts import Change, check_abstain_threshold
 from moe_router.routing.router import Router
@@ -126,13 +126,10 @@ def fit_decide_weight(router: Router, xq: np.ndarray, gold: np.ndarray, experts:
     probs = router.gate_probs(xq)
     top = np.argsort(-probs, axis=1, kind="stable")[:, :t]  # (n, t)
     res = router.search_experts(xq, DECIDE_HITS, top, merge=False)
-    n = len(xq)
-    sim = (res.D if router.metric == "ip" else -res.D).reshape(n, t, DECIDE_HITS).astype(np.float64)
-    valid = res.I.reshape(n, t, DECIDE_HITS) >= 0
-    mean = np.where(valid, sim, 0.0).sum(axis=2) / np.maximum(valid.sum(axis=2), 1)
+    mean, found = hit_evidence(res.D, res.I, t, router.metric)
     logp = np.log(np.maximum(np.take_along_axis(probs.astype(np.float64), top, axis=1), PRIOR_FLOOR))
     hit = top == gold[:, None]
-    rows = hit.any(axis=1) & valid[:, :, 0].all(axis=1)
+    rows = hit.any(axis=1) & found.all(axis=1)
     if not rows.any():
         return None
     logp, mean, target = logp[rows], mean[rows], hit[rows].argmax(axis=1)
