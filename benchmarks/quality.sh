@@ -26,20 +26,22 @@ EXTRA=("$@")
 run clinc150 data=clinc150 -- data=clinc150
 run stackoverflow20 data=stackoverflow20 -- data=stackoverflow20
 run banking77 data=banking77 -- data=banking77
-run clinc150_intents data=clinc150 data.expert_key=label data.parent_key=domain \
+# Layouts other than the data's own experts train with train.yaml's values ('~cv_chosen'): the
+# cross-validated choices in configs/cv_chosen were made for one expert per domain (or label), not for these.
+run clinc150_intents data=clinc150 data.expert_key=label data.parent_key=domain '~cv_chosen' \
   -- data=clinc150 data.expert_key=label data.parent_key=domain
-run stackoverflow20_kmeans16 data=stackoverflow20 partition=16 -- data=stackoverflow20
-run stackoverflow20_kmeans64 data=stackoverflow20 partition=64 -- data=stackoverflow20
+run stackoverflow20_kmeans16 data=stackoverflow20 partition=16 '~cv_chosen' -- data=stackoverflow20
+run stackoverflow20_kmeans64 data=stackoverflow20 partition=64 '~cv_chosen' -- data=stackoverflow20
 # Learned sharding on vectors without labels (configs/data/synthetic.yaml); 30k sampled pseudo-queries keep training short.
 run synthetic_kmeans16 data=synthetic partition=16 targets.max_queries=30000 -- data=synthetic
 run synthetic_kmeans64 data=synthetic partition=64 targets.max_queries=30000 -- data=synthetic
 # The same 64 shards with a size cap (k-means, no shard above 1.5x the mean size).
-run stackoverflow20_balanced64 data=stackoverflow20 partition=64 partition_max_imbalance=1.5 -- data=stackoverflow20
+run stackoverflow20_balanced64 data=stackoverflow20 partition=64 partition_max_imbalance=1.5 '~cv_chosen' -- data=stackoverflow20
 run synthetic_balanced64 data=synthetic partition=64 partition_max_imbalance=1.5 targets.max_queries=30000 -- data=synthetic
 # The ensemble gate (model=ensemble: 3 hybrid gates assembled into one) on the label settings and one learned sharding.
 run clinc150_ensemble data=clinc150 model=ensemble -- data=clinc150
 run stackoverflow20_ensemble data=stackoverflow20 model=ensemble -- data=stackoverflow20
 run banking77_ensemble data=banking77 model=ensemble -- data=banking77
-run clinc150_intents_ensemble data=clinc150 data.expert_key=label data.parent_key=domain model=ensemble \
+run clinc150_intents_ensemble data=clinc150 data.expert_key=label data.parent_key=domain model=ensemble '~cv_chosen' \
   -- data=clinc150 data.expert_key=label data.parent_key=domain
-run stackoverflow20_kmeans16_ensemble data=stackoverflow20 partition=16 model=ensemble -- data=stackoverflow20
+run stackoverflow20_kmeans16_ensemble data=stackoverflow20 partition=16 model=ensemble '~cv_chosen' -- data=stackoverflow20

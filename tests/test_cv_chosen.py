@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from moe_router.apps.train import layout_mismatch
 from tests.test_training import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,3 +97,40 @@ def test_eval_config__applies_the_dataset_point_and_a_command_line_override_wins
     assert compose_config("eval", ["data=classic"]).top_p == 0.8  # no file: eval.yaml's value
     assert compose_config("eval", ["data=stackexchange", "top_p=0.9"]).top_p == 0.9
     assert compose_config("train", ["data=stackexchange"]).prior_weight == 0.05
+
+
+@pytest.mark.parametrize(
+    ("overrides", "differs"),
+    [
+        (["data=stackoverflow20", "partition=16"], "partition=null, but this run trains partition=16"),
+        (["data=clinc150", "data.expert_key=label"], "expert_key=domain, but this run trains expert_key=label"),
+        (["data=classic", "partition=8"], "partition=null, but this run trains partition=8"),
+    ],
+)
+def test_layout_mismatch__warns_when_the_chosen_settings_were_cross_validated_for_other_experts(
+    overrides: list[str], differs: str
+) -> None:
+    message = layout_mismatch(compose_config("train", overrides))
+    assert message is not None and differs in message
+    assert f"configs/cv_chosen/{overrides[0].split('=')[1]}.yaml" in message and "~cv_chosen" in message
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["data=stackoverflow20"],
+        ["data=classic"],
+        ["data=demo", "partition=4"],  # no cv_chosen file for demo: nothing was chosen, nothing to warn about
+        ["data=stackoverflow20", "partition=16", "~cv_chosen"],  # the way out the warning names
+    ],
+)
+def test_layout_mismatch__is_silent_for_the_layout_cross_validated_and_without_a_chosen_file(
+    overrides: list[str],
+) -> None:
+    assert layout_mismatch(compose_config("train", overrides)) is None
+
+
+def test_every_chosen_file_names_the_layout_it_was_chosen_for() -> None:
+    for path in chosen_files():
+        chosen_for = OmegaConf.load(path).get("chosen_for")
+        assert chosen_for is not None and chosen_for.partition is None, path.name
