@@ -61,6 +61,18 @@ def check_probability_mass(value: Any, what: str = "top_p") -> float:
     return p
 
 
+def check_prior_weight(value: Any) -> float:
+    """A merge prior weight (hits merged by score + w * log p(expert)): a finite number >= 0."""
+    return check_real(value, "prior_weight", 0.0, expected="a finite number >= 0 (0 = merge by score alone)")
+
+
+def check_decide_weight(value: Any) -> float:
+    """A re-decision weight (a merged search keeps one expert, re-decided from its hits): a finite number >= 0."""
+    return check_real(
+        value, "decide_weight", 0.0, expected="a finite number >= 0 (0 = merge every searched expert's hits)"
+    )
+
+
 def check_unicode(text: str, what: str) -> str:
     """`text` if it encodes as UTF-8 (no lone surrogates), else a ValueError naming `what`."""
     try:

@@ -43,18 +43,9 @@ class SearchParams:
         for name in ("per_expert", "with_text", "abstain"):
             object.__setattr__(self, name, checks.check_bool(getattr(self, name), name))
         if self.prior_weight is not None:
-            w = checks.check_real(
-                self.prior_weight, "prior_weight", 0.0, expected="a finite number >= 0 (0 = merge by score alone)"
-            )
-            object.__setattr__(self, "prior_weight", w)
+            object.__setattr__(self, "prior_weight", checks.check_prior_weight(self.prior_weight))
         if self.decide_weight is not None:
-            w = checks.check_real(
-                self.decide_weight,
-                "decide_weight",
-                0.0,
-                expected="a finite number >= 0 (0 = merge every searched expert's hits)",
-            )
-            object.__setattr__(self, "decide_weight", w)
+            object.__setattr__(self, "decide_weight", checks.check_decide_weight(self.decide_weight))
 
     @classmethod
     def of(cls, params: SearchParams | None = None, **options: Any) -> SearchParams:

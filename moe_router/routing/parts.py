@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from moe_router.checks import check_bool, check_real, ensure_unique
+from moe_router.checks import check_bool, check_decide_weight, check_prior_weight, check_real, ensure_unique
 from moe_router.embed.base import Embedder
 from moe_router.gate.model import Gate
 from moe_router.index.expert import Expert
@@ -28,18 +28,6 @@ def check_abstain_threshold(value: Any) -> float | None:
     if value is None:
         return None
     return check_real(value, "abstain_threshold", expected="a finite number (an in-scope score) or None")
-
-
-def check_prior_weight(value: Any) -> float:
-    """A merge prior weight: a finite number >= 0."""
-    return check_real(value, "prior_weight", 0.0, expected="a finite number >= 0 (0 = merge by score alone)")
-
-
-def check_decide_weight(value: Any) -> float:
-    """A re-decision weight: a finite number >= 0."""
-    return check_real(
-        value, "decide_weight", 0.0, expected="a finite number >= 0 (0 = merge every searched expert's hits)"
-    )
 
 
 def json_object(value: Any, what: str) -> dict:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from moe_router.checks import check_bool, check_new_name
+from moe_router.checks import check_bool, check_decide_weight, check_new_name, check_prior_weight
 from moe_router.embed.base import Embedder, check_text_list
 from moe_router.gate.model import Gate, in_scope, infer
 from moe_router.gate.surgery import refit_rows
@@ -37,8 +37,6 @@ from moe_router.routing.parts import (
     Change,
     RouterParts,
     check_abstain_threshold,
-    check_decide_weight,
-    check_prior_weight,
     json_object,
 )
 from moe_router.store import check_payloads

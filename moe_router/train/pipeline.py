@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
+from moe_router.checks import check_decide_weight, check_prior_weight
 from moe_router.data.base import Dataset, ValidationSet
 from moe_router.embed.base import Embedder
 from moe_router.gate.init import with_prototypes
@@ -28,8 +29,8 @@ from moe_router.gate.model import Gate
 from moe_router.index.clustering import nearest_centroid
 from moe_router.index.expert import centroids
 from moe_router.metrics import VAL_ACC1, val_recall
-from moe_router.routing.parts import CalibrationSet, check_decide_weight
-from moe_router.routing.router import Router, check_prior_weight
+from moe_router.routing.parts import CalibrationSet
+from moe_router.routing.router import Router
 from moe_router.train.build import router_from_dataset
 from moe_router.train.calibrate import calibrate_router, fit_decide_weight, router_validation
 from moe_router.train.fit import FitResult, fit_router
