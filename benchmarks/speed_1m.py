@@ -208,6 +208,28 @@ def batch_speed(router, flat, ids: np.ndarray, xq: np.ndarray, k: int, top: int,
     }
 
 
+MERGES = {  # name: search_experts options; the merges a search can ask for (SearchParams.prior_weight, decide_weight)
+    "by score": {},
+    "log-prior (prior_weight 0.1)": {"prior_weight": 0.1},
+    "re-decided (decide_weight 30)": {"decide_weight": 30.0},
+}
+
+
+def merge_costs(router, xq: np.ndarray, k: int, top: int, rounds: int) -> dict[str, Any]:
+    """Routed search of the batch merged each way of MERGES, side by side (order rotated each round)."""
+    routing = router.select(xq, SearchParams(top_experts=top), record=False)
+    probs = router.gate_probs(xq)
+    seconds: dict[str, list[float]] = {name: [] for name in MERGES}
+    names = list(MERGES)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            t, _ = timed(lambda o=MERGES[name]: router.search_experts(xq, k, routing.top, probs=probs, **o))
+            seconds[name].append(t)
+    med = {name: float(np.median(v)) for name, v in seconds.items()}
+    base = med["by score"]
+    return {"median_seconds": med, "over_by_score": {name: m / base for name, m in med.items()}}
+
+
 def latency(router, flat, xq: np.ndarray, k: int, top: int) -> dict[str, Any]:
     """Batch 1: p50/p99 of routed (gate + search) vs exhaustive, alternating query by query."""
     times: dict[str, list[float]] = {"routed": [], "exhaustive": [], "gate": []}
@@ -344,6 +366,13 @@ def print_table(report: dict[str, Any]) -> None:
         )
     print(f"| recall@{k}, top-2 / top-1 experts | {b[f'recall@{k}']:.4f} / {b[f'recall@{k}@1']:.4f} | 1 | |")
     print(f"| share of vectors scanned | {b['scanned']:.4f} | 1 | |")
+    merges = report["merges"]
+    print(
+        f"\nMerging the routed batch (search_experts, median of {len(b['rounds'])}; ratio to merging by score): "
+        + ", ".join(
+            f"{name} {merges['median_seconds'][name]:.3f} s ({merges['over_by_score'][name]:.2f}x)" for name in MERGES
+        )
+    )
     print(
         f"\nTraining (neighbour targets, {t['train_queries']:,} sampled pseudo-queries, {t['target_tflop']:.1f} "
         f"TFLOP of exact search): {t['seconds']:.0f} s in all ({t['targets_and_validation_seconds']:.0f} s targets "
@@ -420,6 +449,7 @@ def main() -> None:
         flat, ids = exhaustive_index(router.experts)
         print(f"Batch {args.batch:,}: routed vs exhaustive, {args.rounds} rounds ...", flush=True)
         report["batch"] = batch_speed(router, flat, ids, xq, args.k, args.top, args.rounds)
+        report["merges"] = merge_costs(router, xq, args.k, args.top, args.rounds)
         print(f"Batch 1: {args.latency_queries} queries ...", flush=True)
         report["latency"] = latency(router, flat, xq[: args.latency_queries], args.k, args.top)
         del flat
