@@ -14,8 +14,9 @@ from moe_router.gate.confidence import fit_temperature, softmax
 from moe_router.gate.linear import fit_linear, training_rows
 from moe_router.gate.model import Gate, infer
 from moe_router.index.expert import labelled_sample
+from moe_router.routing.parts import CalibrationSet
 from moe_router.train.finetune import FineTuneConfig, fine_tune
-from moe_router.train.linear_head import PER_EXPERT, add_linear_head
+from moe_router.train.linear_head import PER_EXPERT, add_linear_head, refit_linear_head
 from tests.helpers import DIM, clusters, make_router
 from tests.test_training import _train_overrides, compose_config
 
@@ -130,3 +131,63 @@ def test_fine_tune_of_a_linear_head_router__keeps_the_head_and_routes_the_new_ex
     hits = [h[0].expert for h in router.route(new[30:], top_experts=1)]
     assert hits.count("new") >= 9  # held-out rows of the new expert (10) reach it
     assert float((router.gate_probs(stored).argmax(1) == owner).mean()) >= 0.95  # the old experts' stays
+
+
+def test_without_linear__keeps_the_mlp_and_prototype_logits_and_the_biases() -> None:
+    torch.manual_seed(0)
+    gate = Gate(DIM, 4, hidden_dims=[16], prototypes_per_expert=3).eval()
+    gate.init_prototypes([torch.randn(3, DIM) for _ in range(4)])
+    W, b = _linear(gate)
+    x = torch.from_numpy(_queries())
+    bare = gate.with_linear(W, b, 0.7).without_linear()
+    assert bare.linear_head  # the same layout: a new regression goes into the same columns
+    torch.testing.assert_close(bare(x).logits, gate(x).logits + 0.7 * b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="this gate has no linear head"):
+        gate.without_linear()
+
+
+def _judged_linear_router() -> tuple[Router, np.ndarray, np.ndarray]:
+    """make_router's 4 experts with a linear head fitted as training fits it and 80 judged queries kept."""
+    router = make_router("ip")
+    xv, gold = _queries(80), np.repeat(np.arange(4), 20)
+    add_linear_head(router, (xv, gold), None, weight=1.0, seed=0)
+    router.set_calibration(CalibrationSet(router.prepare(xv)[0], [router.expert_names[g] for g in gold]))
+    return router, xv, gold
+
+
+def test_fine_tune_of_a_linear_head_router_with_judged_queries__refits_the_head_over_every_expert() -> None:
+    router, xv, gold = _judged_linear_router()
+    stored, owner = labelled_sample(router.experts, PER_EXPERT, 0)
+    new = clusters(5, 40, DIM, seed=9, noise=0.3)[4] + 2.0
+    router.add_expert("new", new[:30])
+    added = router.gate
+    result = fine_tune(router, ["new"], FineTuneConfig(keep_margin=None))
+    assert result.refit_linear and result.steps == 0 and result.recalibrated
+    for (name, p), q in zip(added.body.named_parameters(), router.gate.body.parameters()):
+        assert torch.equal(p, q), name  # no gradient step: the MLP is the one add_expert left
+    # Oracle: the regression fitted independently over all 5 experts, at the scale that makes the
+    # installed logits the product of the two models, each temperature-scaled on the judged queries.
+    fit = fit_linear(*training_rows(labelled_sample(router.experts, PER_EXPERT, 0)), 5, seed=0)
+    t_gate = fit_temperature(infer(added.without_linear(), xv, "logits").astype(np.float64), gold)
+    t_lin = fit_temperature(fit.logits(xv), gold, low=1e-3, high=1e3)
+    torch.testing.assert_close(router.gate.head.weight[:, -DIM:], fit.W * (t_gate / t_lin), rtol=1e-4, atol=1e-5)
+    hits = [h[0].expert for h in router.route(new[30:], top_experts=1)]
+    assert hits.count("new") >= 9  # held-out rows of the new expert (10) reach it
+    assert float((router.gate_probs(stored).argmax(1) == owner).mean()) >= 0.95  # the old experts' stays
+
+
+def test_fine_tune_with_refit_linear_off_or_without_judged_queries__takes_gradient_steps() -> None:
+    router, _, _ = _judged_linear_router()
+    router.add_expert("new", clusters(5, 40, DIM, seed=9, noise=0.3)[4][:30] + 2.0)
+    result = fine_tune(router, ["new"], FineTuneConfig(steps=5, min_replay=100, keep_margin=None, refit_linear=False))
+    assert not result.refit_linear and result.steps == 5
+    bare = make_router("ip")
+    bare.set_gate(bare.gate.with_linear(*_linear(bare.gate), 1.0))  # a head, but no judged queries to weigh it on
+    result = fine_tune(bare, [], FineTuneConfig(steps=5, min_replay=100, keep_margin=None))
+    assert not result.refit_linear and result.steps == 5
+
+
+def test_refit_linear_head_without_a_head__raises_saying_what_it_needs() -> None:
+    router = make_router("ip")
+    with pytest.raises(ValueError, match="needs a router whose gate has a linear head"):
+        refit_linear_head(router, (_queries(), np.zeros(40, dtype=np.int64)))

@@ -238,6 +238,19 @@ class Gate(nn.Module):
         g._resize_head(head_w, head_b + float(scale) * bias.to(head_b))
         return g
 
+    def without_linear(self) -> Gate:
+        """A copy whose linear head's input weights are zero: the MLP and prototypes alone, ready for with_linear.
+
+        The biases stay (the regression's is merged into them and calibration moves them anyway);
+        recalibrate after installing a new regression (train.linear_head.refit_linear_head).
+        """
+        if not self.linear_head:
+            raise ValueError("this gate has no linear head (see Gate.with_linear)")
+        g = copy.deepcopy(self)
+        with torch.no_grad():
+            g.head.weight[:, -self.dim :] = 0.0
+        return g
+
     def features(self, x: Tensor) -> Tensor:
         return self.body(x)  # (b, h), or (b, h + d) with a linear head
 
