@@ -25,6 +25,7 @@ SMOKE = {  # benchmark -> arguments of its smoke run
     "lifecycle_feedback.py": ["--smoke"],
     "lifecycle_hierarchy.py": ["--smoke"],
     "lifecycle_optimize.py": ["--smoke"],
+    "add_intent.py": ["--smoke"],
 }
 
 
