@@ -16,7 +16,7 @@ import numpy as np
 
 from moe_router.gate.confidence import fit_temperature
 from moe_router.gate.linear import fit_linear, training_rows
-from moe_router.gate.model import infer
+from moe_router.gate.model import Gate, infer
 from moe_router.index.expert import labelled_sample
 from moe_router.routing.router import Router
 
@@ -47,24 +47,9 @@ def add_linear_head(
     (x (n, d), gold (n,)) are the validation queries that then calibrate the whole gate (the
     caller recalibrates afterwards). Returns what was fitted, for the training metrics.
     """
-    weight = check_linear_weight(weight)
-    x_val, gold = val
-    if not (np.asarray(gold) >= 0).any():
-        raise ValueError("a linear head needs validation queries with a known expert to weigh it against the gate")
-    rows = training_rows(labelled_sample(router.experts, PER_EXPERT, seed), queries, query_weight)
-    fit = fit_linear(*rows, router.num_experts, seed=seed)
-    gate = router.gate
-    t_gate = fit_temperature(infer(gate, x_val, "logits").astype(np.float64), gold)
-    t_linear = fit_temperature(fit.logits(x_val), gold, low=1e-3, high=1e3)
-    # Raw logits z_gate + s * z_linear with s = weight * t_gate / t_linear: at the gate's temperature
-    # that is z_gate / t_gate + weight * z_linear / t_linear, the weighted product of the calibrated models.
-    router.set_gate(gate.with_linear(fit.W, fit.b, weight * t_gate / t_linear))
-    return {
-        "linear/l2": fit.l2,
-        "linear/cv_acc@1": fit.cv_accuracy[fit.l2],
-        "linear/weight": weight,
-        "linear/own_temperature": t_linear,
-    }
+    gate, facts = _with_fitted_linear(router, router.gate, val, queries, weight, query_weight, seed)
+    router.set_gate(gate)
+    return facts
 
 
 def refit_linear_head(router: Router, val: tuple[np.ndarray, np.ndarray], seed: int = 0) -> dict[str, float]:
@@ -74,8 +59,8 @@ def refit_linear_head(router: Router, val: tuple[np.ndarray, np.ndarray], seed: 
     seeded sample of every expert's stored vectors (the new one's too) and installed in place of
     the old one at the weight training used (router.config's linear_weight, else 1), each model
     temperature-scaled on `val` (x (n, d), gold (n,): the router's judged queries). The MLP and the
-    prototypes are left as they are. A router does not keep the data's training queries, so the
-    refit reads stored vectors only (classic and stackexchange have no training queries anyway).
+    prototypes are left as they are. A router does not keep the data's training queries; the intent
+    sets and the retrieval benchmarks have none, so stored vectors are what training fitted it on too.
     Classic, 8 sources, med or cran left out and added, 2 dev folds (docs/lifecycle.md): this, then
     the recalibration, cost the old sources at most 0.95 points of acc@1 and 1.00 of nDCG@10 with
     the new source at 0.96 to 1.00, where the gradient fine-tune cost them 3.4 to 6.7 points of acc@1.
@@ -84,12 +69,37 @@ def refit_linear_head(router: Router, val: tuple[np.ndarray, np.ndarray], seed: 
     if gate is None or not gate.linear_head:
         raise ValueError("refit_linear_head needs a router whose gate has a linear head (linear_weight > 0)")
     weight = router.config.get("linear_weight") or 1.0
-    router.set_gate(gate.without_linear())
-    try:
-        return add_linear_head(router, val, None, weight, seed=seed)
-    except Exception:
-        router.set_gate(gate)  # a refused refit leaves the router as it was
-        raise
+    gate, facts = _with_fitted_linear(router, gate.without_linear(), val, None, weight, 0.5, seed)
+    router.set_gate(gate)
+    return facts
+
+
+def _with_fitted_linear(
+    router: Router,
+    gate: Gate,
+    val: tuple[np.ndarray, np.ndarray],
+    queries: tuple[np.ndarray, np.ndarray] | None,
+    weight: float,
+    query_weight: float,
+    seed: int,
+) -> tuple[Gate, dict[str, float]]:
+    """`gate` with a regression over the router's experts installed (add_linear_head), and what was fitted."""
+    weight = check_linear_weight(weight)
+    x_val, gold = val
+    if not (np.asarray(gold) >= 0).any():
+        raise ValueError("a linear head needs validation queries with a known expert to weigh it against the gate")
+    rows = training_rows(labelled_sample(router.experts, PER_EXPERT, seed), queries, query_weight)
+    fit = fit_linear(*rows, router.num_experts, seed=seed)
+    t_gate = fit_temperature(infer(gate, x_val, "logits").astype(np.float64), gold)
+    t_linear = fit_temperature(fit.logits(x_val), gold, low=1e-3, high=1e3)
+    # Raw logits z_gate + s * z_linear with s = weight * t_gate / t_linear: at the gate's temperature
+    # that is z_gate / t_gate + weight * z_linear / t_linear, the weighted product of the calibrated models.
+    return gate.with_linear(fit.W, fit.b, weight * t_gate / t_linear), {
+        "linear/l2": fit.l2,
+        "linear/cv_acc@1": fit.cv_accuracy[fit.l2],
+        "linear/weight": weight,
+        "linear/own_temperature": t_linear,
+    }
 
 
 def query_labels(router: Router, texts: list[str], experts: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
