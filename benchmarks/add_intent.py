@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,15 +27,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
+from lifecycle_common import full_train  # noqa: E402
 
-from moe_router.apps.train import train_config  # noqa: E402
 from moe_router.data.datasets import TextDataset  # noqa: E402
 from moe_router.embed.cache import CachedEmbedder, default_cache_dir  # noqa: E402
 from moe_router.logs import quiet_libraries  # noqa: E402
 from moe_router.metrics import accuracy_at_k  # noqa: E402
 from moe_router.routing.router import Router  # noqa: E402
 from moe_router.train.finetune import FineTuneConfig, fine_tune  # noqa: E402
-from moe_router.train.pipeline import train_router  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TUNES = {"default (refit)": FineTuneConfig(), "gradient steps (refit_linear=False)": FineTuneConfig(refit_linear=False)}
@@ -66,18 +64,8 @@ def main() -> None:
         raise SystemExit(f"--new {args.new!r} is not an expert of {args.data}; its experts: {ds.experts}")
     emb = CachedEmbedder(instantiate(cfg.embedder), cache)
     kept = [r for r in ds.records if not (r.split in ("train", "val") and getattr(r, key) == args.new)]
-    make_trainer = instantiate(cfg.trainer, _partial_=True)
-    start = time.perf_counter()
-    trained = train_router(
-        TextDataset(ds.name, kept, key),
-        emb,
-        train_config(cfg),
-        gate=instantiate(cfg.model, _partial_=True),
-        trainer=lambda callbacks, logger: make_trainer(callbacks=callbacks, logger=False, enable_progress_bar=False),
-        module=instantiate(cfg.module),
-        log_dir=tempfile.mkdtemp(prefix="add-intent-"),
-    ).router
-    train_seconds = time.perf_counter() - start
+    trained, took = full_train(TextDataset(ds.name, kept, key), emb, args.seed, overrides, calibrate=True)
+    train_seconds = took.seconds
     path = trained.save(Path(tempfile.mkdtemp(prefix="add-intent-ckpt-")) / "router")
 
     test = ds.split("test")

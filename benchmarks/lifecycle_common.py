@@ -14,6 +14,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,18 +85,22 @@ class Timed:
     cpu_seconds: float  # process CPU time
 
 
-def full_train(dataset: TextDataset, emb: CachedEmbedder, seed: int = 0) -> tuple[Router, Timed]:
+def full_train(
+    dataset: TextDataset, emb: CachedEmbedder, seed: int = 0, overrides: Sequence[str] = (), calibrate: bool = False
+) -> tuple[Router, Timed]:
     """The project's full training as scripts/train.py runs it (configs/train.yaml's model, module, trainer and
-    targets; no calibration: the benchmarks compare routing, and the load floor would move it), timed end to end
-    (building the experts from the cached embeddings included). Validation: the dataset's 'val' rows of its experts."""
+    targets, with `overrides`; no calibration unless asked: the benchmarks compare routing, and the load floor
+    would move it), timed end to end (building the experts from the cached embeddings included). Validation: the
+    dataset's 'val' rows of its experts."""
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
-        cfg = compose("train", overrides=[f"seed={seed}", *(["trainer.max_epochs=1"] if _smoke else [])])
+        smoke = ["trainer.max_epochs=1"] if _smoke else []
+        cfg = compose("train", overrides=[f"seed={seed}", *smoke, *overrides])
     make_trainer = instantiate(cfg.trainer, _partial_=True)
     wall, cpu = time.perf_counter(), time.process_time()
     result = train_router(
         dataset,
         emb,
-        dataclasses.replace(train_config(cfg), calibrate=False),
+        dataclasses.replace(train_config(cfg), calibrate=calibrate),
         gate=instantiate(cfg.model, _partial_=True),
         trainer=lambda callbacks, logger: make_trainer(callbacks=callbacks, logger=False, enable_progress_bar=False),
         module=instantiate(cfg.module),
