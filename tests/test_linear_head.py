@@ -191,3 +191,29 @@ def test_refit_linear_head_without_a_head__raises_saying_what_it_needs() -> None
     router = make_router("ip")
     with pytest.raises(ValueError, match="needs a router whose gate has a linear head"):
         refit_linear_head(router, (_queries(), np.zeros(40, dtype=np.int64)))
+
+
+def test_fine_tune_after_merge_or_split_of_a_linear_head_router__refits_the_head_over_the_new_experts() -> None:
+    from moe_router import lifecycle
+
+    router = make_router("ip")
+    xv = np.concatenate(clusters(4, 20, DIM, seed=0, noise=0.5))  # make_router's centres: queries of its experts
+    gold = np.repeat(np.arange(4), 20)
+    add_linear_head(router, (xv, gold), None, weight=1.0, seed=0)
+    router.set_calibration(CalibrationSet(router.prepare(xv)[0], [router.expert_names[g] for g in gold]))
+    stored, owner = labelled_sample(router.experts, PER_EXPERT, 0)
+    merged = lifecycle.merge_experts(router, "expert0", "expert1").name
+    assert set(router.calibration.experts) == {merged, "expert2", "expert3"}  # the judged queries follow the merge
+    result = fine_tune(router, [merged], FineTuneConfig(keep_margin=None))
+    assert result.refit_linear and result.steps == 0 and router.gate.num_experts == 3
+    assert router.gate.head.weight.shape[0] == 3  # one row (linear term too) per current expert
+    group = np.array([0, 0, 1, 2])[owner]  # stored rows' expert after the merge
+    assert float((router.gate_probs(stored).argmax(1) == group).mean()) >= 0.95
+
+    parts = [e.name for e in lifecycle.split_expert(router, "expert2")]
+    result = fine_tune(router, parts, FineTuneConfig(keep_margin=None))
+    assert result.refit_linear and router.gate.num_experts == 4
+    top = np.array(router.expert_names)[router.gate_probs(stored).argmax(1)]
+    want = np.array([merged, merged, "expert2", "expert3"])[owner]
+    reached = [t in parts if w == "expert2" else t == w for t, w in zip(top, want, strict=True)]
+    assert float(np.mean(reached)) >= 0.95  # the split expert's rows reach one of its parts, the others theirs
