@@ -2,6 +2,8 @@
 
     python benchmarks/cv_intents.py --data stackoverflow20 banking77 clinc150 --folds 4 --out reports/cv
     python benchmarks/cv_intents.py --data stackoverflow20 --label-weights 0.5 1.0 --linear-weights 0 1
+    python benchmarks/cv_intents.py --data stackoverflow20 --train partition=16 '~cv_chosen' \
+        --name stackoverflow20_kmeans16   # another layout: 16 k-means shards, without the data's cv_chosen file
     python benchmarks/cv_intents.py --smoke   # seconds: demo data, hashing embedder, one epoch (numbers mean nothing)
 
 The validation rows (banking77: the 10% of train carved out, seed 0) are dealt into K seeded folds per
@@ -33,7 +35,7 @@ from hydra.utils import instantiate
 from moe_router.apps.train import train
 from moe_router.data.datasets import HELDOUT
 from moe_router.eval.baselines import GATE, LogisticRegressionRouter
-from moe_router.eval.intents import IVF, evaluate_intents, gold_indices
+from moe_router.eval.intents import IVF, evaluate_intents, split_gold
 from moe_router.metrics import ece_noise_floor, expected_calibration_error
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,7 +111,7 @@ def run_fold(args: argparse.Namespace, data: str, fold: int, work: Path) -> dict
         router, dataset, HELDOUT, baselines=NON_SCANNING, capacity_factor=None, speed_batches=()
     )
     routers = outer["routers"]
-    gold = gold_indices(router, dataset.gold_experts(HELDOUT))
+    gold = split_gold(router, dataset, HELDOUT)  # k-means shards: the nearest centroid's
     probs = scores[GATE]
     other_acc, other_recall = best_other(routers, "acc@1"), best_other(routers, RECALL)
     fixed = {label(c): outer if c == w else quick(r, d, HELDOUT) for c, r, d, _ in trained}
@@ -186,10 +188,12 @@ def markdown(data: str, args: argparse.Namespace, folds: list[dict[str, Any]], s
     weights = " ".join(map(str, args.label_weights))
     linear = " ".join(map(str, args.linear_weights))
     lines = [
-        f"# {data}: {args.folds}-fold nested cross-validation on the validation rows",
+        f"# {args.name or data}: {args.folds}-fold nested cross-validation on the validation rows",
         "",
         f"Written by `python benchmarks/cv_intents.py --data {data} --folds {args.folds} --label-weights {weights} "
-        f"--linear-weights {linear}`. "
+        f"--linear-weights {linear}"
+        + (f" --train {' '.join(args.train)} --name {args.name}" if args.train or args.name else "")
+        + "`. "
         "Each fold is measured by routers trained and tuned without it (see the script's docstring): the gate with "
         "the label weight and linear-head weight its other folds chose, the logistic regression and the other "
         "routers that do not scan "
@@ -254,9 +258,15 @@ def main() -> None:
     p.add_argument("--datasets-dir", default=str(REPO.parent / "shared" / "datasets"))
     p.add_argument("--out", type=Path, default=REPO / "reports" / "cv")
     p.add_argument("--draws", type=int, default=2000, help="simulated calibrated outcome sets behind the ECE floor")
+    p.add_argument(
+        "--train", nargs="+", default=[], metavar="OVERRIDE", help="training overrides for every candidate: a layout"
+    )
+    p.add_argument("--name", default=None, help="the reports' name (default: the data's); one --data only")
     p.add_argument("--smoke", action="store_true", help="the demo data, hashing embedder, 2 folds, 1 epoch")
     args = p.parse_args()
-    args.overrides = []
+    args.overrides = list(args.train)
+    if args.name and len(args.data) != 1:
+        p.error(f"--name names one data's reports; got {len(args.data)} --data")
     if args.folds < 2:
         p.error(f"--folds must be at least 2, got {args.folds}")
     if any(not 0.0 <= w <= 1.0 for w in args.label_weights):
@@ -273,12 +283,12 @@ def main() -> None:
             [0.0, 1.0],
         )
         args.out = work / "reports"
-        args.overrides = ["embedder=hashing", "trainer.max_epochs=1", "trainer.accelerator=cpu", f"cache_dir={work}"]
+        args.overrides += ["embedder=hashing", "trainer.max_epochs=1", "trainer.accelerator=cpu", f"cache_dir={work}"]
     args.out.mkdir(parents=True, exist_ok=True)
     for data in args.data:
         write_reports(
             args.out,
-            data,
+            args.name or data,
             args.folds,
             lambda f, data=data: run_fold(args, data, f, work),
             lambda folds: summarise(folds, args.draws),

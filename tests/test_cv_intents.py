@@ -9,6 +9,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from moe_router.data.datasets import HELDOUT, load_dataset
@@ -69,3 +70,34 @@ def test_cv_intents_smoke_mode__chooses_per_fold_and_measures_the_held_out_fold(
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "| **all (query-weighted) ± fold sd** | 80 |" in proc.stdout  # the demo's 80 val rows, each scored once
     assert "(chosen)" in proc.stdout and "logreg_acc@1" in proc.stdout
+
+
+class _Split:
+    """A dataset of one split: query vectors and (optionally) their labelled experts."""
+
+    name = "vectors"
+
+    def __init__(self, xq: np.ndarray, labels: list[str] | None) -> None:
+        self.xq, self.labels = xq, labels
+
+    def queries(self, split: str) -> np.ndarray:
+        return self.xq
+
+    def gold_experts(self, split: str) -> list[str] | None:
+        return self.labels
+
+
+def test_split_gold__is_the_nearest_shard_for_kmeans_experts_else_the_label() -> None:
+    from moe_router.eval.intents import split_gold
+    from tests.helpers import DIM, clusters, make_router
+
+    router = make_router("ip")
+    xq = np.concatenate(clusters(4, 5, DIM, seed=0))  # make_router's centres: 5 queries near each expert
+    near = np.repeat(np.arange(4), 5)
+    labels = ["expert3"] * 10 + ["unknown"] * 10  # labels that disagree with the vectors
+    assert split_gold(router, _Split(xq, labels), "heldout").tolist() == [3] * 10 + [-1] * 10
+    router.set_training_info({"partition": 4}, {})
+    assert split_gold(router, _Split(xq, labels), "heldout").tolist() == near.tolist()  # labels unused
+    router.set_training_info({}, {})
+    with pytest.raises(ValueError, match="has no labels, so it can only evaluate a checkpoint whose experts are"):
+        split_gold(router, _Split(xq, None), "heldout")

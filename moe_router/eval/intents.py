@@ -151,16 +151,7 @@ def evaluate_intents(
         raise ValueError(f"dataset {dataset.name!r} has no {split!r} rows to evaluate on")
     xq, _ = router.prepare(queries)
     partition = router.config.get("partition")
-    labels = dataset.gold_experts(split)
-    if partition:  # k-means experts: the gold expert is the shard of the nearest centroid
-        gold = nearest_centroid(xq, centroids(router.experts), router.metric)
-    elif labels is None:
-        raise ValueError(
-            f"dataset {dataset.name!r} has no labels, so it can only evaluate a checkpoint whose "
-            f"experts are a k-means partition (trained with partition=N); {checkpoint or 'this one'} is not"
-        )
-    else:
-        gold = gold_indices(router, labels)
+    gold = split_gold(router, dataset, split, xq, checkpoint)
     k = router.check_params(SearchParams(k=int(k))).k
     searched = [t for t in experts_searched if t <= router.num_experts]
     flat, ids = exhaustive_index(router.experts)
@@ -230,16 +221,35 @@ def evaluate_intents(
     return report, scores
 
 
+def split_gold(
+    router: Router, dataset: Dataset, split: str, xq: np.ndarray | None = None, checkpoint: str | None = None
+) -> np.ndarray:
+    """(n,) gold expert index of each of the split's queries (-1: an expert the router lacks).
+
+    With k-means experts (trained with partition=N) the gold expert is the shard of the nearest
+    centroid; else the query's labelled expert. `xq`: the split's query vectors, when already at hand.
+    """
+    if router.config.get("partition"):
+        xq = router.prepare(dataset.queries(split))[0] if xq is None else xq
+        return nearest_centroid(xq, centroids(router.experts), router.metric)
+    labels = dataset.gold_experts(split)
+    if labels is None:
+        raise ValueError(
+            f"dataset {dataset.name!r} has no labels, so it can only evaluate a checkpoint whose "
+            f"experts are a k-means partition (trained with partition=N); {checkpoint or 'this one'} is not"
+        )
+    return gold_indices(router, labels)
+
+
 def calibration_labels(router: Router, dataset: Dataset) -> tuple[np.ndarray, np.ndarray] | None:
     """(xq, gold) of the validation split the gate's temperature is fitted on; None when it is absent or unlabelled."""
     queries = dataset.queries("val")
     if not len(queries):
         return None
     xv, _ = router.prepare(queries)
-    if router.config.get("partition"):
-        return xv, nearest_centroid(xv, centroids(router.experts), router.metric)
-    labels = dataset.gold_experts("val")
-    return None if labels is None else (xv, gold_indices(router, labels))
+    if not router.config.get("partition") and dataset.gold_experts("val") is None:
+        return None
+    return xv, split_gold(router, dataset, "val", xv)
 
 
 def adaptive_report(
