@@ -33,12 +33,17 @@ def fold_choices(report: dict) -> dict[str, Counter]:
     return choices
 
 
+def reports() -> list[Path]:
+    """The finished CV reports (a running one keeps <data>.partial.json beside them)."""
+    return sorted(p for p in REPORTS.glob("*.json") if not p.name.endswith(".partial.json"))
+
+
 def chosen_files() -> list[Path]:
     return sorted(CHOSEN.glob("*.yaml"))
 
 
 def test_cv_chosen_files_exist_for_the_datasets_whose_reports_choose_a_linear_weight() -> None:
-    choosing = {p.stem for p in REPORTS.glob("*.json") if "linear_weight" in fold_choices(json.loads(p.read_text()))}
+    choosing = {p.stem for p in reports() if "linear_weight" in fold_choices(json.loads(p.read_text()))}
     assert choosing and choosing == {p.stem for p in chosen_files()}
 
 
@@ -73,7 +78,7 @@ def chosen_point(report: dict) -> tuple[tuple, int]:
 
 
 def retrieval_reports() -> list[Path]:
-    return sorted(p for p in REPORTS.glob("*.json") if "ndcg@10@chosen" in json.loads(p.read_text())["folds"][0])
+    return sorted(p for p in reports() if "ndcg@10@chosen" in json.loads(p.read_text())["folds"][0])
 
 
 @pytest.mark.parametrize("path", retrieval_reports(), ids=lambda p: p.stem)
@@ -130,7 +135,48 @@ def test_layout_mismatch__is_silent_for_the_layout_cross_validated_and_without_a
     assert layout_mismatch(compose_config("train", overrides)) is None
 
 
-def test_every_chosen_file_names_the_layout_it_was_chosen_for() -> None:
-    for path in chosen_files():
-        chosen_for = OmegaConf.load(path).get("chosen_for")
-        assert chosen_for is not None and chosen_for.partition is None, path.name
+def report_layout(stem: str) -> dict[str, object]:
+    """The layout a report's cross-validation trained: its data, and the partition its --train gave (or none)."""
+    text = (REPORTS / f"{stem}.md").read_text()
+    command = text.split("Written by `", 1)[1].split("`", 1)[0]
+    data = command.split("--data ", 1)[1].split()[0]
+    partition = next((int(w.split("=")[1]) for w in command.split() if w.startswith("partition=")), None)
+    return {"data": data, "partition": partition}
+
+
+@pytest.mark.parametrize("path", chosen_files(), ids=lambda p: p.stem)
+def test_every_chosen_file_names_the_layout_its_report_cross_validated(path: Path) -> None:
+    chosen_for = OmegaConf.load(path).get("chosen_for")
+    assert chosen_for is not None
+    layout = report_layout(path.stem)
+    assert {k: chosen_for.get(k) for k in layout} == layout
+
+
+def test_chosen_files__name_distinct_layouts() -> None:
+    layouts = [str(dict(OmegaConf.load(p).chosen_for)) for p in chosen_files()]
+    assert len(set(layouts)) == len(layouts)
+
+
+def test_layout_mismatch__names_the_file_cross_validated_for_the_run_layout() -> None:
+    message = layout_mismatch(compose_config("train", ["data=stackoverflow20", "partition=16"]))
+    assert message is not None and "configs/cv_chosen/stackoverflow20.yaml" in message
+    assert "add cv_chosen=stackoverflow20_kmeans16" in message and "~cv_chosen" in message
+    layout = ["data=stackoverflow20", "partition=16", "cv_chosen=stackoverflow20_kmeans16"]
+    assert layout_mismatch(compose_config("train", layout)) is None
+    assert compose_config("train", layout).linear_weight == 1.0
+
+
+def test_layout_mismatch__names_the_applied_file_when_it_is_not_the_data_s_own() -> None:
+    message = layout_mismatch(
+        compose_config("train", ["data=stackoverflow20", "partition=64", "cv_chosen=stackoverflow20_kmeans16"])
+    )
+    assert message is not None and "configs/cv_chosen/stackoverflow20_kmeans16.yaml" in message
+    assert "partition=16, but this run trains partition=64" in message and "add ~cv_chosen" in message
+    message = layout_mismatch(compose_config("train", ["data=classic", "cv_chosen=stackexchange"]))
+    assert message is not None and "configs/cv_chosen/stackexchange.yaml" in message
+    assert "data=stackexchange, but this run trains data=classic" in message and "add cv_chosen=classic" in message
+
+
+def test_layout_mismatch_without_the_configs_folder__still_warns_naming_the_data_file(tmp_path: Path) -> None:
+    message = layout_mismatch(compose_config("train", ["data=stackoverflow20", "partition=16"]), tmp_path / "none")
+    assert message is not None and "configs/cv_chosen/stackoverflow20.yaml" in message and "add ~cv_chosen" in message
