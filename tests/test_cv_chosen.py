@@ -136,12 +136,15 @@ def test_layout_mismatch__is_silent_for_the_layout_cross_validated_and_without_a
 
 
 def report_layout(stem: str) -> dict[str, object]:
-    """The layout a report's cross-validation trained: its data, and the partition its --train gave (or none)."""
+    """The layout a report's cross-validation trained: its data, the partition its --train gave (or none), and
+    the expert_key when --train set one."""
     text = (REPORTS / f"{stem}.md").read_text()
     command = text.split("Written by `", 1)[1].split("`", 1)[0]
     data = command.split("--data ", 1)[1].split()[0]
-    partition = next((int(w.split("=")[1]) for w in command.split() if w.startswith("partition=")), None)
-    return {"data": data, "partition": partition}
+    words = command.split()
+    layout = {"data": data, "partition": next((int(w[10:]) for w in words if w.startswith("partition=")), None)}
+    layout.update({"expert_key": w.split("=")[1] for w in words if w.startswith("data.expert_key=")})
+    return layout
 
 
 @pytest.mark.parametrize("path", chosen_files(), ids=lambda p: p.stem)
