@@ -143,7 +143,9 @@ def report_layout(stem: str) -> dict[str, object]:
     data = command.split("--data ", 1)[1].split()[0]
     words = command.split()
     layout = {"data": data, "partition": next((int(w[10:]) for w in words if w.startswith("partition=")), None)}
-    layout.update({"expert_key": w.split("=")[1] for w in words if w.startswith("data.expert_key=")})
+    for w in words:
+        if w.startswith("data.expert_key="):
+            layout["expert_key"] = w.split("=")[1]
     return layout
 
 
