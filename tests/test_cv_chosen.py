@@ -146,6 +146,10 @@ def report_layout(stem: str) -> dict[str, object]:
     for w in words:
         if w.startswith("data.expert_key="):
             layout["expert_key"] = w.split("=")[1]
+        if w.startswith("partition_max_imbalance="):
+            layout["partition_max_imbalance"] = float(w.split("=")[1])
+    if layout["partition"] is not None:
+        layout.setdefault("partition_max_imbalance", None)  # plain k-means unless the command capped it
     return layout
 
 
@@ -173,10 +177,10 @@ def test_layout_mismatch__names_the_file_cross_validated_for_the_run_layout() ->
 
 def test_layout_mismatch__names_the_applied_file_when_it_is_not_the_data_s_own() -> None:
     message = layout_mismatch(
-        compose_config("train", ["data=stackoverflow20", "partition=64", "cv_chosen=stackoverflow20_kmeans16"])
+        compose_config("train", ["data=stackoverflow20", "partition=32", "cv_chosen=stackoverflow20_kmeans16"])
     )
     assert message is not None and "configs/cv_chosen/stackoverflow20_kmeans16.yaml" in message
-    assert "partition=16, but this run trains partition=64" in message and "add ~cv_chosen" in message
+    assert "partition=16, but this run trains partition=32" in message and "add ~cv_chosen" in message
     message = layout_mismatch(compose_config("train", ["data=classic", "cv_chosen=stackexchange"]))
     assert message is not None and "configs/cv_chosen/stackexchange.yaml" in message
     assert "data=stackexchange, but this run trains data=classic" in message and "add cv_chosen=classic" in message
@@ -185,3 +189,12 @@ def test_layout_mismatch__names_the_applied_file_when_it_is_not_the_data_s_own()
 def test_layout_mismatch_without_the_configs_folder__still_warns_naming_the_data_file(tmp_path: Path) -> None:
     message = layout_mismatch(compose_config("train", ["data=stackoverflow20", "partition=16"]), tmp_path / "none")
     assert message is not None and "configs/cv_chosen/stackoverflow20.yaml" in message and "add ~cv_chosen" in message
+
+
+def test_layout_mismatch__tells_size_capped_shards_from_plain_ones() -> None:
+    capped = ["data=stackoverflow20", "partition=64", "partition_max_imbalance=1.5"]
+    message = layout_mismatch(compose_config("train", [*capped, "cv_chosen=stackoverflow20_kmeans64"]))
+    assert message is not None and "configs/cv_chosen/stackoverflow20_kmeans64.yaml" in message
+    assert "partition_max_imbalance=null, but this run trains partition_max_imbalance=1.5" in message
+    plain = ["data=stackoverflow20", "partition=64", "cv_chosen=stackoverflow20_kmeans64"]
+    assert layout_mismatch(compose_config("train", plain)) is None

@@ -58,9 +58,9 @@ def layout_mismatch(cfg: DictConfig, chosen_dir: Path = CV_CHOSEN) -> str | None
     """Why the cv_chosen file's settings do not fit this run's experts, or None when they do.
 
     Cross-validation chose them for one layout of the data (the file's `chosen_for`: its data, its
-    partition, and for the intent sets its expert_key); k-means shards or label experts are other
-    routing problems, which that choice never looked at. When another file in `chosen_dir` was chosen
-    for this run's layout, the message names it.
+    partition and, where it names one, the partition's size cap, and for the intent sets its
+    expert_key); k-means shards or label experts are other routing problems, which that choice never
+    looked at. When another file in `chosen_dir` was chosen for this run's layout, the message names it.
     """
     chosen = cfg.get("chosen_for")
     if not chosen:
@@ -87,8 +87,14 @@ def layout_mismatch(cfg: DictConfig, chosen_dir: Path = CV_CHOSEN) -> str | None
 
 
 def _layout(cfg: DictConfig) -> dict[str, object]:
-    """What a cv_chosen file's chosen_for is compared with: the run's data, partition and expert_key."""
-    return {"data": cfg.data.get("name"), "partition": cfg.get("partition"), "expert_key": cfg.data.get("expert_key")}
+    """What a cv_chosen file's chosen_for is compared with: the run's data, partition (and its size cap) and
+    expert_key."""
+    return {
+        "data": cfg.data.get("name"),
+        "partition": cfg.get("partition"),
+        "partition_max_imbalance": cfg.get("partition_max_imbalance"),
+        "expert_key": cfg.data.get("expert_key"),
+    }
 
 
 def _chosen_files(chosen_dir: Path) -> dict[str, dict[str, object]]:
