@@ -59,7 +59,7 @@ def test_cv_chosen_settings__are_the_most_common_fold_choice_of_the_report(path:
 
 
 def test_train_config__applies_the_dataset_choice_after_train_yaml_and_a_command_line_override_wins() -> None:
-    assert compose_config("train", ["data=stackoverflow20"]).linear_weight == 1.0
+    assert compose_config("train", ["data=stackoverflow20"]).linear_weight == 0.5
     assert compose_config("train", ["data=clinc150"]).targets.label_weight == 0.75
     assert compose_config("train", ["data=demo"]).linear_weight == 0.0  # no file: train.yaml's value
     assert compose_config("train", ["data=classic", "linear_weight=0"]).linear_weight == 0.0
