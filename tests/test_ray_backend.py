@@ -224,9 +224,10 @@ def test_hung_then_killed_expert_actor__search_returns_the_others_names_it_and_r
     start = time.monotonic()
     assert search() == "partial"  # waited timeout_s for it
     assert time.monotonic() - start >= timeout
-    start = time.monotonic()
-    assert [search() for _ in range(3)] == ["partial"] * 3  # left out at once until it answers a ping
-    assert time.monotonic() - start < timeout
+    for _ in range(3):  # left out at once until it answers a ping: no search waits timeout_s for it again
+        start = time.monotonic()
+        assert search() == "partial"
+        assert time.monotonic() - start < timeout
     os.kill(old_pid, signal.SIGKILL)  # Ray restarts it; the ping on the dead process fails and is sent again
     outcomes = []
     deadline = time.monotonic() + 90
