@@ -28,7 +28,7 @@ run stackoverflow20 data=stackoverflow20 -- data=stackoverflow20
 run banking77 data=banking77 -- data=banking77
 # Layouts other than the data's own experts train with train.yaml's values ('~cv_chosen') unless a
 # configs/cv_chosen file was cross-validated for them: the data's own file was made for one expert per domain (or label).
-# 150 intents and 16 and 64 k-means shards have cross-validated files of their own (configs/cv_chosen/<row>.yaml).
+# 150 intents, 16 and 64 k-means shards and the size-capped 64 have cross-validated files of their own (configs/cv_chosen/<row>.yaml).
 run clinc150_intents data=clinc150 data.expert_key=label data.parent_key=domain cv_chosen=clinc150_intents \
   -- data=clinc150 data.expert_key=label data.parent_key=domain
 run stackoverflow20_kmeans16 data=stackoverflow20 partition=16 cv_chosen=stackoverflow20_kmeans16 -- data=stackoverflow20
@@ -37,7 +37,8 @@ run stackoverflow20_kmeans64 data=stackoverflow20 partition=64 cv_chosen=stackov
 run synthetic_kmeans16 data=synthetic partition=16 targets.max_queries=30000 -- data=synthetic
 run synthetic_kmeans64 data=synthetic partition=64 targets.max_queries=30000 -- data=synthetic
 # The same 64 shards with a size cap (k-means, no shard above 1.5x the mean size).
-run stackoverflow20_balanced64 data=stackoverflow20 partition=64 partition_max_imbalance=1.5 '~cv_chosen' -- data=stackoverflow20
+run stackoverflow20_balanced64 data=stackoverflow20 partition=64 partition_max_imbalance=1.5 cv_chosen=stackoverflow20_balanced64 \
+  -- data=stackoverflow20
 run synthetic_balanced64 data=synthetic partition=64 partition_max_imbalance=1.5 targets.max_queries=30000 -- data=synthetic
 # The ensemble gate (model=ensemble: 3 hybrid gates assembled into one) on the label settings and one learned sharding.
 run clinc150_ensemble data=clinc150 model=ensemble -- data=clinc150
