@@ -7,9 +7,10 @@
 
 The router is trained as scripts/train.py trains it (configs/train.yaml with the data's
 configs/cv_chosen file: stackoverflow20 and banking77 have the linear head). Each op starts from
-that trained router and fine-tunes the changed router twice from the same starting point: the
-default (FineTuneConfig: the linear head refitted over every expert, then the recalibration and
-guard) and FineTuneConfig(refit_linear=False) (gradient steps, the default before).
+that trained router and fine-tunes the changed router three times from the same starting point: the
+default (FineTuneConfig: the linear head refitted over every expert at training's weight, then the
+recalibration and guard), the same with the head's weight fitted on the judged queries
+(FineTuneConfig(linear_weight="fit")) and FineTuneConfig(refit_linear=False) (gradient steps, the default before).
   add    --new's train and val rows are left out of training (a router of its own); its train texts
          are added with add_expert, then fine_tune(router, [new]).
   merge  the two --merge experts become one (lifecycle.merge_experts), then fine_tune(router, [a+b]).
@@ -46,7 +47,11 @@ from moe_router.routing.router import Router  # noqa: E402
 from moe_router.train.finetune import FineTuneConfig, fine_tune  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-TUNES = {"default (refit)": FineTuneConfig(), "gradient steps (refit_linear=False)": FineTuneConfig(refit_linear=False)}
+TUNES = {
+    "default (refit)": FineTuneConfig(),
+    "refit, weight fitted (linear_weight='fit')": FineTuneConfig(linear_weight="fit"),
+    "gradient steps (refit_linear=False)": FineTuneConfig(refit_linear=False),
+}
 OPS = ("add", "merge", "split")
 
 
@@ -98,6 +103,7 @@ def run_op(
             "seconds": result.seconds,
             "refit_linear": result.refit_linear,
             "kept_old_gate": result.kept_old_gate,
+            "linear_weight": result.linear_weight,
         }
     return rows, tunes
 
@@ -187,7 +193,10 @@ def main() -> None:
             print(f"| {stage} | " + " | ".join(cells) + " |")
         print(
             "\nfine-tunes: "
-            + ", ".join(f"{n} {t['seconds']:.1f} s (old gate kept: {t['kept_old_gate']})" for n, t in tunes.items())
+            + ", ".join(
+                f"{n} {t['seconds']:.1f} s (head weight {t['linear_weight']}, old gate kept: {t['kept_old_gate']})"
+                for n, t in tunes.items()
+            )
         )
         report[op] = {"what": what, "rows": rows, "fine_tunes": tunes}
     if args.json:

@@ -19,6 +19,8 @@ and nDCG@10. The fine-tunes:
   then the default recalibration and guard;
 - gradient steps: FineTuneConfig(refit_linear=False), the default before a linear head was refitted
   (on a router with a linear head the default now refits it instead: FineTuneConfig.refit_linear);
+- head weight fitted: FineTuneConfig(linear_weight="fit"), the refit with the head's weight fitted on the
+  kept calibration queries instead of training's;
 - then S's 'dev'-part queries given as judged queries (lifecycle.add_judged_queries) and the default
   fine_tune run again; S's 'heldout' part is what is measured.
 
@@ -152,6 +154,12 @@ def run_one(args: argparse.Namespace, new: str, fold: int, cache_dir: Path) -> d
         "old": measure(gradient, old_data),
         "new": measure(gradient, new_data),
     }
+    fitted, _ = added()
+    tuned["weight fitted"] = tune(fitted, new, FineTuneConfig(linear_weight="fit", **steps))
+    rows["+ fine_tune, head weight fitted (linear_weight='fit')"] = {
+        "old": measure(fitted, old_data),
+        "new": measure(fitted, new_data),
+    }
     tuned["default"] = tune(router, new, FineTuneConfig(**steps))
     rows["+ fine_tune (default: recalibrate, guard)"] = {
         "old": measure(router, old_data),
@@ -179,6 +187,7 @@ def run_one(args: argparse.Namespace, new: str, fold: int, cache_dir: Path) -> d
             "fine_tune_documents_only": tuned["documents only"]["seconds"],
             "fine_tune_new_expert_only": tuned["new expert only"]["seconds"],
             "fine_tune_gradient": tuned["gradient"]["seconds"],
+            "fine_tune_weight_fitted": tuned["weight fitted"]["seconds"],
             "fine_tune_default": tuned["default"]["seconds"],
             "fine_tune_with_judged": tuned["with judged"]["seconds"],
         },

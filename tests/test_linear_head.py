@@ -16,7 +16,13 @@ from moe_router.gate.model import Gate, infer
 from moe_router.index.expert import labelled_sample
 from moe_router.routing.parts import CalibrationSet
 from moe_router.train.finetune import FineTuneConfig, fine_tune
-from moe_router.train.linear_head import PER_EXPERT, add_linear_head, refit_linear_head
+from moe_router.train.linear_head import (
+    FIT_WEIGHTS,
+    PER_EXPERT,
+    add_linear_head,
+    fit_head_weight,
+    refit_linear_head,
+)
 from tests.helpers import DIM, clusters, make_router
 from tests.test_training import _train_overrides, compose_config
 
@@ -217,3 +223,42 @@ def test_fine_tune_after_merge_or_split_of_a_linear_head_router__refits_the_head
     want = np.array([merged, merged, "expert2", "expert3"])[owner]
     reached = [t in parts if w == "expert2" else t == w for t, w in zip(top, want, strict=True)]
     assert float(np.mean(reached)) >= 0.95  # the split expert's rows reach one of its parts, the others theirs
+
+
+def test_fit_head_weight__leans_on_the_model_that_predicts_the_gold_experts() -> None:
+    rng = np.random.default_rng(0)
+    gold = rng.integers(0, 5, size=400)
+    informative = 3.0 * np.eye(5)[gold] + rng.normal(size=(400, 5))
+    noise = rng.normal(size=(400, 5))
+    assert fit_head_weight(noise, informative, gold) == max(FIT_WEIGHTS)  # only the head knows: all weight on it
+    assert fit_head_weight(informative, noise, gold) == min(FIT_WEIGHTS)  # only the gate knows: the least
+    both = fit_head_weight(informative, 3.0 * np.eye(5)[gold] + rng.normal(size=(400, 5)), gold)
+    assert min(FIT_WEIGHTS) < both < max(FIT_WEIGHTS)  # two equally good models: in between
+    unknown = np.where(np.arange(400) < 100, -1, gold)  # queries without a gold expert are left out
+    assert fit_head_weight(noise[100:], informative[100:], gold[100:]) == fit_head_weight(noise, informative, unknown)
+
+
+@pytest.mark.parametrize("weight", ["fit", 2.0, None])
+def test_fine_tune_linear_weight__installs_the_refitted_head_at_that_weight(weight: object) -> None:
+    router, xv, gold = _judged_linear_router()
+    router.add_expert("new", clusters(5, 40, DIM, seed=9, noise=0.3)[4][:30] + 2.0)
+    added = router.gate
+    result = fine_tune(router, ["new"], FineTuneConfig(keep_margin=None, linear_weight=weight))
+    want = {"fit": None, 2.0: 2.0, None: 1.0}[weight]  # None: training's (make_router records none: 1)
+    fit = fit_linear(*training_rows(labelled_sample(router.experts, PER_EXPERT, 0)), 5, seed=0)
+    z_gate = infer(added.without_linear(), xv, "logits").astype(np.float64)
+    t_gate, t_lin = fit_temperature(z_gate, gold), fit_temperature(fit.logits(xv), gold, low=1e-3, high=1e3)
+    if want is None:
+        want = fit_head_weight(z_gate / t_gate, fit.logits(xv) / t_lin, gold)
+        assert want in FIT_WEIGHTS
+    assert result.refit_linear and result.linear_weight == want
+    torch.testing.assert_close(router.gate.head.weight[:, -DIM:], fit.W * (want * t_gate / t_lin), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", ["auto", 0, -1.0, float("nan"), True])
+def test_fine_tune_bad_linear_weight__raises_naming_the_setting_and_what_it_takes(bad: object) -> None:
+    router, _, _ = _judged_linear_router()
+    before = router.gate_probs(_queries())
+    with pytest.raises(ValueError, match=r"FineTuneConfig.linear_weight: .*None \(training's\), 'fit' or a finite"):
+        fine_tune(router, [], FineTuneConfig(linear_weight=bad))
+    np.testing.assert_array_equal(router.gate_probs(_queries()), before)  # refused before anything changed

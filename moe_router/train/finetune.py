@@ -36,7 +36,7 @@ from moe_router.metrics import accuracy_at_k
 from moe_router.routing.parts import CalibrationSet
 from moe_router.routing.router import Router
 from moe_router.train.calibrate import calibrate_router
-from moe_router.train.linear_head import refit_linear_head
+from moe_router.train.linear_head import check_refit_weight, refit_linear_head
 from moe_router.train.module import GateModule, RoutingDataModule, fit_quietly
 from moe_router.train.targets import Pairs, make_targets, query_targets, weighted_pairs
 
@@ -84,6 +84,13 @@ class FineTuneConfig:
     # at most 0.95 points of acc@1 and 1.00 of nDCG@10, the new source reached 0.96 to 1.00; the gradient steps
     # lost the old sources 3.4 to 6.7 points of acc@1. False (or train_only_focus): the gradient steps.
     refit_linear: bool = True
+    # The refitted head's weight: None = the one training used; "fit" = the one of a doubling grid (1/8 to 16) that
+    # best predicts the judged queries (train.linear_head.fit_head_weight), against the added expert's pull on the
+    # others' queries; or a number > 0. stackoverflow20 (trained at 0.5), wordpress added, test split, one run:
+    # the old intents -2.7 points of acc@1 at None, level at "fit" (2); banking77 (trained at 1), card_arrival:
+    # -0.8 at None with the new intent at 40 of 40, -0.3 at "fit" (4) with it at 36 of 40 (docs/lifecycle.md).
+    # Not the default: classic's add-source runs were not measured with it.
+    linear_weight: float | str | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +108,7 @@ class FineTuneResult:
     old_acc: float | None = None  # acc@1 on the unchanged experts' judged queries, gate before the fine-tune
     new_acc: float | None = None  # ... and the fine-tuned (recalibrated) gate's, installed or not
     refit_linear: bool = False  # the linear head was refitted instead of gradient steps (FineTuneConfig.refit_linear)
+    linear_weight: float | None = None  # ... at this weight (FineTuneConfig.linear_weight); None: not refitted
 
 
 def _replay_rows(owner: np.ndarray, exclude: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -195,6 +203,10 @@ def fine_tune(router: Router, focus: Sequence[str] = (), config: FineTuneConfig 
     if cfg.train_only_focus and not len(idx):
         raise ValueError("FineTuneConfig.train_only_focus needs focus experts (the ones to train); none given")
     check_real(cfg.query_weight, "FineTuneConfig.query_weight", 0.0, 1.0, expected="a share in [0, 1]")
+    try:
+        head_weight = check_refit_weight(cfg.linear_weight)
+    except ValueError as e:
+        raise ValueError(f"FineTuneConfig.linear_weight: {e}") from None
     judged = judged_queries(router, cfg.feedback)
     gold = router.expert_indices(judged.experts)
     before = router.gate
@@ -203,7 +215,7 @@ def fine_tune(router: Router, focus: Sequence[str] = (), config: FineTuneConfig 
     )
     if refit:
         start = time.perf_counter()
-        refit_linear_head(router, (judged.x, gold), cfg.seed)
+        fitted_weight = refit_linear_head(router, (judged.x, gold), cfg.seed, head_weight)["linear/weight"]
         fit_seconds, steps, pairs, focus_count, replayed, replayed_queries = time.perf_counter() - start, 0, 0, 0, 0, 0
     else:
         xb, _, owner = stacked(router.experts)
@@ -211,7 +223,7 @@ def fine_tune(router: Router, focus: Sequence[str] = (), config: FineTuneConfig 
         focus_rows = np.flatnonzero(np.isin(owner, idx))
         replay = _replay_rows(owner, idx, _replay_count(cfg, len(focus_rows)), rng)
         x, target = _stored_pairs(router, np.concatenate([focus_rows, replay]), xb, owner, cfg)
-        replayed_queries = 0
+        replayed_queries, fitted_weight = 0, None
         if len(judged) and cfg.query_weight > 0:
             groups = [
                 Pairs(x, target, 1.0 - cfg.query_weight),
@@ -239,6 +251,7 @@ def fine_tune(router: Router, focus: Sequence[str] = (), config: FineTuneConfig 
         old_acc,
         new_acc,
         refit,
+        fitted_weight,
     )
 
 
