@@ -96,8 +96,9 @@ def refit_linear_head(
     prototypes are left as they are. Adding an expert the MLP never trained on, its pull on the
     others' queries is what a fitted weight counters: stackoverflow20 (trained at 0.5), wordpress
     added, test split, one run (docs/lifecycle.md): the old intents -2.7 points of acc@1 at 0.5, level
-    at the fitted 2. A router does not keep the data's training queries; the intent
-    sets and the retrieval benchmarks have none, so stored vectors are what training fitted it on too.
+    at the fitted 2; on classic (trained at 1, med added) the fit chose 0.5 and 0.125 and did worse.
+    A router does not keep the data's training queries; the intent sets and the retrieval benchmarks
+    have none, so stored vectors are what training fitted it on too.
     Classic, 8 sources, med or cran left out and added, 2 dev folds (docs/lifecycle.md): this, then
     the recalibration, cost the old sources at most 0.95 points of acc@1 and 1.00 of nDCG@10 with
     the new source at 0.96 to 1.00, where the gradient fine-tune cost them 3.4 to 6.7 points of acc@1.
