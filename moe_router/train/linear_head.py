@@ -132,11 +132,11 @@ def _with_fitted_linear(
         raise ValueError("a linear head needs validation queries with a known expert to weigh it against the gate")
     rows = training_rows(labelled_sample(router.experts, PER_EXPERT, seed), queries, query_weight)
     fit = fit_linear(*rows, router.num_experts, seed=seed)
-    gate_logits = infer(gate, x_val, "logits").astype(np.float64)
+    gate_logits, linear_logits = infer(gate, x_val, "logits").astype(np.float64), fit.logits(x_val)
     t_gate = fit_temperature(gate_logits, gold)
-    t_linear = fit_temperature(fit.logits(x_val), gold, low=1e-3, high=1e3)
+    t_linear = fit_temperature(linear_logits, gold, low=1e-3, high=1e3)
     if weight == "fit":
-        weight = fit_head_weight(gate_logits / t_gate, fit.logits(x_val) / t_linear, np.asarray(gold))
+        weight = fit_head_weight(gate_logits / t_gate, linear_logits / t_linear, np.asarray(gold))
     # Raw logits z_gate + s * z_linear with s = weight * t_gate / t_linear: at the gate's temperature
     # that is z_gate / t_gate + weight * z_linear / t_linear, the weighted product of the calibrated models.
     return gate.with_linear(fit.W, fit.b, weight * t_gate / t_linear), {
