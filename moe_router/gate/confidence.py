@@ -12,13 +12,14 @@ import torch
 import torch.nn.functional as F
 
 
-def _log_softmax(z: np.ndarray) -> np.ndarray:
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax of (n, E) logits, shifted by each row's max so exp cannot overflow."""
     z = z - z.max(axis=1, keepdims=True)
     return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    return np.exp(_log_softmax(logits / temperature))
+    return np.exp(log_softmax(logits / temperature))
 
 
 def fit_temperature(logits: np.ndarray, gold: np.ndarray, low: float = 0.05, high: float = 20.0) -> float:
@@ -32,7 +33,7 @@ def fit_temperature(logits: np.ndarray, gold: np.ndarray, low: float = 0.05, hig
         raise ValueError("fit_temperature needs at least one query with a known gold expert")
 
     def nll(log_t: float) -> float:
-        return float(-_log_softmax(logits / np.exp(log_t))[np.arange(len(gold)), gold].mean())
+        return float(-log_softmax(logits / np.exp(log_t))[np.arange(len(gold)), gold].mean())
 
     a, b = np.log(low), np.log(high)
     ratio = (np.sqrt(5) - 1) / 2

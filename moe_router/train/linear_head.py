@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from moe_router.gate.confidence import fit_temperature
+from moe_router.gate.confidence import fit_temperature, log_softmax
 from moe_router.gate.linear import fit_linear, training_rows
 from moe_router.gate.model import Gate, infer
 from moe_router.index.expert import labelled_sample
@@ -75,9 +75,7 @@ def fit_head_weight(gate_logits: np.ndarray, linear_logits: np.ndarray, gold: np
 
     def nll(w: float) -> float:
         z = zg + w * zl
-        z = z / fit_temperature(z, gold, low=1e-3, high=1e3)
-        z = z - z.max(axis=1, keepdims=True)
-        return float(-(z[rows, gold] - np.log(np.exp(z).sum(axis=1))).mean())
+        return float(-log_softmax(z / fit_temperature(z, gold, low=1e-3, high=1e3))[rows, gold].mean())
 
     losses = [nll(w) for w in FIT_WEIGHTS]
     return float(FIT_WEIGHTS[int(np.argmin(losses))])
